@@ -1,0 +1,385 @@
+"""One object that opens any Hugging Face MoE and hands back what its routers did.
+
+Built on nnterp's ``StandardizedTransformer`` (and so on nnsight): routers and experts are
+found by :mod:`core.moe_discovery`, so the rest of the toolkit never asks which family a model
+belongs to. Tracing records, per MoE layer and non-padding token, the router logits and the
+selection the experts module actually received (which is not always top-k of the logits:
+DeepSeek-V3 adds a correction bias and group-limited selection).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import torch
+from torch import nn
+
+from .expert_weights import expert_matrices
+from .moe_discovery import MoELayerInfo, MoESpec, NoRoutersError, discover_moe_layers, router_matrix
+from .routing_data import RoutingData
+
+
+class ModelLoadError(RuntimeError):
+    """The model could not be opened (unreachable Hub, missing directory, bad name)."""
+
+
+@contextlib.contextmanager
+def _quiet_nnterp() -> Iterator[None]:
+    """nnterp logs a long traceback when its fake-tensor scan falls back to a real trace; hide it."""
+    log = logging.getLogger("nnterp")
+    old = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(old)
+
+
+def _resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str | None:
+    if dtype is None or isinstance(dtype, torch.dtype) or dtype == "auto":
+        return dtype
+    try:
+        return {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+                "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}[str(dtype)]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}: use float32, float16, bfloat16 or auto") from None
+
+
+def _load_hf(name: str, revision: str | None, dtype: Any, device: str, trust_remote_code: bool) -> tuple[nn.Module, Any]:
+    """Load model and tokenizer ourselves so a failure becomes one readable line."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import importlib.util
+
+    if importlib.util.find_spec("core.moe_model") is not None:
+        import core.moe_model  # noqa: F401  registers the toolkit's own model type with Auto*
+
+    kwargs: dict[str, Any] = {"revision": revision, "trust_remote_code": trust_remote_code}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    if str(device).startswith("cpu"):
+        kwargs["experts_implementation"] = "eager"  # grouped_mm is unreliable on CPU float32
+    where = f"revision '{revision}' of " if revision else ""
+    try:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+        except (ValueError, TypeError) as e:
+            if "experts_implementation" not in str(e):
+                raise
+            kwargs.pop("experts_implementation")
+            model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+    except (OSError, ValueError) as e:
+        local = Path(name).expanduser()
+        if local.exists():
+            raise ModelLoadError(f"could not open {where}model '{name}' from disk: {str(e).splitlines()[0]}") from None
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+        why = "the Hub is set offline (HF_HUB_OFFLINE=1) and it is not in the local cache" if offline else str(e).splitlines()[0]
+        raise ModelLoadError(
+            f"could not fetch {where}model '{name}' from the Hugging Face Hub: {why}. "
+            "Check the name and your network, or pass a local directory."
+        ) from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError):
+        tokenizer = None
+    return model.to(device).eval(), tokenizer
+
+
+class MoEModelWrapper:
+    """A traced MoE language model: which layers route, and what each router decided.
+
+    ``model`` is a Hub name, a local directory, or an in-memory ``torch.nn.Module`` (a
+    transformers model). ``remote=True`` hands the name to nnsight for remote execution.
+    ``moe_spec`` names the router and experts modules of a custom model that does not declare
+    them the transformers way.
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike | nn.Module,
+        revision: str | None = None,
+        device: str = "cpu",
+        dtype: str | torch.dtype | None = None,
+        trust_remote_code: bool = False,
+        remote: bool = False,
+        tokenizer: Any = None,
+        moe_spec: MoESpec | Mapping[str, Any] | None = None,
+    ) -> None:
+        from nnterp import StandardizedTransformer
+
+        self.revision = revision
+        self.device = str(device)
+        self.remote = remote
+        dtype = _resolve_dtype(dtype)
+        if isinstance(moe_spec, Mapping):
+            moe_spec = MoESpec.from_dict(dict(moe_spec))
+        if isinstance(model, nn.Module):
+            hf_model = model.to(device).eval() if not remote else model
+            if dtype not in (None, "auto"):
+                hf_model = hf_model.to(dtype)
+            self.model_name = getattr(getattr(hf_model, "config", None), "_name_or_path", "") or type(hf_model).__name__
+        elif remote:
+            hf_model, self.model_name = None, str(model)
+        else:
+            self.model_name = str(model)
+            hf_model, loaded_tok = _load_hf(self.model_name, revision, dtype, self.device, trust_remote_code)
+            tokenizer = tokenizer if tokenizer is not None else loaded_tok
+        self.tokenizer = tokenizer
+
+        st_kwargs: dict[str, Any] = {"check_renaming": True, "trust_remote_code": trust_remote_code}
+        if tokenizer is not None:
+            st_kwargs["tokenizer"] = tokenizer
+        if remote:
+            st_kwargs.update(remote=True, revision=revision)
+        with _quiet_nnterp():
+            try:
+                self.model = StandardizedTransformer(hf_model if hf_model is not None else self.model_name, **st_kwargs)
+            except Exception as e:  # nnterp could not standardise the names: tracing by module path still works
+                if type(e).__name__ != "RenamingError":
+                    raise
+                st_kwargs["check_renaming"] = False
+                self.model = StandardizedTransformer(hf_model if hf_model is not None else self.model_name, **st_kwargs)
+        self.hf_model: nn.Module = self.model._model
+        if self.tokenizer is None:
+            self.tokenizer = getattr(self.model, "tokenizer", None)
+
+        self.layers: list[MoELayerInfo] = discover_moe_layers(self.hf_model, moe_spec)
+        self._modules = dict(self.hf_model.named_modules())
+        cfg = getattr(self.hf_model, "config", None)
+        n_layers = getattr(cfg, "num_hidden_layers", None) or getattr(getattr(cfg, "text_config", None), "num_hidden_layers", None)
+        self.num_layers: int = int(n_layers) if n_layers else int(getattr(self.model, "num_layers", len(self.layers)))
+        experts = {info.num_experts for info in self.layers}
+        ks = {info.top_k for info in self.layers}
+        if len(experts) != 1 or len(ks) != 1:
+            raise NoRoutersError(f"MoE layers disagree on expert count {sorted(experts)} or top-k {sorted(ks)}; not supported yet")
+        self.num_experts: int = experts.pop()
+        self.top_k: int = ks.pop()
+        self.hidden_size: int = self.layers[0].hidden_size
+        self.score_fn: str = self.layers[0].score_fn
+
+    # ----------------------------------------------------------------- facts
+    @property
+    def moe_layers(self) -> list[int]:
+        """Model layer indices that have a router (dense layers are left out)."""
+        return [info.layer for info in self.layers]
+
+    @property
+    def num_experts_per_layer(self) -> dict[int, int]:
+        return {info.layer: info.num_experts for info in self.layers}
+
+    @property
+    def top_k_per_layer(self) -> dict[int, int]:
+        return {info.layer: info.top_k for info in self.layers}
+
+    @property
+    def shared_experts(self) -> dict[int, int]:
+        """Number of always-on shared experts per MoE layer (0 where the family has none)."""
+        return {info.layer: info.shared_experts for info in self.layers}
+
+    def describe(self) -> dict[str, Any]:
+        """The facts a report's summary needs, as plain values."""
+        return {
+            "model": self.model_name,
+            "revision": self.revision,
+            "family": getattr(getattr(self.hf_model, "config", None), "model_type", type(self.hf_model).__name__),
+            "num_layers": self.num_layers,
+            "moe_layers": self.moe_layers,
+            "num_experts": self.num_experts,
+            "top_k": self.top_k,
+            "shared_experts": self.shared_experts,
+            "score_fn": self.score_fn,
+        }
+
+    # ---------------------------------------------------------------- inputs
+    def encode(self, texts: list[str], max_length: int = 512) -> dict[str, torch.Tensor]:
+        """Tokenize with right padding; needs the model's tokenizer."""
+        if self.tokenizer is None:
+            raise ValueError("this model was opened without a tokenizer; pass tokenizer=... or token ids")
+        tok = self.tokenizer
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        tok.padding_side = "right"
+        enc = tok(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length)
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+    def _inputs(self, input_ids: Any, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(input_ids, Mapping):
+            attention_mask = input_ids.get("attention_mask", attention_mask)
+            input_ids = input_ids["input_ids"]
+        input_ids = torch.as_tensor(input_ids)
+        if input_ids.dim() == 1:
+            input_ids = input_ids[None]
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        attention_mask = torch.as_tensor(attention_mask).to(input_ids.device)
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} does not match input_ids {tuple(input_ids.shape)}")
+        return input_ids, attention_mask
+
+    def _envoy(self, path: str) -> Any:
+        env = self.model
+        for part in path.split("."):
+            env = env[int(part)] if part.isdigit() else getattr(env, part)
+        return env
+
+    # --------------------------------------------------------------- tracing
+    def trace_routing(
+        self,
+        input_ids: Any,
+        attention_mask: torch.Tensor | None = None,
+        hidden_layers: tuple[int, ...] | list[int] = (),
+    ) -> RoutingData:
+        """Router logits and actual expert selection for every non-padding token of a batch."""
+        input_ids, attention_mask = self._inputs(input_ids, attention_mask)
+        dev = self._device()
+        feed = {"input_ids": input_ids.to(dev), "attention_mask": attention_mask.to(dev)}
+        router_out: list[Any] = []
+        experts_in: list[Any] = []
+        hidden_saved: list[Any] = []
+        hidden_layers = sorted(set(int(h) for h in hidden_layers))
+        bad = [h for h in hidden_layers if not 0 <= h < self.num_layers]
+        if bad:
+            raise ValueError(f"hidden_layers {bad} out of range: the model has {self.num_layers} layers")
+        by_layer = {info.layer: info for info in self.layers}
+        with torch.no_grad(), self.model.trace(feed, remote=self.remote):
+            # nnsight needs module accesses in execution order: layer by layer, input before router before experts
+            for layer in sorted(set(self.moe_layers) | set(hidden_layers)):
+                if layer in hidden_layers:
+                    hidden_saved.append(self.model.layers_input[layer].save())
+                info = by_layer.get(layer)
+                if info is None:
+                    continue
+                router_out.append(self._envoy(info.router_path).output.save())
+                if info.experts_index_arg is not None:
+                    experts_in.append(self._envoy(info.experts_path).inputs.save())
+                else:
+                    experts_in.append(None)
+        keep = attention_mask.reshape(-1).bool().cpu()
+        logits, idx, wts = [], [], []
+        for info, out, ein in zip(self.layers, router_out, experts_in):
+            lg = out[info.router_output_index] if isinstance(out, (tuple, list)) else out
+            lg = lg.reshape(-1, info.num_experts).float().cpu()
+            i, w = self._selection(info, out, ein, lg)
+            logits.append(lg[keep])
+            idx.append(i[keep])
+            wts.append(w[keep])
+        n_rows, n_cols = input_ids.shape
+        positions = torch.arange(n_cols).expand(n_rows, n_cols).reshape(-1)[keep]
+        hidden = {layer: h.reshape(-1, h.shape[-1]).cpu()[keep] for layer, h in zip(hidden_layers, hidden_saved)}
+        return RoutingData(
+            moe_layers=self.moe_layers,
+            num_experts=self.num_experts,
+            top_k=self.top_k,
+            router_logits=torch.stack(logits, dim=1),
+            topk_idx=torch.stack(idx, dim=1),
+            topk_weight=torch.stack(wts, dim=1),
+            token_ids=input_ids.reshape(-1).cpu()[keep],
+            positions=positions,
+            score_fn=self.score_fn,
+            hidden=hidden,
+        )
+
+    def _selection(self, info: MoELayerInfo, out: Any, ein: Any, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the experts received: their input if we can read it, else the router's own choice."""
+        if ein is not None:
+            args, kwargs = ein
+            params = list(args)
+
+            def arg(spec: int | str) -> torch.Tensor:
+                if isinstance(spec, int) and spec < len(params):
+                    return params[spec]
+                names = ("top_k_index", "router_indices", "selected_experts", "topk_indices") if spec == info.experts_index_arg else (
+                    "top_k_weights", "routing_weights", "router_scores", "topk_weights")
+                for n in names:
+                    if n in kwargs:
+                        return kwargs[n]
+                raise KeyError(spec)
+
+            idx, w = arg(info.experts_index_arg), arg(info.experts_weight_arg)
+        elif isinstance(out, (tuple, list)) and len(out) >= 3:
+            w, idx = out[1], out[2]
+        else:
+            probs = torch.sigmoid(logits) if info.score_fn == "sigmoid" else torch.softmax(logits, dim=-1)
+            w, idx = probs.topk(info.top_k, dim=-1)
+        idx = idx.reshape(-1, idx.shape[-1]).long().cpu()
+        w = w.reshape(-1, w.shape[-1]).float().cpu()
+        if w.shape != idx.shape:  # some routers hand the experts a dense [N, E] score matrix
+            w = w.gather(1, idx.clamp(max=w.shape[1] - 1)) if w.shape[1] == info.num_experts else w
+        return idx.masked_fill(idx >= info.num_experts, -1), w
+
+    def _device(self) -> torch.device:
+        try:
+            return next(self.hf_model.parameters()).device
+        except StopIteration:
+            return torch.device("cpu")
+
+    # ---------------------------------------------------------------- weights
+    def get_router_weights(self) -> dict[int, torch.Tensor]:
+        """Each MoE layer's router matrix ``[E, H]`` (float32, CPU), keyed by model layer index."""
+        return {
+            info.layer: router_matrix(self._modules[info.router_path], info.num_experts, info.hidden_size).float().cpu().clone()
+            for info in self.layers
+        }
+
+    def get_expert_weights(self) -> dict[int, dict[str, torch.Tensor | None]]:
+        """Each MoE layer's experts: ``gate``/``up`` ``[E, I, H]`` (gate may be None), ``down`` ``[E, H, I]``."""
+        result = {}
+        for info in self.layers:
+            if info.experts_path is None:
+                raise NoRoutersError(f"layer {info.layer}: no experts module was found next to router {info.router_path}")
+            mats = expert_matrices(self._modules[info.experts_path])
+            result[info.layer] = {k: (None if v is None else v.float().cpu().clone()) for k, v in mats.items()}
+        return result
+
+    # --------------------------------------------------------------- ablation
+    def forward_loss(
+        self,
+        input_ids: Any,
+        attention_mask: torch.Tensor | None = None,
+        ablate: Mapping[int, list[int]] | None = None,
+    ) -> torch.Tensor:
+        """Next-token loss per position ``[B, T-1]`` (NaN at padding), with experts optionally ablated.
+
+        Ablating removes the expert from every token's selection at that layer and rescales the
+        remaining selected experts' weights so they keep the token's original total weight.
+        """
+        input_ids, attention_mask = self._inputs(input_ids, attention_mask)
+        ablate = {int(k): sorted(set(int(e) for e in v)) for k, v in (ablate or {}).items() if v}
+        by_layer = {info.layer: info for info in self.layers}
+        for layer in ablate:
+            if layer not in by_layer:
+                raise ValueError(f"layer {layer} has no router; MoE layers are {self.moe_layers}")
+            if by_layer[layer].experts_index_arg is None:
+                raise ValueError(f"layer {layer}: the experts module does not receive the selection, so it cannot be ablated")
+            bad = [e for e in ablate[layer] if not 0 <= e < self.num_experts]
+            if bad:
+                raise ValueError(f"layer {layer}: experts {bad} do not exist (the layer has {self.num_experts})")
+        dev = self._device()
+        feed = {"input_ids": input_ids.to(dev), "attention_mask": attention_mask.to(dev)}
+        with torch.no_grad(), self.model.trace(feed):
+            for layer, experts in ablate.items():
+                info = by_layer[layer]
+                args = self._envoy(info.experts_path).inputs[0]
+                _renormalize_without(args[info.experts_index_arg], args[info.experts_weight_arg], experts)
+            logits = self.model.output.logits.save()
+        logits = logits.float().cpu()
+        targets = input_ids[:, 1:].cpu()
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none"
+        ).reshape(targets.shape)
+        valid = attention_mask[:, 1:].bool().cpu() & attention_mask[:, :-1].bool().cpu()
+        return loss.masked_fill(~valid, float("nan"))
+
+
+def _renormalize_without(idx: torch.Tensor, weights: torch.Tensor, experts: list[int]) -> None:
+    """In place: zero the weights of ``experts`` and rescale the rest to the original row total."""
+    drop = torch.isin(idx, torch.tensor(experts, device=idx.device))
+    total = weights.sum(dim=-1, keepdim=True)
+    kept = weights.masked_fill(drop, 0)
+    kept_sum = kept.sum(dim=-1, keepdim=True)
+    scale = torch.where(kept_sum != 0, total / kept_sum.where(kept_sum != 0, torch.ones_like(kept_sum)), torch.zeros_like(kept_sum))
+    weights.copy_(kept * scale)

@@ -1,0 +1,78 @@
+"""Causal checks: ablating experts through nnsight changes the loss only where it should."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from core.model_wrapper import MoEModelWrapper
+from tests.tiny_models import VOCAB, build
+
+
+@pytest.fixture(scope="module")
+def wrapped():
+    model = build("olmoe", seed=4)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, VOCAB, (2, 12), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 8:] = 0
+    return model, MoEModelWrapper(model), ids, mask
+
+
+def _plain_loss(model, ids, mask):
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
+    return loss.reshape(ids.shape[0], -1)
+
+
+def test_ablating_nothing_reproduces_the_loss_exactly(wrapped):
+    model, w, ids, mask = wrapped
+    loss = w.forward_loss(ids, mask)
+    plain = _plain_loss(model, ids, mask)
+    valid = mask[:, 1:].bool() & mask[:, :-1].bool()
+    assert torch.equal(loss[valid], plain[valid])
+    assert torch.isnan(loss[~valid]).all()
+    assert torch.equal(torch.nan_to_num(w.forward_loss(ids, mask, ablate={}), nan=-1.0), torch.nan_to_num(loss, nan=-1.0))
+
+
+def test_ablating_an_expert_that_is_never_selected_changes_nothing():
+    """gpt_oss routers have a bias: a very negative bias guarantees expert 3 is never selected."""
+    model = build("gpt_oss", seed=5)
+    with torch.no_grad():
+        model.model.layers[1].mlp.router.bias[3] = -1e4
+    w = MoEModelWrapper(model)
+    ids = torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    assert not (w.trace_routing(ids, mask).topk_idx[:, 1] == 3).any()
+    base = w.forward_loss(ids, mask)
+    assert torch.equal(base, w.forward_loss(ids, mask, ablate={1: [3]}))
+    assert not torch.equal(base, w.forward_loss(ids, mask, ablate={1: [int(w.trace_routing(ids, mask).topk_idx[0, 1, 0])]}))
+
+
+def test_ablating_a_used_expert_changes_the_loss_and_renormalizes(wrapped):
+    _, w, ids, mask = wrapped
+    routing = w.trace_routing(ids, mask)
+    layer = w.moe_layers[0]
+    top = int(routing.topk_idx[:, 0].flatten().mode().values)
+    base = w.forward_loss(ids, mask)
+    ablated = w.forward_loss(ids, mask, ablate={layer: [top]})
+    valid = ~torch.isnan(base)
+    assert not torch.allclose(base[valid], ablated[valid])
+
+
+def test_renormalize_keeps_row_totals():
+    from core.model_wrapper import _renormalize_without
+
+    idx = torch.tensor([[0, 1], [2, 3], [0, 2]])
+    w = torch.tensor([[0.6, 0.4], [0.5, 0.5], [0.7, 0.3]])
+    _renormalize_without(idx, w, [0])
+    torch.testing.assert_close(w, torch.tensor([[0.0, 1.0], [0.5, 0.5], [0.0, 1.0]]))
+
+
+def test_bad_ablation_requests_are_refused(wrapped):
+    _, w, ids, mask = wrapped
+    with pytest.raises(ValueError, match="has no router"):
+        w.forward_loss(ids, mask, ablate={99: [0]})
+    with pytest.raises(ValueError, match="do not exist"):
+        w.forward_loss(ids, mask, ablate={w.moe_layers[0]: [42]})
