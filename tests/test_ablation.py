@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -76,3 +77,31 @@ def test_bad_ablation_requests_are_refused(wrapped):
         w.forward_loss(ids, mask, ablate={99: [0]})
     with pytest.raises(ValueError, match="do not exist"):
         w.forward_loss(ids, mask, ablate={w.moe_layers[0]: [42]})
+
+
+def test_ablation_study_reports_per_domain_deltas():
+    from core.ablation import ablation_study, most_used_targets
+    from data.tokenization import TokenizedDataset
+
+    model = build("gpt_oss", seed=5)
+    with torch.no_grad():
+        model.model.layers[1].mlp.router.bias[3] = -1e4  # expert 3 of layer 1 is never selected
+    w = MoEModelWrapper(model)
+    ids = torch.randint(3, VOCAB, (4, 10), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[3, 6:] = 0
+    domain = torch.tensor([0, 1, 0, 1])[:, None].expand_as(ids).clone()
+    domain[mask == 0] = -1
+    tok = TokenizedDataset(input_ids=ids, attention_mask=mask, doc_ids=domain.clone(), positions=torch.arange(10).expand_as(ids).clone(),
+                           domain_ids=domain, dataset_ids=domain.clone(), domain_names=["math", "code"], dataset_names=["a", "b"],
+                           documents=[], max_length=10, packed=False)
+    used = int(w.trace_routing(ids, mask).topk_idx[:, 1, 0].mode().values)
+    res = ablation_study(w, tok, [{1: [3]}, {1: [used]}], batch_size=3, progress=False)
+    assert res.targets == ["L1:E3", f"L1:E{used}"]
+    assert res.tokens.tolist() == [18, 9 + 5]
+    np.testing.assert_array_equal(res.delta[0], [0.0, 0.0])
+    assert np.abs(res.delta[1]).max() > 0
+    plain = w.forward_loss(ids, mask)
+    np.testing.assert_allclose(res.base_loss[0], plain[[0, 2]].nanmean().item(), rtol=1e-6)
+    targets, labels = most_used_targets(np.array([[0.5, 0.1, 0.4], [0.2, 0.3, 0.5]]), [1, 2])
+    assert targets == [{1: [0]}, {1: [1]}, {2: [2]}, {2: [0]}] and "most used" in labels[0]

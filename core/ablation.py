@@ -1,0 +1,113 @@
+"""Causal expert importance: what the loss on each domain costs when experts are removed from routing.
+
+Routing statistics say which experts are used; ablation says which ones matter. Each target
+is a set of experts per layer, removed through nnsight during the forward pass
+(:meth:`MoEModelWrapper.forward_loss`); the loss change is reported per domain of the
+predicted token, so an "expert importance" ranking can be checked against utilization.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+
+@dataclass
+class AblationResult:
+    """Mean next-token loss (nats) per domain, unablated and under each ablation target."""
+
+    domains: list[str]
+    targets: list[str]  # one label per ablation target, e.g. "L2:E5"
+    target_experts: list[dict[int, list[int]]]
+    base_loss: np.ndarray  # [D]
+    loss: np.ndarray  # [T, D]
+    tokens: np.ndarray  # [D] number of predicted tokens per domain
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def delta(self) -> np.ndarray:
+        """Loss increase per target and domain ``[T, D]`` (positive = the experts mattered)."""
+        return self.loss - self.base_loss[None, :]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "domains": self.domains,
+            "targets": self.targets,
+            "target_experts": [{str(k): v for k, v in t.items()} for t in self.target_experts],
+            "base_loss": self.base_loss.tolist(),
+            "loss": self.loss.tolist(),
+            "delta": self.delta.tolist(),
+            "tokens": self.tokens.tolist(),
+            "notes": self.notes,
+            "units": "mean next-token cross-entropy, nats",
+        }
+
+
+def target_label(target: Mapping[int, Iterable[int]]) -> str:
+    """A short readable name for an ablation target: ``L1:E3,E5 L2:E0``."""
+    return " ".join(f"L{layer}:" + ",".join(f"E{e}" for e in sorted(experts)) for layer, experts in sorted(target.items())) or "none"
+
+
+def ablation_study(
+    wrapper: Any,
+    tokenized: Any,
+    targets: list[Mapping[int, Iterable[int]]],
+    batch_size: int = 8,
+    labels: list[str] | None = None,
+    progress: bool = True,
+) -> AblationResult:
+    """Loss per domain with nothing ablated and with each target ablated, on a ``TokenizedDataset``."""
+    if not targets:
+        raise ValueError("give at least one ablation target, e.g. {layer: [expert]}")
+    targets = [{int(k): sorted(int(e) for e in v) for k, v in t.items()} for t in targets]
+    labels = labels or [target_label(t) for t in targets]
+    if len(labels) != len(targets):
+        raise ValueError(f"{len(labels)} labels for {len(targets)} ablation targets")
+    n_dom = len(tokenized.domain_names)
+    sums = np.zeros((len(targets) + 1, n_dom))
+    counts = np.zeros(n_dom)
+    batches = list(tokenized.batches(batch_size))
+    bar = tqdm(total=len(batches) * (len(targets) + 1), desc="ablation", unit="pass", disable=not progress)
+    for batch in batches:
+        dom = batch.domain_ids[:, 1:]
+        for t, target in enumerate([{}] + targets):
+            loss = wrapper.forward_loss(batch.input_ids, batch.attention_mask, ablate=target)
+            valid = ~torch.isnan(loss) & (dom >= 0)
+            sums[t] += np.bincount(dom[valid].numpy(), weights=loss[valid].double().numpy(), minlength=n_dom)
+            if t == 0:
+                counts += np.bincount(dom[valid].numpy(), minlength=n_dom)
+            bar.update()
+    bar.close()
+    with np.errstate(invalid="ignore", divide="ignore"):
+        means = sums / counts[None, :]
+    notes = [f"domain '{d}' has no predicted tokens" for d, c in zip(tokenized.domain_names, counts) if c == 0]
+    return AblationResult(
+        domains=list(tokenized.domain_names),
+        targets=labels,
+        target_experts=targets,
+        base_loss=means[0],
+        loss=means[1:],
+        tokens=counts.astype(int),
+        notes=notes,
+    )
+
+
+def most_used_targets(utilization: np.ndarray, moe_layers: list[int]) -> tuple[list[dict[int, list[int]]], list[str]]:
+    """Per layer, the most-used and the least-used expert as single-expert ablation targets.
+
+    ``utilization`` is ``[L, E]`` (share of assignments). The least-used expert is the control:
+    if routing statistics predict importance, removing it should cost less.
+    """
+    util = np.asarray(utilization)
+    if util.shape[0] != len(moe_layers):
+        raise ValueError(f"utilization has {util.shape[0]} layers, the model has {len(moe_layers)} MoE layers")
+    targets, labels = [], []
+    for row, layer in zip(util, moe_layers):
+        top, low = int(row.argmax()), int(row.argmin())
+        targets += [{layer: [top]}, {layer: [low]}]
+        labels += [f"L{layer}:E{top} (most used, {row[top]:.1%})", f"L{layer}:E{low} (least used, {row[low]:.1%})"]
+    return targets, labels

@@ -1,0 +1,160 @@
+"""Which experts fire together: within a layer (co-selection) and across layers (routing paths).
+
+Within a layer: ``P(j selected | i selected)``, the structure that tells whether the top-k
+experts act as fixed teams. Across layers: each token's path of top-1 experts, how diverse
+the paths are (entropy), the most common ones, and layer-to-layer transition matrices
+(what a Sankey diagram draws). Streaming; paths are counted in a dictionary whose size is
+the number of distinct paths seen (bounded by the token count; restrict ``layers`` to keep
+it small on deep models).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from core.analysis_utils import ResultMixin, as_chunks, check_same_layout, selection_np, top1_np
+from core.routing_data import RoutingData
+
+
+@dataclass
+class Coactivation(ResultMixin):
+    """Co-selection within each layer and top-1 transitions between consecutive layers.
+
+    ``conditional[l, i, j] = P(j selected | i selected)`` at MoE layer position l (diagonal 1,
+    NaN for never-selected i). ``lift = conditional / P(j selected)`` (1 = independent).
+    ``transition_probs[l, i, j] = P(top-1 = j at layer l+1 | top-1 = i at layer l)``.
+    """
+
+    moe_layers: list[int]
+    num_experts: int
+    num_tokens: int
+    counts: np.ndarray  # [L, E] tokens that selected each expert
+    joint: np.ndarray  # [L, E, E] tokens that selected both i and j
+    conditional: np.ndarray  # [L, E, E]
+    lift: np.ndarray  # [L, E, E]
+    transitions: np.ndarray  # [L-1, E, E] top-1 counts
+    transition_probs: np.ndarray  # [L-1, E, E] rows sum to 1 (NaN for unused i)
+
+
+class CoactivationAccumulator:
+    """Streaming co-selection counts; ``update(chunk)`` then ``result()``."""
+
+    def __init__(self) -> None:
+        self.layout = None
+        self.n = 0
+        self.joint = None
+        self.trans = None
+
+    def update(self, chunk: RoutingData) -> CoactivationAccumulator:
+        if self.layout is None:
+            self.layout = (list(chunk.moe_layers), chunk.num_experts, chunk.top_k)
+            L, E = chunk.num_layers, chunk.num_experts
+            self.joint = np.zeros((L, E, E))
+            self.trans = np.zeros((max(L - 1, 0), E, E))
+        check_same_layout(chunk, *self.layout)
+        if chunk.num_tokens == 0:
+            return self
+        m = selection_np(chunk)
+        self.joint += np.matmul(m.transpose(1, 2, 0), m.transpose(1, 0, 2))  # [L, E, E]
+        t1 = top1_np(chunk)
+        E = chunk.num_experts
+        for li in range(t1.shape[1] - 1):
+            a, b = t1[:, li], t1[:, li + 1]
+            ok = (a >= 0) & (b >= 0)
+            self.trans[li] += np.bincount(a[ok] * E + b[ok], minlength=E * E).reshape(E, E)
+        self.n += chunk.num_tokens
+        return self
+
+    def result(self) -> Coactivation:
+        if self.layout is None or self.n == 0:
+            raise ValueError("no tokens were given to the co-activation analysis")
+        layers, E, _ = self.layout
+        counts = np.diagonal(self.joint, axis1=1, axis2=2).copy()
+        with np.errstate(divide="ignore", invalid="ignore"):
+            cond = self.joint / counts[:, :, None]
+            lift = cond / (counts / self.n)[:, None, :]
+            tp = self.trans / self.trans.sum(-1, keepdims=True)
+        return Coactivation(layers, E, self.n, counts, self.joint.copy(), cond, lift, self.trans.copy(), tp)
+
+
+def coactivation(routing: RoutingData | Iterable[RoutingData]) -> Coactivation:
+    """Within-layer co-selection and cross-layer top-1 transitions."""
+    acc = CoactivationAccumulator()
+    for chunk in as_chunks(routing):
+        acc.update(chunk)
+    return acc.result()
+
+
+@dataclass
+class RoutingPaths(ResultMixin):
+    """Distribution of top-1 routing paths through the chosen MoE layers.
+
+    ``entropy`` is in nats; ``entropy_norm`` divides it by ``log(min(E**L, num_tokens))``, the
+    largest entropy the sample could show (all paths distinct, or all possible paths equally
+    often), so 1 means as diverse as possible and 0 means every token takes one path.
+    """
+
+    layers: list[int]  # model layer indices of the path's steps
+    num_experts: int
+    num_tokens: int
+    num_unique: int
+    entropy: float
+    entropy_norm: float
+    top_paths: list[tuple[int, ...]]
+    top_counts: list[int]
+    top_shares: list[float]
+
+    def table(self) -> pd.DataFrame:
+        """The most common paths as a table: path, count, share."""
+        return pd.DataFrame(
+            {"path": [list(p) for p in self.top_paths], "count": self.top_counts, "share": self.top_shares}
+        )
+
+
+def routing_paths(
+    routing: RoutingData | Iterable[RoutingData], layers: Sequence[int] | None = None, top_n: int = 20
+) -> RoutingPaths:
+    """Count each token's sequence of top-1 experts over ``layers`` (positions into ``moe_layers``; default all)."""
+    counter: Counter = Counter()
+    layout = None
+    sel = None
+    n = 0
+    for chunk in as_chunks(routing):
+        if layout is None:
+            layout = (list(chunk.moe_layers), chunk.num_experts, chunk.top_k)
+            sel = list(range(chunk.num_layers)) if layers is None else list(layers)
+            bad = [i for i in sel if not 0 <= i < chunk.num_layers]
+            if bad or not sel:
+                raise ValueError(f"layers must be non-empty positions in 0..{chunk.num_layers - 1}, got {list(layers)}")
+        check_same_layout(chunk, *layout)
+        if chunk.num_tokens == 0:
+            continue
+        t1 = top1_np(chunk)[:, sel]
+        uniq, cnt = np.unique(t1, axis=0, return_counts=True)
+        for row, c in zip(uniq, cnt):
+            counter[tuple(int(v) for v in row)] += int(c)
+        n += chunk.num_tokens
+    if n == 0:
+        raise ValueError("no tokens were given to the routing-path analysis")
+    E = layout[1]
+    c = np.array(list(counter.values()), dtype=np.float64)
+    p = c / n
+    ent = float(-(p * np.log(p)).sum())
+    max_ent = min(len(sel) * np.log(E), np.log(n)) if E > 1 else 0.0
+    top = counter.most_common(top_n)
+    return RoutingPaths(
+        layers=[layout[0][i] for i in sel],
+        num_experts=E,
+        num_tokens=n,
+        num_unique=len(counter),
+        entropy=ent,
+        entropy_norm=ent / max_ent if max_ent > 0 else 0.0,
+        top_paths=[k for k, _ in top],
+        top_counts=[v for _, v in top],
+        top_shares=[v / n for _, v in top],
+    )

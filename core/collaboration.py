@@ -1,0 +1,276 @@
+"""Expert collaboration mining (seed 003): which (layer, expert) units fire together, and for which domains.
+
+Each sampled token becomes a row of a token x (layer x expert) activation matrix (routing
+weight where it reaches ``activation_threshold``, else 0). Sparse non-negative dictionary
+learning (scikit-learn) finds recurring co-activation patterns across layers; decomposing
+the dictionary again gives coarser meta-patterns (the hierarchical variant). Patterns are
+ranked by how specific they are to one domain, and the top domain-specialized experts of
+each domain are listed against the k/E baseline.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+from sklearn.decomposition import DictionaryLearning, MiniBatchDictionaryLearning
+from sklearn.exceptions import ConvergenceWarning
+
+from core.analysis_utils import ResultMixin, as_chunks, check_same_layout, require
+from core.routing_data import RoutingData
+from core.specialization import DomainSpecialization, DomainSpecializationAccumulator
+
+
+@dataclass
+class ActivationMatrix:
+    """Sampled tokens' activations ``[n, L*E]`` (column ``l*E + e``) with their group ids ``[n]``."""
+
+    values: np.ndarray
+    groups: np.ndarray
+    moe_layers: list[int]
+    num_experts: int
+    group_names: list[str]
+    num_tokens_seen: int
+
+
+@dataclass
+class CollaborationResult(ResultMixin):
+    """Co-activation patterns and their domain specificity.
+
+    ``atoms[k, l, e]``: non-negative dictionary atom k (unit norm over all units).
+    ``domain_activation[k, d]``: mean code of pattern k over domain d's sampled tokens;
+    ``domain_share`` normalizes it over domains; ``specificity[k] = max_d domain_share``
+    (1/D = no preference, 1 = one domain only); ``ranking`` sorts patterns by it.
+    ``meta_atoms``/``meta_codes``: the dictionary decomposed again (``atoms ~ meta_codes @ meta_atoms``);
+    ``pattern_meta[k]`` is the meta-pattern (family) pattern k belongs to most.
+    ``top_experts[domain]``: the ``top_k`` (layer, expert) units with the highest share/(k/E).
+    """
+
+    params: dict
+    moe_layers: list[int]
+    num_experts: int
+    group_names: list[str]
+    num_tokens_seen: int
+    num_tokens_sampled: int
+    atoms: np.ndarray  # [K, L, E]
+    usage: np.ndarray  # [K] mean code over sampled tokens
+    domain_activation: np.ndarray  # [K, D]
+    domain_share: np.ndarray  # [K, D]
+    specificity: np.ndarray  # [K]
+    preferred_domain: np.ndarray  # [K]
+    ranking: list[int]
+    domain_ranking: dict[str, list[int]]  # patterns by descending share of that domain
+    meta_atoms: np.ndarray  # [M, L, E]
+    meta_codes: np.ndarray  # [K, M]
+    pattern_meta: np.ndarray  # [K] meta-pattern each pattern loads on most
+    reconstruction_error: float  # ||X - codes @ atoms||_F / ||X||_F on the sample
+    top_experts: dict[str, list[dict]]
+    specialization: DomainSpecialization
+    notes: list[str] = field(default_factory=list)
+
+    def pattern_units(self, k: int, n: int = 10, min_weight: float = 1e-3) -> list[tuple[int, int, float]]:
+        """The ``n`` heaviest (model layer, expert, weight) units of pattern ``k``."""
+        a = self.atoms[k]
+        order = np.argsort(-a, axis=None)[:n]
+        li, ei = np.unravel_index(order, a.shape)
+        return [(int(self.moe_layers[l]), int(e), float(a[l, e])) for l, e in zip(li, ei) if a[l, e] > min_weight]
+
+
+class CollaborationMiner:
+    """Dictionary-learning miner of cross-layer expert co-activation (parameters as in seed 003).
+
+    ``weight``: "topk_weight" (the weight the expert received; 0 if unselected) or "probs".
+    ``n_components`` patterns, ``n_meta_components`` meta-patterns, ``alpha`` sparsity.
+    Uses batch ``DictionaryLearning`` up to ``batch_threshold`` sampled tokens, else the
+    mini-batch variant.
+    """
+
+    def __init__(
+        self,
+        activation_threshold: float = 0.1,
+        sample_ratio: float = 1 / 3,
+        random_seed: int = 42,
+        top_k: int = 10,
+        n_components: int = 16,
+        n_meta_components: int = 4,
+        alpha: float = 0.1,
+        weight: Literal["topk_weight", "probs"] = "topk_weight",
+        by: Literal["domain", "dataset"] = "domain",
+        max_iter: int = 200,
+        batch_threshold: int = 5000,
+    ) -> None:
+        if not 0 < sample_ratio <= 1:
+            raise ValueError(f"sample_ratio must be in (0, 1], got {sample_ratio}")
+        if activation_threshold < 0:
+            raise ValueError(f"activation_threshold must be >= 0, got {activation_threshold}")
+        if weight not in ("topk_weight", "probs"):
+            raise ValueError(f"weight must be 'topk_weight' or 'probs', got {weight!r}")
+        if by not in ("domain", "dataset"):
+            raise ValueError(f"by must be 'domain' or 'dataset', got {by!r}")
+        if n_components < 1 or not 1 <= n_meta_components <= n_components:
+            raise ValueError(f"need 1 <= n_meta_components <= n_components, got {n_meta_components}, {n_components}")
+        self.activation_threshold = activation_threshold
+        self.sample_ratio = sample_ratio
+        self.random_seed = random_seed
+        self.top_k = top_k
+        self.n_components = n_components
+        self.n_meta_components = n_meta_components
+        self.alpha = alpha
+        self.weight = weight
+        self.by = by
+        self.max_iter = max_iter
+        self.batch_threshold = batch_threshold
+
+    def params(self) -> dict:
+        return {k: v for k, v in vars(self).items()}
+
+    def _activations(self, rd: RoutingData) -> np.ndarray:
+        if self.weight == "probs":
+            require(rd, "router_logits", why="collaboration mining on probabilities")
+            a = rd.probs().double().numpy()
+        else:
+            require(rd, "topk_idx", "topk_weight", why="collaboration mining on top-k weights")
+            a = np.zeros((rd.num_tokens, rd.num_layers, rd.num_experts))
+            idx = rd.topk_idx.numpy()
+            w = rd.topk_weight.double().numpy()
+            n, l, k = np.nonzero(idx >= 0)
+            a[n, l, idx[n, l, k]] = w[n, l, k]
+        a = np.where(a >= self.activation_threshold, a, 0.0)
+        return a.reshape(rd.num_tokens, -1)
+
+    def activation_matrix(
+        self, routing: RoutingData | Iterable[RoutingData], _spec: DomainSpecializationAccumulator | None = None
+    ) -> ActivationMatrix:
+        """Sample ``sample_ratio`` of each chunk's tokens (seeded) into the activation matrix."""
+        rng = np.random.default_rng(self.random_seed)
+        ids_name = f"{self.by}_ids"
+        layout, names, rows, groups, seen = None, [], [], [], 0
+        for chunk in as_chunks(routing):
+            if layout is None:
+                layout = (list(chunk.moe_layers), chunk.num_experts, chunk.top_k)
+                names = list(chunk.domain_names if self.by == "domain" else chunk.dataset_names)
+            check_same_layout(chunk, *layout)
+            if chunk.num_tokens == 0:
+                continue
+            require(chunk, ids_name, why=f"collaboration mining by {self.by}")
+            if _spec is not None:
+                _spec.update(chunk)
+            seen += chunk.num_tokens
+            m = round(chunk.num_tokens * self.sample_ratio)
+            if m == 0:
+                continue
+            pick = np.sort(rng.choice(chunk.num_tokens, size=m, replace=False))
+            sub = chunk.select(torch.from_numpy(pick.astype(np.int64)))
+            rows.append(self._activations(sub).astype(np.float32))
+            groups.append(getattr(sub, ids_name).numpy())
+        if layout is None or not rows:
+            raise ValueError(
+                "no tokens were sampled for collaboration mining (empty routing or too small sample_ratio)"
+            )
+        return ActivationMatrix(np.concatenate(rows), np.concatenate(groups), layout[0], layout[1], names, seen)
+
+    def _learner(self, n_components: int, n_rows: int):
+        kw = {
+            "n_components": n_components,
+            "alpha": self.alpha,
+            "max_iter": self.max_iter,
+            "fit_algorithm": "cd",
+            "transform_algorithm": "lasso_cd",
+            "transform_alpha": self.alpha,
+            "positive_code": True,
+            "positive_dict": True,
+            "random_state": self.random_seed,
+        }
+        if n_rows <= self.batch_threshold:
+            return DictionaryLearning(**kw)
+        return MiniBatchDictionaryLearning(batch_size=256, **kw)
+
+    def fit(self, routing: RoutingData | Iterable[RoutingData]) -> CollaborationResult:
+        """Mine co-activation patterns, their hierarchy, domain specificity and top experts per domain."""
+        spec_acc = DomainSpecializationAccumulator(self.by)
+        am = self.activation_matrix(routing, spec_acc)
+        spec = spec_acc.result()
+        X, g = am.values.astype(np.float64), am.groups
+        L, E = len(am.moe_layers), am.num_experts
+        notes = []
+        K = min(self.n_components, X.shape[0])
+        if K < self.n_components:
+            notes.append(f"only {X.shape[0]} sampled tokens: learned {K} patterns instead of {self.n_components}")
+        learner = self._learner(K, X.shape[0])
+        raw_codes, bad1 = _fit_transform(learner, X)
+        norms = np.linalg.norm(learner.components_, axis=1, keepdims=True)
+        atoms = learner.components_ / np.clip(norms, 1e-12, None)
+        codes = raw_codes * norms.T
+        xn = np.linalg.norm(X)
+        err = float(np.linalg.norm(X - codes @ atoms) / xn) if xn > 0 else 0.0
+        D = len(spec.group_names)
+        dom_act = np.zeros((K, D))
+        for d in range(D):
+            if (g == d).any():
+                dom_act[:, d] = codes[g == d].mean(0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            share = np.nan_to_num(dom_act / dom_act.sum(1, keepdims=True), nan=0.0)
+        spec_k = share.max(1)
+        ranking = [int(i) for i in np.argsort(-spec_k, kind="stable")]
+        dom_rank = {spec.group_names[d]: [int(i) for i in np.argsort(-share[:, d], kind="stable")] for d in range(D)}
+        M = min(self.n_meta_components, K)
+        meta = DictionaryLearning(
+            n_components=M,
+            alpha=self.alpha / 10,
+            max_iter=self.max_iter,
+            fit_algorithm="cd",
+            transform_algorithm="lasso_cd",
+            transform_alpha=self.alpha / 10,
+            positive_code=True,
+            positive_dict=True,
+            random_state=self.random_seed,
+        )
+        meta_codes, bad2 = _fit_transform(meta, atoms)
+        if bad1 + bad2:
+            notes.append(
+                f"{bad1 + bad2} sparse-coding steps stopped before convergence; raise max_iter if atoms look noisy"
+            )
+        top = {}
+        for d, name in enumerate(spec.group_names):
+            if spec.tokens[d] == 0:
+                continue
+            t = spec.top_experts(d, self.top_k)
+            top[name] = t.to_dict(orient="records")
+        return CollaborationResult(
+            params=self.params(),
+            moe_layers=am.moe_layers,
+            num_experts=E,
+            group_names=spec.group_names,
+            num_tokens_seen=am.num_tokens_seen,
+            num_tokens_sampled=int(X.shape[0]),
+            atoms=atoms.reshape(K, L, E),
+            usage=codes.mean(0),
+            domain_activation=dom_act,
+            domain_share=share,
+            specificity=spec_k,
+            preferred_domain=share.argmax(1),
+            ranking=ranking,
+            domain_ranking=dom_rank,
+            meta_atoms=meta.components_.reshape(M, L, E),
+            meta_codes=meta_codes,
+            pattern_meta=meta_codes.argmax(1),
+            reconstruction_error=err,
+            top_experts=top,
+            specialization=spec,
+            notes=notes,
+        )
+
+
+def _fit_transform(estimator, X: np.ndarray) -> tuple[np.ndarray, int]:
+    """Fit and encode, counting sklearn's convergence warnings instead of printing hundreds of them."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        codes = estimator.fit(X).transform(X)
+    for w in caught:
+        if not issubclass(w.category, ConvergenceWarning):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return codes, sum(issubclass(w.category, ConvergenceWarning) for w in caught)

@@ -1,0 +1,223 @@
+"""Per-layer, per-expert routing statistics: utilization, entropy, load balance, collapse.
+
+These are the first numbers to look at for any MoE: whether all experts get used, how
+peaked each token's routing is, and whether a layer has collapsed onto a few experts.
+Computed with a streaming accumulator, so memory does not grow with the number of tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from core.analysis_utils import (
+    ResultMixin,
+    as_chunks,
+    check_same_layout,
+    entropy,
+    normalized_probs_np,
+    selection_np,
+)
+from core.routing_data import RoutingData
+
+
+@dataclass
+class CollapseThresholds(ResultMixin):
+    """Thresholds of the dead/dominant/collapse diagnosis, in units of the uniform share 1/E.
+
+    - dead expert: utilization < ``dead_factor / E`` (default: under a tenth of its fair share)
+    - dominant expert: utilization > ``dominant_factor / E`` (default: over twice its fair share)
+    - collapsed layer: normalized utilization entropy < ``collapse_entropy`` (default 0.5),
+      or at least ``collapse_dead_fraction`` of the experts dead (default half),
+      or one expert selected by at least ``collapse_top_rate`` of the tokens while k/E <= 0.5
+      (default 0.9; an expert nearly every token must use)
+    - imbalanced layer (not collapsed): any dead or dominant expert, or CV > ``imbalance_cv`` (default 1.0)
+    """
+
+    dead_factor: float = 0.1
+    dominant_factor: float = 2.0
+    collapse_entropy: float = 0.5
+    collapse_dead_fraction: float = 0.5
+    collapse_top_rate: float = 0.9
+    imbalance_cv: float = 1.0
+
+
+@dataclass
+class RoutingStats(ResultMixin):
+    """Routing statistics per MoE layer (axis 0) and expert (axis 1).
+
+    Shares sum to 1 per layer; entropies are in nats, ``*_norm`` divided by log E.
+    ``token_entropy*`` and ``mean_prob`` are ``None`` when the routing had no logits; for
+    sigmoid routers the probabilities are renormalized to sum to 1 before taking entropies.
+    """
+
+    moe_layers: list[int]
+    num_experts: int
+    top_k: int
+    num_tokens: int
+    counts: np.ndarray  # [L, E] top-k assignments
+    utilization: np.ndarray  # [L, E] share of the layer's assignments (sums to 1)
+    selection_rate: np.ndarray  # [L, E] fraction of tokens that selected the expert (sums to k)
+    utilization_entropy: np.ndarray  # [L] nats
+    utilization_entropy_norm: np.ndarray  # [L] in [0, 1]
+    cv: np.ndarray  # [L] std/mean of the expert loads
+    max_over_mean: np.ndarray  # [L]
+    dead: np.ndarray  # [L, E] bool
+    dominant: np.ndarray  # [L, E] bool
+    collapsed: np.ndarray  # [L] bool
+    diagnosis: list[str]  # [L] "collapsed" | "imbalanced" | "healthy"
+    reasons: list[list[str]]  # [L] why the diagnosis was made
+    thresholds: CollapseThresholds
+    token_entropy: np.ndarray | None = None  # [L] mean per-token routing entropy, nats
+    token_entropy_norm: np.ndarray | None = None  # [L] divided by log E
+    mean_prob: np.ndarray | None = None  # [L, E] mean router probability
+    notes: list[str] = field(default_factory=list)
+
+    def layer_table(self) -> pd.DataFrame:
+        """One row per layer: the summary numbers a dashboard shows."""
+        return pd.DataFrame(
+            {
+                "layer": self.moe_layers,
+                "utilization_entropy_norm": self.utilization_entropy_norm,
+                "token_entropy_norm": (self.token_entropy_norm if self.token_entropy_norm is not None else np.nan),
+                "cv": self.cv,
+                "max_over_mean": self.max_over_mean,
+                "num_dead": self.dead.sum(1),
+                "num_dominant": self.dominant.sum(1),
+                "diagnosis": self.diagnosis,
+            }
+        )
+
+    def expert_table(self) -> pd.DataFrame:
+        """Long table (layer, expert, utilization, selection_rate, dead, dominant)."""
+        L, E = self.utilization.shape
+        return pd.DataFrame(
+            {
+                "layer": np.repeat(self.moe_layers, E),
+                "expert": np.tile(np.arange(E), L),
+                "utilization": self.utilization.ravel(),
+                "selection_rate": self.selection_rate.ravel(),
+                "dead": self.dead.ravel(),
+                "dominant": self.dominant.ravel(),
+            }
+        )
+
+
+class RoutingStatsAccumulator:
+    """Streaming accumulator: ``update(chunk)`` per chunk, then ``result()``."""
+
+    def __init__(self, thresholds: CollapseThresholds | None = None) -> None:
+        self.thresholds = thresholds or CollapseThresholds()
+        self.layers: list[int] | None = None
+        self.num_experts = 0
+        self.top_k = 0
+        self.num_tokens = 0
+        self.counts: np.ndarray | None = None
+        self.prob_tokens = 0
+        self.entropy_sum: np.ndarray | None = None
+        self.prob_sum: np.ndarray | None = None
+        self.missing_logits = False
+
+    def update(self, chunk: RoutingData) -> RoutingStatsAccumulator:
+        if self.layers is None:
+            self.layers, self.num_experts, self.top_k = list(chunk.moe_layers), chunk.num_experts, chunk.top_k
+            L, E = len(self.layers), self.num_experts
+            self.counts = np.zeros((L, E))
+            self.entropy_sum = np.zeros(L)
+            self.prob_sum = np.zeros((L, E))
+        check_same_layout(chunk, self.layers, self.num_experts, self.top_k)
+        if chunk.num_tokens == 0:
+            return self
+        self.counts += selection_np(chunk).sum(0)
+        self.num_tokens += chunk.num_tokens
+        if chunk.router_logits is None:
+            self.missing_logits = True
+        else:
+            p = normalized_probs_np(chunk)
+            self.entropy_sum += entropy(p).sum(0)
+            self.prob_sum += p.sum(0)
+            self.prob_tokens += chunk.num_tokens
+        return self
+
+    def result(self) -> RoutingStats:
+        if self.layers is None or self.num_tokens == 0:
+            raise ValueError("no tokens were given to the routing statistics")
+        th, E, n = self.thresholds, self.num_experts, self.num_tokens
+        counts = self.counts
+        total = counts.sum(1, keepdims=True)
+        util = counts / np.clip(total, 1e-300, None)
+        logE = np.log(E) if E > 1 else 1.0
+        u_ent = entropy(util)
+        mean = counts.mean(1)
+        cv = counts.std(1) / np.clip(mean, 1e-300, None)
+        mom = counts.max(1) / np.clip(mean, 1e-300, None)
+        dead = util < th.dead_factor / E
+        dominant = util > th.dominant_factor / E
+        rate = counts / n
+        diagnosis, reasons, collapsed = [], [], []
+        for li in range(len(self.layers)):
+            why = []
+            if u_ent[li] / logE < th.collapse_entropy:
+                why.append(f"normalized utilization entropy {u_ent[li] / logE:.3f} < {th.collapse_entropy}")
+            if dead[li].mean() >= th.collapse_dead_fraction:
+                why.append(f"{int(dead[li].sum())}/{E} experts dead (>= {th.collapse_dead_fraction:.0%})")
+            if self.top_k / E <= 0.5 and rate[li].max() >= th.collapse_top_rate:
+                why.append(f"expert {int(rate[li].argmax())} selected by {rate[li].max():.1%} of tokens")
+            if why:
+                diagnosis.append("collapsed")
+            else:
+                if dead[li].any():
+                    why.append(f"{int(dead[li].sum())} dead experts")
+                if dominant[li].any():
+                    why.append(f"{int(dominant[li].sum())} dominant experts")
+                if cv[li] > th.imbalance_cv:
+                    why.append(f"load CV {cv[li]:.2f} > {th.imbalance_cv}")
+                diagnosis.append("imbalanced" if why else "healthy")
+            collapsed.append(diagnosis[-1] == "collapsed")
+            reasons.append(why)
+        notes = []
+        tok_ent = tok_norm = mean_prob = None
+        if self.missing_logits:
+            notes.append(
+                "some or all chunks had no router logits (compact storage): token entropy and mean probability skipped"
+            )
+        elif self.prob_tokens:
+            tok_ent = self.entropy_sum / self.prob_tokens
+            tok_norm = tok_ent / logE
+            mean_prob = self.prob_sum / self.prob_tokens
+        return RoutingStats(
+            moe_layers=list(self.layers),
+            num_experts=E,
+            top_k=self.top_k,
+            num_tokens=n,
+            counts=counts,
+            utilization=util,
+            selection_rate=rate,
+            utilization_entropy=u_ent,
+            utilization_entropy_norm=u_ent / logE,
+            cv=cv,
+            max_over_mean=mom,
+            dead=dead,
+            dominant=dominant,
+            collapsed=np.array(collapsed),
+            diagnosis=diagnosis,
+            reasons=reasons,
+            thresholds=th,
+            token_entropy=tok_ent,
+            token_entropy_norm=tok_norm,
+            mean_prob=mean_prob,
+            notes=notes,
+        )
+
+
+def routing_stats(
+    routing: RoutingData | Iterable[RoutingData], thresholds: CollapseThresholds | None = None
+) -> RoutingStats:
+    """Routing statistics of one RoutingData or a stream of chunks."""
+    acc = RoutingStatsAccumulator(thresholds)
+    for chunk in as_chunks(routing):
+        acc.update(chunk)
+    return acc.result()

@@ -1,0 +1,59 @@
+"""Co-activation within layers and routing paths across layers on hand-built routings."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from core.coactivation import coactivation, routing_paths
+from core.routing_data import RoutingData
+
+
+def _rd(idx, E, weights=None):
+    idx = torch.as_tensor(np.asarray(idx), dtype=torch.long)
+    w = torch.ones(idx.shape) if weights is None else torch.as_tensor(weights, dtype=torch.float32)
+    return RoutingData(
+        moe_layers=list(range(idx.shape[1])), num_experts=E, top_k=idx.shape[2], topk_idx=idx, topk_weight=w
+    )
+
+
+def test_within_layer_conditional_probability():
+    # experts 0 and 1 always together; expert 2 with 3 half the time, with 0 the other half
+    idx = [[[0, 1]]] * 4 + [[[2, 3]]] * 2 + [[[2, 0]]] * 2
+    c = coactivation(_rd(idx, 4))
+    cond = c.conditional[0]
+    assert cond[1, 0] == 1.0  # P(0 | 1)
+    assert cond[2, 3] == 0.5 and cond[2, 0] == 0.5
+    assert cond[0, 1] == pytest.approx(4 / 6)
+    np.testing.assert_allclose(np.diagonal(cond), 1.0)
+    assert c.counts[0].tolist() == [6, 4, 4, 2]
+    json.dumps(c.to_dict())
+
+
+def test_transitions_and_paths():
+    # path (0, 1, 2) for 6 tokens, (3, 3, 3) for 2 tokens; top-1 is the heavier of the two selected
+    idx = [[[0, 2], [1, 0], [2, 1]]] * 6 + [[[1, 3], [0, 3], [3, 0]]] * 2
+    w = [[[0.9, 0.1], [0.8, 0.2], [0.7, 0.3]]] * 6 + [[[0.1, 0.9], [0.2, 0.8], [0.6, 0.4]]] * 2
+    rd = _rd(idx, 4, w)
+    c = coactivation(rd.iter_chunks(3))
+    assert c.transitions.shape == (2, 4, 4)
+    assert c.transitions[0, 0, 1] == 6 and c.transitions[0, 3, 3] == 2
+    assert c.transition_probs[1, 1, 2] == 1.0
+    p = routing_paths(rd.iter_chunks(3), top_n=5)
+    assert p.top_paths == [(0, 1, 2), (3, 3, 3)] and p.top_counts == [6, 2]
+    assert p.num_unique == 2
+    expected = -(0.75 * np.log(0.75) + 0.25 * np.log(0.25))
+    assert p.entropy == pytest.approx(expected)
+    assert p.entropy_norm == pytest.approx(expected / np.log(8))  # min(4**3, 8 tokens) = 8
+    sub = routing_paths(rd, layers=[0, 2])
+    assert sub.layers == [0, 2] and sub.top_paths[0] == (0, 2)
+    assert list(p.table().columns) == ["path", "count", "share"]
+    json.dumps(p.to_dict())
+
+
+def test_single_path_has_zero_entropy_and_bad_layers_error():
+    rd = _rd([[[1], [2]]] * 5, 3)
+    assert routing_paths(rd).entropy == 0.0
+    with pytest.raises(ValueError, match="positions"):
+        routing_paths(rd, layers=[5])

@@ -1,0 +1,74 @@
+"""Domain, vocabulary and sequence specialization on routings with known answers."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from core.routing_data import RoutingData
+from core.specialization import domain_specialization, routing_consistency, vocabulary_specialization
+
+
+def _rd(idx, E, **kw):
+    idx = torch.as_tensor(np.asarray(idx), dtype=torch.long)
+    kw = {k: torch.as_tensor(np.asarray(v), dtype=torch.long) if not k.endswith("names") else v for k, v in kw.items()}
+    return RoutingData(
+        moe_layers=list(range(idx.shape[1])),
+        num_experts=E,
+        top_k=idx.shape[2],
+        topk_idx=idx,
+        topk_weight=torch.ones(idx.shape),
+        **kw,
+    )
+
+
+def test_domain_specialization_against_k_over_e():
+    # math tokens always go to expert 0, code tokens spread evenly over experts 0..3
+    n = 40
+    idx = np.concatenate([np.zeros((n, 1, 1)), np.arange(n).reshape(n, 1, 1) % 4])
+    dom = [0] * n + [1] * n
+    ds = domain_specialization(_rd(idx, 4, domain_ids=dom, domain_names=["math", "code"]).iter_chunks(13))
+    assert ds.baseline == 0.25
+    assert ds.share[0, 0, 0] == 1.0 and ds.ratio[0, 0, 0] == 4.0
+    np.testing.assert_allclose(ds.share[0, 1], 0.25)
+    assert ds.kl[0, 1] < ds.kl[0, 0]
+    assert ds.preferred_group[0, 0] == 0 and ds.score[0, 0] == 4.0
+    top = ds.top_experts("math", 1)
+    assert top.loc[0, "expert"] == 0 and top.loc[0, "ratio"] == 4.0
+    json.dumps(ds.to_dict())
+
+
+def test_vocabulary_specialization():
+    # token 7 always -> expert 2; token 9 alternates over 4 experts; token 11 is rare
+    tok = [7] * 20 + [9] * 20 + [11] * 3
+    idx = np.array([2] * 20 + [i % 4 for i in range(20)] + [0] * 3).reshape(-1, 1, 1)
+    v = vocabulary_specialization(_rd(idx, 4, token_ids=tok).iter_chunks(9), min_count=10)
+    assert v.token_ids.tolist() == [7, 9]
+    assert v.concentration[:, 0].tolist() == [1.0, 0.25]
+    assert v.preferred_expert[0, 0] == 2
+    assert v.mean_concentration[0] == pytest.approx(0.625)
+    json.dumps(v.to_dict())
+
+
+def test_routing_consistency_across_chunks_and_documents():
+    # doc 0: 5 tokens all expert 1 (4 pairs, same); doc 1: alternating 0/1 (3 pairs, none same)
+    idx = np.array([1] * 5 + [0, 1, 0, 1]).reshape(-1, 1, 1)
+    docs = [0] * 5 + [1] * 4
+    pos = list(range(5)) + list(range(4))
+    rc = routing_consistency(_rd(idx, 2, doc_ids=docs, positions=pos).iter_chunks(2))
+    assert rc.num_pairs == 7
+    assert rc.same_top1[0] == pytest.approx(4 / 7)
+    u = np.array([2, 7]) / 9
+    assert rc.chance[0] == pytest.approx((u**2).sum())
+    assert rc.topk_overlap[0] == pytest.approx(4 / 7)
+
+
+def test_missing_fields_error():
+    rd = _rd(np.zeros((3, 1, 1)), 2)
+    with pytest.raises(ValueError, match="domain_ids"):
+        domain_specialization(rd)
+    with pytest.raises(ValueError, match="token_ids"):
+        vocabulary_specialization(rd)
+    with pytest.raises(ValueError, match="positions"):
+        routing_consistency(rd)
