@@ -1,0 +1,83 @@
+"""The report in a real headless Chromium: loads offline, no console errors, every figure draws.
+
+Needs Debian's ``chromium`` (``apt-get install -y chromium``). Skipped without it locally;
+under CI (``CI`` set) a missing browser is a failure, not a skip.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from viz.browser_check import check_page, find_chromium
+from viz.gallery import HOSTILE_TOKEN, gallery_report
+
+if find_chromium() is None:
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        raise RuntimeError("CI needs chromium for the browser tests: apt-get install -y chromium")
+    pytest.skip("chromium not installed (apt-get install -y chromium)", allow_module_level=True)
+
+HOVER_TOKEN_JS = """(() => {
+  const gd = document.getElementById('fig-vocabulary_specialization');
+  const before = document.scripts.length;
+  Plotly.Fx.hover(gd, {xval: 0, yval: 3});
+  const t = gd.querySelector('.hovertext');
+  return JSON.stringify({text: t ? t.textContent : null, before: before,
+                         after: document.scripts.length});
+})()"""
+
+HOVER_UTIL_JS = """(() => {
+  const gd = document.getElementById('fig-utilization');
+  Plotly.Fx.hover(gd, {xval: 2, yval: 1});
+  const t = gd.querySelector('.hovertext');
+  return t ? t.textContent : null;
+})()"""
+
+
+@pytest.fixture(scope="module")
+def loaded(tmp_path_factory):
+    report = gallery_report()
+    path = report.write(tmp_path_factory.mktemp("browser"))
+    check, values = check_page(path, expected_figures=report.num_figures,
+                               evaluate=[HOVER_TOKEN_JS, HOVER_UTIL_JS])
+    return report, check, values
+
+
+def test_page_loads_without_errors_or_network(loaded):
+    _, check, _ = loaded
+    assert check.errors == []
+    assert check.external_requests == []
+    assert check.dialogs == []
+
+
+def test_every_figure_draws(loaded):
+    report, check, _ = loaded
+    assert check.figures_total == report.num_figures
+    assert check.figures_drawn == report.num_figures, f"not drawn: {check.undrawn}"
+    assert check.ok
+
+
+def test_hover_names_layer_and_expert_and_shows_tokens_as_text(loaded):
+    _, _, (token_hover, util_hover) = loaded
+    token = json.loads(token_hover)
+    assert HOSTILE_TOKEN in token["text"]  # shown literally, as text
+    assert token["after"] == token["before"]  # and no script element was created
+    assert "layer 3" in util_hover and "expert 2" in util_hover
+
+
+def test_checker_catches_broken_pages(tmp_path):
+    page = tmp_path / "broken.html"
+    page.write_text(
+        "<html><head><script src='http://example.invalid/x.js'></script></head><body>"
+        "<div class='plotly-graph-div' id='never'></div>"
+        "<script>console.error('boom'); alert('hi'); undefinedFunction();</script></body></html>"
+    )
+    check, _ = check_page(page, expected_figures=0, timeout=10)
+    assert not check.ok
+    assert any("boom" in e for e in check.errors)
+    assert any("undefinedFunction" in e for e in check.errors)
+    assert check.external_requests == ["http://example.invalid/x.js"]
+    assert check.dialogs == ["hi"]
+    assert check.undrawn == ["never"]

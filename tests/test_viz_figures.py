@@ -1,0 +1,128 @@
+"""Every figure: titled, axes titled with units, hover text naming layer/expert, bad input rejected."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import plotly.graph_objects as go
+import pytest
+
+from viz import plotting as P
+from viz.gallery import HOSTILE_TOKEN, gallery_figures
+
+FIGURES = {name: fig for _, name, fig, _ in gallery_figures()}
+
+# Figures whose hover text must name a layer and/or an expert.
+NAMES_LAYER = {
+    "router_similarity", "utilization", "entropy", "coactivation", "routing_paths",
+    "domain_specialization", "vocabulary_specialization", "collaboration_patterns",
+    "svd_spectra", "router_expert_alignment", "saturation", "drift", "saturation_heatmap",
+    "layer_entropy_over_time",
+}
+NAMES_EXPERT = {
+    "utilization", "coactivation", "routing_paths", "domain_specialization",
+    "vocabulary_specialization", "collaboration_patterns", "router_expert_alignment",
+    "utilization_over_time", "affinity",
+}
+
+
+def _hover(fig: go.Figure) -> str:
+    parts = []
+    for trace in fig.data:
+        parts.append(str(getattr(trace, "hovertemplate", "") or ""))
+        if isinstance(trace, go.Sankey):
+            parts += [str(trace.node.hovertemplate), str(trace.link.hovertemplate)]
+    return " ".join(parts)
+
+
+def test_gallery_covers_every_figure_function():
+    assert len(FIGURES) == len(P.__all__) - 1  # all but FigureInputError
+
+
+@pytest.mark.parametrize("name", sorted(FIGURES))
+def test_figure_has_title_axes_and_hover(name):
+    fig = FIGURES[name]
+    assert isinstance(fig, go.Figure)
+    assert fig.layout.title.text, f"{name} has no title"
+    if not any(isinstance(t, go.Sankey) for t in fig.data):
+        assert fig.layout.xaxis.title.text and fig.layout.yaxis.title.text, f"{name}: axis titles"
+    hover = _hover(fig)
+    assert "<extra></extra>" in hover or "%{" in hover, f"{name}: no hover template"
+    if name in NAMES_LAYER:
+        assert "layer" in hover, f"{name}: hover does not name the layer"
+    if name in NAMES_EXPERT:
+        assert "expert" in hover, f"{name}: hover does not name the expert"
+
+
+def test_units_in_axis_titles():
+    assert "nats" in FIGURES["entropy"].layout.yaxis.title.text
+    assert "(" in FIGURES["saturation"].layout.yaxis.title.text
+    assert "ratio" in FIGURES["svd_spectra"].layout.yaxis.title.text
+    assert "nats/token" in FIGURES["ablation_effects"].layout.yaxis.title.text
+
+
+def test_heatmap_shapes_follow_inputs():
+    util = np.random.default_rng(0).random((3, 5))
+    fig = P.utilization_heatmap(util, [2, 4, 6])
+    assert np.asarray(fig.data[0].z).shape == (3, 5)
+    assert list(fig.data[0].y) == [2, 4, 6]
+    fig = P.domain_specialization_heatmap(util, ["a", "b", "c"], baseline=0.2)
+    assert np.allclose(np.asarray(fig.data[0].z), np.log2(util / 0.2))
+
+
+def test_sankey_sums_flows_between_neighbouring_layers():
+    fig = P.routing_paths_sankey([(0, 1), (0, 1), (2, 1)], [3, 4, 5], [10, 11])
+    link = fig.data[0].link
+    assert sorted(link.value) == [5.0, 7.0]
+    assert set(fig.data[0].node.label) == {"L10 E0", "L10 E2", "L11 E1"}
+
+
+def test_dataset_text_is_escaped_in_figures():
+    blob = json.dumps([f.to_plotly_json() for f in FIGURES.values()], default=str)
+    assert HOSTILE_TOKEN not in blob
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in blob
+
+
+def test_token_whitespace_is_visible():
+    fig = P.vocabulary_specialization(np.ones((2, 2)), [" a", "\n"], layer=0)
+    assert list(fig.layout.yaxis.ticktext) == ["␣a", "\\n"]
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: P.router_similarity_heatmap(np.ones((2, 3)), [0, 1]), "square"),
+        (lambda: P.utilization_heatmap(np.ones((2, 3)), [0, 1, 2]), "layers: has 3 entries"),
+        (lambda: P.entropy_per_layer(np.ones((2, 2)), [0, 1]), "1-D"),
+        (lambda: P.correlation_matrix(np.ones((2, 2)), ["a"]), "feature_labels"),
+        (lambda: P.routing_paths_sankey([(0, 1, 2)], [1], [0, 1]), "paths[0]"),
+        (lambda: P.routing_paths_sankey([(0,)], [1], [0]), "at least 2 layers"),
+        (lambda: P.collaboration_patterns(np.ones((2, 5)), np.ones((2, 1)), [0, 1], 3, ["d"]),
+         "layers × num_experts"),
+        (lambda: P.alignment_vs_baseline(np.ones((2, 3)), np.ones((2, 4)), [0, 0], [1, 1], [0, 1]),
+         "other: shape"),
+        (lambda: P.saturation_over_checkpoints([0, 1, 2], np.ones((2, 2)), [0, 1]), "steps"),
+        (lambda: P.svd_spectra({}), "no layers"),
+        (lambda: P.utilization_heatmap("not numbers", [0]), "expected numbers"),
+        (lambda: P.domain_specialization_heatmap(np.ones((1, 2)), ["d"], baseline=0.0), "positive"),
+    ],
+)
+def test_bad_input_gets_a_clear_error(call, message):
+    with pytest.raises(P.FigureInputError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        call()
+
+
+def test_correlation_labels_name_cells_even_when_repeated():
+    fig = P.correlation_matrix(np.eye(3), ["L1 E0", "L1 E1", "L3 E0"])
+    assert list(fig.data[0].x) == ["L1 E0", "L1 E1", "L3 E0"] and fig.data[0].customdata is None
+    fig = P.correlation_matrix(np.eye(2), ["same", "same"])
+    assert list(fig.data[0].x) == [0, 1]
+    assert np.asarray(fig.data[0].customdata).shape == (2, 2, 2)
+
+
+def test_unused_expert_does_not_swamp_the_colour_scale():
+    share = np.array([[0.5, 0.5, 0.0, 0.0]])
+    fig = P.domain_specialization_heatmap(share, ["math"], baseline=0.25)
+    assert fig.data[0].zmin == -5.0 and fig.data[0].zmax == 5.0
+    assert np.isclose(np.asarray(fig.data[0].z)[0, 0], 1.0)

@@ -1,0 +1,100 @@
+"""Shared checks and styling for the figure modules.
+
+Every figure function takes plain arrays, so bad shapes are caught here with one clear
+message instead of surfacing later as an unreadable Plotly error. Text that may come from
+datasets (tokens, domain names) goes through :func:`esc` before it reaches a label or hover
+text: Plotly renders those strings as a small subset of HTML.
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import plotly.graph_objects as go
+
+# One colour scale per meaning, so the same quantity looks the same in every figure.
+SEQUENTIAL = "Viridis"
+DIVERGING = "RdBu_r"
+
+
+class FigureInputError(ValueError):
+    """An array or label list handed to a figure function has the wrong shape or content."""
+
+
+def esc(text: Any) -> str:
+    """HTML-escape ``text`` for Plotly labels and hover text (tokens may contain markup)."""
+    return html.escape(str(text), quote=True)
+
+
+def token_label(token: object) -> str:
+    """Make whitespace in a decoded token visible (spaces as ␣, newlines as \\n)."""
+    text = str(token)
+    for raw, shown in (("\n", "\\n"), ("\r", "\\r"), ("\t", "\\t"), (" ", "␣")):
+        text = text.replace(raw, shown)
+    return text
+
+
+def as_array(values: Any, ndim: int, name: str, allow_nan: bool = True) -> np.ndarray:
+    """Return ``values`` as a float array with ``ndim`` dimensions, or raise naming ``name``."""
+    try:
+        arr = np.asarray(values, dtype=float)
+    except (TypeError, ValueError) as exc:
+        raise FigureInputError(f"{name}: expected numbers, got {type(values).__name__} ({exc})")
+    if arr.ndim != ndim:
+        raise FigureInputError(f"{name}: expected a {ndim}-D array, got shape {arr.shape}")
+    if arr.size == 0:
+        raise FigureInputError(f"{name}: is empty (shape {arr.shape})")
+    if not allow_nan and not np.all(np.isfinite(arr)):
+        raise FigureInputError(f"{name}: contains NaN or infinite values")
+    return arr
+
+
+def check_len(labels: Sequence[Any], expected: int, name: str, what: str) -> list[Any]:
+    """Check that ``labels`` has ``expected`` entries (``what`` says which axis they label)."""
+    labels = list(labels)
+    if len(labels) != expected:
+        raise FigureInputError(f"{name}: has {len(labels)} entries but {what} has {expected}")
+    return labels
+
+
+def check_square(arr: np.ndarray, name: str) -> None:
+    """Raise unless ``arr`` is a square matrix."""
+    if arr.shape[0] != arr.shape[1]:
+        raise FigureInputError(f"{name}: expected a square matrix, got shape {arr.shape}")
+
+
+def finish(
+    fig: go.Figure,
+    title: str,
+    x_title: str,
+    y_title: str,
+    height: int | None = None,
+    width: int | None = None,
+) -> go.Figure:
+    """Apply the shared title, axis titles and template so figures look alike in a report."""
+    fig.update_layout(
+        title={"text": esc(title), "x": 0.02, "xanchor": "left"},
+        template="plotly_white",
+        margin={"l": 70, "r": 30, "t": 70, "b": 60},
+        hoverlabel={"namelength": -1},
+    )
+    if height is not None:
+        fig.update_layout(height=height)
+    if width is not None:
+        fig.update_layout(width=width)
+    fig.update_xaxes(title_text=esc(x_title))
+    fig.update_yaxes(title_text=esc(y_title))
+    return fig
+
+
+def heatmap_height(rows: int, per_row: int = 22, base: int = 220, cap: int = 1400) -> int:
+    """Height that keeps heatmap rows readable without making small matrices huge."""
+    return int(min(cap, max(380, base + per_row * rows)))
+
+
+def layer_names(layers: Sequence[int]) -> list[str]:
+    """Axis labels for MoE layers given by their model layer index."""
+    return [f"L{int(layer)}" for layer in layers]

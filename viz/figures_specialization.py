@@ -1,0 +1,252 @@
+"""Figures about what experts are for: domains, vocabulary, collaboration, ablation.
+
+Domain names and tokens come from datasets, so every label and hover string built from
+them is HTML-escaped before Plotly sees it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from viz._common import (
+    DIVERGING,
+    SEQUENTIAL,
+    FigureInputError,
+    as_array,
+    check_len,
+    esc,
+    finish,
+    heatmap_height,
+    token_label,
+)
+
+
+def domain_specialization_heatmap(
+    share: np.ndarray,
+    domains: Sequence[str],
+    baseline: np.ndarray | float | None = None,
+    layer: int | None = None,
+    title: str | None = None,
+) -> go.Figure:
+    """Share of each domain's routing per expert ``[D, E]``, optionally against a baseline.
+
+    With ``baseline`` (per expert ``[E]`` or a scalar such as 1/E) the colour is
+    log2(share / baseline): +1 means the domain uses the expert twice as much as the baseline.
+    """
+    share = as_array(share, 2, "share")
+    names = [esc(d) for d in check_len(domains, share.shape[0], "domains", "share rows")]
+    num_experts = share.shape[1]
+    where = f" in layer {int(layer)}" if layer is not None else ""
+    layer_txt = f"layer {int(layer)}<br>" if layer is not None else ""
+    rows = list(range(len(names)))
+    if baseline is None:
+        z, colorscale, zmid = share, SEQUENTIAL, None
+        custom = np.dstack([share, share])
+        value_txt = "share %{z:.4f}"
+        bar_title = "share of domain's routing"
+    else:
+        base = np.broadcast_to(np.asarray(baseline, dtype=float), (num_experts,)).copy()
+        if np.any(base <= 0):
+            raise FigureInputError("baseline: must be positive to form a ratio")
+        with np.errstate(divide="ignore"):
+            z = np.log2(np.maximum(share, 1e-12) / base[None, :])
+        custom = np.dstack([share, np.broadcast_to(base, share.shape)])
+        colorscale, zmid = DIVERGING, 0.0
+        # An expert a domain never uses gives log2(0); saturate the colours at ±5 (32×).
+        span = float(min(np.nanmax(np.abs(z)), 5.0)) or 1.0
+        value_txt = (
+            "share %{customdata[0]:.4f}<br>baseline %{customdata[1]:.4f}<br>"
+            "log2 ratio %{z:.2f}"
+        )
+        bar_title = "log2(share / baseline)"
+    fig = go.Figure(
+        go.Heatmap(
+            z=z,
+            x=list(range(num_experts)),
+            y=rows,
+            customdata=custom,
+            colorscale=colorscale,
+            zmid=zmid,
+            zmin=None if baseline is None else -span,
+            zmax=None if baseline is None else span,
+            colorbar={"title": {"text": bar_title}},
+            text=[[names[r]] * num_experts for r in rows],
+            hovertemplate=f"{layer_txt}domain %{{text}}<br>expert %{{x}}<br>{value_txt}<extra></extra>",
+        )
+    )
+    fig.update_yaxes(tickmode="array", tickvals=rows, ticktext=names, autorange="reversed")
+    fig.update_xaxes(dtick=1 if num_experts <= 32 else None)
+    return finish(
+        fig,
+        title or f"Domain specialization of experts{where}",
+        "expert index",
+        "domain",
+        height=heatmap_height(len(names), per_row=30),
+    )
+
+
+def vocabulary_specialization(
+    scores: np.ndarray,
+    tokens: Sequence[str],
+    layer: int,
+    experts: Sequence[int] | None = None,
+    title: str | None = None,
+    measure: str = "P(expert | token)",
+) -> go.Figure:
+    """Which experts each token goes to ``[T, E']``: vocabulary-specialized experts stand out.
+
+    ``tokens`` are decoded token strings (escaped here); ``experts`` names the columns when
+    ``scores`` holds a subset of the experts.
+    """
+    scores = as_array(scores, 2, "scores")
+    toks = [esc(token_label(t)) for t in tokens]
+    toks = check_len(toks, scores.shape[0], "tokens", "scores rows")
+    cols = list(range(scores.shape[1])) if experts is None else [int(e) for e in experts]
+    check_len(cols, scores.shape[1], "experts", "scores columns")
+    rows = list(range(len(toks)))
+    fig = go.Figure(
+        go.Heatmap(
+            z=scores,
+            x=[str(c) for c in cols],
+            y=rows,
+            text=[[t] * len(cols) for t in toks],
+            colorscale=SEQUENTIAL,
+            colorbar={"title": {"text": esc(measure)}},
+            hovertemplate=(
+                f"layer {int(layer)}<br>token %{{text}}<br>expert %{{x}}<br>"
+                f"{esc(measure)} %{{z:.4f}}<extra></extra>"
+            ),
+        )
+    )
+    fig.update_xaxes(type="category")
+    fig.update_yaxes(tickmode="array", tickvals=rows, ticktext=toks, autorange="reversed")
+    return finish(
+        fig,
+        title or f"Vocabulary specialization in layer {int(layer)}",
+        "expert index",
+        "token",
+        height=heatmap_height(len(toks), per_row=18),
+    )
+
+
+def collaboration_patterns(
+    atoms: np.ndarray,
+    pattern_domain_scores: np.ndarray,
+    layers: Sequence[int],
+    num_experts: int,
+    domains: Sequence[str],
+    title: str | None = None,
+) -> go.Figure:
+    """Expert collaboration patterns (dictionary atoms over layer×expert) and their domains.
+
+    ``atoms [P, L*E]`` is laid out layer-major (column ``l * E + e``); the right panel shows
+    how strongly each pattern is used by each domain ``[P, D]``.
+    """
+    atoms = as_array(atoms, 2, "atoms")
+    pds = as_array(pattern_domain_scores, 2, "pattern_domain_scores")
+    layers = [int(v) for v in layers]
+    if atoms.shape[1] != len(layers) * int(num_experts):
+        raise FigureInputError(
+            f"atoms: has {atoms.shape[1]} columns but layers × num_experts is "
+            f"{len(layers)} × {int(num_experts)} = {len(layers) * int(num_experts)}"
+        )
+    if pds.shape[0] != atoms.shape[0]:
+        raise FigureInputError(
+            f"pattern_domain_scores: has {pds.shape[0]} patterns but atoms has {atoms.shape[0]}"
+        )
+    names = [esc(d) for d in check_len(domains, pds.shape[1], "domains", "pattern_domain_scores columns")]
+    num_patterns, num_cols = atoms.shape
+    col_layer = np.repeat(layers, num_experts)
+    col_expert = np.tile(np.arange(num_experts), len(layers))
+    custom = np.dstack(
+        [np.broadcast_to(col_layer, atoms.shape), np.broadcast_to(col_expert, atoms.shape)]
+    )
+    fig = make_subplots(
+        rows=1, cols=2, column_widths=[0.72, 0.28], horizontal_spacing=0.17,
+        subplot_titles=("pattern weight per layer and expert", "pattern use per domain"),
+    )
+    fig.add_trace(
+        go.Heatmap(
+            z=atoms,
+            x=list(range(num_cols)),
+            y=list(range(num_patterns)),
+            customdata=custom,
+            colorscale=DIVERGING,
+            zmid=0.0,
+            colorbar={"title": {"text": "atom weight"}, "x": 0.62, "thickness": 14},
+            hovertemplate=(
+                "pattern %{y}<br>layer %{customdata[0]}<br>expert %{customdata[1]}<br>"
+                "weight %{z:.3f}<extra></extra>"
+            ),
+        ),
+        row=1, col=1,
+    )
+    fig.add_trace(
+        go.Heatmap(
+            z=pds,
+            x=list(range(len(names))),
+            y=list(range(num_patterns)),
+            text=[names] * num_patterns,
+            colorscale=SEQUENTIAL,
+            colorbar={"title": {"text": "domain score"}},
+            hovertemplate="pattern %{y}<br>domain %{text}<br>score %{z:.3f}<extra></extra>",
+        ),
+        row=1, col=2,
+    )
+    boundaries = [i * num_experts - 0.5 for i in range(1, len(layers))]
+    for b in boundaries:
+        fig.add_vline(x=b, line_color="black", line_width=0.5, row=1, col=1)
+    step = max(1, len(layers) // 16)
+    fig.update_xaxes(
+        tickmode="array",
+        tickvals=[i * num_experts + (num_experts - 1) / 2 for i in range(0, len(layers), step)],
+        ticktext=[f"L{layers[i]}" for i in range(0, len(layers), step)],
+        row=1, col=1,
+    )
+    fig.update_xaxes(tickmode="array", tickvals=list(range(len(names))), ticktext=names, row=1, col=2)
+    fig.update_yaxes(autorange="reversed")
+    finish(
+        fig,
+        title or "Expert collaboration patterns",
+        "layer × expert (experts within each layer band)",
+        "pattern index",
+        height=heatmap_height(num_patterns, per_row=24),
+    )
+    fig.update_xaxes(title_text="domain", row=1, col=2)
+    fig.update_yaxes(title_text="", showticklabels=False, row=1, col=2)
+    return fig
+
+
+def ablation_effects(
+    delta_loss: np.ndarray,
+    labels: Sequence[str],
+    domains: Sequence[str],
+    title: str | None = None,
+    unit: str = "nats/token",
+) -> go.Figure:
+    """Change in loss per domain when experts are ablated ``[A, D]`` (grouped bars)."""
+    delta = as_array(delta_loss, 2, "delta_loss")
+    labs = [esc(v) for v in check_len(labels, delta.shape[0], "labels", "delta_loss rows")]
+    names = [esc(v) for v in check_len(domains, delta.shape[1], "domains", "delta_loss columns")]
+    fig = go.Figure()
+    for d, name in enumerate(names):
+        fig.add_trace(
+            go.Bar(
+                x=labs,
+                y=delta[:, d],
+                name=name,
+                hovertemplate=(
+                    f"ablated %{{x}}<br>domain {name}<br>Δ loss %{{y:+.4f}} {esc(unit)}<extra></extra>"
+                ),
+            )
+        )
+    fig.add_hline(y=0.0, line_color="gray", line_width=1)
+    fig.update_layout(barmode="group", legend_title_text="domain")
+    return finish(
+        fig, title or "Effect of ablating experts on loss", "ablated experts (layer / expert)",
+        f"Δ loss ({unit})",
+    )

@@ -1,0 +1,115 @@
+"""Every figure in the toolkit drawn from small synthetic data, as one demo report.
+
+Lets a researcher see what each figure looks like before running a model, and gives the
+report and browser tests one realistic page with every figure kind (including a token that
+tries to inject markup). ``python -m viz.gallery OUT_DIR`` writes the page.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+
+from viz import plotting as P
+from viz.report import Report
+
+HOSTILE_TOKEN = "<script>alert(1)</script>"
+
+
+def gallery_figures(seed: int = 0) -> list[tuple[str, str, go.Figure, object]]:
+    """(section, name, figure, numbers) for every figure function, on synthetic data."""
+    rng = np.random.default_rng(seed)
+    layers, num_experts = [1, 3, 5, 7], 8
+    nl = len(layers)
+    domains = ["math", "code", "web"]
+    util = rng.dirichlet(np.ones(num_experts) * 3, nl)
+    sim = np.corrcoef(rng.normal(size=(nl, 16)))
+    entropy = rng.uniform(1.5, 2.0, nl)
+    corr = np.corrcoef(rng.normal(size=(6, 40)))
+    coact = rng.random((num_experts, num_experts)) * 0.2
+    share = rng.dirichlet(np.ones(num_experts), len(domains))
+    tokens = [" the", "\n", "def", HOSTILE_TOKEN, "=", " x"]
+    vocab = rng.dirichlet(np.ones(num_experts), len(tokens))
+    atoms = rng.normal(size=(5, nl * num_experts))
+    pds = rng.random((5, len(domains)))
+    delta = rng.normal(0.05, 0.03, (4, len(domains)))
+    spectra = {layer: np.sort(rng.random(16) ** 2)[::-1] for layer in layers}
+    own, other = rng.uniform(0.3, 0.8, (nl, num_experts)), rng.uniform(0.1, 0.4, (nl, num_experts))
+    steps = [0, 1000, 2000, 4000]
+    sat = np.clip(np.linspace(0.3, 1.0, 4)[:, None] + rng.normal(0, 0.03, (4, nl)), 0, 1)
+    drift = rng.uniform(0.0, 0.1, (4, nl))
+    lf = pd.Index([f"L{layer}" for layer in layers], name="layer")
+    return [
+        ("Routing", "router_similarity", P.router_similarity_heatmap(sim, layers),
+         pd.DataFrame(sim, index=lf, columns=lf)),
+        ("Routing", "utilization", P.utilization_heatmap(util, layers),
+         pd.DataFrame(util, index=lf)),
+        ("Routing", "entropy", P.entropy_per_layer(entropy, layers, max_entropy=np.log(num_experts)),
+         {"layers": layers, "entropy": entropy}),
+        ("Routing", "cross_layer_correlation",
+         P.correlation_matrix(corr, [f"L{i} E{i % 3}" for i in range(6)]), None),
+        ("Routing", "coactivation", P.coactivation_heatmap(coact, 3), pd.DataFrame(coact)),
+        ("Routing", "routing_paths",
+         P.routing_paths_sankey([(1, 2, 3, 0), (1, 2, 4, 0), (0, 2, 3, 5)], [50, 20, 10], layers),
+         None),
+        ("Specialization", "domain_specialization",
+         P.domain_specialization_heatmap(share, domains, baseline=1 / num_experts, layer=3),
+         pd.DataFrame(share, index=domains)),
+        ("Specialization", "vocabulary_specialization",
+         P.vocabulary_specialization(vocab, tokens, layer=3),
+         pd.DataFrame(vocab, index=pd.Index(tokens, name="token"))),
+        ("Specialization", "collaboration_patterns",
+         P.collaboration_patterns(atoms, pds, layers, num_experts, domains), None),
+        ("Specialization", "ablation_effects",
+         P.ablation_effects(delta, ["L1 E0", "L1 E5", "L3 E2", "L7 E7"], domains), None),
+        ("Weights", "svd_spectra",
+         P.svd_spectra(spectra, baseline=np.sort(rng.random(16))[::-1]), None),
+        ("Weights", "router_expert_alignment",
+         P.alignment_vs_baseline(own, other, np.full(nl, 0.12), np.full(nl, 0.02), layers), None),
+        ("Checkpoints", "saturation", P.saturation_over_checkpoints(steps, sat, layers), None),
+        ("Checkpoints", "drift", P.drift_over_checkpoints(steps, drift, layers), None),
+        ("Checkpoints", "saturation_heatmap",
+         P.checkpoint_heatmap(sat, steps, layers, "top-k overlap with final"), None),
+        ("Training", "training_curves",
+         P.training_curves([1, 2, 3, 4], {"loss": [2.6, 2.2, 2.0, 1.9]}, y_label="loss (nats/token)"),
+         None),
+        ("Training", "utilization_over_time",
+         P.utilization_over_time([1, 2, 3, 4], rng.dirichlet(np.ones(6), 4)), None),
+        ("Training", "layer_entropy_over_time",
+         P.layer_metric_over_time([1, 2, 3, 4], rng.uniform(1, 2, (4, nl)), layers,
+                                  "router entropy", "nats"), None),
+        ("Training", "affinity", P.affinity_heatmap(rng.random((12, 6))), None),
+    ]
+
+
+def gallery_report(seed: int = 0) -> Report:
+    """A report holding every gallery figure, a token table and a warning."""
+    report = Report(
+        "Figure gallery (synthetic data)",
+        {"model": "synthetic", "datasets": ["math", "code", "web"], "tokens": 12_345,
+         "note": f"hostile token {HOSTILE_TOKEN}"},
+        warnings=[f"example warning mentioning {HOSTILE_TOKEN}"],
+    )
+    report.add_section("Routing", "Synthetic numbers; shapes and labels are what matter here.")
+    for section, name, fig, data in gallery_figures(seed):
+        report.add_figure(section, fig, name, data=data)
+    report.add_table("Examples", pd.DataFrame({"token": [" the", HOSTILE_TOKEN], "count": [10, 1]}),
+                     "example_tokens", caption="tokens from the data (escaped)")
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Write the figure gallery report.")
+    parser.add_argument("out", type=Path, help="output folder")
+    args = parser.parse_args(argv)
+    print(gallery_report().write(args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

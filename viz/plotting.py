@@ -1,0 +1,54 @@
+"""One import point for every figure in the toolkit (the seed's ``viz/plotting.py``).
+
+The figures live in theme modules; this module only gathers them so analyses and
+experiments can write ``from viz.plotting import utilization_heatmap``.
+"""
+
+from viz._common import FigureInputError
+from viz.figures_routing import (
+    coactivation_heatmap,
+    correlation_matrix,
+    entropy_per_layer,
+    router_similarity_heatmap,
+    routing_paths_sankey,
+    utilization_heatmap,
+)
+from viz.figures_specialization import (
+    ablation_effects,
+    collaboration_patterns,
+    domain_specialization_heatmap,
+    vocabulary_specialization,
+)
+from viz.figures_training import (
+    affinity_heatmap,
+    checkpoint_heatmap,
+    drift_over_checkpoints,
+    layer_metric_over_time,
+    saturation_over_checkpoints,
+    training_curves,
+    utilization_over_time,
+)
+from viz.figures_weights import alignment_vs_baseline, svd_spectra
+
+__all__ = [
+    "FigureInputError",
+    "ablation_effects",
+    "affinity_heatmap",
+    "alignment_vs_baseline",
+    "checkpoint_heatmap",
+    "coactivation_heatmap",
+    "collaboration_patterns",
+    "correlation_matrix",
+    "domain_specialization_heatmap",
+    "drift_over_checkpoints",
+    "entropy_per_layer",
+    "layer_metric_over_time",
+    "router_similarity_heatmap",
+    "routing_paths_sankey",
+    "saturation_over_checkpoints",
+    "svd_spectra",
+    "training_curves",
+    "utilization_heatmap",
+    "utilization_over_time",
+    "vocabulary_specialization",
+]

@@ -1,0 +1,308 @@
+"""One self-contained HTML page per run: summary, warnings, figures and their numbers.
+
+The page must open from disk with no network and be safe to share, so plotly.js is
+embedded once (or shipped beside the page), every string from the run is HTML-escaped,
+and the numbers behind each figure are written as CSV/JSON files the page links to.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import plotly.offline
+
+from viz._io import atomic_write_text
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,120}$")
+_PLOTLY_CONFIG = {"displaylogo": False, "responsive": True}
+
+_CSS = """
+body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:0 auto;max-width:1200px;
+padding:1rem 2rem;color:#222;line-height:1.45}
+h1{margin-bottom:.2rem}.meta{color:#666;font-size:.9rem;margin-top:0}
+table{border-collapse:collapse;margin:.5rem 0 1rem;font-size:.9rem}
+th,td{border:1px solid #ddd;padding:.25rem .6rem;text-align:left;vertical-align:top}
+th{background:#f4f6f8}.warnings{background:#fff4e5;border-left:4px solid #f0a020;
+padding:.5rem 1rem;margin:1rem 0}.warnings li{margin:.2rem 0}
+figure.report-figure{margin:1.5rem 0;border-top:1px solid #eee;padding-top:.5rem}
+figcaption{font-size:.9rem;color:#444}figcaption a{margin-left:.6rem}
+nav ol{columns:2}section{margin-top:2rem}.table-wrap{overflow-x:auto;max-height:480px}
+"""
+
+
+def _check_name(name: str) -> str:
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise ValueError(
+            f"report item name {name!r}: use letters, digits, '_', '-' or '.' "
+            "(it becomes a file name)"
+        )
+    return name
+
+
+def _jsonable(value: Any) -> Any:
+    """Turn numpy/pandas values into JSON values; NaN and infinities become null."""
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    if isinstance(value, (pd.DataFrame, pd.Series)):
+        return _jsonable(value.to_dict())
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def _fmt(value: Any) -> str:
+    """Readable text for a summary value (lists joined, floats to 4 significant digits)."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, Mapping):
+        return "; ".join(f"{k}: {_fmt(v)}" for k, v in value.items())
+    if isinstance(value, (list, tuple, set)):
+        return ", ".join(_fmt(v) for v in value)
+    return str(value)
+
+
+def _paragraphs(text: str | None) -> str:
+    if not text:
+        return ""
+    parts = [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
+    return "".join(f"<p>{html.escape(p)}</p>" for p in parts)
+
+
+def _html_table(df: pd.DataFrame, max_rows: int) -> str:
+    shown = df.head(max_rows)
+    index = not isinstance(df.index, pd.RangeIndex)
+    head = ([html.escape(str(df.index.name or ""))] if index else []) + [
+        html.escape(str(c)) for c in df.columns
+    ]
+    rows = []
+    for idx, row in shown.iterrows():
+        cells = ([f"<th>{html.escape(_fmt(idx))}</th>"] if index else []) + [
+            f"<td>{html.escape(_fmt(v))}</td>" for v in row.tolist()
+        ]
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    more = (
+        f"<p class='meta'>showing {len(shown)} of {len(df)} rows; the download has all</p>"
+        if len(df) > len(shown)
+        else ""
+    )
+    return (
+        "<div class='table-wrap'><table><thead><tr>"
+        + "".join(f"<th>{h}</th>" for h in head)
+        + "</tr></thead><tbody>"
+        + "".join(rows)
+        + "</tbody></table></div>"
+        + more
+    )
+
+
+@dataclass
+class _Item:
+    kind: str  # "figure" | "table"
+    name: str
+    caption: str | None
+    fig: go.Figure | None = None
+    data: Any = None
+    max_rows: int = 50
+
+
+@dataclass
+class _Section:
+    name: str
+    text: str | None
+    items: list[_Item] = field(default_factory=list)
+
+
+class Report:
+    """Collects a run's summary, warnings, figures and tables; ``write`` renders the page.
+
+    ``plotlyjs="inline"`` embeds plotly.js in the page (one shareable file, ~5 MB);
+    ``"file"`` writes ``plotly.min.js`` beside it instead. Either way no network is needed.
+    """
+
+    def __init__(
+        self,
+        title: str,
+        summary: Mapping[str, Any] | None = None,
+        warnings: Iterable[str] = (),
+        plotlyjs: str = "inline",
+    ) -> None:
+        if plotlyjs not in ("inline", "file"):
+            raise ValueError(f"plotlyjs must be 'inline' or 'file', got {plotlyjs!r}")
+        self.title = str(title)
+        self.summary: dict[str, Any] = dict(summary or {})
+        self.warnings: list[str] = [str(w) for w in warnings]
+        self.plotlyjs = plotlyjs
+        self._sections: dict[str, _Section] = {}
+        self._names: set[str] = set()
+
+    # ----------------------------------------------------------------- building
+    def add_warning(self, text: str) -> None:
+        """Add a warning shown at the top of the page (e.g. expert collapse)."""
+        self.warnings.append(str(text))
+
+    def add_section(self, name: str, text: str | None = None) -> None:
+        """Start a section (or set the text of an existing one); sections keep their order."""
+        if name in self._sections:
+            if text is not None:
+                self._sections[name].text = text
+            return
+        self._sections[name] = _Section(str(name), text)
+
+    def _add(self, section: str, item: _Item) -> None:
+        _check_name(item.name)
+        if item.name in self._names:
+            raise ValueError(f"report item name {item.name!r} is used twice")
+        self._names.add(item.name)
+        self.add_section(section)
+        self._sections[section].items.append(item)
+
+    def add_figure(
+        self,
+        section: str,
+        fig: go.Figure,
+        name: str,
+        data: pd.DataFrame | Mapping[str, Any] | np.ndarray | list | None = None,
+        caption: str | None = None,
+    ) -> None:
+        """Add a figure; ``data`` is the numbers behind it (CSV for tables, else JSON).
+
+        Without ``data`` the figure's own JSON is offered for download instead.
+        """
+        if not isinstance(fig, go.Figure):
+            raise TypeError(f"add_figure({name!r}): expected a plotly Figure, got {type(fig).__name__}")
+        self._add(section, _Item("figure", name, caption, fig=fig, data=data))
+
+    def add_table(
+        self,
+        section: str,
+        df: pd.DataFrame,
+        name: str,
+        caption: str | None = None,
+        max_rows: int = 50,
+    ) -> None:
+        """Add a table (e.g. example tokens) shown escaped in the page and downloadable as CSV."""
+        if not isinstance(df, pd.DataFrame):
+            raise TypeError(f"add_table({name!r}): expected a pandas DataFrame, got {type(df).__name__}")
+        self._add(section, _Item("table", name, caption, data=df, max_rows=max_rows))
+
+    @property
+    def num_figures(self) -> int:
+        """How many figures the page will draw (the browser test counts them)."""
+        return sum(i.kind == "figure" for s in self._sections.values() for i in s.items)
+
+    # ------------------------------------------------------------------ writing
+    @staticmethod
+    def _write_data(data_dir: Path, name: str, data: Any) -> str:
+        """Write the numbers for one item; return the file name relative to the page."""
+        if isinstance(data, np.ndarray) and data.ndim <= 2:
+            data = pd.DataFrame(np.atleast_2d(data) if data.ndim == 1 else data)
+        if isinstance(data, pd.Series):
+            data = data.to_frame()
+        if isinstance(data, pd.DataFrame):
+            index = not isinstance(data.index, pd.RangeIndex)
+            atomic_write_text(data_dir / f"{name}.csv", data.to_csv(index=index))
+            return f"data/{name}.csv"
+        text = json.dumps(_jsonable(data), indent=1, allow_nan=False)
+        atomic_write_text(data_dir / f"{name}.json", text)
+        return f"data/{name}.json"
+
+    def _render_item(self, item: _Item, data_dir: Path) -> str:
+        if item.kind == "table":
+            href = self._write_data(data_dir, item.name, item.data)
+            body = _html_table(item.data, item.max_rows)
+        else:
+            if item.data is None:
+                href = f"data/{item.name}.figure.json"
+                atomic_write_text(data_dir / f"{item.name}.figure.json", item.fig.to_json())
+            else:
+                href = self._write_data(data_dir, item.name, item.data)
+            height = item.fig.layout.height or 480
+            body = item.fig.to_html(
+                full_html=False,
+                include_plotlyjs=False,
+                div_id=f"fig-{item.name}",
+                config=_PLOTLY_CONFIG,
+                default_height=f"{int(height)}px",
+            )
+        kind = "CSV" if href.endswith(".csv") else "JSON"
+        link = f"<a href='{html.escape(href)}' download>numbers ({kind})</a>"
+        caption = html.escape(item.caption) if item.caption else html.escape(item.name)
+        return (
+            f"<figure class='report-figure report-{item.kind}' id='item-{html.escape(item.name)}'>"
+            f"{body}<figcaption>{caption}{link}</figcaption></figure>"
+        )
+
+    def render(self, data_dir: Path) -> str:
+        """Build the page, writing each item's numbers into ``data_dir`` on the way."""
+        esc = html.escape
+        created = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+        if self.plotlyjs == "inline":
+            script = f"<script type='text/javascript'>{plotly.offline.get_plotlyjs()}</script>"
+        else:
+            script = "<script type='text/javascript' src='plotly.min.js'></script>"
+        summary_rows = "".join(
+            f"<tr><th>{esc(str(k))}</th><td>{esc(_fmt(v))}</td></tr>" for k, v in self.summary.items()
+        )
+        parts = [
+            "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
+            "<meta name='viewport' content='width=device-width, initial-scale=1'>",
+            f"<title>{esc(self.title)}</title><style>{_CSS}</style>{script}</head><body>",
+            f"<header><h1>{esc(self.title)}</h1><p class='meta'>written {created}</p></header>",
+            "<section id='summary'><h2>Summary</h2>",
+            f"<table class='summary'>{summary_rows}</table>" if summary_rows else "",
+        ]
+        if self.warnings:
+            items = "".join(f"<li>{esc(w)}</li>" for w in self.warnings)
+            parts.append(f"<div class='warnings'><h3>Warnings</h3><ul>{items}</ul></div>")
+        parts.append("</section>")
+        sections = list(self._sections.values())
+        if sections:
+            toc = "".join(
+                f"<li><a href='#sec-{i}'>{esc(s.name)}</a></li>" for i, s in enumerate(sections)
+            )
+            parts.append(f"<nav><h2>Contents</h2><ol>{toc}</ol></nav>")
+        for i, section in enumerate(sections):
+            parts.append(f"<section id='sec-{i}'><h2>{esc(section.name)}</h2>")
+            parts.append(_paragraphs(section.text))
+            parts.extend(self._render_item(item, data_dir) for item in section.items)
+            parts.append("</section>")
+        parts.append("</body></html>")
+        return "\n".join(parts)
+
+    def write(self, run_dir: str | Path, filename: str = "report.html") -> Path:
+        """Write ``report.html`` and ``data/*`` under ``run_dir``; return the page's path.
+
+        Data files are written first and the page last, each atomically, so the page never
+        links to a file that is not there yet.
+        """
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if self.plotlyjs == "file":
+            atomic_write_text(run_dir / "plotly.min.js", plotly.offline.get_plotlyjs())
+        page = self.render(run_dir / "data")
+        return atomic_write_text(run_dir / filename, page)
