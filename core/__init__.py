@@ -1,6 +1,8 @@
 """Core of moe-router-study: the model wrapper, routing cache, analyzers and the toolkit's own MoE.
 
-Names are imported lazily so ``import core`` stays cheap (no torch/transformers/nnsight until
+Functions named like their module (``routing_stats``, ``coactivation``, ``checkpoint_dynamics``)
+are imported from that module (``from core.routing_stats import routing_stats``): as attributes of
+``core`` they would be shadowed by the submodule. Names are imported lazily so ``import core`` stays cheap (no torch/transformers/nnsight until
 something that needs them is used).
 """
 
@@ -19,6 +21,25 @@ _EXPORTS: dict[str, str] = {
     "discover_moe_layers": "core.moe_discovery",
     "expert_matrices": "core.expert_weights",
     "RoutingData": "core.routing_data",
+    # collection and cache
+    "ActivationCollector": "core.activation_collector",
+    "TokenRows": "core.activation_collector",
+    "RoutingCache": "core.routing_cache",
+    "RoutingCacheWriter": "core.routing_cache",
+    "CacheError": "core.routing_cache",
+    "CacheMismatchError": "core.routing_cache",
+    "CacheCorruptError": "core.routing_cache",
+    "CacheIncompleteError": "core.routing_cache",
+    "Checkpoint": "core.checkpoints",
+    "CheckpointError": "core.checkpoints",
+    "parse_checkpoint_name": "core.checkpoints",
+    "list_hub_checkpoints": "core.checkpoints",
+    "list_local_checkpoints": "core.checkpoints",
+    "select_checkpoints": "core.checkpoints",
+    "checkpoint_loader": "core.checkpoints",
+    "sweep_checkpoints": "core.checkpoints",
+    "load_sweep_index": "core.checkpoints",
+    "open_sweep": "core.checkpoints",
     # analyses
     "RouterAnalyzer": "core.router_analyzer",
     "RouterSimilarity": "core.router_analyzer",
@@ -26,7 +47,6 @@ _EXPORTS: dict[str, str] = {
     "ExpertAnalyzer": "core.expert_analyzer",
     "ExpertSubspaces": "core.expert_analyzer",
     "AlignmentResult": "core.expert_analyzer",
-    "routing_stats": "core.routing_stats",
     "RoutingStats": "core.routing_stats",
     "RoutingStatsAccumulator": "core.routing_stats",
     "CollapseThresholds": "core.routing_stats",
@@ -36,7 +56,6 @@ _EXPORTS: dict[str, str] = {
     "activation_correlations": "core.correlations",
     "CrossLayerCorrelation": "core.correlations",
     "CorrelationDifference": "core.correlations",
-    "coactivation": "core.coactivation",
     "routing_paths": "core.coactivation",
     "Coactivation": "core.coactivation",
     "RoutingPaths": "core.coactivation",
@@ -47,7 +66,6 @@ _EXPORTS: dict[str, str] = {
     "VocabularySpecialization": "core.specialization",
     "RoutingConsistency": "core.specialization",
     "saturation": "core.checkpoint_dynamics",
-    "checkpoint_dynamics": "core.checkpoint_dynamics",
     "router_weight_drift": "core.checkpoint_dynamics",
     "CheckpointDynamics": "core.checkpoint_dynamics",
     "RouterDrift": "core.checkpoint_dynamics",

@@ -1,0 +1,474 @@
+"""On-disk store of record for collected routing: safetensors shards plus a JSON manifest.
+
+Routing is collected once and analysed many times, so the cache must never lose finished
+work, never mix stale work into new, and be checkable. Layout of a cache directory::
+
+    manifest.json                 what was collected, how, and the list of committed shards
+    shard-00000.safetensors       one group of whole batches (rows), token-major tensors
+    shard-00001.safetensors ...
+
+The manifest is the commit point. A shard is written to ``*.tmp``, fsynced, renamed into
+place, and only then listed in a manifest that is itself replaced atomically. A shard file
+that the manifest does not list (a run killed mid-write) is ignored and overwritten on
+resume. Each listed shard carries its size and SHA-256, so corruption is detected on read.
+
+Storage modes (``settings.storage``):
+
+* ``"full"``    router logits ``[n, L, E]`` + selected experts ``[n, L, k]`` + their weights.
+* ``"compact"`` selected experts and weights only (no logits): about ``E / (2k)`` times
+  smaller for long runs; analyses that need probabilities over all experts cannot use it.
+
+Float tensors are stored in ``settings.dtype`` (float16 by default, bfloat16/float32 allowed);
+expert indices as int16 when ``E < 32768``; per-token ids as int32 when they fit, else int64;
+optional hidden states (``hidden.<layer>`` ``[n, H]``) in the float dtype.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from core.routing_data import TOKEN_FIELDS, RoutingData
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+STORAGE_MODES = ("full", "compact")
+FLOAT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+# Keys of the manifest that say *what* was collected; a resume must match all of them.
+IDENTITY_KEYS = (
+    "format_version",
+    "model_name",
+    "revision",
+    "dataset",
+    "settings",
+    "moe_layers",
+    "num_experts",
+    "top_k",
+    "domain_names",
+    "dataset_names",
+    "num_rows",
+    "data_fingerprint",
+)
+_META_FIELDS = ("token_ids", "doc_ids", "positions", "domain_ids", "dataset_ids")
+
+
+class CacheError(RuntimeError):
+    """A routing cache cannot be used as asked."""
+
+
+class CacheMismatchError(CacheError):
+    """The cache on disk was collected with a different model, revision, data or settings."""
+
+
+class CacheCorruptError(CacheError):
+    """A shard is missing, truncated or fails its checksum."""
+
+
+class CacheIncompleteError(CacheError):
+    """The collection run that writes this cache has not finished."""
+
+
+# ---------------------------------------------------------------------------- small helpers
+def shard_file_name(index: int) -> str:
+    return f"shard-{index:05d}.safetensors"
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # some filesystems do not allow opening directories
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, payload: bytes) -> None:
+    """Write ``payload`` so that ``path`` holds either the old or the new content, never half."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(payload)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(Path(path), (json.dumps(obj, indent=1, sort_keys=False) + "\n").encode())
+
+
+def read_manifest(cache_dir: Path) -> dict | None:
+    """The manifest of ``cache_dir``, or None when there is none; a damaged one is an error."""
+    path = Path(cache_dir) / MANIFEST_NAME
+    if not path.exists():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CacheCorruptError(f"manifest {path} is not valid JSON ({e}); delete the cache and collect again") from e
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CacheError(f"cache at {cache_dir} has format version {version!r}; this toolkit reads up to {FORMAT_VERSION}")
+    return manifest
+
+
+def _describe_differences(have: Any, want: Any, prefix: str) -> list[str]:
+    if isinstance(have, dict) and isinstance(want, dict):
+        out = []
+        for key in sorted(set(have) | set(want), key=str):
+            out += _describe_differences(have.get(key), want.get(key), f"{prefix}.{key}" if prefix else str(key))
+        return out
+    if have != want:
+        if prefix == "data_fingerprint":
+            return ["data_fingerprint: the tokenized data (ids, mask or labels) differs from the cached run's"]
+        return [f"{prefix}: cache has {have!r}, you asked for {want!r}"]
+    return []
+
+
+def identity_differences(manifest: dict, header: dict) -> list[str]:
+    """Human-readable list of identity keys where an existing manifest and a new request differ."""
+    out: list[str] = []
+    for key in IDENTITY_KEYS:
+        out += _describe_differences(manifest.get(key), header.get(key), key)
+    return out
+
+
+def _int_tensor(t: torch.Tensor) -> torch.Tensor:
+    t = t.detach().cpu()
+    if t.numel() == 0 or (int(t.min()) >= -(2**31) and int(t.max()) < 2**31):
+        return t.to(torch.int32).contiguous()
+    return t.to(torch.int64).contiguous()
+
+
+# ---------------------------------------------------------------------------- encode/decode
+def encode_shard(data: RoutingData, settings: dict) -> dict[str, torch.Tensor]:
+    """Turn a RoutingData into the named tensors of one shard, in the cache's storage form."""
+    storage, fdtype = settings["storage"], FLOAT_DTYPES[settings["dtype"]]
+    if data.topk_idx is None or data.topk_weight is None:
+        raise CacheError("routing to cache has no selected experts (topk_idx/topk_weight); the wrapper must fill them")
+    out: dict[str, torch.Tensor] = {}
+    if storage == "full":
+        if data.router_logits is None:
+            raise CacheError("storage='full' needs router logits, but this routing has none; use storage='compact'")
+        out["router_logits"] = data.router_logits.detach().cpu().to(fdtype).contiguous()
+    idx_dtype = torch.int16 if data.num_experts < 2**15 else torch.int32
+    out["topk_idx"] = data.topk_idx.detach().cpu().to(idx_dtype).contiguous()
+    out["topk_weight"] = data.topk_weight.detach().cpu().to(fdtype).contiguous()
+    for name in _META_FIELDS:
+        t = getattr(data, name)
+        if t is not None:
+            out[name] = _int_tensor(t)
+    for layer in settings.get("hidden_layers", []):
+        if layer not in data.hidden:
+            raise CacheError(f"hidden state of layer {layer} was asked for but the traced routing lacks it")
+        out[f"hidden.{layer}"] = data.hidden[layer].detach().cpu().to(fdtype).contiguous()
+    n = data.num_tokens
+    for name, t in out.items():
+        if t.shape[0] != n:
+            raise CacheError(f"field {name} has {t.shape[0]} tokens but the routing has {n}; the parts do not line up")
+    return out
+
+
+def decode_shard(tensors: dict[str, torch.Tensor], manifest: dict, dtype: torch.dtype | None) -> RoutingData:
+    """Rebuild a RoutingData from a shard's tensors: indices as long, floats as ``dtype``."""
+    kw: dict[str, Any] = {}
+    for name in TOKEN_FIELDS:
+        t = tensors.get(name)
+        if t is None:
+            continue
+        if t.is_floating_point():
+            kw[name] = t if dtype is None else t.to(dtype)
+        else:
+            kw[name] = t.long()
+    hidden = {}
+    for key, t in tensors.items():
+        if key.startswith("hidden."):
+            hidden[int(key.split(".", 1)[1])] = t if dtype is None else t.to(dtype)
+    return RoutingData(
+        moe_layers=list(manifest["moe_layers"]),
+        num_experts=int(manifest["num_experts"]),
+        top_k=int(manifest["top_k"]),
+        domain_names=list(manifest.get("domain_names", [])),
+        dataset_names=list(manifest.get("dataset_names", [])),
+        score_fn=manifest.get("score_fn") or "softmax",
+        hidden=hidden,
+        **kw,
+    )
+
+
+def validate_header(header: dict) -> None:
+    """Refuse settings the cache cannot store, before any work is done."""
+    settings = header.get("settings", {})
+    if settings.get("storage") not in STORAGE_MODES:
+        raise ValueError(f"storage must be one of {STORAGE_MODES}, got {settings.get('storage')!r}")
+    if settings.get("dtype") not in FLOAT_DTYPES:
+        raise ValueError(f"dtype must be one of {tuple(FLOAT_DTYPES)}, got {settings.get('dtype')!r}")
+    missing = [k for k in IDENTITY_KEYS if k not in header and k != "format_version"]
+    if missing:
+        raise ValueError(f"cache header lacks {missing}")
+
+
+# ---------------------------------------------------------------------------- writer
+class RoutingCacheWriter:
+    """Appends shards to a cache directory, resuming after the last committed shard.
+
+    ``header`` says what is being collected (see ``IDENTITY_KEYS``). Opening a directory
+    whose manifest has a different identity raises ``CacheMismatchError`` naming each
+    difference, unless ``force=True``, which discards the old cache. ``verify_existing``
+    re-checks the checksums of committed shards before resuming.
+    """
+
+    def __init__(self, cache_dir: str | os.PathLike, header: dict, *, force: bool = False, verify_existing: bool = False):
+        validate_header(header)
+        self.dir = Path(cache_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        header = {"format_version": FORMAT_VERSION, **header}
+        if force:
+            (self.dir / MANIFEST_NAME).unlink(missing_ok=True)
+        old = read_manifest(self.dir)
+        if old is not None:
+            diffs = identity_differences(old, header)
+            if diffs:
+                raise CacheMismatchError(
+                    f"cache at {self.dir} was collected differently: " + "; ".join(diffs)
+                    + " — use another cache directory or force=True to overwrite it"
+                )
+            self.manifest = old
+        else:
+            self.manifest = {
+                **header,
+                "shards": [],
+                "rows_done": 0,
+                "total_tokens": 0,
+                "complete": False,
+                "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            }
+        self._clean_uncommitted()
+        if old is not None:
+            self._check_committed(verify_existing)
+        # a new cache gets its manifest with its first shard: until then there is nothing to keep
+
+    # ----------------------------------------------------------------- state
+    @property
+    def next_row(self) -> int:
+        """First dataset row not yet in a committed shard: where collection resumes."""
+        return int(self.manifest["rows_done"])
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.manifest["complete"])
+
+    @property
+    def settings(self) -> dict:
+        return self.manifest["settings"]
+
+    def _clean_uncommitted(self) -> None:
+        """Remove partial writes and shard files the manifest never committed."""
+        committed = {s["file"] for s in self.manifest["shards"]}
+        for p in self.dir.iterdir():
+            ours = p.name.startswith("shard-") or p.name == MANIFEST_NAME + ".tmp"
+            if ours and (p.name.endswith(".tmp") or p.name not in committed):
+                p.unlink()
+
+    def _check_committed(self, verify: bool) -> None:
+        cache = RoutingCache(self.dir, self.manifest)
+        for i, s in enumerate(self.manifest["shards"]):
+            path = self.dir / s["file"]
+            if not path.exists() or path.stat().st_size != s["bytes"]:
+                raise CacheCorruptError(
+                    f"shard {s['file']} of {self.dir} is missing or has the wrong size; collect again with force=True"
+                )
+            if verify:
+                cache.load_shard(i, verify=True)
+
+    # ----------------------------------------------------------------- write
+    def write_shard(self, data: RoutingData, first_row: int, num_rows: int) -> dict:
+        """Commit the routing of rows ``[first_row, first_row + num_rows)`` as the next shard."""
+        if self.complete:
+            raise CacheError(f"cache at {self.dir} is already complete; nothing more can be appended")
+        if first_row != self.next_row:
+            raise CacheError(
+                f"shard starts at row {first_row} but the cache continues at row {self.next_row}; "
+                "rows would be duplicated or dropped"
+            )
+        if first_row + num_rows > self.manifest["num_rows"]:
+            raise CacheError(f"shard ends at row {first_row + num_rows}, past the dataset's {self.manifest['num_rows']} rows")
+        if data.num_tokens == 0:
+            pass  # an all-padding placeholder says nothing about the model's scoring
+        elif self.manifest.get("score_fn") is None:  # known for sure once routing is traced
+            self.manifest["score_fn"] = data.score_fn
+        elif data.score_fn != self.manifest["score_fn"]:
+            raise CacheError(f"routing scored with {data.score_fn!r} but the cache holds {self.manifest['score_fn']!r} routing")
+        tensors = encode_shard(data, self.settings)
+        # one metadata key only: safetensors does not keep key order, and shards must be byte-reproducible
+        payload = st_save(tensors, metadata={"rows": f"{first_row}:{first_row + num_rows}"})
+        name = shard_file_name(len(self.manifest["shards"]))
+        atomic_write_bytes(self.dir / name, payload)
+        entry = {
+            "file": name,
+            "first_row": first_row,
+            "num_rows": num_rows,
+            "num_tokens": data.num_tokens,
+            "bytes": len(payload),
+            "sha256": hashlib.sha256(payload).hexdigest(),
+        }
+        self.manifest["shards"].append(entry)
+        self.manifest["rows_done"] = first_row + num_rows
+        self.manifest["total_tokens"] += data.num_tokens
+        # the last shard also marks the cache complete, in the same atomic manifest write
+        self.manifest["complete"] = self.manifest["rows_done"] == self.manifest["num_rows"]
+        self._commit()
+        return entry
+
+    def finish(self) -> "RoutingCache":
+        """Mark the cache complete once every row is in; returns a reader over it."""
+        if self.next_row != self.manifest["num_rows"]:
+            raise CacheIncompleteError(
+                f"cache at {self.dir} holds rows [0, {self.next_row}) of {self.manifest['num_rows']}; cannot mark it complete"
+            )
+        if not self.complete or not (self.dir / MANIFEST_NAME).exists():  # e.g. a dataset of no rows
+            self.manifest["complete"] = True
+            self._commit()
+        return RoutingCache(self.dir, self.manifest)
+
+    def _commit(self) -> None:
+        self.manifest["updated_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        atomic_write_json(self.dir / MANIFEST_NAME, self.manifest)
+
+
+# ---------------------------------------------------------------------------- reader
+class RoutingCache:
+    """Read access to a routing cache, whole or shard by shard, for the analyzers."""
+
+    def __init__(self, cache_dir: str | os.PathLike, manifest: dict):
+        self.dir = Path(cache_dir)
+        self.manifest = manifest
+
+    @classmethod
+    def open(
+        cls, cache_dir: str | os.PathLike, *, allow_incomplete: bool = False, expect: dict | None = None
+    ) -> "RoutingCache":
+        """Open a cache; an unfinished one is refused unless ``allow_incomplete`` (read what is committed).
+
+        ``expect`` (e.g. ``{"model_name": ..., "revision": ..., "settings": {"storage": "full"}}``)
+        refuses a cache that differs in any key given, naming each difference.
+        """
+        manifest = read_manifest(Path(cache_dir))
+        if manifest is None:
+            raise CacheError(f"no routing cache at {cache_dir} (no {MANIFEST_NAME})")
+        if expect:
+            have = {k: ({kk: manifest.get(k, {}).get(kk) for kk in v} if isinstance(v, dict) else manifest.get(k))
+                    for k, v in expect.items()}
+            diffs = _describe_differences(have, expect, "")
+            if diffs:
+                raise CacheMismatchError(f"cache at {cache_dir} is not the one asked for: " + "; ".join(diffs))
+        if not manifest.get("complete") and not allow_incomplete:
+            raise CacheIncompleteError(
+                f"cache at {cache_dir} is incomplete ({manifest['rows_done']} of {manifest['num_rows']} rows); "
+                "run the collection again to resume it, or open with allow_incomplete=True"
+            )
+        return cls(cache_dir, manifest)
+
+    # ----------------------------------------------------------------- facts
+    @property
+    def num_tokens(self) -> int:
+        return int(self.manifest["total_tokens"])
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.manifest["shards"])
+
+    @property
+    def storage(self) -> str:
+        return self.manifest["settings"]["storage"]
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.manifest["complete"])
+
+    @property
+    def shard_paths(self) -> list[Path]:
+        return [self.dir / s["file"] for s in self.manifest["shards"]]
+
+    def bytes_on_disk(self) -> int:
+        return sum(int(s["bytes"]) for s in self.manifest["shards"])
+
+    def bytes_per_token(self) -> float:
+        return self.bytes_on_disk() / max(self.num_tokens, 1)
+
+    def __len__(self) -> int:
+        return self.num_tokens
+
+    def __repr__(self) -> str:
+        m = self.manifest
+        return (
+            f"RoutingCache({str(self.dir)!r}, model={m['model_name']!r}, revision={m['revision']!r}, "
+            f"dataset={m['dataset']!r}, storage={self.storage!r}, tokens={self.num_tokens}, shards={self.num_shards}, "
+            f"complete={self.complete})"
+        )
+
+    # ----------------------------------------------------------------- read
+    def _read_checked(self, i: int, verify: bool) -> bytes:
+        s = self.manifest["shards"][i]
+        path = self.dir / s["file"]
+        try:
+            payload = path.read_bytes()
+        except FileNotFoundError:
+            raise CacheCorruptError(
+                f"shard {s['file']} listed in {self.dir}/{MANIFEST_NAME} is missing; collect again with force=True"
+            ) from None
+        if len(payload) != s["bytes"] or (verify and hashlib.sha256(payload).hexdigest() != s["sha256"]):
+            raise CacheCorruptError(
+                f"shard {s['file']} of {self.dir} fails its checksum (corrupted on disk); "
+                "delete the cache and collect again (force=True)"
+            )
+        return payload
+
+    def load_shard(self, i: int, *, verify: bool = True, dtype: torch.dtype | None = torch.float32) -> RoutingData:
+        """Shard ``i`` as RoutingData; floats converted to ``dtype`` (None keeps the stored precision)."""
+        if not 0 <= i < self.num_shards:
+            raise IndexError(f"shard {i} out of range: the cache has {self.num_shards} shards")
+        payload = self._read_checked(i, verify)
+        try:
+            tensors = st_load(payload)
+        except Exception as e:  # a payload that passed its size check but not the parser
+            raise CacheCorruptError(f"shard {self.manifest['shards'][i]['file']} of {self.dir} cannot be parsed: {e}") from e
+        return decode_shard(tensors, self.manifest, dtype)
+
+    def iter_shards(self, *, verify: bool = True, dtype: torch.dtype | None = torch.float32) -> Iterator[RoutingData]:
+        """Stream the cache shard by shard: memory bounded by one shard."""
+        for i in range(self.num_shards):
+            yield self.load_shard(i, verify=verify, dtype=dtype)
+
+    def load(self, *, verify: bool = True, dtype: torch.dtype | None = torch.float32) -> RoutingData:
+        """The whole cache as one RoutingData (mind memory for long runs; prefer ``iter_shards``)."""
+        if self.num_shards == 0:
+            raise CacheError(f"cache at {self.dir} holds no shards yet")
+        return RoutingData.concat(list(self.iter_shards(verify=verify, dtype=dtype)))
+
+    def verify(self) -> None:
+        """Check every shard's size and checksum; raise CacheCorruptError naming all bad shards."""
+        bad = []
+        for i, s in enumerate(self.manifest["shards"]):
+            try:
+                self._read_checked(i, verify=True)
+            except CacheCorruptError:
+                bad.append(s["file"])
+        if bad:
+            raise CacheCorruptError(
+                f"{len(bad)} shard(s) of {self.dir} are missing or corrupted: {', '.join(bad)}; "
+                "delete the cache and collect again (force=True)"
+            )

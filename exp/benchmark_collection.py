@@ -1,0 +1,237 @@
+"""Benchmark routing collection against the model's own forward pass, and the cache's size.
+
+Collection (tracing every router with ``MoEModelWrapper.trace_routing`` and writing the
+cache) is timed against the plain HF forward with ``output_router_logits=True`` on the very
+same batches, in the same run: each batch goes through both back to back (alternating which
+goes first), so that a shared CPU slows both alike. The headline ratio sums, per batch, the
+fastest of the repeats (what the machine does without others' load); the median ratio of the
+paired passes is printed beside it. Prints tokens/s of each, their ratio (target >= 0.8), where the overhead goes
+(tracing vs. writing), and bytes per token on disk for each storage mode.
+
+    uv run python exp/benchmark_collection.py                # embedded model, ~1 min on CPU
+    uv run python exp/benchmark_collection.py --model tiny-olmoe --batch-size 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from core.activation_collector import DEFAULT_SHARD_TOKENS, ActivationCollector, TokenRows  # noqa: E402
+
+MODELS = ("default", "tiny-olmoe", "olmoe-shape")
+
+
+def build_model(name: str, models_dir: Path) -> tuple[torch.nn.Module | str, str]:
+    """The model to benchmark and a line saying what it is."""
+    if name == "default":
+        from core.moe_model import StudyMoeConfig, StudyMoeForCausalLM
+        from core.moe_training import DEFAULT_CONFIG, TrainConfig
+
+        cfg = TrainConfig.from_yaml(DEFAULT_CONFIG)
+        run_dir = models_dir / cfg.run_name
+        if (run_dir / "config.json").is_file():
+            return str(run_dir), f"embedded default model, trained ({run_dir})"
+        torch.manual_seed(0)
+        model = StudyMoeForCausalLM(StudyMoeConfig(
+            vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+            num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads, max_position_embeddings=max(512, cfg.seq_len),
+            num_experts=cfg.num_experts, num_experts_per_tok=cfg.top_k,
+        ))
+        return model.eval(), "embedded default model architecture with random weights (not trained yet; same speed)"
+    import transformers
+
+    if name == "tiny-olmoe":
+        cfg = transformers.OlmoeConfig(vocab_size=128, hidden_size=32, intermediate_size=16, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=4, num_experts=8, num_experts_per_tok=2,
+                                       pad_token_id=0, bos_token_id=1, eos_token_id=2)
+        what = "tiny random OLMoE (hidden 32, 2 layers, 8 experts, top-2)"
+    elif name == "olmoe-shape":
+        cfg = transformers.OlmoeConfig(vocab_size=4096, hidden_size=256, intermediate_size=128, num_hidden_layers=4,
+                                       num_attention_heads=4, num_key_value_heads=4, num_experts=64, num_experts_per_tok=8,
+                                       pad_token_id=0, bos_token_id=1, eos_token_id=2)
+        what = "random OLMoE with OLMoE's routing shape (64 experts, top-8), hidden 256, 4 layers"
+    else:
+        return name, f"{name} (loaded by MoEModelWrapper)"
+    cfg._experts_implementation = "eager"
+    torch.manual_seed(0)
+    return transformers.OlmoeForCausalLM(cfg).eval(), what
+
+
+def make_rows(vocab: int, rows: int, seq_len: int, seed: int = 0) -> TokenRows:
+    """Random token rows with realistic right padding (lengths between half and full)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (rows, seq_len), generator=g)
+    lengths = torch.randint(seq_len // 2, seq_len + 1, (rows,), generator=g)
+    mask = (torch.arange(seq_len)[None] < lengths[:, None]).long()
+    doc = torch.arange(rows)[:, None].expand(rows, seq_len).masked_fill(mask == 0, -1).clone()
+    return TokenRows(ids * mask, mask, doc_ids=doc, dataset_names=["random"], domain_names=["random"])
+
+
+class PairedReference:
+    """Wraps the wrapper so every traced batch also goes through the model's own forward.
+
+    The reference forward (``output_router_logits=True``) runs on the same batch right next to
+    the traced one, alternating which goes first; both are timed per batch and the reference
+    time is kept out of the collection's. On a shared CPU the load then hits both alike.
+    """
+
+    def __init__(self, wrapper):
+        self.wrapper = wrapper
+        self.reference: list[float] = []
+        self.trace: list[float] = []
+
+    def __getattr__(self, name):
+        return getattr(self.wrapper, name)
+
+    def _reference(self, input_ids, attention_mask) -> None:
+        start = time.perf_counter()
+        with torch.no_grad():
+            self.wrapper.hf_model(input_ids, attention_mask=attention_mask, output_router_logits=True)
+        self.reference.append(time.perf_counter() - start)
+
+    def trace_routing(self, input_ids, attention_mask=None, hidden_layers=()):
+        first = len(self.trace) % 2 == 0
+        if first:
+            self._reference(input_ids, attention_mask)
+        start = time.perf_counter()
+        out = self.wrapper.trace_routing(input_ids, attention_mask, hidden_layers=hidden_layers)
+        self.trace.append(time.perf_counter() - start)
+        if not first:
+            self._reference(input_ids, attention_mask)
+        return out
+
+
+def paired_run(wrapper, rows: TokenRows, batch_size: int, storage: str | None, shard_tokens: int) -> dict:
+    """One pass of collection (trace only when ``storage`` is None) with the paired reference.
+
+    Returns per-batch reference and trace seconds, and ``rest_s``: everything else the
+    collection spent (metadata, precision conversion, shard encoding, checksums, writes, fsync).
+    """
+    paired = PairedReference(wrapper)
+    collector = ActivationCollector(paired, progress=False)
+    out: dict = {}
+    start = time.perf_counter()
+    if storage is None:
+        for _ in collector.trace_batches(rows, batch_size=batch_size, float_dtype=torch.float16):
+            pass
+    else:
+        with tempfile.TemporaryDirectory(prefix="bench-cache-") as d:
+            cache = collector.collect(rows, d, batch_size=batch_size, storage=storage, shard_tokens=shard_tokens,
+                                      progress=False)
+            out.update(bytes_per_token=cache.bytes_per_token(), tokens=cache.num_tokens)
+    total = time.perf_counter() - start
+    out.update(reference=paired.reference, trace=paired.trace, rest_s=total - sum(paired.reference) - sum(paired.trace))
+    return out
+
+
+def best_of(runs: list[dict], key: str) -> float:
+    """Sum over batches of each batch's fastest time across repeats: the time without others' load."""
+    return sum(min(times) for times in zip(*(r[key] for r in runs), strict=True))
+
+
+def olmoe_bytes_per_token(layers: int = 16, experts: int = 64, k: int = 8) -> dict[str, int]:
+    """Shard bytes per token for OLMoE-1B-7B's shape (float16 logits/weights, int16 indices, 5 int32 labels)."""
+    labels = 5 * 4
+    compact = layers * k * (2 + 2) + labels
+    return {"full": compact + layers * experts * 2, "compact": compact}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="default",
+                   help=f"one of {MODELS} or a Hub name / local model folder (default: the embedded model)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--rows", type=int, default=32, help="rows of random tokens per repeat")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved repeats; per batch the fastest is kept")
+    p.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS, help="tokens per shard (the collector's default)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--models-dir", type=Path, default=REPO_ROOT / "models")
+    p.add_argument("--out", type=Path, default=None, help="also write the numbers as JSON here")
+    args = p.parse_args(argv)
+    if args.batch_size < 1 or args.rows < 1 or args.seq_len < 2 or args.repeats < 1:
+        p.error("--batch-size, --rows, --repeats must be >= 1 and --seq-len >= 2")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from core.model_wrapper import MoEModelWrapper
+
+    model, what = build_model(args.model, args.models_dir)
+    wrapper = MoEModelWrapper(model)
+    vocab = int(wrapper.hf_model.config.vocab_size)
+    rows = make_rows(vocab, args.rows, args.seq_len)
+    tokens = int(rows.attention_mask.sum())
+    print(f"model: {what}")
+    print(f"  MoE layers {wrapper.moe_layers}, {wrapper.num_experts} experts, top-{wrapper.top_k}; "
+          f"{args.rows} rows x {args.seq_len} (batch {args.batch_size}), {tokens} non-padding tokens; "
+          f"{torch.get_num_threads()} CPU threads")
+
+    warm = TokenRows(rows.input_ids[: args.batch_size], rows.attention_mask[: args.batch_size])
+    paired_run(wrapper, warm, args.batch_size, None, args.shard_tokens)
+
+    modes = {"trace": None, "full": "full", "compact": "compact"}
+    runs: dict[str, list[dict]] = {k: [] for k in modes}
+    for _ in tqdm(range(args.repeats), desc="benchmark", unit="repeat"):
+        for key, storage in modes.items():
+            r = paired_run(wrapper, rows, args.batch_size, storage, args.shard_tokens)
+            if storage is not None and r["tokens"] != tokens:
+                raise RuntimeError(f"cache holds {r['tokens']} tokens, expected {tokens}")
+            runs[key].append(r)
+
+    # best-of-repeats estimate (robust to a shared CPU) and the median of the paired per-pass ratios
+    all_runs = [r for k in modes for r in runs[k]]
+    ref_s = best_of(all_runs, "reference")
+    trace_s = best_of(all_runs, "trace")  # tracing is the same work in every mode: use every sample
+    seconds = {k: trace_s + min(r["rest_s"] for r in runs[k]) for k in modes}
+    ratio = {k: ref_s / seconds[k] for k in modes}
+    paired = {k: [sum(r["reference"]) / (sum(r["trace"]) + r["rest_s"]) for r in runs[k]] for k in modes}
+    trace_over = trace_s - ref_s
+    write_s = min(r["rest_s"] for r in runs["full"])
+    bpt = {k: runs[k][0]["bytes_per_token"] for k in ("full", "compact")}
+    result = {
+        "model": what, "batch_size": args.batch_size, "seq_len": args.seq_len, "tokens": tokens,
+        "threads": torch.get_num_threads(), "repeats": args.repeats,
+        "tokens_per_s": {"reference": tokens / ref_s, **{k: tokens / seconds[k] for k in modes}},
+        "ratio_vs_forward": ratio, "paired_ratio_median": {k: statistics.median(v) for k, v in paired.items()},
+        "paired_ratio_per_repeat": paired,
+        "bytes_per_token": bpt, "olmoe_1b_7b_bytes_per_token": olmoe_bytes_per_token(),
+        "overhead_s": {"tracing": trace_over, "writing": write_s, "reference": ref_s},
+    }
+    print(f"\n{'':28}{'tokens/s':>10}{'ratio':>8}{'paired median':>15}   paired per repeat")
+    print(f"{'model forward (reference)':28}{tokens / ref_s:10.0f}{1.0:8.2f}")
+    for label, key in [("trace only (no cache)", "trace"), ("collect, full storage", "full"),
+                       ("collect, compact storage", "compact")]:
+        per = ", ".join(f"{x:.2f}" for x in paired[key])
+        print(f"{label:28}{tokens / seconds[key]:10.0f}{ratio[key]:8.2f}{statistics.median(paired[key]):15.2f}   {per}")
+    print(f"\nratio collection/forward, full storage: {ratio['full']:.2f} (best of {args.repeats} per batch), "
+          f"{statistics.median(paired['full']):.2f} (median of paired passes); target >= 0.80")
+    print(f"overhead per pass of {tokens} tokens over the forward's {ref_s:.3f} s: "
+          f"tracing {trace_over:+.3f} s, cache writing {write_s:+.3f} s")
+    print(f"bytes per token on disk: full {bpt['full']:.1f}, compact {bpt['compact']:.1f}")
+    ob = result["olmoe_1b_7b_bytes_per_token"]
+    print(f"  (OLMoE-1B-7B shape, 16 layers x 64 experts, top-8: full {ob['full']} B/token, compact {ob['compact']} B/token)")
+    if ratio["full"] < 0.8:
+        print(f"below target: tracing (nnsight interleaving, reading the experts' inputs) costs {trace_over:.3f} s "
+              f"and writing {write_s:.3f} s per pass")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+        print(f"wrote {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""The on-disk routing cache: exact round trip, checksums, identity checks, atomic commits."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from core.routing_cache import (
+    CacheCorruptError,
+    CacheError,
+    CacheIncompleteError,
+    CacheMismatchError,
+    RoutingCache,
+    RoutingCacheWriter,
+)
+from tests.test_collector_fakes import FakeWrapper, make_rows
+
+
+def header(**over):
+    h = {
+        "model_name": "fake/moe",
+        "revision": "r1",
+        "dataset": "toy",
+        "settings": {"storage": "full", "dtype": "float32", "batch_size": 4, "hidden_layers": [2]},
+        "moe_layers": [0, 2],
+        "num_experts": 8,
+        "top_k": 2,
+        "score_fn": "softmax",
+        "domain_names": ["general", "math"],
+        "dataset_names": ["toy"],
+        "num_rows": 2,
+        "data_fingerprint": "abc",
+    }
+    h.update(over)
+    return h
+
+
+def routing(hidden=(2,)):
+    rows = make_rows(2, 9)
+    rd = FakeWrapper().trace_routing(rows.input_ids, rows.attention_mask, hidden_layers=hidden)
+    rd.doc_ids = rows.doc_ids[rows.attention_mask.bool()]
+    rd.domain_names, rd.dataset_names = ["general", "math"], ["toy"]
+    return rd
+
+
+def write(tmp_path, rd, **over):
+    w = RoutingCacheWriter(tmp_path, header(**over))
+    w.write_shard(rd.select(slice(0, 9)), 0, 1)
+    w.write_shard(rd.select(slice(9, None)), 1, 1)
+    return w.finish()
+
+
+def test_round_trip_is_exact_in_float32(tmp_path):
+    rd = routing()
+    cache = write(tmp_path, rd)
+    back = RoutingCache.open(tmp_path).load()
+    assert cache.num_tokens == rd.num_tokens == back.num_tokens
+    for name in ("router_logits", "topk_idx", "topk_weight", "token_ids", "positions", "doc_ids"):
+        assert torch.equal(getattr(back, name), getattr(rd, name)), name
+    assert back.topk_idx.dtype == torch.long
+    assert torch.equal(back.hidden[2], rd.hidden[2])
+    assert (back.moe_layers, back.num_experts, back.top_k, back.score_fn) == ([0, 2], 8, 2, "softmax")
+    assert back.domain_names == ["general", "math"]
+
+
+def test_float16_and_compact_storage(tmp_path):
+    rd = routing(hidden=())
+    settings = {"storage": "full", "dtype": "float16", "batch_size": 4, "hidden_layers": []}
+    full = write(tmp_path / "full", rd, settings=settings)
+    back = full.load(dtype=None)
+    assert back.router_logits.dtype == torch.float16
+    assert torch.equal(back.router_logits, rd.router_logits.half())
+    assert torch.equal(back.topk_weight, rd.topk_weight.half())
+    compact = write(tmp_path / "compact", rd, settings={**settings, "storage": "compact"})
+    c = compact.load()
+    assert c.router_logits is None and torch.equal(c.topk_idx, rd.topk_idx)
+    assert compact.bytes_per_token() < full.bytes_per_token()
+    assert len(list(compact.iter_shards())) == 2
+
+
+def test_corrupted_shard_is_detected(tmp_path):
+    write(tmp_path, routing())
+    shard = tmp_path / "shard-00001.safetensors"
+    payload = bytearray(shard.read_bytes())
+    payload[-3] ^= 0xFF  # flip bits inside the tensor data, same size
+    shard.write_bytes(bytes(payload))
+    cache = RoutingCache.open(tmp_path)
+    cache.load_shard(0)  # the good shard still reads
+    with pytest.raises(CacheCorruptError, match="shard-00001"):
+        cache.load_shard(1)
+    with pytest.raises(CacheCorruptError, match="shard-00001.safetensors"):
+        cache.verify()
+    (tmp_path / "shard-00000.safetensors").unlink()
+    with pytest.raises(CacheCorruptError, match="missing"):
+        cache.load_shard(0)
+
+
+def test_mismatched_cache_is_refused_naming_what_differs(tmp_path):
+    w = RoutingCacheWriter(tmp_path, header())
+    w.write_shard(routing().select(slice(0, 9)), 0, 1)
+    with pytest.raises(CacheMismatchError, match="revision: cache has 'r1', you asked for 'r2'") as e:
+        RoutingCacheWriter(tmp_path, header(revision="r2"))
+    assert "settings" not in str(e.value)
+    bad_settings = header(settings={**header()["settings"], "storage": "compact"})
+    with pytest.raises(CacheMismatchError, match="settings.storage: cache has 'full', you asked for 'compact'"):
+        RoutingCacheWriter(tmp_path, bad_settings)
+    # force discards the old cache and starts over
+    w2 = RoutingCacheWriter(tmp_path, header(revision="r2"), force=True)
+    assert w2.next_row == 0 and not (tmp_path / "shard-00000.safetensors").exists()
+
+
+def test_incomplete_cache_refused_unless_asked_and_resume_point(tmp_path):
+    rd = routing()
+    w = RoutingCacheWriter(tmp_path, header())
+    w.write_shard(rd.select(slice(0, 9)), 0, 1)
+    with pytest.raises(CacheIncompleteError, match="1 of 2 rows"):
+        RoutingCache.open(tmp_path)
+    assert RoutingCache.open(tmp_path, allow_incomplete=True).num_tokens == 9
+    with pytest.raises(CacheIncompleteError):
+        w.finish()
+    # an uncommitted shard file and a stale .tmp are removed when the writer reopens
+    (tmp_path / "shard-00001.safetensors").write_bytes(b"half written")
+    (tmp_path / "shard-00001.safetensors.tmp").write_bytes(b"half")
+    w2 = RoutingCacheWriter(tmp_path, header())
+    assert w2.next_row == 1
+    assert not (tmp_path / "shard-00001.safetensors").exists()
+    assert not list(tmp_path.glob("*.tmp"))
+    with pytest.raises(CacheError, match="duplicated or dropped"):
+        w2.write_shard(rd.select(slice(9, None)), 0, 1)
+
+
+def test_manifest_lists_checksums_and_counts(tmp_path):
+    write(tmp_path, routing())
+    m = json.loads((tmp_path / "manifest.json").read_text())
+    assert m["complete"] and m["total_tokens"] == sum(s["num_tokens"] for s in m["shards"])
+    assert all(len(s["sha256"]) == 64 and s["bytes"] > 0 for s in m["shards"])
+    with pytest.raises(CacheError, match="no routing cache"):
+        RoutingCache.open(tmp_path / "nowhere")
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(CacheCorruptError, match="not valid JSON"):
+        RoutingCache.open(tmp_path)
+
+
+def test_open_with_expectations(tmp_path):
+    write(tmp_path, routing())
+    assert RoutingCache.open(tmp_path, expect={"revision": "r1", "settings": {"storage": "full"}}).num_tokens > 0
+    with pytest.raises(CacheMismatchError, match="model_name: cache has 'fake/moe', you asked for 'other'"):
+        RoutingCache.open(tmp_path, expect={"model_name": "other"})
+    with pytest.raises(CacheMismatchError, match="settings.dtype"):
+        RoutingCache.open(tmp_path, expect={"settings": {"dtype": "float16"}})
