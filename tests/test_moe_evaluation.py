@@ -1,0 +1,93 @@
+"""Metrics of the own-MoE trainer and its tokenizer, against known answers."""
+
+import math
+
+import pytest
+import torch
+
+from core.moe_evaluation import routing_accuracy, unigram_cross_entropy, utilization
+from core.moe_training import TrainConfig, checkpoint_steps, learning_rate, split_documents
+from core.tokenizer_training import train_bpe_tokenizer
+from data.documents import Document
+
+
+def test_utilization_shares_selections():
+    idx = torch.tensor([[0, 1], [0, 2], [0, 1]])
+    assert utilization(idx, 4).tolist() == pytest.approx([0.5, 2 / 6, 1 / 6, 0.0])
+
+
+def test_routing_accuracy_separable_and_chance():
+    # domain 0 always uses expert 0, domain 1 expert 1; documents alternate train/test by parity
+    domains = torch.tensor([0, 0, 1, 1, 0, 0, 1, 1, 1, 1])
+    docs = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 9, 11])
+    selected = torch.nn.functional.one_hot(domains, 2)
+    acc, chance = routing_accuracy(selected, domains, docs)
+    assert acc == 1.0
+    assert chance == pytest.approx(4 / 6)  # test half: docs 1,3,5,7,9,11 -> domains 0,1,0,1,1,1
+    uninformative = torch.ones(10, 2)
+    acc, _ = routing_accuracy(uninformative, domains, docs)
+    assert acc == pytest.approx(chance) or acc == pytest.approx(1 - chance)
+
+
+def test_routing_accuracy_without_two_domains_is_nan():
+    acc, chance = routing_accuracy(torch.ones(4, 3), torch.zeros(4, dtype=torch.long), torch.arange(4))
+    assert math.isnan(acc) and math.isnan(chance)
+    with pytest.raises(ValueError, match="one row per token"):
+        routing_accuracy(torch.ones(4, 3), torch.zeros(3, dtype=torch.long), torch.arange(4))
+
+
+def test_unigram_cross_entropy_known_value():
+    # add-one counts [3, 2] -> p = [0.6, 0.4]
+    ce = unigram_cross_entropy(torch.tensor([0, 0, 1]), torch.tensor([0, 1]), vocab_size=2)
+    assert ce == pytest.approx(-(math.log(0.6) + math.log(0.4)) / 2)
+
+
+def test_checkpoint_steps_are_geometric_and_dense_early():
+    assert checkpoint_steps(600, 7) == [0, 9, 19, 38, 75, 150, 300, 600]
+    assert checkpoint_steps(3, 4) == [0, 1, 2, 3]
+    with pytest.raises(ValueError):
+        checkpoint_steps(0, 3)
+
+
+def test_learning_rate_warmup_and_cosine_floor():
+    cfg = TrainConfig(steps=110, warmup_steps=10, lr=1.0, min_lr_ratio=0.1)
+    assert learning_rate(0, cfg) == pytest.approx(0.1)
+    assert learning_rate(9, cfg) == pytest.approx(1.0)
+    assert learning_rate(10, cfg) == pytest.approx(1.0)
+    assert learning_rate(60, cfg) == pytest.approx(0.55)
+    assert learning_rate(110, cfg) == pytest.approx(0.1)
+
+
+def test_train_config_rejects_unknown_and_bad_values(tmp_path):
+    with pytest.raises(ValueError, match="unknown training config keys"):
+        TrainConfig.from_dict({"stepz": 3})
+    with pytest.raises(ValueError, match="val_fraction"):
+        TrainConfig.from_dict({"val_fraction": 0.6, "test_fraction": 0.5})
+    with pytest.raises(ValueError, match="top_k"):
+        TrainConfig.from_dict({"num_experts": 4, "top_k": 5})
+    with pytest.raises(ValueError, match="routing"):
+        TrainConfig.from_dict({"routing": "hash"})
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        TrainConfig.from_yaml(tmp_path / "nope.yaml")
+
+
+def test_split_documents_keeps_every_domain_in_every_split():
+    docs = [Document(f"t{i}", "a" if i < 20 else "b", "general" if i < 20 else "code", i) for i in range(40)]
+    train, val, test = split_documents(docs, 0.1, 0.2, seed=0)
+    assert len(val) == 4 and len(test) == 8 and len(train) == 28
+    for part in (train, val, test):
+        assert {d.domain for d in part} == {"general", "code"}
+    assert len({d.doc_id for d in train + val + test}) == 40
+
+
+def test_bpe_tokenizer_roundtrips_and_has_specials():
+    texts = ["def add(a, b):\n    return a + b\n", "Alice was beginning to get very tired.", "12 + 30 = 42"] * 20
+    tok = train_bpe_tokenizer(texts, vocab_size=300)
+    assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id) == (0, 1, 2)
+    assert len(tok) <= 300
+    unseen = "Ünïcode ✓ text that was never seen"
+    assert tok.decode(tok(unseen)["input_ids"]) == unseen
+    with pytest.raises(ValueError, match="vocab_size"):
+        train_bpe_tokenizer(texts, vocab_size=100)
+    with pytest.raises(ValueError, match="empty corpus"):
+        train_bpe_tokenizer([], vocab_size=300)
