@@ -1,0 +1,203 @@
+"""The main experiment: trace, cache and analyse how an MoE routes tokens, and write one report.
+
+    uv run exp/basic_routing_analysis.py                      # offline, the embedded model
+    uv run exp/basic_routing_analysis.py --model allenai/OLMoE-1B-7B-0924 \\
+        --datasets fineweb,gsm8k,humaneval --checkpoints auto --device cuda --dtype bfloat16 --wandb
+
+Stages: model and checkpoints (``exp.collection``), routing caches (reused across runs),
+analyses (``exp.analysis_suite``), findings (``exp.findings``), report (``viz.run_report``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from exp.run_options import OptionsError, RunOptions, make_options, parse_options  # noqa: E402
+
+
+@dataclass
+class RunSummary:
+    """Where a run wrote its outputs, and its headline numbers."""
+
+    run_dir: Path
+    report: Path
+    metrics: Path
+    headline: dict[str, Any]
+    findings: list[str]
+    warnings: list[str]
+    seconds: float
+    wandb_dir: Path | None = None
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _run_name(opts: RunOptions, model_name: str) -> str:
+    from core.checkpoints import model_slug
+
+    name = model_slug(model_name)
+    return opts.run_name or (name + ("-micro" if opts.micro and "micro" not in name else ""))
+
+
+class BasicRoutingAnalysis:
+    """The seed's experiment object: ``BasicRoutingAnalysis(model_name=..., use_wandb=..., wandb_project=...).run()``.
+
+    Any other option of :class:`exp.run_options.RunOptions` may be passed as a keyword.
+    """
+
+    def __init__(self, model_name: str | None = None, use_wandb: bool = False, wandb_project: str = "moe-routing-study",
+                 options: RunOptions | None = None, **kwargs: Any) -> None:
+        if options is None:
+            options = make_options(model=model_name, wandb=use_wandb, wandb_project=wandb_project, **kwargs)
+        self.options = options
+
+    def run(self) -> RunSummary:
+        """Do the whole job; returns where the report is."""
+        from exp.analysis_suite import run_analyses
+        from exp.collection import collect_all, load_tokenized, open_wrapper, resolve_model, router_weights_over_checkpoints
+        from exp.findings import findings, headline_numbers, warnings_of
+
+        opts = self.options
+        t0 = time.perf_counter()
+        say = print if opts.progress else (lambda *a, **k: None)
+        target = resolve_model(opts)
+        say(f"[1/4] model {target.name}: {len(target.checkpoints)} checkpoint(s): {', '.join(c.name for c in target.checkpoints)}")
+        wrapper = open_wrapper(target, target.final, opts)
+        if wrapper.tokenizer is None:
+            raise OptionsError(f"model {target.name} has no tokenizer to turn the datasets into tokens")
+        tokenized = load_tokenized(opts, wrapper.tokenizer)
+        say(f"[2/4] collecting routing on {', '.join(f'{n} ({t.num_tokens} tokens)' for n, t in tokenized.items())}")
+        sweep = collect_all(opts, target, tokenized, final_wrapper=wrapper)
+        weights = router_weights_over_checkpoints(opts, target)
+        say("[3/4] analysing")
+        results = run_analyses(wrapper, sweep, weights, tokenized, ablation=opts.ablation, ablation_tokens=opts.ablation_tokens,
+                               collaboration=opts.collaboration, micro=opts.micro, progress=opts.progress)
+        results.model.update({"checkpoints": [c.name for c in target.checkpoints], "embedded": target.embedded})
+        headline, found, warns = headline_numbers(results), findings(results), warnings_of(results)
+
+        run_dir = Path(opts.results_dir) / _run_name(opts, target.name)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        say(f"[4/4] writing {run_dir}")
+        metrics = {"options": opts.to_dict(), "headline": headline, "findings": found, "warnings": warns, **results.to_dict()}
+        metrics_path = run_dir / "metrics.json"
+        _atomic_write_text(metrics_path, json.dumps(metrics, indent=1, default=_json_default, allow_nan=False))
+        report_path, figs = self._write_report(run_dir, results, target, tokenized, wrapper, found, warns)
+        wandb_dir = self._log_wandb(run_dir, metrics, headline, figs, report_path) if opts.wandb else None
+        seconds = time.perf_counter() - t0
+        summary = RunSummary(run_dir=run_dir, report=report_path, metrics=metrics_path, headline=headline, findings=found,
+                             warnings=warns, seconds=seconds, wandb_dir=wandb_dir)
+        _atomic_write_text(run_dir / "summary.md", _summary_markdown(summary, target.name))
+        return summary
+
+    def _write_report(self, run_dir: Path, results: Any, target: Any, tokenized: dict, wrapper: Any,
+                      found: list[str], warns: list[str]) -> tuple[Path, dict]:
+        from viz.run_report import build_report
+
+        tok = wrapper.tokenizer
+        summary = {
+            "model": target.name,
+            "revision": target.revision or target.final.name,
+            "family": results.model.get("family"),
+            "MoE layers": results.model.get("moe_layers"),
+            "experts / top-k": f"{results.model.get('num_experts')} / {results.model.get('top_k')}",
+            "datasets": ", ".join(results.datasets),
+            "tokens": ", ".join(f"{n}: {c}" for n, c in results.tokens.items()),
+            "checkpoints": ", ".join(c["name"] for c in results.checkpoints),
+        }
+        report, figs = build_report(results, summary, found, warns, decode=lambda t: tok.decode([t]),
+                                    title=f"MoE routing report: {target.name}")
+        return report.write(run_dir), figs
+
+    def _log_wandb(self, run_dir: Path, metrics: dict, headline: dict, figs: dict, report: Path) -> Path:
+        from viz.wandb_logger import WandbLogger
+
+        logger = WandbLogger(self.options.wandb_project, run_dir, name=run_dir.name, config=self.options.to_dict())
+        logger.log_summary({k: v for k, v in _flat(headline).items()})
+        for name, fig in figs.items():
+            logger.log_figure(f"figures/{name}", fig)
+        logger.log_file(report)
+        logger.log_file(run_dir / "metrics.json")
+        return logger.finish()
+
+
+def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "/"))
+        elif isinstance(v, (int, float)):
+            out[key] = v
+        elif isinstance(v, list) and all(isinstance(x, (int, float)) for x in v):
+            out.update({f"{key}/{i}": x for i, x in enumerate(v)})
+    return out
+
+
+def _json_default(o: Any) -> Any:
+    import numpy as np
+
+    if isinstance(o, np.ndarray):
+        return np.where(np.isfinite(o), o, None).tolist() if o.dtype.kind == "f" else o.tolist()
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o) if np.isfinite(o) else None
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serializable: {type(o).__name__}")
+
+
+def _summary_markdown(s: RunSummary, model: str) -> str:
+    lines = [f"# Routing analysis of {model}", "", f"Report: [{s.report.name}]({s.report.name})  ", f"Metrics: [{s.metrics.name}]({s.metrics.name})",
+             "", "## Findings", ""] + [f"- {f}" for f in s.findings]
+    if s.warnings:
+        lines += ["", "## Warnings", ""] + [f"- {w}" for w in s.warnings]
+    lines += ["", f"Run time: {s.seconds:.1f} s"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    from core.model_wrapper import ModelLoadError
+    from core.moe_discovery import NoRoutersError
+
+    try:
+        opts = parse_options(argv)
+        summary = BasicRoutingAnalysis(options=opts).run()
+    except (OptionsError, ModelLoadError, NoRoutersError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # a data or cache error from deeper down: one line, not a stack trace
+        from core.routing_cache import CacheError
+        from data import DataError
+
+        if isinstance(e, (CacheError, DataError)):
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        raise
+    print()
+    print(f"Done in {summary.seconds:.1f} s.")
+    for f in summary.findings:
+        print(f"- {f}")
+    for w in summary.warnings:
+        print(f"! {w}")
+    print(f"\nReport: {summary.report.resolve()}")
+    print(f"Summary: {(summary.run_dir / 'summary.md').resolve()}")
+    if summary.wandb_dir:
+        print(f"W&B run: {summary.wandb_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""Options of the main routing-analysis run: defaults, a YAML file in configs/, then the command line.
+
+The command line overrides the YAML file, which overrides the defaults, so a researcher keeps
+a config per study (``configs/olmoe.yaml``) and tweaks one flag at a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class RunOptions:
+    """Everything that decides what a run computes (and so which caches it may reuse)."""
+
+    model: str | None = None  # None: the embedded default model, trained on the bundled corpus if missing
+    revision: str | None = None
+    checkpoints: list[str] = field(default_factory=list)  # revisions to sweep; "auto" = all of a local run / a log-spaced subset on the Hub
+    max_checkpoints: int = 8
+    datasets: list[str] = field(default_factory=lambda: ["wikitext2", "gsm8k", "humaneval"])
+    offline: bool | None = None  # bundled corpora only; None: offline for the embedded model, the Hub for others
+    num_samples: int = 200  # documents per dataset
+    max_tokens: int = 40_000  # tokens collected per dataset (after tokenization)
+    max_length: int = 128
+    batch_size: int = 16
+    storage: str = "full"  # "full" (logits fp16) or "compact" (indices and weights only)
+    device: str = "cpu"
+    dtype: str | None = None
+    trust_remote_code: bool = False
+    seed: int = 0
+    run_name: str | None = None
+    results_dir: str = "results"
+    cache_dir: str | None = None  # default: <results_dir>/cache
+    models_dir: str = "models"
+    ablation: bool = True
+    ablation_tokens: int = 4_000  # tokens per dataset for the ablation forward passes
+    collaboration: bool = True
+    wandb: bool = False
+    wandb_project: str = "moe-routing-study"
+    progress: bool = True
+    micro: bool = False  # tiny everything: for tests and smoke runs
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class OptionsError(ValueError):
+    """A config file or flag is wrong; the message says which."""
+
+
+def _split_list(value: str | list[str] | None) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, list):
+        return [str(v) for v in value]
+    return [v.strip() for v in str(value).split(",") if v.strip()]
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.exists() and not p.is_absolute() and (REPO_ROOT / "configs" / p.name).exists():
+        p = REPO_ROOT / "configs" / p.name
+    if not p.exists():
+        raise OptionsError(f"config file {path} does not exist (configs are in {REPO_ROOT / 'configs'})")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise OptionsError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise OptionsError(f"config file {p} must hold a mapping of option: value")
+    known = {f.name for f in fields(RunOptions)}
+    unknown = sorted(set(k.replace("-", "_") for k in data) - known)
+    if unknown:
+        raise OptionsError(f"config file {p}: unknown options {unknown}; known: {sorted(known)}")
+    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="basic_routing_analysis.py",
+        description="Trace, cache and analyse how an MoE language model routes tokens; writes results/<run>/ "
+        "with metrics, figures and an HTML report. With no arguments it runs offline on the toolkit's "
+        "embedded MoE (trained on the bundled corpus the first time).",
+    )
+    ap.add_argument("--config", help="YAML file of options (see configs/); flags override it")
+    ap.add_argument("--model", help="Hub name or local directory (default: the embedded model)")
+    ap.add_argument("--revision", help="model revision (branch, tag or commit)")
+    ap.add_argument("--checkpoints", help="comma-separated revisions to study over training, or 'auto'")
+    ap.add_argument("--max-checkpoints", type=int, help="at most this many checkpoints with --checkpoints auto")
+    ap.add_argument("--datasets", help="comma-separated dataset names (e.g. fineweb,gsm8k,humaneval)")
+    ap.add_argument("--offline", action="store_true", default=None, help="use only the bundled corpora (default for the embedded model)")
+    ap.add_argument("--num-samples", type=int, help="documents per dataset")
+    ap.add_argument("--max-tokens", type=int, help="tokens collected per dataset")
+    ap.add_argument("--max-length", type=int, help="tokens per sequence")
+    ap.add_argument("--batch-size", type=int)
+    ap.add_argument("--storage", choices=["full", "compact"], help="cache router logits (full) or only selections (compact)")
+    ap.add_argument("--device", help="cpu, cuda, cuda:1, ...")
+    ap.add_argument("--dtype", help="float32, bfloat16, float16 or auto")
+    ap.add_argument("--trust-remote-code", action="store_true", default=None)
+    ap.add_argument("--seed", type=int)
+    ap.add_argument("--run-name", help="name of results/<run>/ (default: derived from model and options)")
+    ap.add_argument("--results-dir")
+    ap.add_argument("--cache-dir", help="where routing caches live (default: <results-dir>/cache)")
+    ap.add_argument("--models-dir", help="where the embedded model is trained and kept")
+    ap.add_argument("--no-ablation", dest="ablation", action="store_false", default=None, help="skip the causal ablation")
+    ap.add_argument("--no-collaboration", dest="collaboration", action="store_false", default=None, help="skip dictionary learning")
+    ap.add_argument("--wandb", action="store_true", default=None, help="log to Weights & Biases (offline without an API key)")
+    ap.add_argument("--wandb-project")
+    ap.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    ap.add_argument("--micro", action="store_true", default=None, help="tiny sizes everywhere (smoke test)")
+    return ap
+
+
+LIST_OPTIONS = ("checkpoints", "datasets")
+
+
+def parse_options(argv: list[str] | None = None) -> RunOptions:
+    """Defaults < YAML (``--config``) < flags."""
+    args = vars(build_parser().parse_args(argv))
+    config = args.pop("config")
+    merged: dict[str, Any] = load_yaml(config) if config else {}
+    merged.update({k: v for k, v in args.items() if v is not None})
+    return make_options(**merged)
+
+
+def make_options(**kwargs: Any) -> RunOptions:
+    """RunOptions from keyword values, with lists given as lists or comma-separated strings."""
+    known = {f.name for f in fields(RunOptions)}
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        raise OptionsError(f"unknown options {unknown}")
+    for name in LIST_OPTIONS:
+        if name in kwargs:
+            kwargs[name] = _split_list(kwargs[name])
+    opts = RunOptions(**kwargs)
+    if opts.micro:
+        opts.num_samples = min(opts.num_samples, 12)
+        opts.max_tokens = min(opts.max_tokens, 1_500)
+        opts.max_length = min(opts.max_length, 64)
+        opts.ablation_tokens = min(opts.ablation_tokens, 300)
+        opts.max_checkpoints = min(opts.max_checkpoints, 3)
+    if opts.storage not in ("full", "compact"):
+        raise OptionsError(f"storage must be 'full' or 'compact', not {opts.storage!r}")
+    if not opts.datasets:
+        raise OptionsError("no datasets given")
+    return opts

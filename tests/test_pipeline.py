@@ -1,0 +1,113 @@
+"""The main experiment end to end at micro size: every artifact exists, is well formed, and a rerun reuses caches."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from exp.basic_routing_analysis import BasicRoutingAnalysis, main
+from exp.run_options import OptionsError, parse_options
+
+REPO = Path(__file__).resolve().parents[1]
+EXPECTED_ANALYSES = [
+    "routing_stats", "routing_stats_by_dataset", "correlation_topk", "correlation_probs", "correlation_by_dataset",
+    "correlation_difference", "coactivation", "routing_paths", "domain_specialization", "vocabulary_specialization",
+    "routing_consistency", "router_similarity", "router_subspaces", "expert_alignment", "checkpoint_dynamics",
+    "router_drift", "collaboration", "ablation",
+]
+
+
+@pytest.fixture(scope="module")
+def micro_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    kwargs = dict(micro=True, results_dir=str(root / "results"), models_dir=str(root / "models"), progress=False, run_name="micro")
+    first = BasicRoutingAnalysis(use_wandb=True, wandb_project="moe-routing-study-test", **kwargs).run()
+    manifests = {p: p.stat().st_mtime_ns for p in (root / "results" / "cache").rglob("manifest.json")}
+    second = BasicRoutingAnalysis(**kwargs).run()
+    return root, first, second, manifests
+
+
+def test_every_artifact_exists_and_is_well_formed(micro_run):
+    root, first, _, _ = micro_run
+    run_dir = root / "results" / "micro"
+    assert first.run_dir == run_dir
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    for name in EXPECTED_ANALYSES:
+        assert name in metrics, f"{name} missing from metrics.json"
+    assert metrics["datasets"] == ["wikitext2", "gsm8k", "humaneval"]
+    assert set(metrics["domain_specialization"]["group_names"]) == {"general", "math", "code"}
+    assert len(metrics["checkpoints"]) >= 3 and metrics["headline"]["tokens"] > 0
+    sat = metrics["headline"]["saturation"]
+    assert list(sat.values())[-1] == pytest.approx(1.0), "the final checkpoint saturates against itself"
+    html = (run_dir / "report.html").read_text()
+    assert html.count('class="plotly-graph-div') >= 15
+    assert "<script src=\"http" not in html
+    data_files = list((run_dir / "data").iterdir())
+    assert len(data_files) >= 15 and all(f.stat().st_size > 0 for f in data_files)
+    summary = (run_dir / "summary.md").read_text()
+    assert "report.html" in summary and "Findings" in summary
+    assert first.findings and any("Domain specialization" in f for f in first.findings)
+
+
+def test_wandb_offline_run_holds_what_was_logged(micro_run):
+    from viz.wandb_logger import read_offline_run
+
+    _, first, _, _ = micro_run
+    assert first.wandb_dir is not None and first.wandb_dir.exists()
+    logged = read_offline_run(first.wandb_dir)
+    text = json.dumps(logged, default=str)
+    assert "tokens" in text and "figures/utilization" in text
+
+
+def test_second_run_reuses_every_cache(micro_run):
+    root, first, second, manifests = micro_run
+    assert manifests, "the first run wrote no cache"
+    for path, mtime in manifests.items():
+        assert path.stat().st_mtime_ns == mtime, f"{path} was rewritten by the second run"
+    assert second.headline["tokens"] == first.headline["tokens"]
+    assert second.headline["saturation"] == first.headline["saturation"]
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None and not os.environ.get("CI"), reason="Debian chromium not installed")
+def test_report_draws_in_a_real_browser(micro_run):
+    from viz.browser_check import check_page
+
+    root, first, _, _ = micro_run
+    result, _ = check_page(first.report)
+    assert result.ok, result
+    assert result.figures_total >= 15
+
+
+def test_options_from_yaml_with_cli_override(tmp_path):
+    cfg = tmp_path / "study.yaml"
+    cfg.write_text("model: allenai/OLMoE-1B-7B-0924\ndatasets: [fineweb, gsm8k]\nmax_tokens: 1000\ndevice: cuda\n")
+    opts = parse_options(["--config", str(cfg), "--max-tokens", "5000", "--datasets", "gsm8k,humaneval"])
+    assert opts.model == "allenai/OLMoE-1B-7B-0924" and opts.device == "cuda"
+    assert opts.max_tokens == 5000 and opts.datasets == ["gsm8k", "humaneval"]
+    cfg.write_text("modle: typo\n")
+    with pytest.raises(OptionsError, match="unknown options \\['modle'\\]"):
+        parse_options(["--config", str(cfg)])
+
+
+def test_bad_inputs_get_one_line_errors(tmp_path, capsys):
+    assert main(["--model", "allenai/OLMoE-1B-7B-0924", "--results-dir", str(tmp_path), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: could not fetch") and "'allenai/OLMoE-1B-7B-0924'" in err and "\n" not in err
+    assert main(["--micro", "--datasets", "nosuchdata", "--results-dir", str(tmp_path), "--models-dir", str(tmp_path / "m"),
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "nosuchdata" in err and "wikitext2" in err
+
+
+@pytest.mark.parametrize("script", ["basic_routing_analysis.py", "train_moe.py", "benchmark_moe.py", "benchmark_collection.py",
+                                    "visualize_training_log.py"])
+def test_every_script_has_help(script):
+    out = subprocess.run([sys.executable, str(REPO / "exp" / script), "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "usage" in out.stdout.lower()

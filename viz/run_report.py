@@ -1,0 +1,162 @@
+"""Turn one run's analysis results into the HTML report: a figure (and its numbers) per analysis.
+
+Reads result objects by their documented fields and hands plain arrays to ``viz.plotting``;
+it computes nothing new, so every number in the page is one the analyses produced.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+
+from viz import plotting as P
+from viz.report import Report
+
+
+def _labels(layers: Sequence[int], num_experts: int) -> list[str]:
+    return [f"L{l}E{e}" for l in layers for e in range(num_experts)]
+
+
+def _matrix_frame(m: np.ndarray, labels: Sequence[str]) -> pd.DataFrame:
+    return pd.DataFrame(np.asarray(m), index=list(labels), columns=list(labels))
+
+
+def build_report(
+    results: Any,
+    summary: dict[str, Any],
+    findings: list[str],
+    warnings: list[str],
+    decode: Callable[[int], str] | None = None,
+    title: str = "MoE routing report",
+) -> tuple[Report, dict[str, go.Figure]]:
+    """The report and the figures by name (for static export and W&B)."""
+    rep = Report(title, summary=summary, warnings=warnings)
+    figs: dict[str, go.Figure] = {}
+
+    def add(section: str, name: str, fig: go.Figure, data: Any = None, caption: str | None = None) -> None:
+        rep.add_figure(section, fig, name, data=data, caption=caption)
+        figs[name] = fig
+
+    rep.add_section("Findings", "\n\n".join(findings) if findings else "No findings: no analysis ran.")
+    r = results.results
+    stats = r.get("routing_stats")
+    if stats is not None:
+        L, E = list(stats.moe_layers), stats.num_experts
+        rep.add_section("Routing statistics", f"Thresholds for the diagnosis: {stats.thresholds.to_dict()}")
+        add("Routing statistics", "utilization", P.utilization_heatmap(stats.utilization, L), stats.expert_table())
+        if stats.token_entropy is not None:
+            add("Routing statistics", "token_entropy", P.entropy_per_layer(stats.token_entropy, L, max_entropy=math.log(E)),
+                stats.layer_table(), caption="Mean entropy of each token's routing distribution; the dashed line is log E (uniform).")
+        for name, s in (r.get("routing_stats_by_dataset") or {}).items():
+            add("Routing statistics", f"utilization_{name}", P.utilization_heatmap(s.utilization, L, title=f"Expert utilization on {name}"),
+                s.expert_table())
+    corr = r.get("correlation_topk")
+    if corr is not None:
+        labels = _labels(corr.moe_layers, corr.num_experts)
+        rep.add_section("Cross-layer correlations", "Pearson correlation over tokens of expert-selection indicators (and router probabilities).")
+        add("Cross-layer correlations", "correlation_topk", P.correlation_matrix(corr.corr, labels, title="Correlation of expert selection across layers"),
+            corr.top_pairs(50))
+        add("Cross-layer correlations", "correlation_layer_summary",
+            P.router_similarity_heatmap(corr.layer_mean_abs, corr.moe_layers, title="Mean |r| between layers' expert selections", measure="mean |r|"),
+            _matrix_frame(corr.layer_mean_abs, [str(l) for l in corr.moe_layers]))
+        probs = r.get("correlation_probs")
+        if probs is not None:
+            add("Cross-layer correlations", "correlation_probs", P.correlation_matrix(probs.corr, labels, title="Correlation of router probabilities across layers"),
+                probs.top_pairs(50))
+        for pair, diff in (r.get("correlation_difference") or {}).items():
+            add("Cross-layer correlations", f"correlation_diff_{len(figs)}", P.correlation_matrix(diff.diff, labels, title=f"Correlation difference: {pair}",
+                                                                                               measure="Δ Pearson r"),
+                _matrix_frame(diff.layer_mean_abs_diff, [str(l) for l in diff.moe_layers]))
+    co = r.get("coactivation")
+    if co is not None:
+        rep.add_section("Co-activation and routing paths", "P(expert j selected | expert i selected) within each layer; the most common top-1 paths through the layers.")
+        for li, layer in enumerate(co.moe_layers):
+            add("Co-activation and routing paths", f"coactivation_L{layer}",
+                P.coactivation_heatmap(co.conditional[li], layer, measure="P(j | i)"), pd.DataFrame(co.conditional[li]))
+    paths = r.get("routing_paths")
+    if paths is not None and paths.top_paths and len(paths.layers) > 1:
+        add("Co-activation and routing paths", "routing_paths", P.routing_paths_sankey(paths.top_paths, paths.top_counts, paths.layers),
+            paths.table(), caption=f"Path entropy {paths.entropy:.3f} nats (normalized {paths.entropy_norm:.3f}); {paths.num_unique} distinct paths.")
+    spec = r.get("domain_specialization")
+    if spec is not None:
+        rep.add_section("Specialization", f"Share of each domain's tokens routed to each expert, against the uniform k/E = {spec.baseline:.3f}.")
+        for li, layer in enumerate(spec.moe_layers):
+            add("Specialization", f"domain_specialization_L{layer}", P.domain_specialization_heatmap(spec.share[li], spec.group_names, spec.baseline, layer=layer),
+                pd.DataFrame(spec.share[li], index=spec.group_names))
+    vocab = r.get("vocabulary_specialization")
+    if vocab is not None and len(vocab.token_ids):
+        top = np.argsort(-vocab.occurrences)[:30]
+        tokens = [decode(int(t)) if decode else str(int(t)) for t in vocab.token_ids[top]]
+        li = len(vocab.moe_layers) - 1
+        onehot = np.zeros((len(top), vocab.num_experts))
+        onehot[np.arange(len(top)), vocab.preferred_expert[top, li]] = vocab.concentration[top, li]
+        add("Specialization", "vocabulary_specialization", P.vocabulary_specialization(onehot, tokens, vocab.moe_layers[li],
+                                                                                         measure="share of the token's routing to its preferred expert"),
+            pd.DataFrame({"token": tokens, "count": vocab.occurrences[top], "preferred_expert": vocab.preferred_expert[top, li],
+                          "concentration": vocab.concentration[top, li]}))
+    cons = r.get("routing_consistency")
+    if cons is not None:
+        fig = go.Figure([go.Bar(x=[str(l) for l in cons.moe_layers], y=cons.same_top1, name="consecutive tokens, same top-1 expert",
+                                hovertemplate="layer %{x}<br>same expert: %{y:.3f}<extra></extra>"),
+                         go.Bar(x=[str(l) for l in cons.moe_layers], y=cons.chance, name="chance (Σ utilization²)",
+                                hovertemplate="layer %{x}<br>chance: %{y:.3f}<extra></extra>")])
+        fig.update_layout(title="Routing consistency of consecutive tokens", xaxis_title="MoE layer", yaxis_title="share of token pairs", barmode="group")
+        add("Specialization", "routing_consistency", fig, cons.to_dict())
+    _weights_section(r, add, rep)
+    _dynamics_section(r, add, rep)
+    collab = r.get("collaboration")
+    if collab is not None:
+        K = collab.atoms.shape[0]
+        rep.add_section("Collaboration mining", f"Sparse dictionary learning on the token × (layer, expert) activation matrix "
+                        f"(parameters {collab.params}); reconstruction error {collab.reconstruction_error:.3f}.")
+        add("Collaboration mining", "collaboration_patterns",
+            P.collaboration_patterns(collab.atoms.reshape(K, -1), collab.domain_share, collab.moe_layers, collab.num_experts, collab.group_names),
+            {"top_experts": collab.top_experts, "ranking": collab.ranking, "specificity": collab.specificity.tolist()})
+    abl = r.get("ablation")
+    if abl is not None:
+        rep.add_section("Causal ablation", "Loss change per domain when an expert is removed from routing (weights of the rest renormalized), "
+                        "through nnsight. Base loss per domain: " + ", ".join(f"{d} {v:.3f}" for d, v in zip(abl.domains, abl.base_loss)) + " nats.")
+        add("Causal ablation", "ablation", P.ablation_effects(abl.delta, abl.targets, abl.domains),
+            pd.DataFrame(abl.delta, index=abl.targets, columns=abl.domains))
+    return rep, figs
+
+
+def _weights_section(r: dict[str, Any], add: Callable[..., None], rep: Report) -> None:
+    sim = r.get("router_similarity")
+    if sim is None:
+        return
+    rep.add_section("Router and expert weights", f"Router similarity between layers; the permutation-invariant subspace similarity of random routers is {sim.subspace_baseline:.3f}.")
+    add("Router and expert weights", "router_similarity_hungarian", P.router_similarity_heatmap(sim.hungarian_cosine, sim.layers, measure="matched-expert cosine"),
+        _matrix_frame(sim.hungarian_cosine, [str(l) for l in sim.layers]))
+    add("Router and expert weights", "router_similarity_subspace", P.router_similarity_heatmap(sim.subspace_similarity, sim.layers, measure="subspace similarity (mean cos² of principal angles)"),
+        _matrix_frame(sim.subspace_similarity, [str(l) for l in sim.layers]))
+    sub = r.get("router_subspaces")
+    if sub is not None:
+        add("Router and expert weights", "router_svd", P.svd_spectra({l: s for l, s in zip(sub.layers, sub.singular_values)}),
+            pd.DataFrame({"layer": sub.layers, "effective_rank": sub.effective_rank, "stable_rank": sub.stable_rank}))
+    al = r.get("expert_alignment")
+    if al is not None:
+        add("Router and expert weights", "router_expert_alignment",
+            P.alignment_vs_baseline(al.own, al.other_mean, al.random_mean.mean(axis=1), al.random_std.mean(axis=1), al.layers,
+                                    measure="share of router-row energy in the expert's input subspace"),
+            pd.DataFrame({"layer": np.repeat(al.layers, al.num_experts), "expert": np.tile(np.arange(al.num_experts), len(al.layers)),
+                          "own": al.own.ravel(), "other_mean": al.other_mean.ravel(), "random_mean": al.random_mean.ravel(),
+                          "z": al.z.ravel()}))
+
+
+def _dynamics_section(r: dict[str, Any], add: Callable[..., None], rep: Report) -> None:
+    dyn = r.get("checkpoint_dynamics")
+    if dyn is None:
+        return
+    rep.add_section("Routing over training", "Saturation: share of each token's top-k experts at a checkpoint that match the final checkpoint's.")
+    add("Routing over training", "saturation", P.saturation_over_checkpoints(dyn.steps, dyn.saturation, dyn.moe_layers), dyn.table())
+    add("Routing over training", "utilization_entropy_over_training",
+        P.layer_metric_over_time(dyn.steps, dyn.utilization_entropy_norm, dyn.moe_layers, "normalized utilization entropy", "0–1", x_label="training step"))
+    drift = r.get("router_drift")
+    if drift is not None:
+        add("Routing over training", "router_drift", P.drift_over_checkpoints(dyn.steps, 1 - np.nan_to_num(drift.cosine_prev, nan=1.0), drift.layers),
+            drift.to_dict())
