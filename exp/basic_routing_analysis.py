@@ -94,6 +94,12 @@ class BasicRoutingAnalysis:
         metrics_path = run_dir / "metrics.json"
         _atomic_write_text(metrics_path, json.dumps(metrics, indent=1, default=_json_default, allow_nan=False))
         report_path, figs = self._write_report(run_dir, results, target, tokenized, wrapper, found, warns)
+        if opts.static != "none":
+            from viz.static_export import export_many
+
+            _, reason = export_many(figs, run_dir / "figures", fmt=opts.static)
+            if reason:
+                warns.append(f"no static images: {reason}")
         wandb_dir = self._log_wandb(run_dir, metrics, headline, figs, report_path) if opts.wandb else None
         seconds = time.perf_counter() - t0
         summary = RunSummary(run_dir=run_dir, report=report_path, metrics=metrics_path, headline=headline, findings=found,

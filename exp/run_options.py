@@ -42,6 +42,7 @@ class RunOptions:
     ablation: bool = True
     ablation_tokens: int = 4_000  # tokens per dataset for the ablation forward passes
     collaboration: bool = True
+    static: str = "png"  # static images of every figure for papers: png, svg, pdf or none
     wandb: bool = False
     wandb_project: str = "moe-routing-study"
     progress: bool = True
@@ -111,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--models-dir", help="where the embedded model is trained and kept")
     ap.add_argument("--no-ablation", dest="ablation", action="store_false", default=None, help="skip the causal ablation")
     ap.add_argument("--no-collaboration", dest="collaboration", action="store_false", default=None, help="skip dictionary learning")
+    ap.add_argument("--static", choices=["png", "svg", "pdf", "none"], help="also write each figure as an image (needs Chromium)")
     ap.add_argument("--wandb", action="store_true", default=None, help="log to Weights & Biases (offline without an API key)")
     ap.add_argument("--wandb-project")
     ap.add_argument("--no-progress", dest="progress", action="store_false", default=None)
@@ -146,6 +148,8 @@ def make_options(**kwargs: Any) -> RunOptions:
         opts.max_length = min(opts.max_length, 64)
         opts.ablation_tokens = min(opts.ablation_tokens, 300)
         opts.max_checkpoints = min(opts.max_checkpoints, 3)
+    if opts.static not in ("png", "svg", "pdf", "none"):
+        raise OptionsError(f"static must be png, svg, pdf or none, not {opts.static!r}")
     if opts.storage not in ("full", "compact"):
         raise OptionsError(f"storage must be 'full' or 'compact', not {opts.storage!r}")
     if not opts.datasets:

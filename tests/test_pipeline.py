@@ -29,7 +29,7 @@ def micro_run(tmp_path_factory):
     kwargs = dict(micro=True, results_dir=str(root / "results"), models_dir=str(root / "models"), progress=False, run_name="micro")
     first = BasicRoutingAnalysis(use_wandb=True, wandb_project="moe-routing-study-test", **kwargs).run()
     manifests = {p: p.stat().st_mtime_ns for p in (root / "results" / "cache").rglob("manifest.json")}
-    second = BasicRoutingAnalysis(**kwargs).run()
+    second = BasicRoutingAnalysis(static="none", **kwargs).run()
     return root, first, second, manifests
 
 
@@ -53,6 +53,9 @@ def test_every_artifact_exists_and_is_well_formed(micro_run):
     summary = (run_dir / "summary.md").read_text()
     assert "report.html" in summary and "Findings" in summary
     assert first.findings and any("Domain specialization" in f for f in first.findings)
+    if shutil.which("chromium") or os.environ.get("CI"):  # static images need a browser for kaleido
+        pngs = list((run_dir / "figures").glob("*.png"))
+        assert len(pngs) >= 15 and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
 
 
 def test_wandb_offline_run_holds_what_was_logged(micro_run):
