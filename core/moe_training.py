@@ -38,6 +38,7 @@ from transformers.utils import logging as hf_logging
 from core.moe_layer import ROUTING_MODES
 from core.moe_evaluation import evaluate_model, generate_sample, unigram_cross_entropy
 from core.moe_model import StudyMoeConfig, StudyMoeForCausalLM
+from core.routing_cache import atomic_write_json
 from core.tokenizer_training import train_bpe_tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -242,9 +243,7 @@ def _save_model(model, tokenizer, folder: Path) -> None:
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
+    atomic_write_json(path, obj)
 
 
 def load_checkpoint_list(run_dir: str | Path) -> list[dict]:

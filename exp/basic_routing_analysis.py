@@ -11,7 +11,6 @@ analyses (``exp.analysis_suite``), findings (``exp.findings``), report (``viz.ru
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from exp.run_options import OptionsError, RunOptions, make_options, parse_options  # noqa: E402
+from viz._io import atomic_write_text as _atomic_write_text  # noqa: E402
 
 
 @dataclass
@@ -36,12 +36,6 @@ class RunSummary:
     warnings: list[str]
     seconds: float
     wandb_dir: Path | None = None
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _run_name(opts: RunOptions, model_name: str) -> str:

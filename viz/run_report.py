@@ -68,7 +68,8 @@ def build_report(
             add("Cross-layer correlations", "correlation_probs", P.correlation_matrix(probs.corr, labels, title="Correlation of router probabilities across layers"),
                 probs.top_pairs(50))
         for pair, diff in (r.get("correlation_difference") or {}).items():
-            add("Cross-layer correlations", f"correlation_diff_{len(figs)}", P.correlation_matrix(diff.diff, labels, title=f"Correlation difference: {pair}",
+            slug = "".join(c if c.isalnum() else "_" for c in f"{diff.group_a}_vs_{diff.group_b}")
+            add("Cross-layer correlations", f"correlation_diff_{slug}", P.correlation_matrix(diff.diff, labels, title=f"Correlation difference: {pair}",
                                                                                                measure="Δ Pearson r"),
                 _matrix_frame(diff.layer_mean_abs_diff, [str(l) for l in diff.moe_layers]))
     co = r.get("coactivation")
