@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .expert_weights import expert_matrices
-from .moe_discovery import MoELayerInfo, MoESpec, NoRoutersError, discover_moe_layers, router_matrix
+from .moe_discovery import _INDEX_NAMES, _WEIGHT_NAMES, MoELayerInfo, MoESpec, NoRoutersError, discover_moe_layers, router_matrix
 from .routing_data import RoutingData
 
 
@@ -292,8 +292,7 @@ class MoEModelWrapper:
             def arg(spec: int | str) -> torch.Tensor:
                 if isinstance(spec, int) and spec < len(params):
                     return params[spec]
-                names = ("top_k_index", "router_indices", "selected_experts", "topk_indices") if spec == info.experts_index_arg else (
-                    "top_k_weights", "routing_weights", "router_scores", "topk_weights")
+                names = _INDEX_NAMES if spec == info.experts_index_arg else _WEIGHT_NAMES
                 for n in names:
                     if n in kwargs:
                         return kwargs[n]

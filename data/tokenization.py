@@ -66,23 +66,43 @@ class TokenizedDataset:
             out[name] = getattr(self, name)[mask]
         return out
 
+    def rows(self, rows: slice) -> "TokenizedDataset":
+        """The rows picked by ``rows``, with the documents they hold and the full name tables."""
+        ids = set(self.doc_ids[rows].unique().tolist()) - {-1}
+        return replace(
+            self,
+            **{name: getattr(self, name)[rows] for name in ("input_ids", "attention_mask") + LABEL_FIELDS},
+            documents=[d for d in self.documents if d.doc_id in ids],
+        )
+
+    def head_tokens(self, max_tokens: int) -> "TokenizedDataset":
+        """The first rows holding at most ``max_tokens`` non-padding tokens (at least one row)."""
+        per_row = self.attention_mask.sum(dim=1)
+        return self.rows(slice(0, max(1, int((per_row.cumsum(0) <= max_tokens).sum()))))
+
     def batches(self, batch_size: int) -> Iterator["TokenizedDataset"]:
         """Consecutive row batches, in order; each keeps the full name tables and its own documents."""
         if not isinstance(batch_size, int) or batch_size < 1:
             raise DataError(f"batch_size must be a positive int, got {batch_size!r}")
         for start in range(0, len(self), batch_size):
-            rows = slice(start, start + batch_size)
-            ids = set(self.doc_ids[rows].unique().tolist()) - {-1}
-            yield replace(
-                self,
-                input_ids=self.input_ids[rows],
-                attention_mask=self.attention_mask[rows],
-                doc_ids=self.doc_ids[rows],
-                positions=self.positions[rows],
-                domain_ids=self.domain_ids[rows],
-                dataset_ids=self.dataset_ids[rows],
-                documents=[d for d in self.documents if d.doc_id in ids],
-            )
+            yield self.rows(slice(start, start + batch_size))
+
+    @staticmethod
+    def concat(parts: Sequence["TokenizedDataset"]) -> "TokenizedDataset":
+        """Rows of several tokenized datasets with the same name tables, right-padded to one width."""
+        if not parts:
+            raise DataError("nothing to concatenate")
+        first = parts[0]
+        if any(p.domain_names != first.domain_names or p.dataset_names != first.dataset_names for p in parts):
+            raise DataError("cannot concatenate tokenized datasets with different domain or dataset name tables")
+        width = max(p.input_ids.shape[1] for p in parts)
+
+        def stack(name: str) -> torch.Tensor:  # new padding is masked out, so its token id does not matter
+            fill = 0 if name in ("input_ids", "attention_mask") else -1
+            return torch.cat([torch.nn.functional.pad(getattr(p, name), (0, width - p.input_ids.shape[1]), value=fill) for p in parts])
+
+        return replace(first, **{n: stack(n) for n in ("input_ids", "attention_mask") + LABEL_FIELDS},
+                       documents=[d for p in parts for d in p.documents], max_length=max(p.max_length for p in parts))
 
 
 def _as_hf_tokenizer(tokenizer: Any) -> Any:

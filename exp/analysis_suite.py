@@ -34,7 +34,7 @@ from core.checkpoint_dynamics import checkpoint_dynamics
 from core.coactivation import coactivation
 from core.routing_stats import routing_stats
 from core.routing_cache import RoutingCache
-from exp.collection import _head_rows
+from data import TokenizedDataset
 
 
 @dataclass
@@ -111,7 +111,8 @@ def run_analyses(
         ("routing_consistency", lambda: routing_consistency(pooled)),
         ("router_similarity", lambda: RouterAnalyzer(wrapper).compute_router_similarity_matrix()),
         ("router_subspaces", lambda: RouterAnalyzer(wrapper).analyze_router_subspaces()),
-        ("expert_alignment", lambda: ExpertAnalyzer(wrapper).analyze_expert_router_alignment(num_random=50 if micro else 200)),
+        ("expert_alignment", lambda: ExpertAnalyzer(wrapper, device=wrapper.device).analyze_expert_router_alignment(
+            num_random=50 if micro else 200)),  # one SVD per expert: on the model's device (a GPU for real models)
     ]
     if len(ckpt_rows) > 1:
         steps += [
@@ -153,16 +154,6 @@ def run_analyses(
 
 def _ablation(wrapper: Any, tokenized: dict[str, Any], stats: Any, max_tokens: int, progress: bool) -> Any:
     """Ablate, at each layer, the most-used expert and (as a control) the least-used one."""
-    from dataclasses import replace
-
-    parts = [_head_rows(tok, max_tokens) for tok in tokenized.values()]
-    width = max(p.input_ids.shape[1] for p in parts)
-
-    def stack(field_name: str) -> torch.Tensor:
-        fill = 0 if field_name in ("input_ids", "attention_mask") else -1
-        return torch.cat([torch.nn.functional.pad(getattr(p, field_name), (0, width - p.input_ids.shape[1]), value=fill) for p in parts])
-
-    fields = ("input_ids", "attention_mask", "doc_ids", "positions", "domain_ids", "dataset_ids")
-    merged = replace(parts[0], **{f: stack(f) for f in fields}, documents=[d for p in parts for d in p.documents])
+    merged = TokenizedDataset.concat([tok.head_tokens(max_tokens) for tok in tokenized.values()])
     targets, labels = most_used_targets(np.asarray(stats.utilization), list(stats.moe_layers))
     return ablation_study(wrapper, merged, targets, labels=labels, batch_size=16, progress=progress)

@@ -8,7 +8,7 @@ routing. Each checkpoint's router weights are stored beside its caches for the d
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -84,17 +84,6 @@ def open_wrapper(target: ModelTarget, ckpt: Checkpoint, opts: RunOptions) -> MoE
                            trust_remote_code=opts.trust_remote_code)
 
 
-def _head_rows(tok: TokenizedDataset, max_tokens: int) -> TokenizedDataset:
-    """The first rows holding at most ``max_tokens`` tokens (at least one row)."""
-    per_row = tok.attention_mask.sum(dim=1)
-    n_rows = max(1, int((per_row.cumsum(0) <= max_tokens).sum()))
-    rows = slice(0, n_rows)
-    keep = set(tok.doc_ids[rows].unique().tolist()) - {-1}
-    return replace(tok, input_ids=tok.input_ids[rows], attention_mask=tok.attention_mask[rows], doc_ids=tok.doc_ids[rows],
-                   positions=tok.positions[rows], domain_ids=tok.domain_ids[rows], dataset_ids=tok.dataset_ids[rows],
-                   documents=[d for d in tok.documents if d.doc_id in keep])
-
-
 def load_tokenized(opts: RunOptions, tokenizer: Any, loader: DatasetLoader | None = None) -> dict[str, TokenizedDataset]:
     """Each dataset's documents, tokenized (one row per document) and cut to ``max_tokens`` tokens.
 
@@ -110,7 +99,7 @@ def load_tokenized(opts: RunOptions, tokenizer: Any, loader: DatasetLoader | Non
         mine = [d for d in docs if d.dataset == name]
         tok = tokenize_documents(mine, tokenizer, max_length=opts.max_length, pack=False,
                                  domain_names=domains, dataset_names=list(opts.datasets))
-        out[name] = _head_rows(tok, opts.max_tokens)
+        out[name] = tok.head_tokens(opts.max_tokens)
     return out
 
 

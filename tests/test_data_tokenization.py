@@ -127,3 +127,23 @@ def test_bpe_tokenizer_on_bundled_corpora():
     lengths = [len(tok(d.text)["input_ids"]) for d in documents]
     assert packed.num_tokens == sum(lengths) + len(documents)
     assert truncated.attention_mask.sum(1).tolist() == [min(n, 64) for n in lengths]
+
+
+def test_rows_head_tokens_and_concat():
+    from data import TokenizedDataset
+
+    out = tokenize_documents(docs(), word_tokenizer(), max_length=3)
+    head = out.head_tokens(5)  # rows of 3 and 2 tokens fit, the third would make 8
+    assert len(head) == 2 and head.num_tokens == 5 and [d.doc_id for d in head.documents] == [10, 20]
+    assert len(out.head_tokens(1)) == 1, "at least one row"
+    mid = out.rows(slice(1, 2))
+    assert mid.doc_ids.tolist() == [[20, 20, -1]] and [d.doc_id for d in mid.documents] == [20]
+    wide = tokenize_documents(docs()[:1], word_tokenizer(), max_length=3, domain_names=out.domain_names, dataset_names=out.dataset_names)
+    short = tokenize_documents(docs()[1:2], word_tokenizer(), max_length=3, domain_names=out.domain_names, dataset_names=out.dataset_names)
+    both = TokenizedDataset.concat([short, wide])
+    assert both.input_ids.shape[1] == max(short.input_ids.shape[1], wide.input_ids.shape[1])
+    assert both.num_tokens == short.num_tokens + wide.num_tokens
+    assert both.doc_ids[both.attention_mask == 0].eq(-1).all()
+    other = tokenize_documents(docs(), word_tokenizer(), max_length=3, domain_names=["code", "math"])
+    with pytest.raises(DataError, match="name tables"):
+        TokenizedDataset.concat([out, other])
