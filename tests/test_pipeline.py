@@ -114,3 +114,23 @@ def test_every_script_has_help(script):
     out = subprocess.run([sys.executable, str(REPO / "exp" / script), "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "usage" in out.stdout.lower()
+
+
+def test_a_hugging_face_moe_from_a_local_directory(micro_run, tmp_path):
+    """The path a researcher takes with OLMoE, on a tiny random OLMoE saved with the embedded tokenizer."""
+    from transformers import AutoTokenizer, OlmoeConfig, OlmoeForCausalLM
+
+    root, _, _, _ = micro_run
+    tok = AutoTokenizer.from_pretrained(root / "models" / "study-moe-micro")
+    cfg = OlmoeConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=16, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=4, num_experts=4, num_experts_per_tok=2, pad_token_id=tok.pad_token_id,
+                      eos_token_id=tok.eos_token_id, bos_token_id=None)
+    model_dir = tmp_path / "tiny-olmoe"
+    OlmoeForCausalLM(cfg).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    summary = BasicRoutingAnalysis(model_name=str(model_dir), micro=True, offline=True, static="none", progress=False,
+                                   results_dir=str(tmp_path / "results")).run()
+    metrics = json.loads(summary.metrics.read_text())
+    assert metrics["model"]["family"] == "olmoe" and metrics["model"]["moe_layers"] == [0, 1]
+    assert "checkpoint_dynamics" in metrics["skipped"] and "ablation" in metrics and "expert_alignment" in metrics
+    assert summary.report.exists()
