@@ -8,7 +8,7 @@ each layer's router weights move between consecutive checkpoints and relative to
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -97,26 +97,28 @@ class CheckpointDynamics(ResultMixin):
         )
 
 
-def checkpoint_dynamics(checkpoints: Sequence[tuple[str, int, RoutingData]]) -> CheckpointDynamics:
+def checkpoint_dynamics(checkpoints: Sequence[tuple[str, int, RoutingData | Iterable[RoutingData]]]) -> CheckpointDynamics:
     """Saturation and drift of routing over ``[(name, step, routing), ...]`` (last = final).
 
-    All checkpoints must be traced on the same tokens.
+    All checkpoints must be traced on the same tokens. ``routing`` is a RoutingData or a
+    re-iterable stream of chunks (a ``RoutingCache``): each is read twice, chunk by chunk.
     """
     if not checkpoints:
         raise ValueError("checkpoint_dynamics needs at least one (name, step, RoutingData)")
     for item in checkpoints:
-        if len(item) != 3 or not isinstance(item[2], RoutingData):
-            raise ValueError("each checkpoint must be a (name, step, RoutingData) tuple")
+        ok = len(item) == 3 and (isinstance(item[2], RoutingData) or (isinstance(item[2], Iterable) and not isinstance(item[2], Iterator)))
+        if not ok:
+            raise ValueError("each checkpoint must be a (name, step, RoutingData or re-iterable stream of RoutingData) tuple")
     final = checkpoints[-1][2]
     stats: list[RoutingStats] = [routing_stats(rd) for _, _, rd in checkpoints]
     sat = np.stack([saturation(rd, final) for _, _, rd in checkpoints])
     util = np.stack([s.utilization for s in stats])
-    L = len(final.moe_layers)
+    L = len(stats[-1].moe_layers)
     tok = np.stack([s.token_entropy_norm if s.token_entropy_norm is not None else np.full(L, np.nan) for s in stats])
     return CheckpointDynamics(
         names=[str(n) for n, _, _ in checkpoints],
         steps=[int(s) for _, s, _ in checkpoints],
-        moe_layers=list(final.moe_layers),
+        moe_layers=list(stats[-1].moe_layers),
         saturation=sat,
         utilization=util,
         utilization_entropy_norm=np.stack([s.utilization_entropy_norm for s in stats]),

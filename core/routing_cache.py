@@ -30,7 +30,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
 from safetensors.torch import load as st_load
@@ -412,6 +412,10 @@ class RoutingCache:
     def __len__(self) -> int:
         return self.num_tokens
 
+    def __iter__(self) -> Iterator[RoutingData]:
+        """A cache is a re-iterable stream of shards, so it can be handed to any streaming analysis."""
+        return self.iter_shards()
+
     def __repr__(self) -> str:
         m = self.manifest
         return (
@@ -472,3 +476,28 @@ class RoutingCache:
                 f"{len(bad)} shard(s) of {self.dir} are missing or corrupted: {', '.join(bad)}; "
                 "delete the cache and collect again (force=True)"
             )
+
+
+class CacheStream:
+    """Several caches read one after another as one re-iterable stream of shards.
+
+    Each pass re-reads the shards from disk, so memory stays bounded by one shard however many
+    tokens the caches hold; analyses that take ``Iterable[RoutingData]`` accept it directly.
+    """
+
+    def __init__(self, caches: Sequence["RoutingCache"]):
+        if not caches:
+            raise CacheError("a cache stream needs at least one cache")
+        self.caches = list(caches)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.caches)
+
+    @property
+    def has_logits(self) -> bool:
+        return all(c.storage == "full" for c in self.caches)
+
+    def __iter__(self) -> Iterator[RoutingData]:
+        for cache in self.caches:
+            yield from cache.iter_shards()

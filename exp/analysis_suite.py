@@ -18,7 +18,6 @@ from core import (
     CollaborationMiner,
     ExpertAnalyzer,
     RouterAnalyzer,
-    RoutingData,
     ablation_study,
     correlation_difference,
     correlations_by_group,
@@ -33,7 +32,7 @@ from core import (
 from core.checkpoint_dynamics import checkpoint_dynamics
 from core.coactivation import coactivation
 from core.routing_stats import routing_stats
-from core.routing_cache import RoutingCache
+from core.routing_cache import CacheStream, RoutingCache
 from data import TokenizedDataset
 
 
@@ -68,10 +67,6 @@ class RunResults:
         return out
 
 
-def _load(caches: list[tuple[str, int | None, RoutingCache]], index: int = -1) -> RoutingData:
-    return caches[index][2].load()
-
-
 def run_analyses(
     wrapper: Any,
     sweep: dict[str, list[tuple[str, int | None, RoutingCache]]],
@@ -84,24 +79,28 @@ def run_analyses(
     micro: bool = False,
     progress: bool = True,
 ) -> RunResults:
-    """All analyses: routing statistics, correlations, paths, specialization, weights, dynamics, collaboration, ablation."""
+    """All analyses: routing statistics, correlations, paths, specialization, weights, dynamics, collaboration, ablation.
+
+    Routing is streamed from the caches shard by shard (each analysis re-reads them), so memory
+    does not grow with the number of tokens or checkpoints.
+    """
     import time
 
     datasets = list(sweep)
-    per_dataset = {name: _load(caches) for name, caches in sweep.items()}
-    pooled = RoutingData.concat(per_dataset.values())
+    per_dataset = {name: caches[-1][2] for name, caches in sweep.items()}  # final checkpoint
+    pooled = CacheStream(list(per_dataset.values()))
     ckpt_rows = sweep[datasets[0]]
     res = RunResults(
         model=wrapper.describe(),
         datasets=datasets,
-        tokens={name: rd.num_tokens for name, rd in per_dataset.items()},
+        tokens={name: cache.num_tokens for name, cache in per_dataset.items()},
         checkpoints=[{"name": name, "step": step} for name, step, _ in ckpt_rows],
     )
     steps: list[tuple[str, Callable[[], Any]]] = [
         ("routing_stats", lambda: routing_stats(pooled)),
-        ("routing_stats_by_dataset", lambda: {n: routing_stats(rd) for n, rd in per_dataset.items()}),
+        ("routing_stats_by_dataset", lambda: {n: routing_stats(cache) for n, cache in per_dataset.items()}),
         ("correlation_topk", lambda: cross_layer_correlation(pooled, feature="topk")),
-        ("correlation_probs", lambda: cross_layer_correlation(pooled, feature="probs") if pooled.router_logits is not None else None),
+        ("correlation_probs", lambda: cross_layer_correlation(pooled, feature="probs") if pooled.has_logits else None),
         ("correlation_by_dataset", lambda: correlations_by_group(pooled, by="dataset", feature="topk")),
         ("coactivation", lambda: coactivation(pooled)),
         ("routing_paths", lambda: routing_paths(pooled, top_n=20)),
@@ -117,7 +116,7 @@ def run_analyses(
     if len(ckpt_rows) > 1:
         steps += [
             ("checkpoint_dynamics", lambda: checkpoint_dynamics(
-                [(name, step if step is not None else i, RoutingData.concat(_load(sweep[d], i) for d in datasets))
+                [(name, step if step is not None else i, CacheStream([sweep[d][i][2] for d in datasets]))
                  for i, (name, step, _) in enumerate(ckpt_rows)])),
             ("router_drift", lambda: router_weight_drift(router_weights, names=[n for n, _, _ in ckpt_rows])),
         ]

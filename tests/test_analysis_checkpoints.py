@@ -41,6 +41,19 @@ def test_saturation_self_is_one_and_partial_overlap():
     assert len(dyn.table()) == 4
     json.dumps(dyn.to_dict())
 
+    class Chunks:  # re-iterable, like a RoutingCache: read once for statistics, once for saturation
+        def __init__(self, rd):
+            self.rd = rd
+
+        def __iter__(self):
+            return self.rd.iter_chunks(7)
+
+    streamed = checkpoint_dynamics([("step100", 100, Chunks(mid)), ("final", 200, Chunks(final))])
+    np.testing.assert_allclose(streamed.saturation, dyn.saturation)
+    np.testing.assert_allclose(streamed.utilization, dyn.utilization)
+    with pytest.raises(ValueError, match="re-iterable"):
+        checkpoint_dynamics([("step100", 100, mid.iter_chunks(7)), ("final", 200, final)])
+
 
 def test_saturation_needs_same_tokens():
     a = _rd(np.zeros((5, 1, 1)))

@@ -150,3 +150,26 @@ def test_open_with_expectations(tmp_path):
         RoutingCache.open(tmp_path, expect={"model_name": "other"})
     with pytest.raises(CacheMismatchError, match="settings.dtype"):
         RoutingCache.open(tmp_path, expect={"settings": {"dtype": "float16"}})
+
+
+def test_caches_stream_into_analyses_like_loaded_routing(tmp_path):
+    """A RoutingCache and a CacheStream of several caches are re-iterable inputs with the same results as loading."""
+    import numpy as np
+
+    from core.correlations import cross_layer_correlation
+    from core.routing_cache import CacheStream
+    from core.routing_stats import routing_stats
+    from core.routing_data import RoutingData
+
+    rd = routing(hidden=())
+    a = write(tmp_path / "a", rd, settings={"storage": "full", "dtype": "float32", "batch_size": 4, "hidden_layers": []})
+    b = write(tmp_path / "b", rd, settings={"storage": "full", "dtype": "float32", "batch_size": 4, "hidden_layers": []})
+    assert [c.num_tokens for c in a] == [9, rd.num_tokens - 9], "iterating a cache yields its shards"
+    stream = CacheStream([a, b])
+    assert stream.num_tokens == 2 * rd.num_tokens and stream.has_logits
+    loaded = RoutingData.concat([a.load(), b.load()])
+    s1, s2 = routing_stats(stream), routing_stats(loaded)
+    np.testing.assert_array_equal(s1.counts, s2.counts)
+    np.testing.assert_allclose(s1.token_entropy, s2.token_entropy, rtol=1e-6)
+    np.testing.assert_allclose(cross_layer_correlation(stream).corr, cross_layer_correlation(loaded).corr, atol=1e-9)
+    assert routing_stats(stream).num_tokens == s1.num_tokens, "a second pass reads the caches again"
