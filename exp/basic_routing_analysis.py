@@ -109,6 +109,7 @@ class BasicRoutingAnalysis:
         summary = {
             "model": target.name,
             "revision": target.revision or target.final.name,
+            "weights digest": target.weights_digest or "(Hub revision)",
             "family": results.model.get("family"),
             "MoE layers": results.model.get("moe_layers"),
             "experts / top-k": f"{results.model.get('num_experts')} / {results.model.get('top_k')}",

@@ -8,6 +8,7 @@ routing. Each checkpoint's router weights are stored beside its caches for the d
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,10 +44,41 @@ class ModelTarget:
     checkpoints: list[Checkpoint]  # training order; the last one is the model analysed in full
     embedded: bool
     run_dir: Path | None = None
+    weights_digest: str | None = None  # of a local model's weight files: retrained weights get new caches
 
     @property
     def final(self) -> Checkpoint:
         return self.checkpoints[-1]
+
+    @property
+    def cache_key(self) -> str:
+        """The name caches are filed under: the model name, plus the weights' digest for local models."""
+        return f"{self.name}@{self.weights_digest}" if self.weights_digest else self.name
+
+
+def weights_digest(folder: Path, whole_file_limit: int = 256 << 20) -> str:
+    """A short digest of a local model's weight files (whole files up to 256 MB, else their size, head and tail).
+
+    Caches are keyed by model name and checkpoint; for a local folder the name says nothing
+    about the weights, so a retrained model would otherwise be analysed with stale routing.
+    """
+    h = hashlib.sha256()
+    files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin"))
+    if not files:
+        raise FileNotFoundError(f"no weight files (*.safetensors, *.bin) in {folder}")
+    for f in files:
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}".encode())
+        with open(f, "rb") as fh:
+            if size <= whole_file_limit:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+            else:
+                part = min(16 << 20, whole_file_limit)
+                h.update(fh.read(part))
+                fh.seek(max(size - part, part))
+                h.update(fh.read())
+    return h.hexdigest()[:12]
 
 
 def resolve_model(opts: RunOptions) -> ModelTarget:
@@ -58,14 +90,15 @@ def resolve_model(opts: RunOptions) -> ModelTarget:
         run_dir = ensure_default_model(opts.models_dir, config=config, progress=opts.progress)
         ckpts = select_checkpoints(list_local_checkpoints(run_dir), n=opts.max_checkpoints, spacing="log")
         return ModelTarget(name=f"embedded/{run_dir.name}", source=str(run_dir), revision=None,
-                           checkpoints=ckpts, embedded=True, run_dir=run_dir)
+                           checkpoints=ckpts, embedded=True, run_dir=run_dir, weights_digest=weights_digest(run_dir))
     local = Path(opts.model).expanduser()
     if local.is_dir() and (local / "checkpoints.json").exists():  # a local training run: its revisions are checkpoints
         ckpts = list_local_checkpoints(local)
         if opts.checkpoints and opts.checkpoints != ["auto"]:
             ckpts = [c for c in ckpts if c.name in set(opts.checkpoints)] or ckpts
         ckpts = select_checkpoints(ckpts, n=opts.max_checkpoints, spacing="log")
-        return ModelTarget(name=local.name, source=str(local), revision=None, checkpoints=ckpts, embedded=False, run_dir=local)
+        return ModelTarget(name=local.name, source=str(local), revision=None, checkpoints=ckpts, embedded=False, run_dir=local,
+                           weights_digest=weights_digest(local))
     final = Checkpoint(name=opts.revision or "main", path=str(local) if local.is_dir() else None)
     if not opts.checkpoints:
         ckpts = [final]
@@ -75,7 +108,8 @@ def resolve_model(opts: RunOptions) -> ModelTarget:
         ckpts = [parse_checkpoint_name(c) for c in opts.checkpoints]
         if final.name not in {c.name for c in ckpts}:
             ckpts.append(final)  # saturation is measured against the model itself
-    return ModelTarget(name=opts.model, source=str(opts.model), revision=opts.revision, checkpoints=ckpts, embedded=False)
+    return ModelTarget(name=opts.model, source=str(opts.model), revision=opts.revision, checkpoints=ckpts, embedded=False,
+                       weights_digest=weights_digest(local) if local.is_dir() else None)
 
 
 def open_wrapper(target: ModelTarget, ckpt: Checkpoint, opts: RunOptions) -> MoEModelWrapper:
@@ -104,7 +138,7 @@ def load_tokenized(opts: RunOptions, tokenizer: Any, loader: DatasetLoader | Non
 
 
 def _weights_path(cache_root: Path, target: ModelTarget, ckpt: Checkpoint) -> Path:
-    return cache_root / model_slug(target.name) / model_slug(ckpt.name) / ROUTER_WEIGHTS_FILE
+    return cache_root / model_slug(target.cache_key) / model_slug(ckpt.name) / ROUTER_WEIGHTS_FILE
 
 
 def _save_router_weights(path: Path, weights: dict[int, torch.Tensor]) -> None:
@@ -125,7 +159,7 @@ def collect_all(opts: RunOptions, target: ModelTarget, tokenized: dict[str, Toke
         return w
 
     index = sweep_checkpoints(
-        target.checkpoints, tokenized, make_wrapper, cache_root, model_name=target.name, batch_size=opts.batch_size,
+        target.checkpoints, tokenized, make_wrapper, cache_root, model_name=target.cache_key, batch_size=opts.batch_size,
         storage=opts.storage, progress=opts.progress,
     )
     return {name: open_sweep(index, name, checkpoints=target.checkpoints) for name in tokenized}

@@ -134,3 +134,18 @@ def test_a_hugging_face_moe_from_a_local_directory(micro_run, tmp_path):
     assert metrics["model"]["family"] == "olmoe" and metrics["model"]["moe_layers"] == [0, 1]
     assert "checkpoint_dynamics" in metrics["skipped"] and "ablation" in metrics and "expert_alignment" in metrics
     assert summary.report.exists()
+
+
+def test_retrained_local_weights_get_new_caches(tmp_path):
+    """Caches are filed under the weights' digest, so a retrained local model never reads stale routing."""
+    from exp.collection import weights_digest
+
+    (tmp_path / "model.safetensors").write_bytes(b"\x00" * 1000)
+    first = weights_digest(tmp_path)
+    assert weights_digest(tmp_path) == first
+    (tmp_path / "model.safetensors").write_bytes(b"\x00" * 999 + b"\x01")
+    assert weights_digest(tmp_path) != first
+    big = weights_digest(tmp_path, whole_file_limit=10)  # large files: size, head and tail
+    assert len(big) == 12 and big != first
+    with pytest.raises(FileNotFoundError, match="no weight files"):
+        weights_digest(tmp_path / "nowhere")
