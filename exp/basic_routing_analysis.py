@@ -170,23 +170,18 @@ def _summary_markdown(s: RunSummary, model: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from core.checkpoints import CheckpointError
     from core.model_wrapper import ModelLoadError
     from core.moe_discovery import NoRoutersError
+    from core.routing_cache import CacheError
+    from data import DataError
 
     try:
         opts = parse_options(argv)
         summary = BasicRoutingAnalysis(options=opts).run()
-    except (OptionsError, ModelLoadError, NoRoutersError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (OptionsError, ModelLoadError, NoRoutersError, CacheError, CheckpointError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)  # what is wrong, in one line, not a stack trace
         return 2
-    except Exception as e:  # a data or cache error from deeper down: one line, not a stack trace
-        from core.routing_cache import CacheError
-        from data import DataError
-
-        if isinstance(e, (CacheError, DataError)):
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        raise
     print()
     print(f"Done in {summary.seconds:.1f} s.")
     for f in summary.findings:

@@ -149,3 +149,9 @@ def test_retrained_local_weights_get_new_caches(tmp_path):
     assert len(big) == 12 and big != first
     with pytest.raises(FileNotFoundError, match="no weight files"):
         weights_digest(tmp_path / "nowhere")
+
+
+def test_unreachable_checkpoint_listing_is_one_line(tmp_path, capsys):
+    assert main(["--model", "allenai/OLMoE-1B-7B-0924", "--checkpoints", "auto", "--results-dir", str(tmp_path), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "allenai/OLMoE-1B-7B-0924" in err and "\n" not in err
