@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from core.routing_cache import FLOAT_DTYPES, STORAGE_MODES, RoutingCache, RoutingCacheWriter, validate_header
+from core.routing_cache import FLOAT_DTYPES, STORAGE_MODES, RoutingCache, RoutingCacheWriter
 from core.routing_data import RoutingData
 
 _LABEL_FIELDS = ("doc_ids", "positions", "domain_ids", "dataset_ids")
@@ -284,7 +284,6 @@ class ActivationCollector:
             hidden_layers=hidden_layers,
             shard_tokens=shard_tokens,
         )
-        validate_header(header)
         writer = RoutingCacheWriter(cache_dir, header, force=force, verify_existing=verify_existing)
         if writer.complete:
             return RoutingCache(writer.dir, writer.manifest)

@@ -141,9 +141,9 @@ def select_checkpoints(checkpoints: Sequence[Checkpoint], n: int = 8, spacing: s
     lo, hi = xs[0], xs[-1]
     if spacing == "log":
         lo_l, hi_l = math.log(max(lo, 1.0)), math.log(max(hi, 1.0))
-        targets = [math.exp(lo_l + (hi_l - lo_l) * i / (n - 1)) for i in range(n)] if n > 1 else [hi]
+        targets = [math.exp(lo_l + (hi_l - lo_l) * i / (n - 1)) for i in range(n)]
     else:
-        targets = [lo + (hi - lo) * i / (n - 1) for i in range(n)] if n > 1 else [hi]
+        targets = [lo + (hi - lo) * i / (n - 1) for i in range(n)]
     picked: list[int] = []
     for t in targets:
         free = [i for i in range(len(xs)) if i not in picked]
@@ -225,8 +225,10 @@ def open_sweep(
     """
     index = load_sweep_index(path)
     root = Path(path).parent
-    names = [c.name if isinstance(c, Checkpoint) else str(c) for c in checkpoints] if checkpoints is not None else None
-    names = names if names is not None else index.get("last_sweep")
+    if checkpoints is not None:
+        names = [c.name if isinstance(c, Checkpoint) else str(c) for c in checkpoints]
+    else:
+        names = index.get("last_sweep")
     by_name = {e["checkpoint"]: e for e in index["entries"] if e["dataset"] == dataset and e["complete"]}
     if names is None:
         names = list(by_name)
@@ -259,9 +261,8 @@ def _already_done(cache_dir: Path, want: dict) -> bool:
         return False
     if not m or not m.get("complete"):
         return False
-    settings_keys = ("storage", "dtype", "batch_size", "shard_tokens", "hidden_layers")
     return all(m.get(k) == v for k, v in want.items() if k != "settings") and all(
-        m["settings"].get(k) == want["settings"][k] for k in settings_keys
+        m["settings"].get(k) == v for k, v in want["settings"].items()
     )
 
 

@@ -286,19 +286,7 @@ class MoEModelWrapper:
     def _selection(self, info: MoELayerInfo, out: Any, ein: Any, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """What the experts received: their input if we can read it, else the router's own choice."""
         if ein is not None:
-            args, kwargs = ein
-            params = list(args)
-
-            def arg(spec: int | str) -> torch.Tensor:
-                if isinstance(spec, int) and spec < len(params):
-                    return params[spec]
-                names = _INDEX_NAMES if spec == info.experts_index_arg else _WEIGHT_NAMES
-                for n in names:
-                    if n in kwargs:
-                        return kwargs[n]
-                raise KeyError(spec)
-
-            idx, w = arg(info.experts_index_arg), arg(info.experts_weight_arg)
+            idx, w = _experts_selection(info, *ein)
         elif isinstance(out, (tuple, list)) and len(out) >= 3:
             w, idx = out[1], out[2]
         else:
@@ -362,8 +350,7 @@ class MoEModelWrapper:
         with torch.no_grad(), self.model.trace(feed):
             for layer, experts in ablate.items():
                 info = by_layer[layer]
-                args = self._envoy(info.experts_path).inputs[0]
-                _renormalize_without(args[info.experts_index_arg], args[info.experts_weight_arg], experts)
+                _renormalize_without(*_experts_selection(info, *self._envoy(info.experts_path).inputs), experts)
             logits = self.model.output.logits.save()
         logits = logits.float().cpu()
         targets = input_ids[:, 1:].cpu()
@@ -372,6 +359,20 @@ class MoEModelWrapper:
         ).reshape(targets.shape)
         valid = attention_mask[:, 1:].bool().cpu() & attention_mask[:, :-1].bool().cpu()
         return loss.masked_fill(~valid, float("nan"))
+
+
+def _experts_selection(info: MoELayerInfo, args: Any, kwargs: Mapping[str, Any]) -> tuple[Any, Any]:
+    """The ``(indices, weights)`` the experts module was called with, passed by position or by keyword."""
+
+    def arg(spec: int | str | None, names: tuple[str, ...]) -> Any:
+        if isinstance(spec, int) and spec < len(args):
+            return args[spec]
+        for n in names:
+            if n in kwargs:
+                return kwargs[n]
+        raise KeyError(f"layer {info.layer}: the experts module {info.experts_path} was not given argument {spec!r}")
+
+    return arg(info.experts_index_arg, _INDEX_NAMES), arg(info.experts_weight_arg, _WEIGHT_NAMES)
 
 
 def _renormalize_without(idx: torch.Tensor, weights: torch.Tensor, experts: list[int]) -> None:
