@@ -17,7 +17,7 @@ import torch
 
 from core.analysis_utils import ResultMixin, as_chunks, require, selection_np, to_numpy
 from core.routing_data import RoutingData
-from core.routing_stats import RoutingStats, routing_stats
+from core.routing_stats import RoutingStats, RoutingStatsAccumulator
 
 
 def _check_same_tokens(a: RoutingData, b: RoutingData) -> None:
@@ -45,12 +45,23 @@ def saturation(
 
     Both arguments must hold the same tokens in the same order (chunks are zipped).
     """
+    return _saturation_pass(routing_t, routing_final)
+
+
+def _saturation_pass(
+    routing_t: RoutingData | Iterable[RoutingData],
+    routing_final: RoutingData | Iterable[RoutingData],
+    stats: RoutingStatsAccumulator | None = None,
+) -> np.ndarray:
+    """:func:`saturation`, also feeding each chunk of ``routing_t`` to ``stats`` (one read, two results)."""
     inter = None
     n = 0
     for a, b in zip(as_chunks(routing_t), as_chunks(routing_final), strict=True):
         _check_same_tokens(a, b)
         require(a, "topk_idx", why="router saturation")
         require(b, "topk_idx", why="router saturation")
+        if stats is not None:
+            stats.update(a)
         if a.num_tokens == 0:
             continue
         both = (selection_np(a) * selection_np(b)).sum((0, 2)) / a.top_k
@@ -101,7 +112,8 @@ def checkpoint_dynamics(checkpoints: Sequence[tuple[str, int, RoutingData | Iter
     """Saturation and drift of routing over ``[(name, step, routing), ...]`` (last = final).
 
     All checkpoints must be traced on the same tokens. ``routing`` is a RoutingData or a
-    re-iterable stream of chunks (a ``RoutingCache``): each is read twice, chunk by chunk.
+    re-iterable stream of chunks (a ``RoutingCache``), read chunk by chunk: each checkpoint once
+    (statistics and saturation in one pass, zipped with the final), the final once per checkpoint.
     """
     if not checkpoints:
         raise ValueError("checkpoint_dynamics needs at least one (name, step, RoutingData)")
@@ -110,8 +122,13 @@ def checkpoint_dynamics(checkpoints: Sequence[tuple[str, int, RoutingData | Iter
         if not ok:
             raise ValueError("each checkpoint must be a (name, step, RoutingData or re-iterable stream of RoutingData) tuple")
     final = checkpoints[-1][2]
-    stats: list[RoutingStats] = [routing_stats(rd) for _, _, rd in checkpoints]
-    sat = np.stack([saturation(rd, final) for _, _, rd in checkpoints])
+    stats: list[RoutingStats] = []
+    sats = []
+    for _, _, rd in checkpoints:
+        acc = RoutingStatsAccumulator()
+        sats.append(_saturation_pass(rd, final, acc))
+        stats.append(acc.result())
+    sat = np.stack(sats)
     util = np.stack([s.utilization for s in stats])
     L = len(stats[-1].moe_layers)
     tok = np.stack([s.token_entropy_norm if s.token_entropy_norm is not None else np.full(L, np.nan) for s in stats])

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from core.analysis_utils import ResultMixin, as_chunks, check_same_layout, selection_np, top1_np
+from core.analysis_utils import ResultMixin, as_chunks, check_same_layout, entropy, selection_np, top1_np
 from core.routing_data import RoutingData
 
 
@@ -130,7 +130,7 @@ def routing_paths(
             sel = list(range(chunk.num_layers)) if layers is None else list(layers)
             bad = [i for i in sel if not 0 <= i < chunk.num_layers]
             if bad or not sel:
-                raise ValueError(f"layers must be non-empty positions in 0..{chunk.num_layers - 1}, got {list(layers)}")
+                raise ValueError(f"layers must be non-empty positions in 0..{chunk.num_layers - 1}, got {sel}")
         check_same_layout(chunk, *layout)
         if chunk.num_tokens == 0:
             continue
@@ -144,7 +144,7 @@ def routing_paths(
     E = layout[1]
     c = np.array(list(counter.values()), dtype=np.float64)
     p = c / n
-    ent = float(-(p * np.log(p)).sum())
+    ent = float(entropy(p))
     max_ent = min(len(sel) * np.log(E), np.log(n)) if E > 1 else 0.0
     top = counter.most_common(top_n)
     return RoutingPaths(

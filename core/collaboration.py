@@ -126,7 +126,7 @@ class CollaborationMiner:
         self.batch_threshold = batch_threshold
 
     def params(self) -> dict:
-        return {k: v for k, v in vars(self).items()}
+        return dict(vars(self))
 
     def _activations(self, rd: RoutingData) -> np.ndarray:
         if self.weight == "probs":
@@ -173,18 +173,22 @@ class CollaborationMiner:
             )
         return ActivationMatrix(np.concatenate(rows), np.concatenate(groups), layout[0], layout[1], names, seen)
 
-    def _learner(self, n_components: int, n_rows: int):
-        kw = {
+    def _learner_kwargs(self, n_components: int, alpha: float) -> dict:
+        """Settings shared by the pattern and meta-pattern learners (non-negative codes and atoms)."""
+        return {
             "n_components": n_components,
-            "alpha": self.alpha,
+            "alpha": alpha,
             "max_iter": self.max_iter,
             "fit_algorithm": "cd",
             "transform_algorithm": "lasso_cd",
-            "transform_alpha": self.alpha,
+            "transform_alpha": alpha,
             "positive_code": True,
             "positive_dict": True,
             "random_state": self.random_seed,
         }
+
+    def _learner(self, n_components: int, n_rows: int):
+        kw = self._learner_kwargs(n_components, self.alpha)
         if n_rows <= self.batch_threshold:
             return DictionaryLearning(**kw)
         return MiniBatchDictionaryLearning(batch_size=256, **kw)
@@ -218,17 +222,7 @@ class CollaborationMiner:
         ranking = [int(i) for i in np.argsort(-spec_k, kind="stable")]
         dom_rank = {spec.group_names[d]: [int(i) for i in np.argsort(-share[:, d], kind="stable")] for d in range(D)}
         M = min(self.n_meta_components, K)
-        meta = DictionaryLearning(
-            n_components=M,
-            alpha=self.alpha / 10,
-            max_iter=self.max_iter,
-            fit_algorithm="cd",
-            transform_algorithm="lasso_cd",
-            transform_alpha=self.alpha / 10,
-            positive_code=True,
-            positive_dict=True,
-            random_state=self.random_seed,
-        )
+        meta = DictionaryLearning(**self._learner_kwargs(M, self.alpha / 10))
         meta_codes, bad2 = _fit_transform(meta, atoms)
         if bad1 + bad2:
             notes.append(

@@ -194,7 +194,7 @@ def affinity_heatmap(
             x=cols,
             y=rows,
             customdata=np.array([[[r, c] for c in elab] for r in rlab], dtype=object),
-            colorscale="Viridis",
+            colorscale=SEQUENTIAL,
             colorbar={"title": {"text": esc(value_label)}},
             hovertemplate=(
                 "input %{customdata[0]}<br>expert %{customdata[1]}<br>"

@@ -73,12 +73,19 @@ def export_many(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {name: out_dir / f"{name}.{fmt}" for name in figures}
+    # Render into hidden temporary names, then rename: a reader never sees a half-written image.
+    tmps = {name: out_dir / f".{name}.{fmt}.tmp" for name in figures}
     try:
-        pio.write_images(list(figures.values()), list(paths.values()), format=fmt, scale=scale)
+        pio.write_images(list(figures.values()), list(tmps.values()), format=fmt, scale=scale)
+        for name, tmp in tmps.items():
+            os.replace(tmp, paths[name])
     except Exception as exc:  # noqa: BLE001 - kaleido raises many kinds; all mean "no image"
         reason = f"static export failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         log.warning(reason)
         return {}, reason
+    finally:
+        for tmp in tmps.values():
+            tmp.unlink(missing_ok=True)
     return paths, None
 
 
