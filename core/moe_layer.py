@@ -80,6 +80,13 @@ def _flat_mask(attention_mask: torch.Tensor | None, rows: int, device) -> torch.
     return mask
 
 
+def _as_layers(router_logits: tuple[torch.Tensor, ...] | torch.Tensor, loss_name: str) -> tuple[torch.Tensor, ...]:
+    layers = (router_logits,) if isinstance(router_logits, torch.Tensor) else tuple(router_logits)
+    if not layers:
+        raise ValueError(f"{loss_name} needs at least one layer of router logits")
+    return layers
+
+
 def load_balancing_loss(
     router_logits: tuple[torch.Tensor, ...] | torch.Tensor,
     num_experts: int,
@@ -92,9 +99,7 @@ def load_balancing_loss(
     the mean routing probability of e, so a perfectly uniform router scores exactly 1.0 and a
     router that sends everything to one expert with certainty scores E.
     """
-    layers = (router_logits,) if isinstance(router_logits, torch.Tensor) else tuple(router_logits)
-    if not layers:
-        raise ValueError("load_balancing_loss needs at least one layer of router logits")
+    layers = _as_layers(router_logits, "load_balancing_loss")
     total = 0.0
     for logits in layers:
         probs = torch.softmax(logits.float(), dim=-1)
@@ -118,9 +123,7 @@ def router_z_loss(router_logits: tuple[torch.Tensor, ...] | torch.Tensor, attent
     Keeps logits small so the softmax stays numerically tame; zero logits over E experts give
     ``log(E) ** 2``.
     """
-    layers = (router_logits,) if isinstance(router_logits, torch.Tensor) else tuple(router_logits)
-    if not layers:
-        raise ValueError("router_z_loss needs at least one layer of router logits")
+    layers = _as_layers(router_logits, "router_z_loss")
     total = 0.0
     for logits in layers:
         z = torch.logsumexp(logits.float(), dim=-1) ** 2

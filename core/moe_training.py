@@ -10,8 +10,8 @@ A run lives in ``models/<run_name>/``:
   ``load_checkpoint_list``;
 * ``training_log.txt`` — one JSON line per evaluation in seed 000's format (``epoch``,
   ``routing_acc``, ``entropy``, ``utilization``, ``metrics.accuracy``, ``metrics.loss``) plus
-  ``step``, ``tokens``, ``layer_entropy``, ``layer_utilization`` (see ``core.moe_evaluation``
-  for the definition of ``routing_acc``);
+  ``step``, ``tokens``, ``layer_entropy``, ``layer_utilization``, ``routing_acc_chance`` and
+  ``dropped_fraction`` (see ``core.moe_evaluation`` for the definition of ``routing_acc``);
 * ``run_info.json`` — config, corpus sizes, unigram baseline, final/test metrics, wall time.
 
 The run is built in a hidden temporary folder and renamed into place when complete, so a
@@ -96,6 +96,8 @@ class TrainConfig:
         if not path.is_file():
             raise FileNotFoundError(f"training config {path} does not exist")
         raw = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"training config {path} must be a YAML mapping of field: value, got a {type(raw).__name__}")
         return cls.from_dict({**raw, **overrides})
 
     @classmethod
@@ -242,10 +244,6 @@ def _save_model(model, tokenizer, folder: Path) -> None:
     os.replace(tmp, folder)
 
 
-def _write_json(path: Path, obj) -> None:
-    atomic_write_json(path, obj)
-
-
 def load_checkpoint_list(run_dir: str | Path) -> list[dict]:
     """The run's revisions, oldest first: ``{"revision", "step", "tokens", "path"}`` (absolute path)."""
     run_dir = Path(run_dir)
@@ -331,7 +329,7 @@ def train(cfg: TrainConfig, models_dir: str | Path = "models", overwrite: bool =
             rev = f"step-{step:06d}"
             _save_model(model, tokenizer, work / rev)
             checkpoints.append({"revision": rev, "step": step, "tokens": step * tokens_per_step, "path": rev})
-            _write_json(work / "checkpoints.json", checkpoints)
+            atomic_write_json(work / "checkpoints.json", checkpoints)
 
     evaluate_and_save(0)
     bar = tqdm(range(1, cfg.steps + 1), desc=cfg.run_name, disable=not progress)
@@ -367,7 +365,7 @@ def train(cfg: TrainConfig, models_dir: str | Path = "models", overwrite: bool =
         "train_seconds": time.time() - started,
         "checkpoints": [c["revision"] for c in checkpoints],
     }
-    _write_json(work / "run_info.json", info)
+    atomic_write_json(work / "run_info.json", info)
     if run_dir.exists():
         shutil.rmtree(run_dir)
     os.replace(work, run_dir)

@@ -136,8 +136,8 @@ class DatasetLoader:
             picked, available, skipped = self._collect(parsed, num_samples, seed, streaming)
         else:
             source = "bundled"
-            everything, _, skipped = self._bundled(spec, split)
-            picked, available, _ = self._collect(((t, m) for _, t, m in everything), num_samples, seed, False)
+            everything, available, skipped = self._bundled(spec, split)
+            picked = self._sample(everything, num_samples, seed)
         if num_samples is not None and len(picked) < num_samples:
             warnings.warn(
                 f"{name} ({split}) has only {len(picked)} documents; returning all {len(picked)} instead of {num_samples}",
@@ -199,13 +199,17 @@ class DatasetLoader:
             docs.append((len(docs), text, meta))
             if streaming and num_samples is not None and len(docs) >= num_samples:
                 return docs, None, skipped
-        available = len(docs)
-        if num_samples is None or num_samples >= available:
-            return docs, available, skipped
+        return DatasetLoader._sample(docs, num_samples, seed), len(docs), skipped
+
+    @staticmethod
+    def _sample(docs: list, num_samples: int | None, seed: int | None) -> list:
+        """All of ``docs``, their first n (``seed=None``), or n drawn with ``seed`` in corpus order."""
+        if num_samples is None or num_samples >= len(docs):
+            return docs
         if seed is None:
-            return docs[:num_samples], available, skipped
-        idx = sorted(random.Random(seed).sample(range(available), num_samples))
-        return [docs[i] for i in idx], available, skipped
+            return docs[:num_samples]
+        idx = sorted(random.Random(seed).sample(range(len(docs)), num_samples))
+        return [docs[i] for i in idx]
 
     def load_domains(
         self,

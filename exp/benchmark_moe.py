@@ -40,6 +40,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from core.moe_layer import StudyMoeSparseBlock  # noqa: E402
+from viz._io import atomic_write_text  # noqa: E402
 
 IMPLEMENTATIONS = ("ours", "dense", "olmoe")
 
@@ -86,17 +87,27 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_call(module: nn.Module, x: torch.Tensor, backward: bool) -> float:
-    """Seconds for one forward (and backward) pass."""
+def _call_once(module: nn.Module, x: torch.Tensor, backward: bool):
+    """A closure running one forward (and backward) pass on a fresh leaf copy of ``x``."""
     module.zero_grad(set_to_none=True)
     inp = x.detach().requires_grad_(backward)
+
+    def call() -> None:
+        if backward:
+            module(inp).sum().backward()
+        else:
+            with torch.no_grad():
+                module(inp)
+
+    return call
+
+
+def time_call(module: nn.Module, x: torch.Tensor, backward: bool) -> float:
+    """Seconds for one forward (and backward) pass."""
+    call = _call_once(module, x, backward)
     _sync(x.device)
     start = time.perf_counter()
-    if backward:
-        module(inp).sum().backward()
-    else:
-        with torch.no_grad():
-            module(inp)
+    call()
     _sync(x.device)
     return time.perf_counter() - start
 
@@ -118,22 +129,13 @@ def _stderr_silenced():
 
 def peak_memory(module: nn.Module, x: torch.Tensor, backward: bool) -> int:
     """Peak bytes allocated above the starting point during one call."""
-    module.zero_grad(set_to_none=True)
-    inp = x.detach().requires_grad_(backward)
-
-    def call():
-        if backward:
-            module(inp).sum().backward()
-        else:
-            with torch.no_grad():
-                module(inp)
-
+    call = _call_once(module, x, backward)
     if x.device.type == "cuda":
-        torch.cuda.synchronize(x.device)
+        _sync(x.device)
         base = torch.cuda.memory_allocated(x.device)
         torch.cuda.reset_peak_memory_stats(x.device)
         call()
-        torch.cuda.synchronize(x.device)
+        _sync(x.device)
         return int(torch.cuda.max_memory_allocated(x.device) - base)
     from torch.profiler import ProfilerActivity, profile
 
@@ -190,9 +192,7 @@ def plot(rows: list[dict], path: Path) -> Path:
             fig.add_trace(go.Bar(name=name, x=labels, y=values, marker_color=colors[name], showlegend=i == 1,
                                  legendgroup=name), row=i, col=1)
     fig.update_layout(barmode="group", height=900, title="MoE layer vs dense FFN (same active params) vs OLMoE block")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.write_html(path, include_plotlyjs=True)
-    return path
+    return atomic_write_text(path, fig.to_html(include_plotlyjs=True))
 
 
 def _capacity(value: str) -> float | None:
@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"vs olmoe {row['memory_ratio_vs_olmoe_fwdbwd']:.2f}", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "benchmark.json").write_text(json.dumps({"args": {**vars(args), "capacity": args.capacity}, "rows": rows}, indent=2))
+    atomic_write_text(out / "benchmark.json", json.dumps({"args": vars(args), "rows": rows}, indent=2))
     html = plot(rows, out / "benchmark.html")
     print(f"wrote {out / 'benchmark.json'} and {html}")
     return 0

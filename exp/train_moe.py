@@ -26,6 +26,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from core.moe_training import DEFAULT_CONFIG, TrainConfig, train  # noqa: E402
+from viz._io import atomic_write_text  # noqa: E402
 
 # seed 002's grid: four experts, learned vs random routing, one or two experts per token
 GRID_ARMS = (
@@ -97,8 +98,8 @@ def run_grid(base: TrainConfig, models_dir: Path, results_dir: Path, overwrite: 
         f"# Routing grid ({GRID_EXPERTS} experts, base config `{base.run_name}`)\n\n{table}\n\n"
         f"Generated from \"Once upon a time\":\n\n{samples}\n"
     )
-    (out_dir / "grid_results.md").write_text(md)
-    (out_dir / "grid_results.json").write_text(json.dumps(rows, indent=2))
+    atomic_write_text(out_dir / "grid_results.md", md)
+    atomic_write_text(out_dir / "grid_results.json", json.dumps(rows, indent=2))
     print(md)
     return out_dir
 
