@@ -83,11 +83,11 @@ class RoutingData:
         if self.topk_idx is None:
             raise ValueError("this routing has no selected experts recorded")
         n, l, _ = self.topk_idx.shape
-        mask = torch.zeros(n, l, self.num_experts, dtype=torch.bool)
-        valid = self.topk_idx >= 0
-        idx = self.topk_idx.clamp(min=0)
-        mask.scatter_(2, idx, valid)
-        return mask
+        # unselected slots (-1) go to an extra column that is dropped, so they never touch a real expert
+        idx = torch.where(self.topk_idx >= 0, self.topk_idx, self.num_experts)
+        mask = torch.zeros(n, l, self.num_experts + 1, dtype=torch.bool)
+        mask.scatter_(2, idx, True)
+        return mask[..., : self.num_experts]
 
     # --------------------------------------------------------- combination
     def select(self, index: torch.Tensor | slice) -> "RoutingData":
