@@ -211,7 +211,7 @@ class DatasetLoader:
         idx = sorted(random.Random(seed).sample(range(len(docs)), num_samples))
         return [docs[i] for i in idx]
 
-    def load_domains(
+    def load_datasets(
         self,
         names: list[str],
         num_samples_per_dataset: int | None = None,

@@ -62,9 +62,9 @@ MMLU_PRO_SUBJECTS = {  # our name suffix -> (MMLU-Pro category, domain label)
 }
 
 
-def default_registry() -> dict[str, DatasetSpec]:
-    """The named datasets, keyed by name (a fresh dict each call, safe to modify)."""
-    specs = [
+def _general_specs() -> list[DatasetSpec]:
+    """Web and encyclopedia text: the 'general' domain."""
+    return [
         DatasetSpec(
             "fineweb",
             "general",
@@ -85,6 +85,12 @@ def default_registry() -> dict[str, DatasetSpec]:
             hub=HubSource("Salesforce/wikitext", "wikitext-2-v1"),
             bundled=file_reader({"validation": "wikitext2/valid.txt.xz", "test": "wikitext2/test.txt.xz"}, "lines"),
         ),
+    ]
+
+
+def _math_and_code_specs() -> list[DatasetSpec]:
+    """Math word problems and code: the domains routing studies contrast with general text."""
+    return [
         DatasetSpec(
             "gsm8k",
             "math",
@@ -114,6 +120,12 @@ def default_registry() -> dict[str, DatasetSpec]:
             parse_python_source,
             bundled=file_reader({"train": "python_source/stdlib.jsonl.xz"}, "jsonl"),
         ),
+    ]
+
+
+def _story_specs() -> list[DatasetSpec]:
+    """Narrative text: the 'stories' domain."""
+    return [
         DatasetSpec(
             "tinystories",
             "stories",
@@ -143,19 +155,28 @@ def default_registry() -> dict[str, DatasetSpec]:
             bundled=file_reader({"train": "shakespeare/input.txt.xz"}, "whole"),
         ),
     ]
-    for suffix, (category, domain) in MMLU_PRO_SUBJECTS.items():
-        specs.append(
-            DatasetSpec(
-                f"mmlu_pro_{suffix}",
-                domain,
-                f"MMLU-Pro questions of category '{category}' with options",
-                ("test", "validation"),
-                "test",
-                parse_mmlu_pro(category),
-                hub=HubSource("TIGER-Lab/MMLU-Pro"),
-                offline_alternative="gsm8k" if suffix == "math" else None,
-            )
+
+
+def _mmlu_pro_specs() -> list[DatasetSpec]:
+    """One dataset per MMLU-Pro subject, each its own domain."""
+    return [
+        DatasetSpec(
+            f"mmlu_pro_{suffix}",
+            domain,
+            f"MMLU-Pro questions of category '{category}' with options",
+            ("test", "validation"),
+            "test",
+            parse_mmlu_pro(category),
+            hub=HubSource("TIGER-Lab/MMLU-Pro"),
+            offline_alternative="gsm8k" if suffix == "math" else None,
         )
+        for suffix, (category, domain) in MMLU_PRO_SUBJECTS.items()
+    ]
+
+
+def default_registry() -> dict[str, DatasetSpec]:
+    """The named datasets, keyed by name (a fresh dict each call, safe to modify)."""
+    specs = _general_specs() + _math_and_code_specs() + _story_specs() + _mmlu_pro_specs()
     return {s.name: s for s in specs}
 
 

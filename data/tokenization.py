@@ -132,6 +132,47 @@ def _name_table(values: list[str], given: Sequence[str] | None, kind: str) -> li
     return table
 
 
+def _checked_documents(documents: Sequence[Document], max_length: int) -> list[Document]:
+    """The documents as a list, refused with one line if they cannot be tokenized together."""
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
+        raise DataError(f"max_length must be a positive int, got {max_length!r}")
+    docs = list(documents)
+    if not docs:
+        raise DataError("no documents to tokenize")
+    if not all(isinstance(d, Document) for d in docs):
+        raise DataError("tokenize_documents takes Document objects (see data.Document)")
+    seen: dict[int, Document] = {}
+    for d in docs:
+        if d.doc_id in seen:
+            raise DataError(
+                f"duplicate doc_id {d.doc_id} ({seen[d.doc_id].dataset} and {d.dataset}); "
+                "renumber with data.renumber_documents() or load with DatasetLoader.load_datasets()"
+            )
+        seen[d.doc_id] = d
+    return docs
+
+
+def _token_rows(
+    tok: Any, texts: list[str], max_length: int, pack: bool, add_special_tokens: bool
+) -> list[list[tuple[int, int, int]]]:
+    """Rows of ``(token, document index, position)``: one per document, or packed to ``max_length``."""
+    if pack:
+        encoded = tok(texts, add_special_tokens=add_special_tokens, truncation=False, verbose=False)["input_ids"]
+        eos = tok.eos_token_id
+        encoded = [list(ids) + ([eos] if eos is not None and (not ids or ids[-1] != eos) else []) for ids in encoded]
+        stream = [(t, i, p) for i, ids in enumerate(encoded) for p, t in enumerate(ids)]
+        rows = [stream[s : s + max_length] for s in range(0, len(stream), max_length)]
+    else:
+        encoded = tok(
+            texts, add_special_tokens=add_special_tokens, truncation=True, max_length=max_length, verbose=False
+        )["input_ids"]
+        rows = [[(t, i, p) for p, t in enumerate(list(ids)[:max_length])] for i, ids in enumerate(encoded)]
+    rows = [r for r in rows if r]  # a document with no tokens has no row
+    if not rows:
+        raise DataError("the tokenizer produced no tokens for these documents")
+    return rows
+
+
 def tokenize_documents(
     documents: Sequence[Document],
     tokenizer: Any,
@@ -146,46 +187,12 @@ def tokenize_documents(
     ``domain_names``/``dataset_names`` fix the id tables (e.g. to share them across runs);
     by default they list the labels in order of first appearance. Doc ids must be unique.
     """
-    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
-        raise DataError(f"max_length must be a positive int, got {max_length!r}")
-    docs = list(documents)
-    if not docs:
-        raise DataError("no documents to tokenize")
-    if not all(isinstance(d, Document) for d in docs):
-        raise DataError("tokenize_documents takes Document objects (see data.Document)")
-    seen: dict[int, Document] = {}
-    for d in docs:
-        if d.doc_id in seen:
-            raise DataError(
-                f"duplicate doc_id {d.doc_id} ({seen[d.doc_id].dataset} and {d.dataset}); "
-                "renumber with data.renumber_documents() or load with DatasetLoader.load_domains()"
-            )
-        seen[d.doc_id] = d
+    docs = _checked_documents(documents, max_length)
     tok = _as_hf_tokenizer(tokenizer)
     domains = _name_table([d.domain for d in docs], domain_names, "domains")
     datasets = _name_table([d.dataset for d in docs], dataset_names, "datasets")
 
-    texts = [d.text for d in docs]
-    if pack:
-        encoded = tok(texts, add_special_tokens=add_special_tokens, truncation=False, verbose=False)["input_ids"]
-        eos = tok.eos_token_id
-        encoded = [list(ids) + ([eos] if eos is not None and (not ids or ids[-1] != eos) else []) for ids in encoded]
-    else:
-        encoded = tok(
-            texts, add_special_tokens=add_special_tokens, truncation=True, max_length=max_length, verbose=False
-        )["input_ids"]
-        encoded = [list(ids)[:max_length] for ids in encoded]
-
-    # One flat stream of (token, doc index, position) per row, then padded into tensors.
-    rows: list[list[tuple[int, int, int]]] = []
-    if pack:
-        stream = [(t, i, p) for i, ids in enumerate(encoded) for p, t in enumerate(ids)]
-        rows = [stream[s : s + max_length] for s in range(0, len(stream), max_length)]
-    else:
-        rows = [[(t, i, p) for p, t in enumerate(ids)] for i, ids in enumerate(encoded)]
-    rows = [r for r in rows if r]  # a document with no tokens has no row
-    if not rows:
-        raise DataError("the tokenizer produced no tokens for these documents")
+    rows = _token_rows(tok, [d.text for d in docs], max_length, pack, add_special_tokens)
 
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     b, t = len(rows), max(len(r) for r in rows)

@@ -1,38 +1,37 @@
 """Stage 2 of the main run: every analysis of the toolkit that applies, on the run's caches and model.
 
-Each analysis is one call into ``core``; this module only decides what to feed it (the final
-checkpoint's routing, per dataset or pooled; every checkpoint for the dynamics) and keeps
-the plain results together for the report and the findings.
+Routing analyses are accumulators fed by one :func:`core.analysis.streaming.fold` over the
+sweep: each dataset's caches at every checkpoint are read side by side, shard by shard, once
+(checksums verified once). The final checkpoint's chunk feeds the per-token analyses; all
+checkpoints feed the dynamics. Weight analyses use the final checkpoint's router weights as
+the sweep returned them; ablation runs the model. Memory does not grow with the number of
+tokens (one shard per checkpoint at a time).
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
-import torch
-from tqdm.auto import tqdm
 
-from core import (
-    CollaborationMiner,
-    ExpertAnalyzer,
-    RouterAnalyzer,
-    ablation_study,
-    correlation_difference,
-    correlations_by_group,
-    cross_layer_correlation,
-    domain_specialization,
-    most_used_targets,
-    router_weight_drift,
-    routing_consistency,
-    routing_paths,
-    vocabulary_specialization,
-)
-from core.checkpoint_dynamics import checkpoint_dynamics
-from core.coactivation import coactivation
-from core.routing_stats import routing_stats
-from core.routing_cache import CacheStream, RoutingCache
+from core.analysis.ablation import ablation_study, most_and_least_used_experts
+from core.analysis.checkpoint_dynamics import CheckpointDynamicsAccumulator, router_weight_drift
+from core.analysis.coactivation import CoactivationAccumulator, RoutingPathsAccumulator
+from core.analysis.collaboration import CollaborationMiner
+from core.analysis.consistency import ConsistencyAccumulator
+from core.analysis.correlations import CorrelationAccumulator, correlation_difference
+from core.analysis.expert_alignment import ExpertAnalyzer
+from core.analysis.router_weights import RouterAnalyzer
+from core.analysis.routing_stats import RoutingStatsAccumulator
+from core.analysis.specialization import DomainSpecializationAccumulator
+from core.analysis.streaming import Accumulator, PerGroup, Pick, WhenRecorded, align, fold
+from core.analysis.vocabulary import VocabularyAccumulator
+from core.collection.sweep import Sweep
+from core.routing_data import RoutingData
+from core.safe_io import to_jsonable
 from data import TokenizedDataset
 
 
@@ -57,21 +56,59 @@ class RunResults:
     def to_dict(self) -> dict[str, Any]:
         out = {"model": self.model, "datasets": self.datasets, "tokens": self.tokens, "checkpoints": self.checkpoints,
                "skipped": self.skipped, "timings_s": self.timings}
-        for name, res in self.results.items():
-            if hasattr(res, "to_dict"):
-                out[name] = res.to_dict()
-            elif isinstance(res, dict):
-                out[name] = {k: (v.to_dict() if hasattr(v, "to_dict") else v) for k, v in res.items()}
-            else:
-                out[name] = res
-        return out
+        return to_jsonable({**out, **self.results})
+
+
+def sweep_stream(sweep: Sweep) -> Iterator[list[RoutingData]]:
+    """Every dataset's tokens, each as the same chunk at every checkpoint (the final last), read once."""
+    for name in sweep.datasets:
+        yield from align(sweep.caches[name])
+
+
+def routing_accumulators(sweep: Sweep, *, micro: bool, collaboration: bool) -> dict[str, Accumulator]:
+    """The streaming analyses of a run, each reading the final checkpoint's chunk (dynamics: all of them)."""
+    final: dict[str, Accumulator] = {
+        "routing_stats": RoutingStatsAccumulator(),
+        "routing_stats_by_dataset": PerGroup(RoutingStatsAccumulator, by="dataset"),
+        "correlation_topk": CorrelationAccumulator("topk"),
+        "correlation_probs": WhenRecorded(CorrelationAccumulator("probs"), "router_logits"),
+        "correlation_by_dataset": PerGroup(lambda: CorrelationAccumulator("topk"), by="dataset"),
+        "coactivation": CoactivationAccumulator(),
+        "routing_paths": RoutingPathsAccumulator(top_n=20),
+        "domain_specialization": DomainSpecializationAccumulator("domain"),
+        "dataset_specialization": DomainSpecializationAccumulator("dataset"),
+        "vocabulary_specialization": VocabularyAccumulator(min_count=5 if micro else 20),
+        "routing_consistency": ConsistencyAccumulator(),
+    }
+    if collaboration:
+        miner = CollaborationMiner(n_components=8 if micro else 16, max_iter=50 if micro else 200)
+        final["collaboration"] = miner.accumulator()
+    accs: dict[str, Accumulator] = {name: Pick(acc) for name, acc in final.items()}
+    if len(sweep.checkpoints) > 1:
+        steps = [c.step if c.step is not None else i for i, c in enumerate(sweep.checkpoints)]
+        accs["checkpoint_dynamics"] = CheckpointDynamicsAccumulator([c.name for c in sweep.checkpoints], steps)
+    return accs
+
+
+def weight_analyses(wrapper: Any, sweep: Sweep, *, micro: bool) -> list[tuple[str, Callable[[], Any]]]:
+    """Analyses of the router and expert weights; routers as the sweep read them, once per checkpoint."""
+    routers = sweep.router_weights[-1]
+    steps: list[tuple[str, Callable[[], Any]]] = [
+        ("router_similarity", lambda: RouterAnalyzer().compute_router_similarity_matrix(routers)),
+        ("router_subspaces", lambda: RouterAnalyzer().analyze_router_subspaces(routers)),
+        ("expert_alignment", lambda: ExpertAnalyzer(wrapper, device=wrapper.device).analyze_expert_router_alignment(
+            router_weights=routers, num_random=50 if micro else 200)),  # one SVD per expert, on the model's device
+    ]
+    if len(sweep.checkpoints) > 1:
+        names = [c.name for c in sweep.checkpoints]
+        steps.append(("router_drift", lambda: router_weight_drift(sweep.router_weights, names=names)))
+    return steps
 
 
 def run_analyses(
     wrapper: Any,
-    sweep: dict[str, list[tuple[str, int | None, RoutingCache]]],
-    router_weights: list[dict[int, torch.Tensor]],
-    tokenized: dict[str, Any],
+    sweep: Sweep,
+    tokenized: dict[str, TokenizedDataset],
     *,
     ablation: bool = True,
     ablation_tokens: int = 4000,
@@ -79,65 +116,30 @@ def run_analyses(
     micro: bool = False,
     progress: bool = True,
 ) -> RunResults:
-    """All analyses: routing statistics, correlations, paths, specialization, weights, dynamics, collaboration, ablation.
-
-    Routing is streamed from the caches shard by shard (each analysis re-reads them), so memory
-    does not grow with the number of tokens or checkpoints.
-    """
-    import time
-
-    datasets = list(sweep)
-    per_dataset = {name: caches[-1][2] for name, caches in sweep.items()}  # final checkpoint
-    pooled = CacheStream(list(per_dataset.values()))
-    ckpt_rows = sweep[datasets[0]]
+    """All analyses: routing statistics, correlations, paths, specialization, weights, dynamics, collaboration, ablation."""
     res = RunResults(
         model=wrapper.describe(),
-        datasets=datasets,
-        tokens={name: cache.num_tokens for name, cache in per_dataset.items()},
-        checkpoints=[{"name": name, "step": step} for name, step, _ in ckpt_rows],
+        datasets=sweep.datasets,
+        tokens={name: sweep.final(name).num_tokens for name in sweep.datasets},
+        checkpoints=[{"name": c.name, "step": c.step} for c in sweep.checkpoints],
     )
-    steps: list[tuple[str, Callable[[], Any]]] = [
-        ("routing_stats", lambda: routing_stats(pooled)),
-        ("routing_stats_by_dataset", lambda: {n: routing_stats(cache) for n, cache in per_dataset.items()}),
-        ("correlation_topk", lambda: cross_layer_correlation(pooled, feature="topk")),
-        ("correlation_probs", lambda: cross_layer_correlation(pooled, feature="probs") if pooled.has_logits else None),
-        ("correlation_by_dataset", lambda: correlations_by_group(pooled, by="dataset", feature="topk")),
-        ("coactivation", lambda: coactivation(pooled)),
-        ("routing_paths", lambda: routing_paths(pooled, top_n=20)),
-        ("domain_specialization", lambda: domain_specialization(pooled, by="domain")),
-        ("dataset_specialization", lambda: domain_specialization(pooled, by="dataset")),
-        ("vocabulary_specialization", lambda: vocabulary_specialization(pooled, min_count=5 if micro else 20)),
-        ("routing_consistency", lambda: routing_consistency(pooled)),
-        ("router_similarity", lambda: RouterAnalyzer(wrapper).compute_router_similarity_matrix()),
-        ("router_subspaces", lambda: RouterAnalyzer(wrapper).analyze_router_subspaces()),
-        ("expert_alignment", lambda: ExpertAnalyzer(wrapper, device=wrapper.device).analyze_expert_router_alignment(
-            num_random=50 if micro else 200)),  # one SVD per expert: on the model's device (a GPU for real models)
-    ]
-    if len(ckpt_rows) > 1:
-        steps += [
-            ("checkpoint_dynamics", lambda: checkpoint_dynamics(
-                [(name, step if step is not None else i, CacheStream([sweep[d][i][2] for d in datasets]))
-                 for i, (name, step, _) in enumerate(ckpt_rows)])),
-            ("router_drift", lambda: router_weight_drift(router_weights, names=[n for n, _, _ in ckpt_rows])),
-        ]
-    else:
+    if len(sweep.checkpoints) == 1:
         res.skipped["checkpoint_dynamics"] = "one checkpoint only: pass --checkpoints to study routing over training"
-    if collaboration:
-        steps.append(("collaboration", lambda: CollaborationMiner(n_components=8 if micro else 16, max_iter=50 if micro else 200).fit(pooled)))
-    else:
+    if not collaboration:
         res.skipped["collaboration"] = "turned off (--no-collaboration)"
-    bar = tqdm(steps, desc="analyses", unit="analysis", disable=not progress)
-    for name, fn in bar:
-        bar.set_postfix_str(name)
+    found = fold(sweep_stream(sweep), routing_accumulators(sweep, micro=micro, collaboration=collaboration),
+                 progress=progress, desc="analyses (one pass over the caches)", timings=res.timings)
+    for name, fn in weight_analyses(wrapper, sweep, micro=micro):
         t0 = time.perf_counter()
-        value = fn()
+        found[name] = fn()
         res.timings[name] = round(time.perf_counter() - t0, 3)
+    for name, value in found.items():
         if value is None:
             res.skipped[name] = "the cache holds no router logits (compact storage)"
         else:
             res.results[name] = value
-    by_ds = res.results.get("correlation_by_dataset") or {}
-    names = list(by_ds)
+    by_ds = res.results.get("correlation_by_dataset")
+    names = list(by_ds or [])
     if len(names) >= 2:
         res.results["correlation_difference"] = {
             f"{a} - {b}": correlation_difference(by_ds[a], by_ds[b]) for a, b in zip(names, names[1:])
@@ -154,5 +156,5 @@ def run_analyses(
 def _ablation(wrapper: Any, tokenized: dict[str, Any], stats: Any, max_tokens: int, progress: bool) -> Any:
     """Ablate, at each layer, the most-used expert and (as a control) the least-used one."""
     merged = TokenizedDataset.concat([tok.head_tokens(max_tokens) for tok in tokenized.values()])
-    targets, labels = most_used_targets(np.asarray(stats.utilization), list(stats.moe_layers))
+    targets, labels = most_and_least_used_experts(np.asarray(stats.utilization), list(stats.moe_layers))
     return ablation_study(wrapper, merged, targets, labels=labels, batch_size=16, progress=progress)

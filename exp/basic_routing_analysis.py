@@ -4,13 +4,13 @@
     uv run exp/basic_routing_analysis.py --model allenai/OLMoE-1B-7B-0924 \\
         --datasets fineweb,gsm8k,humaneval --checkpoints auto --device cuda --dtype bfloat16 --wandb
 
-Stages: model and checkpoints (``exp.collection``), routing caches (reused across runs),
-analyses (``exp.analysis_suite``), findings (``exp.findings``), report (``viz.run_report``).
+Stages: the embedded model's training (only if it is missing), model and checkpoints, routing
+caches (``exp.collection``; reused across runs), analyses in one pass over the caches
+(``exp.analysis_suite``), findings (``exp.findings``), report (``viz.run_report``).
 """
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from dataclasses import dataclass
@@ -21,7 +21,6 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from exp.run_options import OptionsError, RunOptions, make_options, parse_options  # noqa: E402
-from viz._io import atomic_write_text as _atomic_write_text  # noqa: E402
 
 
 @dataclass
@@ -39,7 +38,7 @@ class RunSummary:
 
 
 def _run_name(opts: RunOptions, model_name: str) -> str:
-    from core.checkpoints import model_slug
+    from core.collection.sweep import model_slug
 
     name = model_slug(model_name)
     return opts.run_name or (name + ("-micro" if opts.micro and "micro" not in name else ""))
@@ -59,14 +58,19 @@ class BasicRoutingAnalysis:
 
     def run(self) -> RunSummary:
         """Do the whole job; returns where the report is."""
+        from core.safe_io import atomic_write_json, atomic_write_text
         from exp.analysis_suite import run_analyses
-        from exp.collection import collect_all, load_tokenized, open_wrapper, resolve_model, router_weights_over_checkpoints
+        from exp.collection import collect_all, load_tokenized, open_wrapper, resolve_model, train_embedded_model
         from exp.findings import findings, headline_numbers, warnings_of
 
         opts = self.options
         t0 = time.perf_counter()
         say = print if opts.progress else (lambda *a, **k: None)
-        target = resolve_model(opts)
+        embedded_run = None
+        if opts.model is None:
+            say("[0/4] the embedded model (trained on the bundled corpus if it is not there yet)")
+            embedded_run = train_embedded_model(opts)
+        target = resolve_model(opts, embedded_run)
         say(f"[1/4] model {target.name}: {len(target.checkpoints)} checkpoint(s): {', '.join(c.name for c in target.checkpoints)}")
         wrapper = open_wrapper(target, target.final, opts)
         if wrapper.tokenizer is None:
@@ -74,9 +78,8 @@ class BasicRoutingAnalysis:
         tokenized = load_tokenized(opts, wrapper.tokenizer)
         say(f"[2/4] collecting routing on {', '.join(f'{n} ({t.num_tokens} tokens)' for n, t in tokenized.items())}")
         sweep = collect_all(opts, target, tokenized, final_wrapper=wrapper)
-        weights = router_weights_over_checkpoints(opts, target)
         say("[3/4] analysing")
-        results = run_analyses(wrapper, sweep, weights, tokenized, ablation=opts.ablation, ablation_tokens=opts.ablation_tokens,
+        results = run_analyses(wrapper, sweep, tokenized, ablation=opts.ablation, ablation_tokens=opts.ablation_tokens,
                                collaboration=opts.collaboration, micro=opts.micro, progress=opts.progress)
         results.model.update({"checkpoints": [c.name for c in target.checkpoints], "embedded": target.embedded})
         headline, found, warns = headline_numbers(results), findings(results), warnings_of(results)
@@ -85,8 +88,7 @@ class BasicRoutingAnalysis:
         run_dir.mkdir(parents=True, exist_ok=True)
         say(f"[4/4] writing {run_dir}")
         metrics = {"options": opts.to_dict(), "headline": headline, "findings": found, "warnings": warns, **results.to_dict()}
-        metrics_path = run_dir / "metrics.json"
-        _atomic_write_text(metrics_path, json.dumps(metrics, indent=1, default=_json_default, allow_nan=False))
+        metrics_path = atomic_write_json(run_dir / "metrics.json", metrics, durable=False)
         report_path, figs = self._write_report(run_dir, results, target, tokenized, wrapper, found, warns)
         if opts.static != "none":
             from viz.static_export import export_many
@@ -98,7 +100,7 @@ class BasicRoutingAnalysis:
         seconds = time.perf_counter() - t0
         summary = RunSummary(run_dir=run_dir, report=report_path, metrics=metrics_path, headline=headline, findings=found,
                              warnings=warns, seconds=seconds, wandb_dir=wandb_dir)
-        _atomic_write_text(run_dir / "summary.md", _summary_markdown(summary, target.name))
+        atomic_write_text(run_dir / "summary.md", _summary_markdown(summary, target.name))
         return summary
 
     def _write_report(self, run_dir: Path, results: Any, target: Any, tokenized: dict, wrapper: Any,
@@ -122,42 +124,15 @@ class BasicRoutingAnalysis:
         return report.write(run_dir), figs
 
     def _log_wandb(self, run_dir: Path, metrics: dict, headline: dict, figs: dict, report: Path) -> Path:
-        from viz.wandb_logger import WandbLogger
+        from viz.wandb_logger import WandbLogger, flatten_metrics
 
         logger = WandbLogger(self.options.wandb_project, run_dir, name=run_dir.name, config=self.options.to_dict())
-        logger.log_summary({k: v for k, v in _flat(headline).items()})
+        logger.log_summary(flatten_metrics(headline, strict=False))
         for name, fig in figs.items():
             logger.log_figure(f"figures/{name}", fig)
         logger.log_file(report)
         logger.log_file(run_dir / "metrics.json")
         return logger.finish()
-
-
-def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flat(v, key + "/"))
-        elif isinstance(v, (int, float)):
-            out[key] = v
-        elif isinstance(v, list) and all(isinstance(x, (int, float)) for x in v):
-            out.update({f"{key}/{i}": x for i, x in enumerate(v)})
-    return out
-
-
-def _json_default(o: Any) -> Any:
-    import numpy as np
-
-    if isinstance(o, np.ndarray):
-        return np.where(np.isfinite(o), o, None).tolist() if o.dtype.kind == "f" else o.tolist()
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o) if np.isfinite(o) else None
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serializable: {type(o).__name__}")
 
 
 def _summary_markdown(s: RunSummary, model: str) -> str:
@@ -170,14 +145,18 @@ def _summary_markdown(s: RunSummary, model: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from core.checkpoints import CheckpointError
-    from core.model_wrapper import ModelLoadError
-    from core.moe_discovery import NoRoutersError
-    from core.routing_cache import CacheError
+    try:
+        opts = parse_options(argv)  # before the heavy imports: --help and option errors answer at once
+    except OptionsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from core.collection.cache_format import CacheError
+    from core.collection.checkpoints import CheckpointError
+    from core.model_access.discovery import NoRoutersError
+    from core.model_access.loading import ModelLoadError
     from data import DataError
 
     try:
-        opts = parse_options(argv)
         summary = BasicRoutingAnalysis(options=opts).run()
     except (OptionsError, ModelLoadError, NoRoutersError, CacheError, CheckpointError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)  # what is wrong, in one line, not a stack trace

@@ -15,7 +15,6 @@ paired passes is printed beside it. Prints tokens/s of each, their ratio (target
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -29,7 +28,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from core.activation_collector import DEFAULT_SHARD_TOKENS, ActivationCollector, TokenRows  # noqa: E402
+from core.collection.collector import DEFAULT_SHARD_TOKENS, ActivationCollector, TokenRows  # noqa: E402
 
 MODELS = ("default", "tiny-olmoe", "olmoe-shape")
 
@@ -37,8 +36,8 @@ MODELS = ("default", "tiny-olmoe", "olmoe-shape")
 def build_model(name: str, models_dir: Path) -> tuple[torch.nn.Module | str, str]:
     """The model to benchmark and a line saying what it is."""
     if name == "default":
-        from core.moe_model import StudyMoeConfig, StudyMoeForCausalLM
-        from core.moe_training import DEFAULT_CONFIG, TrainConfig
+        from core.study_moe.model import StudyMoeConfig, StudyMoeForCausalLM
+        from core.study_moe.config import DEFAULT_CONFIG, TrainConfig
 
         cfg = TrainConfig.from_yaml(DEFAULT_CONFIG)
         run_dir = models_dir / cfg.run_name
@@ -149,7 +148,7 @@ def olmoe_bytes_per_token(layers: int = 16, experts: int = 64, k: int = 8) -> di
     return {"full": compact + layers * experts * 2, "compact": compact}
 
 
-def main(argv: list[str] | None = None) -> dict:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="default",
                    help=f"one of {MODELS} or a Hub name / local model folder (default: the embedded model)")
@@ -161,13 +160,59 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--models-dir", type=Path, default=REPO_ROOT / "models")
     p.add_argument("--out", type=Path, default=None, help="also write the numbers as JSON here")
+    return p
+
+
+def summarize(runs: dict[str, list[dict]], tokens: int) -> dict:
+    """Best-of-repeats estimates (robust to a shared CPU) and the median of the paired per-pass ratios."""
+    all_runs = [r for k in runs for r in runs[k]]
+    ref_s = best_of(all_runs, "reference")
+    trace_s = best_of(all_runs, "trace")  # tracing is the same work in every mode: use every sample
+    seconds = {k: trace_s + min(r["rest_s"] for r in runs[k]) for k in runs}
+    paired = {k: [sum(r["reference"]) / (sum(r["trace"]) + r["rest_s"]) for r in runs[k]] for k in runs}
+    return {
+        "tokens_per_s": {"reference": tokens / ref_s, **{k: tokens / seconds[k] for k in runs}},
+        "ratio_vs_forward": {k: ref_s / seconds[k] for k in runs},
+        "paired_ratio_median": {k: statistics.median(v) for k, v in paired.items()},
+        "paired_ratio_per_repeat": paired,
+        "bytes_per_token": {k: runs[k][0]["bytes_per_token"] for k in ("full", "compact")},
+        "olmoe_1b_7b_bytes_per_token": olmoe_bytes_per_token(),
+        "overhead_s": {"tracing": trace_s - ref_s, "writing": min(r["rest_s"] for r in runs["full"]), "reference": ref_s},
+    }
+
+
+def print_table(result: dict) -> None:
+    """The numbers as a table, each mode's rate and its ratio to the plain forward."""
+    tps, ratio, paired = result["tokens_per_s"], result["ratio_vs_forward"], result["paired_ratio_per_repeat"]
+    over, bpt, tokens = result["overhead_s"], result["bytes_per_token"], result["tokens"]
+    print(f"\n{'':28}{'tokens/s':>10}{'ratio':>8}{'paired median':>15}   paired per repeat")
+    print(f"{'model forward (reference)':28}{tps['reference']:10.0f}{1.0:8.2f}")
+    for label, key in [("trace only (no cache)", "trace"), ("collect, full storage", "full"),
+                       ("collect, compact storage", "compact")]:
+        per = ", ".join(f"{x:.2f}" for x in paired[key])
+        print(f"{label:28}{tps[key]:10.0f}{ratio[key]:8.2f}{result['paired_ratio_median'][key]:15.2f}   {per}")
+    print(f"\nratio collection/forward, full storage: {ratio['full']:.2f} (best of {result['repeats']} per batch), "
+          f"{result['paired_ratio_median']['full']:.2f} (median of paired passes); target >= 0.80")
+    print(f"overhead per pass of {tokens} tokens over the forward's {over['reference']:.3f} s: "
+          f"tracing {over['tracing']:+.3f} s, cache writing {over['writing']:+.3f} s")
+    print(f"bytes per token on disk: full {bpt['full']:.1f}, compact {bpt['compact']:.1f}")
+    ob = result["olmoe_1b_7b_bytes_per_token"]
+    print(f"  (OLMoE-1B-7B shape, 16 layers x 64 experts, top-8: full {ob['full']} B/token, compact {ob['compact']} B/token)")
+    if ratio["full"] < 0.8:
+        print(f"below target: tracing (nnsight interleaving, reading the experts' inputs) costs {over['tracing']:.3f} s "
+              f"and writing {over['writing']:.3f} s per pass")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = _parser()
     args = p.parse_args(argv)
     if args.batch_size < 1 or args.rows < 1 or args.seq_len < 2 or args.repeats < 1:
         p.error("--batch-size, --rows, --repeats must be >= 1 and --seq-len >= 2")
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from core.model_wrapper import MoEModelWrapper
+    from core.model_access.wrapper import MoEModelWrapper
+    from core.safe_io import atomic_write_json
 
     model, what = build_model(args.model, args.models_dir)
     wrapper = MoEModelWrapper(model)
@@ -191,44 +236,11 @@ def main(argv: list[str] | None = None) -> dict:
                 raise RuntimeError(f"cache holds {r['tokens']} tokens, expected {tokens}")
             runs[key].append(r)
 
-    # best-of-repeats estimate (robust to a shared CPU) and the median of the paired per-pass ratios
-    all_runs = [r for k in modes for r in runs[k]]
-    ref_s = best_of(all_runs, "reference")
-    trace_s = best_of(all_runs, "trace")  # tracing is the same work in every mode: use every sample
-    seconds = {k: trace_s + min(r["rest_s"] for r in runs[k]) for k in modes}
-    ratio = {k: ref_s / seconds[k] for k in modes}
-    paired = {k: [sum(r["reference"]) / (sum(r["trace"]) + r["rest_s"]) for r in runs[k]] for k in modes}
-    trace_over = trace_s - ref_s
-    write_s = min(r["rest_s"] for r in runs["full"])
-    bpt = {k: runs[k][0]["bytes_per_token"] for k in ("full", "compact")}
-    result = {
-        "model": what, "batch_size": args.batch_size, "seq_len": args.seq_len, "tokens": tokens,
-        "threads": torch.get_num_threads(), "repeats": args.repeats,
-        "tokens_per_s": {"reference": tokens / ref_s, **{k: tokens / seconds[k] for k in modes}},
-        "ratio_vs_forward": ratio, "paired_ratio_median": {k: statistics.median(v) for k, v in paired.items()},
-        "paired_ratio_per_repeat": paired,
-        "bytes_per_token": bpt, "olmoe_1b_7b_bytes_per_token": olmoe_bytes_per_token(),
-        "overhead_s": {"tracing": trace_over, "writing": write_s, "reference": ref_s},
-    }
-    print(f"\n{'':28}{'tokens/s':>10}{'ratio':>8}{'paired median':>15}   paired per repeat")
-    print(f"{'model forward (reference)':28}{tokens / ref_s:10.0f}{1.0:8.2f}")
-    for label, key in [("trace only (no cache)", "trace"), ("collect, full storage", "full"),
-                       ("collect, compact storage", "compact")]:
-        per = ", ".join(f"{x:.2f}" for x in paired[key])
-        print(f"{label:28}{tokens / seconds[key]:10.0f}{ratio[key]:8.2f}{statistics.median(paired[key]):15.2f}   {per}")
-    print(f"\nratio collection/forward, full storage: {ratio['full']:.2f} (best of {args.repeats} per batch), "
-          f"{statistics.median(paired['full']):.2f} (median of paired passes); target >= 0.80")
-    print(f"overhead per pass of {tokens} tokens over the forward's {ref_s:.3f} s: "
-          f"tracing {trace_over:+.3f} s, cache writing {write_s:+.3f} s")
-    print(f"bytes per token on disk: full {bpt['full']:.1f}, compact {bpt['compact']:.1f}")
-    ob = result["olmoe_1b_7b_bytes_per_token"]
-    print(f"  (OLMoE-1B-7B shape, 16 layers x 64 experts, top-8: full {ob['full']} B/token, compact {ob['compact']} B/token)")
-    if ratio["full"] < 0.8:
-        print(f"below target: tracing (nnsight interleaving, reading the experts' inputs) costs {trace_over:.3f} s "
-              f"and writing {write_s:.3f} s per pass")
+    result = {"model": what, "batch_size": args.batch_size, "seq_len": args.seq_len, "tokens": tokens,
+              "threads": torch.get_num_threads(), "repeats": args.repeats, **summarize(runs, tokens)}
+    print_table(result)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1) + "\n")
+        atomic_write_json(args.out, result)
         print(f"wrote {args.out}")
     return result
 

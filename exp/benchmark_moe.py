@@ -32,15 +32,13 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from core.moe_layer import StudyMoeSparseBlock  # noqa: E402
-from viz._io import atomic_write_text  # noqa: E402
+from core.safe_io import atomic_write_text  # noqa: E402
 
 IMPLEMENTATIONS = ("ours", "dense", "olmoe")
 
@@ -71,6 +69,8 @@ def build_modules(hidden: int, intermediate: int, experts: int, top_k: int, capa
         num_experts=experts, num_experts_per_tok=top_k, hidden_size=hidden, intermediate_size=intermediate,
         hidden_act="silu", routing="topk", norm_topk_prob=False, capacity_factor=capacity, router_jitter_noise=0.0,
     )
+    from core.study_moe.layer import StudyMoeSparseBlock
+
     ours = StudyMoeSparseBlock(cfg)
     ocfg = OlmoeConfig(hidden_size=hidden, intermediate_size=intermediate, num_experts=experts, num_experts_per_tok=top_k)
     ocfg._experts_implementation = "eager"

@@ -1,37 +1,29 @@
 """Stage 1 of the main run: which model and checkpoints, which tokens, and their routing caches.
 
 Caches are keyed by model, checkpoint, dataset, the exact token rows and the collection
-settings (see ``core.checkpoints.sweep_checkpoints``), so a second run with the same options
-reuses every cache without loading a model, and a run with other options never reads stale
-routing. Each checkpoint's router weights are stored beside its caches for the drift analysis.
+settings (see ``core.collection.sweep``), so a second run with the same options reuses every
+cache without loading a model, and a run with other options never reads stale routing.
+Training the embedded model is a step of its own (:func:`train_embedded_model`), before this.
 """
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors.torch import load_file, save_file
-
-from core.checkpoints import (
+from core.collection.checkpoints import (
     Checkpoint,
+    CheckpointError,
     list_hub_checkpoints,
     list_local_checkpoints,
-    model_slug,
-    open_sweep,
     parse_checkpoint_name,
     select_checkpoints,
-    sweep_checkpoints,
 )
-from core.model_wrapper import MoEModelWrapper
-from core.routing_cache import RoutingCache
+from core.collection.sweep import Sweep, sweep_checkpoints, weights_digest
+from core.model_access.wrapper import MoEModelWrapper
 from data import DatasetLoader, TokenizedDataset, tokenize_documents
 from exp.run_options import REPO_ROOT, RunOptions
-
-ROUTER_WEIGHTS_FILE = "router_weights.safetensors"
 
 
 @dataclass
@@ -56,41 +48,25 @@ class ModelTarget:
         return f"{self.name}@{self.weights_digest}" if self.weights_digest else self.name
 
 
-def weights_digest(folder: Path, whole_file_limit: int = 256 << 20) -> str:
-    """A short digest of a local model's weight files (whole files up to 256 MB, else their size, head and tail).
-
-    Caches are keyed by model name and checkpoint; for a local folder the name says nothing
-    about the weights, so a retrained model would otherwise be analysed with stale routing.
-    """
-    h = hashlib.sha256()
-    files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin"))
-    if not files:
-        raise FileNotFoundError(f"no weight files (*.safetensors, *.bin) in {folder}")
-    for f in files:
-        size = f.stat().st_size
-        h.update(f"{f.name}:{size}".encode())
-        with open(f, "rb") as fh:
-            if size <= whole_file_limit:
-                for block in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(block)
-            else:
-                part = min(16 << 20, whole_file_limit)
-                h.update(fh.read(part))
-                fh.seek(max(size - part, part))
-                h.update(fh.read())
-    return h.hexdigest()[:12]
+def embedded_config(opts: RunOptions) -> Path:
+    return REPO_ROOT / "configs" / ("train_micro.yaml" if opts.micro else "train_default.yaml")
 
 
-def resolve_model(opts: RunOptions) -> ModelTarget:
-    """The model and checkpoints named by the options; trains the embedded default if it is missing."""
+def train_embedded_model(opts: RunOptions) -> Path:
+    """The embedded default model's run folder, training it first if it is not there yet."""
+    from core.study_moe.training import ensure_default_model
+
+    return ensure_default_model(opts.models_dir, config=embedded_config(opts), progress=opts.progress)
+
+
+def resolve_model(opts: RunOptions, embedded_run: Path | None = None) -> ModelTarget:
+    """The model and checkpoints named by the options (``embedded_run``: the trained embedded model's folder)."""
     if opts.model is None:
-        from core.moe_training import ensure_default_model
-
-        config = REPO_ROOT / "configs" / ("train_micro.yaml" if opts.micro else "train_default.yaml")
-        run_dir = ensure_default_model(opts.models_dir, config=config, progress=opts.progress)
-        ckpts = select_checkpoints(list_local_checkpoints(run_dir), n=opts.max_checkpoints, spacing="log")
-        return ModelTarget(name=f"embedded/{run_dir.name}", source=str(run_dir), revision=None,
-                           checkpoints=ckpts, embedded=True, run_dir=run_dir, weights_digest=weights_digest(run_dir))
+        if embedded_run is None or not (embedded_run / "checkpoints.json").is_file():
+            raise CheckpointError("the embedded model is not trained yet: run train_embedded_model(options) first")
+        ckpts = select_checkpoints(list_local_checkpoints(embedded_run), n=opts.max_checkpoints, spacing="log")
+        return ModelTarget(name=f"embedded/{embedded_run.name}", source=str(embedded_run), revision=None,
+                           checkpoints=ckpts, embedded=True, run_dir=embedded_run, weights_digest=weights_digest(embedded_run))
     local = Path(opts.model).expanduser()
     if local.is_dir() and (local / "checkpoints.json").exists():  # a local training run: its revisions are checkpoints
         ckpts = list_local_checkpoints(local)
@@ -114,6 +90,8 @@ def resolve_model(opts: RunOptions) -> ModelTarget:
 
 def open_wrapper(target: ModelTarget, ckpt: Checkpoint, opts: RunOptions) -> MoEModelWrapper:
     """The model at one checkpoint (a local folder or a Hub revision)."""
+    if target.embedded:
+        import core.study_moe.model  # noqa: F401  registers the toolkit's own model type with transformers' Auto*
     return MoEModelWrapper(ckpt.path or target.source, revision=ckpt.revision, device=opts.device, dtype=opts.dtype,
                            trust_remote_code=opts.trust_remote_code)
 
@@ -126,7 +104,7 @@ def load_tokenized(opts: RunOptions, tokenizer: Any, loader: DatasetLoader | Non
     """
     offline = opts.offline if opts.offline is not None else (True if opts.model is None else None)
     loader = loader or DatasetLoader(offline=offline)
-    docs = loader.load_domains(opts.datasets, num_samples_per_dataset=opts.num_samples, seed=opts.seed)
+    docs = loader.load_datasets(opts.datasets, num_samples_per_dataset=opts.num_samples, seed=opts.seed)
     domains = list(dict.fromkeys(d.domain for d in docs))
     out = {}
     for name in opts.datasets:
@@ -137,41 +115,17 @@ def load_tokenized(opts: RunOptions, tokenizer: Any, loader: DatasetLoader | Non
     return out
 
 
-def _weights_path(cache_root: Path, target: ModelTarget, ckpt: Checkpoint) -> Path:
-    return cache_root / model_slug(target.cache_key) / model_slug(ckpt.name) / ROUTER_WEIGHTS_FILE
-
-
-def _save_router_weights(path: Path, weights: dict[int, torch.Tensor]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file({str(k): v.contiguous() for k, v in weights.items()}, str(tmp))
-    tmp.replace(path)
-
-
 def collect_all(opts: RunOptions, target: ModelTarget, tokenized: dict[str, TokenizedDataset],
-                final_wrapper: MoEModelWrapper | None = None) -> dict[str, list[tuple[str, int | None, RoutingCache]]]:
-    """Routing caches of every dataset at every checkpoint: ``{dataset: [(checkpoint, step, cache), ...]}``."""
+                final_wrapper: MoEModelWrapper | None = None) -> Sweep:
+    """Routing caches of every dataset at every checkpoint, and each checkpoint's router weights."""
     cache_root = Path(opts.cache_dir or Path(opts.results_dir) / "cache")
 
     def make_wrapper(ckpt: Checkpoint) -> MoEModelWrapper:
-        w = final_wrapper if (final_wrapper is not None and ckpt == target.final) else open_wrapper(target, ckpt, opts)
-        _save_router_weights(_weights_path(cache_root, target, ckpt), w.get_router_weights())
-        return w
+        if final_wrapper is not None and ckpt == target.final:
+            return final_wrapper
+        return open_wrapper(target, ckpt, opts)
 
-    index = sweep_checkpoints(
+    return sweep_checkpoints(
         target.checkpoints, tokenized, make_wrapper, cache_root, model_name=target.cache_key, batch_size=opts.batch_size,
-        storage=opts.storage, progress=opts.progress,
+        storage=opts.storage, shard_tokens=opts.shard_tokens, router_weights=True, progress=opts.progress,
     )
-    return {name: open_sweep(index, name, checkpoints=target.checkpoints) for name in tokenized}
-
-
-def router_weights_over_checkpoints(opts: RunOptions, target: ModelTarget) -> list[dict[int, torch.Tensor]]:
-    """Each checkpoint's router matrices, from beside its caches (loading the model only if they are missing)."""
-    cache_root = Path(opts.cache_dir or Path(opts.results_dir) / "cache")
-    out = []
-    for ckpt in target.checkpoints:
-        path = _weights_path(cache_root, target, ckpt)
-        if not path.exists():
-            _save_router_weights(path, open_wrapper(target, ckpt, opts).get_router_weights())
-        out.append({int(k): v for k, v in load_file(str(path)).items()})
-    return out

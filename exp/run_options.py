@@ -31,6 +31,7 @@ class RunOptions:
     max_length: int = 128
     batch_size: int = 16
     storage: str = "full"  # "full" (logits fp16) or "compact" (indices and weights only)
+    shard_tokens: int = 65_536  # tokens per cache shard: what the analyses hold in memory per checkpoint
     device: str = "cpu"
     dtype: str | None = None
     trust_remote_code: bool = False
@@ -102,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-length", type=int, help="tokens per sequence")
     ap.add_argument("--batch-size", type=int)
     ap.add_argument("--storage", choices=["full", "compact"], help="cache router logits (full) or only selections (compact)")
+    ap.add_argument("--shard-tokens", type=int, help="tokens per cache shard (memory per checkpoint during analysis)")
     ap.add_argument("--device", help="cpu, cuda, cuda:1, ...")
     ap.add_argument("--dtype", help="float32, bfloat16, float16 or auto")
     ap.add_argument("--trust-remote-code", action="store_true", default=None)
@@ -148,10 +150,14 @@ def make_options(**kwargs: Any) -> RunOptions:
         opts.max_length = min(opts.max_length, 64)
         opts.ablation_tokens = min(opts.ablation_tokens, 300)
         opts.max_checkpoints = min(opts.max_checkpoints, 3)
+        opts.batch_size = min(opts.batch_size, 4)
+        opts.shard_tokens = min(opts.shard_tokens, 128)  # several shards per cache, as at full size
     if opts.static not in ("png", "svg", "pdf", "none"):
         raise OptionsError(f"static must be png, svg, pdf or none, not {opts.static!r}")
     if opts.storage not in ("full", "compact"):
         raise OptionsError(f"storage must be 'full' or 'compact', not {opts.storage!r}")
+    if opts.shard_tokens < 1:
+        raise OptionsError(f"shard_tokens must be at least 1, not {opts.shard_tokens}")
     if not opts.datasets:
         raise OptionsError("no datasets given")
     return opts

@@ -6,7 +6,7 @@
     uv run exp/train_moe.py --grid                            # 4 experts x {top-1, top-2, random-1, random-2}
 
 A run is written to ``<models-dir>/<run_name>/`` (final model, ``step-*`` revisions,
-``checkpoints.json``, ``training_log.txt``, ``run_info.json``; see ``core.moe_training``). The
+``checkpoints.json``, ``training_log.txt``, ``run_info.json``; see ``core.study_moe.training``). The
 grid trains one run per arm and writes ``results/<grid_name>/grid_results.md`` and ``.json``:
 test loss, top-3 accuracy, per-layer routing entropy, per-layer utilization standard deviation
 and a sample continuing "Once upon a time".
@@ -25,8 +25,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from core.moe_training import DEFAULT_CONFIG, TrainConfig, train  # noqa: E402
-from viz._io import atomic_write_text  # noqa: E402
+from core.study_moe.config import DEFAULT_CONFIG, TrainConfig  # noqa: E402
+from core.safe_io import atomic_write_text  # noqa: E402
 
 # seed 002's grid: four experts, learned vs random routing, one or two experts per token
 GRID_ARMS = (
@@ -77,6 +77,8 @@ def run_grid(base: TrainConfig, models_dir: Path, results_dir: Path, overwrite: 
         cfg = TrainConfig.from_dict({**vars(base), **changes, "num_experts": GRID_EXPERTS, "run_name": f"{grid_name}-{arm}"})
         run_dir = models_dir / cfg.run_name
         if overwrite or not (run_dir / "run_info.json").is_file():
+            from core.study_moe.training import train
+
             run_dir = train(cfg, models_dir=models_dir, overwrite=True, progress=progress)
         info = json.loads((run_dir / "run_info.json").read_text())
         test = info["test"]
@@ -126,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.grid:
         run_grid(cfg, models_dir, Path(args.results_dir), args.overwrite, progress=not args.no_progress)
         return 0
+    from core.study_moe.training import train
+
     try:
         run_dir = train(cfg, models_dir=models_dir, overwrite=args.overwrite, progress=not args.no_progress)
     except FileExistsError as exc:

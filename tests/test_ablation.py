@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from core.model_wrapper import MoEModelWrapper
+from core.model_access.wrapper import MoEModelWrapper
 from tests.tiny_models import VOCAB, build
 
 
@@ -63,11 +63,11 @@ def test_ablating_a_used_expert_changes_the_loss_and_renormalizes(wrapped):
 
 
 def test_renormalize_keeps_row_totals():
-    from core.model_wrapper import _renormalize_without
+    from core.model_access.interventions import renormalize_without
 
     idx = torch.tensor([[0, 1], [2, 3], [0, 2]])
     w = torch.tensor([[0.6, 0.4], [0.5, 0.5], [0.7, 0.3]])
-    _renormalize_without(idx, w, [0])
+    renormalize_without(idx, w, [0])
     torch.testing.assert_close(w, torch.tensor([[0.0, 1.0], [0.5, 0.5], [0.0, 1.0]]))
 
 
@@ -80,7 +80,7 @@ def test_bad_ablation_requests_are_refused(wrapped):
 
 
 def test_ablation_study_reports_per_domain_deltas():
-    from core.ablation import ablation_study, most_used_targets
+    from core.analysis.ablation import ablation_study, most_and_least_used_experts
     from data.tokenization import TokenizedDataset
 
     model = build("gpt_oss", seed=5)
@@ -103,5 +103,5 @@ def test_ablation_study_reports_per_domain_deltas():
     assert np.abs(res.delta[1]).max() > 0
     plain = w.forward_loss(ids, mask)
     np.testing.assert_allclose(res.base_loss[0], plain[[0, 2]].nanmean().item(), rtol=1e-6)
-    targets, labels = most_used_targets(np.array([[0.5, 0.1, 0.4], [0.2, 0.3, 0.5]]), [1, 2])
-    assert targets == [{1: [0]}, {1: [1]}, {2: [2]}, {2: [0]}] and "most used" in labels[0]
+    targets, labels = most_and_least_used_experts(np.array([[0.5, 0.1, 0.4], [0.2, 0.3, 0.5]]), [1, 2])
+    assert targets == [{1: [0]}, {1: [1]}, {2: [2]}, {2: [0]}] and "most used" in labels[0] and "least used" in labels[1]

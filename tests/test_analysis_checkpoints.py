@@ -6,35 +6,28 @@ import numpy as np
 import pytest
 import torch
 
-from core.checkpoint_dynamics import checkpoint_dynamics, router_weight_drift, saturation
-from core.routing_data import RoutingData
+from core.analysis.checkpoint_dynamics import checkpoint_dynamics, router_weight_drift, saturation
+from tests.fakes import routing
 
 
 def _rd(idx, E=4, token_ids=None):
-    idx = torch.as_tensor(np.asarray(idx), dtype=torch.long)
-    n = idx.shape[0]
-    return RoutingData(
-        moe_layers=list(range(idx.shape[1])),
-        num_experts=E,
-        top_k=idx.shape[2],
-        topk_idx=idx,
-        topk_weight=torch.ones(idx.shape),
-        router_logits=torch.zeros(n, idx.shape[1], E),
-        token_ids=torch.arange(n) if token_ids is None else torch.as_tensor(token_ids),
-        positions=torch.arange(n),
-    )
+    n, L = np.shape(idx)[:2]
+    return routing(idx, E, logits=np.zeros((n, L, E)), token_ids=np.arange(n) if token_ids is None else token_ids,
+                   positions=np.arange(n))
 
 
 def test_saturation_self_is_one_and_partial_overlap():
     rng = np.random.default_rng(0)
     idx = np.stack([rng.permutation(4)[:2] for _ in range(30)]).reshape(30, 1, 2)
     final = _rd(np.concatenate([idx, idx], axis=1))
-    np.testing.assert_allclose(saturation(final, final), 1.0)
+    np.testing.assert_allclose(saturation(final, final).per_layer, 1.0)
     # layer 0 keeps one of two experts, layer 1 keeps both
     early = idx.copy()
     early[:, 0, 1] = [next(e for e in range(4) if e not in row) for row in idx[:, 0]]
     mid = _rd(np.concatenate([early, idx], axis=1))
-    np.testing.assert_allclose(saturation(mid.iter_chunks(7), final.iter_chunks(7)), [0.5, 1.0])
+    sat = saturation(mid.iter_chunks(7), final.iter_chunks(7))
+    np.testing.assert_allclose(sat.per_layer, [0.5, 1.0])
+    assert sat.mean == pytest.approx(0.75) and sat.num_tokens == final.num_tokens
     dyn = checkpoint_dynamics([("step100", 100, mid), ("final", 200, final)])
     np.testing.assert_allclose(dyn.saturation, [[0.5, 1.0], [1.0, 1.0]])
     np.testing.assert_allclose(dyn.utilization_tv[-1], 0.0)
@@ -60,7 +53,7 @@ def test_saturation_needs_same_tokens():
     b = _rd(np.zeros((5, 1, 1)), token_ids=[9, 9, 9, 9, 9])
     with pytest.raises(ValueError, match="token_ids differ"):
         saturation(a, b)
-    with pytest.raises(ValueError, match="5 vs 4"):
+    with pytest.raises(ValueError, match=r"stream\(s\) \[1\] end after 4 tokens"):
         saturation(a, _rd(np.zeros((4, 1, 1))))
 
 

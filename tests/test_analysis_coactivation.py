@@ -4,18 +4,13 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
-from core.coactivation import coactivation, routing_paths
-from core.routing_data import RoutingData
+from core.analysis.coactivation import coactivation, routing_paths
+from tests.fakes import routing
 
 
 def _rd(idx, E, weights=None):
-    idx = torch.as_tensor(np.asarray(idx), dtype=torch.long)
-    w = torch.ones(idx.shape) if weights is None else torch.as_tensor(weights, dtype=torch.float32)
-    return RoutingData(
-        moe_layers=list(range(idx.shape[1])), num_experts=E, top_k=idx.shape[2], topk_idx=idx, topk_weight=w
-    )
+    return routing(idx, E, weights=weights)
 
 
 def test_within_layer_conditional_probability():

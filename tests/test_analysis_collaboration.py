@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from core.collaboration import CollaborationMiner
+from core.analysis.collaboration import CollaborationMiner
 from core.routing_data import RoutingData
 
 L, E, K, G = 3, 8, 2, 4
@@ -97,7 +97,11 @@ def test_sampling_is_seeded_and_threshold_applies():
     b = CollaborationMiner(activation_threshold=0.1, sample_ratio=1 / 3).activation_matrix(rd)
     c = CollaborationMiner(activation_threshold=0.1, sample_ratio=1 / 3).activation_matrix(rd)
     np.testing.assert_array_equal(b.groups, c.groups)
+    np.testing.assert_array_equal(b.values, c.values)
     assert (b.values > 0).sum(1).tolist() == [L * K] * len(b.groups)
+    # another seed samples other tokens
+    d = CollaborationMiner(activation_threshold=0.1, sample_ratio=1 / 3, random_seed=7).activation_matrix(rd)
+    assert d.values.shape == b.values.shape and not np.array_equal(d.values, b.values)
 
 
 def test_bad_parameters():

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from core.correlations import (
+from core.analysis.correlations import (
     StreamingCorrelation,
     activation_correlations,
     correlation_difference,

@@ -7,20 +7,13 @@ import pytest
 import torch
 
 from core.routing_data import RoutingData
-from core.routing_stats import CollapseThresholds, RoutingStatsAccumulator, routing_stats
+from tests.fakes import routing
+from core.analysis.routing_stats import CollapseThresholds, RoutingStatsAccumulator, routing_stats
 
 
 def _routing(topk_idx, num_experts, logits=None):
-    idx = torch.as_tensor(np.asarray(topk_idx), dtype=torch.long)
-    n, L, k = idx.shape
-    return RoutingData(
-        moe_layers=list(range(L)),
-        num_experts=num_experts,
-        top_k=k,
-        topk_idx=idx,
-        topk_weight=torch.full((n, L, k), 1.0 / k),
-        router_logits=None if logits is None else torch.as_tensor(logits, dtype=torch.float32),
-    )
+    k = np.shape(topk_idx)[2]
+    return routing(topk_idx, num_experts, weights=np.full(np.shape(topk_idx), 1.0 / k), logits=logits)
 
 
 def _uniform(E=8, k=2, L=3, reps=10):

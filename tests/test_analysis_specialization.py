@@ -4,23 +4,13 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
-from core.routing_data import RoutingData
-from core.specialization import domain_specialization, routing_consistency, vocabulary_specialization
+from tests.fakes import routing
+from core import domain_specialization, routing_consistency, vocabulary_specialization
 
 
 def _rd(idx, E, **kw):
-    idx = torch.as_tensor(np.asarray(idx), dtype=torch.long)
-    kw = {k: torch.as_tensor(np.asarray(v), dtype=torch.long) if not k.endswith("names") else v for k, v in kw.items()}
-    return RoutingData(
-        moe_layers=list(range(idx.shape[1])),
-        num_experts=E,
-        top_k=idx.shape[2],
-        topk_idx=idx,
-        topk_weight=torch.ones(idx.shape),
-        **kw,
-    )
+    return routing(idx, E, **kw)
 
 
 def test_domain_specialization_against_k_over_e():

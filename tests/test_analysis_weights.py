@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from core.expert_analyzer import ExpertAnalyzer
-from core.router_analyzer import RouterAnalyzer, linear_cka
+from core.analysis.expert_alignment import ExpertAnalyzer
+from core.analysis.router_weights import RouterAnalyzer, linear_cka
 
 H, E, I = 48, 6, 4
 
@@ -119,7 +119,7 @@ def test_seed_api_as_written():
 
 
 def test_seed_api_on_a_tiny_olmoe_through_the_wrapper():
-    from core.model_wrapper import MoEModelWrapper
+    from core.model_access.wrapper import MoEModelWrapper
     from tests.tiny_models import build
 
     model = MoEModelWrapper(build("olmoe"))

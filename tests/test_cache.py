@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from core.routing_cache import (
+from core.collection.cache import (
     CacheCorruptError,
     CacheError,
     CacheIncompleteError,
@@ -15,7 +15,7 @@ from core.routing_cache import (
     RoutingCache,
     RoutingCacheWriter,
 )
-from tests.test_collector_fakes import FakeWrapper, make_rows
+from tests.fakes import FakeWrapper, make_rows
 
 
 def header(**over):
@@ -156,9 +156,9 @@ def test_caches_stream_into_analyses_like_loaded_routing(tmp_path):
     """A RoutingCache and a CacheStream of several caches are re-iterable inputs with the same results as loading."""
     import numpy as np
 
-    from core.correlations import cross_layer_correlation
-    from core.routing_cache import CacheStream
-    from core.routing_stats import routing_stats
+    from core.analysis.correlations import cross_layer_correlation
+    from core.collection.cache import CacheStream
+    from core.analysis.routing_stats import routing_stats
     from core.routing_data import RoutingData
 
     rd = routing(hidden=())

@@ -8,18 +8,16 @@ from types import SimpleNamespace
 import huggingface_hub
 import pytest
 
-from core.checkpoints import (
+from core.collection.checkpoints import (
     Checkpoint,
     CheckpointError,
     list_hub_checkpoints,
     list_local_checkpoints,
-    load_sweep_index,
-    open_sweep,
     parse_checkpoint_name,
     select_checkpoints,
-    sweep_checkpoints,
 )
-from tests.test_collector_fakes import FakeWrapper, make_rows
+from core.collection.sweep import checkpoint_loader, load_sweep_index, open_sweep, sweep_checkpoints
+from tests.fakes import FakeWrapper, make_rows
 
 B = 10**9
 
@@ -120,8 +118,13 @@ def test_sweep_writes_one_cache_per_checkpoint_and_dataset_and_an_index(tmp_path
         w.revision = c.revision
         return w
 
-    idx = sweep_checkpoints(ckpts, datasets, make_wrapper, tmp_path, model_name="allenai/OLMoE-1B-7B-0924",
-                            batch_size=2, shard_tokens=8, progress=False)
+    sweep = sweep_checkpoints(ckpts, datasets, make_wrapper, tmp_path, model_name="allenai/OLMoE-1B-7B-0924",
+                              batch_size=2, shard_tokens=8, progress=False)
+    idx = sweep.index_path
+    assert [c.dir for c in sweep.caches["toy"]] == [
+        tmp_path / "allenai__OLMoE-1B-7B-0924" / c.name / "toy" for c in ckpts]
+    assert sweep.final("toy").dir == sweep.caches["toy"][-1].dir
+    assert sweep.datasets == ["toy", "other"]
     assert idx == tmp_path / "allenai__OLMoE-1B-7B-0924" / "index.json"
     entries = load_sweep_index(idx)["entries"]
     assert [(e["checkpoint"], e["dataset"]) for e in entries] == [
@@ -140,8 +143,7 @@ def test_sweep_writes_one_cache_per_checkpoint_and_dataset_and_an_index(tmp_path
 
 
 def test_checkpoint_loader_picks_folder_or_revision(monkeypatch):
-    import core.model_wrapper as mw
-    from core.checkpoints import checkpoint_loader
+    import core.model_access.wrapper as mw
 
     calls = []
     monkeypatch.setattr(mw, "MoEModelWrapper", lambda model, **kw: calls.append((model, kw)) or "wrapper")
@@ -157,7 +159,7 @@ def test_open_sweep_defaults_to_the_latest_sweeps_checkpoints(tmp_path):
     kw = dict(model_name="m", batch_size=2, shard_tokens=8, progress=False)
     datasets = {"toy": make_rows(3, 5)}
     sweep_checkpoints([a, b], datasets, lambda c: FakeWrapper(), tmp_path, **kw)
-    idx = sweep_checkpoints([b], datasets, lambda c: FakeWrapper(), tmp_path, **kw)
+    idx = sweep_checkpoints([b], datasets, lambda c: FakeWrapper(), tmp_path, **kw).index_path
     assert [n for n, _, _ in open_sweep(idx, "toy")] == [b.name]
     assert [n for n, _, _ in open_sweep(idx, "toy", checkpoints=[a, b])] == [a.name, b.name]
     with pytest.raises(CheckpointError, match="step1-tokens1B"):

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import core.routing_cache as rc
-from core.activation_collector import ActivationCollector
-from core.routing_cache import CacheMismatchError, RoutingCache
-from tests.test_collector_fakes import FakeTokenizer, FakeWrapper, Killed, make_rows
+import core.collection.cache as rc
+from core.collection.collector import ActivationCollector
+from core.collection.cache import CacheMismatchError, RoutingCache
+from tests.fakes import FakeTokenizer, FakeWrapper, Killed, make_rows
 
 KW = dict(batch_size=3, shard_tokens=10, progress=False)
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,9 +93,9 @@ def test_sigkill_mid_write_resumes_to_identical_cache(tmp_path, reference):
     script = textwrap.dedent(f"""
         import os, signal, sys
         sys.path.insert(0, {str(ROOT)!r})
-        import core.routing_cache as rc
-        from core.activation_collector import ActivationCollector
-        from tests.test_collector_fakes import FakeWrapper, make_rows
+        import core.collection.cache as rc
+        from core.collection.collector import ActivationCollector
+        from tests.fakes import FakeWrapper, make_rows
         real, n = rc.atomic_write_bytes, [0]
         def write(path, payload):
             if path.name.startswith("shard-"):
@@ -183,3 +183,11 @@ def test_cache_of_only_padding_rows(tmp_path):
     rows.attention_mask[:] = 0
     cache = ActivationCollector(FakeWrapper()).collect(rows, tmp_path, batch_size=2, progress=False)
     assert cache.num_tokens == 0 and cache.complete and cache.load().topk_idx.shape == (0, 2, 2)
+
+
+def test_fake_wrapper_is_deterministic():
+    rows = make_rows()
+    a = FakeWrapper().trace_routing(rows.input_ids, rows.attention_mask)
+    b = FakeWrapper().trace_routing(rows.input_ids, rows.attention_mask)
+    assert torch.equal(a.router_logits, b.router_logits)
+    assert a.num_tokens == int(rows.attention_mask.sum())

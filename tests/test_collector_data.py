@@ -5,11 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from core.activation_collector import ActivationCollector
-from tests.test_collector_fakes import FakeWrapper
-
-data = pytest.importorskip("data")
-
+import data
+from core.collection.collector import ActivationCollector
+from tests.fakes import FakeWrapper
 
 def word_tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers

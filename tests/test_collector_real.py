@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 
-from core.activation_collector import ActivationCollector, trimmed_batch
+from core.collection.collector import ActivationCollector, trimmed_batch
+from core.model_access.wrapper import MoEModelWrapper
 from core.routing_data import RoutingData
-from tests.test_collector_fakes import make_rows
+from tests.fakes import make_rows
+from tests.tiny_models import build
 
 
 def test_real_wrapper_on_tiny_olmoe(tmp_path):
-    wrapper_mod = pytest.importorskip("core.model_wrapper")
-    from tests.tiny_models import build
-
-    w = wrapper_mod.MoEModelWrapper(build("olmoe"))
+    w = MoEModelWrapper(build("olmoe"))
     rows = make_rows(num_rows=6, width=12)
     rows.input_ids = rows.input_ids % 90
     cache = ActivationCollector(w, progress=False).collect(rows, tmp_path, batch_size=4, shard_tokens=16, hidden_layers=[1])

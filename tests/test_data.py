@@ -129,16 +129,16 @@ def test_seed_readme_calls(loader):
     assert len(stories) == 5 and meta[0]["domain"] == "stories"
 
 
-def test_load_domains_gives_unique_ids(loader):
-    docs = loader.load_domains(["gsm8k", "humaneval", "alice"], num_samples_per_dataset=4, seed=1)
+def test_load_datasets_gives_unique_ids(loader):
+    docs = loader.load_datasets(["gsm8k", "humaneval", "alice"], num_samples_per_dataset=4, seed=1)
     assert [d.doc_id for d in docs] == list(range(12))
     assert [d.dataset for d in docs] == ["gsm8k"] * 4 + ["humaneval"] * 4 + ["alice"] * 4
-    split_docs = loader.load_domains(["gsm8k"], 2, splits={"gsm8k": "train"})
+    split_docs = loader.load_datasets(["gsm8k"], 2, splits={"gsm8k": "train"})
     assert {d.meta["split"] for d in split_docs} == {"train"}
     with pytest.raises(DataError, match="repeat"):
-        loader.load_domains(["gsm8k", "gsm8k"], 2)
+        loader.load_datasets(["gsm8k", "gsm8k"], 2)
     with pytest.raises(DataError, match="non-empty list"):
-        loader.load_domains("gsm8k", 2)
+        loader.load_datasets("gsm8k", 2)
 
 
 def test_unknown_name_lists_known(loader):

@@ -107,7 +107,7 @@ def test_bad_input():
 
 def test_bpe_tokenizer_on_bundled_corpora():
     loader = DatasetLoader(offline=True)
-    documents = loader.load_domains(["gsm8k", "humaneval", "alice"], num_samples_per_dataset=5, seed=0)
+    documents = loader.load_datasets(["gsm8k", "humaneval", "alice"], num_samples_per_dataset=5, seed=0)
     bpe = Tokenizer(models.BPE(unk_token="[UNK]"))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["[UNK]", "<|endoftext|>"], show_progress=False)

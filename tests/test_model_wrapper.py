@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from core.model_wrapper import ModelLoadError, MoEModelWrapper
-from core.moe_discovery import MoESpec, NoRoutersError
+from core.model_access.wrapper import ModelLoadError, MoEModelWrapper
+from core.model_access.discovery import MoESpec, NoRoutersError
 from tests.tiny_models import FAMILIES, VOCAB, build
 
 FAMILY_NAMES = sorted(FAMILIES)

@@ -5,9 +5,10 @@ import math
 import pytest
 import torch
 
-from core.moe_evaluation import routing_accuracy, unigram_cross_entropy, utilization
-from core.moe_training import TrainConfig, checkpoint_steps, learning_rate, split_documents
-from core.tokenizer_training import train_bpe_tokenizer
+from core.study_moe.evaluation import routing_accuracy, unigram_cross_entropy, utilization
+from core.study_moe.config import TrainConfig, checkpoint_steps, learning_rate
+from core.study_moe.corpus import split_documents
+from core.study_moe.tokenizer import train_bpe_tokenizer
 from data.documents import Document
 
 

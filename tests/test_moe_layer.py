@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from core.moe_layer import (
+from core.study_moe.layer import (
     StudyMoeExperts,
     StudyMoeSparseBlock,
     StudyMoeTopKRouter,

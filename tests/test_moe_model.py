@@ -4,8 +4,8 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from core.moe_layer import load_balancing_loss, router_z_loss
-from core.moe_model import StudyMoeConfig, StudyMoeForCausalLM
+from core.study_moe.layer import load_balancing_loss, router_z_loss
+from core.study_moe.model import StudyMoeConfig, StudyMoeForCausalLM
 
 
 def tiny_config(**kw) -> StudyMoeConfig:

@@ -7,8 +7,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from core.moe_evaluation import record_router_outputs
-from core.moe_training import TrainConfig, ensure_default_model, load_checkpoint_list
+from core.study_moe.evaluation import record_router_outputs
+from core.collection.checkpoints import CheckpointError, list_local_checkpoints
+from core.study_moe.training import TrainConfig, ensure_default_model
 from viz.training_log import read_training_log
 
 MICRO = Path(__file__).resolve().parents[1] / "configs" / "train_micro.yaml"
@@ -41,16 +42,16 @@ def test_log_is_in_seed_000_format(run_dir):
 
 
 def test_revisions_are_dense_early_and_each_opens(run_dir):
-    ckpts = load_checkpoint_list(run_dir)
-    steps = [c["step"] for c in ckpts]
+    ckpts = list_local_checkpoints(run_dir)
+    steps = [c.step for c in ckpts]
     assert len(ckpts) >= 6 and steps[0] == 0 and steps[-1] == TrainConfig.from_yaml(MICRO).steps
     gaps = [b - a for a, b in zip(steps, steps[1:])]
     assert gaps == sorted(gaps), "checkpoints must be denser early"
-    assert [c["tokens"] for c in ckpts] == [s * 8 * 32 for s in steps]
+    assert [c.tokens for c in ckpts] == [s * 8 * 32 for s in steps]
     for c in ckpts:
-        path = Path(c["path"])
+        path = Path(c.path)
         assert path.is_absolute() and (path / "model.safetensors").is_file() and (path / "tokenizer.json").is_file()
-    first = AutoModelForCausalLM.from_pretrained(ckpts[0]["path"])
+    first = AutoModelForCausalLM.from_pretrained(ckpts[0].path)
     final = AutoModelForCausalLM.from_pretrained(run_dir)
     w0, w1 = first.model.layers[0].mlp.gate.weight, final.model.layers[0].mlp.gate.weight
     assert not torch.equal(w0, w1)
@@ -62,15 +63,15 @@ def test_ensure_default_model_reuses_a_finished_run(run_dir):
     assert (run_dir / "run_info.json").stat().st_mtime == before
 
 
-def test_load_checkpoint_list_of_a_missing_run_is_clear(tmp_path):
-    with pytest.raises(FileNotFoundError, match="checkpoints.json is missing"):
-        load_checkpoint_list(tmp_path)
+def test_listing_a_missing_run_is_clear(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        list_local_checkpoints(tmp_path / "nope")
 
 
 def test_saved_checkpoint_opens_through_wrapper_with_same_routing(run_dir):
-    from core.model_wrapper import MoEModelWrapper
+    from core.model_access.wrapper import MoEModelWrapper
 
-    path = load_checkpoint_list(run_dir)[-2]["path"]
+    path = list_local_checkpoints(run_dir)[-2].path
     wrapper = MoEModelWrapper(path)
     model = AutoModelForCausalLM.from_pretrained(path).eval()
     enc = wrapper.tokenizer(["Once upon a time there was", "def f(x): return x"], return_tensors="pt", padding=True)
@@ -113,3 +114,20 @@ def test_cli_overrides_parse_as_yaml():
         parse_overrides(["steps"])
     with pytest.raises(SystemExit):
         main(["--set", "stepz=3"])
+
+
+def test_the_seed_decides_the_weights(tmp_path):
+    """Same seed, same model bit for bit; another seed, another model (data split and initialisation)."""
+    from safetensors.torch import load_file
+
+    def weights(seed, name):
+        cfg = TrainConfig.from_yaml(MICRO, seed=seed, steps=3, warmup_steps=1, eval_every=3, num_checkpoints=2,
+                                    run_name=name)
+        from core.study_moe.training import train
+
+        return load_file(train(cfg, tmp_path, progress=False) / "model.safetensors")
+
+    a, b, c = weights(0, "a"), weights(0, "b"), weights(1, "c")
+    assert a.keys() == b.keys() == c.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a if a[k].shape == c[k].shape)

@@ -6,10 +6,13 @@ import json
 import os
 import shutil
 import subprocess
+from collections import Counter
 import sys
 from pathlib import Path
 
 import pytest
+
+from core.collection.cache import RoutingCache
 
 from exp.basic_routing_analysis import BasicRoutingAnalysis, main
 from exp.run_options import OptionsError, parse_options
@@ -29,12 +32,21 @@ def micro_run(tmp_path_factory):
     kwargs = dict(micro=True, results_dir=str(root / "results"), models_dir=str(root / "models"), progress=False, run_name="micro")
     first = BasicRoutingAnalysis(use_wandb=True, wandb_project="moe-routing-study-test", **kwargs).run()
     manifests = {p: p.stat().st_mtime_ns for p in (root / "results" / "cache").rglob("manifest.json")}
-    second = BasicRoutingAnalysis(static="none", **kwargs).run()
-    return root, first, second, manifests
+    reads = Counter()
+    real_read = RoutingCache._read_checked
+
+    def counting_read(self, i, verify):
+        reads[(self.dir, i, verify)] += 1
+        return real_read(self, i, verify)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(RoutingCache, "_read_checked", counting_read)
+        second = BasicRoutingAnalysis(static="none", **kwargs).run()
+    return root, first, second, manifests, reads
 
 
 def test_every_artifact_exists_and_is_well_formed(micro_run):
-    root, first, _, _ = micro_run
+    root, first, _, _, _ = micro_run
     run_dir = root / "results" / "micro"
     assert first.run_dir == run_dir
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -61,7 +73,7 @@ def test_every_artifact_exists_and_is_well_formed(micro_run):
 def test_wandb_offline_run_holds_what_was_logged(micro_run):
     from viz.wandb_logger import read_offline_run
 
-    _, first, _, _ = micro_run
+    _, first, _, _, _ = micro_run
     assert first.wandb_dir is not None and first.wandb_dir.exists()
     logged = read_offline_run(first.wandb_dir)
     text = json.dumps(logged, default=str)
@@ -69,7 +81,7 @@ def test_wandb_offline_run_holds_what_was_logged(micro_run):
 
 
 def test_second_run_reuses_every_cache(micro_run):
-    root, first, second, manifests = micro_run
+    root, first, second, manifests, _ = micro_run
     assert manifests, "the first run wrote no cache"
     for path, mtime in manifests.items():
         assert path.stat().st_mtime_ns == mtime, f"{path} was rewritten by the second run"
@@ -77,11 +89,25 @@ def test_second_run_reuses_every_cache(micro_run):
     assert second.headline["saturation"] == first.headline["saturation"]
 
 
+def test_cached_run_reads_every_shard_exactly_once(micro_run):
+    """All routing analyses share one pass: each shard of every cache is read (and its checksum checked) once."""
+    root, _, second, _, reads = micro_run
+    shards = {(RoutingCache.open(m.parent).dir, i)
+              for m in (root / "results" / "cache").rglob("manifest.json")
+              for i in range(RoutingCache.open(m.parent).num_shards)}
+    assert len(shards) > 9, "expected several shards per cache"
+    assert {(d, i) for d, i, _ in reads} == shards, "every shard of every cache is analysed"
+    assert all(n == 1 for n in reads.values()), f"shards read more than once: {[k for k, n in reads.items() if n > 1]}"
+    assert all(verify for _, _, verify in reads), "each shard's checksum is verified on its one read"
+    timings = json.loads(second.metrics.read_text())["timings_s"]
+    assert timings["reading"] > 0 and "routing_stats" in timings  # the one pass says what it spent reading
+
+
 @pytest.mark.skipif(shutil.which("chromium") is None and not os.environ.get("CI"), reason="Debian chromium not installed")
 def test_report_draws_in_a_real_browser(micro_run):
     from viz.browser_check import check_page
 
-    root, first, _, _ = micro_run
+    root, first, _, _, _ = micro_run
     result, _ = check_page(first.report)
     assert result.ok, result
     assert result.figures_total >= 15
@@ -120,7 +146,7 @@ def test_a_hugging_face_moe_from_a_local_directory(micro_run, tmp_path):
     """The path a researcher takes with OLMoE, on a tiny random OLMoE saved with the embedded tokenizer."""
     from transformers import AutoTokenizer, OlmoeConfig, OlmoeForCausalLM
 
-    root, _, _, _ = micro_run
+    root, _, _, _, _ = micro_run
     tok = AutoTokenizer.from_pretrained(root / "models" / "study-moe-micro")
     cfg = OlmoeConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=16, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=4, num_experts=4, num_experts_per_tok=2, pad_token_id=tok.pad_token_id,

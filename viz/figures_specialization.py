@@ -133,19 +133,11 @@ def vocabulary_specialization(
     )
 
 
-def collaboration_patterns(
-    atoms: np.ndarray,
-    pattern_domain_scores: np.ndarray,
-    layers: Sequence[int],
-    num_experts: int,
+def _check_patterns(
+    atoms: np.ndarray, pattern_domain_scores: np.ndarray, layers: Sequence[int], num_experts: int,
     domains: Sequence[str],
-    title: str | None = None,
-) -> go.Figure:
-    """Expert collaboration patterns (dictionary atoms over layer×expert) and their domains.
-
-    ``atoms [P, L*E]`` is laid out layer-major (column ``l * E + e``); the right panel shows
-    how strongly each pattern is used by each domain ``[P, D]``.
-    """
+) -> tuple[np.ndarray, np.ndarray, list[int], list[str]]:
+    """The collaboration figure's inputs as arrays, refused with one line when their shapes disagree."""
     atoms = as_array(atoms, 2, "atoms")
     pds = as_array(pattern_domain_scores, 2, "pattern_domain_scores")
     layers = [int(v) for v in layers]
@@ -159,6 +151,36 @@ def collaboration_patterns(
             f"pattern_domain_scores: has {pds.shape[0]} patterns but atoms has {atoms.shape[0]}"
         )
     names = [esc(d) for d in check_len(domains, pds.shape[1], "domains", "pattern_domain_scores columns")]
+    return atoms, pds, layers, names
+
+
+def _layer_bands(fig: go.Figure, layers: list[int], num_experts: int) -> None:
+    """Lines between layers' expert bands and one tick per layer (at most 16 labelled)."""
+    for i in range(1, len(layers)):
+        fig.add_vline(x=i * num_experts - 0.5, line_color="black", line_width=0.5, row=1, col=1)
+    step = max(1, len(layers) // 16)
+    fig.update_xaxes(
+        tickmode="array",
+        tickvals=[i * num_experts + (num_experts - 1) / 2 for i in range(0, len(layers), step)],
+        ticktext=[f"L{layers[i]}" for i in range(0, len(layers), step)],
+        row=1, col=1,
+    )
+
+
+def collaboration_patterns(
+    atoms: np.ndarray,
+    pattern_domain_scores: np.ndarray,
+    layers: Sequence[int],
+    num_experts: int,
+    domains: Sequence[str],
+    title: str | None = None,
+) -> go.Figure:
+    """Expert collaboration patterns (dictionary atoms over layer×expert) and their domains.
+
+    ``atoms [P, L*E]`` is laid out layer-major (column ``l * E + e``); the right panel shows
+    how strongly each pattern is used by each domain ``[P, D]``.
+    """
+    atoms, pds, layers, names = _check_patterns(atoms, pattern_domain_scores, layers, num_experts, domains)
     num_patterns, num_cols = atoms.shape
     col_layer = np.repeat(layers, num_experts)
     col_expert = np.tile(np.arange(num_experts), len(layers))
@@ -197,16 +219,7 @@ def collaboration_patterns(
         ),
         row=1, col=2,
     )
-    boundaries = [i * num_experts - 0.5 for i in range(1, len(layers))]
-    for b in boundaries:
-        fig.add_vline(x=b, line_color="black", line_width=0.5, row=1, col=1)
-    step = max(1, len(layers) // 16)
-    fig.update_xaxes(
-        tickmode="array",
-        tickvals=[i * num_experts + (num_experts - 1) / 2 for i in range(0, len(layers), step)],
-        ticktext=[f"L{layers[i]}" for i in range(0, len(layers), step)],
-        row=1, col=1,
-    )
+    _layer_bands(fig, layers, num_experts)
     fig.update_xaxes(tickmode="array", tickvals=list(range(len(names))), ticktext=names, row=1, col=2)
     fig.update_yaxes(autorange="reversed")
     finish(

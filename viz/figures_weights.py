@@ -71,32 +71,9 @@ def svd_spectra(
     )
 
 
-def alignment_vs_baseline(
-    own: np.ndarray,
-    other: np.ndarray | None,
-    random_mean: np.ndarray,
-    random_std: np.ndarray,
-    layers: Sequence[int],
-    title: str | None = None,
-    measure: str = "subspace alignment",
-    own_label: str = "router row ↔ its own expert",
-    other_label: str = "router row ↔ other experts (mean)",
-    y_title: str | None = None,
-) -> go.Figure:
-    """Router–expert alignment per layer and expert ``[L, E]`` against a random baseline.
-
-    Points are single experts; lines are layer means; the grey band is the random-subspace
-    mean ± 2 standard deviations, so points above it are aligned beyond chance.
-    """
-    own = as_array(own, 2, "own")
-    layers = [int(v) for v in check_len(layers, own.shape[0], "layers", "own rows")]
-    rmean = as_array(random_mean, 1, "random_mean")
-    rstd = as_array(random_std, 1, "random_std")
-    check_len(rmean, own.shape[0], "random_mean", "own rows")
-    check_len(rstd, own.shape[0], "random_std", "own rows")
-    num_layers, num_experts = own.shape
-    x = np.arange(num_layers)
-    fig = go.Figure()
+def _baseline_band(fig: go.Figure, x: np.ndarray, rmean: np.ndarray, rstd: np.ndarray, layers: list[int],
+                   measure: str) -> None:
+    """The random baseline: its mean as a dashed line inside a grey mean ± 2 sd band."""
     fig.add_trace(
         go.Scatter(
             x=np.concatenate([x, x[::-1]]),
@@ -123,6 +100,71 @@ def alignment_vs_baseline(
             ),
         )
     )
+
+
+def _per_expert_series(fig: go.Figure, values: np.ndarray, label: str, color: str, layers: list[int], measure: str,
+                       rng: np.random.Generator) -> None:
+    """One series ``[L, E]``: a jittered point per expert and a line through the layer means."""
+    num_layers, num_experts = values.shape
+    x = np.arange(num_layers)
+    jitter = rng.uniform(-0.15, 0.15, size=values.shape)
+    custom = np.stack([np.repeat(layers, num_experts), np.tile(np.arange(num_experts), num_layers)], axis=1)
+    fig.add_trace(
+        go.Scatter(
+            x=(x[:, None] + jitter).ravel(),
+            y=values.ravel(),
+            mode="markers",
+            marker={"size": 4, "color": color, "opacity": 0.45},
+            name=f"{esc(label)} (per expert)",
+            customdata=custom,
+            hovertemplate=(
+                f"{esc(label)}<br>layer %{{customdata[0]}}<br>expert %{{customdata[1]}}<br>"
+                f"{esc(measure)} %{{y:.4f}}<extra></extra>"
+            ),
+        )
+    )
+    fig.add_trace(
+        go.Scatter(
+            x=x,
+            y=np.nanmean(values, axis=1),
+            mode="lines+markers",
+            line={"color": color},
+            name=f"{esc(label)} (layer mean)",
+            customdata=np.asarray(layers)[:, None],
+            hovertemplate=(
+                f"{esc(label)}<br>layer %{{customdata[0]}}<br>mean {esc(measure)} "
+                "%{y:.4f}<extra></extra>"
+            ),
+        )
+    )
+
+
+def alignment_vs_baseline(
+    own: np.ndarray,
+    other: np.ndarray | None,
+    random_mean: np.ndarray,
+    random_std: np.ndarray,
+    layers: Sequence[int],
+    title: str | None = None,
+    measure: str = "subspace alignment",
+    own_label: str = "router row ↔ its own expert",
+    other_label: str = "router row ↔ other experts (mean)",
+    y_title: str | None = None,
+) -> go.Figure:
+    """Router–expert alignment per layer and expert ``[L, E]`` against a random baseline.
+
+    Points are single experts; lines are layer means; the grey band is the random-subspace
+    mean ± 2 standard deviations, so points above it are aligned beyond chance.
+    """
+    own = as_array(own, 2, "own")
+    layers = [int(v) for v in check_len(layers, own.shape[0], "layers", "own rows")]
+    rmean = as_array(random_mean, 1, "random_mean")
+    rstd = as_array(random_std, 1, "random_std")
+    check_len(rmean, own.shape[0], "random_mean", "own rows")
+    check_len(rstd, own.shape[0], "random_std", "own rows")
+    x = np.arange(own.shape[0])
+    fig = go.Figure()
+    _baseline_band(fig, x, rmean, rstd, layers, measure)
     series = [(own, own_label, "#1f77b4")]
     if other is not None:
         other = as_array(other, 2, "other")
@@ -131,39 +173,7 @@ def alignment_vs_baseline(
         series.append((other, other_label, "#ff7f0e"))
     rng = np.random.default_rng(0)
     for values, label, color in series:
-        jitter = rng.uniform(-0.15, 0.15, size=values.shape)
-        xs = (x[:, None] + jitter).ravel()
-        custom = np.stack(
-            [np.repeat(layers, num_experts), np.tile(np.arange(num_experts), num_layers)], axis=1
-        )
-        fig.add_trace(
-            go.Scatter(
-                x=xs,
-                y=values.ravel(),
-                mode="markers",
-                marker={"size": 4, "color": color, "opacity": 0.45},
-                name=f"{esc(label)} (per expert)",
-                customdata=custom,
-                hovertemplate=(
-                    f"{esc(label)}<br>layer %{{customdata[0]}}<br>expert %{{customdata[1]}}<br>"
-                    f"{esc(measure)} %{{y:.4f}}<extra></extra>"
-                ),
-            )
-        )
-        fig.add_trace(
-            go.Scatter(
-                x=x,
-                y=np.nanmean(values, axis=1),
-                mode="lines+markers",
-                line={"color": color},
-                name=f"{esc(label)} (layer mean)",
-                customdata=np.asarray(layers)[:, None],
-                hovertemplate=(
-                    f"{esc(label)}<br>layer %{{customdata[0]}}<br>mean {esc(measure)} "
-                    "%{y:.4f}<extra></extra>"
-                ),
-            )
-        )
+        _per_expert_series(fig, values, label, color, layers, measure, rng)
     fig.update_xaxes(tickmode="array", tickvals=list(x), ticktext=[f"L{v}" for v in layers])
     return finish(
         fig,

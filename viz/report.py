@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import html
 import json
-import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -22,7 +21,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import plotly.offline
 
-from viz._io import atomic_write_text
+from core.safe_io import atomic_write_text, to_jsonable
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,120}$")
 _PLOTLY_CONFIG = {"displaylogo": False, "responsive": True}
@@ -48,25 +47,6 @@ def _check_name(name: str) -> str:
             "(it becomes a file name)"
         )
     return name
-
-
-def _jsonable(value: Any) -> Any:
-    """Turn numpy/pandas values into JSON values; NaN and infinities become null."""
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return _jsonable(value.tolist())
-    if isinstance(value, (pd.DataFrame, pd.Series)):
-        return _jsonable(value.to_dict())
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return str(value)
 
 
 def _fmt(value: Any) -> str:
@@ -227,7 +207,7 @@ class Report:
             index = not isinstance(data.index, pd.RangeIndex)
             atomic_write_text(data_dir / f"{name}.csv", data.to_csv(index=index))
             return f"data/{name}.csv"
-        text = json.dumps(_jsonable(data), indent=1, allow_nan=False)
+        text = json.dumps(to_jsonable(data, strict=False), indent=1, allow_nan=False)
         atomic_write_text(data_dir / f"{name}.json", text)
         return f"data/{name}.json"
 

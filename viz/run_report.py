@@ -43,6 +43,19 @@ def build_report(
 
     rep.add_section("Findings", "\n\n".join(findings) if findings else "No findings: no analysis ran.")
     r = results.results
+    _stats_section(r, add, rep)
+    _correlation_section(r, add, rep)
+    _coactivation_section(r, add, rep)
+    _specialization_section(r, add, rep, decode)
+    _weights_section(r, add, rep)
+    _dynamics_section(r, add, rep)
+    _collaboration_section(r, add, rep)
+    _ablation_section(r, add, rep)
+    return rep, figs
+
+
+def _stats_section(r: dict[str, Any], add: Callable[..., None], rep: Report) -> None:
+    """Utilization per layer and expert, overall and per dataset; token entropy against log E."""
     stats = r.get("routing_stats")
     if stats is not None:
         L, E = list(stats.moe_layers), stats.num_experts
@@ -54,6 +67,10 @@ def build_report(
         for name, s in (r.get("routing_stats_by_dataset") or {}).items():
             add("Routing statistics", f"utilization_{name}", P.utilization_heatmap(s.utilization, L, title=f"Expert utilization on {name}"),
                 s.expert_table())
+
+
+def _correlation_section(r: dict[str, Any], add: Callable[..., None], rep: Report) -> None:
+    """Cross-layer correlation of expert selection (and probabilities), and where datasets differ."""
     corr = r.get("correlation_topk")
     if corr is not None:
         labels = _labels(corr.moe_layers, corr.num_experts)
@@ -72,6 +89,10 @@ def build_report(
             add("Cross-layer correlations", f"correlation_diff_{slug}", P.correlation_matrix(diff.diff, labels, title=f"Correlation difference: {pair}",
                                                                                                measure="Δ Pearson r"),
                 _matrix_frame(diff.layer_mean_abs_diff, [str(l) for l in diff.moe_layers]))
+
+
+def _coactivation_section(r: dict[str, Any], add: Callable[..., None], rep: Report) -> None:
+    """Within-layer co-activation and the most common top-1 paths."""
     co = r.get("coactivation")
     if co is not None:
         rep.add_section("Co-activation and routing paths", "P(expert j selected | expert i selected) within each layer; the most common top-1 paths through the layers.")
@@ -82,6 +103,10 @@ def build_report(
     if paths is not None and paths.top_paths and len(paths.layers) > 1:
         add("Co-activation and routing paths", "routing_paths", P.routing_paths_sankey(paths.top_paths, paths.top_counts, paths.layers),
             paths.table(), caption=f"Path entropy {paths.entropy:.3f} nats (normalized {paths.entropy_norm:.3f}); {paths.num_unique} distinct paths.")
+
+
+def _specialization_section(r: dict[str, Any], add: Callable[..., None], rep: Report, decode: Callable[[int], str] | None) -> None:
+    """Domain and vocabulary specialization, and consistency of consecutive tokens."""
     spec = r.get("domain_specialization")
     if spec is not None:
         rep.add_section("Specialization", f"Share of each domain's tokens routed to each expert, against the uniform k/E = {spec.baseline:.3f}.")
@@ -107,8 +132,10 @@ def build_report(
                                 hovertemplate="layer %{x}<br>chance: %{y:.3f}<extra></extra>")])
         fig.update_layout(title="Routing consistency of consecutive tokens", xaxis_title="MoE layer", yaxis_title="share of token pairs", barmode="group")
         add("Specialization", "routing_consistency", fig, cons.to_dict())
-    _weights_section(r, add, rep)
-    _dynamics_section(r, add, rep)
+
+
+def _collaboration_section(r: dict[str, Any], add: Callable[..., None], rep: Report) -> None:
+    """Dictionary-learned collaboration patterns and their domains."""
     collab = r.get("collaboration")
     if collab is not None:
         K = collab.atoms.shape[0]
@@ -117,13 +144,16 @@ def build_report(
         add("Collaboration mining", "collaboration_patterns",
             P.collaboration_patterns(collab.atoms.reshape(K, -1), collab.domain_share, collab.moe_layers, collab.num_experts, collab.group_names),
             {"top_experts": collab.top_experts, "ranking": collab.ranking, "specificity": collab.specificity.tolist()})
+
+
+def _ablation_section(r: dict[str, Any], add: Callable[..., None], rep: Report) -> None:
+    """Loss change per domain when an expert is removed."""
     abl = r.get("ablation")
     if abl is not None:
         rep.add_section("Causal ablation", "Loss change per domain when an expert is removed from routing (weights of the rest renormalized), "
                         "through nnsight. Base loss per domain: " + ", ".join(f"{d} {v:.3f}" for d, v in zip(abl.domains, abl.base_loss)) + " nats.")
         add("Causal ablation", "ablation", P.ablation_effects(abl.delta, abl.targets, abl.domains),
             pd.DataFrame(abl.delta, index=abl.targets, columns=abl.domains))
-    return rep, figs
 
 
 def _weights_section(r: dict[str, Any], add: Callable[..., None], rep: Report) -> None:

@@ -34,22 +34,36 @@ def resolve_mode(mode: str | None = None) -> str:
     return chosen
 
 
-def flatten_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
-    """Nested ``{"entropy": {"L3": 1.2}}`` becomes ``{"entropy/L3": 1.2}``; values must be numbers."""
+def flatten_metrics(metrics: Mapping[str, Any], prefix: str = "", strict: bool = True) -> dict[str, float]:
+    """Nested ``{"entropy": {"L3": 1.2}}`` becomes ``{"entropy/L3": 1.2}``; lists of numbers ``name/0, name/1, ...``.
+
+    ``strict``: a value that is not a number is an error; otherwise it is left out.
+    """
     flat: dict[str, float] = {}
     for key, value in metrics.items():
         name = f"{prefix}{key}"
         if isinstance(value, Mapping):
-            flat.update(flatten_metrics(value, prefix=f"{name}/"))
+            flat.update(flatten_metrics(value, prefix=f"{name}/", strict=strict))
+            continue
+        if isinstance(value, (list, tuple)) and value and all(_is_number(v) for v in value):
+            flat.update(flatten_metrics({str(i): v for i, v in enumerate(value)}, prefix=f"{name}/", strict=strict))
             continue
         if isinstance(value, np.ndarray) and value.size == 1:
             value = value.item()
         if isinstance(value, np.generic):
             value = value.item()
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"metric {name!r}: expected a number, got {type(value).__name__}")
+        if not _is_number(value):
+            if strict:
+                raise TypeError(f"metric {name!r}: expected a number, got {type(value).__name__}")
+            continue
         flat[name] = float(value) if isinstance(value, float) else value
     return flat
+
+
+def _is_number(value: Any) -> bool:
+    if isinstance(value, np.generic):
+        value = value.item()
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 class WandbLogger:

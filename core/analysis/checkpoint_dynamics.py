@@ -15,9 +15,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from core.analysis_utils import ResultMixin, as_chunks, require, selection_np, to_numpy
+from core.analysis.measures import to_numpy
+from core.analysis.results import ResultMixin
+from core.analysis.routing_stats import RoutingStatsAccumulator
+from core.analysis.streaming import Layout, align, fold, require, selection_np
 from core.routing_data import RoutingData
-from core.routing_stats import RoutingStats, RoutingStatsAccumulator
 
 
 def _check_same_tokens(a: RoutingData, b: RoutingData) -> None:
@@ -38,38 +40,17 @@ def _check_same_tokens(a: RoutingData, b: RoutingData) -> None:
             raise ValueError(f"saturation needs the same tokens at both checkpoints: {name} differ")
 
 
-def saturation(
-    routing_t: RoutingData | Iterable[RoutingData], routing_final: RoutingData | Iterable[RoutingData]
-) -> np.ndarray:
-    """Per MoE layer, mean over tokens of |top-k at t ∩ top-k at final| / k, in [0, 1].
+@dataclass
+class Saturation(ResultMixin):
+    """Per MoE layer, mean over tokens of |top-k at t ∩ top-k at final| / k, in [0, 1]."""
 
-    Both arguments must hold the same tokens in the same order (chunks are zipped).
-    """
-    return _saturation_pass(routing_t, routing_final)
+    moe_layers: list[int]
+    num_tokens: int
+    per_layer: np.ndarray  # [L]
 
-
-def _saturation_pass(
-    routing_t: RoutingData | Iterable[RoutingData],
-    routing_final: RoutingData | Iterable[RoutingData],
-    stats: RoutingStatsAccumulator | None = None,
-) -> np.ndarray:
-    """:func:`saturation`, also feeding each chunk of ``routing_t`` to ``stats`` (one read, two results)."""
-    inter = None
-    n = 0
-    for a, b in zip(as_chunks(routing_t), as_chunks(routing_final), strict=True):
-        _check_same_tokens(a, b)
-        require(a, "topk_idx", why="router saturation")
-        require(b, "topk_idx", why="router saturation")
-        if stats is not None:
-            stats.update(a)
-        if a.num_tokens == 0:
-            continue
-        both = (selection_np(a) * selection_np(b)).sum((0, 2)) / a.top_k
-        inter = both if inter is None else inter + both
-        n += a.num_tokens
-    if n == 0:
-        raise ValueError("no tokens were given to the saturation analysis")
-    return inter / n
+    @property
+    def mean(self) -> float:
+        return float(np.mean(self.per_layer))
 
 
 @dataclass
@@ -108,12 +89,75 @@ class CheckpointDynamics(ResultMixin):
         )
 
 
+class CheckpointDynamicsAccumulator:
+    """Streaming routing statistics of every checkpoint and saturation against the final one.
+
+    ``update(chunks)`` takes the same tokens at every checkpoint (one chunk each, in checkpoint
+    order, the final last), as :func:`core.analysis.streaming.align` yields them.
+    """
+
+    def __init__(self, names: Sequence[str], steps: Sequence[int]) -> None:
+        if not names or len(names) != len(steps):
+            raise ValueError(f"need one step per checkpoint name, got {len(names)} names and {len(steps)} steps")
+        self.names, self.steps = [str(n) for n in names], [int(s) for s in steps]
+        self.stats = [RoutingStatsAccumulator() for _ in self.names]
+        self.layout: Layout | None = None
+        self.overlap: np.ndarray | None = None  # [C, L] summed |top-k(c) ∩ top-k(final)| / k
+        self.num_tokens = 0
+
+    def update(self, chunks: Sequence[RoutingData]) -> "CheckpointDynamicsAccumulator":
+        if len(chunks) != len(self.names):
+            raise ValueError(f"got routing of {len(chunks)} checkpoints for {len(self.names)} checkpoint names")
+        final = chunks[-1]
+        if self.layout is None:
+            self.layout = Layout.of(final)
+            self.overlap = np.zeros((len(chunks), self.layout.num_layers))
+        for rd, stats in zip(chunks, self.stats):
+            _check_same_tokens(rd, final)
+            require(rd, "topk_idx", why="router saturation")
+            stats.update(rd)
+        if final.num_tokens:
+            sel_final = selection_np(final)
+            for c, rd in enumerate(chunks):
+                sel = sel_final if c == len(chunks) - 1 else selection_np(rd)
+                self.overlap[c] += (sel * sel_final).sum((0, 2)) / final.top_k
+            self.num_tokens += final.num_tokens
+        return self
+
+    def result(self) -> CheckpointDynamics:
+        if self.num_tokens == 0:
+            raise ValueError("no tokens were given to the checkpoint dynamics")
+        stats = [acc.result() for acc in self.stats]
+        util = np.stack([s.utilization for s in stats])
+        L = self.layout.num_layers
+        tok = np.stack([s.token_entropy_norm if s.token_entropy_norm is not None else np.full(L, np.nan) for s in stats])
+        return CheckpointDynamics(
+            names=self.names,
+            steps=self.steps,
+            moe_layers=list(self.layout.moe_layers),
+            saturation=self.overlap / self.num_tokens,
+            utilization=util,
+            utilization_entropy_norm=np.stack([s.utilization_entropy_norm for s in stats]),
+            token_entropy_norm=tok,
+            cv=np.stack([s.cv for s in stats]),
+            utilization_tv=0.5 * np.abs(util - util[-1][None]).sum(-1),
+        )
+
+
+def saturation(
+    routing_t: RoutingData | Iterable[RoutingData], routing_final: RoutingData | Iterable[RoutingData]
+) -> Saturation:
+    """Saturation of checkpoint t against the final one; both must hold the same tokens in the same order."""
+    acc = CheckpointDynamicsAccumulator(["t", "final"], [0, 1])
+    dyn = fold(align([routing_t, routing_final]), {"d": acc})["d"]
+    return Saturation(dyn.moe_layers, acc.num_tokens, dyn.saturation[0])
+
+
 def checkpoint_dynamics(checkpoints: Sequence[tuple[str, int, RoutingData | Iterable[RoutingData]]]) -> CheckpointDynamics:
-    """Saturation and drift of routing over ``[(name, step, routing), ...]`` (last = final).
+    """Saturation and drift of routing over ``[(name, step, routing), ...]`` (last = final), in one pass.
 
     All checkpoints must be traced on the same tokens. ``routing`` is a RoutingData or a
-    re-iterable stream of chunks (a ``RoutingCache``), read chunk by chunk: each checkpoint once
-    (statistics and saturation in one pass, zipped with the final), the final once per checkpoint.
+    re-iterable stream of chunks (a ``RoutingCache``); the streams are read once, side by side.
     """
     if not checkpoints:
         raise ValueError("checkpoint_dynamics needs at least one (name, step, RoutingData)")
@@ -121,28 +165,8 @@ def checkpoint_dynamics(checkpoints: Sequence[tuple[str, int, RoutingData | Iter
         ok = len(item) == 3 and (isinstance(item[2], RoutingData) or (isinstance(item[2], Iterable) and not isinstance(item[2], Iterator)))
         if not ok:
             raise ValueError("each checkpoint must be a (name, step, RoutingData or re-iterable stream of RoutingData) tuple")
-    final = checkpoints[-1][2]
-    stats: list[RoutingStats] = []
-    sats = []
-    for _, _, rd in checkpoints:
-        acc = RoutingStatsAccumulator()
-        sats.append(_saturation_pass(rd, final, acc))
-        stats.append(acc.result())
-    sat = np.stack(sats)
-    util = np.stack([s.utilization for s in stats])
-    L = len(stats[-1].moe_layers)
-    tok = np.stack([s.token_entropy_norm if s.token_entropy_norm is not None else np.full(L, np.nan) for s in stats])
-    return CheckpointDynamics(
-        names=[str(n) for n, _, _ in checkpoints],
-        steps=[int(s) for _, s, _ in checkpoints],
-        moe_layers=list(stats[-1].moe_layers),
-        saturation=sat,
-        utilization=util,
-        utilization_entropy_norm=np.stack([s.utilization_entropy_norm for s in stats]),
-        token_entropy_norm=tok,
-        cv=np.stack([s.cv for s in stats]),
-        utilization_tv=0.5 * np.abs(util - util[-1][None]).sum(-1),
-    )
+    acc = CheckpointDynamicsAccumulator([n for n, _, _ in checkpoints], [s for _, s, _ in checkpoints])
+    return fold(align([r for _, _, r in checkpoints]), {"d": acc})["d"]
 
 
 @dataclass

@@ -18,7 +18,8 @@ import torch
 from scipy.linalg import subspace_angles
 from scipy.optimize import linear_sum_assignment
 
-from core.analysis_utils import ResultMixin, to_numpy
+from core.analysis.measures import to_numpy
+from core.analysis.results import ResultMixin
 
 Weights = Mapping[int, "torch.Tensor | np.ndarray"]
 

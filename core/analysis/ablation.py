@@ -15,10 +15,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from core.analysis.results import ResultMixin
+
 
 @dataclass
-class AblationResult:
-    """Mean next-token loss (nats) per domain, unablated and under each ablation target."""
+class AblationResult(ResultMixin):
+    """Mean next-token loss (nats) per domain, unablated and under each ablation target.
+
+    ``delta[t, d]`` is the loss increase of target t on domain d (positive = the experts mattered).
+    """
 
     domains: list[str]
     targets: list[str]  # one label per ablation target, e.g. "L2:E5"
@@ -27,24 +32,11 @@ class AblationResult:
     loss: np.ndarray  # [T, D]
     tokens: np.ndarray  # [D] number of predicted tokens per domain
     notes: list[str] = field(default_factory=list)
+    units: str = "mean next-token cross-entropy, nats"
+    delta: np.ndarray = field(init=False)  # [T, D]
 
-    @property
-    def delta(self) -> np.ndarray:
-        """Loss increase per target and domain ``[T, D]`` (positive = the experts mattered)."""
-        return self.loss - self.base_loss[None, :]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "domains": self.domains,
-            "targets": self.targets,
-            "target_experts": [{str(k): v for k, v in t.items()} for t in self.target_experts],
-            "base_loss": self.base_loss.tolist(),
-            "loss": self.loss.tolist(),
-            "delta": self.delta.tolist(),
-            "tokens": self.tokens.tolist(),
-            "notes": self.notes,
-            "units": "mean next-token cross-entropy, nats",
-        }
+    def __post_init__(self) -> None:
+        self.delta = np.asarray(self.loss) - np.asarray(self.base_loss)[None, :]
 
 
 def target_label(target: Mapping[int, Iterable[int]]) -> str:
@@ -96,7 +88,7 @@ def ablation_study(
     )
 
 
-def most_used_targets(utilization: np.ndarray, moe_layers: list[int]) -> tuple[list[dict[int, list[int]]], list[str]]:
+def most_and_least_used_experts(utilization: np.ndarray, moe_layers: list[int]) -> tuple[list[dict[int, list[int]]], list[str]]:
     """Per layer, the most-used and the least-used expert as single-expert ablation targets.
 
     ``utilization`` is ``[L, E]`` (share of assignments). The least-used expert is the control:

@@ -13,14 +13,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from core.analysis_utils import (
-    ResultMixin,
-    as_chunks,
-    check_same_layout,
-    entropy,
-    normalized_probs_np,
-    selection_np,
-)
+from core.analysis.measures import entropy
+from core.analysis.results import ResultMixin
+from core.analysis.streaming import RoutingAccumulator, fold_one, normalized_probs_np, selection_np
 from core.routing_data import RoutingData
 
 
@@ -106,33 +101,26 @@ class RoutingStats(ResultMixin):
         )
 
 
-class RoutingStatsAccumulator:
-    """Streaming accumulator: ``update(chunk)`` per chunk, then ``result()``."""
+class RoutingStatsAccumulator(RoutingAccumulator):
+    """Streaming routing statistics: ``update(chunk)`` per chunk, then ``result()``."""
+
+    name = "the routing statistics"
+    needs = ("topk_idx",)
 
     def __init__(self, thresholds: CollapseThresholds | None = None) -> None:
+        super().__init__()
         self.thresholds = thresholds or CollapseThresholds()
-        self.layers: list[int] | None = None
-        self.num_experts = 0
-        self.top_k = 0
-        self.num_tokens = 0
-        self.counts: np.ndarray | None = None
         self.prob_tokens = 0
-        self.entropy_sum: np.ndarray | None = None
-        self.prob_sum: np.ndarray | None = None
         self.missing_logits = False
 
-    def update(self, chunk: RoutingData) -> RoutingStatsAccumulator:
-        if self.layers is None:
-            self.layers, self.num_experts, self.top_k = list(chunk.moe_layers), chunk.num_experts, chunk.top_k
-            L, E = len(self.layers), self.num_experts
-            self.counts = np.zeros((L, E))
-            self.entropy_sum = np.zeros(L)
-            self.prob_sum = np.zeros((L, E))
-        check_same_layout(chunk, self.layers, self.num_experts, self.top_k)
-        if chunk.num_tokens == 0:
-            return self
+    def _start(self) -> None:
+        L, E = self.layout.num_layers, self.layout.num_experts
+        self.counts = np.zeros((L, E))
+        self.entropy_sum = np.zeros(L)
+        self.prob_sum = np.zeros((L, E))
+
+    def _add(self, chunk: RoutingData) -> None:
         self.counts += selection_np(chunk).sum(0)
-        self.num_tokens += chunk.num_tokens
         if chunk.router_logits is None:
             self.missing_logits = True
         else:
@@ -140,12 +128,10 @@ class RoutingStatsAccumulator:
             self.entropy_sum += entropy(p).sum(0)
             self.prob_sum += p.sum(0)
             self.prob_tokens += chunk.num_tokens
-        return self
 
-    def result(self) -> RoutingStats:
-        if self.layers is None or self.num_tokens == 0:
-            raise ValueError("no tokens were given to the routing statistics")
-        th, E, n = self.thresholds, self.num_experts, self.num_tokens
+    def _result(self) -> RoutingStats:
+        th, E, n, k = self.thresholds, self.layout.num_experts, self.num_tokens, self.layout.top_k
+        layers = list(self.layout.moe_layers)
         counts = self.counts
         total = counts.sum(1, keepdims=True)
         util = counts / np.clip(total, 1e-300, None)
@@ -157,27 +143,8 @@ class RoutingStatsAccumulator:
         dead = util < th.dead_factor / E
         dominant = util > th.dominant_factor / E
         rate = counts / n
-        diagnosis, reasons, collapsed = [], [], []
-        for li in range(len(self.layers)):
-            why = []
-            if u_ent[li] / logE < th.collapse_entropy:
-                why.append(f"normalized utilization entropy {u_ent[li] / logE:.3f} < {th.collapse_entropy}")
-            if dead[li].mean() >= th.collapse_dead_fraction:
-                why.append(f"{int(dead[li].sum())}/{E} experts dead (>= {th.collapse_dead_fraction:.0%})")
-            if self.top_k / E <= 0.5 and rate[li].max() >= th.collapse_top_rate:
-                why.append(f"expert {int(rate[li].argmax())} selected by {rate[li].max():.1%} of tokens")
-            if why:
-                diagnosis.append("collapsed")
-            else:
-                if dead[li].any():
-                    why.append(f"{int(dead[li].sum())} dead experts")
-                if dominant[li].any():
-                    why.append(f"{int(dominant[li].sum())} dominant experts")
-                if cv[li] > th.imbalance_cv:
-                    why.append(f"load CV {cv[li]:.2f} > {th.imbalance_cv}")
-                diagnosis.append("imbalanced" if why else "healthy")
-            collapsed.append(diagnosis[-1] == "collapsed")
-            reasons.append(why)
+        diagnosis, reasons = _diagnose(th, util, rate, u_ent / logE, cv, dead, dominant, k)
+        collapsed = [d == "collapsed" for d in diagnosis]
         notes = []
         tok_ent = tok_norm = mean_prob = None
         if self.missing_logits:
@@ -189,9 +156,9 @@ class RoutingStatsAccumulator:
             tok_norm = tok_ent / logE
             mean_prob = self.prob_sum / self.prob_tokens
         return RoutingStats(
-            moe_layers=list(self.layers),
+            moe_layers=layers,
             num_experts=E,
-            top_k=self.top_k,
+            top_k=k,
             num_tokens=n,
             counts=counts,
             utilization=util,
@@ -217,7 +184,31 @@ def routing_stats(
     routing: RoutingData | Iterable[RoutingData], thresholds: CollapseThresholds | None = None
 ) -> RoutingStats:
     """Routing statistics of one RoutingData or a stream of chunks."""
-    acc = RoutingStatsAccumulator(thresholds)
-    for chunk in as_chunks(routing):
-        acc.update(chunk)
-    return acc.result()
+    return fold_one(routing, RoutingStatsAccumulator(thresholds))
+
+
+def _diagnose(th: CollapseThresholds, util: np.ndarray, rate: np.ndarray, ent_norm: np.ndarray, cv: np.ndarray,
+              dead: np.ndarray, dominant: np.ndarray, k: int) -> tuple[list[str], list[list[str]]]:
+    """Per layer: "collapsed", "imbalanced" or "healthy", and the reasons, by the thresholds ``th``."""
+    E = util.shape[1]
+    diagnosis, reasons = [], []
+    for li in range(util.shape[0]):
+        why = []
+        if ent_norm[li] < th.collapse_entropy:
+            why.append(f"normalized utilization entropy {ent_norm[li]:.3f} < {th.collapse_entropy}")
+        if dead[li].mean() >= th.collapse_dead_fraction:
+            why.append(f"{int(dead[li].sum())}/{E} experts dead (>= {th.collapse_dead_fraction:.0%})")
+        if k / E <= 0.5 and rate[li].max() >= th.collapse_top_rate:
+            why.append(f"expert {int(rate[li].argmax())} selected by {rate[li].max():.1%} of tokens")
+        if why:
+            diagnosis.append("collapsed")
+        else:
+            if dead[li].any():
+                why.append(f"{int(dead[li].sum())} dead experts")
+            if dominant[li].any():
+                why.append(f"{int(dominant[li].sum())} dominant experts")
+            if cv[li] > th.imbalance_cv:
+                why.append(f"load CV {cv[li]:.2f} > {th.imbalance_cv}")
+            diagnosis.append("imbalanced" if why else "healthy")
+        reasons.append(why)
+    return diagnosis, reasons

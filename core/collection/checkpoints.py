@@ -1,4 +1,4 @@
-"""Training checkpoints to sweep: Hub branches or a local run, and one routing cache per checkpoint.
+"""Training checkpoints: their names, listing them (Hub branches or a local run), and choosing a few.
 
 How routing evolves over training is studied by collecting the same data at many checkpoints.
 OLMoE publishes its checkpoints as Hub branches named ``step{N}-tokens{M}B`` (e.g.
@@ -6,23 +6,19 @@ OLMoE publishes its checkpoints as Hub branches named ``step{N}-tokens{M}B`` (e.
 model) and a few others (``fp32``, ...); OLMo-2-style repos prefix a stage
 (``stage1-step140000-tokens1174B``, ``stage2-ingredient1-step1000-tokens5B``). The toolkit's
 own training runs write ``models/<run>/checkpoints.json`` (``[{revision|name, step, tokens, path}]``).
-``sweep_checkpoints`` writes one cache per (checkpoint, dataset) under
-``<cache_root>/<model>/<checkpoint>/<dataset>/`` and keeps ``<cache_root>/<model>/index.json``
-over them up to date after every cache.
+Collecting routing at each of them is ``core.collection.sweep``.
 """
 
 from __future__ import annotations
 
-import gc
 import json
 import math
 import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Sequence
 
-from core.routing_cache import FORMAT_VERSION, RoutingCache, atomic_write_json, read_manifest
 
 _STEP_RE = re.compile(r"(?:^|[-_/])(?:step|checkpoint|ckpt)[-_]?(\d+)(?=$|[-_/])", re.IGNORECASE)
 _TOKENS_RE = re.compile(r"(?:^|[-_])tokens[-_]?(\d+(?:\.\d+)?)([kmbt]?)(?=$|[-_])", re.IGNORECASE)
@@ -82,7 +78,7 @@ def parse_checkpoint_name(name: str) -> Checkpoint:
     return Checkpoint(name=name, step=int(step_m.group(1)) if step_m else None, tokens=tokens, stage=stage)
 
 
-def _order_key(c: Checkpoint) -> tuple:
+def order_key(c: Checkpoint) -> tuple:
     """Stages in order, steps in order within a stage, the final model last, other names by name."""
     if c.step is None:
         return (2 if c.is_final else 1, 0, "", 0, c.name)
@@ -91,7 +87,7 @@ def _order_key(c: Checkpoint) -> tuple:
 
 
 def sort_checkpoints(checkpoints: Sequence[Checkpoint]) -> list[Checkpoint]:
-    return sorted(checkpoints, key=_order_key)
+    return sorted(checkpoints, key=order_key)
 
 
 def list_hub_checkpoints(repo_id: str, *, include_final: bool = True, include_other: bool = False) -> list[Checkpoint]:
@@ -188,166 +184,3 @@ def list_local_checkpoints(run_dir: str | os.PathLike) -> list[Checkpoint]:
     if not out:
         raise CheckpointError(f"no checkpoints in {run}: no checkpoints.json and no subdirectory with a config.json")
     return sort_checkpoints(out)
-
-
-# ---------------------------------------------------------------------------- sweep
-def model_slug(model_name: str) -> str:
-    """A directory name for a model id (``allenai/OLMoE-1B-7B-0924`` -> ``allenai__OLMoE-1B-7B-0924``)."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", model_name.replace("/", "__")).strip("_") or "model"
-
-
-def sweep_cache_dir(cache_root: str | os.PathLike, model_name: str, checkpoint: Checkpoint, dataset: str) -> Path:
-    return Path(cache_root) / model_slug(model_name) / model_slug(checkpoint.name) / model_slug(dataset)
-
-
-def index_path(cache_root: str | os.PathLike, model_name: str) -> Path:
-    return Path(cache_root) / model_slug(model_name) / "index.json"
-
-
-def load_sweep_index(path: str | os.PathLike) -> dict:
-    """Read a sweep index (``index.json``); entries are sorted by checkpoint order."""
-    p = Path(path)
-    if not p.exists():
-        raise CheckpointError(f"no sweep index at {p}")
-    try:
-        return json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"sweep index {p} is not valid JSON ({e})") from e
-
-
-def open_sweep(
-    path: str | os.PathLike, dataset: str, checkpoints: Sequence[Checkpoint | str] | None = None
-) -> list[tuple[str, int | None, RoutingCache]]:
-    """``(checkpoint, step, RoutingCache)`` for one dataset in checkpoint order, as ``checkpoint_dynamics`` wants.
-
-    ``checkpoints`` picks which (in that order); by default those of the latest sweep, so caches
-    an earlier sweep with other checkpoints left in the index do not slip in.
-    """
-    index = load_sweep_index(path)
-    root = Path(path).parent
-    if checkpoints is not None:
-        names = [c.name if isinstance(c, Checkpoint) else str(c) for c in checkpoints]
-    else:
-        names = index.get("last_sweep")
-    by_name = {e["checkpoint"]: e for e in index["entries"] if e["dataset"] == dataset and e["complete"]}
-    if names is None:
-        names = list(by_name)
-    missing = [n for n in names if n not in by_name]
-    if missing or not names:
-        raise CheckpointError(
-            f"sweep index {path} has no complete cache of dataset {dataset!r} for checkpoint(s) {missing or names}"
-        )
-    return [(n, by_name[n]["step"], RoutingCache.open(root / by_name[n]["path"])) for n in names]
-
-
-def checkpoint_loader(model_name: str, **wrapper_kwargs: Any) -> Callable[[Checkpoint], Any]:
-    """A ``make_wrapper`` for ``sweep_checkpoints``: a local checkpoint from its folder, a Hub one by revision."""
-
-    def load(checkpoint: Checkpoint) -> Any:
-        from core.model_wrapper import MoEModelWrapper
-
-        if checkpoint.path:
-            return MoEModelWrapper(checkpoint.path, **wrapper_kwargs)
-        return MoEModelWrapper(model_name, revision=checkpoint.revision, **wrapper_kwargs)
-
-    return load
-
-
-def _already_done(cache_dir: Path, want: dict) -> bool:
-    """True when a complete cache with the same data and settings is there (checked without loading a model)."""
-    try:
-        m = read_manifest(cache_dir)
-    except Exception:
-        return False
-    if not m or not m.get("complete"):
-        return False
-    return all(m.get(k) == v for k, v in want.items() if k != "settings") and all(
-        m["settings"].get(k) == v for k, v in want["settings"].items()
-    )
-
-
-def _write_index(path: Path, model_name: str, entries: dict[tuple[str, str], dict], order: dict[str, tuple]) -> None:
-    rows = sorted(entries.values(), key=lambda e: (order.get(e["checkpoint"], (9,)), e["dataset"]))
-    atomic_write_json(path, {"format_version": FORMAT_VERSION, "model": model_name, "last_sweep": list(order),
-                             "entries": rows})
-
-
-def sweep_checkpoints(
-    checkpoints: Sequence[Checkpoint],
-    datasets: Mapping[str, Any],
-    make_wrapper: Callable[[Checkpoint], Any] | None,
-    cache_root: str | os.PathLike,
-    *,
-    model_name: str,
-    batch_size: int = 8,
-    storage: str = "full",
-    dtype: str = "float16",
-    hidden_layers: Sequence[int] = (),
-    shard_tokens: int | None = None,
-    force: bool = False,
-    progress: bool = True,
-) -> Path:
-    """Collect every dataset at every checkpoint; returns the path of the sweep's ``index.json``.
-
-    ``datasets`` maps a name to tokenized data (the same rows at every checkpoint, so caches
-    line up token for token). ``make_wrapper(checkpoint)`` loads the model at that checkpoint
-(None: ``checkpoint_loader(model_name)``, i.e. its local folder or its Hub revision).
-    Finished caches are skipped without loading the model; interrupted ones resume; the
-    index is rewritten atomically after each cache, so a stopped sweep keeps what it did.
-    """
-    from core.activation_collector import DEFAULT_SHARD_TOKENS, ActivationCollector, data_fingerprint
-
-    if not checkpoints:
-        raise ValueError("sweep_checkpoints needs at least one checkpoint")
-    if not datasets:
-        raise ValueError("sweep_checkpoints needs at least one dataset")
-    shard_tokens = shard_tokens or DEFAULT_SHARD_TOKENS
-    make_wrapper = make_wrapper or checkpoint_loader(model_name)
-    idx_path = index_path(cache_root, model_name)
-    idx_path.parent.mkdir(parents=True, exist_ok=True)
-    entries: dict[tuple[str, str], dict] = {}
-    if idx_path.exists() and not force:
-        entries = {(e["checkpoint"], e["dataset"]): e for e in load_sweep_index(idx_path).get("entries", [])}
-    order = {c.name: _order_key(c) for c in checkpoints}
-    fingerprints = {name: data_fingerprint(t) for name, t in datasets.items()}
-    settings = {"storage": storage, "dtype": dtype, "batch_size": batch_size, "shard_tokens": shard_tokens,
-                "hidden_layers": [int(x) for x in hidden_layers]}
-    for ckpt in checkpoints:
-        todo = []
-        for ds_name, tokenized in datasets.items():
-            cdir = sweep_cache_dir(cache_root, model_name, ckpt, ds_name)
-            want = {"dataset": ds_name, "data_fingerprint": fingerprints[ds_name], "settings": settings}
-            if not force and _already_done(cdir, want):
-                entries[(ckpt.name, ds_name)] = _entry(ckpt, ds_name, RoutingCache.open(cdir), idx_path.parent)
-                continue
-            todo.append((ds_name, tokenized, cdir))
-        if not todo:
-            continue
-        wrapper = make_wrapper(ckpt)
-        collector = ActivationCollector(wrapper, batch_size=batch_size, progress=progress)
-        for ds_name, tokenized, cdir in todo:
-            cache = collector.collect(
-                tokenized, cdir, batch_size=batch_size, storage=storage, dtype=dtype, hidden_layers=hidden_layers,
-                shard_tokens=shard_tokens, dataset_name=ds_name, force=force,
-            )
-            entries[(ckpt.name, ds_name)] = _entry(ckpt, ds_name, cache, idx_path.parent)
-            _write_index(idx_path, model_name, entries, order)
-        del collector, wrapper
-        gc.collect()
-    _write_index(idx_path, model_name, entries, order)
-    return idx_path
-
-
-def _entry(ckpt: Checkpoint, dataset: str, cache: RoutingCache, root: Path) -> dict:
-    return {
-        "checkpoint": ckpt.name,
-        "step": ckpt.step,
-        "tokens": ckpt.tokens,
-        "stage": ckpt.stage,
-        "dataset": dataset,
-        "path": os.path.relpath(cache.dir, root),
-        "num_tokens": cache.num_tokens,
-        "storage": cache.storage,
-        "revision": cache.manifest.get("revision"),
-        "complete": cache.complete,
-    }

@@ -67,8 +67,8 @@ class MoELayerInfo:
 
 
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer|decoder_layers)\.(\d+)(?:\.|$)")
-_INDEX_NAMES = ("top_k_index", "router_indices", "selected_experts", "topk_indices", "topk_idx", "indices", "expert_indices")
-_WEIGHT_NAMES = ("top_k_weights", "routing_weights", "router_scores", "topk_weights", "topk_weight", "weights", "scores", "expert_weights")
+INDEX_NAMES = ("top_k_index", "router_indices", "selected_experts", "topk_indices", "topk_idx", "indices", "expert_indices")
+WEIGHT_NAMES = ("top_k_weights", "routing_weights", "router_scores", "topk_weights", "topk_weight", "weights", "scores", "expert_weights")
 
 
 def _config_get(config: Any, *names: str) -> Any:
@@ -178,9 +178,9 @@ def _selection_args(experts: nn.Module) -> tuple[int | str | None, int | str | N
     params = [p for p in params if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
     idx_arg = w_arg = None
     for pos, p in enumerate(params):
-        if idx_arg is None and p.name in _INDEX_NAMES:
+        if idx_arg is None and p.name in INDEX_NAMES:
             idx_arg = pos
-        elif w_arg is None and p.name in _WEIGHT_NAMES:
+        elif w_arg is None and p.name in WEIGHT_NAMES:
             w_arg = pos
     if idx_arg is None or w_arg is None:
         return None, None

@@ -11,13 +11,13 @@ against baselines: the other experts' subspaces, and random subspaces of the sam
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from core.analysis_utils import ResultMixin, to_jsonable
+from core.analysis.results import ResultMixin
 
 ExpertWeights = Mapping[int, Mapping[str, "torch.Tensor | np.ndarray | None"]]
 RouterWeights = Mapping[int, "torch.Tensor | np.ndarray"]
@@ -42,8 +42,7 @@ class ExpertSubspaces(ResultMixin):
     rank: int | None
     bases: dict[int, list[np.ndarray]]
 
-    def to_dict(self) -> dict:
-        return {f.name: to_jsonable(getattr(self, f.name)) for f in fields(self) if f.name != "bases"}
+    _not_serialized = ("bases",)
 
 
 @dataclass

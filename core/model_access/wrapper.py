@@ -1,7 +1,7 @@
 """One object that opens any Hugging Face MoE and hands back what its routers did.
 
 Built on nnterp's ``StandardizedTransformer`` (and so on nnsight): routers and experts are
-found by :mod:`core.moe_discovery`, so the rest of the toolkit never asks which family a model
+found by :mod:`core.model_access.discovery`, so the rest of the toolkit never asks which family a model
 belongs to. Tracing records, per MoE layer and non-padding token, the router logits and the
 selection the experts module actually received (which is not always top-k of the logits:
 DeepSeek-V3 adds a correction bias and group-limited selection).
@@ -9,84 +9,19 @@ DeepSeek-V3 adds a correction bias and group-limited selection).
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import os
-from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import torch
 from torch import nn
 
-from .expert_weights import expert_matrices
-from .moe_discovery import _INDEX_NAMES, _WEIGHT_NAMES, MoELayerInfo, MoESpec, NoRoutersError, discover_moe_layers, router_matrix
-from .routing_data import RoutingData
+from core.model_access.discovery import MoELayerInfo, MoESpec, NoRoutersError, discover_moe_layers, router_matrix
+from core.model_access.expert_weights import expert_matrices
+from core.model_access.interventions import experts_selection, renormalize_without
+from core.model_access.loading import ModelLoadError, load_hf, quiet_nnterp, resolve_dtype
+from core.routing_data import RoutingData
 
-
-class ModelLoadError(RuntimeError):
-    """The model could not be opened (unreachable Hub, missing directory, bad name)."""
-
-
-@contextlib.contextmanager
-def _quiet_nnterp() -> Iterator[None]:
-    """nnterp logs a long traceback when its fake-tensor scan falls back to a real trace; hide it."""
-    log = logging.getLogger("nnterp")
-    old = log.level
-    log.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        log.setLevel(old)
-
-
-def _resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str | None:
-    if dtype is None or isinstance(dtype, torch.dtype) or dtype == "auto":
-        return dtype
-    try:
-        return {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-                "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}[str(dtype)]
-    except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}: use float32, float16, bfloat16 or auto") from None
-
-
-def _load_hf(name: str, revision: str | None, dtype: Any, device: str, trust_remote_code: bool) -> tuple[nn.Module, Any]:
-    """Load model and tokenizer ourselves so a failure becomes one readable line."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    import importlib.util
-
-    if importlib.util.find_spec("core.moe_model") is not None:
-        import core.moe_model  # noqa: F401  registers the toolkit's own model type with Auto*
-
-    kwargs: dict[str, Any] = {"revision": revision, "trust_remote_code": trust_remote_code}
-    if dtype is not None:
-        kwargs["dtype"] = dtype
-    if str(device).startswith("cpu"):
-        kwargs["experts_implementation"] = "eager"  # grouped_mm is unreliable on CPU float32
-    where = f"revision '{revision}' of " if revision else ""
-    try:
-        try:
-            model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
-        except (ValueError, TypeError) as e:
-            if "experts_implementation" not in str(e):
-                raise
-            kwargs.pop("experts_implementation")
-            model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
-    except (OSError, ValueError) as e:
-        local = Path(name).expanduser()
-        if local.exists():
-            raise ModelLoadError(f"could not open {where}model '{name}' from disk: {str(e).splitlines()[0]}") from None
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-        why = "the Hub is set offline (HF_HUB_OFFLINE=1) and it is not in the local cache" if offline else str(e).splitlines()[0]
-        raise ModelLoadError(
-            f"could not fetch {where}model '{name}' from the Hugging Face Hub: {why}. "
-            "Check the name and your network, or pass a local directory."
-        ) from None
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, TypeError):
-        tokenizer = None
-    return model.to(device).eval(), tokenizer
+__all__ = ["ModelLoadError", "MoEModelWrapper"]
 
 
 class MoEModelWrapper:
@@ -114,7 +49,7 @@ class MoEModelWrapper:
         self.revision = revision
         self.device = str(device)
         self.remote = remote
-        dtype = _resolve_dtype(dtype)
+        dtype = resolve_dtype(dtype)
         if isinstance(moe_spec, Mapping):
             moe_spec = MoESpec.from_dict(dict(moe_spec))
         if isinstance(model, nn.Module):
@@ -126,7 +61,7 @@ class MoEModelWrapper:
             hf_model, self.model_name = None, str(model)
         else:
             self.model_name = str(model)
-            hf_model, loaded_tok = _load_hf(self.model_name, revision, dtype, self.device, trust_remote_code)
+            hf_model, loaded_tok = load_hf(self.model_name, revision, dtype, self.device, trust_remote_code)
             tokenizer = tokenizer if tokenizer is not None else loaded_tok
         self.tokenizer = tokenizer
 
@@ -135,7 +70,7 @@ class MoEModelWrapper:
             st_kwargs["tokenizer"] = tokenizer
         if remote:
             st_kwargs.update(remote=True, revision=revision)
-        with _quiet_nnterp():
+        with quiet_nnterp():
             try:
                 self.model = StandardizedTransformer(hf_model if hf_model is not None else self.model_name, **st_kwargs)
             except Exception as e:  # nnterp could not standardise the names: tracing by module path still works
@@ -195,17 +130,6 @@ class MoEModelWrapper:
         }
 
     # ---------------------------------------------------------------- inputs
-    def encode(self, texts: list[str], max_length: int = 512) -> dict[str, torch.Tensor]:
-        """Tokenize with right padding; needs the model's tokenizer."""
-        if self.tokenizer is None:
-            raise ValueError("this model was opened without a tokenizer; pass tokenizer=... or token ids")
-        tok = self.tokenizer
-        if tok.pad_token is None:
-            tok.pad_token = tok.eos_token
-        tok.padding_side = "right"
-        enc = tok(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length)
-        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
-
     def _inputs(self, input_ids: Any, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         if isinstance(input_ids, Mapping):
             attention_mask = input_ids.get("attention_mask", attention_mask)
@@ -286,7 +210,7 @@ class MoEModelWrapper:
     def _selection(self, info: MoELayerInfo, out: Any, ein: Any, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """What the experts received: their input if we can read it, else the router's own choice."""
         if ein is not None:
-            idx, w = _experts_selection(info, *ein)
+            idx, w = experts_selection(info, *ein)
         elif isinstance(out, (tuple, list)) and len(out) >= 3:
             w, idx = out[1], out[2]
         else:
@@ -350,7 +274,7 @@ class MoEModelWrapper:
         with torch.no_grad(), self.model.trace(feed):
             for layer, experts in ablate.items():
                 info = by_layer[layer]
-                _renormalize_without(*_experts_selection(info, *self._envoy(info.experts_path).inputs), experts)
+                renormalize_without(*experts_selection(info, *self._envoy(info.experts_path).inputs), experts)
             logits = self.model.output.logits.save()
         logits = logits.float().cpu()
         targets = input_ids[:, 1:].cpu()
@@ -359,27 +283,3 @@ class MoEModelWrapper:
         ).reshape(targets.shape)
         valid = attention_mask[:, 1:].bool().cpu() & attention_mask[:, :-1].bool().cpu()
         return loss.masked_fill(~valid, float("nan"))
-
-
-def _experts_selection(info: MoELayerInfo, args: Any, kwargs: Mapping[str, Any]) -> tuple[Any, Any]:
-    """The ``(indices, weights)`` the experts module was called with, passed by position or by keyword."""
-
-    def arg(spec: int | str | None, names: tuple[str, ...]) -> Any:
-        if isinstance(spec, int) and spec < len(args):
-            return args[spec]
-        for n in names:
-            if n in kwargs:
-                return kwargs[n]
-        raise KeyError(f"layer {info.layer}: the experts module {info.experts_path} was not given argument {spec!r}")
-
-    return arg(info.experts_index_arg, _INDEX_NAMES), arg(info.experts_weight_arg, _WEIGHT_NAMES)
-
-
-def _renormalize_without(idx: torch.Tensor, weights: torch.Tensor, experts: list[int]) -> None:
-    """In place: zero the weights of ``experts`` and rescale the rest to the original row total."""
-    drop = torch.isin(idx, torch.tensor(experts, device=idx.device))
-    total = weights.sum(dim=-1, keepdim=True)
-    kept = weights.masked_fill(drop, 0)
-    kept_sum = kept.sum(dim=-1, keepdim=True)
-    scale = torch.where(kept_sum != 0, total / kept_sum.where(kept_sum != 0, torch.ones_like(kept_sum)), torch.zeros_like(kept_sum))
-    weights.copy_(kept * scale)

@@ -2,7 +2,7 @@
 
 This is the toolkit's hot path. Each batch is traced once (``wrapper.trace_routing``), its
 per-token metadata attached, converted straight to the storage precision and buffered until
-a shard's worth of tokens is reached, then committed (see ``core.routing_cache``). Memory is
+a shard's worth of tokens is reached, then committed (see ``core.collection.cache``). Memory is
 bounded by one shard plus one batch, never by the dataset.
 
 Resume is at row granularity and relies on deterministic batching: rows are taken in order,
@@ -30,7 +30,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from core.routing_cache import FLOAT_DTYPES, STORAGE_MODES, RoutingCache, RoutingCacheWriter
+from core.collection.cache import RoutingCache, RoutingCacheWriter
+from core.collection.cache_format import FLOAT_DTYPES, check_storage
 from core.routing_data import RoutingData
 
 _LABEL_FIELDS = ("doc_ids", "positions", "domain_ids", "dataset_ids")
@@ -148,7 +149,7 @@ class ActivationCollector:
 
     def __init__(self, model: Any, *, batch_size: int = 8, max_length: int = 512, progress: bool = True):
         if isinstance(model, str) or isinstance(model, torch.nn.Module):
-            from core.model_wrapper import MoEModelWrapper
+            from core.model_access.wrapper import MoEModelWrapper
 
             model = MoEModelWrapper(model)
         if not callable(getattr(model, "trace_routing", None)):
@@ -271,10 +272,7 @@ class ActivationCollector:
         batch_size = batch_size or self.batch_size
         if batch_size < 1 or shard_tokens < 1:
             raise ValueError(f"batch_size and shard_tokens must be positive, got {batch_size} and {shard_tokens}")
-        if storage not in STORAGE_MODES:
-            raise ValueError(f"storage must be one of {STORAGE_MODES}, got {storage!r}")
-        if dtype not in FLOAT_DTYPES:
-            raise ValueError(f"dtype must be one of {tuple(FLOAT_DTYPES)}, got {dtype!r}")
+        check_storage(storage, dtype)
         header = self.cache_header(
             tokenized,
             dataset_name=dataset_name,
@@ -365,12 +363,12 @@ class ActivationCollector:
         return _concat(parts)
 
     def compute_activation_correlations(self, activations: RoutingData | RoutingCache | Iterable[RoutingData]) -> dict:
-        """Cross-layer correlation of routing (see ``core.correlations.activation_correlations``).
+        """Cross-layer correlation of routing (see ``core.analysis.correlations.activation_correlations``).
 
         Accepts in-memory routing, a ``RoutingCache`` (streamed shard by shard) or any iterable
         of RoutingData chunks. Returns ``{"topk": ..., "probs": ...}`` (probs only with logits).
         """
-        from core.correlations import activation_correlations
+        from core.analysis.correlations import activation_correlations
 
         if isinstance(activations, RoutingCache):
             activations = activations.iter_shards()

@@ -23,7 +23,7 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from core.moe_layer import StudyMoeTopKRouter, routing_entropy
+from core.study_moe.layer import StudyMoeTopKRouter, routing_entropy
 
 
 @contextmanager

@@ -22,7 +22,7 @@ from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRMSNor
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
-from core.moe_layer import (
+from core.study_moe.layer import (
     ROUTING_MODES,
     StudyMoeExperts,
     StudyMoeSparseBlock,

@@ -9,14 +9,26 @@ pairs is accumulated chunk by chunk (running mean and co-moment, Chan et al.), s
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 import pandas as pd
 
-from core.analysis_utils import ResultMixin, as_chunks, check_same_layout, require, selection_np
+from core.analysis.results import ResultMixin
+from core.analysis.streaming import (
+    GroupBy,
+    GroupedResults,
+    PerGroup,
+    RoutingAccumulator,
+    WhenRecorded,
+    as_chunks,
+    fold,
+    fold_one,
+    require,
+    selection_np,
+)
 from core.routing_data import RoutingData
 
 Feature = Literal["probs", "topk"]
@@ -141,72 +153,40 @@ def _summarize(corr: np.ndarray, L: int, E: int) -> tuple[np.ndarray, np.ndarray
     return mean, mx
 
 
-class CorrelationAccumulator:
-    """Streaming cross-layer correlation, optionally one accumulator per group of tokens."""
+class CorrelationAccumulator(RoutingAccumulator):
+    """Streaming cross-layer correlation of one feature ("topk" indicators or "probs")."""
 
-    def __init__(self, feature: Feature = "topk", group_by: Literal["dataset", "domain"] | None = None) -> None:
+    def __init__(self, feature: Feature = "topk") -> None:
         if feature not in ("probs", "topk"):
             raise ValueError(f"feature must be 'probs' or 'topk', got {feature!r}")
-        if group_by not in (None, "dataset", "domain"):
-            raise ValueError(f"group_by must be None, 'dataset' or 'domain', got {group_by!r}")
-        self.feature, self.group_by = feature, group_by
-        self.layout: tuple[list[int], int, int] | None = None
-        self.names: list[str] = []
-        self.acc: dict[int, StreamingCorrelation] = {}
+        super().__init__()
+        self.feature = feature
+        self.name = f"the {feature} correlation analysis"
+        self.needs = ("router_logits",) if feature == "probs" else ("topk_idx",)
+        self.acc = StreamingCorrelation()
 
-    def update(self, chunk: RoutingData) -> CorrelationAccumulator:
-        if self.layout is None:
-            self.layout = (list(chunk.moe_layers), chunk.num_experts, chunk.top_k)
-            self.names = list(chunk.dataset_names if self.group_by == "dataset" else chunk.domain_names)
-        check_same_layout(chunk, *self.layout)
-        x = _features(chunk, self.feature)
-        if self.group_by is None:
-            self.acc.setdefault(-1, StreamingCorrelation()).update(x)
-            return self
-        ids_name = "dataset_ids" if self.group_by == "dataset" else "domain_ids"
-        require(chunk, ids_name, why=f"correlations per {self.group_by}")
-        ids = getattr(chunk, ids_name).numpy()
-        for g in np.unique(ids):
-            self.acc.setdefault(int(g), StreamingCorrelation()).update(x[ids == g])
-        return self
+    def _add(self, chunk: RoutingData) -> None:
+        self.acc.update(_features(chunk, self.feature))
 
-    def _result(self, key: int) -> CrossLayerCorrelation:
-        layers, E, _ = self.layout
-        sc = self.acc[key]
-        corr = sc.correlation()
+    def _result(self) -> CrossLayerCorrelation:
+        layers, E = list(self.layout.moe_layers), self.layout.num_experts
+        corr = self.acc.correlation()
         mean, mx = _summarize(corr, len(layers), E)
-        name = None if key == -1 else (self.names[key] if 0 <= key < len(self.names) else str(key))
-        return CrossLayerCorrelation(self.feature, layers, E, sc.n, corr, mean, mx, name)
-
-    def result(self) -> CrossLayerCorrelation | dict[str, CrossLayerCorrelation]:
-        """One result, or ``{group name: result}`` when grouping."""
-        if self.layout is None:
-            raise ValueError("no tokens were given to the correlation analysis")
-        if self.group_by is None:
-            return self._result(-1)
-        return {r.group: r for r in (self._result(k) for k in sorted(self.acc))}
+        return CrossLayerCorrelation(self.feature, layers, E, self.acc.n, corr, mean, mx, None)
 
 
 def cross_layer_correlation(
     routing: RoutingData | Iterable[RoutingData], feature: Feature = "topk"
 ) -> CrossLayerCorrelation:
     """Correlation of routing features across all layers, over all tokens."""
-    acc = CorrelationAccumulator(feature)
-    for chunk in as_chunks(routing):
-        acc.update(chunk)
-    return acc.result()
+    return fold_one(routing, CorrelationAccumulator(feature))
 
 
 def correlations_by_group(
-    routing: RoutingData | Iterable[RoutingData],
-    by: Literal["dataset", "domain"] = "dataset",
-    feature: Feature = "topk",
-) -> dict[str, CrossLayerCorrelation]:
+    routing: RoutingData | Iterable[RoutingData], by: GroupBy = "dataset", feature: Feature = "topk"
+) -> GroupedResults:
     """One cross-layer correlation per dataset (or domain), in a single streaming pass."""
-    acc = CorrelationAccumulator(feature, group_by=by)
-    for chunk in as_chunks(routing):
-        acc.update(chunk)
-    return acc.result()
+    return fold_one(routing, PerGroup(lambda: CorrelationAccumulator(feature), by=by))
 
 
 @dataclass
@@ -235,22 +215,41 @@ def correlation_difference(a: CrossLayerCorrelation, b: CrossLayerCorrelation) -
     )
 
 
-def activation_correlations(routing: RoutingData | Iterable[RoutingData]) -> dict[str, CrossLayerCorrelation]:
-    """The seed's ``compute_activation_correlations``: top-k and (when logits exist) probability correlations.
+@dataclass
+class ActivationCorrelations(ResultMixin):
+    """The seed's ``compute_activation_correlations``: top-k correlations, and probability ones when logits exist."""
 
-    Returns ``{"topk": CrossLayerCorrelation, "probs": CrossLayerCorrelation}`` ("probs" only
-    when the routing carries logits), in one pass over the chunks.
-    """
-    top = CorrelationAccumulator("topk")
-    prob = CorrelationAccumulator("probs")
-    has_logits = True
-    for chunk in as_chunks(routing):
-        top.update(chunk)
-        if chunk.router_logits is None:
-            has_logits = False
-        elif has_logits:
-            prob.update(chunk)
-    out = {"topk": top.result()}
-    if has_logits and prob.layout is not None:
-        out["probs"] = prob.result()
-    return out
+    topk: CrossLayerCorrelation
+    probs: CrossLayerCorrelation | None = None
+
+    def __getitem__(self, key: str) -> CrossLayerCorrelation:
+        value = getattr(self, key) if key in ("topk", "probs") else None
+        if value is None:
+            raise KeyError(key)
+        return value
+
+    def __contains__(self, key: object) -> bool:
+        return key in ("topk", "probs") and getattr(self, str(key)) is not None
+
+    def keys(self) -> list[str]:
+        """The features present, as the seed's dict had them."""
+        return [k for k in ("topk", "probs") if getattr(self, k) is not None]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys())
+
+    def __len__(self) -> int:
+        return len(self.keys())
+
+    def items(self) -> list[tuple[str, CrossLayerCorrelation]]:
+        return [(k, self[k]) for k in self.keys()]
+
+    def values(self) -> list[CrossLayerCorrelation]:
+        return [self[k] for k in self.keys()]
+
+
+def activation_correlations(routing: RoutingData | Iterable[RoutingData]) -> ActivationCorrelations:
+    """Top-k and (when every chunk has logits) probability correlations, in one pass over the chunks."""
+    out = fold(as_chunks(routing), {"topk": CorrelationAccumulator("topk"),
+                                     "probs": WhenRecorded(CorrelationAccumulator("probs"), "router_logits")})
+    return ActivationCorrelations(out["topk"], out["probs"])

@@ -17,7 +17,9 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from core.analysis_utils import ResultMixin, as_chunks, check_same_layout, entropy, selection_np, top1_np
+from core.analysis.measures import entropy
+from core.analysis.results import ResultMixin
+from core.analysis.streaming import RoutingAccumulator, fold_one, selection_np, top1_np
 from core.routing_data import RoutingData
 
 
@@ -41,53 +43,40 @@ class Coactivation(ResultMixin):
     transition_probs: np.ndarray  # [L-1, E, E] rows sum to 1 (NaN for unused i)
 
 
-class CoactivationAccumulator:
+class CoactivationAccumulator(RoutingAccumulator):
     """Streaming co-selection counts; ``update(chunk)`` then ``result()``."""
 
-    def __init__(self) -> None:
-        self.layout = None
-        self.n = 0
-        self.joint = None
-        self.trans = None
+    name = "the co-activation analysis"
+    needs = ("topk_idx",)
 
-    def update(self, chunk: RoutingData) -> CoactivationAccumulator:
-        if self.layout is None:
-            self.layout = (list(chunk.moe_layers), chunk.num_experts, chunk.top_k)
-            L, E = chunk.num_layers, chunk.num_experts
-            self.joint = np.zeros((L, E, E))
-            self.trans = np.zeros((max(L - 1, 0), E, E))
-        check_same_layout(chunk, *self.layout)
-        if chunk.num_tokens == 0:
-            return self
+    def _start(self) -> None:
+        L, E = self.layout.num_layers, self.layout.num_experts
+        self.joint = np.zeros((L, E, E))
+        self.trans = np.zeros((max(L - 1, 0), E, E))
+
+    def _add(self, chunk: RoutingData) -> None:
         m = selection_np(chunk)
         self.joint += np.matmul(m.transpose(1, 2, 0), m.transpose(1, 0, 2))  # [L, E, E]
         t1 = top1_np(chunk)
-        E = chunk.num_experts
+        E = self.layout.num_experts
         for li in range(t1.shape[1] - 1):
             a, b = t1[:, li], t1[:, li + 1]
             ok = (a >= 0) & (b >= 0)
             self.trans[li] += np.bincount(a[ok] * E + b[ok], minlength=E * E).reshape(E, E)
-        self.n += chunk.num_tokens
-        return self
 
-    def result(self) -> Coactivation:
-        if self.layout is None or self.n == 0:
-            raise ValueError("no tokens were given to the co-activation analysis")
-        layers, E, _ = self.layout
+    def _result(self) -> Coactivation:
         counts = np.diagonal(self.joint, axis1=1, axis2=2).copy()
         with np.errstate(divide="ignore", invalid="ignore"):
             cond = self.joint / counts[:, :, None]
-            lift = cond / (counts / self.n)[:, None, :]
+            lift = cond / (counts / self.num_tokens)[:, None, :]
             tp = self.trans / self.trans.sum(-1, keepdims=True)
-        return Coactivation(layers, E, self.n, counts, self.joint.copy(), cond, lift, self.trans.copy(), tp)
+        return Coactivation(list(self.layout.moe_layers), self.layout.num_experts, self.num_tokens, counts,
+                            self.joint.copy(), cond, lift, self.trans.copy(), tp)
 
 
 def coactivation(routing: RoutingData | Iterable[RoutingData]) -> Coactivation:
     """Within-layer co-selection and cross-layer top-1 transitions."""
-    acc = CoactivationAccumulator()
-    for chunk in as_chunks(routing):
-        acc.update(chunk)
-    return acc.result()
+    return fold_one(routing, CoactivationAccumulator())
 
 
 @dataclass
@@ -116,45 +105,50 @@ class RoutingPaths(ResultMixin):
         )
 
 
+class RoutingPathsAccumulator(RoutingAccumulator):
+    """Streaming count of top-1 paths over ``layers`` (positions into ``moe_layers``; default all)."""
+
+    name = "the routing-path analysis"
+    needs = ("topk_idx",)
+
+    def __init__(self, layers: Sequence[int] | None = None, top_n: int = 20) -> None:
+        super().__init__()
+        self.layers, self.top_n = layers, top_n
+        self.counter: Counter = Counter()
+
+    def _start(self) -> None:
+        L = self.layout.num_layers
+        self.sel = list(range(L)) if self.layers is None else list(self.layers)
+        bad = [i for i in self.sel if not 0 <= i < L]
+        if bad or not self.sel:
+            raise ValueError(f"layers must be non-empty positions in 0..{L - 1}, got {self.sel}")
+
+    def _add(self, chunk: RoutingData) -> None:
+        uniq, cnt = np.unique(top1_np(chunk)[:, self.sel], axis=0, return_counts=True)
+        for row, c in zip(uniq, cnt):
+            self.counter[tuple(int(v) for v in row)] += int(c)
+
+    def _result(self) -> RoutingPaths:
+        E, n = self.layout.num_experts, self.num_tokens
+        p = np.array(list(self.counter.values()), dtype=np.float64) / n
+        ent = float(entropy(p))
+        max_ent = min(len(self.sel) * np.log(E), np.log(n)) if E > 1 else 0.0
+        top = self.counter.most_common(self.top_n)
+        return RoutingPaths(
+            layers=[self.layout.moe_layers[i] for i in self.sel],
+            num_experts=E,
+            num_tokens=n,
+            num_unique=len(self.counter),
+            entropy=ent,
+            entropy_norm=ent / max_ent if max_ent > 0 else 0.0,
+            top_paths=[k for k, _ in top],
+            top_counts=[v for _, v in top],
+            top_shares=[v / n for _, v in top],
+        )
+
+
 def routing_paths(
     routing: RoutingData | Iterable[RoutingData], layers: Sequence[int] | None = None, top_n: int = 20
 ) -> RoutingPaths:
     """Count each token's sequence of top-1 experts over ``layers`` (positions into ``moe_layers``; default all)."""
-    counter: Counter = Counter()
-    layout = None
-    sel = None
-    n = 0
-    for chunk in as_chunks(routing):
-        if layout is None:
-            layout = (list(chunk.moe_layers), chunk.num_experts, chunk.top_k)
-            sel = list(range(chunk.num_layers)) if layers is None else list(layers)
-            bad = [i for i in sel if not 0 <= i < chunk.num_layers]
-            if bad or not sel:
-                raise ValueError(f"layers must be non-empty positions in 0..{chunk.num_layers - 1}, got {sel}")
-        check_same_layout(chunk, *layout)
-        if chunk.num_tokens == 0:
-            continue
-        t1 = top1_np(chunk)[:, sel]
-        uniq, cnt = np.unique(t1, axis=0, return_counts=True)
-        for row, c in zip(uniq, cnt):
-            counter[tuple(int(v) for v in row)] += int(c)
-        n += chunk.num_tokens
-    if n == 0:
-        raise ValueError("no tokens were given to the routing-path analysis")
-    E = layout[1]
-    c = np.array(list(counter.values()), dtype=np.float64)
-    p = c / n
-    ent = float(entropy(p))
-    max_ent = min(len(sel) * np.log(E), np.log(n)) if E > 1 else 0.0
-    top = counter.most_common(top_n)
-    return RoutingPaths(
-        layers=[layout[0][i] for i in sel],
-        num_experts=E,
-        num_tokens=n,
-        num_unique=len(counter),
-        entropy=ent,
-        entropy_norm=ent / max_ent if max_ent > 0 else 0.0,
-        top_paths=[k for k, _ in top],
-        top_counts=[v for _, v in top],
-        top_shares=[v / n for _, v in top],
-    )
+    return fold_one(routing, RoutingPathsAccumulator(layers, top_n))

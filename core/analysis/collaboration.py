@@ -20,9 +20,10 @@ import torch
 from sklearn.decomposition import DictionaryLearning, MiniBatchDictionaryLearning
 from sklearn.exceptions import ConvergenceWarning
 
-from core.analysis_utils import ResultMixin, as_chunks, check_same_layout, require
+from core.analysis.results import ResultMixin
+from core.analysis.specialization import DomainSpecialization, DomainSpecializationAccumulator
+from core.analysis.streaming import RoutingAccumulator, as_chunks, fold_one, group_ids, require
 from core.routing_data import RoutingData
-from core.specialization import DomainSpecialization, DomainSpecializationAccumulator
 
 
 @dataclass
@@ -142,36 +143,16 @@ class CollaborationMiner:
         a = np.where(a >= self.activation_threshold, a, 0.0)
         return a.reshape(rd.num_tokens, -1)
 
-    def activation_matrix(
-        self, routing: RoutingData | Iterable[RoutingData], _spec: DomainSpecializationAccumulator | None = None
-    ) -> ActivationMatrix:
+    def accumulator(self) -> "CollaborationAccumulator":
+        """The streaming half of :meth:`fit`: feed it chunks (e.g. from ``fold``); ``result()`` mines the patterns."""
+        return CollaborationAccumulator(self)
+
+    def activation_matrix(self, routing: RoutingData | Iterable[RoutingData]) -> ActivationMatrix:
         """Sample ``sample_ratio`` of each chunk's tokens (seeded) into the activation matrix."""
-        rng = np.random.default_rng(self.random_seed)
-        ids_name = f"{self.by}_ids"
-        layout, names, rows, groups, seen = None, [], [], [], 0
+        acc = self.accumulator()
         for chunk in as_chunks(routing):
-            if layout is None:
-                layout = (list(chunk.moe_layers), chunk.num_experts, chunk.top_k)
-                names = list(chunk.domain_names if self.by == "domain" else chunk.dataset_names)
-            check_same_layout(chunk, *layout)
-            if chunk.num_tokens == 0:
-                continue
-            require(chunk, ids_name, why=f"collaboration mining by {self.by}")
-            if _spec is not None:
-                _spec.update(chunk)
-            seen += chunk.num_tokens
-            m = round(chunk.num_tokens * self.sample_ratio)
-            if m == 0:
-                continue
-            pick = np.sort(rng.choice(chunk.num_tokens, size=m, replace=False))
-            sub = chunk.select(torch.from_numpy(pick.astype(np.int64)))
-            rows.append(self._activations(sub).astype(np.float32))
-            groups.append(getattr(sub, ids_name).numpy())
-        if layout is None or not rows:
-            raise ValueError(
-                "no tokens were sampled for collaboration mining (empty routing or too small sample_ratio)"
-            )
-        return ActivationMatrix(np.concatenate(rows), np.concatenate(groups), layout[0], layout[1], names, seen)
+            acc.update(chunk)
+        return acc.matrix()
 
     def _learner_kwargs(self, n_components: int, alpha: float) -> dict:
         """Settings shared by the pattern and meta-pattern learners (non-negative codes and atoms)."""
@@ -195,9 +176,10 @@ class CollaborationMiner:
 
     def fit(self, routing: RoutingData | Iterable[RoutingData]) -> CollaborationResult:
         """Mine co-activation patterns, their hierarchy, domain specificity and top experts per domain."""
-        spec_acc = DomainSpecializationAccumulator(self.by)
-        am = self.activation_matrix(routing, spec_acc)
-        spec = spec_acc.result()
+        return fold_one(routing, self.accumulator())
+
+    def fit_matrix(self, am: ActivationMatrix, spec: DomainSpecialization) -> CollaborationResult:
+        """Mine the patterns of a sampled activation matrix; ``spec`` is the specialization of all tokens seen."""
         X, g = am.values.astype(np.float64), am.groups
         L, E = len(am.moe_layers), am.num_experts
         notes = []
@@ -268,3 +250,38 @@ def _fit_transform(estimator, X: np.ndarray) -> tuple[np.ndarray, int]:
         if not issubclass(w.category, ConvergenceWarning):
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     return codes, sum(issubclass(w.category, ConvergenceWarning) for w in caught)
+
+
+class CollaborationAccumulator(RoutingAccumulator):
+    """Samples each chunk's tokens into the activation matrix (and counts domain specialization over all of them)."""
+
+    needs = ("topk_idx",)
+
+    def __init__(self, miner: CollaborationMiner) -> None:
+        super().__init__()
+        self.miner = miner
+        self.name = f"collaboration mining by {miner.by}"
+        self.rng = np.random.default_rng(miner.random_seed)
+        self.spec = DomainSpecializationAccumulator(miner.by)
+        self.rows: list[np.ndarray] = []
+        self.groups: list[np.ndarray] = []
+
+    def _add(self, chunk: RoutingData) -> None:
+        ids = group_ids(chunk, self.miner.by)
+        self.spec.update(chunk)
+        m = round(chunk.num_tokens * self.miner.sample_ratio)
+        if m == 0:
+            return
+        pick = np.sort(self.rng.choice(chunk.num_tokens, size=m, replace=False))
+        self.rows.append(self.miner._activations(chunk.select(torch.from_numpy(pick.astype(np.int64)))).astype(np.float32))
+        self.groups.append(ids[pick])
+
+    def matrix(self) -> ActivationMatrix:
+        if self.layout is None or not self.rows:
+            raise ValueError("no tokens were sampled for collaboration mining (empty routing or too small sample_ratio)")
+        names = self.domain_names if self.miner.by == "domain" else self.dataset_names
+        return ActivationMatrix(np.concatenate(self.rows), np.concatenate(self.groups), list(self.layout.moe_layers),
+                                self.layout.num_experts, names, self.num_tokens)
+
+    def _result(self) -> CollaborationResult:
+        return self.miner.fit_matrix(self.matrix(), self.spec.result())

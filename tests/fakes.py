@@ -1,11 +1,12 @@
-"""A deterministic stand-in for MoEModelWrapper, so cache and collector tests need no model.
+"""Shared test doubles: a deterministic stand-in for MoEModelWrapper, token rows, and routing built from indices.
 
-Routing is a pure function of (token id, position in row), so an interrupted and resumed
-run must reproduce an uninterrupted one bit for bit.
+The fake wrapper's routing is a pure function of (token id, position in row), so an
+interrupted and resumed collection must reproduce an uninterrupted one bit for bit.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from core.routing_data import RoutingData
@@ -68,7 +69,7 @@ class FakeWrapper:
 
 def make_rows(num_rows: int = 13, width: int = 9, seed: int = 0):
     """Right-padded rows of varying length (some fully padded), with doc/domain/dataset labels."""
-    from core.activation_collector import TokenRows
+    from core.collection.collector import TokenRows
 
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(1, 100, (num_rows, width), generator=g)
@@ -86,9 +87,15 @@ def make_rows(num_rows: int = 13, width: int = 9, seed: int = 0):
     )
 
 
-def test_fake_wrapper_is_deterministic():
-    rows = make_rows()
-    a = FakeWrapper().trace_routing(rows.input_ids, rows.attention_mask)
-    b = FakeWrapper().trace_routing(rows.input_ids, rows.attention_mask)
-    assert torch.equal(a.router_logits, b.router_logits)
-    assert a.num_tokens == int(rows.attention_mask.sum())
+def routing(idx, num_experts: int, *, weights=None, logits=None, **fields) -> RoutingData:
+    """RoutingData whose selections are ``idx [N, L, k]`` (weights 1 unless given); other fields as keywords.
+
+    Label fields (``token_ids``, ``doc_ids``, ...) may be lists or arrays; ``*_names`` pass through.
+    """
+    idx = torch.as_tensor(np.asarray(idx), dtype=torch.long)
+    w = torch.ones(idx.shape) if weights is None else torch.as_tensor(np.asarray(weights), dtype=torch.float32)
+    labels = {k: v if k.endswith("names") else torch.as_tensor(np.asarray(v), dtype=torch.long) for k, v in fields.items()}
+    return RoutingData(
+        moe_layers=list(range(idx.shape[1])), num_experts=num_experts, top_k=idx.shape[2], topk_idx=idx, topk_weight=w,
+        router_logits=None if logits is None else torch.as_tensor(np.asarray(logits), dtype=torch.float32), **labels,
+    )

@@ -1,0 +1,186 @@
+"""The cache's on-disk format: what a shard holds, how a manifest describes it, and its errors.
+
+Layout of a cache directory::
+
+    manifest.json                 what was collected, how, and the list of committed shards
+    shard-00000.safetensors       one group of whole batches (rows), token-major tensors
+    shard-00001.safetensors ...
+
+Storage modes (``settings.storage``):
+
+* ``"full"``    router logits ``[n, L, E]`` + selected experts ``[n, L, k]`` + their weights.
+* ``"compact"`` selected experts and weights only (no logits): about ``E / (2k)`` times
+  smaller for long runs; analyses that need probabilities over all experts cannot use it.
+
+Float tensors are stored in ``settings.dtype`` (float16 by default, bfloat16/float32 allowed);
+expert indices as int16 when ``E < 32768``; per-token ids as int32 when they fit, else int64;
+optional hidden states (``hidden.<layer>`` ``[n, H]``) in the float dtype.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from core.routing_data import TOKEN_FIELDS, RoutingData
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+STORAGE_MODES = ("full", "compact")
+FLOAT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+# Keys of the manifest that say *what* was collected; a resume must match all of them.
+IDENTITY_KEYS = (
+    "format_version",
+    "model_name",
+    "revision",
+    "dataset",
+    "settings",
+    "moe_layers",
+    "num_experts",
+    "top_k",
+    "domain_names",
+    "dataset_names",
+    "num_rows",
+    "data_fingerprint",
+)
+_META_FIELDS = ("token_ids", "doc_ids", "positions", "domain_ids", "dataset_ids")
+
+
+class CacheError(RuntimeError):
+    """A routing cache cannot be used as asked."""
+
+
+class CacheMismatchError(CacheError):
+    """The cache on disk was collected with a different model, revision, data or settings."""
+
+
+class CacheCorruptError(CacheError):
+    """A shard is missing, truncated or fails its checksum."""
+
+
+class CacheIncompleteError(CacheError):
+    """The collection run that writes this cache has not finished."""
+
+
+# ---------------------------------------------------------------------------- small helpers
+def shard_file_name(index: int) -> str:
+    return f"shard-{index:05d}.safetensors"
+
+
+def read_manifest(cache_dir: Path) -> dict | None:
+    """The manifest of ``cache_dir``, or None when there is none; a damaged one is an error."""
+    path = Path(cache_dir) / MANIFEST_NAME
+    if not path.exists():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CacheCorruptError(f"manifest {path} is not valid JSON ({e}); delete the cache and collect again") from e
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CacheError(f"cache at {cache_dir} has format version {version!r}; this toolkit reads up to {FORMAT_VERSION}")
+    return manifest
+
+
+def describe_differences(have: Any, want: Any, prefix: str) -> list[str]:
+    if isinstance(have, dict) and isinstance(want, dict):
+        out = []
+        for key in sorted(set(have) | set(want), key=str):
+            out += describe_differences(have.get(key), want.get(key), f"{prefix}.{key}" if prefix else str(key))
+        return out
+    if have != want:
+        if prefix == "data_fingerprint":
+            return ["data_fingerprint: the tokenized data (ids, mask or labels) differs from the cached run's"]
+        return [f"{prefix}: cache has {have!r}, you asked for {want!r}"]
+    return []
+
+
+def identity_differences(manifest: dict, header: dict) -> list[str]:
+    """Human-readable list of identity keys where an existing manifest and a new request differ."""
+    out: list[str] = []
+    for key in IDENTITY_KEYS:
+        out += describe_differences(manifest.get(key), header.get(key), key)
+    return out
+
+
+def _int_tensor(t: torch.Tensor) -> torch.Tensor:
+    t = t.detach().cpu()
+    if t.numel() == 0 or (int(t.min()) >= -(2**31) and int(t.max()) < 2**31):
+        return t.to(torch.int32).contiguous()
+    return t.to(torch.int64).contiguous()
+
+
+# ---------------------------------------------------------------------------- encode/decode
+def encode_shard(data: RoutingData, settings: dict) -> dict[str, torch.Tensor]:
+    """Turn a RoutingData into the named tensors of one shard, in the cache's storage form."""
+    storage, fdtype = settings["storage"], FLOAT_DTYPES[settings["dtype"]]
+    if data.topk_idx is None or data.topk_weight is None:
+        raise CacheError("routing to cache has no selected experts (topk_idx/topk_weight); the wrapper must fill them")
+    out: dict[str, torch.Tensor] = {}
+    if storage == "full":
+        if data.router_logits is None:
+            raise CacheError("storage='full' needs router logits, but this routing has none; use storage='compact'")
+        out["router_logits"] = data.router_logits.detach().cpu().to(fdtype).contiguous()
+    idx_dtype = torch.int16 if data.num_experts < 2**15 else torch.int32
+    out["topk_idx"] = data.topk_idx.detach().cpu().to(idx_dtype).contiguous()
+    out["topk_weight"] = data.topk_weight.detach().cpu().to(fdtype).contiguous()
+    for name in _META_FIELDS:
+        t = getattr(data, name)
+        if t is not None:
+            out[name] = _int_tensor(t)
+    for layer in settings.get("hidden_layers", []):
+        if layer not in data.hidden:
+            raise CacheError(f"hidden state of layer {layer} was asked for but the traced routing lacks it")
+        out[f"hidden.{layer}"] = data.hidden[layer].detach().cpu().to(fdtype).contiguous()
+    n = data.num_tokens
+    for name, t in out.items():
+        if t.shape[0] != n:
+            raise CacheError(f"field {name} has {t.shape[0]} tokens but the routing has {n}; the parts do not line up")
+    return out
+
+
+def decode_shard(tensors: dict[str, torch.Tensor], manifest: dict, dtype: torch.dtype | None) -> RoutingData:
+    """Rebuild a RoutingData from a shard's tensors: indices as long, floats as ``dtype``."""
+    kw: dict[str, Any] = {}
+    for name in TOKEN_FIELDS:
+        t = tensors.get(name)
+        if t is None:
+            continue
+        if t.is_floating_point():
+            kw[name] = t if dtype is None else t.to(dtype)
+        else:
+            kw[name] = t.long()
+    hidden = {}
+    for key, t in tensors.items():
+        if key.startswith("hidden."):
+            hidden[int(key.split(".", 1)[1])] = t if dtype is None else t.to(dtype)
+    return RoutingData(
+        moe_layers=list(manifest["moe_layers"]),
+        num_experts=int(manifest["num_experts"]),
+        top_k=int(manifest["top_k"]),
+        domain_names=list(manifest.get("domain_names", [])),
+        dataset_names=list(manifest.get("dataset_names", [])),
+        score_fn=manifest.get("score_fn") or "softmax",
+        hidden=hidden,
+        **kw,
+    )
+
+
+def check_storage(storage: str, dtype: str = "float16") -> None:
+    """Refuse a storage mode or float dtype the cache cannot write (the one place this is checked)."""
+    if storage not in STORAGE_MODES:
+        raise ValueError(f"storage must be one of {STORAGE_MODES}, got {storage!r}")
+    if dtype not in FLOAT_DTYPES:
+        raise ValueError(f"dtype must be one of {tuple(FLOAT_DTYPES)}, got {dtype!r}")
+
+
+def validate_header(header: dict) -> None:
+    """Refuse settings the cache cannot store, before any work is done."""
+    settings = header.get("settings", {})
+    check_storage(settings.get("storage"), settings.get("dtype"))
+    missing = [k for k in IDENTITY_KEYS if k not in header and k != "format_version"]
+    if missing:
+        raise ValueError(f"cache header lacks {missing}")

@@ -1,0 +1,283 @@
+"""One routing cache per (checkpoint, dataset), plus each checkpoint's router weights.
+
+How routing evolves over training is studied by collecting the same data at many checkpoints.
+``sweep_checkpoints`` writes ``<cache_root>/<model>/<checkpoint>/<dataset>/`` for every pair,
+``<cache_root>/<model>/<checkpoint>/router_weights.safetensors`` beside them, and keeps
+``<cache_root>/<model>/index.json`` up to date after every cache, so a stopped sweep keeps what
+it did. It returns a :class:`Sweep` holding the open caches and the router weights, so the
+caller never reads back what the sweep just wrote.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from core.collection.cache import RoutingCache
+from core.collection.cache_format import FORMAT_VERSION, CacheCorruptError, check_storage, read_manifest
+from core.collection.checkpoints import Checkpoint, CheckpointError, order_key
+from core.safe_io import atomic_write_bytes, atomic_write_json
+
+ROUTER_WEIGHTS_FILE = "router_weights.safetensors"
+INDEX_FILE = "index.json"
+
+
+# ---------------------------------------------------------------------------- names and digests
+def model_slug(model_name: str) -> str:
+    """A directory name for a model id (``allenai/OLMoE-1B-7B-0924`` -> ``allenai__OLMoE-1B-7B-0924``)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", model_name.replace("/", "__")).strip("_") or "model"
+
+
+def sweep_cache_dir(cache_root: str | os.PathLike, model_name: str, checkpoint: Checkpoint, dataset: str) -> Path:
+    return Path(cache_root) / model_slug(model_name) / model_slug(checkpoint.name) / model_slug(dataset)
+
+
+def router_weights_path(cache_root: str | os.PathLike, model_name: str, checkpoint: Checkpoint) -> Path:
+    return Path(cache_root) / model_slug(model_name) / model_slug(checkpoint.name) / ROUTER_WEIGHTS_FILE
+
+
+def index_path(cache_root: str | os.PathLike, model_name: str) -> Path:
+    return Path(cache_root) / model_slug(model_name) / INDEX_FILE
+
+
+def weights_digest(folder: str | os.PathLike, whole_file_limit: int = 256 << 20) -> str:
+    """A short digest of a local model's weight files (whole files up to 256 MB, else their size, head and tail).
+
+    Caches are keyed by model name and checkpoint; for a local folder the name says nothing
+    about the weights, so a retrained model would otherwise be analysed with stale routing.
+    """
+    folder = Path(folder)
+    h = hashlib.sha256()
+    files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin"))
+    if not files:
+        raise FileNotFoundError(f"no weight files (*.safetensors, *.bin) in {folder}")
+    for f in files:
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}".encode())
+        with open(f, "rb") as fh:
+            if size <= whole_file_limit:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+            else:
+                part = min(16 << 20, whole_file_limit)
+                h.update(fh.read(part))
+                fh.seek(max(size - part, part))
+                h.update(fh.read())
+    return h.hexdigest()[:12]
+
+
+# ---------------------------------------------------------------------------- router weights
+def save_router_weights(path: str | os.PathLike, weights: Mapping[int, torch.Tensor]) -> None:
+    """Each MoE layer's ``[E, H]`` router matrix, atomically, keyed by model layer index."""
+    atomic_write_bytes(path, st_save({str(k): v.detach().cpu().contiguous() for k, v in weights.items()}))
+
+
+def load_router_weights(path: str | os.PathLike) -> dict[int, torch.Tensor]:
+    try:
+        tensors = st_load(Path(path).read_bytes())
+    except Exception as e:  # a truncated or foreign file
+        raise CacheCorruptError(f"router weights {path} cannot be read ({e}); delete the file to collect it again") from e
+    return {int(k): v for k, v in tensors.items()}
+
+
+# ---------------------------------------------------------------------------- the index
+def load_sweep_index(path: str | os.PathLike) -> dict:
+    """Read a sweep index (``index.json``); entries are sorted by checkpoint order."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"no sweep index at {p}")
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"sweep index {p} is not valid JSON ({e})") from e
+
+
+def open_sweep(
+    path: str | os.PathLike, dataset: str, checkpoints: Sequence[Checkpoint | str] | None = None
+) -> list[tuple[str, int | None, RoutingCache]]:
+    """``(checkpoint, step, RoutingCache)`` for one dataset in checkpoint order, from a sweep's index on disk.
+
+    ``checkpoints`` picks which (in that order); by default those of the latest sweep, so caches
+    an earlier sweep with other checkpoints left in the index do not slip in.
+    """
+    index = load_sweep_index(path)
+    root = Path(path).parent
+    if checkpoints is not None:
+        names = [c.name if isinstance(c, Checkpoint) else str(c) for c in checkpoints]
+    else:
+        names = index.get("last_sweep")
+    by_name = {e["checkpoint"]: e for e in index["entries"] if e["dataset"] == dataset and e["complete"]}
+    if names is None:
+        names = list(by_name)
+    missing = [n for n in names if n not in by_name]
+    if missing or not names:
+        raise CheckpointError(
+            f"sweep index {path} has no complete cache of dataset {dataset!r} for checkpoint(s) {missing or names}"
+        )
+    return [(n, by_name[n]["step"], RoutingCache.open(root / by_name[n]["path"])) for n in names]
+
+
+def _entry(ckpt: Checkpoint, dataset: str, cache: RoutingCache, root: Path) -> dict:
+    return {
+        "checkpoint": ckpt.name,
+        "step": ckpt.step,
+        "tokens": ckpt.tokens,
+        "stage": ckpt.stage,
+        "dataset": dataset,
+        "path": os.path.relpath(cache.dir, root),
+        "num_tokens": cache.num_tokens,
+        "storage": cache.storage,
+        "revision": cache.manifest.get("revision"),
+        "complete": cache.complete,
+    }
+
+
+def _write_index(path: Path, model_name: str, entries: dict[tuple[str, str], dict], order: dict[str, tuple]) -> None:
+    rows = sorted(entries.values(), key=lambda e: (order.get(e["checkpoint"], (9,)), e["dataset"]))
+    atomic_write_json(path, {"format_version": FORMAT_VERSION, "model": model_name, "last_sweep": list(order),
+                             "entries": rows})
+
+
+# ---------------------------------------------------------------------------- the sweep
+@dataclass
+class Sweep:
+    """What a sweep collected: the caches by dataset in checkpoint order, and each checkpoint's routers.
+
+    ``caches[dataset][c]`` is the cache of checkpoint ``checkpoints[c]``; ``router_weights[c]``
+    (when the sweep was asked for them) maps model layer index to the ``[E, H]`` router.
+    """
+
+    index_path: Path
+    checkpoints: list[Checkpoint]
+    caches: dict[str, list[RoutingCache]]
+    router_weights: list[dict[int, torch.Tensor]] = field(default_factory=list)
+
+    @property
+    def datasets(self) -> list[str]:
+        return list(self.caches)
+
+    def final(self, dataset: str) -> RoutingCache:
+        """The last checkpoint's cache of ``dataset`` (the model analysed in full)."""
+        return self.caches[dataset][-1]
+
+    def series(self, dataset: str) -> list[tuple[str, int | None, RoutingCache]]:
+        """``(checkpoint, step, cache)`` in checkpoint order, as :func:`open_sweep` gives it."""
+        return [(c.name, c.step, cache) for c, cache in zip(self.checkpoints, self.caches[dataset])]
+
+
+def checkpoint_loader(model_name: str, **wrapper_kwargs: Any) -> Callable[[Checkpoint], Any]:
+    """A ``make_wrapper`` for ``sweep_checkpoints``: a local checkpoint from its folder, a Hub one by revision."""
+
+    def load(checkpoint: Checkpoint) -> Any:
+        from core.model_access.wrapper import MoEModelWrapper
+
+        if checkpoint.path:
+            return MoEModelWrapper(checkpoint.path, **wrapper_kwargs)
+        return MoEModelWrapper(model_name, revision=checkpoint.revision, **wrapper_kwargs)
+
+    return load
+
+
+def _already_done(cache_dir: Path, want: dict) -> bool:
+    """True when a complete cache with the same data and settings is there (checked without loading a model)."""
+    try:
+        m = read_manifest(cache_dir)
+    except Exception:
+        return False
+    if not m or not m.get("complete"):
+        return False
+    return all(m.get(k) == v for k, v in want.items() if k != "settings") and all(
+        m["settings"].get(k) == v for k, v in want["settings"].items()
+    )
+
+
+def sweep_checkpoints(
+    checkpoints: Sequence[Checkpoint],
+    datasets: Mapping[str, Any],
+    make_wrapper: Callable[[Checkpoint], Any] | None,
+    cache_root: str | os.PathLike,
+    *,
+    model_name: str,
+    batch_size: int = 8,
+    storage: str = "full",
+    dtype: str = "float16",
+    hidden_layers: Sequence[int] = (),
+    shard_tokens: int | None = None,
+    router_weights: bool = False,
+    force: bool = False,
+    progress: bool = True,
+) -> Sweep:
+    """Collect every dataset at every checkpoint; returns the :class:`Sweep` (its index is on disk too).
+
+    ``datasets`` maps a name to tokenized data (the same rows at every checkpoint, so caches
+    line up token for token). ``make_wrapper(checkpoint)`` loads the model at that checkpoint
+    (None: ``checkpoint_loader(model_name)``, i.e. its local folder or its Hub revision).
+    Finished caches are skipped without loading the model; interrupted ones resume.
+    ``router_weights``: also keep each checkpoint's router matrices beside its caches (read from
+    the model while it is loaded for collection; loaded only for them if they are missing).
+    """
+    from core.collection.collector import DEFAULT_SHARD_TOKENS, ActivationCollector, data_fingerprint
+
+    if not checkpoints:
+        raise ValueError("sweep_checkpoints needs at least one checkpoint")
+    if not datasets:
+        raise ValueError("sweep_checkpoints needs at least one dataset")
+    check_storage(storage, dtype)
+    shard_tokens = shard_tokens or DEFAULT_SHARD_TOKENS
+    make_wrapper = make_wrapper or checkpoint_loader(model_name)
+    idx_path = index_path(cache_root, model_name)
+    idx_path.parent.mkdir(parents=True, exist_ok=True)
+    entries: dict[tuple[str, str], dict] = {}
+    if idx_path.exists() and not force:
+        entries = {(e["checkpoint"], e["dataset"]): e for e in load_sweep_index(idx_path).get("entries", [])}
+    order = {c.name: order_key(c) for c in checkpoints}
+    fingerprints = {name: data_fingerprint(t) for name, t in datasets.items()}
+    settings = {"storage": storage, "dtype": dtype, "batch_size": batch_size, "shard_tokens": shard_tokens,
+                "hidden_layers": [int(x) for x in hidden_layers]}
+    caches: dict[str, list[RoutingCache]] = {name: [] for name in datasets}
+    weights: list[dict[int, torch.Tensor]] = []
+    for ckpt in checkpoints:
+        done: dict[str, RoutingCache] = {}
+        todo = []
+        for ds_name, tokenized in datasets.items():
+            cdir = sweep_cache_dir(cache_root, model_name, ckpt, ds_name)
+            want = {"dataset": ds_name, "data_fingerprint": fingerprints[ds_name], "settings": settings}
+            if not force and _already_done(cdir, want):
+                done[ds_name] = RoutingCache.open(cdir)
+                entries[(ckpt.name, ds_name)] = _entry(ckpt, ds_name, done[ds_name], idx_path.parent)
+            else:
+                todo.append((ds_name, tokenized, cdir))
+        w_path = router_weights_path(cache_root, model_name, ckpt)
+        need_weights = router_weights and (force or not w_path.exists())
+        routers = None
+        if todo or need_weights:
+            wrapper = make_wrapper(ckpt)
+            if router_weights:
+                routers = wrapper.get_router_weights()
+                save_router_weights(w_path, routers)
+            collector = ActivationCollector(wrapper, batch_size=batch_size, progress=progress)
+            for ds_name, tokenized, cdir in todo:
+                done[ds_name] = collector.collect(
+                    tokenized, cdir, batch_size=batch_size, storage=storage, dtype=dtype, hidden_layers=hidden_layers,
+                    shard_tokens=shard_tokens, dataset_name=ds_name, force=force,
+                )
+                entries[(ckpt.name, ds_name)] = _entry(ckpt, ds_name, done[ds_name], idx_path.parent)
+                _write_index(idx_path, model_name, entries, order)
+            del collector, wrapper
+            gc.collect()
+        if router_weights:
+            weights.append(routers if routers is not None else load_router_weights(w_path))
+        for ds_name in datasets:
+            caches[ds_name].append(done[ds_name])
+    _write_index(idx_path, model_name, entries, order)
+    return Sweep(idx_path, list(checkpoints), caches, weights)

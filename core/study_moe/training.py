@@ -1,0 +1,212 @@
+"""Train the toolkit's own MoE on the bundled multi-domain corpus, as one run of revisions.
+
+A run lives in ``models/<run_name>/``:
+
+* the final model, its config and its tokenizer at the top (so the folder opens directly);
+* ``step-XXXXXX/`` — one checkpoint per revision (step 0 plus geometric steps, denser early),
+  each a complete ``save_pretrained`` folder with tokenizer, so routing can be studied over
+  training the way OLMoE's published checkpoints are;
+* ``checkpoints.json`` — the revisions (step, tokens seen, relative path), read with
+  ``core.collection.checkpoints.list_local_checkpoints``;
+* ``training_log.txt`` — one JSON line per evaluation in seed 000's format (``epoch``,
+  ``routing_acc``, ``entropy``, ``utilization``, ``metrics.accuracy``, ``metrics.loss``) plus
+  ``step``, ``tokens``, ``layer_entropy``, ``layer_utilization``, ``routing_acc_chance`` and
+  ``dropped_fraction`` (see ``core.study_moe.evaluation`` for the definition of ``routing_acc``);
+* ``run_info.json`` — config, corpus sizes, unigram baseline, final/test metrics, wall time.
+
+The run is built in a hidden temporary folder and renamed into place when complete, so a
+run folder that exists is a finished run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers.utils import logging as hf_logging
+
+from core.safe_io import atomic_write_json, to_jsonable
+from core.study_moe.config import DEFAULT_CONFIG, TrainConfig, checkpoint_steps, learning_rate
+from core.study_moe.corpus import prepare_data
+from core.study_moe.evaluation import evaluate_model, generate_sample, unigram_cross_entropy
+from core.study_moe.model import StudyMoeForCausalLM
+
+
+# --------------------------------------------------------------------------- saving
+def _save_pretrained(model, tokenizer, folder: Path) -> None:
+    """Model and tokenizer into ``folder``, without a "Writing model shards" bar per checkpoint."""
+    hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(folder)
+    finally:
+        hf_logging.enable_progress_bar()
+    tokenizer.save_pretrained(folder)
+
+
+def _save_model(model, tokenizer, folder: Path) -> None:
+    """``save_pretrained`` model and tokenizer into ``folder`` via a temp folder + rename."""
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    _save_pretrained(model, tokenizer, tmp)
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+
+
+def _logged(value):
+    """Floats rounded for a readable log, NaN as null (strict JSON)."""
+    return to_jsonable(value, digits=6)
+
+
+def log_line(epoch: int, step: int, tokens: int, metrics: dict) -> dict:
+    """One training-log record in seed 000's format (plus per-layer and position keys)."""
+    return {
+        "epoch": epoch,
+        "routing_acc": _logged(metrics["routing_acc"]),
+        "entropy": _logged(metrics["entropy"]),
+        "utilization": _logged(metrics["utilization"]),
+        "metrics": {"accuracy": _logged(metrics["accuracy"]), "loss": _logged(metrics["loss"])},
+        "step": step,
+        "tokens": tokens,
+        "layer_entropy": _logged(metrics["layer_entropy"]),
+        "layer_utilization": _logged(metrics["layer_utilization"]),
+        "routing_acc_chance": _logged(metrics["routing_acc_chance"]),
+        "dropped_fraction": _logged(metrics["dropped_fraction"]),
+    }
+
+
+# --------------------------------------------------------------------------- training
+@dataclass
+class _RunState:
+    """What the training loop keeps between steps: the checkpoints written and the last evaluation."""
+
+    folder: Path
+    tokens_per_step: int
+    eval_steps: set[int]
+    ckpt_steps: set[int]
+    checkpoints: list[dict] = field(default_factory=list)
+    epoch: int = 0
+    last: dict = field(default_factory=dict)
+
+
+def _optimizer(model: StudyMoeForCausalLM, cfg: TrainConfig) -> torch.optim.Optimizer:
+    decay = [p for p in model.parameters() if p.ndim >= 2]  # matrices decay; norms do not
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=(0.9, 0.95),
+    )
+
+
+def _evaluate_and_save(step: int, model, tokenizer, val, cfg: TrainConfig, state: _RunState) -> None:
+    """At evaluation steps append a log line; at checkpoint steps save a revision and list it."""
+    if step in state.eval_steps:
+        state.last = evaluate_model(model, val, batch_size=cfg.batch_size)
+        state.epoch += 1
+        with (state.folder / "training_log.txt").open("a") as f:
+            f.write(json.dumps(log_line(state.epoch, step, step * state.tokens_per_step, state.last)) + "\n")
+    if step in state.ckpt_steps:
+        rev = f"step-{step:06d}"
+        _save_model(model, tokenizer, state.folder / rev)
+        state.checkpoints.append({"revision": rev, "step": step, "tokens": step * state.tokens_per_step, "path": rev})
+        atomic_write_json(state.folder / "checkpoints.json", state.checkpoints)
+
+
+def _optimize(model, tokenizer, splits: dict, cfg: TrainConfig, state: _RunState, progress: bool) -> None:
+    """The training steps: random packed rows, warm-up + cosine learning rate, clipped AdamW."""
+    train_rows, val = splits["train"], splits["val"]
+    optim = _optimizer(model, cfg)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    model.train()
+    _evaluate_and_save(0, model, tokenizer, val, cfg, state)
+    bar = tqdm(range(1, cfg.steps + 1), desc=cfg.run_name, disable=not progress)
+    for step in bar:
+        rows = torch.randint(0, len(train_rows), (cfg.batch_size,), generator=gen)
+        ids, mask = train_rows.input_ids[rows], train_rows.attention_mask[rows]
+        labels = ids.masked_fill(mask == 0, -100)
+        for group in optim.param_groups:
+            group["lr"] = learning_rate(step - 1, cfg)
+        out = model(input_ids=ids, attention_mask=mask, labels=labels, output_router_logits=True)
+        optim.zero_grad(set_to_none=True)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optim.step()
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{out.loss.item():.3f}", val=f"{state.last.get('loss', float('nan')):.3f}")
+        _evaluate_and_save(step, model, tokenizer, val, cfg, state)
+    model.eval()
+
+
+def train(cfg: TrainConfig, models_dir: str | Path = "models", overwrite: bool = False, progress: bool = True) -> Path:
+    """Train one run and return its folder ``models_dir/<run_name>``."""
+    models_dir = Path(models_dir)
+    run_dir = models_dir / cfg.run_name
+    if run_dir.exists() and not overwrite:
+        raise FileExistsError(f"run {run_dir} already exists; pass overwrite=True (--overwrite) to retrain it")
+    work = models_dir / f".{cfg.run_name}.tmp"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    started = time.time()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+
+    tokenizer, splits = prepare_data(cfg)
+    train_rows, val = splits["train"], splits["val"]
+    unigram = unigram_cross_entropy(
+        train_rows.input_ids[train_rows.attention_mask.bool()],
+        val.input_ids[:, 1:][(val.attention_mask[:, 1:] * val.attention_mask[:, :-1]).bool()],
+        len(tokenizer),
+    )
+    model = StudyMoeForCausalLM(cfg.model_config(tokenizer))
+    ckpt_steps = set(checkpoint_steps(cfg.steps, cfg.num_checkpoints))
+    state = _RunState(work, cfg.batch_size * cfg.seq_len, ckpt_steps | set(range(0, cfg.steps + 1, cfg.eval_every)), ckpt_steps)
+    _optimize(model, tokenizer, splits, cfg, state, progress)
+
+    test = evaluate_model(model, splits["test"], batch_size=cfg.batch_size, max_rows=cfg.test_max_rows)
+    sample = generate_sample(model, tokenizer, max_new_tokens=cfg.sample_tokens, seed=cfg.seed)
+    _save_pretrained(model, tokenizer, work)
+    info = {
+        "config": asdict(cfg),
+        "num_parameters": sum(p.numel() for p in model.parameters()),
+        "active_parameters_per_token": _active_parameters(model),
+        "corpus_tokens": {k: v.num_tokens for k, v in splits.items()},
+        "domain_names": train_rows.domain_names,
+        "unigram_val_loss": unigram,
+        "final_val": state.last,
+        "test": test,
+        "sample": sample,
+        "train_seconds": time.time() - started,
+        "checkpoints": [c["revision"] for c in state.checkpoints],
+    }
+    atomic_write_json(work / "run_info.json", info)
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    os.replace(work, run_dir)
+    return run_dir
+
+
+def _active_parameters(model: StudyMoeForCausalLM) -> int:
+    """Parameters one token touches: everything except the unselected experts' weights."""
+    cfg = model.config
+    expert_params = 3 * cfg.hidden_size * cfg.intermediate_size
+    idle = (cfg.num_experts - cfg.num_experts_per_tok) * expert_params * cfg.num_hidden_layers
+    return sum(p.numel() for p in model.parameters()) - idle
+
+
+def ensure_default_model(models_dir: str | Path = "models", config: str | Path = DEFAULT_CONFIG, progress: bool = True) -> Path:
+    """The embedded default run's folder, training it first if it is not there yet."""
+    cfg = TrainConfig.from_yaml(config)
+    run_dir = Path(models_dir) / cfg.run_name
+    if (run_dir / "checkpoints.json").is_file() and (run_dir / "config.json").is_file():
+        return run_dir
+    return train(cfg, models_dir=models_dir, overwrite=True, progress=progress)
