@@ -100,8 +100,11 @@ def test_ablation_study_reports_per_domain_deltas():
     assert res.targets == ["L1:E3", f"L1:E{used}"]
     assert res.tokens.tolist() == [18, 9 + 5]
     np.testing.assert_array_equal(res.delta[0], [0.0, 0.0])
-    assert np.abs(res.delta[1]).max() > 0
     plain = w.forward_loss(ids, mask)
     np.testing.assert_allclose(res.base_loss[0], plain[[0, 2]].nanmean().item(), rtol=1e-6)
+    ablated = w.forward_loss(ids, mask, ablate={1: [used]})  # the delta is this loss minus the base, per domain
+    want = [ablated[rows].nanmean().item() - plain[rows].nanmean().item() for rows in ([0, 2], [1, 3])]
+    np.testing.assert_allclose(res.delta[1], want, rtol=1e-5, atol=1e-6)
+    assert np.abs(res.delta[1]).max() > 1e-4  # the used expert matters
     targets, labels = most_and_least_used_experts(np.array([[0.5, 0.1, 0.4], [0.2, 0.3, 0.5]]), [1, 2])
     assert targets == [{1: [0]}, {1: [1]}, {2: [2]}, {2: [0]}] and "most used" in labels[0] and "least used" in labels[1]

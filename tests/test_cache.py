@@ -145,7 +145,8 @@ def test_manifest_lists_checksums_and_counts(tmp_path):
 
 def test_open_with_expectations(tmp_path):
     write(tmp_path, routing())
-    assert RoutingCache.open(tmp_path, expect={"revision": "r1", "settings": {"storage": "full"}}).num_tokens > 0
+    opened = RoutingCache.open(tmp_path, expect={"revision": "r1", "settings": {"storage": "full"}})
+    assert opened.num_tokens == routing().num_tokens
     with pytest.raises(CacheMismatchError, match="model_name: cache has 'fake/moe', you asked for 'other'"):
         RoutingCache.open(tmp_path, expect={"model_name": "other"})
     with pytest.raises(CacheMismatchError, match="settings.dtype"):

@@ -131,7 +131,7 @@ def test_sweep_writes_one_cache_per_checkpoint_and_dataset_and_an_index(tmp_path
         ("step5000-tokens20B", "other"), ("step5000-tokens20B", "toy"),
         ("step10000-tokens41B", "other"), ("step10000-tokens41B", "toy"),
     ]
-    assert all(e["complete"] and e["num_tokens"] > 0 for e in entries)
+    assert all(e["complete"] and e["num_tokens"] == int(datasets[e["dataset"]].attention_mask.sum()) for e in entries)
     assert (tmp_path / "allenai__OLMoE-1B-7B-0924" / "step5000-tokens20B" / "toy" / "manifest.json").exists()
     series = open_sweep(idx, "toy")
     assert [(n, s) for n, s, _ in series] == [("step5000-tokens20B", 5000), ("step10000-tokens41B", 10000)]

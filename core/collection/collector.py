@@ -362,11 +362,12 @@ class ActivationCollector:
         ]
         return _concat(parts)
 
-    def compute_activation_correlations(self, activations: RoutingData | RoutingCache | Iterable[RoutingData]) -> dict:
-        """Cross-layer correlation of routing (see ``core.analysis.correlations.activation_correlations``).
+    def compute_activation_correlations(self, activations: RoutingData | RoutingCache | Iterable[RoutingData]) -> Any:
+        """The seed's call: cross-layer correlation of routing (``core.analysis.correlations.activation_correlations``).
 
         Accepts in-memory routing, a ``RoutingCache`` (streamed shard by shard) or any iterable
-        of RoutingData chunks. Returns ``{"topk": ..., "probs": ...}`` (probs only with logits).
+        of RoutingData chunks. Returns an ``ActivationCorrelations`` that reads like the seed's
+        ``{"topk": ..., "probs": ...}`` (probs only with logits).
         """
         from core.analysis.correlations import activation_correlations
 
