@@ -78,13 +78,24 @@ class RoutingData:
             return torch.sigmoid(logits)
         return torch.softmax(logits, dim=-1)
 
-    def selection_mask(self) -> torch.Tensor:
-        """Boolean ``[N, L, E]``: True where the expert was among the token's selected experts."""
+    def selected_slots(self) -> torch.Tensor:
+        """Boolean ``[N, L, k]``: the slots that reached an expert (not -1, not a capacity drop of weight 0)."""
         if self.topk_idx is None:
             raise ValueError("this routing has no selected experts recorded")
+        ok = self.topk_idx >= 0
+        if self.topk_weight is not None:
+            ok &= self.topk_weight != 0
+        return ok
+
+    def selection_mask(self) -> torch.Tensor:
+        """Boolean ``[N, L, E]``: True where the expert was among the token's selected experts.
+
+        Capacity-dropped slots (weight 0) are not selections: the expert never saw the token.
+        """
+        ok = self.selected_slots()
         n, l, _ = self.topk_idx.shape
-        # unselected slots (-1) go to an extra column that is dropped, so they never touch a real expert
-        idx = torch.where(self.topk_idx >= 0, self.topk_idx, self.num_experts)
+        # unselected slots go to an extra column that is dropped, so they never touch a real expert
+        idx = torch.where(ok, self.topk_idx, self.num_experts)
         mask = torch.zeros(n, l, self.num_experts + 1, dtype=torch.bool)
         mask.scatter_(2, idx, True)
         return mask[..., : self.num_experts]

@@ -1,7 +1,7 @@
 """Labelled text for routing studies: named datasets (Hub or bundled), prompts, tokenization."""
 
 from data.dataset_loader import DatasetLoader, LoadReport, hub_offline
-from data.documents import DOMAINS, Document, renumber_documents
+from data.documents import DOMAINS, Document, renumber_documents, text_digest
 from data.errors import (
     DataError,
     DatasetSizeWarning,
@@ -42,5 +42,6 @@ __all__ = [
     "default_registry",
     "hub_offline",
     "renumber_documents",
+    "text_digest",
     "tokenize_documents",
 ]

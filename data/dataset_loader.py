@@ -14,9 +14,9 @@ import os
 import random
 import warnings
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any, Collection, Iterable, Mapping
 
-from data.documents import Document, renumber_documents
+from data.documents import Document, renumber_documents, text_digest
 from data.errors import (
     DataError,
     DatasetSizeWarning,
@@ -55,6 +55,7 @@ class LoadReport:
     available: int | None  # None when a stream was not read to its end
     returned: int
     skipped_empty: int
+    excluded: int = 0  # documents left out because their text digest was in ``exclude``
 
 
 class DatasetLoader:
@@ -74,7 +75,7 @@ class DatasetLoader:
         self.registry: dict[str, DatasetSpec] = dict(registry) if registry is not None else default_registry()
         self.cache_dir = cache_dir
         self.last_report: LoadReport | None = None
-        self._bundled_cache: dict[tuple[str, str], tuple[list[tuple[int, str, dict]], int | None, int]] = {}
+        self._bundled_cache: dict[tuple[str, str], tuple[list[tuple[int, str, dict]], int | None, int, int]] = {}
 
     # ----------------------------------------------------------------- names
     @property
@@ -102,7 +103,12 @@ class DatasetLoader:
 
     # ------------------------------------------------------------------ load
     def load(
-        self, name: str, split: str | None = None, num_samples: int | None = None, seed: int | None = 0
+        self,
+        name: str,
+        split: str | None = None,
+        num_samples: int | None = None,
+        seed: int | None = 0,
+        exclude: Collection[str] | None = None,
     ) -> list[Document]:
         """Documents of ``name``/``split``: all of them, or ``num_samples`` drawn with ``seed``.
 
@@ -110,9 +116,13 @@ class DatasetLoader:
         ``seed=None`` takes the first ``num_samples``. Streamed datasets are shuffled with the
         seed in a buffer and need ``num_samples``. Empty documents are skipped and counted in
         ``last_report``. Asking for more than there are warns and returns them all.
+        ``exclude`` holds text digests (``data.documents.text_digest``) of documents to leave
+        out before sampling (a model's training documents); ``meta["index"]`` keeps each
+        document's position in the whole split.
         """
         spec = self.spec(name)
         split = spec.default_split if split is None else split
+        exclude = frozenset(exclude) if exclude else None
         if split not in spec.splits:
             raise UnknownSplitError(f"dataset {name!r} has no split {split!r}; splits: {', '.join(spec.splits)}")
         if num_samples is not None and (
@@ -133,31 +143,37 @@ class DatasetLoader:
         if use_hub:
             source = f"hub:{spec.hub.path}"
             parsed = spec.parse(self._hub_rows(spec, split, seed))
-            picked, available, skipped = self._collect(parsed, num_samples, seed, streaming)
+            picked, available, skipped, excluded = self._collect(parsed, num_samples, seed, streaming, exclude)
         else:
             source = "bundled"
-            everything, available, skipped = self._bundled(spec, split)
-            picked = self._sample(everything, num_samples, seed)
+            everything, available, skipped, _ = self._bundled(spec, split)
+            kept = everything if not exclude else [d for d in everything if text_digest(d[1]) not in exclude]
+            excluded = len(everything) - len(kept)
+            picked = self._sample(kept, num_samples, seed)
         if num_samples is not None and len(picked) < num_samples:
             warnings.warn(
-                f"{name} ({split}) has only {len(picked)} documents; returning all {len(picked)} instead of {num_samples}",
+                f"{name} ({split}) has only {len(picked)} documents"
+                + (f" once {excluded} excluded ones are left out" if excluded else "")
+                + f"; returning all {len(picked)} instead of {num_samples}",
                 DatasetSizeWarning,
                 stacklevel=2,
             )
         if skipped:
             logger.info("%s (%s): skipped %d empty documents", name, split, skipped)
-        self.last_report = LoadReport(name, split, source, num_samples, available, len(picked), skipped)
+        if excluded:
+            logger.info("%s (%s): left out %d excluded documents", name, split, excluded)
+        self.last_report = LoadReport(name, split, source, num_samples, available, len(picked), skipped, excluded)
         return [
             Document(text, spec.name, spec.domain, i, {"split": split, "source": source, "index": index, **meta})
             for i, (index, text, meta) in enumerate(picked)
         ]
 
-    def _bundled(self, spec: DatasetSpec, split: str) -> tuple[list[tuple[int, str, dict]], int | None, int]:
+    def _bundled(self, spec: DatasetSpec, split: str) -> tuple[list[tuple[int, str, dict]], int | None, int, int]:
         """All non-empty documents of a bundled corpus, parsed once per loader and kept in memory."""
         key = (spec.name, split)
         if key not in self._bundled_cache:
             assert spec.bundled is not None
-            self._bundled_cache[key] = self._collect(spec.parse(spec.bundled(split)), None, None, False)
+            self._bundled_cache[key] = self._collect(spec.parse(spec.bundled(split)), None, None, False, None)
         return self._bundled_cache[key]
 
     def _hub_rows(self, spec: DatasetSpec, split: str, seed: int | None) -> Iterable[Row]:
@@ -187,19 +203,27 @@ class DatasetLoader:
 
     @staticmethod
     def _collect(
-        parsed: Parsed, num_samples: int | None, seed: int | None, streaming: bool
-    ) -> tuple[list[tuple[int, str, dict]], int | None, int]:
-        """Skip empty texts; take a stream's first n, or sample n of a finite corpus."""
+        parsed: Parsed, num_samples: int | None, seed: int | None, streaming: bool, exclude: Collection[str] | None
+    ) -> tuple[list[tuple[int, str, dict]], int | None, int, int]:
+        """Skip empty and excluded texts; take a stream's first n, or sample n of a finite corpus.
+
+        Returns ``(docs, available, skipped_empty, excluded)``; a document's index counts every
+        non-empty document before it, excluded ones included.
+        """
         docs: list[tuple[int, str, dict]] = []
-        skipped = 0
+        skipped = excluded = index = 0
         for text, meta in parsed:
             if not text.strip():
                 skipped += 1
                 continue
-            docs.append((len(docs), text, meta))
+            index += 1
+            if exclude and text_digest(text) in exclude:
+                excluded += 1
+                continue
+            docs.append((index - 1, text, meta))
             if streaming and num_samples is not None and len(docs) >= num_samples:
-                return docs, None, skipped
-        return DatasetLoader._sample(docs, num_samples, seed), len(docs), skipped
+                return docs, None, skipped, excluded
+        return DatasetLoader._sample(docs, num_samples, seed), index, skipped, excluded
 
     @staticmethod
     def _sample(docs: list, num_samples: int | None, seed: int | None) -> list:
@@ -217,8 +241,12 @@ class DatasetLoader:
         num_samples_per_dataset: int | None = None,
         seed: int | None = 0,
         splits: Mapping[str, str] | None = None,
+        exclude: Collection[str] | None = None,
     ) -> list[Document]:
-        """Several datasets in one list, with doc ids ``0..n-1`` unique across all of them."""
+        """Several datasets in one list, with doc ids ``0..n-1`` unique across all of them.
+
+        ``exclude``: text digests of documents to leave out of every dataset before sampling.
+        """
         if isinstance(names, str) or not names:
             raise DataError("names must be a non-empty list of dataset names")
         if len(set(names)) != len(names):
@@ -229,7 +257,7 @@ class DatasetLoader:
                 raise DataError(f"splits names {key!r}, which is not among the datasets {names}")
         docs: list[Document] = []
         for name in names:
-            docs.extend(self.load(name, splits.get(name), num_samples_per_dataset, seed))
+            docs.extend(self.load(name, splits.get(name), num_samples_per_dataset, seed, exclude))
         return renumber_documents(docs)
 
     # ------------------------------------------- (texts, metadata) shortcuts

@@ -6,6 +6,7 @@ to "which domain of text was this".
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterable
 
@@ -42,3 +43,12 @@ class Document:
 def renumber_documents(docs: Iterable[Document], start: int = 0) -> list[Document]:
     """Give documents consecutive ids ``start, start+1, ...`` so ids are unique across datasets."""
     return [replace(d, doc_id=start + i) for i, d in enumerate(docs)]
+
+
+def text_digest(text: str) -> str:
+    """A document's identity by content (SHA-256 of its UTF-8 text, 16 hex digits).
+
+    Held-out selection compares documents by this, so it survives renumbering, resampling and
+    the same text arriving from another source (the Hub or the bundled copy).
+    """
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]

@@ -65,20 +65,26 @@ def sweep_stream(sweep: Sweep) -> Iterator[list[RoutingData]]:
         yield from align(sweep.caches[name])
 
 
-def routing_accumulators(sweep: Sweep, *, micro: bool, collaboration: bool) -> dict[str, Accumulator]:
-    """The streaming analyses of a run, each reading the final checkpoint's chunk (dynamics: all of them)."""
+def routing_accumulators(sweep: Sweep, *, micro: bool, collaboration: bool, resamples: int = 200,
+                         seed: int = 0) -> dict[str, Accumulator]:
+    """The streaming analyses of a run, each reading the final checkpoint's chunk (dynamics: all of them).
+
+    The headline analyses keep what their nulls and intervals over documents need (``resamples``).
+    """
+    r = dict(resamples=resamples, seed=seed)
     final: dict[str, Accumulator] = {
-        "routing_stats": RoutingStatsAccumulator(),
+        "routing_stats": RoutingStatsAccumulator(**r),
         "routing_stats_by_dataset": PerGroup(RoutingStatsAccumulator, by="dataset"),
-        "correlation_topk": CorrelationAccumulator("topk"),
+        "correlation_topk": CorrelationAccumulator("topk", **r),
         "correlation_probs": WhenRecorded(CorrelationAccumulator("probs"), "router_logits"),
         "correlation_by_dataset": PerGroup(lambda: CorrelationAccumulator("topk"), by="dataset"),
         "coactivation": CoactivationAccumulator(),
         "routing_paths": RoutingPathsAccumulator(top_n=20),
-        "domain_specialization": DomainSpecializationAccumulator("domain"),
-        "dataset_specialization": DomainSpecializationAccumulator("dataset"),
-        "vocabulary_specialization": VocabularyAccumulator(min_count=5 if micro else 20),
-        "routing_consistency": ConsistencyAccumulator(),
+        "domain_specialization": DomainSpecializationAccumulator("domain", permutations=resamples, **r),
+        "dataset_specialization": DomainSpecializationAccumulator("dataset", permutations=0, resamples=0),
+        "vocabulary_specialization": VocabularyAccumulator(min_count=5 if micro else 20,
+                                                           permutations=20 if resamples else 0, **r),
+        "routing_consistency": ConsistencyAccumulator(**r),
     }
     if collaboration:
         miner = CollaborationMiner(n_components=8 if micro else 16, max_iter=50 if micro else 200)
@@ -86,22 +92,24 @@ def routing_accumulators(sweep: Sweep, *, micro: bool, collaboration: bool) -> d
     accs: dict[str, Accumulator] = {name: Pick(acc) for name, acc in final.items()}
     if len(sweep.checkpoints) > 1:
         steps = [c.step if c.step is not None else i for i, c in enumerate(sweep.checkpoints)]
-        accs["checkpoint_dynamics"] = CheckpointDynamicsAccumulator([c.name for c in sweep.checkpoints], steps)
+        accs["checkpoint_dynamics"] = CheckpointDynamicsAccumulator([c.name for c in sweep.checkpoints], steps, **r)
     return accs
 
 
-def weight_analyses(wrapper: Any, sweep: Sweep, *, micro: bool) -> list[tuple[str, Callable[[], Any]]]:
+def weight_analyses(wrapper: Any, sweep: Sweep, *, micro: bool, seed: int = 0) -> list[tuple[str, Callable[[], Any]]]:
     """Analyses of the router and expert weights; routers as the sweep read them, once per checkpoint."""
     routers = sweep.router_weights[-1]
+    score_fn = getattr(wrapper, "score_fn", "softmax")  # softmax routers are compared with their rows centred
     steps: list[tuple[str, Callable[[], Any]]] = [
-        ("router_similarity", lambda: RouterAnalyzer().compute_router_similarity_matrix(routers)),
-        ("router_subspaces", lambda: RouterAnalyzer().analyze_router_subspaces(routers)),
+        ("router_similarity", lambda: RouterAnalyzer(score_fn=score_fn).compute_router_similarity_matrix(
+            routers, num_null=20 if micro else 100, seed=seed)),
+        ("router_subspaces", lambda: RouterAnalyzer(score_fn=score_fn).analyze_router_subspaces(routers)),
         ("expert_alignment", lambda: ExpertAnalyzer(wrapper, device=wrapper.device).analyze_expert_router_alignment(
-            router_weights=routers, num_random=50 if micro else 200)),  # one SVD per expert, on the model's device
+            router_weights=routers, num_permutations=200 if micro else 1000, seed=seed)),  # one SVD per expert
     ]
     if len(sweep.checkpoints) > 1:
         names = [c.name for c in sweep.checkpoints]
-        steps.append(("router_drift", lambda: router_weight_drift(sweep.router_weights, names=names)))
+        steps.append(("router_drift", lambda: router_weight_drift(sweep.router_weights, names=names, score_fn=score_fn)))
     return steps
 
 
@@ -115,6 +123,8 @@ def run_analyses(
     collaboration: bool = True,
     micro: bool = False,
     progress: bool = True,
+    resamples: int = 200,
+    seed: int = 0,
 ) -> RunResults:
     """All analyses: routing statistics, correlations, paths, specialization, weights, dynamics, collaboration, ablation."""
     res = RunResults(
@@ -127,9 +137,10 @@ def run_analyses(
         res.skipped["checkpoint_dynamics"] = "one checkpoint only: pass --checkpoints to study routing over training"
     if not collaboration:
         res.skipped["collaboration"] = "turned off (--no-collaboration)"
-    found = fold(sweep_stream(sweep), routing_accumulators(sweep, micro=micro, collaboration=collaboration),
+    accs = routing_accumulators(sweep, micro=micro, collaboration=collaboration, resamples=resamples, seed=seed)
+    found = fold(sweep_stream(sweep), accs,
                  progress=progress, desc="analyses (one pass over the caches)", timings=res.timings)
-    for name, fn in weight_analyses(wrapper, sweep, micro=micro):
+    for name, fn in weight_analyses(wrapper, sweep, micro=micro, seed=seed):
         t0 = time.perf_counter()
         found[name] = fn()
         res.timings[name] = round(time.perf_counter() - t0, 3)
@@ -146,15 +157,18 @@ def run_analyses(
         }
     if ablation:
         t0 = time.perf_counter()
-        res.results["ablation"] = _ablation(wrapper, tokenized, res.results["routing_stats"], ablation_tokens, progress)
+        res.results["ablation"] = _ablation(wrapper, tokenized, res.results["routing_stats"], ablation_tokens, progress,
+                                           resamples, seed)
         res.timings["ablation"] = round(time.perf_counter() - t0, 3)
     else:
         res.skipped["ablation"] = "turned off (--no-ablation)"
     return res
 
 
-def _ablation(wrapper: Any, tokenized: dict[str, Any], stats: Any, max_tokens: int, progress: bool) -> Any:
+def _ablation(wrapper: Any, tokenized: dict[str, Any], stats: Any, max_tokens: int, progress: bool,
+              resamples: int, seed: int) -> Any:
     """Ablate, at each layer, the most-used expert and (as a control) the least-used one."""
     merged = TokenizedDataset.concat([tok.head_tokens(max_tokens) for tok in tokenized.values()])
     targets, labels = most_and_least_used_experts(np.asarray(stats.utilization), list(stats.moe_layers))
-    return ablation_study(wrapper, merged, targets, labels=labels, batch_size=16, progress=progress)
+    return ablation_study(wrapper, merged, targets, labels=labels, batch_size=16, progress=progress,
+                          resamples=resamples, seed=seed)

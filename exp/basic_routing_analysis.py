@@ -35,6 +35,7 @@ class RunSummary:
     warnings: list[str]
     seconds: float
     wandb_dir: Path | None = None
+    training_data: str | None = None  # which data the model saw, where the toolkit trained it
 
 
 def _run_name(opts: RunOptions, model_name: str) -> str:
@@ -60,7 +61,8 @@ class BasicRoutingAnalysis:
         """Do the whole job; returns where the report is."""
         from core.safe_io import atomic_write_json, atomic_write_text
         from exp.analysis_suite import run_analyses
-        from exp.collection import collect_all, load_tokenized, open_wrapper, resolve_model, train_embedded_model
+        from exp.collection import (collect_all, load_tokenized, open_wrapper, resolve_model, train_embedded_model,
+                                    training_exclusion)
         from exp.findings import findings, headline_numbers, warnings_of
 
         opts = self.options
@@ -75,13 +77,17 @@ class BasicRoutingAnalysis:
         wrapper = open_wrapper(target, target.final, opts)
         if wrapper.tokenizer is None:
             raise OptionsError(f"model {target.name} has no tokenizer to turn the datasets into tokens")
-        tokenized = load_tokenized(opts, wrapper.tokenizer)
+        tokenized = load_tokenized(opts, wrapper.tokenizer, exclude=training_exclusion(target))  # held-out documents only
         say(f"[2/4] collecting routing on {', '.join(f'{n} ({t.num_tokens} tokens)' for n, t in tokenized.items())}")
         sweep = collect_all(opts, target, tokenized, final_wrapper=wrapper)
         say("[3/4] analysing")
         results = run_analyses(wrapper, sweep, tokenized, ablation=opts.ablation, ablation_tokens=opts.ablation_tokens,
-                               collaboration=opts.collaboration, micro=opts.micro, progress=opts.progress)
-        results.model.update({"checkpoints": [c.name for c in target.checkpoints], "embedded": target.embedded})
+                               collaboration=opts.collaboration, micro=opts.micro, progress=opts.progress,
+                               resamples=opts.resamples, seed=opts.seed)
+        from core.study_moe.training_data import training_data_note
+
+        results.model.update({"checkpoints": [c.name for c in target.checkpoints], "embedded": target.embedded,
+                              "training_data": training_data_note(target.run_dir, tokenized)})
         headline, found, warns = headline_numbers(results), findings(results), warnings_of(results)
 
         run_dir = Path(opts.results_dir) / _run_name(opts, target.name)
@@ -99,7 +105,8 @@ class BasicRoutingAnalysis:
         wandb_dir = self._log_wandb(run_dir, metrics, headline, figs, report_path) if opts.wandb else None
         seconds = time.perf_counter() - t0
         summary = RunSummary(run_dir=run_dir, report=report_path, metrics=metrics_path, headline=headline, findings=found,
-                             warnings=warns, seconds=seconds, wandb_dir=wandb_dir)
+                             warnings=warns, seconds=seconds, wandb_dir=wandb_dir,
+                             training_data=results.model.get("training_data"))
         atomic_write_text(run_dir / "summary.md", _summary_markdown(summary, target.name))
         return summary
 
@@ -118,6 +125,8 @@ class BasicRoutingAnalysis:
             "datasets": ", ".join(results.datasets),
             "tokens": ", ".join(f"{n}: {c}" for n, c in results.tokens.items()),
             "checkpoints": ", ".join(c["name"] for c in results.checkpoints),
+            "data the model saw": results.model.get("training_data") or "not recorded by this toolkit (the model's own training data)",
+            "intervals": f"95% over documents, {self.options.resamples} bootstrap resamples; nulls from shuffled data",
         }
         report, figs = build_report(results, summary, found, warns, decode=lambda t: tok.decode([t]),
                                     title=f"MoE routing report: {target.name}")
@@ -138,6 +147,8 @@ class BasicRoutingAnalysis:
 def _summary_markdown(s: RunSummary, model: str) -> str:
     lines = [f"# Routing analysis of {model}", "", f"Report: [{s.report.name}]({s.report.name})  ", f"Metrics: [{s.metrics.name}]({s.metrics.name})",
              "", "## Findings", ""] + [f"- {f}" for f in s.findings]
+    if s.training_data:
+        lines += ["", f"Data the model saw: {s.training_data}"]
     if s.warnings:
         lines += ["", "## Warnings", ""] + [f"- {w}" for w in s.warnings]
     lines += ["", f"Run time: {s.seconds:.1f} s"]

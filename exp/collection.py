@@ -4,13 +4,15 @@ Caches are keyed by model, checkpoint, dataset, the exact token rows and the col
 settings (see ``core.collection.sweep``), so a second run with the same options reuses every
 cache without loading a model, and a run with other options never reads stale routing.
 Training the embedded model is a step of its own (:func:`train_embedded_model`), before this.
+A model trained by the toolkit is studied on held-out text only: the documents its training
+run read (its ``training_data.json``) are left out before the datasets are sampled.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Collection
 
 from core.collection.checkpoints import (
     Checkpoint,
@@ -22,7 +24,7 @@ from core.collection.checkpoints import (
 )
 from core.collection.sweep import Sweep, sweep_checkpoints, weights_digest
 from core.model_access.wrapper import MoEModelWrapper
-from data import DatasetLoader, TokenizedDataset, tokenize_documents
+from data import DataError, DatasetLoader, TokenizedDataset, tokenize_documents
 from exp.run_options import REPO_ROOT, RunOptions
 
 
@@ -96,15 +98,29 @@ def open_wrapper(target: ModelTarget, ckpt: Checkpoint, opts: RunOptions) -> MoE
                            trust_remote_code=opts.trust_remote_code)
 
 
-def load_tokenized(opts: RunOptions, tokenizer: Any, loader: DatasetLoader | None = None) -> dict[str, TokenizedDataset]:
+def training_exclusion(target: ModelTarget) -> frozenset[str] | None:
+    """Text digests of the documents the target's training run read (None: not recorded, nothing to leave out)."""
+    from core.study_moe.training_data import training_digests
+
+    return training_digests(target.run_dir) if target.run_dir is not None else None
+
+
+def load_tokenized(opts: RunOptions, tokenizer: Any, loader: DatasetLoader | None = None,
+                   exclude: Collection[str] | None = None) -> dict[str, TokenizedDataset]:
     """Each dataset's documents, tokenized (one row per document) and cut to ``max_tokens`` tokens.
 
     All datasets share one domain and dataset name table, so their routing can be concatenated.
     The embedded model reads the bundled corpora unless told otherwise (it is the offline default).
+    ``exclude`` (text digests, see :func:`training_exclusion`) leaves the model's training
+    documents out before sampling, so the run analyses held-out documents only.
     """
     offline = opts.offline if opts.offline is not None else (True if opts.model is None else None)
     loader = loader or DatasetLoader(offline=offline)
-    docs = loader.load_datasets(opts.datasets, num_samples_per_dataset=opts.num_samples, seed=opts.seed)
+    docs = loader.load_datasets(opts.datasets, num_samples_per_dataset=opts.num_samples, seed=opts.seed, exclude=exclude)
+    empty = [n for n in opts.datasets if not any(d.dataset == n for d in docs)]
+    if exclude and empty:
+        raise DataError(f"every document of {', '.join(empty)} was in the model's training corpus: nothing held out to "
+                        f"analyse (the embedded model holds out documents of wikitext2, gsm8k and humaneval)")
     domains = list(dict.fromkeys(d.domain for d in docs))
     out = {}
     for name in opts.datasets:

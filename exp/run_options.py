@@ -43,6 +43,7 @@ class RunOptions:
     ablation: bool = True
     ablation_tokens: int = 4_000  # tokens per dataset for the ablation forward passes
     collaboration: bool = True
+    resamples: int = 200  # bootstrap resamples over documents for every interval (0: no intervals or nulls)
     static: str = "png"  # static images of every figure for papers: png, svg, pdf or none
     wandb: bool = False
     wandb_project: str = "moe-routing-study"
@@ -114,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--models-dir", help="where the embedded model is trained and kept")
     ap.add_argument("--no-ablation", dest="ablation", action="store_false", default=None, help="skip the causal ablation")
     ap.add_argument("--no-collaboration", dest="collaboration", action="store_false", default=None, help="skip dictionary learning")
+    ap.add_argument("--resamples", type=int, help="bootstrap resamples over documents per interval (default 200)")
     ap.add_argument("--static", choices=["png", "svg", "pdf", "none"], help="also write each figure as an image (needs Chromium)")
     ap.add_argument("--wandb", action="store_true", default=None, help="log to Weights & Biases (offline without an API key)")
     ap.add_argument("--wandb-project")
@@ -156,6 +158,8 @@ def make_options(**kwargs: Any) -> RunOptions:
         raise OptionsError(f"static must be png, svg, pdf or none, not {opts.static!r}")
     if opts.storage not in ("full", "compact"):
         raise OptionsError(f"storage must be 'full' or 'compact', not {opts.storage!r}")
+    if opts.resamples < 0:
+        raise OptionsError(f"resamples must be 0 or more, not {opts.resamples}")
     if opts.shard_tokens < 1:
         raise OptionsError(f"shard_tokens must be at least 1, not {opts.shard_tokens}")
     if not opts.datasets:

@@ -139,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"val loss {info['final_val']['loss']:.3f} (unigram baseline {info['unigram_val_loss']:.3f}), "
           f"test loss {info['test']['loss']:.3f}, {info['train_seconds']:.0f} s")
     print(f"sample: {info['sample']!r}")
+    from core.study_moe.training_data import training_data_note
+
+    print(f"data: {training_data_note(run_dir)}")
     return 0
 
 

@@ -106,5 +106,9 @@ def test_ablation_study_reports_per_domain_deltas():
     want = [ablated[rows].nanmean().item() - plain[rows].nanmean().item() for rows in ([0, 2], [1, 3])]
     np.testing.assert_allclose(res.delta[1], want, rtol=1e-5, atol=1e-6)
     assert np.abs(res.delta[1]).max() > 1e-4  # the used expert matters
+    est = res.estimate  # intervals over documents: the never-selected expert is exactly "no change"
+    np.testing.assert_allclose(est.value, res.delta, atol=1e-12)
+    assert not est.distinguishable[0].any() and est.low[0].tolist() == [0.0, 0.0]
+    assert (est.low[1] <= res.delta[1] + 1e-9).all() and (res.delta[1] <= est.high[1] + 1e-9).all()
     targets, labels = most_and_least_used_experts(np.array([[0.5, 0.1, 0.4], [0.2, 0.3, 0.5]]), [1, 2])
     assert targets == [{1: [0]}, {1: [1]}, {2: [2]}, {2: [0]}] and "most used" in labels[0] and "least used" in labels[1]

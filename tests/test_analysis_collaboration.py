@@ -2,12 +2,15 @@
 
 import json
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 
 from core.analysis.collaboration import CollaborationMiner
 from core.routing_data import RoutingData
+from tests.fakes import routing
 
 L, E, K, G = 3, 8, 2, 4
 
@@ -91,16 +94,16 @@ def test_hierarchical_variant_groups_patterns_into_families():
 
 def test_sampling_is_seeded_and_threshold_applies():
     rd, _ = _planted(n_per=10)
-    m = CollaborationMiner(activation_threshold=0.6, sample_ratio=1 / 3)
+    m = CollaborationMiner(activation_threshold=0.6, sample_ratio=1 / 3, threshold_rule="absolute")
     a = m.activation_matrix(rd)
     assert a.values.shape == (round(40 / 3), L * E) and not a.values.any()  # 0.5 < threshold
-    b = CollaborationMiner(activation_threshold=0.1, sample_ratio=1 / 3).activation_matrix(rd)
-    c = CollaborationMiner(activation_threshold=0.1, sample_ratio=1 / 3).activation_matrix(rd)
+    b = CollaborationMiner(activation_threshold=0.1, sample_ratio=1 / 3, threshold_rule="absolute").activation_matrix(rd)
+    c = CollaborationMiner(activation_threshold=0.1, sample_ratio=1 / 3, threshold_rule="absolute").activation_matrix(rd)
     np.testing.assert_array_equal(b.groups, c.groups)
     np.testing.assert_array_equal(b.values, c.values)
     assert (b.values > 0).sum(1).tolist() == [L * K] * len(b.groups)
     # another seed samples other tokens
-    d = CollaborationMiner(activation_threshold=0.1, sample_ratio=1 / 3, random_seed=7).activation_matrix(rd)
+    d = CollaborationMiner(activation_threshold=0.1, sample_ratio=1 / 3, random_seed=7, threshold_rule="absolute").activation_matrix(rd)
     assert d.values.shape == b.values.shape and not np.array_equal(d.values, b.values)
 
 
@@ -113,3 +116,32 @@ def test_bad_parameters():
     rd.domain_ids = None
     with pytest.raises(ValueError, match="domain_ids"):
         CollaborationMiner().fit(rd)
+
+
+def test_relative_threshold_is_scale_free_for_unnormalized_top8_of_64():
+    # OLMoE-like: top-8 of 64, unnormalized weights around 0.03; one slot per token is far below the rest
+    rng = np.random.default_rng(0)
+    n, k = 30, 8
+    idx = np.stack([rng.choice(64, k, replace=False) for _ in range(n)])[:, None, :]
+    w = np.full((n, 1, k), 0.03)
+    w[:, 0, -1] = 0.001  # 1/30 of a typical slot: well under a fifth of the uniform share
+    rd = routing(idx, 64, weights=w, domain_ids=np.zeros(n, int), domain_names=["d"])
+    absolute = CollaborationMiner(activation_threshold=0.1, sample_ratio=1.0, threshold_rule="absolute").activation_matrix(rd)
+    assert not absolute.values.any()  # the seed's absolute 0.1 drops every OLMoE-scale selection
+    rel = CollaborationMiner(sample_ratio=1.0).activation_matrix(rd)  # default: 0.2 of the uniform share 1/k
+    assert ((rel.values > 0).sum(1) == k - 1).all()
+    # the same routing with weights rescaled (normalized top-k) gives the same pattern of kept selections
+    rd2 = routing(idx, 64, weights=w / w.sum(-1, keepdims=True), domain_ids=np.zeros(n, int), domain_names=["d"])
+    np.testing.assert_array_equal(CollaborationMiner(sample_ratio=1.0).activation_matrix(rd2).values > 0, rel.values > 0)
+
+
+def test_unlabelled_tokens_do_not_count_for_any_domain():
+    rd, _ = _planted(n_per=10)
+    dom = rd.domain_ids.clone()
+    dom[:5] = -1
+    rd2 = replace(rd, domain_ids=dom)
+    res = CollaborationMiner(sample_ratio=1.0, n_components=4, n_meta_components=2).fit(rd2)
+    spec = res.specialization
+    assert spec.tokens.sum() == rd.num_tokens - 5 and len(spec.group_names) == len(rd.domain_names)
+    last = len(rd.domain_names) - 1
+    assert spec.tokens[last] == (rd.domain_ids == last).sum().item()

@@ -49,9 +49,10 @@ def test_routing_consistency_across_chunks_and_documents():
     rc = routing_consistency(_rd(idx, 2, doc_ids=docs, positions=pos).iter_chunks(2))
     assert rc.num_pairs == 7
     assert rc.same_top1[0] == pytest.approx(4 / 7)
-    u = np.array([2, 7]) / 9
-    assert rc.chance[0] == pytest.approx((u**2).sum())
+    # within-document shuffle: doc 0 always the same (4 pairs x 1), doc 1 two of each (3 pairs x 4/12)
+    assert rc.chance[0] == pytest.approx(5 / 7)
     assert rc.topk_overlap[0] == pytest.approx(4 / 7)
+    assert rc.next_in_topk[0] == pytest.approx(4 / 7) and rc.num_documents == 2
 
 
 def test_missing_fields_error():

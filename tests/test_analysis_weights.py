@@ -22,9 +22,11 @@ def test_router_similarity_identical_permuted_and_random():
     assert sim.matched_cosine[0, 1] < 0.5  # identity matching fails on permuted experts
     for m in (sim.hungarian_cosine, sim.subspace_similarity, sim.cka):
         assert m[0, 1] == pytest.approx(1.0)
-    assert sim.subspace_baseline == E / H
-    assert abs(sim.subspace_similarity[0, 2] - E / H) < 0.15  # random routers sit at the baseline
+    assert sim.subspace_baseline == (E - 1) / H  # softmax rows are centred: rank E - 1
+    assert abs(sim.subspace_similarity[0, 2] - (E - 1) / H) < 0.15  # random routers sit at the baseline
     assert sim.hungarian_cosine[0, 2] < 0.6
+    assert sim.hungarian_null_low[0, 2] <= sim.hungarian_cosine[0, 2] <= sim.hungarian_null_high[0, 2]
+    assert RouterAnalyzer().compute_router_similarity_matrix(weights, score_fn="sigmoid").subspace_baseline == E / H
     json.dumps(sim.to_dict())
 
 
@@ -32,12 +34,17 @@ def test_router_subspaces_effective_rank():
     rng = np.random.default_rng(1)
     low = rng.normal(size=(E, 2)) @ rng.normal(size=(2, H))  # rank 2
     flat = np.linalg.qr(rng.normal(size=(H, E)))[0].T * 3.0  # orthogonal rows, equal singular values
-    sub = RouterAnalyzer().analyze_router_subspaces({5: low, 7: flat}, energy=0.99)
-    assert sub.rank_at_energy.tolist() == [2, E]
+    sub = RouterAnalyzer(score_fn="sigmoid").analyze_router_subspaces({5: low, 7: flat}, energy=0.99)
+    assert sub.rank_at_energy.tolist() == [2, E] and not sub.centered
     assert sub.effective_rank[1] == pytest.approx(E) and sub.stable_rank[1] == pytest.approx(E)
     assert sub.effective_rank[0] < 2.01
     np.testing.assert_allclose(sub.row_norms[1], 3.0)
     json.dumps(sub.to_dict())
+    # softmax: centring removes the one direction (the mean row) that never changed routing
+    soft = RouterAnalyzer().analyze_router_subspaces({5: low, 7: flat}, energy=0.99)
+    assert soft.centered and soft.rank_at_energy.tolist() == [2, E - 1]
+    assert soft.stable_rank[1] == pytest.approx(E - 1)
+    np.testing.assert_allclose(soft.row_norms[1], 3.0 * np.sqrt(1 - 1 / E))
 
 
 def test_cka_invariant_to_rotation():
@@ -59,16 +66,19 @@ def test_planted_router_row_aligns_and_random_sits_at_baseline(gate):
     rows = np.concatenate([ex["gate"], ex["up"]], axis=1) if gate else ex["up"]
     planted = np.stack([rng.normal(size=rows.shape[1]) @ rows[e] for e in range(E)])  # inside own span
     random = rng.normal(size=(E, H))
-    an = ExpertAnalyzer(rank=rows.shape[1])
-    res = an.analyze_expert_router_alignment({2: ex, 4: ex}, {2: torch.tensor(planted), 4: random}, num_random=500)
+    an = ExpertAnalyzer(rank=rows.shape[1], score_fn="sigmoid")  # rows kept as planted
+    res = an.analyze_expert_router_alignment({2: ex, 4: ex}, {2: torch.tensor(planted), 4: random})
     r = rows.shape[1]
-    assert (res.ranks == r).all()
+    assert (res.ranks == r).all() and not res.centered
     np.testing.assert_allclose(res.own[0], 1.0, atol=1e-8)
-    assert res.mean_other[0] < 0.5 and res.z[0].min() > 5
-    assert abs(res.random_mean[0, 0] - r / H) < 0.02  # empirical baseline matches r/H
-    assert abs(res.mean_own[1] - r / H) < 0.1 and abs(res.layer_z[1]) < 3
-    assert res.layer_z[0] > 10
+    assert res.mean_other[0] < 0.5
+    np.testing.assert_allclose(res.random_mean, r / H)  # exact baseline
+    assert abs(res.mean_own[1] - r / H) < 0.1
+    assert res.perm_p[0] < 0.01 and res.effect[0] > 0.4  # own expert beats the others
+    assert res.perm_p[1] > 0.05 and abs(res.effect[1]) < 0.1  # random rows do not
     json.dumps(res.to_dict())
+    soft = ExpertAnalyzer(rank=r).analyze_expert_router_alignment({2: ex}, {2: torch.tensor(planted)})
+    assert soft.centered and soft.mean_own[0] > 0.5 and soft.perm_p[0] < 0.01
 
 
 def test_expert_subspaces_energy_rank_and_errors():

@@ -67,6 +67,15 @@ def test_every_artifact_exists_and_is_well_formed(micro_run):
     summary = (run_dir / "summary.md").read_text()
     assert "report.html" in summary and "Findings" in summary
     assert first.findings and any("Domain specialization" in f for f in first.findings)
+    # every headline finding states its interval and its null, and what the model saw is said
+    for key in ("Domain specialization", "Cross-layer correlation", "Consecutive tokens", "Router saturation", "Ablation",
+                "Load balance", "Router–expert alignment"):
+        text = next(f for f in first.findings if f.startswith(key))
+        assert "95% CI" in text or "95% range" in text, text
+    for est in metrics["headline"]["estimates"].values():
+        assert {"value", "low", "high", "null", "distinguishable"} <= set(est)
+    assert "held-out" in metrics["model"]["training_data"] and "Data the model saw" in summary
+    assert "data the model saw" in html and "within-document shuffle" in html
     if shutil.which("chromium") or os.environ.get("CI"):  # static images need a browser for kaleido
         pngs = list((run_dir / "figures").glob("*.png"))
         assert len(pngs) >= 15 and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)

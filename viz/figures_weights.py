@@ -1,7 +1,7 @@
-"""Figures about router and expert weights: singular-value spectra and subspace alignment.
+"""Figures about router and expert weights: singular-value spectra, subspace alignment, matched cosine.
 
-Alignment numbers only mean something next to what random subspaces of the same size give,
-so the alignment figure always draws that baseline as a band.
+Alignment and matched-cosine numbers only mean something next to their nulls, so those figures
+always draw the null beside the measured value.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import plotly.graph_objects as go
 
-from viz._common import FigureInputError, as_array, check_len, esc, finish
+from viz._common import FigureInputError, as_array, check_len, check_square, esc, finish
 
 
 def svd_spectra(
@@ -71,35 +71,49 @@ def svd_spectra(
     )
 
 
-def _baseline_band(fig: go.Figure, x: np.ndarray, rmean: np.ndarray, rstd: np.ndarray, layers: list[int],
-                   measure: str) -> None:
-    """The random baseline: its mean as a dashed line inside a grey mean ± 2 sd band."""
+def _band(fig: go.Figure, x: np.ndarray, low: np.ndarray, high: np.ndarray, name: str, fill: str) -> None:
+    """A shaded range between ``low`` and ``high`` along the layers."""
     fig.add_trace(
         go.Scatter(
             x=np.concatenate([x, x[::-1]]),
-            y=np.concatenate([rmean + 2 * rstd, (rmean - 2 * rstd)[::-1]]),
+            y=np.concatenate([high, low[::-1]]),
             mode="lines",
             fill="toself",
-            fillcolor="rgba(128,128,128,0.25)",
+            fillcolor=fill,
             line={"width": 0},
-            name="random baseline (mean ± 2 sd)",
+            name=esc(name),
             hoverinfo="skip",
         )
     )
+
+
+def _line(fig: go.Figure, x: np.ndarray, y: np.ndarray, name: str, color: str, layers: list[int], measure: str,
+          extra: np.ndarray | None = None, extra_label: str = "") -> None:
+    """A dashed reference line with hover naming the layer (and an optional second value)."""
+    custom = np.asarray(layers, dtype=float)[:, None]
+    hover = f"{esc(name)}<br>layer %{{customdata[0]}}<br>{esc(measure)} %{{y:.4f}}"
+    if extra is not None:
+        custom = np.concatenate([custom, np.asarray(extra, dtype=float)[:, None]], axis=1)
+        hover += f"<br>{esc(extra_label)} %{{customdata[1]:.4f}}"
     fig.add_trace(
-        go.Scatter(
-            x=x,
-            y=rmean,
-            mode="lines",
-            line={"color": "gray", "dash": "dash"},
-            name="random baseline mean",
-            customdata=np.stack([layers, rstd], axis=1),
-            hovertemplate=(
-                f"layer %{{customdata[0]}}<br>random {esc(measure)} %{{y:.4f}} ± "
-                "%{customdata[1]:.4f} (sd)<extra></extra>"
-            ),
-        )
+        go.Scatter(x=x, y=y, mode="lines", line={"color": color, "dash": "dash"}, name=esc(name),
+                   customdata=custom, hovertemplate=hover + "<extra></extra>")
     )
+
+
+def _baselines(fig: go.Figure, x: np.ndarray, layers: list[int], measure: str, random_mean: np.ndarray,
+               random_std: np.ndarray | None, null: tuple[np.ndarray, np.ndarray, np.ndarray] | None,
+               null_label: str) -> None:
+    """The random-subspace reference (exact r/H, optional ± 2 sd band) and the expert-permutation null."""
+    if random_std is not None:
+        _band(fig, x, random_mean - 2 * random_std, random_mean + 2 * random_std,
+              "isotropic random subspace (mean ± 2 sd)", "rgba(128,128,128,0.25)")
+    _line(fig, x, random_mean, "random subspace of the same dimension (r/H)", "gray", layers, measure,
+          extra=random_std, extra_label="sd")
+    if null is not None:
+        mean, low, high = null
+        _band(fig, x, low, high, f"{null_label} (95% range)", "rgba(214,39,40,0.18)")
+        _line(fig, x, mean, f"{null_label} (mean)", "#d62728", layers, measure)
 
 
 def _per_expert_series(fig: go.Figure, values: np.ndarray, label: str, color: str, layers: list[int], measure: str,
@@ -143,28 +157,45 @@ def alignment_vs_baseline(
     own: np.ndarray,
     other: np.ndarray | None,
     random_mean: np.ndarray,
-    random_std: np.ndarray,
+    random_std: np.ndarray | None,
     layers: Sequence[int],
     title: str | None = None,
     measure: str = "subspace alignment",
     own_label: str = "router row ↔ its own expert",
     other_label: str = "router row ↔ other experts (mean)",
     y_title: str | None = None,
+    null_mean: np.ndarray | None = None,
+    null_low: np.ndarray | None = None,
+    null_high: np.ndarray | None = None,
+    null_label: str = "experts permuted",
 ) -> go.Figure:
-    """Router–expert alignment per layer and expert ``[L, E]`` against a random baseline.
+    """Router–expert alignment per layer and expert ``[L, E]`` against its baselines ``[L]``.
 
-    Points are single experts; lines are layer means; the grey band is the random-subspace
-    mean ± 2 standard deviations, so points above it are aligned beyond chance.
+    Points are single experts; lines are layer means. ``random_mean`` (r/H) is what a random
+    subspace gives, drawn dashed (with a ± 2 sd band if ``random_std`` is given); it is easy to
+    beat for anisotropic weights. The test that matters is ``null_*``: the layer mean of own
+    alignment when experts are permuted (row e against another expert's subspace), drawn as its
+    95% range, so a layer-mean line above the red band aligns with its own expert beyond chance.
     """
     own = as_array(own, 2, "own")
     layers = [int(v) for v in check_len(layers, own.shape[0], "layers", "own rows")]
     rmean = as_array(random_mean, 1, "random_mean")
-    rstd = as_array(random_std, 1, "random_std")
     check_len(rmean, own.shape[0], "random_mean", "own rows")
-    check_len(rstd, own.shape[0], "random_std", "own rows")
+    rstd = None
+    if random_std is not None:
+        rstd = as_array(random_std, 1, "random_std")
+        check_len(rstd, own.shape[0], "random_std", "own rows")
+    null = None
+    given = [v is not None for v in (null_mean, null_low, null_high)]
+    if any(given):
+        if not all(given):
+            raise FigureInputError("null_mean, null_low and null_high: give all three or none")
+        null = tuple(as_array(v, 1, n) for v, n in ((null_mean, "null_mean"), (null_low, "null_low"), (null_high, "null_high")))
+        for v, n in zip(null, ("null_mean", "null_low", "null_high")):
+            check_len(v, own.shape[0], n, "own rows")
     x = np.arange(own.shape[0])
     fig = go.Figure()
-    _baseline_band(fig, x, rmean, rstd, layers, measure)
+    _baselines(fig, x, layers, measure, rmean, rstd, null, null_label)
     series = [(own, own_label, "#1f77b4")]
     if other is not None:
         other = as_array(other, 2, "other")
@@ -177,7 +208,59 @@ def alignment_vs_baseline(
     fig.update_xaxes(tickmode="array", tickvals=list(x), ticktext=[f"L{v}" for v in layers])
     return finish(
         fig,
-        title or f"Router–expert {measure} against a random baseline",
+        title or f"Router–expert {measure} against its baselines",
         "MoE layer (model layer index)",
         y_title or f"{measure} (0 = orthogonal, 1 = same subspace)",
     )
+
+
+def hungarian_cosine_vs_null(
+    observed: np.ndarray,
+    null_mean: np.ndarray,
+    null_low: np.ndarray,
+    null_high: np.ndarray,
+    layers: Sequence[int],
+    title: str | None = None,
+    measure: str = "Hungarian-matched cosine",
+) -> go.Figure:
+    """Hungarian-matched cosine of every layer pair ``[L, L]`` beside its null.
+
+    Matching experts optimally makes even unrelated routers score well above 0, so each pair is
+    drawn with the mean and 95% range of the same statistic against random rotations of one
+    router (same spectrum, no correspondence); only a point above its bar is beyond chance.
+    """
+    observed = as_array(observed, 2, "observed")
+    check_square(observed, "observed")
+    layers = [int(v) for v in check_len(layers, observed.shape[0], "layers", "observed")]
+    arrays = {}
+    for name, v in (("null_mean", null_mean), ("null_low", null_low), ("null_high", null_high)):
+        arrays[name] = as_array(v, 2, name)
+        if arrays[name].shape != observed.shape:
+            raise FigureInputError(f"{name}: shape {arrays[name].shape} differs from observed {observed.shape}")
+    a, b = np.triu_indices(len(layers), k=1)
+    if a.size == 0:
+        raise FigureInputError("observed: needs at least 2 layers to compare")
+    labels = [f"L{layers[i]}–L{layers[j]}" for i, j in zip(a, b)]
+    mean, low, high = (arrays[n][a, b] for n in ("null_mean", "null_low", "null_high"))
+    custom = np.stack([np.asarray(layers)[a], np.asarray(layers)[b], low, high], axis=1)
+    fig = go.Figure()
+    fig.add_trace(
+        go.Scatter(
+            x=labels, y=mean, mode="markers", marker={"color": "gray", "symbol": "line-ew-open", "size": 12},
+            error_y={"type": "data", "symmetric": False, "array": high - mean, "arrayminus": mean - low, "color": "gray"},
+            name="null: other router randomly rotated (mean, 95% range)", customdata=custom,
+            hovertemplate=("layer %{customdata[0]} vs layer %{customdata[1]}<br>null mean %{y:.3f}, "
+                           "95% range %{customdata[2]:.3f}–%{customdata[3]:.3f}<extra></extra>"),
+        )
+    )
+    fig.add_trace(
+        go.Scatter(
+            x=labels, y=observed[a, b], mode="markers", marker={"color": "#1f77b4", "size": 8},
+            name=esc(measure), customdata=custom,
+            hovertemplate=(f"layer %{{customdata[0]}} vs layer %{{customdata[1]}}<br>{esc(measure)} "
+                           "%{y:.3f}<extra></extra>"),
+        )
+    )
+    fig.update_xaxes(type="category")
+    return finish(fig, title or f"{measure} between layers against its null", "layer pair (model layer indices)",
+                  f"{measure} (mean over matched experts)")

@@ -28,7 +28,8 @@ from viz.figures_training import (
     training_curves,
     utilization_over_time,
 )
-from viz.figures_weights import alignment_vs_baseline, svd_spectra
+from viz.figures_nulls import estimate_vs_null
+from viz.figures_weights import alignment_vs_baseline, hungarian_cosine_vs_null, svd_spectra
 
 __all__ = [
     "FigureInputError",
@@ -42,6 +43,8 @@ __all__ = [
     "domain_specialization_heatmap",
     "drift_over_checkpoints",
     "entropy_per_layer",
+    "estimate_vs_null",
+    "hungarian_cosine_vs_null",
     "layer_metric_over_time",
     "router_similarity_heatmap",
     "routing_paths_sankey",

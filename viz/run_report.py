@@ -109,7 +109,14 @@ def _specialization_section(r: dict[str, Any], add: Callable[..., None], rep: Re
     """Domain and vocabulary specialization, and consistency of consecutive tokens."""
     spec = r.get("domain_specialization")
     if spec is not None:
-        rep.add_section("Specialization", f"Share of each domain's tokens routed to each expert, against the uniform k/E = {spec.baseline:.3f}.")
+        kl = (getattr(spec, "estimates", None) or {}).get("layer_score")
+        rep.add_section("Specialization", f"Share of each domain's tokens routed to each expert; colour against the uniform k/E = {spec.baseline:.3f}. "
+                        "A maximum over experts sits above k/E by chance, so each domain's top ratio and the divergence per layer "
+                        "are tested against the same statistic with domain labels shuffled between documents.")
+        if kl is not None:
+            add("Specialization", "domain_divergence", _estimate_figure(kl, [str(l) for l in spec.moe_layers],
+                "Divergence of each domain's routing from the overall routing", "KL, nats (token-weighted over domains)"),
+                pd.DataFrame({"layer": spec.moe_layers, "value": kl.value, "low": kl.low, "high": kl.high, "null": kl.null, "p": kl.p_value}))
         for li, layer in enumerate(spec.moe_layers):
             add("Specialization", f"domain_specialization_L{layer}", P.domain_specialization_heatmap(spec.share[li], spec.group_names, spec.baseline, layer=layer),
                 pd.DataFrame(spec.share[li], index=spec.group_names))
@@ -120,18 +127,36 @@ def _specialization_section(r: dict[str, Any], add: Callable[..., None], rep: Re
         li = len(vocab.moe_layers) - 1
         onehot = np.zeros((len(top), vocab.num_experts))
         onehot[np.arange(len(top)), vocab.preferred_expert[top, li]] = vocab.concentration[top, li]
+        est = vocab.estimate
+        cap = None if est is None else ("Mean over token ids of the preferred expert's share, per layer, against the same "
+                                        "statistic with token ids shuffled within each domain: "
+                                        + "; ".join(f"layer {l}: {est.at(i).text()}" for i, l in enumerate(vocab.moe_layers)))
         add("Specialization", "vocabulary_specialization", P.vocabulary_specialization(onehot, tokens, vocab.moe_layers[li],
                                                                                          measure="share of the token's routing to its preferred expert"),
             pd.DataFrame({"token": tokens, "count": vocab.occurrences[top], "preferred_expert": vocab.preferred_expert[top, li],
-                          "concentration": vocab.concentration[top, li]}))
+                          "concentration": vocab.concentration[top, li]}), caption=cap)
     cons = r.get("routing_consistency")
     if cons is not None:
-        fig = go.Figure([go.Bar(x=[str(l) for l in cons.moe_layers], y=cons.same_top1, name="consecutive tokens, same top-1 expert",
-                                hovertemplate="layer %{x}<br>same expert: %{y:.3f}<extra></extra>"),
-                         go.Bar(x=[str(l) for l in cons.moe_layers], y=cons.chance, name="chance (Σ utilization²)",
-                                hovertemplate="layer %{x}<br>chance: %{y:.3f}<extra></extra>")])
-        fig.update_layout(title="Routing consistency of consecutive tokens", xaxis_title="MoE layer", yaxis_title="share of token pairs", barmode="group")
-        add("Specialization", "routing_consistency", fig, cons.to_dict())
+        _consistency(cons, add)
+
+
+def _estimate_figure(est: Any, labels: Sequence[str], title: str, y_title: str, x_title: str = "MoE layer") -> go.Figure:
+    """A result's Estimate (value, interval, null) as bars beside its null."""
+    return P.estimate_vs_null(list(labels), est.value, est.low, est.high, est.null, est.null_low, est.null_high,
+                              title=title, y_title=y_title, x_title=x_title, null_label=f"{est.null_name} (95% range)")
+
+
+def _consistency(cons: Any, add: Callable[..., None]) -> None:
+    """Consecutive tokens against the within-document shuffle, for the two measures."""
+    layers = [str(l) for l in cons.moe_layers]
+    for key, title in (("same_top1", "Consecutive tokens with the same top-1 expert"),
+                       ("next_in_topk", "Next token's top-1 expert among this token's top-k (Mixtral's measure)")):
+        est = cons.estimates.get(key)
+        if est is not None:
+            add("Specialization", f"routing_consistency_{key}", _estimate_figure(est, layers, title, "share of token pairs"),
+                pd.DataFrame({"layer": cons.moe_layers, "value": est.value, "low": est.low, "high": est.high, "null": est.null}),
+                caption="Chance: the same rate with each document's tokens shuffled, so a document's topic or domain "
+                        "is not counted as stickiness. " + "; ".join(f"layer {l}: {est.at(i).text()}" for i, l in enumerate(layers)))
 
 
 def _collaboration_section(r: dict[str, Any], add: Callable[..., None], rep: Report) -> None:
@@ -152,17 +177,30 @@ def _ablation_section(r: dict[str, Any], add: Callable[..., None], rep: Report) 
     if abl is not None:
         rep.add_section("Causal ablation", "Loss change per domain when an expert is removed from routing (weights of the rest renormalized), "
                         "through nnsight. Base loss per domain: " + ", ".join(f"{d} {v:.3f}" for d, v in zip(abl.domains, abl.base_loss)) + " nats.")
-        add("Causal ablation", "ablation", P.ablation_effects(abl.delta, abl.targets, abl.domains),
-            pd.DataFrame(abl.delta, index=abl.targets, columns=abl.domains))
+        data = pd.DataFrame(abl.delta, index=abl.targets, columns=abl.domains)
+        est = getattr(abl, "estimate", None)
+        if est is not None and np.isfinite(np.asarray(est.low, dtype=float)).all():
+            data = pd.concat({"delta": data, "ci_low": pd.DataFrame(est.low, index=abl.targets, columns=abl.domains),
+                              "ci_high": pd.DataFrame(est.high, index=abl.targets, columns=abl.domains)}, axis=1)
+        add("Causal ablation", "ablation", P.ablation_effects(abl.delta, abl.targets, abl.domains), data,
+            caption="95% intervals over documents are in the data table and the findings.")
 
 
 def _weights_section(r: dict[str, Any], add: Callable[..., None], rep: Report) -> None:
     sim = r.get("router_similarity")
     if sim is None:
         return
-    rep.add_section("Router and expert weights", f"Router similarity between layers; the permutation-invariant subspace similarity of random routers is {sim.subspace_baseline:.3f}.")
-    add("Router and expert weights", "router_similarity_hungarian", P.router_similarity_heatmap(sim.hungarian_cosine, sim.layers, measure="matched-expert cosine"),
+    centred = ("Router rows are centred first (a softmax router is unchanged by adding one vector to all its rows)"
+               if getattr(sim, "centered", False) else "Router rows are compared as they are (sigmoid routers: a shift changes routing)")
+    rep.add_section("Router and expert weights", f"{centred}. Router similarity between layers; the subspace similarity of "
+                    f"random routers of this shape is rank/H = {sim.subspace_baseline:.3f}. The Hungarian-matched cosine is "
+                    "tested against the same statistic with one router randomly rotated (its spectrum kept).")
+    add("Router and expert weights", "router_similarity_hungarian", P.router_similarity_heatmap(sim.hungarian_cosine, sim.layers, measure="Hungarian-matched cosine"),
         _matrix_frame(sim.hungarian_cosine, [str(l) for l in sim.layers]))
+    if len(sim.layers) > 1:
+        add("Router and expert weights", "hungarian_cosine_vs_null",
+            P.hungarian_cosine_vs_null(sim.hungarian_cosine, sim.hungarian_null_mean, sim.hungarian_null_low, sim.hungarian_null_high, sim.layers),
+            {"observed": sim.hungarian_cosine, "null_mean": sim.hungarian_null_mean, "p": sim.hungarian_p})
     add("Router and expert weights", "router_similarity_subspace", P.router_similarity_heatmap(sim.subspace_similarity, sim.layers, measure="subspace similarity (mean cos² of principal angles)"),
         _matrix_frame(sim.subspace_similarity, [str(l) for l in sim.layers]))
     sub = r.get("router_subspaces")
@@ -172,11 +210,11 @@ def _weights_section(r: dict[str, Any], add: Callable[..., None], rep: Report) -
     al = r.get("expert_alignment")
     if al is not None:
         add("Router and expert weights", "router_expert_alignment",
-            P.alignment_vs_baseline(al.own, al.other_mean, al.random_mean.mean(axis=1), al.random_std.mean(axis=1), al.layers,
+            P.alignment_vs_baseline(al.own, al.other_mean, al.random_mean.mean(axis=1), None, al.layers, null_mean=al.perm_null_mean,
+                                    null_low=al.perm_null_low, null_high=al.perm_null_high,
                                     measure="share of router-row energy in the expert's input subspace"),
-            pd.DataFrame({"layer": np.repeat(al.layers, al.num_experts), "expert": np.tile(np.arange(al.num_experts), len(al.layers)),
-                          "own": al.own.ravel(), "other_mean": al.other_mean.ravel(), "random_mean": al.random_mean.ravel(),
-                          "z": al.z.ravel()}))
+            pd.DataFrame({"layer": al.layers, "own": al.mean_own, "experts_permuted": al.perm_null_mean, "null_low": al.perm_null_low,
+                          "null_high": al.perm_null_high, "p": al.perm_p, "effect": al.effect, "random_subspace_r_over_H": al.mean_random}))
 
 
 def _dynamics_section(r: dict[str, Any], add: Callable[..., None], rep: Report) -> None:
@@ -185,6 +223,13 @@ def _dynamics_section(r: dict[str, Any], add: Callable[..., None], rep: Report) 
         return
     rep.add_section("Routing over training", "Saturation: share of each token's top-k experts at a checkpoint that match the final checkpoint's.")
     add("Routing over training", "saturation", P.saturation_over_checkpoints(dyn.steps, dyn.saturation, dyn.moe_layers), dyn.table())
+    est = (getattr(dyn, "estimates", None) or {}).get("saturation_mean")
+    if est is not None:
+        add("Routing over training", "saturation_vs_chance", _estimate_figure(est, [str(s) for s in dyn.steps],
+            "Saturation (mean over layers) against chance", "share of top-k shared with the final checkpoint", "training step"),
+            pd.DataFrame({"step": dyn.steps, "value": est.value, "low": est.low, "high": est.high, "chance": est.null}),
+            caption="Chance: the overlap between a token's experts at this checkpoint and a random token of the same document "
+                    "at the final checkpoint (routing that knows only the document).")
     add("Routing over training", "utilization_entropy_over_training",
         P.layer_metric_over_time(dyn.steps, dyn.utilization_entropy_norm, dyn.moe_layers, "normalized utilization entropy", "0–1", x_label="training step"))
     drift = r.get("router_drift")

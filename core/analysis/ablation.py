@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from core.analysis.resampling import NUM_BLOCKS, BlockSums, Estimate, block_of, paired_estimate
 from core.analysis.results import ResultMixin
 
 
@@ -32,6 +33,7 @@ class AblationResult(ResultMixin):
     loss: np.ndarray  # [T, D]
     tokens: np.ndarray  # [D] number of predicted tokens per domain
     notes: list[str] = field(default_factory=list)
+    estimate: Estimate | None = None  # delta [T, D] with intervals over documents, against no change
     units: str = "mean next-token cross-entropy, nats"
     delta: np.ndarray = field(init=False)  # [T, D]
 
@@ -51,8 +53,13 @@ def ablation_study(
     batch_size: int = 8,
     labels: list[str] | None = None,
     progress: bool = True,
+    resamples: int = 200,
+    seed: int = 0,
 ) -> AblationResult:
-    """Loss per domain with nothing ablated and with each target ablated, on a ``TokenizedDataset``."""
+    """Loss per domain with nothing ablated and with each target ablated, on a ``TokenizedDataset``.
+
+    ``estimate`` gives each change an interval over documents (bootstrap of document blocks).
+    """
     if not targets:
         raise ValueError("give at least one ablation target, e.g. {layer: [expert]}")
     targets = [{int(k): sorted(int(e) for e in v) for k, v in t.items()} for t in targets]
@@ -60,32 +67,48 @@ def ablation_study(
     if len(labels) != len(targets):
         raise ValueError(f"{len(labels)} labels for {len(targets)} ablation targets")
     n_dom = len(tokenized.domain_names)
-    sums = np.zeros((len(targets) + 1, n_dom))
-    counts = np.zeros(n_dom)
+    # loss sums per (document block x domain) unit, so deltas get intervals over documents
+    units = BlockSums(NUM_BLOCKS * n_dom)
     batches = list(tokenized.batches(batch_size))
     bar = tqdm(total=len(batches) * (len(targets) + 1), desc="ablation", unit="pass", disable=not progress)
     for batch in batches:
         dom = batch.domain_ids[:, 1:]
-        for t, target in enumerate([{}] + targets):
-            loss = wrapper.forward_loss(batch.input_ids, batch.attention_mask, ablate=target)
-            valid = ~torch.isnan(loss) & (dom >= 0)
-            sums[t] += np.bincount(dom[valid].numpy(), weights=loss[valid].double().numpy(), minlength=n_dom)
-            if t == 0:
-                counts += np.bincount(dom[valid].numpy(), minlength=n_dom)
+        keys = (batch.dataset_ids[:, 1:].long() + 1) * (1 << 40) + batch.doc_ids[:, 1:].long() + 1
+        losses = []
+        for target in [{}] + targets:
+            losses.append(wrapper.forward_loss(batch.input_ids, batch.attention_mask, ablate=target))
             bar.update()
+        valid = (dom >= 0) & ~torch.isnan(losses[0])
+        unit = block_of(keys[valid].numpy()) * n_dom + dom[valid].numpy()
+        units.add("loss", unit, torch.stack([x[valid] for x in losses], 1).double().numpy())
+        units.add("tokens", unit, np.ones(int(valid.sum())))
     bar.close()
+    tokens = units["tokens"].reshape(NUM_BLOCKS, n_dom).sum(0) if "tokens" in units.sums else np.zeros(n_dom)
+    if not tokens.sum():
+        raise ValueError("ablation found no predicted tokens with a domain label in this data")
+    loss = units["loss"].reshape(NUM_BLOCKS, n_dom, -1).sum(0).T  # [T+1, D]
     with np.errstate(invalid="ignore", divide="ignore"):
-        means = sums / counts[None, :]
-    notes = [f"domain '{d}' has no predicted tokens" for d, c in zip(tokenized.domain_names, counts) if c == 0]
+        means = loss / tokens[None, :]
+    notes = [f"domain '{d}' has no predicted tokens" for d, c in zip(tokenized.domain_names, tokens) if c == 0]
     return AblationResult(
         domains=list(tokenized.domain_names),
         targets=labels,
         target_experts=targets,
         base_loss=means[0],
         loss=means[1:],
-        tokens=counts.astype(int),
+        tokens=tokens.astype(int),
         notes=notes,
+        estimate=_delta_estimate(units, n_dom, resamples, seed),
     )
+
+
+def _delta_estimate(units: BlockSums, n_dom: int, resamples: int, seed: int) -> Estimate:
+    """Loss change ``[T, D]`` with a bootstrap over document blocks (within each domain), against no change."""
+    loss = units["loss"].reshape(NUM_BLOCKS, n_dom, -1)  # [B, D, T+1]
+    tokens = units["tokens"].reshape(NUM_BLOCKS, n_dom)
+    sums = {"loss": loss.transpose(0, 2, 1), "tokens": tokens}  # the bootstrap resamples blocks
+    delta = lambda t: (t["loss"][:, 1:] - t["loss"][:, :1]) / t["tokens"][:, None, :]  # noqa: E731
+    return paired_estimate(delta, lambda t: 0.0 * delta(t), sums, "no change", tokens.sum(1) > 0, resamples, seed)
 
 
 def most_and_least_used_experts(utilization: np.ndarray, moe_layers: list[int]) -> tuple[list[dict[int, list[int]]], list[str]]:

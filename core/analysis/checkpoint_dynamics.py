@@ -9,13 +9,14 @@ each layer's router weights move between consecutive checkpoints and relative to
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 import torch
 
-from core.analysis.measures import to_numpy
+from core.analysis.measures import center_router_rows
+from core.analysis.resampling import BlockSums, DocumentRuns, Estimate, block_of, document_keys, paired_estimate
 from core.analysis.results import ResultMixin
 from core.analysis.routing_stats import RoutingStatsAccumulator
 from core.analysis.streaming import Layout, align, fold, require, selection_np
@@ -47,6 +48,8 @@ class Saturation(ResultMixin):
     moe_layers: list[int]
     num_tokens: int
     per_layer: np.ndarray  # [L]
+    chance: np.ndarray | None = None  # [L] within-document shuffle
+    estimate: Estimate | None = None  # per layer, with intervals over documents
 
     @property
     def mean(self) -> float:
@@ -57,7 +60,10 @@ class Saturation(ResultMixin):
 class CheckpointDynamics(ResultMixin):
     """Routing over checkpoints (axis 0, in the given order; the last is the reference "final").
 
-    ``saturation[c, l]`` against the final checkpoint; ``utilization[c, l, e]`` shares;
+    ``saturation[c, l]`` against the final checkpoint, with ``saturation_chance`` (the same overlap
+    between a token at c and a random token of its document at the final checkpoint: what routing
+    that knows only the document would score) and intervals over documents in ``estimates``;
+    ``utilization[c, l, e]`` shares;
     ``utilization_tv[c, l]`` = total-variation distance of the utilization from the final's;
     entropies normalized by log E (token entropy NaN when logits were not stored).
     """
@@ -71,6 +77,8 @@ class CheckpointDynamics(ResultMixin):
     token_entropy_norm: np.ndarray  # [C, L]
     cv: np.ndarray  # [C, L]
     utilization_tv: np.ndarray  # [C, L]
+    saturation_chance: np.ndarray | None = None  # [C, L] saturation with each document's tokens shuffled
+    estimates: dict[str, Estimate] = field(default_factory=dict)  # "saturation" [C, L], "saturation_mean" [C]
 
     def table(self) -> pd.DataFrame:
         """Long table: one row per (checkpoint, layer)."""
@@ -96,7 +104,7 @@ class CheckpointDynamicsAccumulator:
     order, the final last), as :func:`core.analysis.streaming.align` yields them.
     """
 
-    def __init__(self, names: Sequence[str], steps: Sequence[int]) -> None:
+    def __init__(self, names: Sequence[str], steps: Sequence[int], resamples: int = 200, seed: int = 0) -> None:
         if not names or len(names) != len(steps):
             raise ValueError(f"need one step per checkpoint name, got {len(names)} names and {len(steps)} steps")
         self.names, self.steps = [str(n) for n in names], [int(s) for s in steps]
@@ -104,6 +112,8 @@ class CheckpointDynamicsAccumulator:
         self.layout: Layout | None = None
         self.overlap: np.ndarray | None = None  # [C, L] summed |top-k(c) ∩ top-k(final)| / k
         self.num_tokens = 0
+        self.docs, self.sums = DocumentRuns(), BlockSums()
+        self.resamples, self.seed = resamples, seed
 
     def update(self, chunks: Sequence[RoutingData]) -> "CheckpointDynamicsAccumulator":
         if len(chunks) != len(self.names):
@@ -117,12 +127,53 @@ class CheckpointDynamicsAccumulator:
             require(rd, "topk_idx", why="router saturation")
             stats.update(rd)
         if final.num_tokens:
-            sel_final = selection_np(final)
-            for c, rd in enumerate(chunks):
-                sel = sel_final if c == len(chunks) - 1 else selection_np(rd)
-                self.overlap[c] += (sel * sel_final).sum((0, 2)) / final.top_k
+            self._add_overlaps(chunks)
             self.num_tokens += final.num_tokens
         return self
+
+    def _add_overlaps(self, chunks: Sequence[RoutingData]) -> None:
+        """Per-token overlap with the final top-k, summed per document with each checkpoint's expert counts."""
+        final, k = chunks[-1], chunks[-1].top_k
+        keys = document_keys(final)
+        starts = DocumentRuns.starts(keys)
+        sel_final = selection_np(final)
+        overlap, counts = [], []
+        for c, rd in enumerate(chunks):
+            sel = sel_final if c == len(chunks) - 1 else selection_np(rd)
+            per_token = (sel * sel_final).sum(2) / k  # [N, L]
+            self.overlap[c] += per_token.sum(0)
+            overlap.append(np.add.reduceat(per_token, starts, axis=0))
+            counts.append(np.add.reduceat(sel, starts, axis=0))
+        n = np.diff(np.r_[starts, len(keys)])[:, None].astype(np.float64)
+        runs = np.concatenate([n, np.stack(overlap, 1).reshape(len(n), -1), np.stack(counts, 1).reshape(len(n), -1)], 1)
+        self._close(*self.docs.add_runs(keys[starts], runs))
+
+    def _close(self, keys: np.ndarray, totals: np.ndarray) -> None:
+        """Finished documents: tokens, overlaps and the within-document shuffle expectation, into block sums."""
+        if not len(keys):
+            return
+        C, L, E, k = len(self.names), self.layout.num_layers, self.layout.num_experts, self.layout.top_k
+        n = totals[:, 0]
+        overlap = totals[:, 1 : 1 + C * L].reshape(-1, C, L)
+        a = totals[:, 1 + C * L :].reshape(-1, C, L, E)
+        null = (a * a[:, -1:]).sum(-1) / k / n[:, None, None]  # E over a shuffle of the document's tokens
+        units = block_of(keys, self.sums.num_units)
+        self.sums.add("tokens", units, n)
+        self.sums.add("overlap", units, overlap)
+        self.sums.add("overlap_null", units, null)
+
+    def _estimates(self) -> dict[str, Estimate]:
+        self._close(*self.docs.flush())
+        sums = self.sums.sums
+        used = sums["tokens"] > 0
+        name = "within-document shuffle"
+        per_layer = paired_estimate(lambda t: t["overlap"] / t["tokens"][:, None, None],
+                                    lambda t: t["overlap_null"] / t["tokens"][:, None, None], sums, name, used,
+                                    self.resamples, self.seed)
+        mean = paired_estimate(lambda t: (t["overlap"] / t["tokens"][:, None, None]).mean(-1),
+                               lambda t: (t["overlap_null"] / t["tokens"][:, None, None]).mean(-1), sums, name, used,
+                               self.resamples, self.seed)
+        return {"saturation": per_layer, "saturation_mean": mean}
 
     def result(self) -> CheckpointDynamics:
         if self.num_tokens == 0:
@@ -131,7 +182,10 @@ class CheckpointDynamicsAccumulator:
         util = np.stack([s.utilization for s in stats])
         L = self.layout.num_layers
         tok = np.stack([s.token_entropy_norm if s.token_entropy_norm is not None else np.full(L, np.nan) for s in stats])
+        est = self._estimates()
         return CheckpointDynamics(
+            estimates=est,
+            saturation_chance=est["saturation"].null,
             names=self.names,
             steps=self.steps,
             moe_layers=list(self.layout.moe_layers),
@@ -150,7 +204,8 @@ def saturation(
     """Saturation of checkpoint t against the final one; both must hold the same tokens in the same order."""
     acc = CheckpointDynamicsAccumulator(["t", "final"], [0, 1])
     dyn = fold(align([routing_t, routing_final]), {"d": acc})["d"]
-    return Saturation(dyn.moe_layers, acc.num_tokens, dyn.saturation[0])
+    return Saturation(dyn.moe_layers, acc.num_tokens, dyn.saturation[0], dyn.saturation_chance[0],
+                      dyn.estimates["saturation"].at(0))
 
 
 def checkpoint_dynamics(checkpoints: Sequence[tuple[str, int, RoutingData | Iterable[RoutingData]]]) -> CheckpointDynamics:
@@ -175,7 +230,9 @@ class RouterDrift(ResultMixin):
 
     ``*_prev[c]`` compares checkpoint c with c-1 (row 0 is NaN); ``*_final[c]`` with the last.
     ``cosine`` = mean over experts of the cosine between matched router rows;
-    ``rel_change`` = ||W_c - W_ref||_F / ||W_ref||_F.
+    ``rel_change`` = ||W_c - W_ref||_F / ||W_ref||_F. Rows are centred first when ``centered``
+    (softmax routers, ``score_fn``): a shift shared by all rows does not change routing, so it is
+    not counted as drift.
     """
 
     names: list[str]
@@ -184,6 +241,8 @@ class RouterDrift(ResultMixin):
     rel_change_prev: np.ndarray  # [C, L]
     cosine_final: np.ndarray  # [C, L]
     rel_change_final: np.ndarray  # [C, L]
+    score_fn: str = "softmax"
+    centered: bool = True
 
 
 def _row_cos(a: np.ndarray, b: np.ndarray) -> float:
@@ -193,9 +252,14 @@ def _row_cos(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def router_weight_drift(
-    router_weights: Sequence[Mapping[int, torch.Tensor | np.ndarray]], names: Sequence[str] | None = None
+    router_weights: Sequence[Mapping[int, torch.Tensor | np.ndarray]],
+    names: Sequence[str] | None = None,
+    score_fn: str = "softmax",
 ) -> RouterDrift:
-    """Cosine and relative Frobenius change of each layer's router between checkpoints."""
+    """Cosine and relative Frobenius change of each layer's router between checkpoints.
+
+    ``score_fn`` "softmax" centres each router's rows first (the wrapper's ``score_fn`` says which).
+    """
     if not router_weights:
         raise ValueError("router_weight_drift needs at least one checkpoint's router weights")
     names = [str(i) for i in range(len(router_weights))] if names is None else [str(n) for n in names]
@@ -205,7 +269,7 @@ def router_weight_drift(
     for c, w in enumerate(router_weights):
         if sorted(w) != layers:
             raise ValueError(f"checkpoint {names[c]} has router layers {sorted(w)}, final has {layers}")
-    W = [[to_numpy(w[l]) for l in layers] for w in router_weights]
+    W = [[center_router_rows(w[l], score_fn) for l in layers] for w in router_weights]
     C, L = len(W), len(layers)
     out = {k: np.full((C, L), np.nan) for k in ("cp", "rp", "cf", "rf")}
     for c in range(C):
@@ -218,4 +282,4 @@ def router_weight_drift(
                     raise ValueError(f"router of layer {layers[li]} changes shape {ref.shape} -> {cur.shape}")
                 out[ck][c, li] = _row_cos(cur, ref)
                 out[rk][c, li] = np.linalg.norm(cur - ref) / max(np.linalg.norm(ref), 1e-300)
-    return RouterDrift(names, layers, out["cp"], out["rp"], out["cf"], out["rf"])
+    return RouterDrift(names, layers, out["cp"], out["rp"], out["cf"], out["rf"], score_fn, score_fn == "softmax")

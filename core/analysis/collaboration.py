@@ -1,7 +1,11 @@
 """Expert collaboration mining (seed 003): which (layer, expert) units fire together, and for which domains.
 
 Each sampled token becomes a row of a token x (layer x expert) activation matrix (routing
-weight where it reaches ``activation_threshold``, else 0). Sparse non-negative dictionary
+weight where it reaches the threshold, else 0). The threshold is scale-free by default: a
+selection counts when its share of the token's selected weight reaches ``activation_threshold``
+times the uniform share 1/k (for ``weight="probs"``: probability over 1/E). So top-2 normalized
+weights and OLMoE's unnormalized top-8 of 64 are cut at the same relative level; the seed's
+absolute cut is ``threshold_rule="absolute"``. Sparse non-negative dictionary
 learning (scikit-learn) finds recurring co-activation patterns across layers; decomposing
 the dictionary again gives coarser meta-patterns (the hierarchical variant). Patterns are
 ranked by how specific they are to one domain, and the top domain-specialized experts of
@@ -86,13 +90,15 @@ class CollaborationMiner:
 
     ``weight``: "topk_weight" (the weight the expert received; 0 if unselected) or "probs".
     ``n_components`` patterns, ``n_meta_components`` meta-patterns, ``alpha`` sparsity.
+    ``activation_threshold``: with ``threshold_rule="relative"`` (default) a fraction of the uniform
+    share (1/k of the token's selected weight); with "absolute" a weight, as in seed 003.
     Uses batch ``DictionaryLearning`` up to ``batch_threshold`` sampled tokens, else the
     mini-batch variant.
     """
 
     def __init__(
         self,
-        activation_threshold: float = 0.1,
+        activation_threshold: float = 0.2,
         sample_ratio: float = 1 / 3,
         random_seed: int = 42,
         top_k: int = 10,
@@ -103,11 +109,14 @@ class CollaborationMiner:
         by: Literal["domain", "dataset"] = "domain",
         max_iter: int = 200,
         batch_threshold: int = 5000,
+        threshold_rule: Literal["relative", "absolute"] = "relative",
     ) -> None:
         if not 0 < sample_ratio <= 1:
             raise ValueError(f"sample_ratio must be in (0, 1], got {sample_ratio}")
         if activation_threshold < 0:
             raise ValueError(f"activation_threshold must be >= 0, got {activation_threshold}")
+        if threshold_rule not in ("relative", "absolute"):
+            raise ValueError(f"threshold_rule must be 'relative' or 'absolute', got {threshold_rule!r}")
         if weight not in ("topk_weight", "probs"):
             raise ValueError(f"weight must be 'topk_weight' or 'probs', got {weight!r}")
         if by not in ("domain", "dataset"):
@@ -125,6 +134,7 @@ class CollaborationMiner:
         self.by = by
         self.max_iter = max_iter
         self.batch_threshold = batch_threshold
+        self.threshold_rule = threshold_rule
 
     def params(self) -> dict:
         return dict(vars(self))
@@ -133,15 +143,21 @@ class CollaborationMiner:
         if self.weight == "probs":
             require(rd, "router_logits", why="collaboration mining on probabilities")
             a = rd.probs().double().numpy()
+            uniform = 1.0 / rd.num_experts
         else:
             require(rd, "topk_idx", "topk_weight", why="collaboration mining on top-k weights")
             a = np.zeros((rd.num_tokens, rd.num_layers, rd.num_experts))
             idx = rd.topk_idx.numpy()
             w = rd.topk_weight.double().numpy()
-            n, l, k = np.nonzero(idx >= 0)
+            n, l, k = np.nonzero(rd.selected_slots().numpy())
             a[n, l, idx[n, l, k]] = w[n, l, k]
-        a = np.where(a >= self.activation_threshold, a, 0.0)
-        return a.reshape(rd.num_tokens, -1)
+            uniform = 1.0 / rd.top_k
+        if self.threshold_rule == "absolute":
+            keep = a >= self.activation_threshold
+        else:
+            share = a / np.clip(a.sum(-1, keepdims=True), 1e-300, None)
+            keep = (share >= self.activation_threshold * uniform) & (a > 0)
+        return np.where(keep, a, 0.0).reshape(rd.num_tokens, -1)
 
     def accumulator(self) -> "CollaborationAccumulator":
         """The streaming half of :meth:`fit`: feed it chunks (e.g. from ``fold``); ``result()`` mines the patterns."""

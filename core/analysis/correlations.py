@@ -10,12 +10,15 @@ pairs is accumulated chunk by chunk (running mean and co-moment, Chan et al.), s
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
 import pandas as pd
 
+from core.analysis.resampling import (Estimate, block_of, bootstrap_weights, document_keys, permutation_estimate,
+                                      permute_within)
 from core.analysis.results import ResultMixin
 from core.analysis.streaming import (
     GroupBy,
@@ -97,7 +100,8 @@ class CrossLayerCorrelation(ResultMixin):
 
     ``corr[a*E + i, b*E + j]`` is the correlation between expert i of MoE layer a and expert j
     of layer b (NaN where a feature never varies). ``layer_mean_abs[a, b]`` is the mean |corr|
-    over expert pairs (diagonal: excluding each feature with itself); ``layer_max_abs`` the max.
+    over expert pairs whose correlation is defined (diagonal: excluding each feature with itself);
+    ``layer_max_abs`` the max. A dead expert's NaN is left out of the means, never counted as 0.
     """
 
     feature: str
@@ -108,6 +112,8 @@ class CrossLayerCorrelation(ResultMixin):
     layer_mean_abs: np.ndarray  # [L, L]
     layer_max_abs: np.ndarray  # [L, L]
     group: str | None = None
+    undefined_features: int = 0  # (layer, expert) features that never varied (dead or always-on experts)
+    estimates: dict[str, Estimate] = field(default_factory=dict)  # "layer_mean_abs", "adjacent", "non_adjacent"
 
     def pair(self, layer_a: int, expert_a: int, layer_b: int, expert_b: int) -> float:
         """Correlation of two (MoE layer position, expert) features."""
@@ -140,23 +146,52 @@ class CrossLayerCorrelation(ResultMixin):
 
 
 def _summarize(corr: np.ndarray, L: int, E: int) -> tuple[np.ndarray, np.ndarray]:
-    a = np.abs(np.nan_to_num(corr, nan=0.0)).reshape(L, E, L, E).transpose(0, 2, 1, 3).copy()
-    mean = np.zeros((L, L))
-    mx = np.zeros((L, L))
-    off = ~np.eye(E, dtype=bool)
-    for i in range(L):
-        for j in range(L):
-            blk = a[i, j]
-            vals = blk[off] if i == j else blk.ravel()
-            mean[i, j] = vals.mean() if vals.size else 0.0
-            mx[i, j] = vals.max() if vals.size else 0.0
-    return mean, mx
+    """Mean and max |r| per layer pair over expert pairs; pairs with an undefined r (a feature that never varies) are left out."""
+    a = np.abs(corr).reshape(corr.shape[:-2] + (L, E, L, E))
+    a = np.moveaxis(a, -3, -2)  # [..., L, L, E, E]
+    diag = np.eye(E, dtype=bool)
+    same = np.eye(L, dtype=bool)[:, :, None, None] & diag[None, None]
+    a = np.where(same, np.nan, a)  # a feature with itself is not a pair
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(a, axis=(-2, -1)), np.nanmax(a, axis=(-2, -1))
+
+
+def _corr_from_moments(n: np.ndarray, s: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """Pearson correlation from token count, sums and sums of products (leading batch axes allowed)."""
+    mean = s / n[..., None]
+    cov = q / n[..., None, None] - mean[..., :, None] * mean[..., None, :]
+    sd = np.sqrt(np.clip(np.diagonal(cov, axis1=-2, axis2=-1), 0, None))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        corr = cov / (sd[..., :, None] * sd[..., None, :])
+    bad = sd < 1e-12
+    corr = np.where(bad[..., :, None] | bad[..., None, :], np.nan, corr)
+    return np.clip(corr, -1.0, 1.0)
+
+
+def adjacent_and_far(layer_mean_abs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean over adjacent layer pairs and over non-adjacent ones of ``[..., L, L]`` (NaN where there are none)."""
+    L = layer_mean_abs.shape[-1]
+    i, j = np.triu_indices(L, k=1)
+    adj, far = (j - i) == 1, (j - i) > 1
+    vals = layer_mean_abs[..., i, j]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return (np.nanmean(vals[..., adj], -1) if adj.any() else np.full(vals.shape[:-1], np.nan),
+                np.nanmean(vals[..., far], -1) if far.any() else np.full(vals.shape[:-1], np.nan))
 
 
 class CorrelationAccumulator(RoutingAccumulator):
-    """Streaming cross-layer correlation of one feature ("topk" indicators or "probs")."""
+    """Streaming cross-layer correlation of one feature ("topk" indicators or "probs").
 
-    def __init__(self, feature: Feature = "topk") -> None:
+    With ``resamples`` > 0 it also keeps moments per document block (for intervals over
+    documents) and ``permutations`` shadow correlations of data where each layer's tokens are
+    shuffled within their document: cross-layer correlation that survives that shuffle comes
+    from what a document is about, not from the token. That is the null of the summaries.
+    """
+
+    def __init__(self, feature: Feature = "topk", resamples: int = 0, permutations: int = 4, seed: int = 0,
+                 memory_floats: int = 16_000_000) -> None:
         if feature not in ("probs", "topk"):
             raise ValueError(f"feature must be 'probs' or 'topk', got {feature!r}")
         super().__init__()
@@ -164,15 +199,60 @@ class CorrelationAccumulator(RoutingAccumulator):
         self.name = f"the {feature} correlation analysis"
         self.needs = ("router_logits",) if feature == "probs" else ("topk_idx",)
         self.acc = StreamingCorrelation()
+        self.resamples, self.permutations, self.seed, self.memory = resamples, permutations, seed, memory_floats
+        self.chunks = 0
+
+    def _start(self) -> None:
+        F = self.layout.num_layers * self.layout.num_experts
+        self.blocks = int(min(64, max(16, self.memory // (F * F)))) if self.resamples else 0
+        self.n, self.s, self.q = np.zeros(self.blocks), np.zeros((self.blocks, F)), np.zeros((self.blocks, F, F))
+        self.null = [StreamingCorrelation() for _ in range(self.permutations if self.resamples else 0)]
 
     def _add(self, chunk: RoutingData) -> None:
-        self.acc.update(_features(chunk, self.feature))
+        x = _features(chunk, self.feature)
+        self.acc.update(x)
+        if not self.blocks:
+            return
+        keys = document_keys(chunk)
+        b = block_of(keys, self.blocks)
+        for blk in np.unique(b):
+            xb = x[b == blk]
+            self.n[blk] += len(xb)
+            self.s[blk] += xb.sum(0)
+            self.q[blk] += xb.T @ xb
+        L, E = self.layout.num_layers, self.layout.num_experts
+        xl = x.reshape(len(x), L, E)
+        for p, acc in enumerate(self.null):
+            rng = np.random.default_rng([self.seed, p, self.chunks])
+            shuffled = np.stack([xl[permute_within(keys, rng), li] for li in range(L)], 1)
+            acc.update(shuffled.reshape(len(x), -1))
+        self.chunks += 1
 
     def _result(self) -> CrossLayerCorrelation:
         layers, E = list(self.layout.moe_layers), self.layout.num_experts
         corr = self.acc.correlation()
         mean, mx = _summarize(corr, len(layers), E)
-        return CrossLayerCorrelation(self.feature, layers, E, self.acc.n, corr, mean, mx, None)
+        est = self._estimates(mean) if self.blocks and self.acc.n > 2 else {}
+        undefined = int(np.isnan(np.diagonal(corr)).sum())
+        return CrossLayerCorrelation(self.feature, layers, E, self.acc.n, corr, mean, mx, None, undefined, est)
+
+    def _estimates(self, mean: np.ndarray) -> dict[str, Estimate]:
+        """Intervals over document blocks and the within-document shuffle null of the layer summaries."""
+        L, E = self.layout.num_layers, self.layout.num_experts
+        used = self.n > 0
+        w = bootstrap_weights(used, self.resamples, self.seed)
+        draws = np.stack([_summarize(_corr_from_moments(np.asarray(wr @ self.n), wr @ self.s,
+                                                        np.tensordot(wr, self.q, axes=(0, 0))), L, E)[0] for wr in w])
+        null = np.stack([_summarize(a.correlation(), L, E)[0] for a in self.null])
+        name = "each layer shuffled within documents"
+        out = {"layer_mean_abs": permutation_estimate(mean, draws, null, name, self.resamples)}
+        if L > 1:
+            for key, pick in (("adjacent", 0), ("non_adjacent", 1)):
+                v = adjacent_and_far(mean)[pick]
+                if np.isfinite(v):
+                    out[key] = permutation_estimate(v, adjacent_and_far(draws)[pick], adjacent_and_far(null)[pick],
+                                                    name, self.resamples)
+        return out
 
 
 def cross_layer_correlation(
@@ -191,7 +271,7 @@ def correlations_by_group(
 
 @dataclass
 class CorrelationDifference(ResultMixin):
-    """``a - b`` of two groups' correlations (NaN-safe: NaN treated as 0)."""
+    """``a - b`` of two groups' correlations; NaN where either is undefined, and left out of the means."""
 
     group_a: str | None
     group_b: str | None
@@ -207,9 +287,11 @@ def correlation_difference(a: CrossLayerCorrelation, b: CrossLayerCorrelation) -
     """Where two datasets' routing correlations differ."""
     if (a.moe_layers, a.num_experts, a.feature) != (b.moe_layers, b.num_experts, b.feature):
         raise ValueError("can only compare correlations of the same layers, experts and feature")
-    diff = np.nan_to_num(a.corr, nan=0.0) - np.nan_to_num(b.corr, nan=0.0)
+    diff = a.corr - b.corr  # NaN where either group's correlation is undefined
     L, E = len(a.moe_layers), a.num_experts
-    mean_abs = np.abs(diff).reshape(L, E, L, E).mean(axis=(1, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        mean_abs = np.nanmean(np.abs(diff).reshape(L, E, L, E), axis=(1, 3))
     return CorrelationDifference(
         a.group, b.group, a.feature, a.moe_layers, E, diff, mean_abs, a.layer_mean_abs - b.layer_mean_abs
     )

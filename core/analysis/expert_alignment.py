@@ -3,13 +3,16 @@
 An expert reads the hidden state through its input-side projections (gate and up; up only
 for 2-matrix experts). The span of their top right singular vectors is the expert's input
 subspace. If the router row for expert e lies inside that subspace, the router selects the
-expert on the very directions the expert reads. The alignment score only means something
-against baselines: the other experts' subspaces, and random subspaces of the same dimension
-(expected value r/H, which is large when r is a large share of H).
+expert on the very directions the expert reads. Softmax router rows are centred first (the
+routing ignores a shift shared by all rows; sigmoid rows are kept). The score only means something
+against baselines: random subspaces of the same dimension (exactly r/H on average, large when r
+is a large share of H, and too easy for anisotropic trained weights), and the test that matters,
+a permutation null over experts: does row e align with its own expert more than with the others?
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from core.analysis.measures import center_router_rows, check_score_fn, layer_rng, score_fn_of
+from core.analysis.resampling import interval, p_value
 from core.analysis.results import ResultMixin
 
 ExpertWeights = Mapping[int, Mapping[str, "torch.Tensor | np.ndarray | None"]]
@@ -49,12 +54,19 @@ class ExpertSubspaces(ResultMixin):
 class AlignmentResult(ResultMixin):
     """Fraction of each router row's energy inside expert input subspaces (all shares in [0, 1]).
 
-    Per layer (axis 0) and expert (axis 1):
-    ``own`` = ||U_e^T r_e||^2; ``other_mean``/``other_std`` over e' != e;
-    ``random_mean``/``random_std`` for random subspaces of the same dimension r_e
-    (empirical, ``num_random`` draws, seed ``seed``; expected r/H); ``z = (own - random_mean) / random_std``.
-    ``cross[l, i, j]`` = alignment of router row i with expert j's subspace.
-    Summary per layer: means over experts; ``layer_z`` = (mean own - mean random) / (random std / sqrt(E)).
+    Router rows are centred first when ``centered`` (softmax routers: ``score_fn``).
+    Per layer (axis 0) and expert (axis 1): ``own`` = ||U_e^T r_e||^2; ``other_mean``/``other_std``
+    over e' != e; ``cross[l, i, j]`` = share of router row i in expert j's subspace.
+    ``random_mean`` = r_e/H, the exact expected share for a random r_e-dim subspace, and
+    ``random_std`` its exact spread (Beta(r/2, (H-r)/2)): a reference only, since trained weights
+    are anisotropic and beat it easily.
+
+    The test, per layer: does row e align with its own expert more than with the others?
+    Statistic ``mean_own`` = mean over e of ``own``; null = the same statistic with the experts
+    permuted (row e against expert pi(e)), ``num_permutations`` draws from a stream seeded by
+    ``seed`` and the layer index. ``perm_null_mean`` = its exact mean (mean of ``cross``),
+    ``perm_null_low/high`` = 2.5/97.5% quantiles of the draws, ``perm_p`` = (1 + #{null >= observed})
+    / (1 + num_permutations), ``effect`` = ``mean_own - perm_null_mean``.
     """
 
     layers: list[int]
@@ -64,16 +76,47 @@ class AlignmentResult(ResultMixin):
     own: np.ndarray  # [L, E]
     other_mean: np.ndarray  # [L, E]
     other_std: np.ndarray  # [L, E]
-    random_mean: np.ndarray  # [L, E]
-    random_std: np.ndarray  # [L, E]
-    z: np.ndarray  # [L, E]
+    random_mean: np.ndarray  # [L, E] exact r/H
+    random_std: np.ndarray  # [L, E] exact sd for an isotropic random subspace
     cross: np.ndarray  # [L, E, E]
     mean_own: np.ndarray  # [L]
     mean_other: np.ndarray  # [L]
     mean_random: np.ndarray  # [L]
-    layer_z: np.ndarray  # [L]
-    num_random: int
+    perm_null_mean: np.ndarray  # [L]
+    perm_null_low: np.ndarray  # [L]
+    perm_null_high: np.ndarray  # [L]
+    perm_p: np.ndarray  # [L]
+    effect: np.ndarray  # [L]
+    num_permutations: int
     seed: int
+    score_fn: str
+    centered: bool
+
+
+def random_subspace_share(rank: np.ndarray | int, hidden_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact mean r/H and sd of the energy share of a unit vector in a uniformly random r-dim subspace of R^H.
+
+    By rotation invariance the share is that of a uniform unit vector's first r coordinates,
+    Beta(r/2, (H-r)/2): no sampling needed.
+    """
+    r = np.asarray(rank, dtype=np.float64)
+    h = float(hidden_size)
+    return r / h, np.sqrt(2.0 * r * (h - r) / (h * h * (h + 2.0)))
+
+
+def expert_permutation_null(
+    cross: np.ndarray, num_permutations: int, rng: np.random.Generator
+) -> tuple[float, float, float, float, float]:
+    """``(observed, null mean, null 2.5%, null 97.5%, p)`` of mean_e cross[e, e] against permuted experts.
+
+    The E x E share matrix is computed once, so each permutation is only a gather.
+    """
+    E = cross.shape[0]
+    observed = float(np.mean(np.diagonal(cross)))
+    perms = np.argsort(rng.random((num_permutations, E)), axis=1)
+    null = cross[np.arange(E)[None, :], perms].mean(1)
+    low, high = interval(null)
+    return observed, float(cross.mean()), float(low), float(high), float(p_value(observed, null))
 
 
 def _as_tensor(x: Any) -> torch.Tensor:
@@ -142,6 +185,8 @@ class ExpertAnalyzer:
     ``energy`` (default 0.9) of the squared spectrum of ``[gate; up]`` (``up`` alone without a gate).
     ``device``: where to run the per-expert SVDs. Use a GPU for full-size models: OLMoE has 1024
     experts with a 2048x2048 ``[gate; up]`` each, one SVD per expert, which takes hours on a small CPU.
+    ``score_fn`` ("softmax" centres router rows, "sigmoid" does not): given here or per call, else
+    read from the wrapper, else "softmax".
     """
 
     def __init__(
@@ -150,11 +195,18 @@ class ExpertAnalyzer:
         energy: float = 0.9,
         rank: int | None = None,
         device: str | torch.device | None = None,
+        score_fn: str | None = None,
     ) -> None:
         self.model = model
         self.energy = energy
         self.rank = rank
         self.device = device
+        self.score_fn = None if score_fn is None else check_score_fn(score_fn)
+
+    def _score_fn(self, score_fn: str | None) -> str:
+        if score_fn is not None:
+            return check_score_fn(score_fn)
+        return self.score_fn if self.score_fn is not None else score_fn_of(self.model)
 
     def extract_all_expert_weights(self) -> dict[int, dict[str, torch.Tensor]]:
         """``{model layer index: {"gate": [E,I,H] | None, "up": [E,I,H], "down": [E,H,I]}}`` from the wrapper."""
@@ -209,80 +261,83 @@ class ExpertAnalyzer:
             bases if keep_bases else {},
         )
 
+    def _routers(self, router_weights: RouterWeights | None) -> RouterWeights:
+        if router_weights is not None:
+            return router_weights
+        if self.model is None:
+            raise ValueError("no router weights given and no model to extract them from")
+        return self.model.get_router_weights()
+
     def analyze_expert_router_alignment(
         self,
         expert_weights: ExpertWeights | None = None,
         router_weights: RouterWeights | None = None,
         energy: float | None = None,
         rank: int | None = None,
-        num_random: int = 200,
+        num_random: int | None = None,
         seed: int = 0,
+        num_permutations: int = 1000,
+        score_fn: str | None = None,
     ) -> AlignmentResult:
-        """Alignment of each router row with its own expert's input subspace, against baselines."""
-        if num_random < 2:
-            raise ValueError(f"num_random must be >= 2, got {num_random}")
+        """Does each router row lie in its own expert's input subspace more than in the other experts'?
+
+        ``num_random`` is accepted for old callers and ignored: the random-subspace baseline is
+        now exact (r/H). ``score_fn`` as for the analyzer (softmax rows are centred).
+        """
+        if num_random is not None:
+            warnings.warn("num_random is ignored: the random-subspace baseline is exact (r/H); "
+                          "use num_permutations for the expert-permutation null", DeprecationWarning, stacklevel=2)
+        if num_permutations < 1:
+            raise ValueError(f"num_permutations must be >= 1, got {num_permutations}")
+        score_fn = self._score_fn(score_fn)
         energy, rank = _resolve(energy, rank, self.energy, self.rank)
         expert_weights = self._expert_weights(expert_weights)
-        if router_weights is None:
-            if self.model is None:
-                raise ValueError("no router weights given and no model to extract them from")
-            router_weights = self.model.get_router_weights()
+        router_weights = self._routers(router_weights)
         layers = [l for l in sorted(expert_weights) if l in router_weights]
         if not layers:
             raise ValueError(
                 f"no layer has both expert weights {sorted(expert_weights)} and router weights {sorted(router_weights)}"
             )
-        shapes = {tuple(_as_tensor(router_weights[l]).shape) for l in layers}
+        routers = {l: center_router_rows(router_weights[l], score_fn) for l in layers}
+        shapes = {r.shape for r in routers.values()}
         if len(shapes) != 1:
             raise ValueError(f"routers of different shapes {sorted(shapes)}")
         E, H = shapes.pop()
+        ranks, cross = self._cross_shares({l: expert_weights[l] for l in layers}, routers, layers, E, H, energy, rank)
         L = len(layers)
-        # Random baseline: ||U^T r||^2 for a random r-dim subspace equals, by rotation invariance,
-        # the share of a random Gaussian vector's energy in its first r coordinates.
-        g = np.random.default_rng(seed).standard_normal((num_random, H)) ** 2
-        frac = np.cumsum(g, axis=1) / g.sum(1, keepdims=True)  # column r-1 <-> dimension r
-        rmean, rstd = frac.mean(0), frac.std(0, ddof=1)
+        own = np.diagonal(cross, axis1=1, axis2=2).copy()
+        off = ~np.eye(E, dtype=bool)
+        others = cross[:, off].reshape(L, E, E - 1) if E > 1 else np.full((L, E, 1), np.nan)
+        rm, rs = random_subspace_share(ranks, H)
+        perm = np.array([expert_permutation_null(cross[i], num_permutations, layer_rng(seed, l)) for i, l in enumerate(layers)])
+        return AlignmentResult(
+            layers, E, H, ranks, own, others.mean(2), others.std(2), rm, rs, cross,
+            own.mean(1), others.mean((1, 2)), rm.mean(1),
+            perm[:, 1], perm[:, 2], perm[:, 3], perm[:, 4], perm[:, 0] - perm[:, 1],
+            num_permutations, seed, score_fn, score_fn == "softmax",
+        )
+
+    def _cross_shares(
+        self, expert_weights: ExpertWeights, routers: Mapping[int, np.ndarray], layers: list[int],
+        E: int, H: int, energy: float | None, rank: int | None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``ranks [L, E]`` and ``cross [L, E, E]``: share of router row i in expert j's input subspace."""
+        L = len(layers)
         ranks = np.zeros((L, E), dtype=int)
         cross = np.zeros((L, E, E))
-        routers: dict[int, torch.Tensor] = {}
-        subset = {l: expert_weights[l] for l in layers}
-        for layer, _, e, _, u in _iter_expert_subspaces(subset, energy, rank, self.device):
+        unit: dict[int, torch.Tensor] = {}
+        for layer, _, e, _, u in _iter_expert_subspaces(expert_weights, energy, rank, self.device):
             i = layers.index(layer)
-            if layer not in routers:
-                r = _as_tensor(router_weights[layer]).to(u.device, u.dtype)
+            if layer not in unit:
                 if u.shape[0] != H:
                     raise ValueError(f"router of layer {layer} reads H={H}, its experts read H={u.shape[0]}")
-                routers = {layer: r / r.norm(dim=1, keepdim=True).clamp_min(1e-30)}
+                r = torch.as_tensor(routers[layer]).to(u.device, u.dtype)
+                unit = {layer: r / r.norm(dim=1, keepdim=True).clamp_min(1e-30)}
             if e >= E:
                 raise ValueError(f"layer {layer} has more experts than its router's {E} rows")
-            cross[i, :, e] = ((routers[layer] @ u) ** 2).sum(1).detach().to("cpu", torch.float64).numpy()
+            cross[i, :, e] = ((unit[layer] @ u) ** 2).sum(1).detach().to("cpu", torch.float64).numpy()
             ranks[i, e] = u.shape[1]
         if (ranks == 0).any():
             l = layers[int(np.nonzero((ranks == 0).any(1))[0][0])]
             raise ValueError(f"layer {l} has fewer experts than its router's {E} rows")
-        own = np.diagonal(cross, axis1=1, axis2=2).copy()
-        off = ~np.eye(E, dtype=bool)
-        others = cross[:, off].reshape(L, E, E - 1) if E > 1 else np.full((L, E, 1), np.nan)
-        rm, rs = rmean[ranks - 1], rstd[ranks - 1]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            z = (own - rm) / rs
-            layer_z = (own.mean(1) - rm.mean(1)) / (np.sqrt((rs**2).mean(1)) / np.sqrt(E))
-        return AlignmentResult(
-            layers,
-            E,
-            H,
-            ranks,
-            own,
-            others.mean(2),
-            others.std(2),
-            rm,
-            rs,
-            z,
-            cross,
-            own.mean(1),
-            others.mean((1, 2)),
-            rm.mean(1),
-            layer_z,
-            num_random,
-            seed,
-        )
+        return ranks, cross

@@ -1,4 +1,7 @@
-"""Small numeric helpers the analyses share: entropy, and weights as float64 numpy."""
+"""Small numeric helpers the analyses share: entropy, weights as float64 numpy, router centring, random frames.
+
+Permutation p-values and intervals live in :mod:`core.analysis.resampling`.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +9,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+SCORE_FNS = ("softmax", "sigmoid")
 
 
 def to_numpy(x: Any) -> np.ndarray:
@@ -21,3 +26,44 @@ def entropy(p: np.ndarray, axis: int = -1) -> np.ndarray:
     with np.errstate(divide="ignore", invalid="ignore"):
         terms = np.where(p > 0, -p * np.log(np.where(p > 0, p, 1.0)), 0.0)
     return terms.sum(axis=axis)
+
+
+def check_score_fn(score_fn: str) -> str:
+    """``score_fn`` if it is one the toolkit knows ("softmax" or "sigmoid"), else a one-line error."""
+    if score_fn not in SCORE_FNS:
+        raise ValueError(f"score_fn must be one of {SCORE_FNS}, got {score_fn!r}")
+    return score_fn
+
+
+def score_fn_of(model: Any, default: str = "softmax") -> str:
+    """How a wrapper (or its ``moe_spec``) scores experts; ``default`` when it does not say."""
+    for obj in (model, getattr(model, "moe_spec", None)):
+        s = getattr(obj, "score_fn", None)
+        if isinstance(s, str):
+            return check_score_fn(s)
+    return check_score_fn(default)
+
+
+def center_router_rows(w: Any, score_fn: str = "softmax") -> np.ndarray:
+    """Router ``[E, H]`` with the routing-irrelevant part removed, as float64 numpy.
+
+    Softmax routing is unchanged by ``W + 1cᵀ`` (every logit moves by c·x), so only the rows
+    minus their mean over experts are identifiable: weight analyses must see those, or two
+    routers that route identically compare as different. A sigmoid router scores each expert
+    on its own, where the shift does change routing, so its rows are kept as they are.
+    """
+    w = to_numpy(w)
+    if w.ndim != 2:
+        raise ValueError(f"a router weight must be [E, H], got shape {w.shape}")
+    return w - w.mean(axis=0, keepdims=True) if check_score_fn(score_fn) == "softmax" else w
+
+
+def random_orthonormal_frame(h: int, r: int, rng: np.random.Generator) -> np.ndarray:
+    """``[h, r]`` orthonormal columns drawn uniformly (Haar): the image of r fixed axes under a random rotation."""
+    q, rr = np.linalg.qr(rng.standard_normal((h, r)))
+    return q * np.where(np.diagonal(rr) < 0, -1.0, 1.0)
+
+
+def layer_rng(seed: int, *keys: int) -> np.random.Generator:
+    """An independent random stream per layer (or any non-negative keys), reproducible from one base seed."""
+    return np.random.default_rng([int(seed), *(int(k) for k in keys)])

@@ -1,10 +1,15 @@
 """Router weight analysis: how similar the routers of different layers are, and how low-rank each is.
 
 A router is an ``[E, H]`` matrix whose rows are the directions in hidden space that pull a
-token towards each expert. Two comparisons between layers: matched-expert cosine (is expert
-e's row the same direction in both layers?), which assumes expert e means the same thing in
-both, and permutation-invariant ones (optimally matched cosine, principal angles between the
-row spaces, linear CKA), which do not. Spectra show how many directions a router really uses.
+token towards each expert. A softmax router routes identically after ``W + 1cᵀ``, so its rows
+are centred (mean over experts removed) before any comparison; a sigmoid router is used as is
+(:func:`core.analysis.measures.center_router_rows`). Two comparisons between layers:
+identity-matched cosine (is expert e's row the same direction in both layers?), which assumes
+expert e means the same thing in both, and permutation-invariant ones (Hungarian-matched cosine,
+principal angles between the row spaces, linear CKA), which do not. The Hungarian-matched cosine
+is well above 0 for unrelated routers, so it comes with a null: the same statistic against a
+randomly rotated copy of the other layer (same spectrum, correspondence destroyed). Spectra
+show how many directions a router really uses.
 """
 
 from __future__ import annotations
@@ -15,10 +20,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy.linalg import subspace_angles
 from scipy.optimize import linear_sum_assignment
 
-from core.analysis.measures import to_numpy
+from core.analysis.measures import center_router_rows, check_score_fn, random_orthonormal_frame, score_fn_of
+from core.analysis.resampling import interval, p_value
 from core.analysis.results import ResultMixin
 
 Weights = Mapping[int, "torch.Tensor | np.ndarray"]
@@ -42,15 +47,28 @@ def linear_cka(x: np.ndarray, y: np.ndarray) -> float:
     return float(num / den) if den > 0 else float("nan")
 
 
+def hungarian_cosine(cos: np.ndarray) -> float:
+    """Mean cosine after the best one-to-one matching of the rows of ``cos`` to its columns."""
+    r, c = linear_sum_assignment(-cos)
+    return float(cos[r, c].mean())
+
+
 @dataclass
 class RouterSimilarity(ResultMixin):
     """Similarity between the routers of every pair of layers (axis order = ``layers``).
 
+    Rows are centred first when ``centered`` (softmax routers: ``score_fn``), so routers that
+    route identically compare as identical.
+
     - ``matched_cosine[a, b]``: mean over e of cos(W_a[e], W_b[e]) (expert identity assumed)
-    - ``hungarian_cosine[a, b]``: the same after the best one-to-one matching of experts
+    - ``hungarian_cosine[a, b]``: Hungarian-matched cosine, the same after the best one-to-one
+      matching of experts. Its null: ``hungarian_null_mean/low/high[a, b]`` = mean and 2.5/97.5%
+      quantiles of the statistic between layer a and ``num_null`` Haar-random rotations (in hidden
+      space) of layer b, which keep b's spectrum and destroy any correspondence;
+      ``hungarian_p[a, b]`` = (1 + #{null >= observed}) / (1 + num_null). Diagonals are NaN.
     - ``subspace_similarity[a, b]``: mean cos^2 of the principal angles between the row
-      spaces (1 = same subspace); ``subspace_baseline`` = E/H, its expected value for
-      random routers
+      spaces (1 = same subspace); ``subspace_baseline`` = rank/H, its expected value for random
+      routers (rank = E-1 for centred rows, else E, at most H)
     - ``cka[a, b]``: linear CKA of W_a^T and W_b^T (hidden dims as examples)
     """
 
@@ -60,16 +78,25 @@ class RouterSimilarity(ResultMixin):
     subspace_similarity: np.ndarray  # [L, L]
     cka: np.ndarray  # [L, L]
     subspace_baseline: float
+    hungarian_null_mean: np.ndarray  # [L, L]
+    hungarian_null_low: np.ndarray  # [L, L]
+    hungarian_null_high: np.ndarray  # [L, L]
+    hungarian_p: np.ndarray  # [L, L]
+    num_null: int
+    seed: int
+    score_fn: str
+    centered: bool
 
 
 @dataclass
 class RouterSubspaces(ResultMixin):
-    """Spectrum and effective rank of each layer's router ``[E, H]``.
+    """Spectrum and effective rank of each layer's router ``[E, H]`` (rows centred when ``centered``).
 
     ``singular_values[l]`` is descending (NaN-padded if layers differ in size);
     ``effective_rank`` = exp(entropy of s / sum s) (Roy & Vetterli 2007);
     ``stable_rank`` = ||W||_F^2 / ||W||_2^2; ``rank_at_energy`` = components needed for
-    ``energy`` of the squared spectrum; ``row_norms[l, e]`` = ||W[e]||.
+    ``energy`` of the squared spectrum; ``row_norms[l, e]`` = ||W[e]||. A centred softmax router
+    has rank at most E-1: the direction it loses never affected routing.
     """
 
     layers: list[int]
@@ -80,13 +107,64 @@ class RouterSubspaces(ResultMixin):
     rank_at_energy: np.ndarray  # [L]
     energy: float
     row_norms: np.ndarray  # [L, E]
+    score_fn: str
+    centered: bool
+
+
+def _hungarian_null(U: list[np.ndarray], num_null: int, seed: int) -> np.ndarray:
+    """``[R, L, L]`` Hungarian-matched cosine of layer a against a random rotation of layer b.
+
+    Layer b's unit rows are written as coefficients ``C_b`` in an orthonormal basis of their span;
+    placing that basis on a Haar-random frame Q rotates the router without changing its spectrum.
+    One frame per draw serves every pair, so each layer is projected once per draw; the null is
+    symmetric in distribution, so it is drawn for a < b and mirrored.
+    """
+    L, H = len(U), U[0].shape[1]
+    r = max(min(u.shape) for u in U)
+    coef = []
+    for u in U:
+        us, s, _ = np.linalg.svd(u, full_matrices=False)
+        coef.append(us * s)  # [E, min(E, H)]: u = coef @ basis, basis with orthonormal rows
+    null = np.full((num_null, L, L), np.nan)
+    rng = np.random.default_rng(seed)
+    for t in range(num_null):
+        q = random_orthonormal_frame(H, r, rng)
+        proj = [u @ q for u in U]  # [E, r]: layer a against the rotated frame
+        for a in range(L):
+            for b in range(a + 1, L):
+                null[t, a, b] = null[t, b, a] = hungarian_cosine(proj[a][:, : coef[b].shape[1]] @ coef[b].T)
+    return null
+
+
+def row_space_basis(w: np.ndarray) -> np.ndarray:
+    """Orthonormal basis ``[rank, H]`` of the row space (rank cut as in ``scipy.linalg.orth``)."""
+    _, s, vt = np.linalg.svd(w, full_matrices=False)
+    tol = (s[0] if s.size else 0.0) * max(w.shape) * np.finfo(float).eps
+    return vt[: int(np.sum(s > tol))]
+
+
+def _pair_measures(wa: np.ndarray, wb: np.ndarray, ua: np.ndarray, ub: np.ndarray, ba: np.ndarray, bb: np.ndarray) -> dict[str, float]:
+    """Every similarity of one pair of layers; ``b*`` are row-space bases (mean cos² of principal angles)."""
+    cos = ua @ ub.T
+    k = min(ba.shape[0], bb.shape[0])
+    return {
+        "mc": float(np.mean(np.diagonal(cos))) if wa.shape[0] == wb.shape[0] else np.nan,
+        "hc": hungarian_cosine(cos),
+        "ss": float(np.sum((ba @ bb.T) ** 2) / k) if k else np.nan,
+        "cka": linear_cka(wa.T, wb.T),
+    }
 
 
 class RouterAnalyzer:
-    """Router weight analyses; ``model`` is a ``MoEModelWrapper`` or ``None`` to pass weights directly."""
+    """Router weight analyses; ``model`` is a ``MoEModelWrapper`` or ``None`` to pass weights directly.
 
-    def __init__(self, model: Any | None = None) -> None:
+    ``score_fn`` ("softmax" centres the rows, "sigmoid" does not): given here or per call, else
+    read from the wrapper, else "softmax".
+    """
+
+    def __init__(self, model: Any | None = None, score_fn: str | None = None) -> None:
         self.model = model
+        self.score_fn = None if score_fn is None else check_score_fn(score_fn)
 
     def extract_all_router_weights(self) -> dict[int, torch.Tensor]:
         """``{model layer index: [E, H]}`` from the wrapper."""
@@ -94,46 +172,65 @@ class RouterAnalyzer:
             raise ValueError("RouterAnalyzer was built without a model; pass router weights to the methods directly")
         return self.model.get_router_weights()
 
-    def _weights(self, router_weights: Weights | None) -> tuple[list[int], list[np.ndarray]]:
+    def _score_fn(self, score_fn: str | None) -> str:
+        if score_fn is not None:
+            return check_score_fn(score_fn)
+        return self.score_fn if self.score_fn is not None else score_fn_of(self.model)
+
+    def _weights(self, router_weights: Weights | None, score_fn: str) -> tuple[list[int], list[np.ndarray]]:
         if router_weights is None:
             router_weights = self.extract_all_router_weights()
         if not router_weights:
             raise ValueError("no router weights given")
         layers = sorted(router_weights)
-        mats = [to_numpy(router_weights[l]) for l in layers]
-        for l, m in zip(layers, mats):
-            if m.ndim != 2:
-                raise ValueError(f"router weight of layer {l} must be [E, H], got shape {m.shape}")
+        mats = []
+        for l in layers:
+            try:
+                mats.append(center_router_rows(router_weights[l], score_fn))
+            except ValueError as err:
+                raise ValueError(f"router weight of layer {l}: {err}") from None
         return layers, mats
 
-    def compute_router_similarity_matrix(self, router_weights: Weights | None = None) -> RouterSimilarity:
-        """Layer-by-layer router similarity, matched and permutation-invariant."""
-        layers, W = self._weights(router_weights)
+    def compute_router_similarity_matrix(
+        self, router_weights: Weights | None = None, num_null: int = 100, seed: int = 0, score_fn: str | None = None
+    ) -> RouterSimilarity:
+        """Layer-by-layer router similarity, matched and permutation-invariant, with the Hungarian null."""
+        if num_null < 1:
+            raise ValueError(f"num_null must be >= 1, got {num_null}")
+        score_fn = self._score_fn(score_fn)
+        layers, W = self._weights(router_weights, score_fn)
         H = {m.shape[1] for m in W}
         if len(H) != 1:
             raise ValueError(f"routers read hidden states of different sizes {sorted(H)}; cannot compare")
+        h = H.pop()
         L = len(layers)
         U = [_unit_rows(m) for m in W]
+        B = [row_space_basis(m) for m in W]
         out = {k: np.eye(L) for k in ("mc", "hc", "ss", "cka")}
         for a in range(L):
             for b in range(a + 1, L):
-                cos = U[a] @ U[b].T
-                mc = float(np.mean(np.diagonal(cos))) if W[a].shape[0] == W[b].shape[0] else np.nan
-                r, c = linear_sum_assignment(-cos)
-                hc = float(cos[r, c].mean())
-                ang = subspace_angles(W[a].T, W[b].T)
-                ss = float(np.mean(np.cos(ang) ** 2))
-                ck = linear_cka(W[a].T, W[b].T)
-                for key, v in (("mc", mc), ("hc", hc), ("ss", ss), ("cka", ck)):
+                for key, v in _pair_measures(W[a], W[b], U[a], U[b], B[a], B[b]).items():
                     out[key][a, b] = out[key][b, a] = v
-        E = W[0].shape[0]
-        return RouterSimilarity(layers, out["mc"], out["hc"], out["ss"], out["cka"], min(E, H.pop()) / W[0].shape[1])
+        null = _hungarian_null(U, num_null, seed)
+        off = ~np.eye(L, dtype=bool)  # the diagonal of the null is NaN by design
+        p = np.where(off, p_value(out["hc"], null), np.nan)
+        low, high = interval(null)
+        mean = np.where(off, null.mean(0), np.nan)
+        centered = score_fn == "softmax"
+        rank = min(W[0].shape[0] - (1 if centered else 0), h)
+        return RouterSimilarity(
+            layers, out["mc"], out["hc"], out["ss"], out["cka"], rank / h,
+            mean, low, high, p, num_null, seed, score_fn, centered,
+        )
 
-    def analyze_router_subspaces(self, router_weights: Weights | None = None, energy: float = 0.9) -> RouterSubspaces:
+    def analyze_router_subspaces(
+        self, router_weights: Weights | None = None, energy: float = 0.9, score_fn: str | None = None
+    ) -> RouterSubspaces:
         """SVD spectrum, effective rank and stable rank of each router."""
         if not 0 < energy <= 1:
             raise ValueError(f"energy must be in (0, 1], got {energy}")
-        layers, W = self._weights(router_weights)
+        score_fn = self._score_fn(score_fn)
+        layers, W = self._weights(router_weights, score_fn)
         svs = [np.linalg.svd(m, compute_uv=False) for m in W]
         r = max(len(s) for s in svs)
         S = np.full((len(W), r), np.nan)
@@ -152,4 +249,6 @@ class RouterAnalyzer:
         norms = np.full((len(W), E), np.nan)
         for i, m in enumerate(W):
             norms[i, : m.shape[0]] = np.linalg.norm(m, axis=1)
-        return RouterSubspaces(layers, S, cum, np.array(eff), np.array(stable), np.array(rk), energy, norms)
+        return RouterSubspaces(
+            layers, S, cum, np.array(eff), np.array(stable), np.array(rk), energy, norms, score_fn, score_fn == "softmax"
+        )

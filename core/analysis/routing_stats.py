@@ -9,11 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from itertools import combinations
+from math import comb
 
 import numpy as np
 import pandas as pd
 
 from core.analysis.measures import entropy
+from core.analysis.resampling import BlockSums, Estimate, block_of, bootstrap, document_keys, permutation_estimate
 from core.analysis.results import ResultMixin
 from core.analysis.streaming import RoutingAccumulator, fold_one, normalized_probs_np, selection_np
 from core.routing_data import RoutingData
@@ -70,6 +73,7 @@ class RoutingStats(ResultMixin):
     token_entropy_norm: np.ndarray | None = None  # [L] divided by log E
     mean_prob: np.ndarray | None = None  # [L, E] mean router probability
     notes: list[str] = field(default_factory=list)
+    estimates: dict[str, Estimate] = field(default_factory=dict)  # "utilization_entropy_norm" [L], when resampled
 
     def layer_table(self) -> pd.DataFrame:
         """One row per layer: the summary numbers a dashboard shows."""
@@ -107,9 +111,11 @@ class RoutingStatsAccumulator(RoutingAccumulator):
     name = "the routing statistics"
     needs = ("topk_idx",)
 
-    def __init__(self, thresholds: CollapseThresholds | None = None) -> None:
+    def __init__(self, thresholds: CollapseThresholds | None = None, resamples: int = 0, seed: int = 0) -> None:
         super().__init__()
         self.thresholds = thresholds or CollapseThresholds()
+        self.resamples, self.seed = resamples, seed
+        self.blocks = BlockSums()
         self.prob_tokens = 0
         self.missing_logits = False
 
@@ -120,7 +126,10 @@ class RoutingStatsAccumulator(RoutingAccumulator):
         self.prob_sum = np.zeros((L, E))
 
     def _add(self, chunk: RoutingData) -> None:
-        self.counts += selection_np(chunk).sum(0)
+        sel = selection_np(chunk)
+        self.counts += sel.sum(0)
+        if self.resamples:
+            self.blocks.add("counts", block_of(document_keys(chunk)), sel)
         if chunk.router_logits is None:
             self.missing_logits = True
         else:
@@ -156,6 +165,7 @@ class RoutingStatsAccumulator(RoutingAccumulator):
             tok_norm = tok_ent / logE
             mean_prob = self.prob_sum / self.prob_tokens
         return RoutingStats(
+            estimates=self._estimates() if self.resamples else {},
             moe_layers=layers,
             num_experts=E,
             top_k=k,
@@ -178,6 +188,36 @@ class RoutingStatsAccumulator(RoutingAccumulator):
             mean_prob=mean_prob,
             notes=notes,
         )
+
+
+    def _estimates(self) -> dict[str, Estimate]:
+        """Load balance with an interval over documents, against uniform routing of as many tokens."""
+        E, k = self.layout.num_experts, self.layout.top_k
+        sums = self.blocks.sums
+        ent = lambda t: entropy(t["counts"] / t["counts"].sum(-1, keepdims=True)) / np.log(E)  # noqa: E731
+        value, draws = bootstrap(ent, sums, sums["counts"].sum((1, 2)) > 0, self.resamples, self.seed)
+        null, how = uniform_routing_counts(self.num_tokens, E, k, self.resamples, self.seed)
+        null_ent = entropy(null / null.sum(-1, keepdims=True)) / np.log(E)  # [R]
+        null_draws = np.repeat(null_ent[:, None], self.layout.num_layers, 1)
+        return {"utilization_entropy_norm": permutation_estimate(value, draws, null_draws, f"uniform routing ({how})",
+                                                                 self.resamples, alternative="less")}
+
+
+def uniform_routing_counts(num_tokens: int, num_experts: int, top_k: int, draws: int, seed: int) -> tuple[np.ndarray, str]:
+    """Expert loads ``[draws, E]`` when every token picks ``top_k`` distinct experts uniformly at random.
+
+    Exact where the k-subsets can be listed (tokens per subset are multinomial); otherwise the
+    assignments are drawn independently (slightly less even than distinct picks), and it says so.
+    """
+    rng = np.random.default_rng(seed)
+    if comb(num_experts, top_k) <= 20_000:
+        subsets = np.array(list(combinations(range(num_experts), top_k)))
+        per_subset = rng.multinomial(num_tokens, np.full(len(subsets), 1 / len(subsets)), size=draws)
+        onehot = np.zeros((len(subsets), num_experts))
+        np.put_along_axis(onehot, subsets, 1.0, axis=1)
+        return per_subset @ onehot, f"{draws} draws of {num_tokens} tokens"
+    return rng.multinomial(num_tokens * top_k, np.full(num_experts, 1 / num_experts), size=draws).astype(float), \
+        f"{draws} draws of {num_tokens} tokens, assignments independent"
 
 
 def routing_stats(

@@ -6,11 +6,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 
+from core.analysis.resampling import (BlockSums, Estimate, block_of, bootstrap_weights, document_keys,
+                                      permutation_estimate, permute_labels)
 from core.analysis.results import ResultMixin
 from core.analysis.streaming import GroupBy, RoutingAccumulator, fold_one, group_ids, selection_np
 from core.routing_data import RoutingData
@@ -24,6 +26,9 @@ class DomainSpecialization(ResultMixin):
     position l (sums to k over experts). ``ratio = share / (k/E)`` (1 = no preference).
     ``score[l, e] = max_d ratio`` (how strongly the expert prefers its favourite domain).
     ``kl[l, d]`` (nats) = KL(domain d's utilization || all tokens' utilization).
+    ``estimates``: ``layer_score`` and each group's top ``max_ratio`` with intervals over documents
+    and their null, the same statistic with group labels shuffled between document blocks (a
+    max over experts is far above 1 by chance alone).
     """
 
     moe_layers: list[int]
@@ -40,6 +45,7 @@ class DomainSpecialization(ResultMixin):
     preferred_group: np.ndarray  # [L, E] argmax_d ratio
     kl: np.ndarray  # [L, D] nats
     layer_score: np.ndarray  # [L] token-weighted mean over groups of kl
+    estimates: dict[str, Estimate] = field(default_factory=dict)  # "layer_score" [L], "max_ratio" [D]
 
     def top_experts(self, group: int | str, n: int = 10) -> pd.DataFrame:
         """The ``n`` (layer, expert) units with the highest ratio for one group."""
@@ -57,62 +63,106 @@ class DomainSpecialization(ResultMixin):
         )
 
 
+def _spec_stats(counts: np.ndarray, tokens: np.ndarray, k: int) -> dict[str, np.ndarray]:
+    """Shares, ratios and divergences from counts ``[..., D, L, E]`` and tokens ``[..., D]`` (leading batch axes allowed)."""
+    E = counts.shape[-1]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        share = counts / tokens[..., :, None, None]
+        ratio = share / (k / E)
+        overall = counts.sum(-3, keepdims=True)
+        overall = overall / overall.sum(-1, keepdims=True)
+        du = counts / np.clip(counts.sum(-1, keepdims=True), 1e-300, None)
+        kl = np.where(du > 0, du * np.log(du / overall), 0.0).sum(-1)  # [..., D, L]
+        w = tokens / tokens.sum(-1, keepdims=True)
+    present = tokens > 0
+    max_ratio = np.where(present, np.nanmax(np.nan_to_num(ratio, nan=-np.inf), axis=(-2, -1)), np.nan)
+    layer_score = (np.where(present[..., None], kl, 0.0) * w[..., None]).sum(-2)  # [..., L]
+    return {"share": share, "ratio": ratio, "kl": np.where(present[..., None], kl, np.nan), "max_ratio": max_ratio,
+            "layer_score": layer_score}
+
+
 class DomainSpecializationAccumulator(RoutingAccumulator):
-    """Streaming domain (or dataset) x expert assignment counts; tokens with no label (id < 0) are left out."""
+    """Domain (or dataset) x expert assignment counts per document block; tokens with no label (id < 0) are left out.
+
+    Nulls: the same statistics with the group labels shuffled between (group, document block)
+    cells (``permutations`` times); intervals: a bootstrap of cells within each group.
+    """
 
     needs = ("topk_idx",)
 
-    def __init__(self, by: GroupBy = "domain") -> None:
+    def __init__(self, by: GroupBy = "domain", permutations: int = 200, resamples: int = 200, seed: int = 0) -> None:
         if by not in ("domain", "dataset"):
             raise ValueError(f"by must be 'domain' or 'dataset', got {by!r}")
         super().__init__()
-        self.by = by
+        self.by, self.permutations, self.resamples, self.seed = by, permutations, resamples, seed
         self.name = f"the {by} specialization"
-        self.counts: dict[int, np.ndarray] = {}
-        self.tokens: dict[int, int] = {}
+        self.cells: dict[int, BlockSums] = {}
         self.unlabelled = 0
 
     def _add(self, chunk: RoutingData) -> None:
         ids = group_ids(chunk, self.by)
         m = selection_np(chunk)
+        blocks = block_of(document_keys(chunk))
         self.unlabelled += int((ids < 0).sum())
         for g in np.unique(ids[ids >= 0]):
             sel = ids == g
-            g = int(g)
-            self.counts[g] = self.counts.get(g, 0) + m[sel].sum(0)
-            self.tokens[g] = self.tokens.get(g, 0) + int(sel.sum())
+            cells = self.cells.setdefault(int(g), BlockSums())
+            cells.add("counts", blocks[sel], m[sel])
+            cells.add("tokens", blocks[sel], np.ones(int(sel.sum())))
+
+    def _cell_table(self, D: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Non-empty (group, block) cells: their group label, counts ``[C, L, E]`` and tokens ``[C]``."""
+        labels, counts, tokens = [], [], []
+        for g in range(D):
+            if g not in self.cells:
+                continue
+            used = self.cells[g]["tokens"] > 0
+            labels.append(np.full(int(used.sum()), g))
+            counts.append(self.cells[g]["counts"][used])
+            tokens.append(self.cells[g]["tokens"][used])
+        return np.concatenate(labels), np.concatenate(counts), np.concatenate(tokens)
 
     def _result(self) -> DomainSpecialization:
-        if not self.counts:
+        if not self.cells:
             raise ValueError(f"no {self.by}-labelled tokens were given to the {self.by} specialization")
         layers, E, k = list(self.layout.moe_layers), self.layout.num_experts, self.layout.top_k
         table = self.domain_names if self.by == "domain" else self.dataset_names
-        D = max(max(self.counts) + 1, len(table))
+        D = max(max(self.cells) + 1, len(table))
         names = [table[d] if d < len(table) else str(d) for d in range(D)]
-        counts = np.zeros((len(layers), D, E))
-        tokens = np.zeros(D)
-        for d, c in self.counts.items():
-            counts[:, d, :] = c
-            tokens[d] = self.tokens[d]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            share = counts / tokens[None, :, None]
-        base = k / E
-        ratio = share / base
+        labels, cell_counts, cell_tokens = self._cell_table(D)
+        onehot = np.eye(D)[labels]  # [C, D]
+        counts = np.einsum("cd,cle->dle", onehot, cell_counts)
+        tokens = onehot.T @ cell_tokens
+        obs = _spec_stats(counts, tokens, k)
         present = tokens > 0
-        score = np.nanmax(np.where(present[None, :, None], ratio, np.nan), axis=1)
-        pref = np.argmax(np.where(present[None, :, None], ratio, -np.inf), axis=1)
-        overall = counts.sum(1)
-        overall = overall / overall.sum(-1, keepdims=True)
-        du = counts / np.clip(counts.sum(-1, keepdims=True), 1e-300, None)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            terms = np.where(du > 0, du * np.log(du / overall[:, None, :]), 0.0)
-        kl = terms.sum(-1)
-        kl[:, ~present] = np.nan
-        w = tokens / tokens.sum()
-        layer_score = np.nansum(kl * w[None, :], axis=1)
+        pref = np.argmax(np.where(present[None, :, None], obs["ratio"].transpose(1, 0, 2), -np.inf), axis=1)
+        score = np.nanmax(np.where(present[None, :, None], obs["ratio"].transpose(1, 0, 2), np.nan), axis=1)
+        ok = present.sum() > 1 and self.permutations > 0 and self.resamples > 0
+        est = self._estimates(labels, cell_counts, cell_tokens, D, k) if ok else {}
         return DomainSpecialization(
-            layers, E, k, self.by, names, tokens, counts, share, base, ratio, score, pref, kl, layer_score
+            layers, E, k, self.by, names, tokens, counts.transpose(1, 0, 2), obs["share"].transpose(1, 0, 2), k / E,
+            obs["ratio"].transpose(1, 0, 2), score, pref, obs["kl"].T, obs["layer_score"], est,
         )
+
+    def _estimates(self, labels, cell_counts, cell_tokens, D: int, k: int) -> dict[str, Estimate]:
+        """Label-shuffle nulls and within-group bootstrap intervals of the layer divergence and each group's top ratio."""
+        rng = np.random.default_rng(self.seed)
+
+        def stats(lab_weights: np.ndarray) -> dict[str, np.ndarray]:  # [R, C, D] cell weights per group
+            c = np.einsum("rcd,cle->rdle", lab_weights, cell_counts, optimize=True)
+            return _spec_stats(c, np.einsum("rcd,c->rd", lab_weights, cell_tokens), k)
+
+        onehot = np.eye(D)[labels]
+        null = stats(np.stack([np.eye(D)[permute_labels(labels, rng)] for _ in range(self.permutations)]))
+        w = np.zeros((self.resamples, len(labels)))
+        for g in np.unique(labels):
+            w += bootstrap_weights(labels == g, self.resamples, self.seed + 1 + int(g))
+        obs, boot = stats(onehot[None]), stats(w[:, :, None] * onehot[None])
+        out = {}
+        for name in ("layer_score", "max_ratio"):
+            out[name] = permutation_estimate(obs[name][0], boot[name], null[name], f"{self.by} labels shuffled",
+                                             self.resamples)
+        return out
 
 
 def domain_specialization(

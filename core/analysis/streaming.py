@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from core.analysis.results import ResultMixin
@@ -309,8 +310,6 @@ class Pick:
 
 
 def _index(mask: np.ndarray):
-    import torch
-
     return torch.from_numpy(np.nonzero(mask)[0])
 
 
@@ -363,13 +362,16 @@ def selection_np(rd: RoutingData) -> np.ndarray:
 
 
 def top1_np(rd: RoutingData) -> np.ndarray:
-    """Top-1 expert per token and layer ``[N, L]``: the selected expert with the largest weight."""
+    """Top-1 expert per token and layer ``[N, L]``: the selected expert with the largest weight.
+
+    Slots that were not selected (-1, or capacity drops) never count; a token with none gets -1.
+    """
     require(rd, "topk_idx", why="top-1 routing")
-    idx = rd.topk_idx
-    if rd.topk_weight is not None:
-        pick = rd.topk_weight.float().masked_fill(idx < 0, float("-inf")).argmax(dim=-1, keepdim=True)
-        return idx.gather(-1, pick).squeeze(-1).numpy()
-    return idx[..., 0].numpy()
+    idx, ok = rd.topk_idx, rd.selected_slots()
+    w = rd.topk_weight.float() if rd.topk_weight is not None else -torch.arange(idx.shape[-1]).float().expand(idx.shape)
+    pick = w.masked_fill(~ok, float("-inf")).argmax(dim=-1, keepdim=True)
+    top = idx.gather(-1, pick).squeeze(-1)
+    return torch.where(ok.any(-1), top, -1).numpy()
 
 
 def normalized_probs_np(rd: RoutingData) -> np.ndarray:

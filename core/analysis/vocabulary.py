@@ -1,6 +1,11 @@
 """Vocabulary specialization: does a given token id keep going to the same expert?
 
-The vocabulary is large (50k for OLMoE), so counts are kept sparse (token id x (layer, expert)).
+The statistic (a token id's most-used expert share, averaged over token ids) is a maximum over
+experts, so it sits well above k/E even under random routing when a token id is seen a few dozen
+times. Its null is therefore the same statistic on shuffled data: token ids permuted among the
+tokens of each chunk and domain (occurrence counts unchanged, any link between a token id and
+its experts broken). Intervals are a bootstrap over document blocks. The vocabulary is large
+(50k for OLMoE), so counts are kept sparse (token id x (layer, expert)).
 """
 
 from __future__ import annotations
@@ -11,18 +16,25 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
+from core.analysis.resampling import (Estimate, block_of, bootstrap_weights, document_keys, permutation_estimate,
+                                      permute_within)
 from core.analysis.results import ResultMixin
 from core.analysis.streaming import RoutingAccumulator, fold_one, selection_np
 from core.routing_data import RoutingData
+
+NULL_NAME = "token ids shuffled within domain"
+BLOCKS = 16  # document blocks for the interval (the counts are kept once per block)
 
 
 @dataclass
 class VocabularySpecialization(ResultMixin):
     """Per-token-id expert preference for token ids seen at least ``min_count`` times.
 
-    ``concentration[t, l]`` = fraction of token t's occurrences that selected its most
-    frequent expert at MoE layer position l; baseline ``k/E`` (no preference) and 1 (always
-    the same expert). ``mean_concentration[l]`` averages over the kept token ids.
+    ``concentration[t, l]`` = fraction of token t's occurrences that selected its most frequent
+    expert at MoE layer position l. ``mean_concentration[l]`` averages over the kept token ids;
+    ``null_concentration[l]`` is the same mean with token ids shuffled (``permutations`` times),
+    and ``estimate`` holds the interval over documents, the null range and the p-value.
+    ``floor`` = k/E is what the statistic would approach with infinitely many occurrences per id.
     """
 
     moe_layers: list[int]
@@ -34,52 +46,110 @@ class VocabularySpecialization(ResultMixin):
     preferred_expert: np.ndarray  # [T, L]
     concentration: np.ndarray  # [T, L]
     mean_concentration: np.ndarray  # [L]
-    baseline: float
+    null_concentration: np.ndarray  # [L]
+    floor: float
+    permutations: int
+    estimate: Estimate | None
+
+
+def _counts(tok: np.ndarray, rows: np.ndarray, m: np.ndarray, shape: tuple[int, int]) -> sp.csr_matrix:
+    r, c = np.nonzero(m)
+    return sp.csr_matrix((m[r, c], (rows[r], c)), shape=shape)
+
+
+def _grow(acc: sp.csr_matrix | None, part: sp.csr_matrix) -> sp.csr_matrix:
+    if acc is None:
+        return part
+    rows = max(acc.shape[0], part.shape[0])
+    acc.resize((rows, part.shape[1]))
+    part.resize((rows, part.shape[1]))
+    return acc + part
 
 
 class VocabularyAccumulator(RoutingAccumulator):
-    """Streaming sparse counts of (token id, layer x expert) selections and token-id occurrences."""
+    """Sparse (token id x block, layer x expert) counts, and the same counts under ``permutations`` shuffles."""
 
     name = "the vocabulary specialization"
     needs = ("topk_idx", "token_ids")
 
-    def __init__(self, min_count: int = 20) -> None:
+    def __init__(self, min_count: int = 20, permutations: int = 20, resamples: int = 200, seed: int = 0) -> None:
         if min_count < 1:
             raise ValueError(f"min_count must be >= 1, got {min_count}")
         super().__init__()
-        self.min_count = min_count
-        self.acc: sp.csr_matrix | None = None
-        self.occ = np.zeros(0)
+        self.min_count, self.permutations, self.resamples, self.seed = min_count, permutations, resamples, seed
+        self.acc: sp.csr_matrix | None = None  # rows token_id * BLOCKS + block
+        self.null: list[sp.csr_matrix | None] = [None] * permutations
+        self.occ = np.zeros((0, BLOCKS))  # occurrences per (token id, block)
+        self.chunks = 0
 
     def _add(self, chunk: RoutingData) -> None:
         tok = chunk.token_ids.numpy().astype(np.int64)
         m = selection_np(chunk).reshape(chunk.num_tokens, -1)
         V = int(tok.max()) + 1
-        rows, cols = np.nonzero(m)
-        part = sp.csr_matrix((m[rows, cols], (tok[rows], cols)), shape=(V, m.shape[1]))
-        if self.acc is None:
-            self.acc = part
-        else:
-            V = max(V, self.acc.shape[0])
-            self.acc.resize((V, m.shape[1]))
-            part.resize((V, m.shape[1]))
-            self.acc = self.acc + part
+        blocks = block_of(document_keys(chunk), BLOCKS)
+        self.acc = _grow(self.acc, _counts(tok, tok * BLOCKS + blocks, m, (V * BLOCKS, m.shape[1])))
         if self.occ.shape[0] < V:
-            self.occ = np.concatenate([self.occ, np.zeros(V - self.occ.shape[0])])
-        self.occ += np.bincount(tok, minlength=V)[: self.occ.shape[0]]
+            self.occ = np.concatenate([self.occ, np.zeros((V - self.occ.shape[0], BLOCKS))])
+        np.add.at(self.occ, (tok, blocks), 1)
+        groups = chunk.domain_ids.numpy() if chunk.domain_ids is not None else np.zeros(len(tok), np.int64)
+        for p in range(self.permutations):
+            rng = np.random.default_rng([self.seed, p, self.chunks])
+            shuffled = tok[permute_within(groups, rng)]
+            self.null[p] = _grow(self.null[p], _counts(shuffled, shuffled, m, (V, m.shape[1])))
+        self.chunks += 1
 
     def _result(self) -> VocabularySpecialization:
         layers, E, k = list(self.layout.moe_layers), self.layout.num_experts, self.layout.top_k
-        keep = np.nonzero(self.occ >= self.min_count)[0]
-        dense = self.acc[keep].toarray().reshape(len(keep), len(layers), E)
-        pref = dense.argmax(-1)
-        conc = dense.max(-1) / np.clip(self.occ[keep][:, None], 1, None)
-        mean_conc = conc.mean(0) if len(keep) else np.full(len(layers), np.nan)
-        return VocabularySpecialization(layers, E, k, self.min_count, keep, self.occ[keep], pref, conc, mean_conc, k / E)
+        L, V = len(layers), self.occ.shape[0]
+        coo = self.acc.tocoo()
+        totals = sp.csr_matrix((coo.data, (coo.row // BLOCKS, coo.col)), shape=(V, L * E))
+        occ_all = self.occ.sum(1)
+        keep = np.nonzero(occ_all >= self.min_count)[0]
+        occ = occ_all[keep]
+        dense = totals[keep].toarray().reshape(len(keep), L, E)
+        pref, conc = dense.argmax(-1), dense.max(-1) / np.clip(occ[:, None], 1, None)
+        if not len(keep):
+            nan = np.full(L, np.nan)
+            return VocabularySpecialization(layers, E, k, self.min_count, keep, occ, pref, conc, nan, nan, k / E,
+                                            self.permutations, None)
+        est, null_mean = None, np.full(L, np.nan)
+        if self.permutations:
+            null = np.stack([self._null_mean(p, keep, occ) for p in range(self.permutations)])
+            value, draws = self._bootstrap(keep)
+            est, null_mean = permutation_estimate(value, draws, null, NULL_NAME, self.resamples), null.mean(0)
+        return VocabularySpecialization(layers, E, k, self.min_count, keep, occ, pref, conc, conc.mean(0), null_mean,
+                                        k / E, self.permutations, est)
+
+    def _null_mean(self, p: int, keep: np.ndarray, occ: np.ndarray) -> np.ndarray:
+        L, E = self.layout.num_layers, self.layout.num_experts
+        c = self.null[p]
+        c.resize((self.occ.shape[0], c.shape[1]))
+        dense = c[keep].toarray().reshape(len(keep), L, E)
+        return (dense.max(-1) / occ[:, None]).mean(0)
+
+    def _bootstrap(self, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Mean concentration on all blocks and on bootstrap draws of blocks, over the kept token ids."""
+        L, E = self.layout.num_layers, self.layout.num_experts
+        self.acc.resize((self.occ.shape[0] * BLOCKS, L * E))
+        used = self.occ.sum(0) > 0
+        w = np.concatenate([used[None].astype(float), bootstrap_weights(used, self.resamples, self.seed)])  # [R+1, B]
+        num, den = np.zeros((len(w), L)), np.zeros(len(w))
+        step = max(1, 4_000_000 // (BLOCKS * L * E + len(w) * L * E))
+        for s in range(0, len(keep), step):
+            ids = keep[s : s + step]
+            part = self.acc[(ids[:, None] * BLOCKS + np.arange(BLOCKS)).ravel()].toarray().reshape(len(ids), BLOCKS, L, E)
+            occ = w @ self.occ[ids].T  # [R+1, T]
+            sel = np.einsum("rb,tble->rtle", w, part, optimize=True)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                conc = sel.max(-1) / occ[..., None]  # [R+1, T, L]
+            ok = occ > 0  # a resample may draw none of an id's blocks: that id sits out of that draw
+            num += np.where(ok[..., None], conc, 0).sum(1)
+            den += ok.sum(1)
+        mean = num / np.clip(den, 1, None)[:, None]
+        return mean[0], mean[1:]
 
 
-def vocabulary_specialization(
-    routing: RoutingData | Iterable[RoutingData], min_count: int = 20
-) -> VocabularySpecialization:
-    """Which token ids are routed consistently to one expert (sparse accumulation over the vocabulary)."""
-    return fold_one(routing, VocabularyAccumulator(min_count))
+def vocabulary_specialization(routing: RoutingData | Iterable[RoutingData], min_count: int = 20,
+                              permutations: int = 20) -> VocabularySpecialization:
+    """Which token ids are routed consistently to one expert, against the same statistic with token ids shuffled."""
+    return fold_one(routing, VocabularyAccumulator(min_count, permutations))

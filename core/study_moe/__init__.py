@@ -1,5 +1,8 @@
 """The toolkit's own small MoE: layer, model, tokenizer, corpus, training and evaluation.
 
+``training_data`` records which documents a training run read (``training_data.json``), so the
+main run analyses held-out documents only and can say what the model saw.
+
 Importing ``core.study_moe.model`` registers the ``study_moe`` model type with transformers'
 ``Auto*`` classes, so a saved run opens with ``AutoModelForCausalLM`` (and so with
 ``MoEModelWrapper``): code that opens the embedded model imports it first. The generic model

@@ -15,6 +15,9 @@ if TYPE_CHECKING:  # the model module loads transformers: imported only where a 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "train_default.yaml"
 DEFAULT_CORPUS = ("wikitext2:test", "wikitext2:validation", "gsm8k:train", "python_source", "humaneval", "alice", "shakespeare")
+# The last n documents of these splits are never read by training, so the main run, which studies
+# WikiText-2, GSM8K and HumanEval, can analyse text the model has not seen (core.study_moe.training_data).
+DEFAULT_HELD_OUT = {"wikitext2:test": 200, "gsm8k:test": 200, "humaneval:test": 64}
 
 
 @dataclass
@@ -26,6 +29,8 @@ class TrainConfig:
     # corpus: "name" or "name:split"; max_docs caps each entry (balances the domains)
     corpus: list[str] = field(default_factory=lambda: list(DEFAULT_CORPUS))
     max_docs_per_dataset: int | None = 1500
+    # "name:split" -> n: the split's last n documents are kept out of training, for analysis
+    held_out: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_HELD_OUT))
     val_fraction: float = 0.05
     test_fraction: float = 0.05
     tokenizer_train_chars: int = 2_000_000
@@ -88,6 +93,10 @@ class TrainConfig:
             raise ValueError("val_fraction and test_fraction must be in (0, 1) and sum to less than 1")
         if self.num_checkpoints < 1:
             raise ValueError(f"num_checkpoints must be >= 1, got {self.num_checkpoints}")
+        if not isinstance(self.held_out, dict) or not all(
+            isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 0 for k, v in self.held_out.items()
+        ):
+            raise ValueError(f"held_out must map 'name:split' to a document count >= 0, got {self.held_out!r}")
         from core.study_moe.layer import ROUTING_MODES  # here, not at import: it loads transformers
 
         if self.routing not in ROUTING_MODES:

@@ -14,11 +14,17 @@ Routing modes: ``"topk"`` (softmax over the logits, top-k, optional renormalisat
 computes logits, but they do not choose anything: the sanity-check arm of the seed-002 grid).
 
 Capacity factor: each expert takes at most ``ceil(capacity_factor * N * k / E)`` assignments
-per forward. Assignments are served slot-major (every token's first choice before any second
-choice), then in token order. A dropped assignment keeps its expert index and gets weight 0;
-the experts module skips zero-weight assignments (no compute), so a token whose every
-assignment is dropped passes through the layer on the residual stream only. The router counts
-drops of its last forward in ``router.last_num_dropped`` (a 0-d tensor).
+per forward, N counting real (non-padding) tokens only. Assignments are served slot-major
+(every token's first choice before any second choice), then in token order. A dropped
+assignment keeps its expert index and gets weight 0; the experts module skips zero-weight
+assignments (no compute), so a token whose every assignment is dropped passes through the
+layer on the residual stream only. The router counts drops of its last forward in
+``router.last_num_dropped`` (a 0-d tensor) and keeps the experts it chose in
+``router.last_top_k_index`` (the balance loss must count the actual choice, random or not).
+
+Padding: the block takes an optional ``token_mask`` (True for real tokens; the model passes its
+attention mask). Padding tokens get weight 0 on every slot, take no capacity and are left out
+of the balance and z-losses, so real tokens route exactly as they would without the padding.
 """
 
 from __future__ import annotations
@@ -50,17 +56,23 @@ def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_fact
     return math.ceil(capacity_factor * num_tokens * top_k / num_experts)
 
 
-def capacity_keep_mask(top_k_index: torch.Tensor, num_experts: int, capacity: int) -> torch.Tensor:
+def capacity_keep_mask(
+    top_k_index: torch.Tensor, num_experts: int, capacity: int, token_mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Boolean ``[N, k]``: True for assignments within their expert's capacity.
 
     Priority is slot-major (all first choices, then all second choices), then token order, so a
-    token's preferred expert is kept before anyone's fallback expert.
+    token's preferred expert is kept before anyone's fallback expert. Tokens False in
+    ``token_mask [N]`` (padding) take no slot and are never kept.
     """
     n, k = top_k_index.shape
     slot_major = top_k_index.t().reshape(-1)  # [k*N]: slot 0 of every token, then slot 1, ...
     onehot = F.one_hot(slot_major, num_experts)
-    position = (onehot.cumsum(dim=0) * onehot).sum(dim=-1)  # 1-based rank inside its expert
-    keep = position <= capacity
+    if token_mask is not None:
+        real = token_mask.reshape(-1).bool().repeat(k)  # [k*N], slot-major like slot_major
+        onehot = onehot * real[:, None]
+    position = (onehot.cumsum(dim=0) * onehot).sum(dim=-1)  # 1-based rank inside its expert; 0 for padding
+    keep = (position <= capacity) & (position > 0)
     return keep.reshape(k, n).t()
 
 
@@ -87,32 +99,45 @@ def _as_layers(router_logits: tuple[torch.Tensor, ...] | torch.Tensor, loss_name
     return layers
 
 
+def dispatch_fractions(selected: torch.Tensor, num_experts: int, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``f [E]``: the share of the (real tokens') ``[N, k]`` assignments that go to each expert."""
+    assign = F.one_hot(selected.long().clamp(0, num_experts - 1), num_experts).float()  # [N, k, E]
+    valid = (selected >= 0) & (selected < num_experts)  # -1 or E: no expert
+    if mask is not None:
+        valid = valid & mask.bool()[:, None]
+    assign = (assign * valid[..., None]).sum(dim=1)  # [N, E]
+    return assign.sum(0) / valid.sum().clamp(min=1)
+
+
 def load_balancing_loss(
     router_logits: tuple[torch.Tensor, ...] | torch.Tensor,
     num_experts: int,
     top_k: int,
     attention_mask: torch.Tensor | None = None,
+    selected: tuple[torch.Tensor, ...] | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Switch-Transformer balance loss ``E * sum_e f_e * P_e``, averaged over layers.
 
-    ``f_e`` is the share of the N*k top-k assignments that go to expert e (sums to 1) and ``P_e``
-    the mean routing probability of e, so a perfectly uniform router scores exactly 1.0 and a
-    router that sends everything to one expert with certainty scores E.
+    ``f_e`` is the share of the N*k assignments that go to expert e (sums to 1) and ``P_e`` the
+    mean routing probability of e, so a perfectly uniform router scores exactly 1.0 and a router
+    that sends everything to one expert with certainty scores E. ``selected`` ([N, k] per layer)
+    are the experts actually chosen (random routing does not choose the top-k); without it
+    they are the top-k of the logits.
     """
     layers = _as_layers(router_logits, "load_balancing_loss")
+    chosen = [None] * len(layers) if selected is None else _as_layers(selected, "load_balancing_loss")
+    if len(chosen) != len(layers):
+        raise ValueError(f"selected has {len(chosen)} layers but router_logits has {len(layers)}")
     total = 0.0
-    for logits in layers:
+    for logits, sel in zip(layers, chosen):
         probs = torch.softmax(logits.float(), dim=-1)
-        selected = probs.topk(top_k, dim=-1).indices  # [N, k]
-        assign = F.one_hot(selected, num_experts).float().sum(dim=1)  # [N, E]
+        sel = probs.topk(top_k, dim=-1).indices if sel is None else sel.reshape(probs.shape[0], -1).to(probs.device)
         mask = _flat_mask(attention_mask, probs.shape[0], probs.device)
+        f = dispatch_fractions(sel, num_experts, mask)
         if mask is None:
-            f = assign.sum(0) / (probs.shape[0] * top_k)
             p = probs.mean(0)
         else:
-            denom = mask.sum().clamp(min=1.0)
-            f = (assign * mask[:, None]).sum(0) / (denom * top_k)
-            p = (probs * mask[:, None]).sum(0) / denom
+            p = (probs * mask[:, None]).sum(0) / mask.sum().clamp(min=1.0)
         total = total + num_experts * (f * p).sum()
     return total / len(layers)
 
@@ -152,29 +177,47 @@ class StudyMoeTopKRouter(nn.Module):
         self.weight = nn.Parameter(torch.zeros(self.num_experts, self.hidden_dim))
         # assignments the capacity limit dropped in the last forward (a 0-d tensor: no host sync)
         self.last_num_dropped = torch.zeros((), dtype=torch.long)
+        # the experts chosen in the last forward [N, k]: what the balance loss counts
+        self.last_top_k_index: torch.Tensor | None = None
 
-    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        hidden_states = hidden_states.reshape(-1, self.hidden_dim)
-        if self.training and self.jitter_noise > 0:  # multiplicative input jitter (Switch Transformer)
-            noise = torch.empty_like(hidden_states).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
-            hidden_states = hidden_states * noise
-        router_logits = F.linear(hidden_states, self.weight)  # [N, E]
+    def _select(self, router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(weights, index) [N, k]`` before capacity: top-k of the softmax, or k uniform random experts."""
         n = router_logits.shape[0]
         if self.routing == "topk":
             probs = torch.softmax(router_logits, dtype=torch.float, dim=-1)
             top_k_weights, top_k_index = probs.topk(self.top_k, dim=-1)
             if self.norm_topk_prob:
                 top_k_weights = top_k_weights / top_k_weights.sum(dim=-1, keepdim=True)
-        else:
-            top_k_index = random_expert_choice(n, self.num_experts, self.top_k, device=router_logits.device)
-            top_k_weights = torch.full((n, self.top_k), 1.0 / self.top_k, device=router_logits.device)
+            return top_k_weights, top_k_index
+        top_k_index = random_expert_choice(n, self.num_experts, self.top_k, device=router_logits.device)
+        return torch.full((n, self.top_k), 1.0 / self.top_k, device=router_logits.device), top_k_index
+
+    def forward(
+        self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Route ``[N, H]`` tokens; ``token_mask [N]`` (True = real) keeps padding out of capacity and weights."""
+        hidden_states = hidden_states.reshape(-1, self.hidden_dim)
+        if self.training and self.jitter_noise > 0:  # multiplicative input jitter (Switch Transformer)
+            noise = torch.empty_like(hidden_states).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
+            hidden_states = hidden_states * noise
+        router_logits = F.linear(hidden_states, self.weight)  # [N, E]
+        n = router_logits.shape[0]
+        top_k_weights, top_k_index = self._select(router_logits)
+        real = None if token_mask is None else token_mask.reshape(-1).to(device=router_logits.device, dtype=torch.bool)
+        if real is not None and real.shape[0] != n:
+            raise ValueError(f"token_mask has {real.shape[0]} entries but the router saw {n} tokens")
         if self.capacity_factor is not None:
-            capacity = expert_capacity(n, self.num_experts, self.top_k, self.capacity_factor)
-            keep = capacity_keep_mask(top_k_index, self.num_experts, capacity)
+            n_real = n if real is None or is_fake(real) else int(real.sum())
+            capacity = expert_capacity(n_real, self.num_experts, self.top_k, self.capacity_factor)
+            keep = capacity_keep_mask(top_k_index, self.num_experts, capacity, real)
             top_k_weights = top_k_weights * keep
-            self.last_num_dropped = (~keep).sum()
+            dropped = ~keep if real is None else ~keep & real[:, None]
+            self.last_num_dropped = dropped.sum()
         else:
+            if real is not None:
+                top_k_weights = top_k_weights * real[:, None]
             self.last_num_dropped = torch.zeros((), dtype=torch.long, device=router_logits.device)
+        self.last_top_k_index = top_k_index.detach()
         return router_logits, top_k_weights.to(router_logits.dtype), top_k_index
 
 
@@ -239,8 +282,12 @@ class StudyMoeSparseBlock(nn.Module):
         self.gate = StudyMoeTopKRouter(config)
         self.experts = StudyMoeExperts(config)
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``[B, T, H] -> [B, T, H]``; ``token_mask [B, T]`` (True = real token) keeps padding out of routing."""
         batch_size, sequence_length, hidden_dim = hidden_states.shape
         flat = hidden_states.reshape(-1, hidden_dim)
-        _, top_k_weights, top_k_index = self.gate(flat)
+        if token_mask is None:  # called as transformers' blocks are: the router sees only the hidden states
+            _, top_k_weights, top_k_index = self.gate(flat)
+        else:
+            _, top_k_weights, top_k_index = self.gate(flat, token_mask.reshape(-1))
         return self.experts(flat, top_k_index, top_k_weights).reshape(batch_size, sequence_length, hidden_dim)

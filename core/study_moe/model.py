@@ -145,8 +145,10 @@ class StudyMoeDecoderLayer(GradientCheckpointingLayer):
         past_key_values: Cache | None = None,
         use_cache: bool | None = False,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        token_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> torch.Tensor:
+        """``token_mask [B, T]`` (True = real token) keeps padding out of the MoE routing."""
         residual = hidden_states
         hidden_states, _ = self.self_attn(
             hidden_states=self.input_layernorm(hidden_states),
@@ -158,7 +160,7 @@ class StudyMoeDecoderLayer(GradientCheckpointingLayer):
             **kwargs,
         )
         hidden_states = residual + hidden_states
-        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states), token_mask)
 
 
 class StudyMoePreTrainedModel(PreTrainedModel):
@@ -233,6 +235,7 @@ class StudyMoeModel(StudyMoePreTrainedModel):
         )
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
+        token_mask = real_token_mask(attention_mask, inputs_embeds.shape[1])
         for decoder_layer in self.layers[: self.config.num_hidden_layers]:
             hidden_states = decoder_layer(
                 hidden_states,
@@ -241,6 +244,7 @@ class StudyMoeModel(StudyMoePreTrainedModel):
                 position_ids=position_ids,
                 past_key_values=past_key_values,
                 use_cache=use_cache,
+                token_mask=token_mask,
                 **kwargs,
             )
         return MoeModelOutputWithPast(last_hidden_state=self.norm(hidden_states), past_key_values=past_key_values)
@@ -298,9 +302,12 @@ class StudyMoeForCausalLM(StudyMoePreTrainedModel, GenerationMixin):
             loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)
         aux_loss = None
         if output_router_logits and outputs.router_logits:
-            aux_loss = load_balancing_loss(outputs.router_logits, self.num_experts, self.num_experts_per_tok, attention_mask)
+            seq_len = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+            mask = real_token_mask(attention_mask, seq_len)
+            aux_loss = load_balancing_loss(outputs.router_logits, self.num_experts, self.num_experts_per_tok, mask,
+                                           selected=self._chosen_experts(len(outputs.router_logits)))
             if loss is not None:
-                z_loss = router_z_loss(outputs.router_logits, attention_mask)
+                z_loss = router_z_loss(outputs.router_logits, mask)
                 loss = loss + self.config.router_aux_loss_coef * aux_loss + self.config.router_z_loss_coef * z_loss
         return MoeCausalLMOutputWithPast(
             loss=loss,
@@ -311,6 +318,24 @@ class StudyMoeForCausalLM(StudyMoePreTrainedModel, GenerationMixin):
             attentions=outputs.attentions,
             router_logits=outputs.router_logits,
         )
+
+    def _chosen_experts(self, num_layers: int) -> tuple[torch.Tensor, ...] | None:
+        """The experts each router chose in this forward (random routing's choice is not the top-k)."""
+        chosen = tuple(layer.mlp.gate.last_top_k_index for layer in self.model.layers[: self.config.num_hidden_layers])
+        if len(chosen) != num_layers or any(c is None for c in chosen):
+            return None  # routers not all run (e.g. a cut model): fall back to the top-k of the logits
+        return chosen
+
+
+def real_token_mask(attention_mask: torch.Tensor | None, seq_len: int) -> torch.Tensor | None:
+    """``[B, T]`` bool of the current tokens that are real, from a 2-D padding mask (None: all real).
+
+    With a key-value cache the mask covers past and current tokens; the current ones are its last
+    ``seq_len`` columns. A 4-D (already expanded) mask carries no per-token padding: None.
+    """
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
+        return None
+    return attention_mask[:, -seq_len:].bool()
 
 
 AutoConfig.register(MODEL_TYPE, StudyMoeConfig, exist_ok=True)

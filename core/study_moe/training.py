@@ -12,7 +12,9 @@ A run lives in ``models/<run_name>/``:
   ``routing_acc``, ``entropy``, ``utilization``, ``metrics.accuracy``, ``metrics.loss``) plus
   ``step``, ``tokens``, ``layer_entropy``, ``layer_utilization``, ``routing_acc_chance`` and
   ``dropped_fraction`` (see ``core.study_moe.evaluation`` for the definition of ``routing_acc``);
-* ``run_info.json`` — config, corpus sizes, unigram baseline, final/test metrics, wall time.
+* ``run_info.json`` — config, corpus sizes, unigram baseline, final/test metrics, wall time;
+* ``training_data.json`` — which documents the run read and which it held out for analysis
+  (``core.study_moe.training_data``; the main run analyses only documents not read here).
 
 The run is built in a hidden temporary folder and renamed into place when complete, so a
 run folder that exists is a finished run.
@@ -37,6 +39,7 @@ from core.study_moe.config import DEFAULT_CONFIG, TrainConfig, checkpoint_steps,
 from core.study_moe.corpus import prepare_data
 from core.study_moe.evaluation import evaluate_model, generate_sample, unigram_cross_entropy
 from core.study_moe.model import StudyMoeForCausalLM
+from core.study_moe.training_data import RECORD_NAME, build_record, write_record
 
 
 # --------------------------------------------------------------------------- saving
@@ -160,7 +163,8 @@ def train(cfg: TrainConfig, models_dir: str | Path = "models", overwrite: bool =
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
 
-    tokenizer, splits = prepare_data(cfg)
+    tokenizer, splits, corpus = prepare_data(cfg)
+    write_record(work, build_record(cfg, corpus, {k: splits[k].num_tokens for k in ("train", "val", "test")}))
     train_rows, val = splits["train"], splits["val"]
     unigram = unigram_cross_entropy(
         train_rows.input_ids[train_rows.attention_mask.bool()],
@@ -204,9 +208,13 @@ def _active_parameters(model: StudyMoeForCausalLM) -> int:
 
 
 def ensure_default_model(models_dir: str | Path = "models", config: str | Path = DEFAULT_CONFIG, progress: bool = True) -> Path:
-    """The embedded default run's folder, training it first if it is not there yet."""
+    """The embedded default run's folder, training it first if it is not there yet.
+
+    A run from older code, which did not record its training documents (and read the documents
+    the main run analyses), is retrained: the main run needs to know what is held out.
+    """
     cfg = TrainConfig.from_yaml(config)
     run_dir = Path(models_dir) / cfg.run_name
-    if (run_dir / "checkpoints.json").is_file() and (run_dir / "config.json").is_file():
+    if all((run_dir / name).is_file() for name in ("checkpoints.json", "config.json", RECORD_NAME)):
         return run_dir
     return train(cfg, models_dir=models_dir, overwrite=True, progress=progress)

@@ -1,0 +1,260 @@
+"""Nulls and uncertainty, shared by every analysis: document-level bootstrap and within-group permutation.
+
+Tokens of one document are not independent: they share a topic, a domain, a style. So the unit
+of resampling is the document. A streaming analysis keeps its sums per *document block* (every
+document goes to one of ``num_blocks`` blocks by a hash of its dataset and document id; a block
+is a random set of whole documents, so resampling blocks resamples documents), and
+:func:`bootstrap` recomputes the statistic on blocks drawn with replacement. Nulls are "the same
+statistic on shuffled data": :func:`permute_within` shuffles tokens inside groups (documents,
+domains), :func:`permute_labels` shuffles labels between units. :class:`Estimate` carries a value,
+its interval, its null and the verdict, and writes the sentence a report quotes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+
+from core.analysis.results import ResultMixin
+from core.safe_io import to_jsonable
+from core.routing_data import RoutingData
+
+NUM_BLOCKS = 64  # document blocks kept per analysis
+RESAMPLES = 200  # bootstrap resamples
+LEVEL = 0.95
+
+Stat = Callable[[Mapping[str, np.ndarray]], np.ndarray]
+
+
+# ---------------------------------------------------------------------------- document keys
+def document_keys(chunk: RoutingData) -> np.ndarray:
+    """One int64 key per token naming its document: (dataset id, document id); -1 ids count as their own document."""
+    n = chunk.num_tokens
+    doc = chunk.doc_ids.numpy().astype(np.int64) if chunk.doc_ids is not None else np.zeros(n, np.int64)
+    ds = chunk.dataset_ids.numpy().astype(np.int64) if chunk.dataset_ids is not None else np.zeros(n, np.int64)
+    return (ds + 1) * (1 << 40) + (doc + 1)
+
+
+def block_of(keys: np.ndarray, num_blocks: int = NUM_BLOCKS) -> np.ndarray:
+    """The block of each document key: a fixed hash, so a document lands in the same block in every analysis."""
+    h = keys.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    h ^= h >> np.uint64(29)
+    h *= np.uint64(0xBF58476D1CE4E5B9)
+    h ^= h >> np.uint64(32)
+    return (h % np.uint64(num_blocks)).astype(np.int64)
+
+
+def sum_by(units: np.ndarray, values: np.ndarray, num_units: int) -> np.ndarray:
+    """``values [N, ...]`` summed per unit id in ``[0, num_units)``: ``[num_units, ...]``."""
+    n = values.shape[0]
+    flat = values.reshape(n, -1).astype(np.float64, copy=False)
+    onehot = sp.csr_matrix((np.ones(n), (units, np.arange(n))), shape=(num_units, n))
+    return np.asarray(onehot @ flat).reshape((num_units,) + values.shape[1:])
+
+
+class BlockSums:
+    """Named sums kept per unit (document block, or block x group), the input of :func:`bootstrap`."""
+
+    def __init__(self, num_units: int = NUM_BLOCKS) -> None:
+        self.num_units = num_units
+        self.sums: dict[str, np.ndarray] = {}
+
+    def add(self, name: str, units: np.ndarray, values: np.ndarray) -> None:
+        part = sum_by(units, np.asarray(values), self.num_units)
+        self.sums[name] = part if name not in self.sums else self.sums[name] + part
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.sums[name]
+
+
+# ---------------------------------------------------------------------------- resampling
+def bootstrap_weights(used: np.ndarray, resamples: int = RESAMPLES, seed: int = 0) -> np.ndarray:
+    """``[R, U]`` counts: each row draws the used units (bool mask over U) with replacement."""
+    idx = np.nonzero(used)[0]
+    w = np.zeros((resamples, used.shape[0]))
+    if len(idx):
+        rng = np.random.default_rng(seed)
+        w[:, idx] = rng.multinomial(len(idx), np.full(len(idx), 1.0 / len(idx)), size=resamples)
+    return w
+
+
+def bootstrap(stat: Stat, sums: Mapping[str, np.ndarray], used: np.ndarray | None = None,
+              resamples: int = RESAMPLES, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The statistic on all units and on ``resamples`` bootstrap draws of units: ``(value, draws [R, ...])``.
+
+    ``stat`` maps totals (``{name: array}``, with a leading batch axis) to values with that axis.
+    """
+    first = next(iter(sums.values()))
+    used = np.ones(first.shape[0], bool) if used is None else used
+    w = np.concatenate([used[None].astype(np.float64), bootstrap_weights(used, resamples, seed)])
+    totals = {k: np.tensordot(w, v, axes=(1, 0)) for k, v in sums.items()}
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = np.asarray(stat(totals))
+    return out[0], out[1:]
+
+
+def interval(draws: np.ndarray, level: float = LEVEL) -> tuple[np.ndarray, np.ndarray]:
+    """Percentile interval of draws along axis 0 (NaN draws ignored)."""
+    a = (1 - level) / 2
+    if len(draws) == 0:  # no resampling asked for: no interval
+        nan = np.full(np.shape(draws)[1:], np.nan)
+        return nan, nan.copy()
+    with np.errstate(invalid="ignore"):
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return np.nanquantile(draws, a, axis=0), np.nanquantile(draws, 1 - a, axis=0)
+
+
+def permute_within(groups: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """An index that shuffles positions only inside each group (same group id): x[idx] is x shuffled within groups."""
+    order = np.lexsort((rng.random(len(groups)), groups))  # by group, random inside a group
+    sorted_pos = np.argsort(groups, kind="stable")
+    idx = np.empty(len(groups), np.int64)
+    idx[sorted_pos] = order
+    return idx
+
+
+def permute_labels(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Labels shuffled between units (each unit keeps one label)."""
+    return labels[rng.permutation(len(labels))]
+
+
+def p_value(observed: np.ndarray, null_draws: np.ndarray) -> np.ndarray:
+    """One-sided permutation p-value ``(1 + #{null >= observed}) / (1 + R)`` along axis 0 (Phipson & Smyth)."""
+    ge = (np.asarray(null_draws) >= np.asarray(observed)[None] - 1e-12).sum(0)
+    return (1 + ge) / (1 + len(null_draws))
+
+
+# ---------------------------------------------------------------------------- what a finding quotes
+@dataclass
+class Estimate(ResultMixin):
+    """A statistic with its interval over documents, its null, and whether the two can be told apart.
+
+    Fields may be scalars or arrays of one shape (e.g. one value per layer). ``diff_low/high`` is the
+    interval of value - null (paired nulls: the null recomputed on every resample); ``p_value`` is
+    set where the null is a permutation distribution with enough draws. ``null_low/high`` is the
+    null's 95% range (its min and max when there are few draws).
+    """
+
+    value: np.ndarray
+    low: np.ndarray
+    high: np.ndarray
+    null: np.ndarray
+    null_low: np.ndarray
+    null_high: np.ndarray
+    null_name: str
+    resamples: int
+    diff_low: np.ndarray | None = None
+    diff_high: np.ndarray | None = None
+    p_value: np.ndarray | None = None
+    alpha: float = 0.05
+
+    @property
+    def distinguishable(self) -> np.ndarray:
+        """True where the value differs from its null: p < alpha, or a difference interval without 0."""
+        if self.p_value is not None:
+            return np.asarray(self.p_value) < self.alpha
+        lo, hi = np.asarray(self.diff_low), np.asarray(self.diff_high)
+        return (lo > 0) | (hi < 0)
+
+    def to_dict(self) -> dict:
+        return {**super().to_dict(), "distinguishable": to_jsonable(np.asarray(self.distinguishable))}
+
+    def at(self, i: int | tuple) -> "Estimate":
+        """The estimate of one element (e.g. one layer)."""
+        pick = lambda x: None if x is None else np.asarray(x)[i]  # noqa: E731
+        return Estimate(pick(self.value), pick(self.low), pick(self.high), pick(self.null), pick(self.null_low),
+                        pick(self.null_high), self.null_name, self.resamples, pick(self.diff_low),
+                        pick(self.diff_high), pick(self.p_value), self.alpha)
+
+    def text(self, fmt: Callable[[float], str] = lambda x: f"{x:.3f}") -> str:
+        """"X (95% CI a–b) against null Y (name, 95% range c–d)", and the verdict, for one element."""
+        v, lo, hi = (float(np.asarray(x)) for x in (self.value, self.low, self.high))
+        null, nlo, nhi = (float(np.asarray(x)) for x in (self.null, self.null_low, self.null_high))
+        if not np.isfinite(lo):  # no resampling: the value and its null, no verdict
+            return f"{fmt(v)} against {self.null_name} {fmt(null)} (no interval: resampling turned off)"
+        rng = f", 95% range {fmt(nlo)}–{fmt(nhi)}" if np.isfinite(nlo) and nlo != nhi else ""
+        s = f"{fmt(v)} (95% CI {fmt(lo)}–{fmt(hi)}) against {self.null_name} {fmt(null)}{rng}"
+        if self.p_value is not None:
+            s += f", p = {float(np.asarray(self.p_value)):.3g}"
+        return s + ("" if bool(self.distinguishable) else ": not distinguishable from the null")
+
+
+def paired_estimate(stat: Stat, null_stat: Stat, sums: Mapping[str, np.ndarray], null_name: str,
+                    used: np.ndarray | None = None, resamples: int = RESAMPLES, seed: int = 0) -> Estimate:
+    """Value and null from the same sums, both bootstrapped over the same units (e.g. a within-document expectation)."""
+    both = lambda t: np.stack([np.asarray(stat(t)), np.asarray(null_stat(t))], axis=1)  # noqa: E731
+    value, draws = bootstrap(both, sums, used, resamples, seed)
+    lo, hi = interval(draws[:, 0])
+    nlo, nhi = interval(draws[:, 1])
+    dlo, dhi = interval(draws[:, 0] - draws[:, 1])
+    return Estimate(value[0], lo, hi, value[1], nlo, nhi, null_name, resamples, diff_low=dlo, diff_high=dhi)
+
+
+def permutation_estimate(value: np.ndarray, draws: np.ndarray, null_draws: np.ndarray, null_name: str,
+                         resamples: int, alternative: str = "greater") -> Estimate:
+    """Value with bootstrap ``draws`` against a permutation null given by ``null_draws`` ``[P, ...]``.
+
+    With enough permutations for p < alpha to be possible, the verdict is the permutation p-value
+    (one-sided: ``alternative`` "greater" or "less" than the null).
+    With fewer (an expensive null, a few draws), it is whether the value's interval and the null's
+    range overlap: ``diff_low/high`` = (low - null_high, high - null_low).
+    """
+    lo, hi = interval(draws)
+    null_draws = np.asarray(null_draws)
+    nlo, nhi = (null_draws.min(0), null_draws.max(0)) if len(null_draws) < 40 else interval(null_draws)
+    est = Estimate(np.asarray(value), lo, hi, np.nanmean(null_draws, axis=0), nlo, nhi, null_name, resamples)
+    if (len(null_draws) + 1) * est.alpha > 1:
+        sign = 1.0 if alternative == "greater" else -1.0  # "less": the value is expected below its null
+        est.p_value = p_value(sign * np.asarray(value), sign * null_draws)
+    else:
+        est.diff_low, est.diff_high = lo - nhi, hi - nlo
+    return est
+
+
+class DocumentRuns:
+    """Totals of per-token features for each document, when a document's tokens arrive together.
+
+    Caches store a document's tokens contiguously, possibly across shards: ``add`` returns the
+    documents that ended, and keeps the open one for the next chunk; ``flush`` closes it. A
+    document seen in two separate runs counts as two units (a finer null, never a mixed one).
+    """
+
+    def __init__(self) -> None:
+        self.key: int | None = None
+        self.open: np.ndarray | None = None
+
+    @staticmethod
+    def starts(keys: np.ndarray) -> np.ndarray:
+        """Where each run of one key begins (for ``np.add.reduceat``)."""
+        return np.r_[0, np.nonzero(keys[1:] != keys[:-1])[0] + 1]
+
+    def add(self, keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        starts = self.starts(keys)
+        return self.add_runs(keys[starts], np.add.reduceat(values.astype(np.float64, copy=False), starts, axis=0))
+
+    def add_runs(self, run_keys: np.ndarray, totals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Like :meth:`add`, for values already summed per run (``run_keys`` from :meth:`starts`)."""
+        done_keys, done = [], []
+        if self.key is not None:
+            if run_keys[0] == self.key:
+                totals[0] += self.open
+            else:
+                done_keys.append(self.key)
+                done.append(self.open[None])
+        self.key, self.open = int(run_keys[-1]), totals[-1]
+        done_keys += list(run_keys[:-1])
+        done.append(totals[:-1])
+        return np.asarray(done_keys, np.int64), np.concatenate(done)
+
+    def flush(self) -> tuple[np.ndarray, np.ndarray]:
+        if self.key is None:
+            return np.zeros(0, np.int64), np.zeros((0, 0))
+        out = np.asarray([self.key], np.int64), self.open[None]
+        self.key, self.open = None, None
+        return out

@@ -1,0 +1,249 @@
+"""Every finding against the right null: no effect reads "not distinguishable", a planted effect is found."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from core.analysis.consistency import routing_consistency
+from core.analysis.resampling import (DocumentRuns, Estimate, block_of, bootstrap, paired_estimate,
+                                      permute_within)
+from tests.planted import planted
+
+
+def test_consistency_domain_preference_without_stickiness_is_not_distinguishable():
+    rd = planted(stickiness=0.0, seed=1)
+    rc = routing_consistency(rd.iter_chunks(333))
+    pooled = (np.bincount(rd.topk_idx[:, 0, 0].numpy(), minlength=8) / rd.num_tokens) ** 2
+    # the old pooled chance is well below the observed rate; the within-document null is not
+    assert rc.same_top1[0] > pooled.sum() + 0.03
+    for name in ("same_top1", "next_in_topk", "topk_overlap"):
+        assert not rc.estimates[name].distinguishable.any(), rc.estimates[name].text
+        assert "not distinguishable" in rc.estimates[name].at(0).text()
+
+
+def test_consistency_planted_stickiness_is_detected():
+    rc = routing_consistency(planted(stickiness=0.5, seed=2).iter_chunks(500))
+    for name in ("same_top1", "next_in_topk", "topk_overlap"):
+        est = rc.estimates[name]
+        assert est.distinguishable.all()
+        assert (est.low > est.null).all()
+        assert "not distinguishable" not in est.at(1).text()
+
+
+def test_consistency_chunking_does_not_change_anything():
+    rd = planted(stickiness=0.3, seed=3)
+    a, b = routing_consistency(rd), routing_consistency(rd.iter_chunks(37))
+    for name in ("same_top1", "chance", "next_in_topk", "next_in_topk_chance", "topk_overlap_chance"):
+        np.testing.assert_allclose(getattr(a, name), getattr(b, name))
+    np.testing.assert_allclose(a.estimates["same_top1"].low, b.estimates["same_top1"].low)
+
+
+def test_bootstrap_interval_covers_the_truth_of_a_share():
+    rng = np.random.default_rng(0)
+    # 200 documents; a document's tokens are all "hits" with probability 0.3 (clustered data)
+    docs = np.repeat(np.arange(200), 20)
+    hit = np.repeat(rng.random(200) < 0.3, 20).astype(float)
+    units = block_of(docs)
+    sums = {"hit": np.bincount(units, hit, 64), "n": np.bincount(units, minlength=64).astype(float)}
+    value, draws = bootstrap(lambda t: t["hit"] / t["n"], sums, sums["n"] > 0)
+    lo, hi = np.quantile(draws, [0.025, 0.975])
+    assert lo < 0.3 < hi
+    # clustered: the interval is much wider than a token-level binomial one would be
+    assert hi - lo > 4 * 1.96 * np.sqrt(0.3 * 0.7 / len(docs))
+
+
+def test_permute_within_keeps_groups():
+    rng = np.random.default_rng(0)
+    groups = np.array([2, 0, 2, 1, 0, 2, 1, 1, 0])
+    idx = permute_within(groups, rng)
+    assert sorted(idx) == list(range(len(groups)))
+    np.testing.assert_array_equal(groups[idx], groups)
+
+
+def test_document_runs_carry_across_chunks():
+    runs = DocumentRuns()
+    k1, t1 = runs.add(np.array([5, 5, 7]), np.ones((3, 1)))
+    k2, t2 = runs.add(np.array([7, 7, 9]), np.ones((3, 1)))
+    k3, t3 = runs.flush()
+    assert list(k1) == [5] and t1[:, 0].tolist() == [2]
+    assert list(k2) == [7] and t2[:, 0].tolist() == [3]
+    assert list(k3) == [9] and t3[:, 0].tolist() == [1]
+
+
+def test_estimate_text_and_verdict():
+    sums = {"x": np.arange(10.0), "n": np.ones(10)}
+    est = paired_estimate(lambda t: t["x"] / t["n"], lambda t: 0 * t["x"] + 4.5, sums, "a constant")
+    assert isinstance(est, Estimate)
+    assert est.value == pytest.approx(4.5) and est.null == pytest.approx(4.5)
+    assert not est.distinguishable and est.text().endswith("not distinguishable from the null")
+    est2 = paired_estimate(lambda t: t["x"] / t["n"], lambda t: 0 * t["x"] + 1.0, sums, "a constant")
+    assert est2.distinguishable and "95% CI" in est2.text()
+
+
+def test_vocabulary_random_routing_sits_at_its_null_not_at_k_over_e():
+    from core.analysis.vocabulary import vocabulary_specialization
+
+    rd = planted(num_docs=80, doc_len=50, domain_pref=1.0, vocab=100, seed=4)  # uniform routing, ~40 per id
+    v = vocabulary_specialization(rd.iter_chunks(700), min_count=20)
+    assert (v.mean_concentration > 0.3).all() and v.floor == 0.25  # the max over experts is biased upwards
+    np.testing.assert_allclose(v.null_concentration, v.mean_concentration, atol=0.02)
+    assert not v.estimate.distinguishable.any(), v.estimate.at(0).text()
+    assert v.estimate.low[0] <= v.estimate.null[0] + 0.02
+
+
+def test_vocabulary_planted_token_preference_is_detected():
+    from core.analysis.vocabulary import vocabulary_specialization
+
+    rd = planted(num_docs=80, doc_len=50, domain_pref=1.0, vocab=100, token_pref=1.0, seed=5)
+    v = vocabulary_specialization(rd.iter_chunks(700), min_count=20)
+    assert v.estimate.distinguishable.all()
+    assert (v.estimate.low > v.estimate.null_high).all()
+
+
+def test_domain_specialization_without_preference_is_not_distinguishable():
+    from core.analysis.specialization import domain_specialization
+
+    spec = domain_specialization(planted(domain_pref=1.0, seed=6).iter_chunks(400))
+    assert (spec.estimates["max_ratio"].value > 1.0).all()  # a max over experts exceeds k/E by chance alone
+    for name in ("layer_score", "max_ratio"):
+        assert not spec.estimates[name].distinguishable.any(), spec.estimates[name].at(0).text()
+
+
+def test_domain_specialization_planted_preference_is_detected():
+    from core.analysis.specialization import domain_specialization
+
+    spec = domain_specialization(planted(domain_pref=2.0, seed=7).iter_chunks(400))
+    assert spec.estimates["layer_score"].distinguishable.all()
+    assert (spec.estimates["layer_score"].low > spec.estimates["layer_score"].null_high).all()
+
+
+def test_unlabelled_domain_ids_never_count_for_the_last_domain():
+    from dataclasses import replace
+
+    from core.analysis.specialization import domain_specialization
+
+    rd = planted(seed=8)
+    dom = rd.domain_ids.clone()
+    dom[:40] = -1  # the first document has no label
+    spec = domain_specialization(replace(rd, domain_ids=dom))
+    full = domain_specialization(rd)
+    assert spec.tokens.sum() == rd.num_tokens - 40
+    assert spec.tokens[1] == full.tokens[1]  # the last domain keeps exactly its own tokens
+    np.testing.assert_array_equal(spec.counts[:, 1], full.counts[:, 1])
+
+
+def _coupled(coupling: float, seed: int):
+    """Layer 1 copies layer 0's experts with probability ``coupling``; domains give both layers a preference."""
+    from dataclasses import replace
+
+    import torch
+
+    rd = planted(seed=seed, domain_pref=3.0)
+    rng = np.random.default_rng(seed)
+    idx = rd.topk_idx.clone()
+    copy = torch.from_numpy(rng.random(rd.num_tokens) < coupling)
+    idx[copy, 1] = idx[copy, 0]
+    return replace(rd, topk_idx=idx)
+
+
+def test_cross_layer_correlation_from_domain_alone_is_not_distinguishable():
+    from core.analysis.correlations import CorrelationAccumulator
+    from core.analysis.streaming import fold_one
+
+    c = fold_one(_coupled(0.0, 9).iter_chunks(500), CorrelationAccumulator("topk", resamples=200))
+    est = c.estimates["adjacent"]
+    assert est.value > 0.05  # domain preference alone correlates the layers...
+    assert not est.distinguishable, est.text()  # ...and the within-document shuffle keeps that
+
+
+def test_cross_layer_coupling_is_detected():
+    from core.analysis.correlations import CorrelationAccumulator
+    from core.analysis.streaming import fold_one
+
+    c = fold_one(_coupled(0.3, 10).iter_chunks(500), CorrelationAccumulator("topk", resamples=200))
+    est = c.estimates["adjacent"]
+    assert est.distinguishable and est.low > est.null_high
+
+
+def test_dead_expert_is_left_out_of_the_means_not_counted_as_zero():
+    from core.analysis.correlations import cross_layer_correlation
+
+    rng = np.random.default_rng(0)
+    n = 400
+    a = rng.integers(0, 3, n)  # expert 3 of both layers is never used
+    idx = np.stack([a, a], 1)[:, :, None]  # layer 1 repeats layer 0
+    from tests.fakes import routing
+
+    c = cross_layer_correlation(routing(idx, 4))
+    assert c.undefined_features == 2
+    # between layers: 3 live experts each; |r| is 1 on the 3 matching pairs and 0.5 on the 6 others
+    assert c.layer_mean_abs[0, 1] == pytest.approx((3 * 1 + 6 * 0.5) / 9, abs=0.03)
+
+
+def test_one_token_group_is_skipped_with_a_reason():
+    from core.analysis.correlations import correlations_by_group
+    from tests.fakes import routing
+
+    idx = np.array([[0], [1], [0], [1], [2]])[:, :, None]
+    rd = routing(np.concatenate([idx, idx], 1), 3, dataset_ids=[0, 0, 0, 0, 1], dataset_names=["big", "single"])
+    res = correlations_by_group(rd)
+    assert "big" in res and "single" in res.skipped and "two tokens" in res.skipped["single"]
+
+
+def test_saturation_of_unrelated_routing_sits_at_within_document_chance():
+    from core.analysis.checkpoint_dynamics import saturation
+
+    found, gaps = 0, []
+    for seed in range(10):  # the 95% verdict should be wrong about 1 time in 20
+        final = planted(seed=100 + seed, domain_pref=4.0)
+        early = planted(seed=200 + seed, domain_pref=4.0)  # same documents and domains, routing drawn afresh
+        sat = saturation(early.iter_chunks(300), final.iter_chunks(300))
+        assert (sat.per_layer > 0.25 + 0.05).all()  # above k/E: both prefer their domain's experts
+        found += int(sat.estimate.distinguishable.sum())
+        gaps.append(sat.per_layer - sat.chance)
+    assert found <= 3
+    assert abs(np.mean(gaps)) < 0.005
+
+
+def test_saturation_planted_agreement_is_detected():
+    from dataclasses import replace
+
+    import torch
+
+    from core.analysis.checkpoint_dynamics import saturation
+
+    final, early = planted(seed=11, domain_pref=4.0), planted(seed=12, domain_pref=4.0)
+    keep = torch.from_numpy(np.random.default_rng(0).random(final.num_tokens) < 0.3)
+    idx = early.topk_idx.clone()
+    idx[keep] = final.topk_idx[keep]
+    sat = saturation(replace(early, topk_idx=idx), final)
+    assert sat.estimate.distinguishable.all() and (sat.estimate.diff_low > 0.1).all()
+
+
+def test_load_balance_of_uniform_routing_is_not_distinguishable_from_uniform():
+    from core.analysis.routing_stats import RoutingStatsAccumulator, uniform_routing_counts
+    from core.analysis.streaming import fold_one
+
+    stats = fold_one(planted(domain_pref=1.0, seed=13), RoutingStatsAccumulator(resamples=200))
+    est = stats.estimates["utilization_entropy_norm"]
+    assert (est.value < 1).all() and not est.distinguishable.any(), est.at(0).text()
+    counts = uniform_routing_counts(1000, 8, 2, 5, 0)[0]
+    np.testing.assert_allclose(counts.sum(1), 2000)  # k distinct picks per token
+    assert (counts.max(1) <= 1000).all()
+
+
+def test_load_balance_planted_imbalance_is_detected():
+    from dataclasses import replace
+
+    import torch
+
+    from core.analysis.routing_stats import RoutingStatsAccumulator
+    from core.analysis.streaming import fold_one
+
+    rd = planted(domain_pref=1.0, seed=14)
+    idx = rd.topk_idx.clone()
+    hit = torch.from_numpy(np.random.default_rng(0).random(rd.num_tokens) < 0.1) & (idx[:, :, 1] != 0).all(1)
+    idx[hit, :, 0] = 0  # a tenth of the tokens move their first pick to expert 0
+    stats = fold_one(replace(rd, topk_idx=idx), RoutingStatsAccumulator(resamples=200))
+    assert stats.estimates["utilization_entropy_norm"].distinguishable.all()
