@@ -126,9 +126,10 @@ def _vocabulary(voc: Any) -> str:
     if est is None or not len(voc.token_ids):
         return ""
     li = int(np.argmax(np.asarray(est.value) - np.asarray(est.null)))
-    return (f"Vocabulary: a token id's most-used expert takes on average {est.at(li).text(_pct)} of its occurrences at "
-            f"layer {voc.moe_layers[li]} ({len(voc.token_ids)} token ids seen at least {voc.min_count} times; "
-            f"{int(np.asarray(est.distinguishable).sum())} of {len(voc.moe_layers)} layers differ from the shuffle).")
+    return (f"Vocabulary ({len(voc.token_ids)} token ids seen at least {voc.min_count} times): the share of a token id's "
+            f"occurrences that go to its most-used expert, averaged over token ids, is furthest above chance at layer "
+            f"{voc.moe_layers[li]}: {est.at(li).text(_pct)}; {int(np.asarray(est.distinguishable).sum())} of "
+            f"{len(voc.moe_layers)} layers differ from the shuffle.")
 
 
 def _saturation(dyn: Any, k: int) -> str:

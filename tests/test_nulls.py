@@ -247,3 +247,19 @@ def test_load_balance_planted_imbalance_is_detected():
     idx[hit, :, 0] = 0  # a tenth of the tokens move their first pick to expert 0
     stats = fold_one(replace(rd, topk_idx=idx), RoutingStatsAccumulator(resamples=200))
     assert stats.estimates["utilization_entropy_norm"].distinguishable.all()
+
+
+def test_capacity_dropped_slots_count_nowhere():
+    """A slot of weight 0 (the toolkit's own model dropped it for capacity) is not a selection, in any analysis."""
+    from core.analysis.routing_stats import routing_stats
+    from core.analysis.streaming import top1_np
+    from tests.fakes import routing
+
+    idx = np.array([[[0, 1]], [[2, 1]], [[3, 0]]])
+    w = np.array([[[0.0, 0.4]], [[0.7, 0.3]], [[0.0, 0.0]]])  # token 0 lost expert 0, token 2 lost both
+    rd = routing(idx, 4, weights=w)
+    mask = rd.selection_mask()[:, 0].numpy()
+    np.testing.assert_array_equal(mask, [[0, 1, 0, 0], [0, 1, 1, 0], [0, 0, 0, 0]])
+    np.testing.assert_array_equal(top1_np(rd)[:, 0], [1, 2, -1])  # the same slots as the utilization counts
+    stats = routing_stats(rd)
+    np.testing.assert_array_equal(stats.counts[0], [0, 2, 1, 0])

@@ -164,8 +164,12 @@ def _collaboration_section(r: dict[str, Any], add: Callable[..., None], rep: Rep
     collab = r.get("collaboration")
     if collab is not None:
         K = collab.atoms.shape[0]
-        rep.add_section("Collaboration mining", f"Sparse dictionary learning on the token × (layer, expert) activation matrix "
-                        f"(parameters {collab.params}); reconstruction error {collab.reconstruction_error:.3f}.")
+        p = collab.params
+        rule = (f"a selection counts when its share of the token's selected weight is at least {p.get('activation_threshold')} "
+                "of the uniform share 1/k (scale-free: the same cut for normalized top-2 and unnormalized top-8 weights)"
+                if p.get("threshold_rule") == "relative" else f"a selection counts when its weight is at least {p.get('activation_threshold')}")
+        rep.add_section("Collaboration mining", f"Sparse dictionary learning on the token × (layer, expert) activation matrix; {rule}. "
+                        f"Parameters {p}; reconstruction error {collab.reconstruction_error:.3f}.")
         add("Collaboration mining", "collaboration_patterns",
             P.collaboration_patterns(collab.atoms.reshape(K, -1), collab.domain_share, collab.moe_layers, collab.num_experts, collab.group_names),
             {"top_experts": collab.top_experts, "ranking": collab.ranking, "specificity": collab.specificity.tolist()})

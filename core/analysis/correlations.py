@@ -215,8 +215,11 @@ class CorrelationAccumulator(RoutingAccumulator):
             return
         keys = document_keys(chunk)
         b = block_of(keys, self.blocks)
-        for blk in np.unique(b):
-            xb = x[b == blk]
+        order = np.argsort(b, kind="stable")
+        xs, bs = x[order], b[order]
+        starts = np.r_[0, np.nonzero(bs[1:] != bs[:-1])[0] + 1, len(bs)]
+        for lo, hi in zip(starts[:-1], starts[1:]):
+            xb, blk = xs[lo:hi], bs[lo]
             self.n[blk] += len(xb)
             self.s[blk] += xb.sum(0)
             self.q[blk] += xb.T @ xb
@@ -224,7 +227,8 @@ class CorrelationAccumulator(RoutingAccumulator):
         xl = x.reshape(len(x), L, E)
         for p, acc in enumerate(self.null):
             rng = np.random.default_rng([self.seed, p, self.chunks])
-            shuffled = np.stack([xl[permute_within(keys, rng), li] for li in range(L)], 1)
+            idx = permute_within(keys, rng, times=L - 1)  # layer 0 stays, the others move against it
+            shuffled = np.stack([xl[:, 0]] + [xl[idx[li - 1], li] for li in range(1, L)], 1)
             acc.update(shuffled.reshape(len(x), -1))
         self.chunks += 1
 

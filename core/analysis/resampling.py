@@ -110,13 +110,17 @@ def interval(draws: np.ndarray, level: float = LEVEL) -> tuple[np.ndarray, np.nd
             return np.nanquantile(draws, a, axis=0), np.nanquantile(draws, 1 - a, axis=0)
 
 
-def permute_within(groups: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """An index that shuffles positions only inside each group (same group id): x[idx] is x shuffled within groups."""
-    order = np.lexsort((rng.random(len(groups)), groups))  # by group, random inside a group
-    sorted_pos = np.argsort(groups, kind="stable")
-    idx = np.empty(len(groups), np.int64)
-    idx[sorted_pos] = order
-    return idx
+def permute_within(groups: np.ndarray, rng: np.random.Generator, times: int | None = None) -> np.ndarray:
+    """An index that shuffles positions only inside each group (same group id): x[idx] is x shuffled within groups.
+
+    With ``times``, that many independent shuffles at once, ``[times, N]``.
+    """
+    _, inv = np.unique(groups, return_inverse=True)
+    n = 1 if times is None else times
+    order = np.argsort(inv[None, :] + rng.random((n, len(groups))), axis=1)  # by group, random inside a group
+    idx = np.empty((n, len(groups)), np.int64)
+    idx[:, np.argsort(inv, kind="stable")] = order
+    return idx[0] if times is None else idx
 
 
 def permute_labels(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:

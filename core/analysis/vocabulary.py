@@ -52,9 +52,10 @@ class VocabularySpecialization(ResultMixin):
     estimate: Estimate | None
 
 
-def _counts(tok: np.ndarray, rows: np.ndarray, m: np.ndarray, shape: tuple[int, int]) -> sp.csr_matrix:
-    r, c = np.nonzero(m)
-    return sp.csr_matrix((m[r, c], (rows[r], c)), shape=shape)
+def _counts(rows: np.ndarray, sel: tuple[np.ndarray, np.ndarray, np.ndarray], shape: tuple[int, int]) -> sp.csr_matrix:
+    """Sparse (row, layer x expert) counts of the selections ``sel`` = (token index, column, weight)."""
+    r, c, v = sel
+    return sp.csr_matrix((v, (rows[r], c)), shape=shape)
 
 
 def _grow(acc: sp.csr_matrix | None, part: sp.csr_matrix) -> sp.csr_matrix:
@@ -87,7 +88,9 @@ class VocabularyAccumulator(RoutingAccumulator):
         m = selection_np(chunk).reshape(chunk.num_tokens, -1)
         V = int(tok.max()) + 1
         blocks = block_of(document_keys(chunk), BLOCKS)
-        self.acc = _grow(self.acc, _counts(tok, tok * BLOCKS + blocks, m, (V * BLOCKS, m.shape[1])))
+        r, c = np.nonzero(m)
+        sel = (r, c, m[r, c])
+        self.acc = _grow(self.acc, _counts(tok * BLOCKS + blocks, sel, (V * BLOCKS, m.shape[1])))
         if self.occ.shape[0] < V:
             self.occ = np.concatenate([self.occ, np.zeros((V - self.occ.shape[0], BLOCKS))])
         np.add.at(self.occ, (tok, blocks), 1)
@@ -95,7 +98,7 @@ class VocabularyAccumulator(RoutingAccumulator):
         for p in range(self.permutations):
             rng = np.random.default_rng([self.seed, p, self.chunks])
             shuffled = tok[permute_within(groups, rng)]
-            self.null[p] = _grow(self.null[p], _counts(shuffled, shuffled, m, (V, m.shape[1])))
+            self.null[p] = _grow(self.null[p], _counts(shuffled, sel, (V, m.shape[1])))
         self.chunks += 1
 
     def _result(self) -> VocabularySpecialization:
