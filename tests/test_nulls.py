@@ -263,3 +263,18 @@ def test_capacity_dropped_slots_count_nowhere():
     np.testing.assert_array_equal(top1_np(rd)[:, 0], [1, 2, -1])  # the same slots as the utilization counts
     stats = routing_stats(rd)
     np.testing.assert_array_equal(stats.counts[0], [0, 2, 1, 0])
+
+
+def test_intervals_of_noise_inflated_statistics_contain_their_value():
+    """A maximum over experts, |r| and a divergence grow with noise: their intervals must still hold the value."""
+    from core.analysis.correlations import CorrelationAccumulator
+    from core.analysis.specialization import domain_specialization
+    from core.analysis.streaming import fold_one
+    from core.analysis.vocabulary import vocabulary_specialization
+
+    rd = planted(num_docs=80, doc_len=50, domain_pref=1.0, vocab=100, seed=4)
+    ests = [vocabulary_specialization(rd, min_count=20).estimate,
+            *domain_specialization(rd).estimates.values(),
+            fold_one(rd, CorrelationAccumulator("topk", resamples=50)).estimates["adjacent"]]
+    for est in ests:
+        assert (np.asarray(est.low) <= np.asarray(est.value)).all() and (np.asarray(est.value) <= np.asarray(est.high)).all(), est.text() if np.ndim(est.value) == 0 else est.at(0).text()

@@ -17,7 +17,7 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
-from core.analysis.resampling import (Estimate, block_of, bootstrap_weights, document_keys, permutation_estimate,
+from core.analysis.resampling import (Estimate, block_of, document_keys, jackknife_interval, permutation_estimate,
                                       permute_within)
 from core.analysis.results import ResultMixin
 from core.analysis.streaming import (
@@ -184,7 +184,7 @@ def adjacent_and_far(layer_mean_abs: np.ndarray) -> tuple[np.ndarray, np.ndarray
 class CorrelationAccumulator(RoutingAccumulator):
     """Streaming cross-layer correlation of one feature ("topk" indicators or "probs").
 
-    With ``resamples`` > 0 it also keeps moments per document block (for intervals over
+    With ``resamples`` > 0 it also keeps moments per document block (for jackknife intervals over
     documents) and ``permutations`` shadow correlations of data where each layer's tokens are
     shuffled within their document: cross-layer correlation that survives that shuffle comes
     from what a document is about, not from the token. That is the null of the summaries.
@@ -244,18 +244,18 @@ class CorrelationAccumulator(RoutingAccumulator):
         """Intervals over document blocks and the within-document shuffle null of the layer summaries."""
         L, E = self.layout.num_layers, self.layout.num_experts
         used = self.n > 0
-        w = bootstrap_weights(used, self.resamples, self.seed)
-        draws = np.stack([_summarize(_corr_from_moments(np.asarray(wr @ self.n), wr @ self.s,
-                                                        np.tensordot(wr, self.q, axes=(0, 0))), L, E)[0] for wr in w])
+        n, s, q = self.n.sum(), self.s.sum(0), self.q.sum(0)  # each block left out once: |r| grows with noise,
+        loo = np.stack([_summarize(_corr_from_moments(np.asarray(n - self.n[b]), s - self.s[b], q - self.q[b]), L, E)[0]
+                        for b in np.nonzero(used)[0]])  # so no bootstrap that repeats documents
         null = np.stack([_summarize(a.correlation(), L, E)[0] for a in self.null])
         name = "each layer shuffled within documents"
-        out = {"layer_mean_abs": permutation_estimate(mean, draws, null, name, self.resamples)}
+        out = {"layer_mean_abs": permutation_estimate(mean, jackknife_interval(mean, loo), null, name, len(loo))}
         if L > 1:
             for key, pick in (("adjacent", 0), ("non_adjacent", 1)):
                 v = adjacent_and_far(mean)[pick]
                 if np.isfinite(v):
-                    out[key] = permutation_estimate(v, adjacent_and_far(draws)[pick], adjacent_and_far(null)[pick],
-                                                    name, self.resamples)
+                    ci = jackknife_interval(v, adjacent_and_far(loo)[pick])
+                    out[key] = permutation_estimate(v, ci, adjacent_and_far(null)[pick], name, len(loo))
         return out
 
 

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from core.analysis.resampling import (BlockSums, Estimate, block_of, bootstrap_weights, document_keys,
-                                      permutation_estimate, permute_labels)
+from core.analysis.resampling import (BlockSums, Estimate, block_of, document_keys, jackknife_interval,
+                                      jackknife_weights, permutation_estimate, permute_labels)
 from core.analysis.results import ResultMixin
 from core.analysis.streaming import GroupBy, RoutingAccumulator, fold_one, group_ids, selection_np
 from core.routing_data import RoutingData
@@ -85,7 +85,8 @@ class DomainSpecializationAccumulator(RoutingAccumulator):
     """Domain (or dataset) x expert assignment counts per document block; tokens with no label (id < 0) are left out.
 
     Nulls: the same statistics with the group labels shuffled between (group, document block)
-    cells (``permutations`` times); intervals: a bootstrap of cells within each group.
+    cells (``permutations`` times); intervals: a jackknife over cells (a maximum and a divergence
+    grow with noise, so a bootstrap that repeats documents would shift them up).
     """
 
     needs = ("topk_idx",)
@@ -154,14 +155,12 @@ class DomainSpecializationAccumulator(RoutingAccumulator):
 
         onehot = np.eye(D)[labels]
         null = stats(np.stack([np.eye(D)[permute_labels(labels, rng)] for _ in range(self.permutations)]))
-        w = np.zeros((self.resamples, len(labels)))
-        for g in np.unique(labels):
-            w += bootstrap_weights(labels == g, self.resamples, self.seed + 1 + int(g))
-        obs, boot = stats(onehot[None]), stats(w[:, :, None] * onehot[None])
+        w = jackknife_weights(np.ones(len(labels), bool))  # each (group, block) cell left out once
+        obs, loo = stats(onehot[None]), stats(w[:, :, None] * onehot[None])
         out = {}
         for name in ("layer_score", "max_ratio"):
-            out[name] = permutation_estimate(obs[name][0], boot[name], null[name], f"{self.by} labels shuffled",
-                                             self.resamples)
+            ci = jackknife_interval(obs[name][0], loo[name])
+            out[name] = permutation_estimate(obs[name][0], ci, null[name], f"{self.by} labels shuffled", len(w))
         return out
 
 

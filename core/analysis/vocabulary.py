@@ -4,7 +4,8 @@ The statistic (a token id's most-used expert share, averaged over token ids) is 
 experts, so it sits well above k/E even under random routing when a token id is seen a few dozen
 times. Its null is therefore the same statistic on shuffled data: token ids permuted among the
 tokens of each chunk and domain (occurrence counts unchanged, any link between a token id and
-its experts broken). Intervals are a bootstrap over document blocks. The vocabulary is large
+its experts broken). Intervals leave one document block out at a time (jackknife): a bootstrap
+would count documents twice, which makes every token id look more concentrated. The vocabulary is large
 (50k for OLMoE), so counts are kept sparse (token id x (layer, expert)).
 """
 
@@ -16,8 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
-from core.analysis.resampling import (Estimate, block_of, bootstrap_weights, document_keys, permutation_estimate,
-                                      permute_within)
+from core.analysis.resampling import (Estimate, block_of, document_keys, jackknife_interval, jackknife_weights,
+                                      permutation_estimate, permute_within)
 from core.analysis.results import ResultMixin
 from core.analysis.streaming import RoutingAccumulator, fold_one, selection_np
 from core.routing_data import RoutingData
@@ -118,8 +119,9 @@ class VocabularyAccumulator(RoutingAccumulator):
         est, null_mean = None, np.full(L, np.nan)
         if self.permutations:
             null = np.stack([self._null_mean(p, keep, occ) for p in range(self.permutations)])
-            value, draws = self._bootstrap(keep)
-            est, null_mean = permutation_estimate(value, draws, null, NULL_NAME, self.resamples), null.mean(0)
+            value, loo = self._replicates(keep)
+            est = permutation_estimate(value, jackknife_interval(value, loo), null, NULL_NAME, len(loo))
+            null_mean = null.mean(0)
         return VocabularySpecialization(layers, E, k, self.min_count, keep, occ, pref, conc, conc.mean(0), null_mean,
                                         k / E, self.permutations, est)
 
@@ -130,12 +132,12 @@ class VocabularyAccumulator(RoutingAccumulator):
         dense = c[keep].toarray().reshape(len(keep), L, E)
         return (dense.max(-1) / occ[:, None]).mean(0)
 
-    def _bootstrap(self, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Mean concentration on all blocks and on bootstrap draws of blocks, over the kept token ids."""
+    def _replicates(self, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Mean concentration on all document blocks and with each block left out once, over the kept token ids."""
         L, E = self.layout.num_layers, self.layout.num_experts
         self.acc.resize((self.occ.shape[0] * BLOCKS, L * E))
         used = self.occ.sum(0) > 0
-        w = np.concatenate([used[None].astype(float), bootstrap_weights(used, self.resamples, self.seed)])  # [R+1, B]
+        w = np.concatenate([used[None].astype(float), jackknife_weights(used)])  # [1 + B_used, B]
         num, den = np.zeros((len(w), L)), np.zeros(len(w))
         step = max(1, 4_000_000 // (BLOCKS * L * E + len(w) * L * E))
         for s in range(0, len(keep), step):
