@@ -278,3 +278,13 @@ def test_intervals_of_noise_inflated_statistics_contain_their_value():
             fold_one(rd, CorrelationAccumulator("topk", resamples=50)).estimates["adjacent"]]
     for est in ests:
         assert (np.asarray(est.low) <= np.asarray(est.value)).all() and (np.asarray(est.value) <= np.asarray(est.high)).all(), est.text() if np.ndim(est.value) == 0 else est.at(0).text()
+
+
+def test_one_document_gets_no_interval_rather_than_a_false_certainty():
+    from dataclasses import replace
+
+    rd = planted(num_docs=1, doc_len=200, stickiness=0.3, seed=15)
+    rc = routing_consistency(replace(rd, doc_ids=None, dataset_ids=None))
+    est = rc.estimates["same_top1"]
+    assert np.isnan(est.low).all() and not est.distinguishable.any()
+    assert "no interval" in est.at(0).text()

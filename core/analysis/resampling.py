@@ -90,6 +90,8 @@ def bootstrap(stat: Stat, sums: Mapping[str, np.ndarray], used: np.ndarray | Non
     """
     first = next(iter(sums.values()))
     used = np.ones(first.shape[0], bool) if used is None else used
+    if used.sum() < 2:  # one document block: nothing to resample, so no interval
+        resamples = 0
     w = np.concatenate([used[None].astype(np.float64), bootstrap_weights(used, resamples, seed)])
     totals = {k: np.tensordot(w, v, axes=(1, 0)) for k, v in sums.items()}
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -208,7 +210,7 @@ class Estimate(ResultMixin):
         v, lo, hi = (float(np.asarray(x)) for x in (self.value, self.low, self.high))
         null, nlo, nhi = (float(np.asarray(x)) for x in (self.null, self.null_low, self.null_high))
         if not np.isfinite(lo):  # no resampling: the value and its null, no verdict
-            return f"{fmt(v)} against {self.null_name} {fmt(null)} (no interval: resampling turned off)"
+            return f"{fmt(v)} against {self.null_name} {fmt(null)} (no interval: one document, or resampling turned off)"
         rng = f", 95% range {fmt(nlo)}–{fmt(nhi)}" if np.isfinite(nlo) and nlo != nhi else ""
         s = f"{fmt(v)} (95% CI {fmt(lo)}–{fmt(hi)}) against {self.null_name} {fmt(null)}{rng}"
         if self.p_value is not None:
