@@ -20,7 +20,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from exp.run_options import OptionsError, RunOptions, make_options, parse_options  # noqa: E402
+from exp.run_options import OptionsError, RunOptions, make_options, parse_options, preflight  # noqa: E402
 
 
 @dataclass
@@ -66,6 +66,7 @@ class BasicRoutingAnalysis:
         from exp.findings import findings, headline_numbers, warnings_of
 
         opts = self.options
+        preflight(opts)  # a missing GPU or an unwritable folder is found now, not after the analyses
         t0 = time.perf_counter()
         say = print if opts.progress else (lambda *a, **k: None)
         embedded_run = None

@@ -66,17 +66,21 @@ def resolve_model(opts: RunOptions, embedded_run: Path | None = None) -> ModelTa
     if opts.model is None:
         if embedded_run is None or not (embedded_run / "checkpoints.json").is_file():
             raise CheckpointError("the embedded model is not trained yet: run train_embedded_model(options) first")
-        ckpts = select_checkpoints(list_local_checkpoints(embedded_run), n=opts.max_checkpoints, spacing="log")
+        ckpts = _named_or_selected(list_local_checkpoints(embedded_run), opts, f"the embedded model ({embedded_run})")
         return ModelTarget(name=f"embedded/{embedded_run.name}", source=str(embedded_run), revision=None,
                            checkpoints=ckpts, embedded=True, run_dir=embedded_run, weights_digest=weights_digest(embedded_run))
     local = Path(opts.model).expanduser()
     if local.is_dir() and (local / "checkpoints.json").exists():  # a local training run: its revisions are checkpoints
-        ckpts = list_local_checkpoints(local)
-        if opts.checkpoints and opts.checkpoints != ["auto"]:
-            ckpts = [c for c in ckpts if c.name in set(opts.checkpoints)] or ckpts
-        ckpts = select_checkpoints(ckpts, n=opts.max_checkpoints, spacing="log")
+        if opts.revision:
+            raise CheckpointError(f"--revision {opts.revision} names a Hub branch; {local} is a local training run: "
+                                  "pick its revisions with --checkpoints")
+        ckpts = _named_or_selected(list_local_checkpoints(local), opts, str(local))
         return ModelTarget(name=local.name, source=str(local), revision=None, checkpoints=ckpts, embedded=False, run_dir=local,
                            weights_digest=weights_digest(local))
+    if local.is_dir() and (opts.revision or opts.checkpoints):
+        what = f"--revision {opts.revision}" if opts.revision else f"--checkpoints {','.join(opts.checkpoints)}"
+        raise CheckpointError(f"{what}: {local} is a plain model directory with one set of weights and no revisions "
+                              "(a training run folder has checkpoints.json; Hub models have branches)")
     final = Checkpoint(name=opts.revision or "main", path=str(local) if local.is_dir() else None)
     if not opts.checkpoints:
         ckpts = [final]
@@ -88,6 +92,23 @@ def resolve_model(opts: RunOptions, embedded_run: Path | None = None) -> ModelTa
             ckpts.append(final)  # saturation is measured against the model itself
     return ModelTarget(name=opts.model, source=str(opts.model), revision=opts.revision, checkpoints=ckpts, embedded=False,
                        weights_digest=weights_digest(local) if local.is_dir() else None)
+
+
+def _named_or_selected(available: list[Checkpoint], opts: RunOptions, where: str) -> list[Checkpoint]:
+    """The checkpoints ``--checkpoints`` names (the final one always included), or a log-spaced subset.
+
+    A name that does not exist is an error listing what does, never a silent fallback.
+    """
+    if not opts.checkpoints or opts.checkpoints == ["auto"]:
+        return select_checkpoints(available, n=opts.max_checkpoints, spacing="log")
+    by_name = {c.name: c for c in available}
+    unknown = [n for n in opts.checkpoints if n not in by_name]
+    if unknown:
+        raise CheckpointError(f"no checkpoint {', '.join(unknown)} in {where}; it has {', '.join(by_name)}")
+    picked = [by_name[n] for n in dict.fromkeys(opts.checkpoints)]
+    if available and available[-1].name not in {c.name for c in picked}:
+        picked.append(available[-1])  # saturation is measured against the final checkpoint
+    return sorted(picked, key=lambda c: available.index(c))
 
 
 def open_wrapper(target: ModelTarget, ckpt: Checkpoint, opts: RunOptions) -> MoEModelWrapper:

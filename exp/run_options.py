@@ -7,6 +7,8 @@ a config per study (``configs/olmoe.yaml``) and tweaks one flag at a time.
 from __future__ import annotations
 
 import argparse
+import os
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -125,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 LIST_OPTIONS = ("checkpoints", "datasets")
+DTYPES = (None, "auto", "float32", "fp32", "float16", "fp16", "bfloat16", "bf16")
 
 
 def parse_options(argv: list[str] | None = None) -> RunOptions:
@@ -160,8 +163,41 @@ def make_options(**kwargs: Any) -> RunOptions:
         raise OptionsError(f"storage must be 'full' or 'compact', not {opts.storage!r}")
     if opts.resamples < 0:
         raise OptionsError(f"resamples must be 0 or more, not {opts.resamples}")
+    for name in ("batch_size", "max_checkpoints", "max_tokens", "num_samples", "max_length", "ablation_tokens"):
+        value = getattr(opts, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise OptionsError(f"{name.replace('_', '-')} must be a whole number of at least 1, not {value!r}")
+    if opts.dtype not in DTYPES:
+        raise OptionsError(f"dtype must be one of {', '.join(str(d) for d in DTYPES if d)}, not {opts.dtype!r}")
+    if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", str(opts.device)):
+        raise OptionsError(f"device must be cpu, cuda, cuda:N or mps, not {opts.device!r}")
     if opts.shard_tokens < 1:
         raise OptionsError(f"shard_tokens must be at least 1, not {opts.shard_tokens}")
     if not opts.datasets:
         raise OptionsError("no datasets given")
     return opts
+
+
+def preflight(opts: RunOptions) -> None:
+    """What can be checked before any work starts: the device exists and every output folder can be written."""
+    if opts.device != "cpu":
+        import torch
+
+        kind, _, index = opts.device.partition(":")
+        if kind == "cuda" and (not torch.cuda.is_available() or int(index or 0) >= torch.cuda.device_count()):
+            raise OptionsError(f"--device {opts.device}: torch sees {torch.cuda.device_count()} CUDA device(s) here; use --device cpu")
+        if kind == "mps" and not torch.backends.mps.is_available():
+            raise OptionsError("--device mps: no Apple GPU here; use --device cpu")
+    folders = [opts.results_dir, opts.cache_dir or str(Path(opts.results_dir) / "cache")]
+    if opts.model is None:
+        folders.append(opts.models_dir)
+    for folder in folders:
+        path = Path(folder)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            probe = path / f".write-test-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            raise OptionsError(f"cannot write to {path} ({e.strerror or e}); choose another folder") from None
+

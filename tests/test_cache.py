@@ -174,3 +174,32 @@ def test_caches_stream_into_analyses_like_loaded_routing(tmp_path):
     np.testing.assert_allclose(s1.token_entropy, s2.token_entropy, rtol=1e-6)
     np.testing.assert_allclose(cross_layer_correlation(stream).corr, cross_layer_correlation(loaded).corr, atol=1e-9)
     assert routing_stats(stream).num_tokens == s1.num_tokens, "a second pass reads the caches again"
+
+
+@pytest.mark.parametrize("edit, says", [
+    (lambda m: m.update(total_tokens=m["total_tokens"] + 1000), "total_tokens"),
+    (lambda m: m.update(rows_done=m["rows_done"] - 1), "rows_done"),
+    (lambda m: m["shards"][1].update(first_row=m["shards"][1]["first_row"] + 1), "row by row"),
+    (lambda m: m.pop("shards"), "missing or malformed"),
+])
+def test_a_manifest_whose_numbers_do_not_add_up_is_refused(tmp_path, edit, says):
+    """The report quotes the manifest's token counts: an edited manifest must not reach it."""
+    write(tmp_path, routing())
+    path = tmp_path / "manifest.json"
+    manifest = json.loads(path.read_text())
+    edit(manifest)
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(CacheCorruptError, match=says):
+        RoutingCache.open(tmp_path)
+
+
+def test_a_shard_entry_edited_together_with_the_total_is_caught_on_read(tmp_path):
+    write(tmp_path, routing())
+    path = tmp_path / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["shards"][0]["num_tokens"] += 5
+    manifest["total_tokens"] += 5  # consistent totals, wrong entry
+    path.write_text(json.dumps(manifest))
+    cache = RoutingCache.open(tmp_path)
+    with pytest.raises(CacheCorruptError, match="manifest entry says"):
+        cache.load_shard(0)

@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import huggingface_hub
 import pytest
+import torch
 
 from core.collection.checkpoints import (
     Checkpoint,
@@ -164,3 +165,37 @@ def test_open_sweep_defaults_to_the_latest_sweeps_checkpoints(tmp_path):
     assert [n for n, _, _ in open_sweep(idx, "toy", checkpoints=[a, b])] == [a.name, b.name]
     with pytest.raises(CheckpointError, match="step1-tokens1B"):
         open_sweep(idx, "toy", checkpoints=["step1-tokens1B"])
+
+
+def test_router_weights_beside_the_caches_are_checksummed_and_collected_again_when_damaged(tmp_path):
+    """Two flipped bytes once turned a drift of 1.99 into 1.5e38 with exit 0."""
+    from core.collection.cache_format import CacheCorruptError
+    from core.collection.sweep import load_router_weights, router_weights_path, save_router_weights
+
+    routers = {0: torch.randn(4, 8), 2: torch.randn(4, 8)}
+    path = tmp_path / "router_weights.safetensors"
+    save_router_weights(path, routers)
+    assert all(torch.equal(load_router_weights(path)[k], v) for k, v in routers.items())
+    payload = bytearray(path.read_bytes())
+    payload[-5] ^= 0x40
+    payload[-9] ^= 0x01
+    path.write_bytes(bytes(payload))
+    with pytest.raises(CacheCorruptError, match="checksum"):
+        load_router_weights(path)
+
+    class WithRouters(FakeWrapper):
+        def get_router_weights(self):
+            loads.append(1)
+            return routers
+
+    loads = []
+    ckpt = parse_checkpoint_name("step5-tokens1B")
+    kw = dict(model_name="m", batch_size=2, shard_tokens=8, progress=False, router_weights=True)
+    sweep_checkpoints([ckpt], {"toy": make_rows(3, 6)}, lambda c: WithRouters(), tmp_path / "c", **kw)
+    w_path = router_weights_path(tmp_path / "c", "m", ckpt)
+    damaged = bytearray(w_path.read_bytes())
+    damaged[-3] ^= 0x10
+    w_path.write_bytes(bytes(damaged))
+    again = sweep_checkpoints([ckpt], {"toy": make_rows(3, 6)}, lambda c: WithRouters(), tmp_path / "c", **kw)
+    assert len(loads) == 2 and torch.equal(again.router_weights[0][0], routers[0])  # read from the model again
+    assert torch.equal(load_router_weights(w_path)[2], routers[2])

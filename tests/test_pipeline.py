@@ -192,3 +192,55 @@ def test_unreachable_checkpoint_listing_is_one_line(tmp_path, capsys):
     assert main(["--model", "allenai/OLMoE-1B-7B-0924", "--checkpoints", "auto", "--results-dir", str(tmp_path), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "allenai/OLMoE-1B-7B-0924" in err and "\n" not in err
+
+
+def test_checkpoint_and_revision_names_are_checked(micro_run, tmp_path, capsys):
+    """A checkpoint or revision that does not exist is a one-line error naming what does, never a silent fallback."""
+    from transformers import OlmoeConfig, OlmoeForCausalLM
+
+    from exp.collection import resolve_model
+
+    root, _, _, _, _ = micro_run
+    run_dir = root / "models" / "study-moe-micro"
+    base = ["--micro", "--models-dir", str(root / "models"), "--results-dir", str(tmp_path), "--no-progress"]
+    assert main(base + ["--checkpoints", "step-999999"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no checkpoint step-999999" in err and "step-000000" in err
+    names = [c.name for c in resolve_model(parse_options(base + ["--checkpoints", "step-000000"]), run_dir).checkpoints]
+    assert names[0] == "step-000000" and len(names) == 2  # the named one, and the final one to compare against
+    plain = tmp_path / "plain-olmoe"
+    OlmoeForCausalLM(OlmoeConfig(vocab_size=64, hidden_size=16, intermediate_size=8, num_hidden_layers=1, num_attention_heads=2,
+                                 num_key_value_heads=2, num_experts=4, num_experts_per_tok=2)).save_pretrained(plain)
+    capsys.readouterr()  # saving printed a progress bar
+    for flag in (["--checkpoints", "nosuchrev"], ["--revision", "nosuchrev"]):
+        assert main(["--model", str(plain), "--results-dir", str(tmp_path), "--no-progress"] + flag) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "plain model directory" in err, err
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--batch-size", "0"], "batch-size must be a whole number of at least 1"),
+    (["--max-checkpoints", "-1"], "max-checkpoints"),
+    (["--max-tokens", "0"], "max-tokens"),
+    (["--dtype", "float8"], "dtype must be one of"),
+    (["--device", "gpu0"], "device must be cpu, cuda"),
+    (["--resamples", "-5"], "resamples must be 0 or more"),
+])
+def test_bad_option_values_are_one_line_errors(tmp_path, capsys, flags, says):
+    assert main(["--results-dir", str(tmp_path), "--no-progress"] + flags) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and says in err, err
+
+
+def test_missing_device_and_unwritable_folders_are_found_before_any_work(tmp_path, capsys):
+    import torch
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    assert main(["--results-dir", str(blocker / "results"), "--models-dir", str(tmp_path / "m"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cannot write to" in err and not (tmp_path / "m").exists()
+    if not torch.cuda.is_available():
+        assert main(["--device", "cuda", "--results-dir", str(tmp_path), "--models-dir", str(tmp_path / "m"), "--no-progress"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "CUDA device" in err and not (tmp_path / "m").exists()

@@ -28,6 +28,7 @@ from core.collection.cache_format import (
     CacheError,
     CacheIncompleteError,
     CacheMismatchError,
+    check_manifest_numbers,
     decode_shard,
     describe_differences,
     encode_shard,
@@ -193,6 +194,7 @@ class RoutingCache:
         manifest = read_manifest(Path(cache_dir))
         if manifest is None:
             raise CacheError(f"no routing cache at {cache_dir} (no {MANIFEST_NAME})")
+        check_manifest_numbers(manifest, Path(cache_dir))
         if expect:
             have = {k: ({kk: manifest.get(k, {}).get(kk) for kk in v} if isinstance(v, dict) else manifest.get(k))
                     for k, v in expect.items()}
@@ -274,7 +276,11 @@ class RoutingCache:
             tensors = st_load(payload)
         except Exception as e:  # a payload that passed its size check but not the parser
             raise CacheCorruptError(f"shard {self.manifest['shards'][i]['file']} of {self.dir} cannot be parsed: {e}") from e
-        return decode_shard(tensors, self.manifest, dtype)
+        rd = decode_shard(tensors, self.manifest, dtype)
+        if rd.num_tokens != int(self.manifest["shards"][i]["num_tokens"]):
+            raise CacheCorruptError(f"shard {self.manifest['shards'][i]['file']} of {self.dir} holds {rd.num_tokens} tokens, its "
+                                    f"manifest entry says {self.manifest['shards'][i]['num_tokens']}; delete the cache and collect again")
+        return rd
 
     def iter_shards(self, *, verify: bool = True, dtype: torch.dtype | None = torch.float32) -> Iterator[RoutingData]:
         """Stream the cache shard by shard: memory bounded by one shard."""

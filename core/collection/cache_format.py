@@ -85,6 +85,32 @@ def read_manifest(cache_dir: Path) -> dict | None:
     return manifest
 
 
+def check_manifest_numbers(manifest: dict, cache_dir: Path) -> None:
+    """A manifest's own totals must add up from its shard entries; an edited or damaged one is refused.
+
+    The shards are checksummed, the manifest is not: so the totals the report quotes are checked
+    against the per-shard entries here, and each entry against its shard when it is read.
+    """
+    try:
+        shards = manifest["shards"]
+        rows = sum(int(s["num_rows"]) for s in shards)
+        tokens = sum(int(s["num_tokens"]) for s in shards)
+        starts = [int(s["first_row"]) for s in shards]
+        bad = []
+        if int(manifest["total_tokens"]) != tokens:
+            bad.append(f"total_tokens {manifest['total_tokens']} but its shards hold {tokens}")
+        if int(manifest["rows_done"]) != rows:
+            bad.append(f"rows_done {manifest['rows_done']} but its shards hold {rows} rows")
+        if starts != [sum(int(x["num_rows"]) for x in shards[:i]) for i in range(len(shards))]:
+            bad.append("its shards do not follow each other row by row")
+        if manifest.get("complete") and rows != int(manifest["num_rows"]):
+            bad.append(f"marked complete with {rows} of {manifest['num_rows']} rows")
+    except (KeyError, TypeError, ValueError) as e:
+        bad = [f"a field is missing or malformed ({e})"]
+    if bad:
+        raise CacheCorruptError(f"manifest of {cache_dir} does not add up: {'; '.join(bad)}; delete the cache and collect again")
+
+
 def describe_differences(have: Any, want: Any, prefix: str) -> list[str]:
     if isinstance(have, dict) and isinstance(want, dict):
         out = []

@@ -77,17 +77,44 @@ def weights_digest(folder: str | os.PathLike, whole_file_limit: int = 256 << 20)
 
 
 # ---------------------------------------------------------------------------- router weights
+def _tensor_digest(tensors: Mapping[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key].detach().cpu().contiguous()
+        h.update(f"{key}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 def save_router_weights(path: str | os.PathLike, weights: Mapping[int, torch.Tensor]) -> None:
-    """Each MoE layer's ``[E, H]`` router matrix, atomically, keyed by model layer index."""
-    atomic_write_bytes(path, st_save({str(k): v.detach().cpu().contiguous() for k, v in weights.items()}))
+    """Each MoE layer's ``[E, H]`` router matrix, atomically, keyed by model layer index, with its SHA-256."""
+    tensors = {str(k): v.detach().cpu().contiguous() for k, v in weights.items()}
+    atomic_write_bytes(path, st_save(tensors, metadata={"sha256": _tensor_digest(tensors)}))
 
 
 def load_router_weights(path: str | os.PathLike) -> dict[int, torch.Tensor]:
+    """Router weights written by :func:`save_router_weights`; flipped or missing bytes are refused, like shards."""
+    from safetensors import safe_open
+
     try:
-        tensors = st_load(Path(path).read_bytes())
+        payload = Path(path).read_bytes()
+        tensors = st_load(payload)
+        with safe_open(str(path), framework="pt") as f:
+            stored = (f.metadata() or {}).get("sha256")
     except Exception as e:  # a truncated or foreign file
         raise CacheCorruptError(f"router weights {path} cannot be read ({e}); delete the file to collect it again") from e
+    if stored != _tensor_digest(tensors):
+        raise CacheCorruptError(f"router weights {path} fail their checksum (corrupted on disk, or written by older code); "
+                                "delete the file to collect it again")
     return {int(k): v for k, v in tensors.items()}
+
+
+def _router_weights_ok(path: Path) -> bool:
+    try:
+        load_router_weights(path)
+        return True
+    except (CacheCorruptError, FileNotFoundError):
+        return False
 
 
 # ---------------------------------------------------------------------------- the index
@@ -258,7 +285,7 @@ def sweep_checkpoints(
             else:
                 todo.append((ds_name, tokenized, cdir))
         w_path = router_weights_path(cache_root, model_name, ckpt)
-        need_weights = router_weights and (force or not w_path.exists())
+        need_weights = router_weights and (force or not _router_weights_ok(w_path))  # a damaged file is collected again
         routers = None
         if todo or need_weights:
             wrapper = make_wrapper(ckpt)
