@@ -47,7 +47,7 @@ _EXPORTS: dict[str, str] = {
     "sweep_checkpoints": "core.collection.sweep",
     "load_sweep_index": "core.collection.sweep",
     "open_sweep": "core.collection.sweep",
-    "weights_digest": "core.collection.sweep",
+    "weights_digest": "core.collection.identity",
     # analyses (core.analysis)
     "Accumulator": "core.analysis.streaming",
     "RoutingAccumulator": "core.analysis.streaming",

@@ -165,4 +165,5 @@ def collect_all(opts: RunOptions, target: ModelTarget, tokenized: dict[str, Toke
     return sweep_checkpoints(
         target.checkpoints, tokenized, make_wrapper, cache_root, model_name=target.cache_key, batch_size=opts.batch_size,
         storage=opts.storage, shard_tokens=opts.shard_tokens, router_weights=True, progress=opts.progress,
+        model_source=target.source, model_dtype=opts.dtype, device=opts.device, force=opts.recollect,
     )

@@ -34,6 +34,7 @@ class RunOptions:
     batch_size: int = 16
     storage: str = "full"  # "full" (logits fp16) or "compact" (indices and weights only)
     shard_tokens: int = 65_536  # tokens per cache shard: what the analyses hold in memory per checkpoint
+    recollect: bool = False  # collect again even where a cache of the same identity is complete
     device: str = "cpu"
     dtype: str | None = None
     trust_remote_code: bool = False
@@ -107,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--batch-size", type=int)
     ap.add_argument("--storage", choices=["full", "compact"], help="cache router logits (full) or only selections (compact)")
     ap.add_argument("--shard-tokens", type=int, help="tokens per cache shard (memory per checkpoint during analysis)")
+    ap.add_argument("--recollect", action="store_true", default=None,
+                    help="collect routing again even where a cache of the same model, data and settings exists")
     ap.add_argument("--device", help="cpu, cuda, cuda:1, ...")
     ap.add_argument("--dtype", help="float32, bfloat16, float16 or auto")
     ap.add_argument("--trust-remote-code", action="store_true", default=None)

@@ -67,12 +67,12 @@ class FakeWrapper:
         )
 
 
-def make_rows(num_rows: int = 13, width: int = 9, seed: int = 0):
-    """Right-padded rows of varying length (some fully padded), with doc/domain/dataset labels."""
+def make_rows(num_rows: int = 13, width: int = 9, seed: int = 0, vocab: int = 100):
+    """Right-padded rows of varying length (some fully padded), with doc/domain/dataset labels; ids in [1, vocab)."""
     from core.collection.collector import TokenRows
 
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, 100, (num_rows, width), generator=g)
+    ids = torch.randint(1, vocab, (num_rows, width), generator=g)
     lengths = torch.randint(0, width + 1, (num_rows,), generator=g)
     lengths[0] = width
     mask = (torch.arange(width).unsqueeze(0) < lengths.unsqueeze(1)).long()

@@ -22,6 +22,7 @@ def header(**over):
     h = {
         "model_name": "fake/moe",
         "revision": "r1",
+        "model_identity": {"kind": "named", "name": "fake/moe", "revision": "r1"},
         "dataset": "toy",
         "settings": {"storage": "full", "dtype": "float32", "batch_size": 4, "hidden_layers": [2]},
         "moe_layers": [0, 2],

@@ -122,8 +122,8 @@ def test_sweep_writes_one_cache_per_checkpoint_and_dataset_and_an_index(tmp_path
     sweep = sweep_checkpoints(ckpts, datasets, make_wrapper, tmp_path, model_name="allenai/OLMoE-1B-7B-0924",
                               batch_size=2, shard_tokens=8, progress=False)
     idx = sweep.index_path
-    assert [c.dir for c in sweep.caches["toy"]] == [
-        tmp_path / "allenai__OLMoE-1B-7B-0924" / c.name / "toy" for c in ckpts]
+    assert [c.dir.parent for c in sweep.caches["toy"]] == [tmp_path / "allenai__OLMoE-1B-7B-0924" / c.name for c in ckpts]
+    assert all(c.dir.name.startswith("toy__") and len(c.dir.name) == len("toy__") + 12 for c in sweep.caches["toy"])
     assert sweep.final("toy").dir == sweep.caches["toy"][-1].dir
     assert sweep.datasets == ["toy", "other"]
     assert idx == tmp_path / "allenai__OLMoE-1B-7B-0924" / "index.json"
@@ -133,7 +133,7 @@ def test_sweep_writes_one_cache_per_checkpoint_and_dataset_and_an_index(tmp_path
         ("step10000-tokens41B", "other"), ("step10000-tokens41B", "toy"),
     ]
     assert all(e["complete"] and e["num_tokens"] == int(datasets[e["dataset"]].attention_mask.sum()) for e in entries)
-    assert (tmp_path / "allenai__OLMoE-1B-7B-0924" / "step5000-tokens20B" / "toy" / "manifest.json").exists()
+    assert (sweep.caches["toy"][0].dir / "manifest.json").exists()
     series = open_sweep(idx, "toy")
     assert [(n, s) for n, s, _ in series] == [("step5000-tokens20B", 5000), ("step10000-tokens41B", 10000)]
     assert series[0][2].manifest["revision"] == "step5000-tokens20B"

@@ -145,7 +145,7 @@ def test_bad_inputs_get_one_line_errors(tmp_path, capsys):
     assert "nosuchdata" in err and "wikitext2" in err
 
 
-@pytest.mark.parametrize("script", ["basic_routing_analysis.py", "train_moe.py", "benchmark_moe.py", "benchmark_collection.py",
+@pytest.mark.parametrize("script", ["basic_routing_analysis.py", "train_moe.py", "benchmark_moe.py", "benchmark_collection.py", "caches.py",
                                     "visualize_training_log.py"])
 def test_every_script_has_help(script):
     out = subprocess.run([sys.executable, str(REPO / "exp" / script), "--help"], capture_output=True, text=True, timeout=120)

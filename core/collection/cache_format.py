@@ -36,6 +36,7 @@ IDENTITY_KEYS = (
     "format_version",
     "model_name",
     "revision",
+    "model_identity",
     "dataset",
     "settings",
     "moe_layers",

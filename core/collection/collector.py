@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from core.collection.cache import RoutingCache, RoutingCacheWriter
 from core.collection.cache_format import FLOAT_DTYPES, check_storage
+from core.collection.identity import wrapper_identity
 from core.routing_data import RoutingData
 
 _LABEL_FIELDS = ("doc_ids", "positions", "domain_ids", "dataset_ids")
@@ -227,6 +228,7 @@ class ActivationCollector:
         return {
             "model_name": str(getattr(w, "model_name", type(w).__name__)),
             "revision": getattr(w, "revision", None),
+            "model_identity": wrapper_identity(w),  # weights and config digests, dtype, device type
             "dataset": dataset_name or getattr(tokenized, "name", None) or ("+".join(dataset_names) or "unnamed"),
             "settings": {
                 "storage": storage,

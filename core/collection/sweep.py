@@ -1,7 +1,7 @@
 """One routing cache per (checkpoint, dataset), plus each checkpoint's router weights.
 
 How routing evolves over training is studied by collecting the same data at many checkpoints.
-``sweep_checkpoints`` writes ``<cache_root>/<model>/<checkpoint>/<dataset>/`` for every pair,
+``sweep_checkpoints`` writes ``<cache_root>/<model>/<checkpoint>/<dataset>__<identity>/`` for every pair,
 ``<cache_root>/<model>/<checkpoint>/router_weights.safetensors`` beside them, and keeps
 ``<cache_root>/<model>/index.json`` up to date after every cache, so a stopped sweep keeps what
 it did. It returns a :class:`Sweep` holding the open caches and the router weights, so the
@@ -26,6 +26,7 @@ from safetensors.torch import save as st_save
 from core.collection.cache import RoutingCache
 from core.collection.cache_format import FORMAT_VERSION, CacheCorruptError, check_storage, read_manifest
 from core.collection.checkpoints import Checkpoint, CheckpointError, order_key
+from core.collection.identity import checkpoint_identity, identity_key, weights_digest  # noqa: F401  (weights_digest: public here too)
 from core.safe_io import atomic_write_bytes, atomic_write_json
 
 ROUTER_WEIGHTS_FILE = "router_weights.safetensors"
@@ -38,8 +39,11 @@ def model_slug(model_name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", model_name.replace("/", "__")).strip("_") or "model"
 
 
-def sweep_cache_dir(cache_root: str | os.PathLike, model_name: str, checkpoint: Checkpoint, dataset: str) -> Path:
-    return Path(cache_root) / model_slug(model_name) / model_slug(checkpoint.name) / model_slug(dataset)
+def sweep_cache_dir(cache_root: str | os.PathLike, model_name: str, checkpoint: Checkpoint, dataset: str,
+                    key: str | None = None) -> Path:
+    """``<root>/<model>/<checkpoint>/<dataset>[__<identity key>]``: one folder per cache identity."""
+    leaf = model_slug(dataset) + (f"__{key}" if key else "")
+    return Path(cache_root) / model_slug(model_name) / model_slug(checkpoint.name) / leaf
 
 
 def router_weights_path(cache_root: str | os.PathLike, model_name: str, checkpoint: Checkpoint) -> Path:
@@ -48,32 +52,6 @@ def router_weights_path(cache_root: str | os.PathLike, model_name: str, checkpoi
 
 def index_path(cache_root: str | os.PathLike, model_name: str) -> Path:
     return Path(cache_root) / model_slug(model_name) / INDEX_FILE
-
-
-def weights_digest(folder: str | os.PathLike, whole_file_limit: int = 256 << 20) -> str:
-    """A short digest of a local model's weight files (whole files up to 256 MB, else their size, head and tail).
-
-    Caches are keyed by model name and checkpoint; for a local folder the name says nothing
-    about the weights, so a retrained model would otherwise be analysed with stale routing.
-    """
-    folder = Path(folder)
-    h = hashlib.sha256()
-    files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin"))
-    if not files:
-        raise FileNotFoundError(f"no weight files (*.safetensors, *.bin) in {folder}")
-    for f in files:
-        size = f.stat().st_size
-        h.update(f"{f.name}:{size}".encode())
-        with open(f, "rb") as fh:
-            if size <= whole_file_limit:
-                for block in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(block)
-            else:
-                part = min(16 << 20, whole_file_limit)
-                h.update(fh.read(part))
-                fh.seek(max(size - part, part))
-                h.update(fh.read())
-    return h.hexdigest()[:12]
 
 
 # ---------------------------------------------------------------------------- router weights
@@ -143,7 +121,12 @@ def open_sweep(
         names = [c.name if isinstance(c, Checkpoint) else str(c) for c in checkpoints]
     else:
         names = index.get("last_sweep")
-    by_name = {e["checkpoint"]: e for e in index["entries"] if e["dataset"] == dataset and e["complete"]}
+    last = index.get("last_paths", {})
+    by_name: dict[str, dict] = {}
+    for e in sorted(index["entries"], key=lambda e: str(e.get("written_at") or "")):  # the newest of several identities wins
+        if e["dataset"] == dataset and e["complete"]:
+            if f"{e['checkpoint']}/{dataset}" not in last or last[f"{e['checkpoint']}/{dataset}"] == e["path"]:
+                by_name[e["checkpoint"]] = e
     if names is None:
         names = list(by_name)
     missing = [n for n in names if n not in by_name]
@@ -154,25 +137,28 @@ def open_sweep(
     return [(n, by_name[n]["step"], RoutingCache.open(root / by_name[n]["path"])) for n in names]
 
 
-def _entry(ckpt: Checkpoint, dataset: str, cache: RoutingCache, root: Path) -> dict:
+def _entry(ckpt: Checkpoint, dataset: str, cache: RoutingCache, root: Path, key: str) -> dict:
     return {
         "checkpoint": ckpt.name,
         "step": ckpt.step,
         "tokens": ckpt.tokens,
         "stage": ckpt.stage,
         "dataset": dataset,
+        "identity": key,
         "path": os.path.relpath(cache.dir, root),
         "num_tokens": cache.num_tokens,
         "storage": cache.storage,
         "revision": cache.manifest.get("revision"),
         "complete": cache.complete,
+        "written_at": cache.manifest.get("updated_at"),
     }
 
 
-def _write_index(path: Path, model_name: str, entries: dict[tuple[str, str], dict], order: dict[str, tuple]) -> None:
-    rows = sorted(entries.values(), key=lambda e: (order.get(e["checkpoint"], (9,)), e["dataset"]))
+def _write_index(path: Path, model_name: str, entries: dict[str, dict], order: dict[str, tuple],
+                 last_paths: dict[str, str]) -> None:
+    rows = sorted(entries.values(), key=lambda e: (order.get(e["checkpoint"], (9,)), e["dataset"], e["path"]))
     atomic_write_json(path, {"format_version": FORMAT_VERSION, "model": model_name, "last_sweep": list(order),
-                             "entries": rows})
+                             "last_paths": last_paths, "entries": rows})
 
 
 # ---------------------------------------------------------------------------- the sweep
@@ -216,12 +202,13 @@ def checkpoint_loader(model_name: str, **wrapper_kwargs: Any) -> Callable[[Check
 
 
 def _already_done(cache_dir: Path, want: dict) -> bool:
-    """True when a complete cache with the same data and settings is there (checked without loading a model)."""
+    """True when a complete cache of exactly this identity is there (checked without loading a model)."""
     try:
         m = read_manifest(cache_dir)
+        if not m or not m.get("complete"):
+            return False
+        RoutingCache.open(cache_dir)  # its numbers add up
     except Exception:
-        return False
-    if not m or not m.get("complete"):
         return False
     return all(m.get(k) == v for k, v in want.items() if k != "settings") and all(
         m["settings"].get(k) == v for k, v in want["settings"].items()
@@ -243,6 +230,9 @@ def sweep_checkpoints(
     router_weights: bool = False,
     force: bool = False,
     progress: bool = True,
+    model_source: str | None = None,
+    model_dtype: Any = None,
+    device: str = "cpu",
 ) -> Sweep:
     """Collect every dataset at every checkpoint; returns the :class:`Sweep` (its index is on disk too).
 
@@ -252,6 +242,11 @@ def sweep_checkpoints(
     Finished caches are skipped without loading the model; interrupted ones resume.
     ``router_weights``: also keep each checkpoint's router matrices beside its caches (read from
     the model while it is loaded for collection; loaded only for them if they are missing).
+    Each cache lives in a folder named by its identity (``core.collection.identity``): the model
+    at that checkpoint (``model_source``: its Hub name or folder, default ``model_name``; a local
+    checkpoint's config and weight digests), ``model_dtype`` and the ``device`` type, the data and
+    the settings. A changed setting gets its own cache and leaves the others usable; ``force``
+    collects again into the same identity.
     """
     from core.collection.collector import DEFAULT_SHARD_TOKENS, ActivationCollector, data_fingerprint
 
@@ -265,23 +260,28 @@ def sweep_checkpoints(
     idx_path = index_path(cache_root, model_name)
     idx_path.parent.mkdir(parents=True, exist_ok=True)
     entries: dict[tuple[str, str], dict] = {}
-    if idx_path.exists() and not force:
-        entries = {(e["checkpoint"], e["dataset"]): e for e in load_sweep_index(idx_path).get("entries", [])}
+    if idx_path.exists():
+        entries = {e["path"]: e for e in load_sweep_index(idx_path).get("entries", [])
+                   if (idx_path.parent / e["path"] / "manifest.json").exists()}
     order = {c.name: order_key(c) for c in checkpoints}
     fingerprints = {name: data_fingerprint(t) for name, t in datasets.items()}
     settings = {"storage": storage, "dtype": dtype, "batch_size": batch_size, "shard_tokens": shard_tokens,
                 "hidden_layers": [int(x) for x in hidden_layers]}
     caches: dict[str, list[RoutingCache]] = {name: [] for name in datasets}
     weights: list[dict[int, torch.Tensor]] = []
+    last_paths: dict[str, str] = {}
     for ckpt in checkpoints:
         done: dict[str, RoutingCache] = {}
-        todo = []
+        todo, keys = [], {}
+        model_id = checkpoint_identity(model_source or model_name, ckpt, model_dtype, device)
         for ds_name, tokenized in datasets.items():
-            cdir = sweep_cache_dir(cache_root, model_name, ckpt, ds_name)
+            keys[ds_name] = identity_key(model_id, fingerprints[ds_name], settings, ds_name)
+            cdir = sweep_cache_dir(cache_root, model_name, ckpt, ds_name, keys[ds_name])
             want = {"dataset": ds_name, "data_fingerprint": fingerprints[ds_name], "settings": settings}
+            last_paths[f"{ckpt.name}/{ds_name}"] = os.path.relpath(cdir, idx_path.parent)
             if not force and _already_done(cdir, want):
                 done[ds_name] = RoutingCache.open(cdir)
-                entries[(ckpt.name, ds_name)] = _entry(ckpt, ds_name, done[ds_name], idx_path.parent)
+                entries[last_paths[f"{ckpt.name}/{ds_name}"]] = _entry(ckpt, ds_name, done[ds_name], idx_path.parent, keys[ds_name])
             else:
                 todo.append((ds_name, tokenized, cdir))
         w_path = router_weights_path(cache_root, model_name, ckpt)
@@ -298,13 +298,14 @@ def sweep_checkpoints(
                     tokenized, cdir, batch_size=batch_size, storage=storage, dtype=dtype, hidden_layers=hidden_layers,
                     shard_tokens=shard_tokens, dataset_name=ds_name, force=force,
                 )
-                entries[(ckpt.name, ds_name)] = _entry(ckpt, ds_name, done[ds_name], idx_path.parent)
-                _write_index(idx_path, model_name, entries, order)
+                entries[last_paths[f"{ckpt.name}/{ds_name}"]] = _entry(ckpt, ds_name, done[ds_name], idx_path.parent,
+                                                                       keys[ds_name])
+                _write_index(idx_path, model_name, entries, order, last_paths)
             del collector, wrapper
             gc.collect()
         if router_weights:
             weights.append(routers if routers is not None else load_router_weights(w_path))
         for ds_name in datasets:
             caches[ds_name].append(done[ds_name])
-    _write_index(idx_path, model_name, entries, order)
+    _write_index(idx_path, model_name, entries, order, last_paths)
     return Sweep(idx_path, list(checkpoints), caches, weights)

@@ -49,6 +49,9 @@ class MoEModelWrapper:
         self.revision = revision
         self.device = str(device)
         self.remote = remote
+        # where the weights come from and the dtype asked for: what a routing cache's identity is made of
+        self.source: Any = None if remote else model
+        self.dtype_option = dtype
         dtype = resolve_dtype(dtype)
         if isinstance(moe_spec, Mapping):
             moe_spec = MoESpec.from_dict(dict(moe_spec))

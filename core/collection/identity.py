@@ -1,0 +1,116 @@
+"""What makes two routing caches the same routing: one identity, computed in one place.
+
+A cache is reused only when everything that changes what it holds is the same: the model (its
+name and revision, and for weights on this machine a digest of the config and the weight files;
+for an in-memory model a digest of its state dict), the dtype it runs in and the device type
+(bf16 on a GPU does not route like fp32 on a CPU), the data and the collection settings. The
+sweep computes a checkpoint's identity before loading it (to skip finished caches) and the
+collector from the loaded wrapper (to refuse a resume into another model's cache): both go
+through :func:`model_identity`, so the two agree.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+VOLATILE_CONFIG_KEYS = ("transformers_version",)  # and every key starting with "_" (paths, commit hashes)
+
+
+def _sha(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _config_digest(config: dict) -> str:
+    """A config's digest without the keys that change with where or by which version it was saved."""
+    kept = {k: v for k, v in config.items() if not k.startswith("_") and k not in VOLATILE_CONFIG_KEYS}
+    return _sha(kept)[:16]
+
+
+def weights_digest(folder: str | os.PathLike, whole_file_limit: int = 256 << 20) -> str:
+    """A short digest of a local model's weight files (whole files up to 256 MB, else their size, head and tail)."""
+    folder = Path(folder)
+    h = hashlib.sha256()
+    files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin"))
+    if not files:
+        raise FileNotFoundError(f"no weight files (*.safetensors, *.bin) in {folder}")
+    for f in files:
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}".encode())
+        with open(f, "rb") as fh:
+            if size <= whole_file_limit:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+            else:
+                part = min(16 << 20, whole_file_limit)
+                h.update(fh.read(part))
+                fh.seek(max(size - part, part))
+                h.update(fh.read())
+    return h.hexdigest()[:12]
+
+
+def state_dict_digest(module: nn.Module, per_tensor_limit: int = 64 << 20) -> str:
+    """A digest of an in-memory model's parameters and buffers (each tensor's bytes; head and tail past 64 MB)."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        raw = t.view(torch.uint8).reshape(-1) if t.numel() else torch.zeros(0, dtype=torch.uint8)
+        if raw.numel() > per_tensor_limit:
+            raw = torch.cat([raw[: per_tensor_limit // 2], raw[-per_tensor_limit // 2 :]])
+        h.update(raw.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _dtype_name(dtype: Any) -> str:
+    if dtype in (None, "auto"):
+        return "as saved"
+    name = str(dtype).replace("torch.", "")
+    return {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}.get(name, name)
+
+
+def model_identity(source: str | os.PathLike | nn.Module, revision: str | None = None, dtype: Any = None,
+                   device: str = "cpu") -> dict[str, Any]:
+    """The identity of a model as it will run: where its weights come from, and the dtype and device type."""
+    out: dict[str, Any] = {"dtype": _dtype_name(dtype), "device_type": torch.device(str(device)).type}
+    if isinstance(source, nn.Module):
+        cfg = getattr(source, "config", None)
+        out.update(kind="in-memory", model_class=type(source).__name__, weights=state_dict_digest(source),
+                   config=_config_digest(cfg.to_dict()) if hasattr(cfg, "to_dict") else None)
+        return out
+    folder = Path(str(source)).expanduser()
+    if folder.is_dir():
+        config_file = folder / "config.json"
+        config = _config_digest(json.loads(config_file.read_text())) if config_file.is_file() else None
+        out.update(kind="local", weights=weights_digest(folder), config=config)
+        return out
+    out.update(kind="hub", name=str(source), revision=revision or "main")
+    return out
+
+
+def wrapper_identity(wrapper: Any) -> dict[str, Any]:
+    """The identity of a loaded wrapper's model (a wrapper that does not say where it came from: its name)."""
+    source = getattr(wrapper, "source", None)
+    if source is None:
+        return {"kind": "named", "name": str(getattr(wrapper, "model_name", type(wrapper).__name__)),
+                "revision": getattr(wrapper, "revision", None)}
+    return model_identity(source, getattr(wrapper, "revision", None), getattr(wrapper, "dtype_option", None),
+                          getattr(wrapper, "device", "cpu"))
+
+
+def checkpoint_identity(model_source: str, checkpoint: Any, dtype: Any = None, device: str = "cpu") -> dict[str, Any]:
+    """The identity of a model at one checkpoint, before loading it: its folder, or its Hub name and revision."""
+    if getattr(checkpoint, "path", None):
+        return model_identity(checkpoint.path, None, dtype, device)
+    return model_identity(model_source, getattr(checkpoint, "revision", None), dtype, device)
+
+
+def identity_key(model: dict[str, Any], data_fingerprint: str, settings: dict[str, Any], dataset: str) -> str:
+    """A short name for one cache's full identity: the folder it lives in."""
+    return _sha({"model": model, "data": data_fingerprint, "settings": settings, "dataset": dataset})[:12]
