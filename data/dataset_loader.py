@@ -1,8 +1,9 @@
 """One way to get labelled text: named datasets from the Hub when online, bundled copies offline.
 
-Online (``offline=False``, or unset with ``HF_HUB_OFFLINE`` off) a name is loaded from its real
-source with ``datasets.load_dataset``. Offline it is read from the copy shipped in
-``data/corpora``; a Hub-only name (``fineweb``, ``tinystories``, MMLU-Pro) is then an error that
+A name with a copy shipped in ``data/corpora`` (WikiText-2, GSM8K, HumanEval: the real data) is
+read from it first, online or not, with no Hub round trip; ``prefer_hub=True`` loads such names
+from their real source with ``datasets.load_dataset`` when online. Hub-only names are loaded from
+the Hub online; offline a Hub-only name (``fineweb``, ``tinystories``, MMLU-Pro) is then an error that
 names the bundled corpus to use instead, never a silent swap. Names that exist only bundled
 (``python_source``, ``alice``, ``shakespeare``) are read from the bundle either way.
 """
@@ -63,6 +64,9 @@ class DatasetLoader:
 
     ``offline=None`` follows ``HF_HUB_OFFLINE``; ``registry`` replaces the named datasets
     (used to point a name at a local file); ``cache_dir`` is passed to ``datasets``.
+    A name with a bundled copy (WikiText-2, GSM8K, HumanEval: the real datasets, every split the
+    toolkit offers) is read from the bundle first, with no Hub round trip, online or not;
+    ``prefer_hub=True`` reads such names from the Hub when online.
     """
 
     def __init__(
@@ -70,8 +74,10 @@ class DatasetLoader:
         offline: bool | None = None,
         registry: Mapping[str, DatasetSpec] | None = None,
         cache_dir: str | None = None,
+        prefer_hub: bool = False,
     ) -> None:
         self._offline = offline
+        self.prefer_hub = prefer_hub
         self.registry: dict[str, DatasetSpec] = dict(registry) if registry is not None else default_registry()
         self.cache_dir = cache_dir
         self.last_report: LoadReport | None = None
@@ -130,7 +136,7 @@ class DatasetLoader:
         ):
             raise DataError(f"num_samples must be a non-negative int or None, got {num_samples!r}")
 
-        use_hub = spec.hub is not None and (not self.offline or spec.bundled is None)
+        use_hub = spec.hub is not None and (spec.bundled is None or (self.prefer_hub and not self.offline))
         if use_hub and self.offline:
             alt = f"; use the bundled {spec.offline_alternative!r} instead" if spec.offline_alternative else ""
             raise OfflineUnavailableError(

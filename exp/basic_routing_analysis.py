@@ -173,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     except (OptionsError, ModelLoadError, NoRoutersError, CacheError, CheckpointError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)  # what is wrong, in one line, not a stack trace
         return 2
+    except KeyboardInterrupt:  # every write is atomic: finished shards stay, the next run resumes from them
+        print("\ninterrupted: finished cache shards are kept; run the same command again to resume", file=sys.stderr)
+        return 130
     print()
     print(f"Done in {summary.seconds:.1f} s.")
     for f in summary.findings:

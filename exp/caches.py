@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-CACHE_FILES = ("manifest.json",)
+CACHE_FILES = ("manifest.json", ".lock")
 
 
 def _indexes(root: Path) -> list[Path]:
@@ -54,7 +54,7 @@ def remove_cache(folder: Path) -> list[Path]:
 
 def prune(root: Path, dry_run: bool = False) -> list[dict]:
     """Remove the caches their model's latest sweep did not use, and drop them from the index."""
-    from core.collection.sweep import load_sweep_index
+    from core.collection.sweep import _index_digest, load_sweep_index
     from core.safe_io import atomic_write_json
 
     stale = [r for r in cache_rows(root) if not r["in_latest_run"]]
@@ -66,7 +66,7 @@ def prune(root: Path, dry_run: bool = False) -> list[dict]:
         index = load_sweep_index(idx)
         gone = {str(r["path"].relative_to(idx.parent)) for r in stale if r["index"] == idx}
         index["entries"] = [e for e in index["entries"] if e["path"] not in gone]
-        atomic_write_json(idx, index)
+        atomic_write_json(idx, {**index, "sha256": _index_digest(index)})
     return stale
 
 

@@ -88,10 +88,23 @@ def resolve_model(opts: RunOptions, embedded_run: Path | None = None) -> ModelTa
         ckpts = select_checkpoints(list_hub_checkpoints(opts.model), n=opts.max_checkpoints, spacing="log")
     else:
         ckpts = [parse_checkpoint_name(c) for c in opts.checkpoints]
+        _check_hub_names(opts.model, [c.name for c in ckpts] + ([opts.revision] if opts.revision else []))
         if final.name not in {c.name for c in ckpts}:
             ckpts.append(final)  # saturation is measured against the model itself
     return ModelTarget(name=opts.model, source=str(opts.model), revision=opts.revision, checkpoints=ckpts, embedded=False,
                        weights_digest=weights_digest(local) if local.is_dir() else None)
+
+
+def _check_hub_names(model: str, names: list[str]) -> None:
+    """Named revisions must be branches of the Hub repository (checked where the Hub answers; else loading says so)."""
+    try:
+        branches = {c.name for c in list_hub_checkpoints(model, include_other=True)} | {"main"}
+    except CheckpointError:
+        return
+    unknown = [n for n in names if n not in branches]
+    if unknown:
+        sample = ", ".join(sorted(branches)[:8]) + (" ..." if len(branches) > 8 else "")
+        raise CheckpointError(f"{model} has no revision {', '.join(unknown)}; it has {len(branches)}: {sample}")
 
 
 def _named_or_selected(available: list[Checkpoint], opts: RunOptions, where: str) -> list[Checkpoint]:

@@ -111,3 +111,47 @@ def test_list_and_prune_old_caches(tmp_path, capsys):
     assert (new / "manifest.json").exists()
     assert main(["list", "--cache-dir", str(tmp_path)]) == 0
     assert "1 cache(s)" in capsys.readouterr().out
+
+
+def _collect_into(cache_dir: str, delay: float) -> None:
+    """One process's collection (for the concurrency test): a slow fake model, small shards."""
+    import time
+
+    class Slow(FakeWrapper):
+        def trace_routing(self, *a, **k):
+            time.sleep(delay)
+            return super().trace_routing(*a, **k)
+
+    ActivationCollector(Slow(), progress=False).collect(make_rows(24, 9), cache_dir, batch_size=2, shard_tokens=10)
+
+
+def test_two_processes_writing_one_cache_neither_crash_nor_corrupt_it(tmp_path):
+    import multiprocessing
+
+    from core.collection.cache import RoutingCache
+
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_collect_into, args=(str(tmp_path / "shared"), 0.02)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    _collect_into(str(tmp_path / "alone"), 0.0)
+    shared, alone = RoutingCache.open(tmp_path / "shared"), RoutingCache.open(tmp_path / "alone")
+    shared.verify()
+    assert [s["sha256"] for s in shared.manifest["shards"]] == [s["sha256"] for s in alone.manifest["shards"]]
+
+
+def test_resume_deletes_only_files_the_cache_wrote(tmp_path):
+    from tests.fakes import Killed
+
+    with pytest.raises(Killed):
+        ActivationCollector(FakeWrapper(fail_on_call=4), progress=False).collect(make_rows(12, 9), tmp_path, batch_size=2,
+                                                                                 shard_tokens=10)
+    mine = [tmp_path / "shard-notes.txt", tmp_path / "results.tmp", tmp_path / ".shard-backup.tmp", tmp_path / "README"]
+    for f in mine:
+        f.write_text("the user's")
+    (tmp_path / "shard-00099.safetensors").write_bytes(b"left by a crash")  # a shard name the writer uses, never committed
+    ActivationCollector(FakeWrapper(), progress=False).collect(make_rows(12, 9), tmp_path, batch_size=2, shard_tokens=10)
+    assert all(f.exists() for f in mine) and not (tmp_path / "shard-00099.safetensors").exists()

@@ -199,3 +199,30 @@ def test_router_weights_beside_the_caches_are_checksummed_and_collected_again_wh
     again = sweep_checkpoints([ckpt], {"toy": make_rows(3, 6)}, lambda c: WithRouters(), tmp_path / "c", **kw)
     assert len(loads) == 2 and torch.equal(again.router_weights[0][0], routers[0])  # read from the model again
     assert torch.equal(load_router_weights(w_path)[2], routers[2])
+
+
+def test_the_sweep_index_is_checksummed_and_a_damaged_one_is_rebuilt(tmp_path):
+    ckpt = parse_checkpoint_name("step5-tokens1B")
+    kw = dict(model_name="m", batch_size=2, shard_tokens=8, progress=False)
+    idx = sweep_checkpoints([ckpt], {"toy": make_rows(3, 6)}, lambda c: FakeWrapper(), tmp_path, **kw).index_path
+    index = json.loads(idx.read_text())
+    index["entries"][0]["num_tokens"] += 100
+    idx.write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="fails its checksum"):
+        load_sweep_index(idx)
+    loads = []
+    again = sweep_checkpoints([ckpt], {"toy": make_rows(3, 6)}, lambda c: loads.append(1) or FakeWrapper(), tmp_path, **kw)
+    assert not loads and load_sweep_index(again.index_path)["entries"][0]["num_tokens"] == again.final("toy").num_tokens
+
+
+def test_hub_revisions_that_do_not_exist_are_named_with_what_exists(monkeypatch):
+    from exp.collection import resolve_model
+    from exp.run_options import parse_options
+
+    names = ["main", "step5000-tokens20B", "step10000-tokens41B"]
+    monkeypatch.setattr(huggingface_hub, "list_repo_refs", lambda repo_id: fake_refs(names))
+    opts = parse_options(["--model", "allenai/OLMoE-1B-7B-0924", "--checkpoints", "step5000-tokens20B,step7-tokens1B"])
+    with pytest.raises(CheckpointError, match="has no revision step7-tokens1B; it has 3: main, step10000"):
+        resolve_model(opts)
+    ok = parse_options(["--model", "allenai/OLMoE-1B-7B-0924", "--checkpoints", "step5000-tokens20B"])
+    assert [c.name for c in resolve_model(ok).checkpoints] == ["step5000-tokens20B", "main"]

@@ -26,7 +26,7 @@ def local_loader(tmp_path, name, data_files, **hub_changes):
     registry[name] = replace(
         spec, hub=replace(spec.hub, path="json", config=None, data_files=data_files, **hub_changes)
     )
-    return DatasetLoader(offline=False, registry=registry, cache_dir=str(tmp_path / "cache"))
+    return DatasetLoader(offline=False, registry=registry, cache_dir=str(tmp_path / "cache"), prefer_hub=True)
 
 
 def test_gsm8k_online_matches_bundled(tmp_path):
@@ -102,3 +102,20 @@ def test_bundled_only_names_load_online():
     assert len(loader.load("alice", num_samples=3)) == 3
     assert loader.last_report.source == "bundled"
     assert "fineweb" in loader.available_names()
+
+
+def test_bundled_gsm8k_and_humaneval_are_read_first_without_a_hub_round_trip(monkeypatch):
+    """Reproduction: with the Hub unreachable and HF_HUB_OFFLINE unset, load_math_qa_data waited ~30 s, then failed."""
+    import datasets
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+
+    def no_hub(*a, **k):
+        raise AssertionError("the Hub was asked for a dataset that is bundled")
+
+    monkeypatch.setattr(datasets, "load_dataset", no_hub)
+    loader = DatasetLoader()
+    texts, meta = loader.load_math_qa_data(num_samples=5)
+    assert len(texts) == 5 and loader.last_report.source == "bundled" and meta[0]["domain"] == "math"
+    code, _ = loader.load_code_data(num_samples=3)
+    assert len(code) == 3 and loader.last_report.source == "bundled"

@@ -196,3 +196,20 @@ def test_unreachable_hub_name_is_one_clear_error():
     msg = str(err.value)
     assert "allenai/OLMoE-1B-7B-0924" in msg and "could not fetch" in msg and "\n" not in msg
     assert err.value.__cause__ is None or err.value.__suppress_context__
+
+
+def test_bad_token_input_is_one_clear_line():
+    from tests.tiny_models import VOCAB, build
+
+    w = MoEModelWrapper(build("olmoe", seed=0))
+    for bad, says in ((torch.zeros((0, 5), dtype=torch.long), "nothing to trace"),
+                      (torch.tensor([[3, VOCAB + 7, 4]]), f"token ids must lie in \\[0, {VOCAB}\\)"),
+                      (torch.tensor([[-2, 3]]), "token ids must lie"),
+                      (torch.tensor([[0.5, 1.0]]), "integer token ids")):
+        with pytest.raises(ValueError, match=says):
+            w.trace_routing(bad)
+    with pytest.raises(ValueError, match="nothing to trace"):
+        w.trace_routing(torch.tensor([[3, 4]]), torch.zeros((1, 2), dtype=torch.long))
+    with pytest.raises(ValueError, match="token ids must lie"):  # padding is embedded too
+        w.trace_routing(torch.tensor([[3, 4, 999]]), torch.tensor([[1, 1, 0]]))
+    assert w.trace_routing(torch.tensor([[3, 4, 0]]), torch.tensor([[1, 1, 0]])).num_tokens == 2

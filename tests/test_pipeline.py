@@ -244,3 +244,29 @@ def test_missing_device_and_unwritable_folders_are_found_before_any_work(tmp_pat
         assert main(["--device", "cuda", "--results-dir", str(tmp_path), "--models-dir", str(tmp_path / "m"), "--no-progress"]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "CUDA device" in err and not (tmp_path / "m").exists()
+
+
+def test_ctrl_c_exits_130_and_the_rerun_resumes(micro_run, tmp_path, monkeypatch, capsys):
+    from core.collection.cache import RoutingCache, RoutingCacheWriter
+
+    root, _, _, _, _ = micro_run
+    args = ["--micro", "--models-dir", str(root / "models"), "--results-dir", str(tmp_path), "--no-progress",
+            "--no-ablation", "--no-collaboration", "--static", "none", "--max-checkpoints", "2"]
+    real = RoutingCacheWriter.write_shard
+    shards = []
+
+    def interrupted(self, *a, **k):
+        if len(shards) == 3:
+            raise KeyboardInterrupt
+        shards.append(1)
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(RoutingCacheWriter, "write_shard", interrupted)
+    assert main(args) == 130
+    assert "interrupted" in capsys.readouterr().err
+    manifests = list((tmp_path / "cache").rglob("manifest.json"))
+    assert manifests
+    for m in manifests:  # every cache on disk is valid: complete, or incomplete and resumable
+        RoutingCache.open(m.parent, allow_incomplete=True)
+    monkeypatch.setattr(RoutingCacheWriter, "write_shard", real)
+    assert main(args) == 0

@@ -75,6 +75,8 @@ BAD_LOGS = [
     ([record(1, util=[])], r":1: utilization must be a non-empty list"),
     ([record(1, routing_acc=1.5)], r":1: routing_acc 1.5 is outside \[0, 1\]"),
     ([record(1, metrics={"loss": "low"})], r":1: metrics.loss must be a number"),
+    ([record(1, metrics={"loss": float("nan")})], r":1: metrics.loss is nan \(write null"),
+    ([record(1, entropy=float("inf"))], r":1: entropy is inf"),
     ([{**record(1), "epoch": "one"}], r":1: epoch must be a number"),
     ([record(0, step=5), record(0, step=5)], r":2: step 5 does not increase"),
     ([record(1, step=1), record(2)], r":2: lacks 'step' unlike line 1"),
@@ -195,3 +197,13 @@ def test_cli_plots_per_layer_curves_from_toolkit_logs(tmp_path):
     assert "training step" in page and "<th>tokens</th><td>102,400</td>" in page
     acc = (tmp_path / "o" / "data" / "routing_accuracy.csv").read_text().splitlines()
     assert acc[0] == "training step,routing_accuracy,chance_level" and acc[1].endswith(",0.25")
+
+
+def test_a_binary_file_is_one_clear_error(tmp_path):
+    path = tmp_path / "log.jsonl"
+    path.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(TrainingLogError, match="not a text file"):
+        read_training_log(path)
+    path.write_bytes(b"\x00\x00\x00{}\n")
+    with pytest.raises(TrainingLogError, match="NUL bytes"):
+        read_training_log(path)

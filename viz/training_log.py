@@ -84,6 +84,8 @@ def _number(value: Any, what: str, where: str, allow_null: bool = True) -> float
         return math.nan
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TrainingLogError(f"{where}: {what} must be a number, got {json.dumps(value)[:40]}")
+    if not math.isfinite(value):
+        raise TrainingLogError(f"{where}: {what} is {value} (write null for a value that was not measured)")
     return float(value)
 
 
@@ -191,23 +193,28 @@ def read_training_log(path: str | Path) -> TrainingLog:
         raise TrainingLogError(f"{path}: no such file")
     records: list[dict[str, Any]] = []
     first_line = 0
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                raw = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise TrainingLogError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-            if not isinstance(raw, dict):
-                raise TrainingLogError(f"{where}: expected a JSON object, got {type(raw).__name__}")
-            rec = _parse_record(raw, where)
-            if records:
-                _check_against(records[0], records[-1], rec, first_line, where)
-            else:
-                first_line = lineno
-            records.append(rec)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise TrainingLogError(f"{path}: not a text file (byte {exc.start} is not UTF-8); expected a JSONL training log") from None
+    if "\x00" in "".join(lines[:50]):
+        raise TrainingLogError(f"{path}: not a text file (it holds NUL bytes); expected a JSONL training log")
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            raw = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise TrainingLogError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+        if not isinstance(raw, dict):
+            raise TrainingLogError(f"{where}: expected a JSON object, got {type(raw).__name__}")
+        rec = _parse_record(raw, where)
+        if records:
+            _check_against(records[0], records[-1], rec, first_line, where)
+        else:
+            first_line = lineno
+        records.append(rec)
     if not records:
         raise TrainingLogError(f"{path}: the log has no records")
     names = sorted({k for r in records for k in r["metrics"]})

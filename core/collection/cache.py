@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
+import sys
 import time
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -46,6 +48,54 @@ __all__ = [
 ]
 
 
+SHARD_NAME = re.compile(r"shard-\d{5}\.safetensors(\.tmp)?")  # (.tmp: what older writers left behind)
+SHARD_TEMP = re.compile(r"\.shard-\d{5}\.safetensors\..+" + re.escape(TMP_SUFFIX))
+LOCK_NAME = ".lock"
+
+
+_HELD: dict[Path, list] = {}  # cache folder -> [lock file, writers of this process holding it]
+
+
+class _Claim:
+    """This process's hold on a cache folder: an exclusive ``flock`` on ``.lock``, shared by its writers.
+
+    Another process blocks (with a message) until the hold is released; writers within one process
+    share it, since an abandoned writer (an exception, a test) must not lock its own process out.
+    """
+
+    def __init__(self, cache_dir: Path) -> None:
+        self.key = cache_dir.resolve()
+        if self.key in _HELD:
+            _HELD[self.key][1] += 1
+            return
+        try:
+            import fcntl
+        except ImportError:  # no advisory locks on this platform: one writer per cache is then the user's to keep
+            _HELD[self.key] = [None, 1]
+            return
+        fh = open(cache_dir / LOCK_NAME, "a+")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"another process is writing the cache at {cache_dir}; waiting for it to finish", file=sys.stderr)
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        _HELD[self.key] = [fh, 1]
+
+    def close(self) -> None:
+        held = _HELD.get(self.key)
+        if held is None:
+            return
+        held[1] -= 1
+        if held[1] <= 0:
+            del _HELD[self.key]
+            if held[0] is not None:
+                held[0].close()
+
+
+def _claim(cache_dir: Path) -> _Claim:
+    return _Claim(cache_dir)
+
+
 class RoutingCacheWriter:
     """Appends shards to a cache directory, resuming after the last committed shard.
 
@@ -59,6 +109,15 @@ class RoutingCacheWriter:
         validate_header(header)
         self.dir = Path(cache_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
+        self._lock: _Claim | None = _claim(self.dir)  # one writer per cache: another process waits, then finds the work done
+        try:
+            self._open(header, force, verify_existing)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self, header: dict, force: bool, verify_existing: bool) -> None:
+        """Read the cache's state under the claim: resume it, refuse it, or start it."""
         header = {"format_version": FORMAT_VERSION, **header}
         if force:
             (self.dir / MANIFEST_NAME).unlink(missing_ok=True)
@@ -100,14 +159,20 @@ class RoutingCacheWriter:
         return self.manifest["settings"]
 
     def _clean_uncommitted(self) -> None:
-        """Remove partial writes and shard files the manifest never committed."""
+        """Remove partial writes and shard files the manifest never committed (only names this writer makes)."""
         committed = {s["file"] for s in self.manifest["shards"]}
         for p in self.dir.iterdir():
             temp = p.name.endswith(TMP_SUFFIX) and (
-                p.name.startswith(temp_name_prefix(MANIFEST_NAME)) or p.name.startswith(".shard-")
+                p.name.startswith(temp_name_prefix(MANIFEST_NAME)) or SHARD_TEMP.fullmatch(p.name) is not None
             )
-            if temp or (p.name.startswith("shard-") and p.name not in committed):
+            if temp or (SHARD_NAME.fullmatch(p.name) and p.name not in committed):
                 p.unlink()
+
+    def close(self) -> None:
+        """Let another writer of this cache go on (also done when the writer is garbage collected)."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
     def _check_committed(self, verify: bool) -> None:
         for s in self.manifest["shards"]:
@@ -167,6 +232,7 @@ class RoutingCacheWriter:
         if not self.complete or not (self.dir / MANIFEST_NAME).exists():  # e.g. a dataset of no rows
             self.manifest["complete"] = True
             self._commit()
+        self.close()
         return RoutingCache(self.dir, self.manifest)
 
     def _commit(self) -> None:

@@ -285,8 +285,16 @@ class ActivationCollector:
             shard_tokens=shard_tokens,
         )
         writer = RoutingCacheWriter(cache_dir, header, force=force, verify_existing=verify_existing)
-        if writer.complete:
-            return RoutingCache(writer.dir, writer.manifest)
+        try:
+            if writer.complete:
+                return RoutingCache(writer.dir, writer.manifest)
+            return self._fill(writer, tokenized, header, batch_size, hidden_layers, storage, dtype, shard_tokens, progress)
+        finally:
+            writer.close()
+
+    def _fill(self, writer: RoutingCacheWriter, tokenized: Any, header: dict, batch_size: int, hidden_layers: Sequence[int],
+              storage: str, dtype: str, shard_tokens: int, progress: bool | None) -> RoutingCache:
+        """Trace the rows the cache does not hold yet and commit them shard by shard."""
         _, mask = _rows_of(tokenized)
         start = writer.next_row
         show = self.progress if progress is None else progress

@@ -102,9 +102,13 @@ def load_sweep_index(path: str | os.PathLike) -> dict:
     if not p.exists():
         raise CheckpointError(f"no sweep index at {p}")
     try:
-        return json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"sweep index {p} is not valid JSON ({e})") from e
+        index = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"sweep index {p} is not valid JSON ({e}); delete it, the next sweep writes it again") from e
+    stored = index.pop("sha256", None) if isinstance(index, dict) else None
+    if stored is not None and stored != _index_digest(index):
+        raise CheckpointError(f"sweep index {p} fails its checksum (edited or damaged); delete it, the next sweep writes it again")
+    return index
 
 
 def open_sweep(
@@ -157,8 +161,13 @@ def _entry(ckpt: Checkpoint, dataset: str, cache: RoutingCache, root: Path, key:
 def _write_index(path: Path, model_name: str, entries: dict[str, dict], order: dict[str, tuple],
                  last_paths: dict[str, str]) -> None:
     rows = sorted(entries.values(), key=lambda e: (order.get(e["checkpoint"], (9,)), e["dataset"], e["path"]))
-    atomic_write_json(path, {"format_version": FORMAT_VERSION, "model": model_name, "last_sweep": list(order),
-                             "last_paths": last_paths, "entries": rows})
+    body = {"format_version": FORMAT_VERSION, "model": model_name, "last_sweep": list(order),
+            "last_paths": last_paths, "entries": rows}
+    atomic_write_json(path, {**body, "sha256": _index_digest(body)})
+
+
+def _index_digest(body: dict) -> str:
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
 
 
 # ---------------------------------------------------------------------------- the sweep
@@ -215,6 +224,25 @@ def _already_done(cache_dir: Path, want: dict) -> bool:
     )
 
 
+def _reusable(ckpt: Checkpoint, datasets: Mapping[str, Any], model_id: dict, fingerprints: dict, settings: dict,
+              cache_root: str | os.PathLike, model_name: str, root: Path, entries: dict, last_paths: dict,
+              force: bool) -> tuple[dict[str, RoutingCache], list, dict[str, str]]:
+    """One checkpoint's caches by identity: those complete already (recorded in ``entries``) and those to collect."""
+    done: dict[str, RoutingCache] = {}
+    todo, keys = [], {}
+    for ds_name, tokenized in datasets.items():
+        keys[ds_name] = identity_key(model_id, fingerprints[ds_name], settings, ds_name)
+        cdir = sweep_cache_dir(cache_root, model_name, ckpt, ds_name, keys[ds_name])
+        want = {"dataset": ds_name, "data_fingerprint": fingerprints[ds_name], "settings": settings}
+        last_paths[f"{ckpt.name}/{ds_name}"] = os.path.relpath(cdir, root)
+        if not force and _already_done(cdir, want):
+            done[ds_name] = RoutingCache.open(cdir)
+            entries[last_paths[f"{ckpt.name}/{ds_name}"]] = _entry(ckpt, ds_name, done[ds_name], root, keys[ds_name])
+        else:
+            todo.append((ds_name, tokenized, cdir))
+    return done, todo, keys
+
+
 def sweep_checkpoints(
     checkpoints: Sequence[Checkpoint],
     datasets: Mapping[str, Any],
@@ -261,8 +289,11 @@ def sweep_checkpoints(
     idx_path.parent.mkdir(parents=True, exist_ok=True)
     entries: dict[tuple[str, str], dict] = {}
     if idx_path.exists():
-        entries = {e["path"]: e for e in load_sweep_index(idx_path).get("entries", [])
-                   if (idx_path.parent / e["path"] / "manifest.json").exists()}
+        try:
+            old_entries = load_sweep_index(idx_path).get("entries", [])
+        except CheckpointError:  # a damaged index is rebuilt: the caches themselves are found by their identity
+            old_entries = []
+        entries = {e["path"]: e for e in old_entries if (idx_path.parent / e["path"] / "manifest.json").exists()}
     order = {c.name: order_key(c) for c in checkpoints}
     fingerprints = {name: data_fingerprint(t) for name, t in datasets.items()}
     settings = {"storage": storage, "dtype": dtype, "batch_size": batch_size, "shard_tokens": shard_tokens,
@@ -271,19 +302,9 @@ def sweep_checkpoints(
     weights: list[dict[int, torch.Tensor]] = []
     last_paths: dict[str, str] = {}
     for ckpt in checkpoints:
-        done: dict[str, RoutingCache] = {}
-        todo, keys = [], {}
         model_id = checkpoint_identity(model_source or model_name, ckpt, model_dtype, device)
-        for ds_name, tokenized in datasets.items():
-            keys[ds_name] = identity_key(model_id, fingerprints[ds_name], settings, ds_name)
-            cdir = sweep_cache_dir(cache_root, model_name, ckpt, ds_name, keys[ds_name])
-            want = {"dataset": ds_name, "data_fingerprint": fingerprints[ds_name], "settings": settings}
-            last_paths[f"{ckpt.name}/{ds_name}"] = os.path.relpath(cdir, idx_path.parent)
-            if not force and _already_done(cdir, want):
-                done[ds_name] = RoutingCache.open(cdir)
-                entries[last_paths[f"{ckpt.name}/{ds_name}"]] = _entry(ckpt, ds_name, done[ds_name], idx_path.parent, keys[ds_name])
-            else:
-                todo.append((ds_name, tokenized, cdir))
+        done, todo, keys = _reusable(ckpt, datasets, model_id, fingerprints, settings, cache_root, model_name,
+                                     idx_path.parent, entries, last_paths, force)
         w_path = router_weights_path(cache_root, model_name, ckpt)
         need_weights = router_weights and (force or not _router_weights_ok(w_path))  # a damaged file is collected again
         routers = None

@@ -68,11 +68,14 @@ class MoELayerInfo:
 
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer|decoder_layers)\.(\d+)(?:\.|$)")
 INDEX_NAMES = ("top_k_index", "router_indices", "selected_experts", "topk_indices", "topk_idx", "indices", "expert_indices")
+# router attributes that count the router's output classes (zero or skip experts included), most specific first
+ROUTER_EXPERT_ATTRS = ("num_router_classes", "n_routed_experts", "num_experts", "moe_num_experts")
+ROUTER_TOPK_ATTRS = ("top_k", "moe_top_k", "num_experts_per_tok")
 WEIGHT_NAMES = ("top_k_weights", "routing_weights", "router_scores", "topk_weights", "topk_weight", "weights", "scores", "expert_weights")
 
 
 def _config_get(config: Any, *names: str) -> Any:
-    configs = [config] + [getattr(config, n, None) for n in ("text_config", "language_config")]
+    configs = [config] + [getattr(config, n, None) for n in ("text_config", "language_config", "ffn_config")]
     for cfg in configs:
         if cfg is None:
             continue
@@ -236,6 +239,9 @@ def discover_moe_layers(model: nn.Module, spec: MoESpec | None = None) -> list[M
                 if e is not None and hidden_size is not None and _has_matrix(m, e, hidden_size):
                     router_names.append((n, 0))
 
+    # a layer with routers in both attention and feed-forward (JetMoE's mixture of attention heads) is
+    # studied through its feed-forward router: that is the expert routing the toolkit means
+    router_names.sort(key=lambda r: _is_attention_path(r[0]))
     layers: list[MoELayerInfo] = []
     seen_layers: set[int] = set()
     for order, (name, out_index) in enumerate(router_names):
@@ -246,14 +252,14 @@ def discover_moe_layers(model: nn.Module, spec: MoESpec | None = None) -> list[M
             continue
         experts_path = _find_experts(named, name, spec)
         experts = named.get(experts_path) if experts_path else None
-        num_experts = (spec.num_experts if spec else None) or getattr(router, "num_experts", None)
+        num_experts = (spec.num_experts if spec else None) or _int_attr(router, ROUTER_EXPERT_ATTRS)
         if not isinstance(num_experts, int) and experts is not None:
             num_experts = _expert_count_from_module(experts)
         if not isinstance(num_experts, int):
             num_experts = _config_get(config, "num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
-        top_k = (spec.top_k if spec else None) or getattr(router, "top_k", None)
+        top_k = (spec.top_k if spec else None) or _int_attr(router, ROUTER_TOPK_ATTRS)
         if not isinstance(top_k, int):
-            top_k = _config_get(config, "num_experts_per_tok", "top_k", "moe_topk", "num_selected_experts")
+            top_k = _config_get(config, "num_experts_per_tok", "top_k", "moe_topk", "moe_top_k", "top_k_experts", "num_selected_experts")
         h = hidden_size or getattr(router, "hidden_dim", None)
         if not (isinstance(num_experts, int) and isinstance(top_k, int) and isinstance(h, int)):
             raise NoRoutersError(
@@ -287,6 +293,19 @@ def discover_moe_layers(model: nn.Module, spec: MoESpec | None = None) -> list[M
             "with experts. Is this a dense model? For a custom MoE pass moe_spec=MoESpec(router=..., experts=...)."
         )
     return layers
+
+
+def _int_attr(module: nn.Module, names: tuple[str, ...]) -> int | None:
+    """The first of ``names`` that the module holds as a positive int."""
+    for n in names:
+        v = getattr(module, n, None)
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return v
+    return None
+
+
+def _is_attention_path(name: str) -> bool:
+    return any(part in ("attn", "attention", "self_attn", "self_attention") for part in name.split("."))
 
 
 def _has_matrix(module: nn.Module, num_experts: int, hidden_size: int) -> bool:

@@ -24,6 +24,35 @@ from core.routing_data import RoutingData
 __all__ = ["ModelLoadError", "MoEModelWrapper"]
 
 
+def expert_logits(lg: torch.Tensor, info: MoELayerInfo) -> torch.Tensor:
+    """One row of ``[N, E]`` float logits per token, from what the router returned.
+
+    Product-key routers (Doge) return two ``[2, N, sqrt(E)]`` score sets; expert ``i * sqrt(E) + j``
+    scores ``x_i + y_j``, as the family ranks them.
+    """
+    n_exp = info.num_experts
+    keys = round(n_exp**0.5)
+    if lg.dim() == 3 and lg.shape[0] == 2 and keys * keys == n_exp and lg.shape[-1] == keys:
+        lg = (lg[0][:, :, None] + lg[1][:, None, :]).reshape(-1, n_exp)
+    if lg.shape[-1] != n_exp:
+        raise NoRoutersError(
+            f"router {info.router_path} returned {lg.shape[-1]} scores per token, but {n_exp} experts were expected; "
+            "pass a MoESpec with num_experts"
+        )
+    return lg.reshape(-1, n_exp).float().cpu()
+
+
+def _is_scores_and_indices(out: Any, info: MoELayerInfo) -> bool:
+    """The router returned ``(logits, top-k weights, top-k indices, ...)``: integer indices, k per token."""
+    if not (isinstance(out, (tuple, list)) and len(out) >= 3):
+        return False
+    w, idx = out[1], out[2]
+    return (
+        isinstance(w, torch.Tensor) and isinstance(idx, torch.Tensor) and not idx.is_floating_point()
+        and idx.dim() >= 1 and idx.shape[-1] == info.top_k
+    )
+
+
 class MoEModelWrapper:
     """A traced MoE language model: which layers route, and what each router decided.
 
@@ -145,7 +174,21 @@ class MoEModelWrapper:
         attention_mask = torch.as_tensor(attention_mask).to(input_ids.device)
         if attention_mask.shape != input_ids.shape:
             raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} does not match input_ids {tuple(input_ids.shape)}")
+        if input_ids.dim() != 2 or input_ids.numel() == 0 or not attention_mask.bool().any():
+            raise ValueError(f"nothing to trace: input_ids of shape {tuple(input_ids.shape)} with "
+                             f"{int(attention_mask.bool().sum())} real tokens (give [batch, tokens] with at least one token)")
+        if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+            raise ValueError(f"input_ids must be integer token ids, got {input_ids.dtype}")
+        vocab = self._vocab_size()  # padding positions are embedded too, so every id is checked
+        if vocab is not None and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab):
+            raise ValueError(f"token ids must lie in [0, {vocab}) for this model's vocabulary; got ids from "
+                             f"{int(input_ids.min())} to {int(input_ids.max())} (a tokenizer of another model?)")
         return input_ids, attention_mask
+
+    def _vocab_size(self) -> int | None:
+        emb = getattr(self.hf_model, "get_input_embeddings", lambda: None)() if self.hf_model is not None else None
+        n = getattr(emb, "num_embeddings", None)
+        return int(n) if n else getattr(getattr(self.hf_model, "config", None), "vocab_size", None)
 
     def _envoy(self, path: str) -> Any:
         env = self.model
@@ -188,8 +231,7 @@ class MoEModelWrapper:
         keep = attention_mask.reshape(-1).bool().cpu()
         logits, idx, wts = [], [], []
         for info, out, ein in zip(self.layers, router_out, experts_in):
-            lg = out[info.router_output_index] if isinstance(out, (tuple, list)) else out
-            lg = lg.reshape(-1, info.num_experts).float().cpu()
+            lg = expert_logits(out[info.router_output_index] if isinstance(out, (tuple, list)) else out, info)
             i, w = self._selection(info, out, ein, lg)
             logits.append(lg[keep])
             idx.append(i[keep])
@@ -214,9 +256,9 @@ class MoEModelWrapper:
         """What the experts received: their input if we can read it, else the router's own choice."""
         if ein is not None:
             idx, w = experts_selection(info, *ein)
-        elif isinstance(out, (tuple, list)) and len(out) >= 3:
+        elif _is_scores_and_indices(out, info):
             w, idx = out[1], out[2]
-        else:
+        else:  # the router's tuple holds something else (JetMoE: indices sorted by expert): top-k of the scores
             probs = torch.sigmoid(logits) if info.score_fn == "sigmoid" else torch.softmax(logits, dim=-1)
             w, idx = probs.topk(info.top_k, dim=-1)
         idx = idx.reshape(-1, idx.shape[-1]).long().cpu()
