@@ -182,7 +182,7 @@ def make_options(**kwargs: Any) -> RunOptions:
 
 
 def preflight(opts: RunOptions) -> None:
-    """What can be checked before any work starts: the device exists and every output folder can be written."""
+    """What can be checked before any work starts: dataset names, the device, and that every output folder can be written."""
     if opts.device != "cpu":
         import torch
 
@@ -191,6 +191,12 @@ def preflight(opts: RunOptions) -> None:
             raise OptionsError(f"--device {opts.device}: torch sees {torch.cuda.device_count()} CUDA device(s) here; use --device cpu")
         if kind == "mps" and not torch.backends.mps.is_available():
             raise OptionsError("--device mps: no Apple GPU here; use --device cpu")
+    from data.registry import default_registry
+
+    known = default_registry()
+    unknown = [n for n in opts.datasets if n not in known]
+    if unknown:
+        raise OptionsError(f"unknown dataset(s) {', '.join(unknown)}; known: {', '.join(known)}")
     folders = [opts.results_dir, opts.cache_dir or str(Path(opts.results_dir) / "cache")]
     if opts.model is None:
         folders.append(opts.models_dir)
