@@ -224,6 +224,17 @@ def _already_done(cache_dir: Path, want: dict) -> bool:
     )
 
 
+def _known_entries(idx_path: Path) -> dict[str, dict]:
+    """The index's entries whose cache is still there, by path (a damaged index is rebuilt: caches are found by identity)."""
+    if not idx_path.exists():
+        return {}
+    try:
+        old = load_sweep_index(idx_path).get("entries", [])
+    except CheckpointError:
+        old = []
+    return {e["path"]: e for e in old if (idx_path.parent / e["path"] / "manifest.json").exists()}
+
+
 def _reusable(ckpt: Checkpoint, datasets: Mapping[str, Any], model_id: dict, fingerprints: dict, settings: dict,
               cache_root: str | os.PathLike, model_name: str, root: Path, entries: dict, last_paths: dict,
               force: bool) -> tuple[dict[str, RoutingCache], list, dict[str, str]]:
@@ -278,26 +289,19 @@ def sweep_checkpoints(
     """
     from core.collection.collector import DEFAULT_SHARD_TOKENS, ActivationCollector, data_fingerprint
 
-    if not checkpoints:
-        raise ValueError("sweep_checkpoints needs at least one checkpoint")
-    if not datasets:
-        raise ValueError("sweep_checkpoints needs at least one dataset")
+    if not checkpoints or not datasets:
+        raise ValueError("sweep_checkpoints needs at least one checkpoint and one dataset")
     check_storage(storage, dtype)
     shard_tokens = shard_tokens or DEFAULT_SHARD_TOKENS
     make_wrapper = make_wrapper or checkpoint_loader(model_name)
     idx_path = index_path(cache_root, model_name)
     idx_path.parent.mkdir(parents=True, exist_ok=True)
-    entries: dict[tuple[str, str], dict] = {}
-    if idx_path.exists():
-        try:
-            old_entries = load_sweep_index(idx_path).get("entries", [])
-        except CheckpointError:  # a damaged index is rebuilt: the caches themselves are found by their identity
-            old_entries = []
-        entries = {e["path"]: e for e in old_entries if (idx_path.parent / e["path"] / "manifest.json").exists()}
+    entries = _known_entries(idx_path)
     order = {c.name: order_key(c) for c in checkpoints}
     fingerprints = {name: data_fingerprint(t) for name, t in datasets.items()}
     settings = {"storage": storage, "dtype": dtype, "batch_size": batch_size, "shard_tokens": shard_tokens,
                 "hidden_layers": [int(x) for x in hidden_layers]}
+    collect_kw = dict(batch_size=batch_size, storage=storage, dtype=dtype, hidden_layers=hidden_layers, shard_tokens=shard_tokens)
     caches: dict[str, list[RoutingCache]] = {name: [] for name in datasets}
     weights: list[dict[int, torch.Tensor]] = []
     last_paths: dict[str, str] = {}
@@ -315,10 +319,7 @@ def sweep_checkpoints(
                 save_router_weights(w_path, routers)
             collector = ActivationCollector(wrapper, batch_size=batch_size, progress=progress)
             for ds_name, tokenized, cdir in todo:
-                done[ds_name] = collector.collect(
-                    tokenized, cdir, batch_size=batch_size, storage=storage, dtype=dtype, hidden_layers=hidden_layers,
-                    shard_tokens=shard_tokens, dataset_name=ds_name, force=force,
-                )
+                done[ds_name] = collector.collect(tokenized, cdir, dataset_name=ds_name, force=force, **collect_kw)
                 entries[last_paths[f"{ckpt.name}/{ds_name}"]] = _entry(ckpt, ds_name, done[ds_name], idx_path.parent,
                                                                        keys[ds_name])
                 _write_index(idx_path, model_name, entries, order, last_paths)
