@@ -204,3 +204,29 @@ def test_a_shard_entry_edited_together_with_the_total_is_caught_on_read(tmp_path
     cache = RoutingCache.open(tmp_path)
     with pytest.raises(CacheCorruptError, match="manifest entry says"):
         cache.load_shard(0)
+
+
+def test_compact_cache_at_olmoe_routing_shape_is_at_most_three_bytes_per_slot_plus_16(tmp_path):
+    """16 MoE layers, top-8 of 64 experts: a one-byte expert id and a 16-bit weight per slot, 16 bytes of metadata."""
+    from core.routing_data import RoutingData
+
+    g = torch.Generator().manual_seed(0)
+    n, L, k, E = 4000, 16, 8, 64
+    idx = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(n * L)]).view(n, L, k)
+    idx[5, 3, -2:] = -1  # slots that selected nothing survive the one-byte encoding
+    w = torch.rand(n, L, k, generator=g)
+    rd = RoutingData(moe_layers=list(range(L)), num_experts=E, top_k=k, topk_idx=idx, topk_weight=w,
+                     token_ids=torch.randint(0, 50_280, (n,), generator=g), doc_ids=torch.arange(n) // 100,
+                     positions=torch.arange(n) % 2048, domain_ids=torch.zeros(n, dtype=torch.long),
+                     dataset_ids=torch.zeros(n, dtype=torch.long), domain_names=["d"], dataset_names=["s"])
+    h = header(moe_layers=list(range(L)), num_experts=E, top_k=k, num_rows=1,
+               settings={"storage": "compact", "dtype": "float16", "batch_size": 4, "hidden_layers": []})
+    writer = RoutingCacheWriter(tmp_path, h)
+    writer.write_shard(rd, 0, 1)
+    cache = writer.finish()
+    assert cache.bytes_per_token() <= L * k * 3 + 16, cache.bytes_per_token()
+    back = cache.load()
+    assert torch.equal(back.topk_idx, idx) and back.topk_idx[5, 3, -1] == -1
+    assert torch.equal(back.topk_weight, w.half().float())
+    for name in ("token_ids", "doc_ids", "positions"):
+        assert torch.equal(getattr(back, name), getattr(rd, name))

@@ -27,7 +27,7 @@ import torch
 
 from core.routing_data import TOKEN_FIELDS, RoutingData
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: one-byte expert ids (E <= 255) and the smallest integer type for token metadata
 MANIFEST_NAME = "manifest.json"
 STORAGE_MODES = ("full", "compact")
 FLOAT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -133,11 +133,32 @@ def identity_differences(manifest: dict, header: dict) -> list[str]:
     return out
 
 
+NO_EXPERT_U8 = 255  # a slot that selected nothing, in one-byte expert ids
+
+
 def _int_tensor(t: torch.Tensor) -> torch.Tensor:
+    """Token metadata in the smallest signed integer type that holds it (positions fit int16, labels int8)."""
     t = t.detach().cpu()
-    if t.numel() == 0 or (int(t.min()) >= -(2**31) and int(t.max()) < 2**31):
-        return t.to(torch.int32).contiguous()
+    lo, hi = (int(t.min()), int(t.max())) if t.numel() else (0, 0)
+    for dtype, bits in ((torch.int8, 8), (torch.int16, 16), (torch.int32, 32)):
+        if -(2 ** (bits - 1)) <= lo and hi < 2 ** (bits - 1):
+            return t.to(dtype).contiguous()
     return t.to(torch.int64).contiguous()
+
+
+def _encode_idx(idx: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Expert ids in one byte where E <= 255 (255 marks no selection), else int16 or int32."""
+    idx = idx.detach().cpu()
+    if num_experts <= NO_EXPERT_U8:
+        return torch.where(idx < 0, NO_EXPERT_U8, idx).to(torch.uint8).contiguous()
+    return idx.to(torch.int16 if num_experts < 2**15 else torch.int32).contiguous()
+
+
+def _decode_idx(t: torch.Tensor) -> torch.Tensor:
+    if t.dtype == torch.uint8:
+        out = t.long()
+        return out.masked_fill(out == NO_EXPERT_U8, -1)
+    return t.long()
 
 
 # ---------------------------------------------------------------------------- encode/decode
@@ -151,8 +172,7 @@ def encode_shard(data: RoutingData, settings: dict) -> dict[str, torch.Tensor]:
         if data.router_logits is None:
             raise CacheError("storage='full' needs router logits, but this routing has none; use storage='compact'")
         out["router_logits"] = data.router_logits.detach().cpu().to(fdtype).contiguous()
-    idx_dtype = torch.int16 if data.num_experts < 2**15 else torch.int32
-    out["topk_idx"] = data.topk_idx.detach().cpu().to(idx_dtype).contiguous()
+    out["topk_idx"] = _encode_idx(data.topk_idx, data.num_experts)
     out["topk_weight"] = data.topk_weight.detach().cpu().to(fdtype).contiguous()
     for name in _META_FIELDS:
         t = getattr(data, name)
@@ -179,7 +199,7 @@ def decode_shard(tensors: dict[str, torch.Tensor], manifest: dict, dtype: torch.
         if t.is_floating_point():
             kw[name] = t if dtype is None else t.to(dtype)
         else:
-            kw[name] = t.long()
+            kw[name] = _decode_idx(t) if name == "topk_idx" else t.long()
     hidden = {}
     for key, t in tensors.items():
         if key.startswith("hidden."):
