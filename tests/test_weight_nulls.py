@@ -263,3 +263,19 @@ def test_weight_figures_draw_the_nulls():
 
     with pytest.raises(FigureInputError, match="all three"):
         alignment_vs_baseline(al.own, None, al.random_mean.mean(1), None, al.layers, null_mean=al.perm_null_mean)
+
+
+@pytest.mark.parametrize("rows, h", [(12, 20), (20, 12), (16, 16)])
+def test_input_basis_matches_the_svd(rows, h):
+    """The Gram-matrix route gives the SVD's singular values and the same top-r subspace."""
+    from core.analysis.expert_alignment import input_basis
+
+    g = torch.Generator().manual_seed(rows * h)
+    a = torch.randn(rows, h, generator=g, dtype=torch.float64) * torch.linspace(3, 0.1, h, dtype=torch.float64)
+    _, s_ref, vh = torch.linalg.svd(a, full_matrices=False)  # anisotropic, like trained weights
+    for x, tol in ((a, 1e-9), (a.float(), 1e-4)):  # float64 exact; float32 (the usual weights) close
+        s, right = input_basis(x)
+        np.testing.assert_allclose(s, s_ref.numpy(), atol=tol * float(s_ref[0]))
+        for r in (1, 3, min(rows, h) - 1):
+            v = right(r).double()
+            assert v.dtype == torch.float64 and torch.allclose(v @ v.T, vh[:r].T @ vh[:r], atol=100 * tol), r
