@@ -83,7 +83,7 @@ def routing_accumulators(sweep: Sweep, *, micro: bool, collaboration: bool, resa
         "domain_specialization": DomainSpecializationAccumulator("domain", permutations=resamples, **r),
         "dataset_specialization": DomainSpecializationAccumulator("dataset", permutations=0, resamples=0),
         "vocabulary_specialization": VocabularyAccumulator(min_count=5 if micro else 20,
-                                                           permutations=20 if resamples else 0, **r),
+                                                           permutations=20 if resamples else 0, seed=seed),
         "routing_consistency": ConsistencyAccumulator(**r),
     }
     if collaboration:

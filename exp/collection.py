@@ -22,7 +22,8 @@ from core.collection.checkpoints import (
     parse_checkpoint_name,
     select_checkpoints,
 )
-from core.collection.sweep import Sweep, sweep_checkpoints, weights_digest
+from core.collection.identity import weights_digest
+from core.collection.sweep import Sweep, sweep_checkpoints
 from core.model_access.wrapper import MoEModelWrapper
 from data import DataError, DatasetLoader, TokenizedDataset, tokenize_documents
 from exp.run_options import REPO_ROOT, RunOptions

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from core.analysis.correlations import adjacent_and_far
 from exp.analysis_suite import RunResults
 
 
@@ -60,10 +61,8 @@ def headline_numbers(res: RunResults) -> dict[str, Any]:
 
 
 def _adjacent_vs_far(layer_mean_abs: np.ndarray) -> tuple[float | None, float | None]:
-    L = layer_mean_abs.shape[0]
-    adj = [layer_mean_abs[i, i + 1] for i in range(L - 1)]
-    far = [layer_mean_abs[i, j] for i in range(L) for j in range(i + 2, L)]
-    return (round(float(np.mean(adj)), 4) if adj else None, round(float(np.mean(far)), 4) if far else None)
+    """``adjacent_and_far`` of the correlation analysis, rounded, None where there are no such layer pairs."""
+    return tuple(round(float(v), 4) if np.isfinite(v) else None for v in adjacent_and_far(layer_mean_abs))
 
 
 def _est(obj: Any, name: str) -> Any:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from core.analysis.resampling import NUM_BLOCKS, BlockSums, Estimate, block_of, paired_estimate
+from core.analysis.resampling import NUM_BLOCKS, BlockSums, Estimate, block_of, document_key, paired_estimate
 from core.analysis.results import ResultMixin
 
 
@@ -73,13 +73,13 @@ def ablation_study(
     bar = tqdm(total=len(batches) * (len(targets) + 1), desc="ablation", unit="pass", disable=not progress)
     for batch in batches:
         dom = batch.domain_ids[:, 1:]
-        keys = (batch.dataset_ids[:, 1:].long() + 1) * (1 << 40) + batch.doc_ids[:, 1:].long() + 1
+        keys = document_key(batch.doc_ids[:, 1:].numpy(), batch.dataset_ids[:, 1:].numpy())
         losses = []
         for target in [{}] + targets:
             losses.append(wrapper.forward_loss(batch.input_ids, batch.attention_mask, ablate=target))
             bar.update()
         valid = (dom >= 0) & ~torch.isnan(losses[0])
-        unit = block_of(keys[valid].numpy()) * n_dom + dom[valid].numpy()
+        unit = block_of(keys[valid.numpy()]) * n_dom + dom[valid].numpy()
         units.add("loss", unit, torch.stack([x[valid] for x in losses], 1).double().numpy())
         units.add("tokens", unit, np.ones(int(valid.sum())))
     bar.close()

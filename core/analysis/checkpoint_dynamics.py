@@ -166,14 +166,12 @@ class CheckpointDynamicsAccumulator:
         self._close(*self.docs.flush())
         sums = self.sums.sums
         used = sums["tokens"] > 0
-        name = "within-document shuffle"
-        per_layer = paired_estimate(lambda t: t["overlap"] / t["tokens"][:, None, None],
-                                    lambda t: t["overlap_null"] / t["tokens"][:, None, None], sums, name, used,
-                                    self.resamples, self.seed)
-        mean = paired_estimate(lambda t: (t["overlap"] / t["tokens"][:, None, None]).mean(-1),
-                               lambda t: (t["overlap_null"] / t["tokens"][:, None, None]).mean(-1), sums, name, used,
-                               self.resamples, self.seed)
-        return {"saturation": per_layer, "saturation_mean": mean}
+        rate = lambda t, key, reduce: reduce(t[key] / t["tokens"][:, None, None])  # noqa: E731  [R+1, C, L]
+        out = {}
+        for name, reduce in (("saturation", lambda x: x), ("saturation_mean", lambda x: x.mean(-1))):
+            out[name] = paired_estimate(lambda t, r=reduce: rate(t, "overlap", r), lambda t, r=reduce: rate(t, "overlap_null", r),
+                                        sums, "within-document shuffle", used, self.resamples, self.seed)
+        return out
 
     def result(self) -> CheckpointDynamics:
         if self.num_tokens == 0:

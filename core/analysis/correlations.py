@@ -17,8 +17,8 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
-from core.analysis.resampling import (Estimate, block_of, document_keys, jackknife_interval, permutation_estimate,
-                                      permute_within)
+from core.analysis.resampling import (DocumentRuns, Estimate, block_of, document_keys, jackknife_interval,
+                                      permutation_estimate, permute_within)
 from core.analysis.results import ResultMixin
 from core.analysis.streaming import (
     GroupBy,
@@ -217,7 +217,7 @@ class CorrelationAccumulator(RoutingAccumulator):
         b = block_of(keys, self.blocks)
         order = np.argsort(b, kind="stable")
         xs, bs = x[order], b[order]
-        starts = np.r_[0, np.nonzero(bs[1:] != bs[:-1])[0] + 1, len(bs)]
+        starts = np.r_[DocumentRuns.starts(bs), len(bs)]
         for lo, hi in zip(starts[:-1], starts[1:]):
             xb, blk = xs[lo:hi], bs[lo]
             self.n[blk] += len(xb)

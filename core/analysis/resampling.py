@@ -31,12 +31,17 @@ Stat = Callable[[Mapping[str, np.ndarray]], np.ndarray]
 
 
 # ---------------------------------------------------------------------------- document keys
+def document_key(doc_ids: np.ndarray, dataset_ids: np.ndarray) -> np.ndarray:
+    """One int64 key per (dataset id, document id); -1 ids count as their own document."""
+    return (np.asarray(dataset_ids, np.int64) + 1) * (1 << 40) + (np.asarray(doc_ids, np.int64) + 1)
+
+
 def document_keys(chunk: RoutingData) -> np.ndarray:
-    """One int64 key per token naming its document: (dataset id, document id); -1 ids count as their own document."""
+    """The :func:`document_key` of every token of a chunk (missing ids count as 0)."""
     n = chunk.num_tokens
-    doc = chunk.doc_ids.numpy().astype(np.int64) if chunk.doc_ids is not None else np.zeros(n, np.int64)
-    ds = chunk.dataset_ids.numpy().astype(np.int64) if chunk.dataset_ids is not None else np.zeros(n, np.int64)
-    return (ds + 1) * (1 << 40) + (doc + 1)
+    doc = chunk.doc_ids.numpy() if chunk.doc_ids is not None else np.zeros(n, np.int64)
+    ds = chunk.dataset_ids.numpy() if chunk.dataset_ids is not None else np.zeros(n, np.int64)
+    return document_key(doc, ds)
 
 
 def block_of(keys: np.ndarray, num_blocks: int = NUM_BLOCKS) -> np.ndarray:

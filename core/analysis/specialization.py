@@ -146,7 +146,7 @@ class DomainSpecializationAccumulator(RoutingAccumulator):
         )
 
     def _estimates(self, labels, cell_counts, cell_tokens, D: int, k: int) -> dict[str, Estimate]:
-        """Label-shuffle nulls and within-group bootstrap intervals of the layer divergence and each group's top ratio."""
+        """Label-shuffle nulls and jackknife intervals (over cells) of the layer divergence and each group's top ratio."""
         rng = np.random.default_rng(self.seed)
 
         def stats(lab_weights: np.ndarray) -> dict[str, np.ndarray]:  # [R, C, D] cell weights per group

@@ -74,11 +74,11 @@ class VocabularyAccumulator(RoutingAccumulator):
     name = "the vocabulary specialization"
     needs = ("topk_idx", "token_ids")
 
-    def __init__(self, min_count: int = 20, permutations: int = 20, resamples: int = 200, seed: int = 0) -> None:
+    def __init__(self, min_count: int = 20, permutations: int = 20, seed: int = 0) -> None:
         if min_count < 1:
             raise ValueError(f"min_count must be >= 1, got {min_count}")
         super().__init__()
-        self.min_count, self.permutations, self.resamples, self.seed = min_count, permutations, resamples, seed
+        self.min_count, self.permutations, self.seed = min_count, permutations, seed
         self.acc: sp.csr_matrix | None = None  # rows token_id * BLOCKS + block
         self.null: list[sp.csr_matrix | None] = [None] * permutations
         self.occ = np.zeros((0, BLOCKS))  # occurrences per (token id, block)

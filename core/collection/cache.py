@@ -92,9 +92,6 @@ class _Claim:
                 held[0].close()
 
 
-def _claim(cache_dir: Path) -> _Claim:
-    return _Claim(cache_dir)
-
 
 class RoutingCacheWriter:
     """Appends shards to a cache directory, resuming after the last committed shard.
@@ -109,7 +106,7 @@ class RoutingCacheWriter:
         validate_header(header)
         self.dir = Path(cache_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self._lock: _Claim | None = _claim(self.dir)  # one writer per cache: another process waits, then finds the work done
+        self._lock: _Claim | None = _Claim(self.dir)  # one writer per cache: another process waits, then finds the work done
         try:
             self._open(header, force, verify_existing)
         except BaseException:

@@ -19,6 +19,7 @@ optional hidden states (``hidden.<layer>`` ``[n, H]``) in the float dtype.
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -102,7 +103,7 @@ def check_manifest_numbers(manifest: dict, cache_dir: Path) -> None:
             bad.append(f"total_tokens {manifest['total_tokens']} but its shards hold {tokens}")
         if int(manifest["rows_done"]) != rows:
             bad.append(f"rows_done {manifest['rows_done']} but its shards hold {rows} rows")
-        if starts != [sum(int(x["num_rows"]) for x in shards[:i]) for i in range(len(shards))]:
+        if starts != [0, *itertools.accumulate(int(s["num_rows"]) for s in shards)][: len(shards)]:
             bad.append("its shards do not follow each other row by row")
         if manifest.get("complete") and rows != int(manifest["num_rows"]):
             bad.append(f"marked complete with {rows} of {manifest['num_rows']} rows")

@@ -24,9 +24,9 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from core.collection.cache import RoutingCache
-from core.collection.cache_format import FORMAT_VERSION, CacheCorruptError, check_storage, read_manifest
+from core.collection.cache_format import FORMAT_VERSION, CacheCorruptError, check_storage
 from core.collection.checkpoints import Checkpoint, CheckpointError, order_key
-from core.collection.identity import checkpoint_identity, identity_key, weights_digest  # noqa: F401  (weights_digest: public here too)
+from core.collection.identity import checkpoint_identity, identity_key
 from core.safe_io import atomic_write_bytes, atomic_write_json
 
 ROUTER_WEIGHTS_FILE = "router_weights.safetensors"
@@ -87,12 +87,12 @@ def load_router_weights(path: str | os.PathLike) -> dict[int, torch.Tensor]:
     return {int(k): v for k, v in tensors.items()}
 
 
-def _router_weights_ok(path: Path) -> bool:
+def _stored_router_weights(path: Path) -> dict[int, torch.Tensor] | None:
+    """Router weights kept beside the caches, or None when missing or damaged (then they are read again from the model)."""
     try:
-        load_router_weights(path)
-        return True
+        return load_router_weights(path)
     except (CacheCorruptError, FileNotFoundError):
-        return False
+        return None
 
 
 # ---------------------------------------------------------------------------- the index
@@ -210,18 +210,17 @@ def checkpoint_loader(model_name: str, **wrapper_kwargs: Any) -> Callable[[Check
     return load
 
 
-def _already_done(cache_dir: Path, want: dict) -> bool:
-    """True when a complete cache of exactly this identity is there (checked without loading a model)."""
+def _complete_cache(cache_dir: Path, want: dict) -> RoutingCache | None:
+    """The complete cache of exactly this identity, if there is one (checked without loading a model)."""
     try:
-        m = read_manifest(cache_dir)
-        if not m or not m.get("complete"):
-            return False
-        RoutingCache.open(cache_dir)  # its numbers add up
+        cache = RoutingCache.open(cache_dir)  # refuses a missing, unfinished or inconsistent manifest
     except Exception:
-        return False
-    return all(m.get(k) == v for k, v in want.items() if k != "settings") and all(
+        return None
+    m = cache.manifest
+    same = all(m.get(k) == v for k, v in want.items() if k != "settings") and all(
         m["settings"].get(k) == v for k, v in want["settings"].items()
     )
+    return cache if same else None
 
 
 def _known_entries(idx_path: Path) -> dict[str, dict]:
@@ -246,8 +245,9 @@ def _reusable(ckpt: Checkpoint, datasets: Mapping[str, Any], model_id: dict, fin
         cdir = sweep_cache_dir(cache_root, model_name, ckpt, ds_name, keys[ds_name])
         want = {"dataset": ds_name, "data_fingerprint": fingerprints[ds_name], "settings": settings}
         last_paths[f"{ckpt.name}/{ds_name}"] = os.path.relpath(cdir, root)
-        if not force and _already_done(cdir, want):
-            done[ds_name] = RoutingCache.open(cdir)
+        cache = None if force else _complete_cache(cdir, want)
+        if cache is not None:
+            done[ds_name] = cache
             entries[last_paths[f"{ckpt.name}/{ds_name}"]] = _entry(ckpt, ds_name, done[ds_name], root, keys[ds_name])
         else:
             todo.append((ds_name, tokenized, cdir))
@@ -310,11 +310,10 @@ def sweep_checkpoints(
         done, todo, keys = _reusable(ckpt, datasets, model_id, fingerprints, settings, cache_root, model_name,
                                      idx_path.parent, entries, last_paths, force)
         w_path = router_weights_path(cache_root, model_name, ckpt)
-        need_weights = router_weights and (force or not _router_weights_ok(w_path))  # a damaged file is collected again
-        routers = None
-        if todo or need_weights:
+        routers = None if force or not router_weights else _stored_router_weights(w_path)
+        if todo or (router_weights and routers is None):
             wrapper = make_wrapper(ckpt)
-            if router_weights:
+            if router_weights:  # a loaded model is the authority on its routers
                 routers = wrapper.get_router_weights()
                 save_router_weights(w_path, routers)
             collector = ActivationCollector(wrapper, batch_size=batch_size, progress=progress)
@@ -326,7 +325,7 @@ def sweep_checkpoints(
             del collector, wrapper
             gc.collect()
         if router_weights:
-            weights.append(routers if routers is not None else load_router_weights(w_path))
+            weights.append(routers)
         for ds_name in datasets:
             caches[ds_name].append(done[ds_name])
     _write_index(idx_path, model_name, entries, order, last_paths)
