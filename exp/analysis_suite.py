@@ -27,8 +27,8 @@ from core.analysis.expert_alignment import ExpertAnalyzer
 from core.analysis.router_weights import RouterAnalyzer
 from core.analysis.routing_stats import RoutingStatsAccumulator
 from core.analysis.specialization import DomainSpecializationAccumulator
-from core.analysis.streaming import Accumulator, PerGroup, Pick, WhenRecorded, align, fold
-from core.analysis.vocabulary import VocabularyAccumulator
+from core.analysis.streaming import Accumulator, PerGroup, Pick, WhenRecorded, align, chunk_tokens, fold, rechunk
+from core.analysis.vocabulary import MAX_TOKEN_IDS, VocabularyAccumulator
 from core.collection.sweep import Sweep
 from core.routing_data import RoutingData
 from core.safe_io import to_jsonable
@@ -60,16 +60,33 @@ class RunResults:
 
 
 def sweep_stream(sweep: Sweep) -> Iterator[list[RoutingData]]:
-    """Every dataset's tokens, each as the same chunk at every checkpoint (the final last), read once."""
+    """Every dataset's tokens, each as the same chunk at every checkpoint (the final last), read once.
+
+    Shards are cut into chunks small enough that an analysis's dense view of one stays near
+    64 MB whatever the model's layers x experts (:func:`chunk_tokens`).
+    """
     for name in sweep.datasets:
-        yield from align(sweep.caches[name])
+        yield from rechunk(align(sweep.caches[name]), lambda c: chunk_tokens(c.num_layers, c.num_experts))
+
+
+def frequent_token_ids(tokenized: dict[str, TokenizedDataset], n: int = MAX_TOKEN_IDS) -> list[int]:
+    """The ``n`` most frequent token ids of the run's data (the ids vocabulary specialization tracks)."""
+    counts: np.ndarray = np.zeros(0, np.int64)
+    for tok in tokenized.values():
+        ids = tok.input_ids[tok.attention_mask.bool()].numpy().astype(np.int64)
+        c = np.bincount(ids)
+        counts = np.pad(counts, (0, max(0, len(c) - len(counts))))
+        counts[: len(c)] += c
+    order = np.argsort(-counts, kind="stable")
+    return [int(t) for t in order[:n] if counts[t] > 0]
 
 
 def routing_accumulators(sweep: Sweep, *, micro: bool, collaboration: bool, resamples: int = 200,
-                         seed: int = 0) -> dict[str, Accumulator]:
+                         seed: int = 0, frequent_ids: list[int] | None = None) -> dict[str, Accumulator]:
     """The streaming analyses of a run, each reading the final checkpoint's chunk (dynamics: all of them).
 
     The headline analyses keep what their nulls and intervals over documents need (``resamples``).
+    ``frequent_ids``: the token ids vocabulary specialization tracks (most frequent first).
     """
     r = dict(resamples=resamples, seed=seed)
     final: dict[str, Accumulator] = {
@@ -83,7 +100,8 @@ def routing_accumulators(sweep: Sweep, *, micro: bool, collaboration: bool, resa
         "domain_specialization": DomainSpecializationAccumulator("domain", permutations=resamples, **r),
         "dataset_specialization": DomainSpecializationAccumulator("dataset", permutations=0, resamples=0),
         "vocabulary_specialization": VocabularyAccumulator(min_count=5 if micro else 20,
-                                                           permutations=20 if resamples else 0, seed=seed),
+                                                           permutations=20 if resamples else 0, seed=seed,
+                                                           token_ids=frequent_ids),
         "routing_consistency": ConsistencyAccumulator(**r),
     }
     if collaboration:
@@ -137,7 +155,8 @@ def run_analyses(
         res.skipped["checkpoint_dynamics"] = "one checkpoint only: pass --checkpoints to study routing over training"
     if not collaboration:
         res.skipped["collaboration"] = "turned off (--no-collaboration)"
-    accs = routing_accumulators(sweep, micro=micro, collaboration=collaboration, resamples=resamples, seed=seed)
+    accs = routing_accumulators(sweep, micro=micro, collaboration=collaboration, resamples=resamples, seed=seed,
+                                frequent_ids=frequent_token_ids(tokenized) if tokenized else None)
     found = fold(sweep_stream(sweep), accs,
                  progress=progress, desc="analyses (one pass over the caches)", timings=res.timings)
     for name, fn in weight_analyses(wrapper, sweep, micro=micro, seed=seed):

@@ -22,6 +22,7 @@ from core.collection.checkpoints import (
     parse_checkpoint_name,
     select_checkpoints,
 )
+from core.collection.hub_disk import is_hub_repo, plan_text
 from core.collection.identity import weights_digest
 from core.collection.sweep import Sweep, sweep_checkpoints
 from core.model_access.wrapper import MoEModelWrapper
@@ -180,4 +181,19 @@ def collect_all(opts: RunOptions, target: ModelTarget, tokenized: dict[str, Toke
         target.checkpoints, tokenized, make_wrapper, cache_root, model_name=target.cache_key, batch_size=opts.batch_size,
         storage=opts.storage, shard_tokens=opts.shard_tokens, router_weights=True, progress=opts.progress,
         model_source=target.source, model_dtype=opts.dtype, device=opts.device, force=opts.recollect,
+        keep_checkpoints=opts.keep_checkpoints, announce=lambda ckpts: announce_downloads(opts, target, ckpts),
     )
+
+
+def announce_downloads(opts: RunOptions, target: ModelTarget, to_load: list[Checkpoint], say: Any = print) -> str | None:
+    """Before collecting: the download and disk use of the Hub revisions still to collect (finished ones need none).
+
+    Only for a Hub model's revisions (local folders download nothing). The final model the run
+    analyses is loaded before the sweep, so it counts as cached and is kept for the analyses.
+    """
+    revisions = [c.revision for c in to_load if c.path is None]
+    if target.embedded or not revisions or not is_hub_repo(target.source) or not opts.progress:
+        return None
+    text = plan_text(target.source, revisions, keep=opts.keep_checkpoints)
+    say(text)
+    return text

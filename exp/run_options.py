@@ -35,6 +35,7 @@ class RunOptions:
     storage: str = "full"  # "full" (logits fp16) or "compact" (indices and weights only)
     shard_tokens: int = 65_536  # tokens per cache shard: what the analyses hold in memory per checkpoint
     recollect: bool = False  # collect again even where a cache of the same identity is complete
+    keep_checkpoints: bool = False  # keep Hub revisions in the HF cache after collection (default: free what the sweep downloaded)
     device: str = "cpu"
     dtype: str | None = None
     trust_remote_code: bool = False
@@ -110,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--shard-tokens", type=int, help="tokens per cache shard (memory per checkpoint during analysis)")
     ap.add_argument("--recollect", action="store_true", default=None,
                     help="collect routing again even where a cache of the same model, data and settings exists")
+    ap.add_argument("--keep-checkpoints", action="store_true", default=None,
+                    help="keep every Hub checkpoint in the Hugging Face cache after its routing is collected (about 14 GB "
+                    "each for OLMoE); by default each revision the sweep downloaded is deleted once collected, and "
+                    "revisions you had cached before are never deleted")
     ap.add_argument("--device", help="cpu, cuda, cuda:1, ...")
     ap.add_argument("--dtype", help="float32, bfloat16, float16 or auto")
     ap.add_argument("--trust-remote-code", action="store_true", default=None)
@@ -164,6 +169,8 @@ def make_options(**kwargs: Any) -> RunOptions:
         raise OptionsError(f"static must be png, svg, pdf or none, not {opts.static!r}")
     if opts.storage not in ("full", "compact"):
         raise OptionsError(f"storage must be 'full' or 'compact', not {opts.storage!r}")
+    if not isinstance(opts.keep_checkpoints, bool):
+        raise OptionsError(f"keep_checkpoints must be true or false, not {opts.keep_checkpoints!r}")
     if opts.resamples < 0:
         raise OptionsError(f"resamples must be 0 or more, not {opts.resamples}")
     for name in ("batch_size", "max_checkpoints", "max_tokens", "num_samples", "max_length", "ablation_tokens"):

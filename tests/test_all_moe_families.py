@@ -70,3 +70,14 @@ def test_family_traced_routing_equals_model_outputs(model_type: str):
     for i, j in enumerate(matched):
         torch.testing.assert_close(routing.router_logits[:, i], ref[j][keep], rtol=0, atol=1e-6,
                                    msg=lambda m: f"{model_type} layer {w.moe_layers[i]}: {m}")
+
+    # the nnsight trace (what runs remotely) records exactly what the local hooks record
+    hidden = (0, len(w.model.layers) - 1)
+    by_hooks = w.trace_routing(ids, mask, hidden_layers=hidden)
+    w.engine = "nnsight"
+    by_nnsight = w.trace_routing(ids, mask, hidden_layers=hidden)
+    for name in ("router_logits", "topk_idx", "topk_weight", "token_ids", "positions"):
+        assert torch.equal(getattr(by_hooks, name), getattr(by_nnsight, name)), f"{model_type}: {name} differs between engines"
+    assert by_hooks.hidden.keys() == by_nnsight.hidden.keys() == set(hidden)
+    for layer in hidden:
+        assert torch.equal(by_hooks.hidden[layer], by_nnsight.hidden[layer]), f"{model_type}: hidden state {layer} differs"

@@ -52,3 +52,27 @@ def test_single_path_has_zero_entropy_and_bad_layers_error():
     assert routing_paths(rd).entropy == 0.0
     with pytest.raises(ValueError, match="positions"):
         routing_paths(rd, layers=[5])
+
+
+def test_paths_past_max_paths_keep_the_frequent_ones_in_bounded_memory():
+    """16 layers x 64 experts: almost every token has its own path; the counter must not grow with the tokens."""
+    import torch
+
+    from core.analysis.coactivation import RoutingPathsAccumulator
+    from core.routing_data import RoutingData
+
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, 64, (20_000, 16, 1), generator=g)
+    idx[::10] = 5  # one planted path taken by a tenth of the tokens
+    idx[1::25] = 7  # and another by a twenty-fifth
+    rd = RoutingData(moe_layers=list(range(16)), num_experts=64, top_k=1, topk_idx=idx, topk_weight=torch.ones(idx.shape))
+    acc = RoutingPathsAccumulator(max_paths=500)
+    for chunk in rd.iter_chunks(2000):
+        acc.update(chunk)
+        assert len(acc.counter) <= 2 * 500
+    res, exact = acc.result(), routing_paths(rd)
+    assert exact.exact and not res.exact and res.pruned_tokens > 0
+    assert res.top_paths[:2] == exact.top_paths[:2] == [(5,) * 16, (7,) * 16]
+    assert res.top_counts[:2] == exact.top_counts[:2] == [2000, 800]
+    assert res.entropy >= exact.entropy - 1e-9 and abs(res.entropy - exact.entropy) < 0.01
+    assert res.num_unique == exact.num_unique

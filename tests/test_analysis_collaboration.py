@@ -145,3 +145,30 @@ def test_unlabelled_tokens_do_not_count_for_any_domain():
     assert spec.tokens.sum() == rd.num_tokens - 5 and len(spec.group_names) == len(rd.domain_names)
     last = len(rd.domain_names) - 1
     assert spec.tokens[last] == (rd.domain_ids == last).sum().item()
+
+
+def test_many_tokens_stay_in_a_bounded_reservoir_and_still_recover_the_groups():
+    """Past ``batch_threshold`` sampled tokens the dictionary streams; memory stops at ``max_rows`` rows."""
+    rd, groups = _planted(n_per=600)
+    miner = CollaborationMiner(sample_ratio=0.5, n_components=G, n_meta_components=2, top_k=3, alpha=0.05,
+                               batch_threshold=200, max_rows=300)
+    acc = miner.accumulator()
+    for chunk in rd.iter_chunks(100):
+        acc.update(chunk)
+        assert acc.rows.shape[0] <= 300
+    assert acc.sampled == G * 600 // 2 and acc.learner is not None
+    res = acc.result()
+    assert res.num_tokens_sampled == G * 300 and any("reservoir of 300" in n for n in res.notes)
+    # the reservoir is a uniform sample: every group is present in about its share
+    shares = np.bincount(acc.groups, minlength=G) / 300
+    assert np.all(np.abs(shares - 1 / G) < 0.1), shares
+    found = set()
+    for k in range(G):
+        units = {(rd.moe_layers.index(l), e) for l, e, _ in res.pattern_units(k, n=L * K)}
+        found.add(max(range(G), key=lambda g: len(units & set(groups[g]))))
+    assert found == set(range(G))
+
+
+def test_reservoir_must_hold_the_batch_sample():
+    with pytest.raises(ValueError, match="max_rows"):
+        CollaborationMiner(batch_threshold=5000, max_rows=100)

@@ -155,3 +155,18 @@ def test_resume_deletes_only_files_the_cache_wrote(tmp_path):
     (tmp_path / "shard-00099.safetensors").write_bytes(b"left by a crash")  # a shard name the writer uses, never committed
     ActivationCollector(FakeWrapper(), progress=False).collect(make_rows(12, 9), tmp_path, batch_size=2, shard_tokens=10)
     assert all(f.exists() for f in mine) and not (tmp_path / "shard-00099.safetensors").exists()
+
+
+def test_an_in_memory_model_edited_in_place_gets_a_new_identity():
+    """The digest is kept on the wrapper for speed, but not past a change to a weight."""
+    from core.collection.identity import wrapper_identity
+
+    model = build("olmoe", seed=1)
+    w = MoEModelWrapper(model)
+    first = wrapper_identity(w)
+    assert wrapper_identity(w) == first
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    changed = wrapper_identity(w)
+    assert changed["weights"] != first["weights"]
+    assert changed["weights"] == state_dict_digest(model)

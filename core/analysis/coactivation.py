@@ -86,6 +86,9 @@ class RoutingPaths(ResultMixin):
     ``entropy`` is in nats; ``entropy_norm`` divides it by ``log(min(E**L, num_tokens))``, the
     largest entropy the sample could show (all paths distinct, or all possible paths equally
     often), so 1 means as diverse as possible and 0 means every token takes one path.
+    ``exact`` is False when more than ``max_paths`` distinct paths were seen: the rarest were then
+    dropped as the counts streamed (``pruned_tokens`` tokens), each counted as a path of its own,
+    so ``entropy`` is an upper bound and ``num_unique`` approximate; the top paths stay counted.
     """
 
     layers: list[int]  # model layer indices of the path's steps
@@ -97,6 +100,8 @@ class RoutingPaths(ResultMixin):
     top_paths: list[tuple[int, ...]]
     top_counts: list[int]
     top_shares: list[float]
+    exact: bool = True
+    pruned_tokens: int = 0
 
     def table(self) -> pd.DataFrame:
         """The most common paths as a table: path, count, share."""
@@ -106,15 +111,24 @@ class RoutingPaths(ResultMixin):
 
 
 class RoutingPathsAccumulator(RoutingAccumulator):
-    """Streaming count of top-1 paths over ``layers`` (positions into ``moe_layers``; default all)."""
+    """Streaming count of top-1 paths over ``layers`` (positions into ``moe_layers``; default all).
+
+    At OLMoE's 16 layers x 64 experts nearly every token takes a path of its own, so an exact
+    count grows with the tokens; past ``max_paths`` distinct paths the counter keeps the
+    ``max_paths`` most frequent and drops the rest (see :class:`RoutingPaths`). Memory: at most
+    ``2 x max_paths`` paths (about 60 MB at 16 layers with the default).
+    """
 
     name = "the routing-path analysis"
     needs = ("topk_idx",)
 
-    def __init__(self, layers: Sequence[int] | None = None, top_n: int = 20) -> None:
+    def __init__(self, layers: Sequence[int] | None = None, top_n: int = 20, max_paths: int = 100_000) -> None:
         super().__init__()
-        self.layers, self.top_n = layers, top_n
+        if max_paths < top_n:
+            raise ValueError(f"max_paths ({max_paths}) must be at least top_n ({top_n})")
+        self.layers, self.top_n, self.max_paths = layers, top_n, max_paths
         self.counter: Counter = Counter()
+        self.pruned_tokens = self.pruned_paths = 0
 
     def _start(self) -> None:
         L = self.layout.num_layers
@@ -125,12 +139,17 @@ class RoutingPathsAccumulator(RoutingAccumulator):
 
     def _add(self, chunk: RoutingData) -> None:
         uniq, cnt = np.unique(top1_np(chunk)[:, self.sel], axis=0, return_counts=True)
-        for row, c in zip(uniq, cnt):
-            self.counter[tuple(int(v) for v in row)] += int(c)
+        for row, c in zip(uniq.tolist(), cnt.tolist()):
+            self.counter[tuple(row)] += c
+        if len(self.counter) > 2 * self.max_paths:
+            kept = dict(self.counter.most_common(self.max_paths))
+            self.pruned_tokens += sum(self.counter.values()) - sum(kept.values())
+            self.pruned_paths += len(self.counter) - len(kept)
+            self.counter = Counter(kept)
 
     def _result(self) -> RoutingPaths:
         E, n = self.layout.num_experts, self.num_tokens
-        p = np.array(list(self.counter.values()), dtype=np.float64) / n
+        p = np.array(list(self.counter.values()) + [1] * self.pruned_tokens, dtype=np.float64) / n
         ent = float(entropy(p))
         max_ent = min(len(self.sel) * np.log(E), np.log(n)) if E > 1 else 0.0
         top = self.counter.most_common(self.top_n)
@@ -138,12 +157,14 @@ class RoutingPathsAccumulator(RoutingAccumulator):
             layers=[self.layout.moe_layers[i] for i in self.sel],
             num_experts=E,
             num_tokens=n,
-            num_unique=len(self.counter),
+            num_unique=len(self.counter) + self.pruned_paths,
             entropy=ent,
             entropy_norm=ent / max_ent if max_ent > 0 else 0.0,
             top_paths=[k for k, _ in top],
             top_counts=[v for _, v in top],
             top_shares=[v / n for _, v in top],
+            exact=self.pruned_tokens == 0,
+            pruned_tokens=self.pruned_tokens,
         )
 
 

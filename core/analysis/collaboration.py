@@ -29,6 +29,8 @@ from core.analysis.specialization import DomainSpecialization, DomainSpecializat
 from core.analysis.streaming import RoutingAccumulator, as_chunks, fold_one, group_ids, require
 from core.routing_data import RoutingData
 
+BATCH_ROWS = 256  # rows per mini-batch update of the dictionary
+
 
 @dataclass
 class ActivationMatrix:
@@ -92,8 +94,11 @@ class CollaborationMiner:
     ``n_components`` patterns, ``n_meta_components`` meta-patterns, ``alpha`` sparsity.
     ``activation_threshold``: with ``threshold_rule="relative"`` (default) a fraction of the uniform
     share (1/k of the token's selected weight); with "absolute" a weight, as in seed 003.
-    Uses batch ``DictionaryLearning`` up to ``batch_threshold`` sampled tokens, else the
-    mini-batch variant.
+    Uses batch ``DictionaryLearning`` up to ``batch_threshold`` sampled tokens. Beyond that,
+    memory stays bounded whatever the number of tokens: every sampled token updates a
+    ``MiniBatchDictionaryLearning`` by ``partial_fit`` as the chunks stream past, and a uniform
+    reservoir of at most ``max_rows`` sampled tokens is kept to refine the dictionary and to
+    measure each domain's codes. Memory: ``max_rows x L x E`` float32 (82 MB at OLMoE's 16 x 64).
     """
 
     def __init__(
@@ -110,6 +115,7 @@ class CollaborationMiner:
         max_iter: int = 200,
         batch_threshold: int = 5000,
         threshold_rule: Literal["relative", "absolute"] = "relative",
+        max_rows: int = 20_000,
     ) -> None:
         if not 0 < sample_ratio <= 1:
             raise ValueError(f"sample_ratio must be in (0, 1], got {sample_ratio}")
@@ -121,6 +127,8 @@ class CollaborationMiner:
             raise ValueError(f"weight must be 'topk_weight' or 'probs', got {weight!r}")
         if by not in ("domain", "dataset"):
             raise ValueError(f"by must be 'domain' or 'dataset', got {by!r}")
+        if max_rows < batch_threshold:
+            raise ValueError(f"max_rows ({max_rows}) must be at least batch_threshold ({batch_threshold})")
         if n_components < 1 or not 1 <= n_meta_components <= n_components:
             raise ValueError(f"need 1 <= n_meta_components <= n_components, got {n_meta_components}, {n_components}")
         self.activation_threshold = activation_threshold
@@ -135,6 +143,7 @@ class CollaborationMiner:
         self.max_iter = max_iter
         self.batch_threshold = batch_threshold
         self.threshold_rule = threshold_rule
+        self.max_rows = max_rows
 
     def params(self) -> dict:
         return dict(vars(self))
@@ -184,25 +193,39 @@ class CollaborationMiner:
             "random_state": self.random_seed,
         }
 
-    def _learner(self, n_components: int, n_rows: int):
+    def _learner(self, n_components: int, n_rows: int, init: np.ndarray | None = None):
         kw = self._learner_kwargs(n_components, self.alpha)
-        if n_rows <= self.batch_threshold:
+        if n_rows <= self.batch_threshold and init is None:
             return DictionaryLearning(**kw)
-        return MiniBatchDictionaryLearning(batch_size=256, **kw)
+        if init is not None and init.shape[0] == n_components:
+            kw["dict_init"] = init
+        return MiniBatchDictionaryLearning(batch_size=BATCH_ROWS, **kw)
+
+    def streaming_learner(self) -> MiniBatchDictionaryLearning:
+        """The learner every sampled token updates with ``partial_fit`` while the chunks stream past."""
+        return MiniBatchDictionaryLearning(batch_size=BATCH_ROWS, **self._learner_kwargs(self.n_components, self.alpha))
 
     def fit(self, routing: RoutingData | Iterable[RoutingData]) -> CollaborationResult:
         """Mine co-activation patterns, their hierarchy, domain specificity and top experts per domain."""
         return fold_one(routing, self.accumulator())
 
-    def fit_matrix(self, am: ActivationMatrix, spec: DomainSpecialization) -> CollaborationResult:
-        """Mine the patterns of a sampled activation matrix; ``spec`` is the specialization of all tokens seen."""
+    def fit_matrix(self, am: ActivationMatrix, spec: DomainSpecialization, init: np.ndarray | None = None,
+                   num_sampled: int | None = None) -> CollaborationResult:
+        """Mine the patterns of a sampled activation matrix; ``spec`` is the specialization of all tokens seen.
+
+        ``init``: a dictionary already learned from every sampled token (``num_sampled`` of them),
+        refined here on the matrix (a reservoir of them).
+        """
         X, g = am.values.astype(np.float64), am.groups
         L, E = len(am.moe_layers), am.num_experts
         notes = []
         K = min(self.n_components, X.shape[0])
         if K < self.n_components:
             notes.append(f"only {X.shape[0]} sampled tokens: learned {K} patterns instead of {self.n_components}")
-        learner = self._learner(K, X.shape[0])
+        if num_sampled is not None and num_sampled > X.shape[0]:
+            notes.append(f"patterns learned from all {num_sampled} sampled tokens as they streamed past, refined and "
+                         f"measured on a uniform reservoir of {X.shape[0]} of them")
+        learner = self._learner(K, X.shape[0], init)
         raw_codes, bad1 = _fit_transform(learner, X)
         norms = np.linalg.norm(learner.components_, axis=1, keepdims=True)
         atoms = learner.components_ / np.clip(norms, 1e-12, None)
@@ -238,7 +261,7 @@ class CollaborationMiner:
             num_experts=E,
             group_names=spec.group_names,
             num_tokens_seen=am.num_tokens_seen,
-            num_tokens_sampled=int(X.shape[0]),
+            num_tokens_sampled=int(num_sampled if num_sampled is not None else X.shape[0]),
             atoms=atoms.reshape(K, L, E),
             usage=codes.mean(0),
             domain_activation=dom_act,
@@ -269,7 +292,11 @@ def _fit_transform(estimator, X: np.ndarray) -> tuple[np.ndarray, int]:
 
 
 class CollaborationAccumulator(RoutingAccumulator):
-    """Samples each chunk's tokens into the activation matrix (and counts domain specialization over all of them)."""
+    """Samples each chunk's tokens (and counts domain specialization over all of them), in bounded memory.
+
+    Sampled rows go to a uniform reservoir of at most ``max_rows`` (Algorithm R) and, once more
+    than ``batch_threshold`` have been sampled, to the streaming dictionary learner in batches.
+    """
 
     needs = ("topk_idx",)
 
@@ -279,8 +306,11 @@ class CollaborationAccumulator(RoutingAccumulator):
         self.name = f"collaboration mining by {miner.by}"
         self.rng = np.random.default_rng(miner.random_seed)
         self.spec = DomainSpecializationAccumulator(miner.by)
-        self.rows: list[np.ndarray] = []
-        self.groups: list[np.ndarray] = []
+        self.rows: np.ndarray | None = None  # reservoir [<= max_rows, L*E] float32
+        self.groups = np.zeros(0, np.int64)
+        self.sampled = 0
+        self.learner: MiniBatchDictionaryLearning | None = None
+        self.pending: list[np.ndarray] = []  # rows not yet given to the streaming learner (< BATCH_ROWS)
 
     def _add(self, chunk: RoutingData) -> None:
         ids = group_ids(chunk, self.miner.by)
@@ -289,15 +319,54 @@ class CollaborationAccumulator(RoutingAccumulator):
         if m == 0:
             return
         pick = np.sort(self.rng.choice(chunk.num_tokens, size=m, replace=False))
-        self.rows.append(self.miner._activations(chunk.select(torch.from_numpy(pick.astype(np.int64)))).astype(np.float32))
-        self.groups.append(ids[pick])
+        x = self.miner._activations(chunk.select(torch.from_numpy(pick.astype(np.int64)))).astype(np.float32)
+        before = self.sampled
+        self._reservoir(x, ids[pick])
+        self.sampled += m
+        if self.sampled > self.miner.batch_threshold:
+            self._stream(x, before)
+
+    def _reservoir(self, x: np.ndarray, g: np.ndarray) -> None:
+        cap = self.miner.max_rows
+        if self.rows is None:
+            self.rows = np.zeros((0, x.shape[1]), np.float32)
+        room = max(0, cap - len(self.rows))
+        if room:
+            self.rows = np.concatenate([self.rows, x[:room]])
+            self.groups = np.concatenate([self.groups, g[:room]])
+        rest = np.arange(room, len(x))
+        if len(rest):
+            slot = self.rng.integers(0, self.sampled + rest + 1)  # row t replaces a random earlier one with p = cap/(t+1)
+            take = slot < cap
+            slot, rest = slot[take], rest[take]
+            last = len(slot) - 1 - np.unique(slot[::-1], return_index=True)[1]  # a slot drawn twice keeps the later row
+            self.rows[slot[last]] = x[rest[last]]
+            self.groups[slot[last]] = g[rest[last]]
+
+    def _stream(self, x: np.ndarray, before: int) -> None:
+        """Give sampled rows to the streaming learner in full batches.
+
+        On the first call the ``before`` rows sampled earlier go too: the reservoir still holds them all.
+        """
+        if self.learner is None:
+            self.learner = self.miner.streaming_learner()
+            x = np.concatenate([self.rows[:before], x])
+        self.pending.append(x)
+        buf = np.concatenate(self.pending)
+        full = len(buf) // BATCH_ROWS * BATCH_ROWS
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            for lo in range(0, full, BATCH_ROWS):
+                self.learner.partial_fit(buf[lo: lo + BATCH_ROWS].astype(np.float64))
+        self.pending = [buf[full:]]
 
     def matrix(self) -> ActivationMatrix:
-        if self.layout is None or not self.rows:
+        if self.layout is None or self.rows is None or not len(self.rows):
             raise ValueError("no tokens were sampled for collaboration mining (empty routing or too small sample_ratio)")
         names = self.domain_names if self.miner.by == "domain" else self.dataset_names
-        return ActivationMatrix(np.concatenate(self.rows), np.concatenate(self.groups), list(self.layout.moe_layers),
-                                self.layout.num_experts, names, self.num_tokens)
+        return ActivationMatrix(self.rows, self.groups, list(self.layout.moe_layers), self.layout.num_experts, names,
+                                self.num_tokens)
 
     def _result(self) -> CollaborationResult:
-        return self.miner.fit_matrix(self.matrix(), self.spec.result())
+        init = getattr(self.learner, "components_", None) if self.learner is not None else None
+        return self.miner.fit_matrix(self.matrix(), self.spec.result(), init=init, num_sampled=self.sampled)

@@ -16,6 +16,7 @@ an aligned stream), and :func:`align` zips the same tokens at several checkpoint
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -129,6 +130,60 @@ def require(rd: RoutingData, *names: str, why: str = "this analysis") -> None:
     missing = [n for n in names if getattr(rd, n) is None]
     if missing:
         raise ValueError(f"{why} needs routing with {', '.join(missing)} recorded; this routing has none")
+
+
+CHUNK_FLOATS = 8_000_000  # a dense [tokens, L, E] float64 view of one chunk stays near 64 MB
+
+
+def chunk_tokens(num_layers: int, num_experts: int) -> int:
+    """Tokens per chunk such that one dense ``[tokens, L, E]`` array of it stays within ``CHUNK_FLOATS``."""
+    return max(256, CHUNK_FLOATS // max(1, num_layers * num_experts))
+
+
+def rechunk(stream: Iterable[Any], max_tokens: int | Callable[[RoutingData], int]) -> Iterator[Any]:
+    """The same tokens in chunks of at most ``max_tokens`` (a number, or one computed from the first chunk).
+
+    Items are RoutingData chunks or aligned lists of them (from :func:`align`); a list is cut at
+    the same token offsets in every checkpoint. What an accumulator holds while it works on a
+    chunk (dense selection masks, feature matrices) then no longer scales with the shard size.
+    """
+    size = max_tokens if isinstance(max_tokens, int) else None
+    for item in stream:
+        first = item[-1] if isinstance(item, (list, tuple)) else item
+        if size is None:
+            size = max(1, int(max_tokens(first)))
+        n = first.num_tokens
+        if n <= size:
+            yield item
+            continue
+        for lo in range(0, n, size):
+            part = slice(lo, min(n, lo + size))
+            yield [c.select(part) for c in item] if isinstance(item, (list, tuple)) else item.select(part)
+
+
+def state_nbytes(obj: Any, _seen: set[int] | None = None) -> int:
+    """Bytes of the arrays an object holds (numpy, torch, scipy sparse), through attributes, lists and dicts.
+
+    The measure of an accumulator's memory: what it keeps between chunks.
+    """
+    seen = _seen if _seen is not None else set()
+    if id(obj) in seen or obj is None or isinstance(obj, (str, bytes, int, float, bool)):
+        return 0
+    seen.add(id(obj))
+    if isinstance(obj, np.ndarray):
+        return obj.nbytes
+    if isinstance(obj, torch.Tensor):
+        return obj.element_size() * obj.nelement()
+    if hasattr(obj, "data") and hasattr(obj, "indices") and hasattr(obj, "indptr"):  # scipy sparse
+        return obj.data.nbytes + obj.indices.nbytes + obj.indptr.nbytes
+    if isinstance(obj, Mapping):  # Python containers: their own size, and tuple keys (counted paths)
+        keys = sum(sys.getsizeof(k) for k in obj if isinstance(k, tuple))
+        return sys.getsizeof(obj) + keys + sum(state_nbytes(v, seen) for v in obj.values())
+    if isinstance(obj, (list, tuple, set)):
+        return sys.getsizeof(obj) + sum(state_nbytes(v, seen) for v in obj)
+    if hasattr(obj, "__dict__"):
+        return sum(state_nbytes(v, seen) for v in vars(obj).values())
+    return 0
 
 
 class RoutingAccumulator:

@@ -5,8 +5,14 @@ experts, so it sits well above k/E even under random routing when a token id is 
 times. Its null is therefore the same statistic on shuffled data: token ids permuted among the
 tokens of each chunk and domain (occurrence counts unchanged, any link between a token id and
 its experts broken). Intervals leave one document block out at a time (jackknife): a bootstrap
-would count documents twice, which makes every token id look more concentrated. The vocabulary is large
-(50k for OLMoE), so counts are kept sparse (token id x (layer, expert)).
+would count documents twice, which makes every token id look more concentrated.
+
+The vocabulary is large (50k for OLMoE) and counts per (token id, layer, expert) kept for every
+id would grow with the number of tokens read, once per document block and once per null
+shuffle. So a fixed set of token ids is tracked: the ``max_token_ids`` most frequent ids when
+the caller knows them (the main run counts its tokenized data), else the first ids seen. Memory:
+``(16 + permutations) x max_token_ids x L x E`` int32 counts plus one occurrence count per id of
+the vocabulary, whatever the number of tokens (151 MB at OLMoE's 16 x 64 with the defaults).
 """
 
 from __future__ import annotations
@@ -15,7 +21,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
-import scipy.sparse as sp
 
 from core.analysis.resampling import (Estimate, block_of, document_keys, jackknife_interval, jackknife_weights,
                                       permutation_estimate, permute_within)
@@ -25,6 +30,7 @@ from core.routing_data import RoutingData
 
 NULL_NAME = "token ids shuffled within domain"
 BLOCKS = 16  # document blocks for the interval (the counts are kept once per block)
+MAX_TOKEN_IDS = 1024
 
 
 @dataclass
@@ -51,100 +57,129 @@ class VocabularySpecialization(ResultMixin):
     floor: float
     permutations: int
     estimate: Estimate | None
+    tracked_token_ids: int = 0  # how many ids had counts kept
+    untracked_frequent_ids: int = 0  # ids seen >= min_count times that were not tracked (left out of the mean)
 
 
-def _counts(rows: np.ndarray, sel: tuple[np.ndarray, np.ndarray, np.ndarray], shape: tuple[int, int]) -> sp.csr_matrix:
-    """Sparse (row, layer x expert) counts of the selections ``sel`` = (token index, column, weight)."""
-    r, c, v = sel
-    return sp.csr_matrix((v, (rows[r], c)), shape=shape)
-
-
-def _grow(acc: sp.csr_matrix | None, part: sp.csr_matrix) -> sp.csr_matrix:
-    if acc is None:
-        return part
-    rows = max(acc.shape[0], part.shape[0])
-    acc.resize((rows, part.shape[1]))
-    part.resize((rows, part.shape[1]))
-    return acc + part
+def _scatter(dst: np.ndarray, index: np.ndarray, weights: np.ndarray) -> None:
+    """``dst.flat[index] += weights``, by bincount when the indices are many, else in place."""
+    flat = dst.reshape(-1)
+    if len(index) > flat.size // 8:
+        flat += np.bincount(index, weights=weights, minlength=flat.size).astype(flat.dtype)
+    else:
+        np.add.at(flat, index, weights.astype(flat.dtype))
 
 
 class VocabularyAccumulator(RoutingAccumulator):
-    """Sparse (token id x block, layer x expert) counts, and the same counts under ``permutations`` shuffles."""
+    """Dense (tracked token id, layer x expert) counts per document block, and under ``permutations`` shuffles.
+
+    ``token_ids``: the ids to track (the most frequent first); without them, the first
+    ``max_token_ids`` ids seen are tracked. Memory is fixed at the start (see the module docstring).
+    """
 
     name = "the vocabulary specialization"
     needs = ("topk_idx", "token_ids")
 
-    def __init__(self, min_count: int = 20, permutations: int = 20, seed: int = 0) -> None:
+    def __init__(self, min_count: int = 20, permutations: int = 20, seed: int = 0,
+                 token_ids: Iterable[int] | None = None, max_token_ids: int = MAX_TOKEN_IDS) -> None:
         if min_count < 1:
             raise ValueError(f"min_count must be >= 1, got {min_count}")
+        if max_token_ids < 1:
+            raise ValueError(f"max_token_ids must be >= 1, got {max_token_ids}")
         super().__init__()
         self.min_count, self.permutations, self.seed = min_count, permutations, seed
-        self.acc: sp.csr_matrix | None = None  # rows token_id * BLOCKS + block
-        self.null: list[sp.csr_matrix | None] = [None] * permutations
-        self.occ = np.zeros((0, BLOCKS))  # occurrences per (token id, block)
+        ids = None if token_ids is None else list(dict.fromkeys(int(t) for t in token_ids))[:max_token_ids]
+        self.capacity = max_token_ids if ids is None else len(ids)
+        self.ids = np.asarray(ids if ids is not None else [], np.int64)  # slot -> token id
+        self.fixed = ids is not None
+        self.slot = np.full(0, -1, np.int64)  # token id -> slot (-1: not tracked)
+        self.seen = np.zeros(0, np.int64)  # occurrences of every token id, tracked or not
         self.chunks = 0
+
+    def _start(self) -> None:
+        LE = self.layout.num_layers * self.layout.num_experts
+        self.counts = np.zeros((BLOCKS, self.capacity, LE), np.int32)
+        self.occ = np.zeros((BLOCKS, self.capacity), np.int64)
+        self.null = np.zeros((self.permutations, self.capacity, LE), np.int32)
+
+    def _grow_vocab(self, V: int) -> None:
+        if len(self.seen) < V:
+            self.seen = np.concatenate([self.seen, np.zeros(V - len(self.seen), np.int64)])
+            self.slot = np.concatenate([self.slot, np.full(V - len(self.slot), -1, np.int64)])
+            inside = self.ids < V
+            self.slot[self.ids[inside]] = np.nonzero(inside)[0]
+
+    def _admit(self, tok: np.ndarray) -> None:
+        """Without a fixed set, new ids take free slots in order of first appearance."""
+        free = self.capacity - len(self.ids)
+        if self.fixed or free <= 0:
+            return
+        first = np.unique(tok, return_index=True)
+        new = first[0][np.argsort(first[1])]
+        new = new[self.slot[new] < 0][:free]
+        self.slot[new] = np.arange(len(self.ids), len(self.ids) + len(new))
+        self.ids = np.concatenate([self.ids, new])
 
     def _add(self, chunk: RoutingData) -> None:
         tok = chunk.token_ids.numpy().astype(np.int64)
+        self._grow_vocab(int(tok.max()) + 1)
+        self._admit(tok)
+        np.add.at(self.seen, tok, 1)
         m = selection_np(chunk).reshape(chunk.num_tokens, -1)
-        V = int(tok.max()) + 1
-        blocks = block_of(document_keys(chunk), BLOCKS)
+        LE, S = m.shape[1], self.capacity
         r, c = np.nonzero(m)
-        sel = (r, c, m[r, c])
-        self.acc = _grow(self.acc, _counts(tok * BLOCKS + blocks, sel, (V * BLOCKS, m.shape[1])))
-        if self.occ.shape[0] < V:
-            self.occ = np.concatenate([self.occ, np.zeros((V - self.occ.shape[0], BLOCKS))])
-        np.add.at(self.occ, (tok, blocks), 1)
+        v = m[r, c]
+        blocks = block_of(document_keys(chunk), BLOCKS)
+        s = self.slot[tok]
+        ok = s[r] >= 0
+        _scatter(self.counts, (blocks[r[ok]] * S + s[r[ok]]) * LE + c[ok], v[ok])
+        t = s >= 0
+        np.add.at(self.occ, (blocks[t], s[t]), 1)
         groups = chunk.domain_ids.numpy() if chunk.domain_ids is not None else np.zeros(len(tok), np.int64)
         for p in range(self.permutations):
             rng = np.random.default_rng([self.seed, p, self.chunks])
-            shuffled = tok[permute_within(groups, rng)]
-            self.null[p] = _grow(self.null[p], _counts(shuffled, sel, (V, m.shape[1])))
+            sh = s[permute_within(groups, rng)][r]  # the slot of the token id now standing at each selection
+            ok = sh >= 0
+            _scatter(self.null[p], sh[ok] * LE + c[ok], v[ok])
         self.chunks += 1
 
     def _result(self) -> VocabularySpecialization:
         layers, E, k = list(self.layout.moe_layers), self.layout.num_experts, self.layout.top_k
-        L, V = len(layers), self.occ.shape[0]
-        coo = self.acc.tocoo()
-        totals = sp.csr_matrix((coo.data, (coo.row // BLOCKS, coo.col)), shape=(V, L * E))
-        occ_all = self.occ.sum(1)
+        L, S = len(layers), len(self.ids)
+        occ_all = self.occ.sum(0)[:S]
         keep = np.nonzero(occ_all >= self.min_count)[0]
         occ = occ_all[keep]
-        dense = totals[keep].toarray().reshape(len(keep), L, E)
+        dense = self.counts.sum(0, dtype=np.int64)[keep].reshape(len(keep), L, E)
         pref, conc = dense.argmax(-1), dense.max(-1) / np.clip(occ[:, None], 1, None)
+        tracked = np.zeros(len(self.seen), bool)
+        tracked[self.ids[self.ids < len(self.seen)]] = True
+        extra = dict(tracked_token_ids=S, untracked_frequent_ids=int(((self.seen >= self.min_count) & ~tracked).sum()))
         if not len(keep):
             nan = np.full(L, np.nan)
-            return VocabularySpecialization(layers, E, k, self.min_count, keep, occ, pref, conc, nan, nan, k / E,
-                                            self.permutations, None)
+            return VocabularySpecialization(layers, E, k, self.min_count, self.ids[keep], occ, pref, conc, nan, nan, k / E,
+                                            self.permutations, None, **extra)
         est, null_mean = None, np.full(L, np.nan)
         if self.permutations:
-            null = np.stack([self._null_mean(p, keep, occ) for p in range(self.permutations)])
+            null = np.stack([(self.null[p][keep].reshape(len(keep), L, E).max(-1) / occ[:, None]).mean(0)
+                             for p in range(self.permutations)])
             value, loo = self._replicates(keep)
             est = permutation_estimate(value, jackknife_interval(value, loo), null, NULL_NAME, len(loo))
             null_mean = null.mean(0)
-        return VocabularySpecialization(layers, E, k, self.min_count, keep, occ, pref, conc, conc.mean(0), null_mean,
-                                        k / E, self.permutations, est)
-
-    def _null_mean(self, p: int, keep: np.ndarray, occ: np.ndarray) -> np.ndarray:
-        L, E = self.layout.num_layers, self.layout.num_experts
-        c = self.null[p]
-        c.resize((self.occ.shape[0], c.shape[1]))
-        dense = c[keep].toarray().reshape(len(keep), L, E)
-        return (dense.max(-1) / occ[:, None]).mean(0)
+        return VocabularySpecialization(layers, E, k, self.min_count, self.ids[keep], occ, pref, conc, conc.mean(0),
+                                        null_mean, k / E, self.permutations, est, **extra)
 
     def _replicates(self, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Mean concentration on all document blocks and with each block left out once, over the kept token ids."""
         L, E = self.layout.num_layers, self.layout.num_experts
-        self.acc.resize((self.occ.shape[0] * BLOCKS, L * E))
-        used = self.occ.sum(0) > 0
+        used = self.occ.sum(1) > 0
         w = np.concatenate([used[None].astype(float), jackknife_weights(used)])  # [1 + B_used, B]
         num, den = np.zeros((len(w), L)), np.zeros(len(w))
         step = max(1, 4_000_000 // (BLOCKS * L * E + len(w) * L * E))
-        for s in range(0, len(keep), step):
-            ids = keep[s : s + step]
-            part = self.acc[(ids[:, None] * BLOCKS + np.arange(BLOCKS)).ravel()].toarray().reshape(len(ids), BLOCKS, L, E)
-            occ = w @ self.occ[ids].T  # [R+1, T]
-            sel = np.einsum("rb,tble->rtle", w, part, optimize=True)
+        for lo in range(0, len(keep), step):
+            ids = keep[lo: lo + step]
+            part = self.counts[:, ids].reshape(BLOCKS, len(ids), L, E)
+            occ = w @ self.occ[:, ids]  # [R+1, T]
+            sel = np.einsum("rb,btle->rtle", w, part, optimize=True)
             with np.errstate(divide="ignore", invalid="ignore"):
                 conc = sel.max(-1) / occ[..., None]  # [R+1, T, L]
             ok = occ > 0  # a resample may draw none of an id's blocks: that id sits out of that draw
@@ -155,6 +190,8 @@ class VocabularyAccumulator(RoutingAccumulator):
 
 
 def vocabulary_specialization(routing: RoutingData | Iterable[RoutingData], min_count: int = 20,
-                              permutations: int = 20) -> VocabularySpecialization:
+                              permutations: int = 20, token_ids: Iterable[int] | None = None,
+                              max_token_ids: int = MAX_TOKEN_IDS) -> VocabularySpecialization:
     """Which token ids are routed consistently to one expert, against the same statistic with token ids shuffled."""
-    return fold_one(routing, VocabularyAccumulator(min_count, permutations))
+    return fold_one(routing, VocabularyAccumulator(min_count, permutations, token_ids=token_ids,
+                                                   max_token_ids=max_token_ids))

@@ -140,6 +140,26 @@ def trimmed_batch(ids: torch.Tensor, mask: torch.Tensor, start: int, stop: int) 
     return ids[start:stop, :width], m[:, :width], width
 
 
+class _Ready:
+    """A traced batch that is already on the host (for wrappers with only ``trace_routing``)."""
+
+    def __init__(self, routing: RoutingData) -> None:
+        self.routing = routing
+
+    def wait(self) -> RoutingData:
+        return self.routing
+
+
+class _Immediate:
+    """``start_trace`` for a wrapper that only has ``trace_routing``: the result is ready at once."""
+
+    def __init__(self, wrapper: Any) -> None:
+        self.wrapper = wrapper
+
+    def start_trace(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, hidden_layers: tuple = ()) -> _Ready:
+        return _Ready(self.wrapper.trace_routing(input_ids, attention_mask, hidden_layers=hidden_layers))
+
+
 # ---------------------------------------------------------------------------- collector
 class ActivationCollector:
     """Collects router activations of an MoE model: to a resumable on-disk cache, or in memory.
@@ -171,18 +191,20 @@ class ActivationCollector:
         storage: str = "full",
         float_dtype: torch.dtype | None = None,
     ) -> Iterator[tuple[int, int, RoutingData]]:
-        """Yield ``(first_row, stop_row, routing)`` per batch, metadata attached, padding dropped."""
+        """Yield ``(first_row, stop_row, routing)`` per batch, metadata attached, padding dropped.
+
+        One batch is kept in flight: the next batch is traced before the previous one's host
+        copy is waited for, so on a GPU the copy overlaps the next forward pass.
+        """
         ids, mask = _rows_of(tokenized)
         names = (list(getattr(tokenized, "domain_names", [])), list(getattr(tokenized, "dataset_names", [])))
         labels = {n: getattr(tokenized, n, None) for n in _LABEL_FIELDS}
-        for start, stop in batch_bounds(ids.shape[0], batch_size, start_row):
-            b_ids, b_mask, width = trimmed_batch(ids, mask, start, stop)
-            sel = b_mask.bool()
+        start_trace = getattr(self.wrapper, "start_trace", None) or _Immediate(self.wrapper).start_trace
+        in_flight = None
+
+        def finish(start: int, stop: int, width: int, b_ids: torch.Tensor, sel: torch.Tensor, pending: Any):
+            rd = pending.wait()
             n = int(sel.sum())
-            if n == 0:
-                yield start, stop, _empty_routing(self.wrapper, storage, names, hidden_layers)
-                continue
-            rd = self.wrapper.trace_routing(b_ids, b_mask, hidden_layers=tuple(hidden_layers))
             if rd.num_tokens != n:
                 raise RuntimeError(
                     f"wrapper returned routing for {rd.num_tokens} tokens but rows {start}-{stop} have {n} non-padding tokens"
@@ -206,7 +228,28 @@ class ActivationCollector:
                     if t is not None:
                         setattr(rd, name, t.detach().cpu().to(float_dtype))
                 rd.hidden = {k: v.detach().cpu().to(float_dtype) for k, v in rd.hidden.items()}
-            yield start, stop, rd
+            return start, stop, rd
+
+        for start, stop in batch_bounds(ids.shape[0], batch_size, start_row):
+            b_ids, b_mask, width = trimmed_batch(ids, mask, start, stop)
+            sel = b_mask.bool()
+            if not sel.any():
+                if in_flight is not None:
+                    yield finish(*in_flight)
+                    in_flight = None
+                yield start, stop, _empty_routing(self.wrapper, storage, names, hidden_layers)
+                continue
+            try:
+                pending = start_trace(b_ids, b_mask, hidden_layers=tuple(hidden_layers))
+            except BaseException:
+                if in_flight is not None:  # the batch already traced is handed on before the error
+                    yield finish(*in_flight)
+                raise
+            if in_flight is not None:
+                yield finish(*in_flight)
+            in_flight = (start, stop, width, b_ids, sel, pending)
+        if in_flight is not None:
+            yield finish(*in_flight)
 
     # ----------------------------------------------------------------- to disk
     def cache_header(

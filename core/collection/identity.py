@@ -94,14 +94,33 @@ def model_identity(source: str | os.PathLike | nn.Module, revision: str | None =
     return out
 
 
+def _weights_version(module: nn.Module) -> tuple:
+    """Changes whenever a parameter or buffer is replaced or edited in place (torch counts in-place writes)."""
+    return tuple((id(t), t._version) for t in [*module.parameters(), *module.buffers()])
+
+
 def wrapper_identity(wrapper: Any) -> dict[str, Any]:
-    """The identity of a loaded wrapper's model (a wrapper that does not say where it came from: its name)."""
+    """The identity of a loaded wrapper's model (a wrapper that does not say where it came from: its name).
+
+    An in-memory model's digest reads its weights (seconds at OLMoE's size), so it is kept on
+    the wrapper until a weight changes.
+    """
     source = getattr(wrapper, "source", None)
     if source is None:
         return {"kind": "named", "name": str(getattr(wrapper, "model_name", type(wrapper).__name__)),
                 "revision": getattr(wrapper, "revision", None)}
-    return model_identity(source, getattr(wrapper, "revision", None), getattr(wrapper, "dtype_option", None),
-                          getattr(wrapper, "device", "cpu"))
+    args = (getattr(wrapper, "revision", None), getattr(wrapper, "dtype_option", None), getattr(wrapper, "device", "cpu"))
+    key = (args, _weights_version(source)) if isinstance(source, nn.Module) else None
+    cached = getattr(wrapper, "_identity_memo", None)
+    if key is not None and cached is not None and cached[0] == key:
+        return dict(cached[1])
+    out = model_identity(source, *args)
+    if key is not None:
+        try:
+            wrapper._identity_memo = (key, dict(out))
+        except AttributeError:  # a wrapper that takes no attributes: no memo
+            pass
+    return out
 
 
 def checkpoint_identity(model_source: str, checkpoint: Any, dtype: Any = None, device: str = "cpu") -> dict[str, Any]:

@@ -5,7 +5,10 @@ How routing evolves over training is studied by collecting the same data at many
 ``<cache_root>/<model>/<checkpoint>/router_weights.safetensors`` beside them, and keeps
 ``<cache_root>/<model>/index.json`` up to date after every cache, so a stopped sweep keeps what
 it did. It returns a :class:`Sweep` holding the open caches and the router weights, so the
-caller never reads back what the sweep just wrote.
+caller never reads back what the sweep just wrote. A checkpoint whose caches (and router
+weights) are complete is not loaded again, so a stopped sweep resumes without downloading the
+checkpoints it finished; each Hub revision it downloads is freed from the HF cache once
+collected (``core.collection.hub_disk``) unless ``keep_checkpoints``.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from safetensors.torch import save as st_save
 from core.collection.cache import RoutingCache
 from core.collection.cache_format import FORMAT_VERSION, CacheCorruptError, check_storage
 from core.collection.checkpoints import Checkpoint, CheckpointError, order_key
+from core.collection.hub_disk import LEDGER_FILE, HubCheckpointFiles, is_hub_repo
 from core.collection.identity import checkpoint_identity, identity_key
 from core.safe_io import atomic_write_bytes, atomic_write_json
 
@@ -254,6 +258,19 @@ def _reusable(ckpt: Checkpoint, datasets: Mapping[str, Any], model_id: dict, fin
     return done, todo, keys
 
 
+def _hub_files(checkpoints: Sequence[Checkpoint], repo: str, idx_path: Path, keep: bool) -> HubCheckpointFiles | None:
+    """Who frees the sweep's Hub downloads: only when the model is a Hub name and a checkpoint is a Hub revision."""
+    if not is_hub_repo(repo) or all(c.path for c in checkpoints):
+        return None
+    return HubCheckpointFiles(repo, idx_path.parent / LEDGER_FILE, keep=keep)
+
+
+def _from_hub(wrapper: Any, repo: str) -> bool:
+    """Whether a loaded wrapper read its weights from the HF cache (an in-memory or fake model did not)."""
+    source = getattr(wrapper, "source", None)
+    return isinstance(source, (str, os.PathLike)) and str(source) == repo
+
+
 def sweep_checkpoints(
     checkpoints: Sequence[Checkpoint],
     datasets: Mapping[str, Any],
@@ -272,6 +289,8 @@ def sweep_checkpoints(
     model_source: str | None = None,
     model_dtype: Any = None,
     device: str = "cpu",
+    keep_checkpoints: bool = False,
+    announce: Callable[[list[Checkpoint]], None] | None = None,
 ) -> Sweep:
     """Collect every dataset at every checkpoint; returns the :class:`Sweep` (its index is on disk too).
 
@@ -286,8 +305,12 @@ def sweep_checkpoints(
     checkpoint's config and weight digests), ``model_dtype`` and the ``device`` type, the data and
     the settings. A changed setting gets its own cache and leaves the others usable; ``force``
     collects again into the same identity.
+    A Hub revision the sweep downloaded is deleted from the HF cache once its checkpoint is
+    collected (``core.collection.hub_disk``), unless ``keep_checkpoints``; revisions that were
+    cached before are the user's and stay. ``announce(checkpoints)`` is called once, before any
+    model is loaded, with the checkpoints that must be loaded (e.g. to show the download plan).
     """
-    from core.collection.collector import DEFAULT_SHARD_TOKENS, ActivationCollector, data_fingerprint
+    from core.collection.collector import DEFAULT_SHARD_TOKENS, data_fingerprint
 
     if not checkpoints or not datasets:
         raise ValueError("sweep_checkpoints needs at least one checkpoint and one dataset")
@@ -302,31 +325,74 @@ def sweep_checkpoints(
     settings = {"storage": storage, "dtype": dtype, "batch_size": batch_size, "shard_tokens": shard_tokens,
                 "hidden_layers": [int(x) for x in hidden_layers]}
     collect_kw = dict(batch_size=batch_size, storage=storage, dtype=dtype, hidden_layers=hidden_layers, shard_tokens=shard_tokens)
-    caches: dict[str, list[RoutingCache]] = {name: [] for name in datasets}
-    weights: list[dict[int, torch.Tensor]] = []
     last_paths: dict[str, str] = {}
+    plans = []  # per checkpoint: what is complete already (found without loading any model), and what is left
     for ckpt in checkpoints:
         model_id = checkpoint_identity(model_source or model_name, ckpt, model_dtype, device)
         done, todo, keys = _reusable(ckpt, datasets, model_id, fingerprints, settings, cache_root, model_name,
                                      idx_path.parent, entries, last_paths, force)
         w_path = router_weights_path(cache_root, model_name, ckpt)
         routers = None if force or not router_weights else _stored_router_weights(w_path)
-        if todo or (router_weights and routers is None):
-            wrapper = make_wrapper(ckpt)
-            if router_weights:  # a loaded model is the authority on its routers
-                routers = wrapper.get_router_weights()
-                save_router_weights(w_path, routers)
-            collector = ActivationCollector(wrapper, batch_size=batch_size, progress=progress)
-            for ds_name, tokenized, cdir in todo:
-                done[ds_name] = collector.collect(tokenized, cdir, dataset_name=ds_name, force=force, **collect_kw)
-                entries[last_paths[f"{ckpt.name}/{ds_name}"]] = _entry(ckpt, ds_name, done[ds_name], idx_path.parent,
-                                                                       keys[ds_name])
-                _write_index(idx_path, model_name, entries, order, last_paths)
-            del collector, wrapper
-            gc.collect()
-        if router_weights:
-            weights.append(routers)
-        for ds_name in datasets:
-            caches[ds_name].append(done[ds_name])
+        plans.append(_Pending(ckpt, done, todo, keys, w_path, routers))
+    to_load = [p for p in plans if p.todo or (router_weights and p.routers is None)]
+    if announce is not None:
+        announce([p.ckpt for p in to_load])
+    hub = _hub_files(checkpoints, model_source or model_name, idx_path, keep_checkpoints)
+    for p in to_load:
+        _collect_checkpoint(p, make_wrapper, hub, model_source or model_name, router_weights=router_weights,
+                            batch_size=batch_size, progress=progress, force=force, collect_kw=collect_kw,
+                            on_cache=lambda name, cache, p=p: _record(entries, last_paths, p, name, cache, idx_path,
+                                                                      model_name, order))
+    for line in hub.finish([c.revision for c in checkpoints if not c.path]) if hub else []:
+        if progress:
+            print(line, flush=True)
+    caches = {name: [p.done[name] for p in plans] for name in datasets}
+    weights = [p.routers for p in plans] if router_weights else []
     _write_index(idx_path, model_name, entries, order, last_paths)
     return Sweep(idx_path, list(checkpoints), caches, weights)
+
+
+@dataclass
+class _Pending:
+    """One checkpoint of a sweep: its caches found complete, those left to collect, and its router weights."""
+
+    ckpt: Checkpoint
+    done: dict[str, RoutingCache]
+    todo: list
+    keys: dict[str, str]
+    w_path: Path
+    routers: dict[int, torch.Tensor] | None
+
+
+def _record(entries: dict, last_paths: dict, p: _Pending, ds_name: str, cache: RoutingCache, idx_path: Path,
+            model_name: str, order: dict) -> None:
+    """Put one finished cache in the index on disk at once, so a stopped sweep keeps it."""
+    entries[last_paths[f"{p.ckpt.name}/{ds_name}"]] = _entry(p.ckpt, ds_name, cache, idx_path.parent, p.keys[ds_name])
+    _write_index(idx_path, model_name, entries, order, last_paths)
+
+
+def _collect_checkpoint(p: _Pending, make_wrapper: Callable[[Checkpoint], Any], hub: HubCheckpointFiles | None,
+                        repo: str, *, router_weights: bool, batch_size: int, progress: bool, force: bool,
+                        collect_kw: dict, on_cache: Callable[[str, RoutingCache], None]) -> None:
+    """Load one checkpoint, save its routers, collect what is left, then free its Hub download (see ``hub_disk``)."""
+    from core.collection.collector import ActivationCollector
+
+    hub_revision = hub is not None and not p.ckpt.path
+    if hub_revision:
+        hub.before_load(p.ckpt.revision)
+    wrapper = make_wrapper(p.ckpt)
+    if hub_revision and not _from_hub(wrapper, repo):
+        hub.not_from_hub(p.ckpt.revision)
+    if router_weights:  # a loaded model is the authority on its routers
+        p.routers = wrapper.get_router_weights()
+        save_router_weights(p.w_path, p.routers)
+    collector = ActivationCollector(wrapper, batch_size=batch_size, progress=progress)
+    for ds_name, tokenized, cdir in p.todo:
+        p.done[ds_name] = collector.collect(tokenized, cdir, dataset_name=ds_name, force=force, **collect_kw)
+        on_cache(ds_name, p.done[ds_name])
+    del collector, wrapper
+    gc.collect()
+    if hub_revision:
+        line = hub.after_collect(p.ckpt.revision)
+        if line and progress:
+            print(line, flush=True)

@@ -28,6 +28,25 @@ def quiet_nnterp() -> Iterator[None]:
         log.setLevel(old)
 
 
+def drop_scan_hooks(model: nn.Module) -> int:
+    """Remove the hooks nnsight's fake-tensor scan leaves behind when the scan fails part-way.
+
+    nnterp scans every model once at load; when the scan raises (it does for transformers 5's
+    grouped experts on CPU and falls back), nnsight never removes the hooks it registered on
+    every module, and each later forward stores every module's input and output on its envoy:
+    a whole forward's activations held in memory, and a cost on every call. Returns how many were removed.
+    """
+    removed = 0
+    for module in model.modules():
+        for key, hook in list(module._forward_hooks.items()):
+            if getattr(hook, "__qualname__", "").startswith("ScanningTracer."):
+                del module._forward_hooks[key]
+                module._forward_hooks_with_kwargs.pop(key, None)
+                module._forward_hooks_always_called.pop(key, None)
+                removed += 1
+    return removed
+
+
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str | None:
     if dtype is None or isinstance(dtype, torch.dtype) or dtype == "auto":
         return dtype

@@ -17,15 +17,17 @@ from torch import nn
 
 from core.model_access.discovery import MoELayerInfo, MoESpec, NoRoutersError, discover_moe_layers, router_matrix
 from core.model_access.expert_weights import expert_matrices
+from core.model_access.host_copy import PendingCopy, start_host_copy
 from core.model_access.interventions import experts_selection, renormalize_without
-from core.model_access.loading import ModelLoadError, load_hf, quiet_nnterp, resolve_dtype
+from core.model_access.recorder import RoutingRecorder, router_scores, scores_and_indices
+from core.model_access.loading import ModelLoadError, drop_scan_hooks, load_hf, quiet_nnterp, resolve_dtype
 from core.routing_data import RoutingData
 
 __all__ = ["ModelLoadError", "MoEModelWrapper"]
 
 
 def expert_logits(lg: torch.Tensor, info: MoELayerInfo) -> torch.Tensor:
-    """One row of ``[N, E]`` float logits per token, from what the router returned.
+    """One row of ``[N, E]`` logits per token (in the router's precision, on its device), from what the router returned.
 
     Product-key routers (Doge) return two ``[2, N, sqrt(E)]`` score sets; expert ``i * sqrt(E) + j``
     scores ``x_i + y_j``, as the family ranks them.
@@ -39,18 +41,21 @@ def expert_logits(lg: torch.Tensor, info: MoELayerInfo) -> torch.Tensor:
             f"router {info.router_path} returned {lg.shape[-1]} scores per token, but {n_exp} experts were expected; "
             "pass a MoESpec with num_experts"
         )
-    return lg.reshape(-1, n_exp).float().cpu()
+    return lg.reshape(-1, n_exp)
 
 
-def _is_scores_and_indices(out: Any, info: MoELayerInfo) -> bool:
-    """The router returned ``(logits, top-k weights, top-k indices, ...)``: integer indices, k per token."""
-    if not (isinstance(out, (tuple, list)) and len(out) >= 3):
-        return False
-    w, idx = out[1], out[2]
-    return (
-        isinstance(w, torch.Tensor) and isinstance(idx, torch.Tensor) and not idx.is_floating_point()
-        and idx.dim() >= 1 and idx.shape[-1] == info.top_k
-    )
+class PendingRouting:
+    """A traced batch whose tensors are on their way to the host; ``wait()`` builds its ``RoutingData``."""
+
+    def __init__(self, copy: PendingCopy, fields: dict[str, Any], hidden_layers: list[int]) -> None:
+        self._copy, self._fields, self._hidden_layers = copy, fields, hidden_layers
+
+    def wait(self) -> RoutingData:
+        logits, idx, wts, *hidden = self._copy.wait()
+        return RoutingData(
+            router_logits=logits.float(), topk_idx=idx.long(), topk_weight=wts.float(),
+            hidden={layer: h for layer, h in zip(self._hidden_layers, hidden)}, **self._fields,
+        )
 
 
 class MoEModelWrapper:
@@ -59,7 +64,9 @@ class MoEModelWrapper:
     ``model`` is a Hub name, a local directory, or an in-memory ``torch.nn.Module`` (a
     transformers model). ``remote=True`` hands the name to nnsight for remote execution.
     ``moe_spec`` names the router and experts modules of a custom model that does not declare
-    them the transformers way.
+    them the transformers way. ``engine`` says how routing is recorded locally: PyTorch hooks on
+    the routers (the default; next to free) or an nnsight trace (what runs remotely, and what
+    ablation uses); both give the same ``RoutingData``.
     """
 
     def __init__(
@@ -72,8 +79,13 @@ class MoEModelWrapper:
         remote: bool = False,
         tokenizer: Any = None,
         moe_spec: MoESpec | Mapping[str, Any] | None = None,
+        engine: str = "hooks",
     ) -> None:
         from nnterp import StandardizedTransformer
+
+        if engine not in ("hooks", "nnsight"):
+            raise ValueError(f"engine must be 'hooks' or 'nnsight', got {engine!r}")
+        self.engine = engine
 
         self.revision = revision
         self.device = str(device)
@@ -111,6 +123,8 @@ class MoEModelWrapper:
                 st_kwargs["check_renaming"] = False
                 self.model = StandardizedTransformer(hf_model if hf_model is not None else self.model_name, **st_kwargs)
         self.hf_model: nn.Module = self.model._model
+        if self.hf_model is not None:
+            drop_scan_hooks(self.hf_model)
         if self.tokenizer is None:
             self.tokenizer = getattr(self.model, "tokenizer", None)
 
@@ -204,16 +218,69 @@ class MoEModelWrapper:
         hidden_layers: tuple[int, ...] | list[int] = (),
     ) -> RoutingData:
         """Router logits and actual expert selection for every non-padding token of a batch."""
+        return self.start_trace(input_ids, attention_mask, hidden_layers).wait()
+
+    def start_trace(
+        self,
+        input_ids: Any,
+        attention_mask: torch.Tensor | None = None,
+        hidden_layers: tuple[int, ...] | list[int] = (),
+    ) -> "PendingRouting":
+        """Trace a batch and start its one copy to the host; ``.wait()`` gives the ``RoutingData``.
+
+        Only what routing needs leaves the trace: each router's scores and the selected experts
+        and weights (the experts' hidden-state input is not kept). On a GPU the copy runs while
+        the caller queues the next batch.
+        """
         input_ids, attention_mask = self._inputs(input_ids, attention_mask)
         dev = self._device()
         feed = {"input_ids": input_ids.to(dev), "attention_mask": attention_mask.to(dev)}
-        router_out: list[Any] = []
-        experts_in: list[Any] = []
-        hidden_saved: list[Any] = []
         hidden_layers = sorted(set(int(h) for h in hidden_layers))
-        bad = [h for h in hidden_layers if not 0 <= h < self.num_layers]
+        blocks = len(self.model.layers)  # the decoder blocks, which some configs count differently
+        bad = [h for h in hidden_layers if not 0 <= h < blocks]
         if bad:
-            raise ValueError(f"hidden_layers {bad} out of range: the model has {self.num_layers} layers")
+            raise ValueError(f"hidden_layers {bad} out of range: the model has {blocks} decoder layers")
+        record = self._record_nnsight if self.remote or self.engine == "nnsight" else self._record_hooks
+        scores, chosen, hidden_saved = record(feed, hidden_layers)
+        rows_host = attention_mask.reshape(-1).bool().cpu().nonzero().squeeze(1)
+        rows = rows_host.to(dev)
+        logits, idx, wts = [], [], []
+        for info, lg, sel in zip(self.layers, scores, chosen):
+            lg = expert_logits(lg, info).to(dev)
+            i, w = self._selection(info, sel, lg)
+            logits.append(lg)
+            idx.append(i.to(dev))
+            wts.append(w.to(dev))
+        small = torch.int16 if self.num_experts < 2**15 else torch.int32
+        tensors = [
+            torch.stack(logits, dim=1).index_select(0, rows),
+            torch.stack(idx, dim=1).index_select(0, rows).to(small),
+            torch.stack(wts, dim=1).index_select(0, rows),
+        ]
+        tensors += [h.reshape(-1, h.shape[-1]).to(dev).index_select(0, rows) for h in hidden_saved]
+        n_rows, n_cols = input_ids.shape
+        return PendingRouting(
+            start_host_copy(tensors),
+            dict(moe_layers=self.moe_layers, num_experts=self.num_experts, top_k=self.top_k, score_fn=self.score_fn,
+                 token_ids=input_ids.reshape(-1).cpu()[rows_host],
+                 positions=torch.arange(n_cols).expand(n_rows, n_cols).reshape(-1)[rows_host]),
+            hidden_layers,
+        )
+
+    def _record_hooks(self, feed: dict, hidden_layers: list[int]) -> tuple[list, list, list]:
+        """One plain forward with PyTorch hooks on the routers (and experts, and asked layers)."""
+        hidden_modules = {layer: self.model.layers[layer]._module for layer in hidden_layers}
+        with torch.no_grad(), RoutingRecorder(self._modules, self.layers, hidden_modules) as rec:
+            self.hf_model(**feed)
+        if rec.missing():
+            raise NoRoutersError(f"routers {rec.missing()} did not run in the forward pass; pass a MoESpec naming the right modules")
+        return rec.scores, rec.chosen, rec.hidden
+
+    def _record_nnsight(self, feed: dict, hidden_layers: list[int]) -> tuple[list, list, list]:
+        """The same records through an nnsight trace (what runs remotely)."""
+        scores: list[Any] = []
+        chosen: list[Any] = []
+        hidden_saved: list[Any] = []
         by_layer = {info.layer: info for info in self.layers}
         with torch.no_grad(), self.model.trace(feed, remote=self.remote):
             # nnsight needs module accesses in execution order: layer by layer, input before router before experts
@@ -223,48 +290,28 @@ class MoEModelWrapper:
                 info = by_layer.get(layer)
                 if info is None:
                     continue
-                router_out.append(self._envoy(info.router_path).output.save())
+                out = self._envoy(info.router_path).output
+                scores.append(router_scores(out, info).save())
                 if info.experts_index_arg is not None:
-                    experts_in.append(self._envoy(info.experts_path).inputs.save())
+                    idx, w = experts_selection(info, *self._envoy(info.experts_path).inputs)
+                    chosen.append((idx.save(), w.save()))
+                elif scores_and_indices(out, info):
+                    chosen.append((out[2].save(), out[1].save()))
                 else:
-                    experts_in.append(None)
-        keep = attention_mask.reshape(-1).bool().cpu()
-        logits, idx, wts = [], [], []
-        for info, out, ein in zip(self.layers, router_out, experts_in):
-            lg = expert_logits(out[info.router_output_index] if isinstance(out, (tuple, list)) else out, info)
-            i, w = self._selection(info, out, ein, lg)
-            logits.append(lg[keep])
-            idx.append(i[keep])
-            wts.append(w[keep])
-        n_rows, n_cols = input_ids.shape
-        positions = torch.arange(n_cols).expand(n_rows, n_cols).reshape(-1)[keep]
-        hidden = {layer: h.reshape(-1, h.shape[-1]).cpu()[keep] for layer, h in zip(hidden_layers, hidden_saved)}
-        return RoutingData(
-            moe_layers=self.moe_layers,
-            num_experts=self.num_experts,
-            top_k=self.top_k,
-            router_logits=torch.stack(logits, dim=1),
-            topk_idx=torch.stack(idx, dim=1),
-            topk_weight=torch.stack(wts, dim=1),
-            token_ids=input_ids.reshape(-1).cpu()[keep],
-            positions=positions,
-            score_fn=self.score_fn,
-            hidden=hidden,
-        )
+                    chosen.append(None)
+        return scores, chosen, hidden_saved
 
-    def _selection(self, info: MoELayerInfo, out: Any, ein: Any, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """What the experts received: their input if we can read it, else the router's own choice."""
-        if ein is not None:
-            idx, w = experts_selection(info, *ein)
-        elif _is_scores_and_indices(out, info):
-            w, idx = out[1], out[2]
+    def _selection(self, info: MoELayerInfo, sel: Any, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the experts received (read from their input or the router's tuple), else top-k of the scores."""
+        if sel is not None:
+            idx, w = sel
         else:  # the router's tuple holds something else (JetMoE: indices sorted by expert): top-k of the scores
-            probs = torch.sigmoid(logits) if info.score_fn == "sigmoid" else torch.softmax(logits, dim=-1)
+            probs = torch.sigmoid(logits.float()) if info.score_fn == "sigmoid" else torch.softmax(logits.float(), dim=-1)
             w, idx = probs.topk(info.top_k, dim=-1)
-        idx = idx.reshape(-1, idx.shape[-1]).long().cpu()
-        w = w.reshape(-1, w.shape[-1]).float().cpu()
+        idx = idx.reshape(-1, idx.shape[-1]).long()
+        w = w.reshape(-1, w.shape[-1])
         if w.shape != idx.shape:  # some routers hand the experts a dense [N, E] score matrix
-            w = w.gather(1, idx.clamp(max=w.shape[1] - 1)) if w.shape[1] == info.num_experts else w
+            w = w.gather(1, idx.clamp(max=w.shape[1] - 1).to(w.device)) if w.shape[1] == info.num_experts else w
         return idx.masked_fill(idx >= info.num_experts, -1), w
 
     def _device(self) -> torch.device:
