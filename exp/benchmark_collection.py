@@ -138,6 +138,7 @@ class PairedReference:
         self.wrapper = wrapper
         self.times: dict[str, list[float]] = {"reference": [], "hooks": [], "trace": []}
         self.routers = [wrapper._modules[info.router_path] for info in wrapper.layers]
+        self._identity_memo = getattr(wrapper, "_identity_memo", None)  # the weights digest, as a long run keeps it
 
     def __getattr__(self, name):
         return getattr(self.wrapper, name)
@@ -206,6 +207,7 @@ def paired_run(wrapper, rows: TokenRows, batch_size: int, storage: str | None, s
                                       progress=False)
             out.update(bytes_per_token=cache.bytes_per_token(), tokens=cache.num_tokens)
     total = time.perf_counter() - start
+    wrapper._identity_memo = paired._identity_memo
     out.update(paired.times, rest_s=total - sum(sum(v) for v in paired.times.values()))
     return out
 
