@@ -167,7 +167,9 @@ class PairedReference:
         if hook_routers:
             torch.cat([t.reshape(-1) for t in saved]).cpu()
 
-    def start_trace(self, input_ids, attention_mask=None, hidden_layers=()):
+    start_trace = None  # so the collector calls trace_routing below, one batch at a time (no overlap to time)
+
+    def trace_routing(self, input_ids, attention_mask=None, hidden_layers=()):
         jobs = {"reference": lambda: self._plain(input_ids, attention_mask),
                 "hooks": lambda: self._plain(input_ids, attention_mask, hook_routers=True),
                 "trace": lambda: self.wrapper.start_trace(input_ids, attention_mask, hidden_layers=hidden_layers).wait()}
@@ -177,15 +179,7 @@ class PairedReference:
         for key in order[shift:] + order[:shift]:
             r = self._timed(key, jobs[key])
             out = r if key == "trace" else out
-        return _Done(out)
-
-
-class _Done:
-    def __init__(self, routing):
-        self.routing = routing
-
-    def wait(self):
-        return self.routing
+        return out
 
 
 def paired_run(wrapper, rows: TokenRows, batch_size: int, storage: str | None, shard_tokens: int) -> dict:
