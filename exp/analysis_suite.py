@@ -10,7 +10,6 @@ tokens (one shard per checkpoint at a time).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -33,6 +32,9 @@ from core.collection.sweep import Sweep
 from core.routing_data import RoutingData
 from core.safe_io import to_jsonable
 from data import TokenizedDataset
+from exp.stage_clock import StageClock
+
+ONE_PASS = "analyses: one pass over the caches"
 
 
 @dataclass
@@ -114,7 +116,8 @@ def routing_accumulators(sweep: Sweep, *, micro: bool, collaboration: bool, resa
     return accs
 
 
-def weight_analyses(wrapper: Any, sweep: Sweep, *, micro: bool, seed: int = 0) -> list[tuple[str, Callable[[], Any]]]:
+def weight_analyses(wrapper: Any, sweep: Sweep, *, micro: bool, seed: int = 0,
+                    progress: bool = False) -> list[tuple[str, Callable[[], Any]]]:
     """Analyses of the router and expert weights; routers as the sweep read them, once per checkpoint."""
     routers = sweep.router_weights[-1]
     score_fn = getattr(wrapper, "score_fn", "softmax")  # softmax routers are compared with their rows centred
@@ -122,8 +125,8 @@ def weight_analyses(wrapper: Any, sweep: Sweep, *, micro: bool, seed: int = 0) -
         ("router_similarity", lambda: RouterAnalyzer(score_fn=score_fn).compute_router_similarity_matrix(
             routers, num_null=20 if micro else 100, seed=seed)),
         ("router_subspaces", lambda: RouterAnalyzer(score_fn=score_fn).analyze_router_subspaces(routers)),
-        ("expert_alignment", lambda: ExpertAnalyzer(wrapper, device=wrapper.device).analyze_expert_router_alignment(
-            router_weights=routers, num_permutations=200 if micro else 1000, seed=seed)),  # one SVD per expert
+        ("expert_alignment", lambda: ExpertAnalyzer(wrapper, device=wrapper.device, progress=progress)
+            .analyze_expert_router_alignment(router_weights=routers, num_permutations=200 if micro else 1000, seed=seed)),
     ]
     if len(sweep.checkpoints) > 1:
         names = [c.name for c in sweep.checkpoints]
@@ -143,8 +146,14 @@ def run_analyses(
     progress: bool = True,
     resamples: int = 200,
     seed: int = 0,
+    clock: StageClock | None = None,
 ) -> RunResults:
-    """All analyses: routing statistics, correlations, paths, specialization, weights, dynamics, collaboration, ablation."""
+    """All analyses: routing statistics, correlations, paths, specialization, weights, dynamics, collaboration, ablation.
+
+    ``clock``, if given, records each stage's seconds and peak memory (the one pass as one stage,
+    its analyses' seconds listed under it); ``timings`` of the result has the seconds either way.
+    """
+    clock = clock or StageClock()
     res = RunResults(
         model=wrapper.describe(),
         datasets=sweep.datasets,
@@ -157,12 +166,14 @@ def run_analyses(
         res.skipped["collaboration"] = "turned off (--no-collaboration)"
     accs = routing_accumulators(sweep, micro=micro, collaboration=collaboration, resamples=resamples, seed=seed,
                                 frequent_ids=frequent_token_ids(tokenized) if tokenized else None)
-    found = fold(sweep_stream(sweep), accs,
-                 progress=progress, desc="analyses (one pass over the caches)", timings=res.timings)
-    for name, fn in weight_analyses(wrapper, sweep, micro=micro, seed=seed):
-        t0 = time.perf_counter()
-        found[name] = fn()
-        res.timings[name] = round(time.perf_counter() - t0, 3)
+    with clock.stage(ONE_PASS):
+        found = fold(sweep_stream(sweep), accs,
+                     progress=progress, desc="analyses (one pass over the caches)", timings=res.timings)
+    clock.add_parts(ONE_PASS, res.timings)
+    for name, fn in weight_analyses(wrapper, sweep, micro=micro, seed=seed, progress=progress):
+        with clock.stage(name):
+            found[name] = fn()
+        res.timings[name] = clock.rows[-1].seconds
     for name, value in found.items():
         if value is None:
             res.skipped[name] = "the cache holds no router logits (compact storage)"
@@ -175,10 +186,10 @@ def run_analyses(
             f"{a} - {b}": correlation_difference(by_ds[a], by_ds[b]) for a, b in zip(names, names[1:])
         }
     if ablation:
-        t0 = time.perf_counter()
-        res.results["ablation"] = _ablation(wrapper, tokenized, res.results["routing_stats"], ablation_tokens, progress,
-                                           resamples, seed)
-        res.timings["ablation"] = round(time.perf_counter() - t0, 3)
+        with clock.stage("ablation"):
+            res.results["ablation"] = _ablation(wrapper, tokenized, res.results["routing_stats"], ablation_tokens,
+                                               progress, resamples, seed)
+        res.timings["ablation"] = clock.rows[-1].seconds
     else:
         res.skipped["ablation"] = "turned off (--no-ablation)"
     return res

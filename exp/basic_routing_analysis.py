@@ -36,6 +36,7 @@ class RunSummary:
     seconds: float
     wandb_dir: Path | None = None
     training_data: str | None = None  # which data the model saw, where the toolkit trained it
+    stages: Any = None  # the run's StageClock: seconds and peak memory of each stage
 
 
 def _run_name(opts: RunOptions, model_name: str) -> str:
@@ -62,52 +63,70 @@ class BasicRoutingAnalysis:
         from core.safe_io import atomic_write_json, atomic_write_text
         from exp.analysis_suite import run_analyses
         from exp.collection import (collect_all, load_tokenized, open_wrapper, resolve_model, train_embedded_model,
-                                    training_exclusion)
+                                    training_exclusion, write_random)
         from exp.findings import findings, headline_numbers, warnings_of
+        from exp.stage_clock import StageClock
+        from core.model_access.shapes import is_random_spec
 
         opts = self.options
         preflight(opts)  # a missing GPU or an unwritable folder is found now, not after the analyses
         t0 = time.perf_counter()
+        clock = StageClock(opts.device)
         say = print if opts.progress else (lambda *a, **k: None)
         embedded_run = None
         if opts.model is None:
             say("[0/4] the embedded model (trained on the bundled corpus if it is not there yet)")
-            embedded_run = train_embedded_model(opts)
-        target = resolve_model(opts, embedded_run)
-        say(f"[1/4] model {target.name}: {len(target.checkpoints)} checkpoint(s): {', '.join(c.name for c in target.checkpoints)}")
-        wrapper = open_wrapper(target, target.final, opts)
+            with clock.stage("embedded model trained or found"):
+                embedded_run = train_embedded_model(opts)
+        elif is_random_spec(opts.model):
+            say(f"[0/4] {opts.model}: random weights (written into {opts.models_dir}/random/ if not there yet)")
+            with clock.stage("random weights written or found"):
+                write_random(opts)
+        with clock.stage("model loaded"):
+            target = resolve_model(opts, embedded_run)
+            say(f"[1/4] model {target.name}: {len(target.checkpoints)} checkpoint(s): {', '.join(c.name for c in target.checkpoints)}")
+            wrapper = open_wrapper(target, target.final, opts)
         if wrapper.tokenizer is None:
             raise OptionsError(f"model {target.name} has no tokenizer to turn the datasets into tokens")
-        tokenized = load_tokenized(opts, wrapper.tokenizer, exclude=training_exclusion(target))  # held-out documents only
+        with clock.stage("datasets tokenized"):
+            tokenized = load_tokenized(opts, wrapper.tokenizer, exclude=training_exclusion(target))  # held-out documents only
         say(f"[2/4] collecting routing on {', '.join(f'{n} ({t.num_tokens} tokens)' for n, t in tokenized.items())}")
-        sweep = collect_all(opts, target, tokenized, final_wrapper=wrapper)
+        with clock.stage("collection"):
+            sweep = collect_all(opts, target, tokenized, final_wrapper=wrapper)
         say("[3/4] analysing")
         results = run_analyses(wrapper, sweep, tokenized, ablation=opts.ablation, ablation_tokens=opts.ablation_tokens,
                                collaboration=opts.collaboration, micro=opts.micro, progress=opts.progress,
-                               resamples=opts.resamples, seed=opts.seed)
+                               resamples=opts.resamples, seed=opts.seed, clock=clock)
         from core.study_moe.training_data import training_data_note
 
         results.model.update({"checkpoints": [c.name for c in target.checkpoints], "embedded": target.embedded,
                               "training_data": training_data_note(target.run_dir, tokenized)})
-        headline, found, warns = headline_numbers(results), findings(results), warnings_of(results)
+        with clock.stage("findings"):
+            headline, found, warns = headline_numbers(results), findings(results), warnings_of(results)
 
         run_dir = Path(opts.results_dir) / _run_name(opts, target.name)
         run_dir.mkdir(parents=True, exist_ok=True)
         say(f"[4/4] writing {run_dir}")
-        metrics = {"options": opts.to_dict(), "headline": headline, "findings": found, "warnings": warns, **results.to_dict()}
-        metrics_path = atomic_write_json(run_dir / "metrics.json", metrics, durable=False)
-        report_path, figs = self._write_report(run_dir, results, target, tokenized, wrapper, found, warns)
+        with clock.stage("metrics.json"):
+            metrics = {"options": opts.to_dict(), "headline": headline, "findings": found, "warnings": warns, **results.to_dict()}
+            metrics_path = atomic_write_json(run_dir / "metrics.json", metrics, durable=False)
+        with clock.stage("report"):
+            report_path, figs = self._write_report(run_dir, results, target, tokenized, wrapper, found, warns)
         if opts.static != "none":
             from viz.static_export import export_many
 
-            _, reason = export_many(figs, run_dir / "figures", fmt=opts.static)
+            with clock.stage(f"static images ({opts.static})"):
+                _, reason = export_many(figs, run_dir / "figures", fmt=opts.static)
             if reason:
                 warns.append(f"no static images: {reason}")
-        wandb_dir = self._log_wandb(run_dir, metrics, headline, figs, report_path) if opts.wandb else None
+        wandb_dir = None
+        if opts.wandb:
+            with clock.stage("W&B"):
+                wandb_dir = self._log_wandb(run_dir, metrics, headline, figs, report_path)
         seconds = time.perf_counter() - t0
         summary = RunSummary(run_dir=run_dir, report=report_path, metrics=metrics_path, headline=headline, findings=found,
                              warnings=warns, seconds=seconds, wandb_dir=wandb_dir,
-                             training_data=results.model.get("training_data"))
+                             training_data=results.model.get("training_data"), stages=clock)
         atomic_write_text(run_dir / "summary.md", _summary_markdown(summary, target.name))
         return summary
 
@@ -153,6 +172,9 @@ def _summary_markdown(s: RunSummary, model: str) -> str:
     if s.warnings:
         lines += ["", "## Warnings", ""] + [f"- {w}" for w in s.warnings]
     lines += ["", f"Run time: {s.seconds:.1f} s"]
+    if s.stages is not None and s.stages.rows:
+        lines += ["", "## Stages", "", "Seconds and peak memory of each stage (resident set; the one pass's analyses "
+                  "are listed under it, with the seconds each took).", "", s.stages.markdown()]
     return "\n".join(lines) + "\n"
 
 

@@ -33,20 +33,9 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from core.collection.collector import DEFAULT_SHARD_TOKENS, ActivationCollector, TokenRows  # noqa: E402
+from core.model_access.shapes import olmoe_1b_7b_config  # noqa: E402
 
 MODELS = ("default", "tiny-olmoe", "olmoe-shape", "olmoe-1b-7b")
-
-
-def olmoe_1b_7b_config(layers: int = 16):
-    """OLMoE-1B-7B's real dimensions (hidden 2048, experts of 1024, 64 experts top-8, 50k vocabulary)."""
-    import transformers
-
-    cfg = transformers.OlmoeConfig(vocab_size=50304, hidden_size=2048, intermediate_size=1024, num_hidden_layers=layers,
-                                   num_attention_heads=16, num_key_value_heads=16, num_experts=64, num_experts_per_tok=8,
-                                   norm_topk_prob=False, max_position_embeddings=4096, pad_token_id=1, bos_token_id=None,
-                                   eos_token_id=50279)
-    cfg._experts_implementation = "eager"
-    return cfg
 
 
 def build_model(name: str, models_dir: Path, layers: int | None = None) -> tuple[torch.nn.Module | str, str]:

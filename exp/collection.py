@@ -25,6 +25,7 @@ from core.collection.checkpoints import (
 from core.collection.hub_disk import is_hub_repo, plan_text
 from core.collection.identity import weights_digest
 from core.collection.sweep import Sweep, sweep_checkpoints
+from core.model_access.shapes import RECORD_NAME, ensure_random_model, is_random_spec, random_model_folder
 from core.model_access.wrapper import MoEModelWrapper
 from data import DataError, DatasetLoader, TokenizedDataset, tokenize_documents
 from exp.run_options import REPO_ROOT, RunOptions
@@ -71,6 +72,8 @@ def resolve_model(opts: RunOptions, embedded_run: Path | None = None) -> ModelTa
         ckpts = _named_or_selected(list_local_checkpoints(embedded_run), opts, f"the embedded model ({embedded_run})")
         return ModelTarget(name=f"embedded/{embedded_run.name}", source=str(embedded_run), revision=None,
                            checkpoints=ckpts, embedded=True, run_dir=embedded_run, weights_digest=weights_digest(embedded_run))
+    if is_random_spec(opts.model):
+        return _random_target(opts)
     local = Path(opts.model).expanduser()
     if local.is_dir() and (local / "checkpoints.json").exists():  # a local training run: its revisions are checkpoints
         if opts.revision:
@@ -95,6 +98,31 @@ def resolve_model(opts: RunOptions, embedded_run: Path | None = None) -> ModelTa
             ckpts.append(final)  # saturation is measured against the model itself
     return ModelTarget(name=opts.model, source=str(opts.model), revision=opts.revision, checkpoints=ckpts, embedded=False,
                        weights_digest=weights_digest(local) if local.is_dir() else None)
+
+
+def _random_target(opts: RunOptions) -> ModelTarget:
+    """A ``random:NAME`` model: its folder (written by :func:`ensure_random_model`), one set of weights, no revisions."""
+    folder = random_model_folder(opts.model, opts.layers, opts.seed, opts.models_dir)
+    if not (folder / RECORD_NAME).is_file():
+        raise CheckpointError(f"{opts.model} is not written yet: run exp.collection.write_random(options) first")
+    if opts.revision or opts.checkpoints:
+        raise CheckpointError(f"{opts.model} has one set of random weights: it has no revisions or checkpoints")
+    return ModelTarget(name=f"random:{folder.name}", source=str(folder), revision=None,
+                       checkpoints=[Checkpoint(name="main", path=str(folder))], embedded=False,
+                       weights_digest=weights_digest(folder))
+
+
+def write_random(opts: RunOptions) -> Path:
+    """The folder of the ``random:NAME`` model the options name, written first if missing (a few GB at OLMoE's size)."""
+    return ensure_random_model(opts.model, opts.layers, opts.seed, opts.models_dir, make_tokenizer=bundled_tokenizer)
+
+
+def bundled_tokenizer(vocab_size: int) -> Any:
+    """A byte-level BPE learned from the bundled WikiText-2 validation split (the runs analyse its test split)."""
+    from core.study_moe.tokenizer import train_bpe_tokenizer
+
+    docs = DatasetLoader(offline=True).load("wikitext2", "validation")
+    return train_bpe_tokenizer([d.text for d in docs], vocab_size=vocab_size)
 
 
 def _check_hub_names(model: str, names: list[str]) -> None:

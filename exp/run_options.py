@@ -22,7 +22,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 class RunOptions:
     """Everything that decides what a run computes (and so which caches it may reuse)."""
 
-    model: str | None = None  # None: the embedded default model, trained on the bundled corpus if missing
+    model: str | None = None  # None: the embedded default model, trained on the bundled corpus if missing; random:NAME: NAME's shape, random weights
+    layers: int | None = None  # with model random:NAME: how many of its decoder layers (default: all)
     revision: str | None = None
     checkpoints: list[str] = field(default_factory=list)  # revisions to sweep; "auto" = all of a local run / a log-spaced subset on the Hub
     max_checkpoints: int = 8
@@ -97,7 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
         "embedded MoE (trained on the bundled corpus the first time).",
     )
     ap.add_argument("--config", help="YAML file of options (see configs/); flags override it")
-    ap.add_argument("--model", help="Hub name or local directory (default: the embedded model)")
+    ap.add_argument("--model", help="Hub name or local directory (default: the embedded model); random:NAME builds a model "
+                    "with NAME's dimensions and random weights, offline for random:allenai/OLMoE-1B-7B-0924, to measure at scale")
+    ap.add_argument("--layers", type=int, help="with --model random:NAME: how many of NAME's decoder layers (default: all)")
     ap.add_argument("--revision", help="model revision (branch, tag or commit)")
     ap.add_argument("--checkpoints", help="comma-separated revisions to study over training, or 'auto'")
     ap.add_argument("--max-checkpoints", type=int, help="at most this many checkpoints with --checkpoints auto")
@@ -185,6 +188,8 @@ def make_options(**kwargs: Any) -> RunOptions:
         raise OptionsError(f"shard_tokens must be at least 1, not {opts.shard_tokens}")
     if not opts.datasets:
         raise OptionsError("no datasets given")
+    if opts.layers is not None and not str(opts.model or "").startswith("random:"):
+        raise OptionsError(f"--layers {opts.layers} applies to random:NAME models only (a real model keeps all its layers)")
     return opts
 
 
@@ -205,7 +210,7 @@ def preflight(opts: RunOptions) -> None:
     if unknown:
         raise OptionsError(f"unknown dataset(s) {', '.join(unknown)}; known: {', '.join(known)}")
     folders = [opts.results_dir, opts.cache_dir or str(Path(opts.results_dir) / "cache")]
-    if opts.model is None:
+    if opts.model is None or str(opts.model).startswith("random:"):
         folders.append(opts.models_dir)
     for folder in folders:
         path = Path(folder)

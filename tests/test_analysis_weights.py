@@ -111,7 +111,7 @@ class _FakeWrapper:
     def get_router_weights(self):
         return self.rw
 
-    def get_expert_weights(self):
+    def get_expert_weights(self, device="cpu"):
         return self.ex
 
 

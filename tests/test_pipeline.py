@@ -66,6 +66,7 @@ def test_every_artifact_exists_and_is_well_formed(micro_run):
     assert len(data_files) >= 15 and all(f.stat().st_size > 0 for f in data_files)
     summary = (run_dir / "summary.md").read_text()
     assert "report.html" in summary and "Findings" in summary
+    assert "## Stages" in summary and "| collection |" in summary and "| expert_alignment |" in summary  # seconds, peak memory
     assert first.findings and any("Domain specialization" in f for f in first.findings)
     # every headline finding states its interval and its null, and what the model saw is said
     for key in ("Domain specialization", "Cross-layer correlation", "Consecutive tokens", "Router saturation", "Ablation",
@@ -147,6 +148,7 @@ def test_bad_inputs_get_one_line_errors(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("script", ["basic_routing_analysis.py", "train_moe.py", "benchmark_moe.py", "benchmark_collection.py", "caches.py",
+                                    "benchmark_alignment.py", "benchmark_memory.py",
                                     "visualize_training_log.py"])
 def test_every_script_has_help(script):
     out = subprocess.run([sys.executable, str(REPO / "exp" / script), "--help"], capture_output=True, text=True, timeout=120)

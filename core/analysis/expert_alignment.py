@@ -139,32 +139,50 @@ def _input_projections(layer: int, w: Mapping[str, Any]) -> tuple[list[torch.Ten
     return mats, names
 
 
+BATCH_BYTES = 256 << 20  # experts decomposed together: one batched Gram product and eigendecomposition
+
+
+def experts_per_batch(rows: int, h: int, budget: int = BATCH_BYTES) -> int:
+    """How many experts' ``[rows, H]`` inputs, Gram matrices and eigenvectors fit ``budget`` bytes in float32."""
+    n = min(rows, h)
+    return max(1, budget // (4 * (rows * h + 2 * n * n)))
+
+
 def _iter_expert_subspaces(
-    expert_weights: ExpertWeights, energy: float | None, rank: int | None, device: str | torch.device | None = None
+    expert_weights: ExpertWeights, energy: float | None, rank: int | None, device: str | torch.device | None = None,
+    progress: bool = False, total: int | None = None,
 ):
     """Yield ``(layer, names, expert, singular values, basis [H, r] tensor)`` one expert at a time.
 
-    One expert at a time keeps memory at one ``[rows, H]`` SVD, whatever the model size;
-    the SVD runs on ``device`` if given (e.g. "cuda": the wrapper hands weights out on CPU),
-    else where the weights are.
+    Experts are decomposed in batches of about 256 MB (:func:`experts_per_batch`), one layer's
+    weights read at a time, so memory stays bounded whatever the model size; the work runs on
+    ``device`` if given (e.g. "cuda"), else where the weights are. ``progress`` shows a bar over experts (``total`` of them, if known).
     """
-    for layer in sorted(expert_weights):
-        mats, names = _input_projections(layer, expert_weights[layer])
-        E, H = mats[0].shape[0], mats[0].shape[2]
-        rows = sum(m.shape[1] for m in mats)
-        if rank is not None and not 1 <= rank <= min(rows, H):
-            raise ValueError(f"rank must be in 1..{min(rows, H)} for layer {layer}, got {rank}")
-        for e in range(E):
-            a = torch.cat([m[e] for m in mats], dim=0)
-            if device is not None:
-                a = a.to(device)
-            s_np, right = input_basis(a)
-            if rank is not None:
-                r = rank
-            else:
-                e2 = np.cumsum(s_np**2) / max(float(np.sum(s_np**2)), 1e-300)
-                r = int(np.searchsorted(e2, energy - 1e-12) + 1)
-            yield layer, names, e, s_np, right(r)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(desc="expert input subspaces", unit="expert", total=total, disable=not progress)
+    with bar:
+        for layer in sorted(expert_weights):
+            mats, names = _input_projections(layer, expert_weights[layer])
+            E, H = mats[0].shape[0], mats[0].shape[2]
+            rows = sum(m.shape[1] for m in mats)
+            if rank is not None and not 1 <= rank <= min(rows, H):
+                raise ValueError(f"rank must be in 1..{min(rows, H)} for layer {layer}, got {rank}")
+            if total is None:
+                bar.total = (bar.total or 0) + E
+            step = experts_per_batch(rows, H)
+            for e0 in range(0, E, step):
+                a = torch.cat([m[e0:e0 + step] for m in mats], dim=1)
+                if device is not None:
+                    a = a.to(device)
+                for i, (s_np, right) in enumerate(input_bases(a)):
+                    if rank is not None:
+                        r = rank
+                    else:
+                        e2 = np.cumsum(s_np**2) / max(float(np.sum(s_np**2)), 1e-300)
+                        r = int(np.searchsorted(e2, energy - 1e-12) + 1)
+                    yield layer, names, e0 + i, s_np, right(r)
+                    bar.update(1)
 
 
 def input_basis(a: torch.Tensor) -> tuple[np.ndarray, Any]:
@@ -176,24 +194,30 @@ def input_basis(a: torch.Tensor) -> tuple[np.ndarray, Any]:
     used are formed. Squaring the matrix costs precision only on the smallest singular values,
     far below the energy the subspace keeps.
     """
+    return input_bases(a[None])[0]
+
+
+def input_bases(a: torch.Tensor) -> list[tuple[np.ndarray, Any]]:
+    """:func:`input_basis` for a batch ``a [b, rows, H]``: one batched Gram product and eigendecomposition."""
     a64 = a if a.dtype == torch.float64 else a.to(torch.float32)
-    rows, h = a64.shape
-    gram = a64.T @ a64 if h <= rows else a64 @ a64.T
+    rows, h = a64.shape[-2:]
+    gram = a64.mT @ a64 if h <= rows else a64 @ a64.mT
     evals, evecs = torch.linalg.eigh(gram)
-    evals, evecs = evals.flip(0).clamp_min(0), evecs.flip(1)
+    evals, evecs = evals.flip(-1).clamp_min(0), evecs.flip(-1)
     s = evals.sqrt()
     s_np = s.to("cpu", torch.float64).numpy()
+    out_dtype = a.dtype if a.dtype.is_floating_point else torch.float32
 
-    def right(r: int) -> torch.Tensor:
+    def right(i: int, r: int) -> torch.Tensor:
         if h <= rows:
-            v = evecs[:, :r]
+            v = evecs[i, :, :r]
         else:  # v = a^T u / s for the left vectors u of the smaller Gram
             tiny = torch.finfo(a64.dtype).tiny
-            v = (a64.T @ evecs[:, :r]) / s[:r].clamp_min(tiny)
+            v = (a64[i].T @ evecs[i, :, :r]) / s[i, :r].clamp_min(tiny)
             v = v / v.norm(dim=0, keepdim=True).clamp_min(tiny)
-        return v.to(a.dtype if a.dtype.is_floating_point else torch.float32)
+        return v.to(out_dtype)
 
-    return s_np, right
+    return [(s_np[i], lambda r, i=i: right(i, r)) for i in range(a64.shape[0])]
 
 
 def _resolve(energy: float | None, rank: int | None, default_energy: float, default_rank: int | None):
@@ -214,7 +238,7 @@ class ExpertAnalyzer:
     ``device``: where to run the per-expert SVDs. Use a GPU for full-size models: OLMoE has 1024
     experts with a 2048x2048 ``[gate; up]`` each, one SVD per expert, which takes hours on a small CPU.
     ``score_fn`` ("softmax" centres router rows, "sigmoid" does not): given here or per call, else
-    read from the wrapper, else "softmax".
+    read from the wrapper, else "softmax". ``progress`` shows a bar over experts.
     """
 
     def __init__(
@@ -224,8 +248,10 @@ class ExpertAnalyzer:
         rank: int | None = None,
         device: str | torch.device | None = None,
         score_fn: str | None = None,
+        progress: bool = False,
     ) -> None:
         self.model = model
+        self.progress = progress
         self.energy = energy
         self.rank = rank
         self.device = device
@@ -240,7 +266,7 @@ class ExpertAnalyzer:
         """``{model layer index: {"gate": [E,I,H] | None, "up": [E,I,H], "down": [E,H,I]}}`` from the wrapper."""
         if self.model is None:
             raise ValueError("ExpertAnalyzer was built without a model; pass expert weights to the methods directly")
-        return self.model.get_expert_weights()
+        return self.model.get_expert_weights(device=self.device or "cpu")
 
     def _expert_weights(self, expert_weights: ExpertWeights | None) -> ExpertWeights:
         if expert_weights is None:
@@ -268,7 +294,7 @@ class ExpertAnalyzer:
         bases: dict[int, list[np.ndarray]] = {l: [] for l in layers}
         names: list[str] = []
         H = 0
-        for layer, names, _, s, u in _iter_expert_subspaces(expert_weights, energy, rank, self.device):
+        for layer, names, _, s, u in _iter_expert_subspaces(expert_weights, energy, rank, self.device, self.progress):
             H = u.shape[0]
             ranks[layer].append(u.shape[1])
             svals[layer].append(s)
@@ -354,7 +380,7 @@ class ExpertAnalyzer:
         ranks = np.zeros((L, E), dtype=int)
         cross = np.zeros((L, E, E))
         unit: dict[int, torch.Tensor] = {}
-        for layer, _, e, _, u in _iter_expert_subspaces(expert_weights, energy, rank, self.device):
+        for layer, _, e, _, u in _iter_expert_subspaces(expert_weights, energy, rank, self.device, self.progress, L * E):
             i = layers.index(layer)
             if layer not in unit:
                 if u.shape[0] != H:

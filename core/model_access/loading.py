@@ -47,6 +47,22 @@ def drop_scan_hooks(model: nn.Module) -> int:
     return removed
 
 
+def release_freed_memory() -> bool:
+    """Hand memory the allocator keeps after loading back to the system (glibc only; elsewhere a no-op).
+
+    Loading OLMoE's shape in bf16 and casting to float32 left 5.5 GB of freed buffers in glibc's
+    heap (13.5 GB resident for a 7.5 GB model at 4 layers, 8.0 GB after the trim).
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
+
+
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str | None:
     if dtype is None or isinstance(dtype, torch.dtype) or dtype == "auto":
         return dtype
@@ -89,4 +105,6 @@ def load_hf(name: str, revision: str | None, dtype: Any, device: str, trust_remo
         tokenizer = AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, TypeError):
         tokenizer = None
-    return model.to(device).eval(), tokenizer
+    model = model.to(device).eval()
+    release_freed_memory()
+    return model, tokenizer

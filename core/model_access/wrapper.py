@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from core.model_access.discovery import MoELayerInfo, MoESpec, NoRoutersError, discover_moe_layers, router_matrix
-from core.model_access.expert_weights import expert_matrices
+from core.model_access.expert_weights import LayerExperts, expert_matrices
 from core.model_access.host_copy import PendingCopy, start_host_copy
 from core.model_access.interventions import experts_selection, renormalize_without
 from core.model_access.recorder import RoutingRecorder, router_scores, scores_and_indices
@@ -328,15 +328,19 @@ class MoEModelWrapper:
             for info in self.layers
         }
 
-    def get_expert_weights(self) -> dict[int, dict[str, torch.Tensor | None]]:
-        """Each MoE layer's experts: ``gate``/``up`` ``[E, I, H]`` (gate may be None), ``down`` ``[E, H, I]``."""
-        result = {}
+    def get_expert_weights(self, device: str | torch.device = "cpu") -> LayerExperts:
+        """Each MoE layer's experts: ``gate``/``up`` ``[E, I, H]`` (gate may be None), ``down`` ``[E, H, I]``.
+
+        float32 on ``device``, read one layer at a time as the caller asks for it (:class:`LayerExperts`).
+        """
+        readers = {}
         for info in self.layers:
             if info.experts_path is None:
                 raise NoRoutersError(f"layer {info.layer}: no experts module was found next to router {info.router_path}")
-            mats = expert_matrices(self._modules[info.experts_path])
-            result[info.layer] = {k: (None if v is None else v.float().cpu().clone()) for k, v in mats.items()}
-        return result
+            module = self._modules[info.experts_path]
+            readers[info.layer] = lambda m=module: {k: (None if v is None else v.to(device, torch.float32))
+                                                    for k, v in expert_matrices(m).items()}
+        return LayerExperts(readers)
 
     # --------------------------------------------------------------- ablation
     def forward_loss(
