@@ -127,3 +127,33 @@ def test_batched_bases_equal_one_at_a_time():
         p, p1 = right(6), right1(6)
         torch.testing.assert_close(p @ p.T, p1 @ p1.T)  # the same subspace (signs may differ)
     assert experts_per_batch(2048, 2048) == 5 and experts_per_batch(10**6, 10**6) == 1
+
+
+def test_alignment_reads_each_layer_when_its_turn_comes(monkeypatch):
+    """One layer's expert weights in memory at a time: a layer is read only after the previous one is decomposed."""
+    from collections.abc import Mapping
+
+    import core.analysis.expert_alignment as ea
+
+    events = []
+    g = torch.Generator().manual_seed(0)
+    weights = {l: {"gate": torch.randn(4, 6, 8, generator=g), "up": torch.randn(4, 6, 8, generator=g)} for l in range(3)}
+
+    class Lazy(Mapping):
+        def __getitem__(self, layer):
+            events.append(("read", layer))
+            return weights[layer]
+
+        def __iter__(self):
+            return iter(weights)
+
+        def __len__(self):
+            return len(weights)
+
+    real = ea.input_bases
+    monkeypatch.setattr(ea, "input_bases", lambda a: events.append(("decompose",)) or real(a))
+    routers = {l: torch.randn(4, 8, generator=g) for l in range(3)}
+    ea.ExpertAnalyzer(score_fn="softmax").analyze_expert_router_alignment(Lazy(), routers, num_permutations=10)
+    reads = [i for i, e in enumerate(events) if e[0] == "read"]
+    assert [events[i][1] for i in reads] == [0, 1, 2]
+    assert all(events[i - 1] == ("decompose",) for i in reads[1:])

@@ -150,19 +150,20 @@ def experts_per_batch(rows: int, h: int, budget: int = BATCH_BYTES) -> int:
 
 def _iter_expert_subspaces(
     expert_weights: ExpertWeights, energy: float | None, rank: int | None, device: str | torch.device | None = None,
-    progress: bool = False, total: int | None = None,
+    progress: bool = False, total: int | None = None, layers: list[int] | None = None,
 ):
     """Yield ``(layer, names, expert, singular values, basis [H, r] tensor)`` one expert at a time.
 
     Experts are decomposed in batches of about 256 MB (:func:`experts_per_batch`), one layer's
     weights read at a time, so memory stays bounded whatever the model size; the work runs on
-    ``device`` if given (e.g. "cuda"), else where the weights are. ``progress`` shows a bar over experts (``total`` of them, if known).
+    ``device`` if given (e.g. "cuda"), else where the weights are. ``progress`` shows a bar over experts (``total`` of them, if known). ``layers``: only these
+    (default all), each read from ``expert_weights`` when its turn comes.
     """
     from tqdm.auto import tqdm
 
     bar = tqdm(desc="expert input subspaces", unit="expert", total=total, disable=not progress)
     with bar:
-        for layer in sorted(expert_weights):
+        for layer in sorted(expert_weights) if layers is None else layers:
             mats, names = _input_projections(layer, expert_weights[layer])
             E, H = mats[0].shape[0], mats[0].shape[2]
             rows = sum(m.shape[1] for m in mats)
@@ -235,8 +236,8 @@ class ExpertAnalyzer:
 
     Subspace dimension: fixed ``rank`` if given, else the fewest singular directions holding
     ``energy`` (default 0.9) of the squared spectrum of ``[gate; up]`` (``up`` alone without a gate).
-    ``device``: where to run the per-expert SVDs. Use a GPU for full-size models: OLMoE has 1024
-    experts with a 2048x2048 ``[gate; up]`` each, one SVD per expert, which takes hours on a small CPU.
+    ``device``: where to run the decompositions. OLMoE has 1024 experts with a 2048x2048 ``[gate; up]``
+    each: 15 min on 2 CPU threads (``exp/benchmark_alignment.py``), one layer's weights in memory at a time.
     ``score_fn`` ("softmax" centres router rows, "sigmoid" does not): given here or per call, else
     read from the wrapper, else "softmax". ``progress`` shows a bar over experts.
     """
@@ -357,7 +358,7 @@ class ExpertAnalyzer:
         if len(shapes) != 1:
             raise ValueError(f"routers of different shapes {sorted(shapes)}")
         E, H = shapes.pop()
-        ranks, cross = self._cross_shares({l: expert_weights[l] for l in layers}, routers, layers, E, H, energy, rank)
+        ranks, cross = self._cross_shares(expert_weights, routers, layers, E, H, energy, rank)
         L = len(layers)
         own = np.diagonal(cross, axis1=1, axis2=2).copy()
         off = ~np.eye(E, dtype=bool)
@@ -380,7 +381,8 @@ class ExpertAnalyzer:
         ranks = np.zeros((L, E), dtype=int)
         cross = np.zeros((L, E, E))
         unit: dict[int, torch.Tensor] = {}
-        for layer, _, e, _, u in _iter_expert_subspaces(expert_weights, energy, rank, self.device, self.progress, L * E):
+        for layer, _, e, _, u in _iter_expert_subspaces(expert_weights, energy, rank, self.device, self.progress, L * E,
+                                                          layers=layers):
             i = layers.index(layer)
             if layer not in unit:
                 if u.shape[0] != H:
