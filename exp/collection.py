@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Collection
 
+import torch
+
 from core.collection.checkpoints import (
     Checkpoint,
     CheckpointError,
@@ -25,10 +27,11 @@ from core.collection.checkpoints import (
 from core.collection.hub_disk import is_hub_repo, plan_text
 from core.collection.identity import weights_digest
 from core.collection.sweep import Sweep, sweep_checkpoints
+from core.model_access.loading import Placement, parse_max_memory
 from core.model_access.shapes import RECORD_NAME, ensure_random_model, is_random_spec, random_model_folder
 from core.model_access.wrapper import MoEModelWrapper
 from data import DataError, DatasetLoader, TokenizedDataset, tokenize_documents
-from exp.run_options import REPO_ROOT, RunOptions
+from exp.run_options import REPO_ROOT, OptionsError, RunOptions
 
 
 @dataclass
@@ -158,8 +161,16 @@ def open_wrapper(target: ModelTarget, ckpt: Checkpoint, opts: RunOptions) -> MoE
     """The model at one checkpoint (a local folder or a Hub revision)."""
     if target.embedded:
         import core.study_moe.model  # noqa: F401  registers the toolkit's own model type with transformers' Auto*
-    return MoEModelWrapper(ckpt.path or target.source, revision=ckpt.revision, device=opts.device, dtype=opts.dtype,
-                           trust_remote_code=opts.trust_remote_code)
+    placement = None
+    if opts.device_map:
+        placement = Placement(opts.device_map, parse_max_memory(opts.max_memory), str(Path(opts.models_dir) / "offload"))
+    wrapper = MoEModelWrapper(ckpt.path or target.source, revision=ckpt.revision, device=opts.device, dtype=opts.dtype,
+                              trust_remote_code=opts.trust_remote_code, placement=placement)
+    placed = torch.device(wrapper.device).type
+    if placed != torch.device(opts.device).type:  # caches record the device type the routing was computed on
+        raise OptionsError(f"--device-map {opts.device_map} put the model's input layer on {wrapper.device}; "
+                           f"pass --device {placed} with it")
+    return wrapper
 
 
 def training_exclusion(target: ModelTarget) -> frozenset[str] | None:

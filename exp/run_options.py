@@ -38,6 +38,8 @@ class RunOptions:
     recollect: bool = False  # collect again even where a cache of the same identity is complete
     keep_checkpoints: bool = False  # keep Hub revisions in the HF cache after collection (default: free what the sweep downloaded)
     device: str = "cpu"
+    device_map: str | None = None  # auto, balanced, balanced_low_0 or sequential: spread a big model over devices (accelerate)
+    max_memory: str | None = None  # with device_map: per device, e.g. "0=70GiB,1=70GiB,cpu=200GiB"
     dtype: str | None = None
     trust_remote_code: bool = False
     seed: int = 0
@@ -119,6 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "each for OLMoE); by default each revision the sweep downloaded is deleted once collected, and "
                     "revisions you had cached before are never deleted")
     ap.add_argument("--device", help="cpu, cuda, cuda:1, ...")
+    ap.add_argument("--device-map", choices=DEVICE_MAPS,
+                    help="spread a model bigger than one GPU over the GPUs (and CPU, and disk under <models-dir>/offload) "
+                    "with accelerate; auto fills GPU 0 first")
+    ap.add_argument("--max-memory", help="with --device-map: memory per device, e.g. 0=70GiB,1=70GiB,cpu=200GiB")
     ap.add_argument("--dtype", help="float32, bfloat16, float16 or auto")
     ap.add_argument("--trust-remote-code", action="store_true", default=None)
     ap.add_argument("--seed", type=int)
@@ -138,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 LIST_OPTIONS = ("checkpoints", "datasets")
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 DTYPES = (None, "auto", "float32", "fp32", "float16", "fp16", "bfloat16", "bf16")
 
 
@@ -188,6 +195,17 @@ def make_options(**kwargs: Any) -> RunOptions:
         raise OptionsError(f"shard_tokens must be at least 1, not {opts.shard_tokens}")
     if not opts.datasets:
         raise OptionsError("no datasets given")
+    if opts.device_map is not None and opts.device_map not in DEVICE_MAPS:
+        raise OptionsError(f"device_map must be one of {', '.join(DEVICE_MAPS)}, not {opts.device_map!r}")
+    if opts.max_memory is not None:
+        if opts.device_map is None:
+            raise OptionsError("--max-memory applies with --device-map only")
+        from core.model_access.loading import parse_max_memory
+
+        try:
+            parse_max_memory(opts.max_memory)
+        except ValueError as e:
+            raise OptionsError(str(e)) from None
     if opts.layers is not None and not str(opts.model or "").startswith("random:"):
         raise OptionsError(f"--layers {opts.layers} applies to random:NAME models only (a real model keeps all its layers)")
     return opts

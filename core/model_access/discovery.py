@@ -175,7 +175,8 @@ def _selection_args(experts: nn.Module) -> tuple[int | str | None, int | str | N
     if isinstance(experts, nn.ModuleList):
         return None, None
     try:
-        params = list(inspect.signature(experts.forward).parameters.values())
+        # accelerate's dispatch wraps forward (keeping the original as _old_forward): read the original's arguments
+        params = list(inspect.signature(getattr(experts, "_old_forward", experts.forward)).parameters.values())
     except (TypeError, ValueError):
         return None, None
     params = [p for p in params if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]

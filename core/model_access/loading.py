@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -47,6 +49,78 @@ def drop_scan_hooks(model: nn.Module) -> int:
     return removed
 
 
+@dataclass(frozen=True)
+class Placement:
+    """How accelerate spreads a model over devices: a ``device_map`` ("auto", "balanced", "sequential" or
+    ``{module: device}``), a ``max_memory`` per device (``{0: "70GiB", "cpu": "200GiB"}``), and the
+    folder for weights offloaded to disk."""
+
+    device_map: str | dict[str, Any] = "auto"
+    max_memory: dict[Any, str] | None = None
+    offload_folder: str | None = None
+
+    def kwargs(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"device_map": self.device_map}
+        if self.max_memory:
+            out["max_memory"] = dict(self.max_memory)
+        if self.offload_folder:
+            out["offload_folder"] = self.offload_folder
+        return out
+
+
+def parse_max_memory(text: str | dict | None) -> dict[Any, str] | None:
+    """``"0=70GiB,1=70GiB,cpu=200GiB"`` -> ``{0: "70GiB", 1: "70GiB", "cpu": "200GiB"}`` (GPU indices as ints)."""
+    if text is None or isinstance(text, dict):
+        return text
+    out: dict[Any, str] = {}
+    for part in str(text).split(","):
+        key, sep, value = part.strip().partition("=")
+        if not sep or not key.strip() or not re.fullmatch(r"\d+(\.\d+)?\s*[KMGT]i?B", value.strip(), re.I):
+            raise ValueError(f"max_memory must look like 0=70GiB,1=70GiB,cpu=200GiB, not {text!r}")
+        key = key.strip()
+        out[int(key) if key.isdigit() else key] = value.strip()
+    return out
+
+
+def is_dispatched(model: nn.Module) -> bool:
+    """Whether accelerate placed the model over several devices (or offloaded it): then it must not be moved."""
+    return bool(getattr(model, "hf_device_map", None))
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where a forward's inputs go: the input embedding's execution device (accelerate's hook), else the first real weight's."""
+    try:
+        emb = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        emb = None
+    hook = getattr(emb, "_hf_hook", None)
+    if getattr(hook, "execution_device", None) is not None:
+        return torch.device(hook.execution_device)
+    for p in model.parameters():
+        if p.device.type != "meta":
+            return p.device
+    return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def materialized(module: nn.Module) -> Iterator[nn.Module]:
+    """The module with its weights readable, also where accelerate offloaded them (to the CPU or disk).
+
+    Offloaded weights sit on the meta device between forwards; inside this context each offloaded
+    submodule holds its real weights. Read (and copy) them inside; elsewhere nothing changes.
+    """
+    if not any(hasattr(m, "_hf_hook") for m in module.modules()):
+        yield module
+        return
+    from accelerate.utils import align_module_device
+
+    with contextlib.ExitStack() as stack:
+        for m in module.modules():
+            if hasattr(m, "_hf_hook"):
+                stack.enter_context(align_module_device(m))
+        yield module
+
+
 def release_freed_memory() -> bool:
     """Hand memory the allocator keeps after loading back to the system (glibc only; elsewhere a no-op).
 
@@ -73,13 +147,20 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str | None:
         raise ValueError(f"unknown dtype {dtype!r}: use float32, float16, bfloat16 or auto") from None
 
 
-def load_hf(name: str, revision: str | None, dtype: Any, device: str, trust_remote_code: bool) -> tuple[nn.Module, Any]:
-    """Load model and tokenizer ourselves so a failure becomes one readable line."""
+def load_hf(name: str, revision: str | None, dtype: Any, device: str, trust_remote_code: bool,
+            placement: Placement | None = None) -> tuple[nn.Module, Any]:
+    """Load model and tokenizer ourselves so a failure becomes one readable line.
+
+    ``placement`` spreads a model too big for one device over several (accelerate's dispatch
+    through transformers); the model is then never moved as a whole.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs: dict[str, Any] = {"revision": revision, "trust_remote_code": trust_remote_code}
     if dtype is not None:
         kwargs["dtype"] = dtype
+    if placement is not None:
+        kwargs.update(placement.kwargs())
     if str(device).startswith("cpu"):
         kwargs["experts_implementation"] = "eager"  # grouped_mm is unreliable on CPU float32
     where = f"revision '{revision}' of " if revision else ""
@@ -105,6 +186,6 @@ def load_hf(name: str, revision: str | None, dtype: Any, device: str, trust_remo
         tokenizer = AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, TypeError):
         tokenizer = None
-    model = model.to(device).eval()
+    model = model.eval() if is_dispatched(model) else model.to(device).eval()
     release_freed_memory()
     return model, tokenizer

@@ -9,7 +9,9 @@ DeepSeek-V3 adds a correction bias and group-limited selection).
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from types import SimpleNamespace
 from typing import Any, Mapping
 
 import torch
@@ -20,7 +22,8 @@ from core.model_access.expert_weights import LayerExperts, expert_matrices
 from core.model_access.host_copy import PendingCopy, start_host_copy
 from core.model_access.interventions import experts_selection, renormalize_without
 from core.model_access.recorder import RoutingRecorder, router_scores, scores_and_indices
-from core.model_access.loading import ModelLoadError, drop_scan_hooks, load_hf, quiet_nnterp, resolve_dtype
+from core.model_access.loading import (ModelLoadError, Placement, drop_scan_hooks, input_device, is_dispatched, load_hf,
+                                       materialized, quiet_nnterp, resolve_dtype)
 from core.routing_data import RoutingData
 
 __all__ = ["ModelLoadError", "MoEModelWrapper"]
@@ -58,15 +61,40 @@ class PendingRouting:
         )
 
 
+def envoy_at(model: Any, path: str) -> Any:
+    """The nnsight envoy of the module at ``path`` (``model.layers.3.mlp.gate``)."""
+    env = model
+    for part in path.split("."):
+        env = env[int(part)] if part.isdigit() else getattr(env, part)
+    return env
+
+
+def plain_info(info: MoELayerInfo) -> SimpleNamespace:
+    """A layer description as a plain namespace: what a remote trace can carry (NDIF cannot rebuild our dataclasses)."""
+    return SimpleNamespace(**{f.name: getattr(info, f.name) for f in dataclasses.fields(info)})
+
+
+def _read_experts(module: nn.Module, device: str | torch.device) -> dict[str, torch.Tensor | None]:
+    """One layer's expert matrices in float32 on ``device``: views where possible, copies where weights are offloaded."""
+    with materialized(module):
+        mats = expert_matrices(module)
+        copy = any(hasattr(m, "_hf_hook") for m in module.modules())  # offloaded weights go back to meta on exit
+        return {k: None if v is None else v.to(device, torch.float32, copy=copy) for k, v in mats.items()}
+
+
 class MoEModelWrapper:
     """A traced MoE language model: which layers route, and what each router decided.
 
     ``model`` is a Hub name, a local directory, or an in-memory ``torch.nn.Module`` (a
-    transformers model). ``remote=True`` hands the name to nnsight for remote execution.
+    transformers model). ``remote=True`` hands the name to nnsight for remote execution (NDIF);
+    ``remote="local"`` runs every trace through nnsight's local simulation of it (the request
+    serialized and restored with this toolkit's modules out of reach, as on NDIF's servers).
     ``moe_spec`` names the router and experts modules of a custom model that does not declare
     them the transformers way. ``engine`` says how routing is recorded locally: PyTorch hooks on
     the routers (the default; next to free) or an nnsight trace (what runs remotely, and what
-    ablation uses); both give the same ``RoutingData``.
+    ablation uses); both give the same ``RoutingData``. ``placement`` spreads a model bigger than one
+    device over several, or offloads part of it (accelerate, through transformers); a model already
+    dispatched that way may be passed in too. Tracing, weights and ablation work the same on it.
     """
 
     def __init__(
@@ -76,43 +104,46 @@ class MoEModelWrapper:
         device: str = "cpu",
         dtype: str | torch.dtype | None = None,
         trust_remote_code: bool = False,
-        remote: bool = False,
+        remote: bool | str = False,
         tokenizer: Any = None,
         moe_spec: MoESpec | Mapping[str, Any] | None = None,
         engine: str = "hooks",
+        placement: Placement | None = None,
     ) -> None:
         from nnterp import StandardizedTransformer
 
         if engine not in ("hooks", "nnsight"):
             raise ValueError(f"engine must be 'hooks' or 'nnsight', got {engine!r}")
+        if remote not in (True, False, "local"):
+            raise ValueError(f"remote must be True, False or 'local', got {remote!r}")
         self.engine = engine
 
         self.revision = revision
         self.device = str(device)
         self.remote = remote
         # where the weights come from and the dtype asked for: what a routing cache's identity is made of
-        self.source: Any = None if remote else model
+        self.source: Any = None if remote is True else model
         self.dtype_option = dtype
         dtype = resolve_dtype(dtype)
         if isinstance(moe_spec, Mapping):
             moe_spec = MoESpec.from_dict(dict(moe_spec))
         if isinstance(model, nn.Module):
-            hf_model = model.to(device).eval() if not remote else model
-            if dtype not in (None, "auto"):
+            hf_model = model if remote is True or is_dispatched(model) else model.to(device).eval()
+            if dtype not in (None, "auto") and not is_dispatched(hf_model):
                 hf_model = hf_model.to(dtype)
             self.model_name = getattr(getattr(hf_model, "config", None), "_name_or_path", "") or type(hf_model).__name__
-        elif remote:
+        elif remote is True:
             hf_model, self.model_name = None, str(model)
         else:
             self.model_name = str(model)
-            hf_model, loaded_tok = load_hf(self.model_name, revision, dtype, self.device, trust_remote_code)
+            hf_model, loaded_tok = load_hf(self.model_name, revision, dtype, self.device, trust_remote_code, placement)
             tokenizer = tokenizer if tokenizer is not None else loaded_tok
         self.tokenizer = tokenizer
 
         st_kwargs: dict[str, Any] = {"check_renaming": True, "trust_remote_code": trust_remote_code}
         if tokenizer is not None:
             st_kwargs["tokenizer"] = tokenizer
-        if remote:
+        if remote is True:
             st_kwargs.update(remote=True, revision=revision)
         with quiet_nnterp():
             try:
@@ -123,6 +154,8 @@ class MoEModelWrapper:
                 st_kwargs["check_renaming"] = False
                 self.model = StandardizedTransformer(hf_model if hf_model is not None else self.model_name, **st_kwargs)
         self.hf_model: nn.Module = self.model._model
+        if self.hf_model is not None and is_dispatched(self.hf_model):
+            self.device = str(input_device(self.hf_model))  # where its inputs go (and what a cache's identity records)
         if self.hf_model is not None:
             drop_scan_hooks(self.hf_model)
         if self.tokenizer is None:
@@ -205,10 +238,7 @@ class MoEModelWrapper:
         return int(n) if n else getattr(getattr(self.hf_model, "config", None), "vocab_size", None)
 
     def _envoy(self, path: str) -> Any:
-        env = self.model
-        for part in path.split("."):
-            env = env[int(part)] if part.isdigit() else getattr(env, part)
-        return env
+        return envoy_at(self.model, path)
 
     # --------------------------------------------------------------- tracing
     def trace_routing(
@@ -277,23 +307,28 @@ class MoEModelWrapper:
         return rec.scores, rec.chosen, rec.hidden
 
     def _record_nnsight(self, feed: dict, hidden_layers: list[int]) -> tuple[list, list, list]:
-        """The same records through an nnsight trace (what runs remotely)."""
+        """The same records through an nnsight trace (what runs remotely).
+
+        The traced code touches only the nnsight model, plain layer descriptions and module-level
+        helpers, never the wrapper: what NDIF receives is that code, not this object and its weights.
+        """
+        model, remote = self.model, self.remote
+        plain = {info.layer: plain_info(info) for info in self.layers}
+        # nnsight needs module accesses in execution order: layer by layer, input before router before experts
+        plan = [(layer, layer in hidden_layers, plain.get(layer)) for layer in sorted(set(self.moe_layers) | set(hidden_layers))]
         scores: list[Any] = []
         chosen: list[Any] = []
         hidden_saved: list[Any] = []
-        by_layer = {info.layer: info for info in self.layers}
-        with torch.no_grad(), self.model.trace(feed, remote=self.remote):
-            # nnsight needs module accesses in execution order: layer by layer, input before router before experts
-            for layer in sorted(set(self.moe_layers) | set(hidden_layers)):
-                if layer in hidden_layers:
-                    hidden_saved.append(self.model.layers_input[layer].save())
-                info = by_layer.get(layer)
+        with torch.no_grad(), model.trace(feed, remote=remote):
+            for layer, keep_hidden, info in plan:
+                if keep_hidden:
+                    hidden_saved.append(model.layers_input[layer].save())
                 if info is None:
                     continue
-                out = self._envoy(info.router_path).output
+                out = envoy_at(model, info.router_path).output
                 scores.append(router_scores(out, info).save())
                 if info.experts_index_arg is not None:
-                    idx, w = experts_selection(info, *self._envoy(info.experts_path).inputs)
+                    idx, w = experts_selection(info, *envoy_at(model, info.experts_path).inputs)
                     chosen.append((idx.save(), w.save()))
                 elif scores_and_indices(out, info):
                     chosen.append((out[2].save(), out[1].save()))
@@ -315,18 +350,17 @@ class MoEModelWrapper:
         return idx.masked_fill(idx >= info.num_experts, -1), w
 
     def _device(self) -> torch.device:
-        try:
-            return next(self.hf_model.parameters()).device
-        except StopIteration:
-            return torch.device("cpu")
+        """Where inputs go: the input embedding's execution device on a dispatched model, else the weights'."""
+        return input_device(self.hf_model)
 
     # ---------------------------------------------------------------- weights
     def get_router_weights(self) -> dict[int, torch.Tensor]:
         """Each MoE layer's router matrix ``[E, H]`` (float32, CPU), keyed by model layer index."""
-        return {
-            info.layer: router_matrix(self._modules[info.router_path], info.num_experts, info.hidden_size).float().cpu().clone()
-            for info in self.layers
-        }
+        out = {}
+        for info in self.layers:
+            with materialized(self._modules[info.router_path]) as router:
+                out[info.layer] = router_matrix(router, info.num_experts, info.hidden_size).float().cpu().clone()
+        return out
 
     def get_expert_weights(self, device: str | torch.device = "cpu") -> LayerExperts:
         """Each MoE layer's experts: ``gate``/``up`` ``[E, I, H]`` (gate may be None), ``down`` ``[E, H, I]``.
@@ -337,9 +371,7 @@ class MoEModelWrapper:
         for info in self.layers:
             if info.experts_path is None:
                 raise NoRoutersError(f"layer {info.layer}: no experts module was found next to router {info.router_path}")
-            module = self._modules[info.experts_path]
-            readers[info.layer] = lambda m=module: {k: (None if v is None else v.to(device, torch.float32))
-                                                    for k, v in expert_matrices(m).items()}
+            readers[info.layer] = lambda m=self._modules[info.experts_path]: _read_experts(m, device)
         return LayerExperts(readers)
 
     # --------------------------------------------------------------- ablation
@@ -367,11 +399,12 @@ class MoEModelWrapper:
                 raise ValueError(f"layer {layer}: experts {bad} do not exist (the layer has {self.num_experts})")
         dev = self._device()
         feed = {"input_ids": input_ids.to(dev), "attention_mask": attention_mask.to(dev)}
-        with torch.no_grad(), self.model.trace(feed):
-            for layer, experts in ablate.items():
-                info = by_layer[layer]
-                renormalize_without(*experts_selection(info, *self._envoy(info.experts_path).inputs), experts)
-            logits = self.model.output.logits.save()
+        model, remote = self.model, self.remote  # the traced code never touches the wrapper (see _record_nnsight)
+        plan = [(plain_info(by_layer[layer]), experts) for layer, experts in sorted(ablate.items())]
+        with torch.no_grad(), model.trace(feed, remote=remote):
+            for info, experts in plan:
+                renormalize_without(*experts_selection(info, *envoy_at(model, info.experts_path).inputs), experts)
+            logits = model.output.logits.save()
         logits = logits.float().cpu()
         targets = input_ids[:, 1:].cpu()
         loss = torch.nn.functional.cross_entropy(
