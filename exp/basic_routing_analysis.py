@@ -11,6 +11,7 @@ caches (``exp.collection``; reused across runs), analyses in one pass over the c
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -58,29 +59,32 @@ class BasicRoutingAnalysis:
             options = make_options(model=model_name, wandb=use_wandb, wandb_project=wandb_project, **kwargs)
         self.options = options
 
-    def run(self) -> RunSummary:
-        """Do the whole job; returns where the report is."""
+    def run(self) -> RunSummary | None:
+        """Do the whole job; returns where the report is (None on a torchrun rank other than 0, which only collects)."""
         from core.safe_io import atomic_write_json, atomic_write_text
         from exp.analysis_suite import run_analyses
         from exp.collection import (collect_all, load_tokenized, open_wrapper, resolve_model, train_embedded_model,
                                     training_exclusion, write_random)
         from exp.findings import findings, headline_numbers, warnings_of
+        from exp.launch import rank_zero_first, start_ranks
         from exp.stage_clock import StageClock
         from core.model_access.shapes import is_random_spec
 
         opts = self.options
         preflight(opts)  # a missing GPU or an unwritable folder is found now, not after the analyses
+        ranks, opts.device = start_ranks(opts.device)  # under torchrun: this rank's share and device
+        opts.progress = opts.progress and ranks.rank == 0
         t0 = time.perf_counter()
         clock = StageClock(opts.device)
         say = print if opts.progress else (lambda *a, **k: None)
         embedded_run = None
         if opts.model is None:
             say("[0/4] the embedded model (trained on the bundled corpus if it is not there yet)")
-            with clock.stage("embedded model trained or found"):
+            with clock.stage("embedded model trained or found"), rank_zero_first(ranks):
                 embedded_run = train_embedded_model(opts)
         elif is_random_spec(opts.model):
             say(f"[0/4] {opts.model}: random weights (written into {opts.models_dir}/random/ if not there yet)")
-            with clock.stage("random weights written or found"):
+            with clock.stage("random weights written or found"), rank_zero_first(ranks):
                 write_random(opts)
         with clock.stage("model loaded"):
             target = resolve_model(opts, embedded_run)
@@ -93,6 +97,8 @@ class BasicRoutingAnalysis:
         say(f"[2/4] collecting routing on {', '.join(f'{n} ({t.num_tokens} tokens)' for n, t in tokenized.items())}")
         with clock.stage("collection"):
             sweep = collect_all(opts, target, tokenized, final_wrapper=wrapper)
+        if ranks.rank != 0:
+            return None  # this rank's share is collected; rank 0 analyses every cache and writes the report
         say("[3/4] analysing")
         results = run_analyses(wrapper, sweep, tokenized, ablation=opts.ablation, ablation_tokens=opts.ablation_tokens,
                                collaboration=opts.collaboration, micro=opts.micro, progress=opts.progress,
@@ -190,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     from core.model_access.loading import ModelLoadError
     from data import DataError
 
+    from exp.launch import stop_ranks
+
     try:
         summary = BasicRoutingAnalysis(options=opts).run()
     except (OptionsError, ModelLoadError, NoRoutersError, CacheError, CheckpointError, DataError) as e:
@@ -198,6 +206,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # every write is atomic: finished shards stay, the next run resumes from them
         print("\ninterrupted: finished cache shards are kept; run the same command again to resume", file=sys.stderr)
         return 130
+    finally:
+        stop_ranks()
+    if summary is None:
+        print(f"rank {os.environ.get('RANK')}: its share of the caches is collected; rank 0 writes the report")
+        return 0
     print()
     print(f"Done in {summary.seconds:.1f} s.")
     for f in summary.findings:

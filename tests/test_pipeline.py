@@ -273,3 +273,30 @@ def test_ctrl_c_exits_130_and_the_rerun_resumes(micro_run, tmp_path, monkeypatch
         RoutingCache.open(m.parent, allow_incomplete=True)
     monkeypatch.setattr(RoutingCacheWriter, "write_shard", real)
     assert main(args) == 0
+
+
+def test_torchrun_ranks_share_collection_and_match_one_process(micro_run, tmp_path):
+    """2 CPU processes (gloo): each writes its share of the caches; rank 0's report equals the one-process run's."""
+    root, first, _, _, _ = micro_run
+    results = tmp_path / "results"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(REPO / "exp" / "basic_routing_analysis.py"), "--micro", "--static", "none", "--no-progress",
+           "--results-dir", str(results), "--models-dir", str(root / "models"), "--run-name", "micro"]
+    out = subprocess.run(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}, capture_output=True,
+                         text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    headline = json.loads((results / "micro" / "metrics.json").read_text())["headline"]
+    assert headline == json.loads(first.metrics.read_text())["headline"]
+    manifests = sorted((results / "cache").rglob("manifest.json"))
+    writers = {m: {(s["written_by"]["rank"], s["written_by"]["world_size"]) for s in json.loads(m.read_text())["shards"]}
+               for m in manifests}
+    assert set().union(*writers.values()) == {(0, 2), (1, 2)}  # both ranks wrote, and the manifests say so
+    # a rank killed mid-way leaves its cache unfinished: one process then collects only that one, and reuses the rest
+    lost = next(m for m, w in writers.items() if w == {(1, 2)})
+    lost.unlink()
+    stamps = {m: m.stat().st_mtime_ns for m in manifests if m != lost}
+    again = BasicRoutingAnalysis(micro=True, static="none", progress=False, results_dir=str(results),
+                                 models_dir=str(root / "models"), run_name="again").run()
+    assert all(m.stat().st_mtime_ns == t for m, t in stamps.items())
+    assert {s["written_by"]["world_size"] for s in json.loads(lost.read_text())["shards"]} == {1}
+    assert json.loads(again.metrics.read_text())["headline"] == headline

@@ -39,6 +39,7 @@ from core.collection.cache_format import (
     shard_file_name,
     validate_header,
 )
+from core.collection.ranks import current_ranks
 from core.routing_data import RoutingData
 from core.safe_io import TMP_SUFFIX, atomic_write_bytes, atomic_write_json, temp_name_prefix
 
@@ -211,6 +212,7 @@ class RoutingCacheWriter:
             "num_tokens": data.num_tokens,
             "bytes": len(payload),
             "sha256": hashlib.sha256(payload).hexdigest(),
+            "written_by": current_ranks().as_dict(),  # which torchrun rank (of how many) wrote this shard
         }
         self.manifest["shards"].append(entry)
         self.manifest["rows_done"] = first_row + num_rows

@@ -13,6 +13,7 @@ collected (``core.collection.hub_disk``) unless ``keep_checkpoints``.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import hashlib
 import json
@@ -27,10 +28,11 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from core.collection.cache import RoutingCache
-from core.collection.cache_format import FORMAT_VERSION, CacheCorruptError, check_storage
+from core.collection.cache_format import FORMAT_VERSION, CacheCorruptError, CacheError, check_storage
 from core.collection.checkpoints import Checkpoint, CheckpointError, order_key
 from core.collection.hub_disk import LEDGER_FILE, HubCheckpointFiles, is_hub_repo
 from core.collection.identity import checkpoint_identity, identity_key
+from core.collection.ranks import Ranks, current_ranks
 from core.safe_io import atomic_write_bytes, atomic_write_json
 
 ROUTER_WEIGHTS_FILE = "router_weights.safetensors"
@@ -338,18 +340,62 @@ def sweep_checkpoints(
     if announce is not None:
         announce([p.ckpt for p in to_load])
     hub = _hub_files(checkpoints, model_source or model_name, idx_path, keep_checkpoints)
-    for p in to_load:
-        _collect_checkpoint(p, make_wrapper, hub, model_source or model_name, router_weights=router_weights,
+    ranks = current_ranks()
+    for p, share in _my_share(plans, list(datasets), router_weights, ranks):
+        _collect_checkpoint(share, make_wrapper, hub, model_source or model_name, router_weights=router_weights,
                             batch_size=batch_size, progress=progress, force=force, collect_kw=collect_kw,
                             on_cache=lambda name, cache, p=p: _record(entries, last_paths, p, name, cache, idx_path,
                                                                       model_name, order))
+        p.routers = share.routers
     for line in hub.finish([c.revision for c in checkpoints if not c.path]) if hub else []:
         if progress:
             print(line, flush=True)
+    if ranks.world_size > 1:
+        ranks.barrier()  # every rank has written its share: open the others'
+        _gather_others(plans, router_weights, entries, last_paths, idx_path.parent)
     caches = {name: [p.done[name] for p in plans] for name in datasets}
     weights = [p.routers for p in plans] if router_weights else []
-    _write_index(idx_path, model_name, entries, order, last_paths)
+    if ranks.rank == 0:
+        _write_index(idx_path, model_name, entries, order, last_paths)
     return Sweep(idx_path, list(checkpoints), caches, weights)
+
+
+def _my_share(plans: list[_Pending], names: list[str], router_weights: bool, ranks: Ranks) -> list[tuple[_Pending, _Pending]]:
+    """This rank's work, as ``(checkpoint, the part of it to do here)``.
+
+    Units are numbered over every checkpoint and dataset of the sweep, done or not, so every rank
+    numbers them alike whatever it found finished: whole checkpoints when there are at least as many
+    as ranks, else (checkpoint, dataset) caches round-robin (a checkpoint's routers go with its first dataset).
+    """
+    def needed(p: _Pending) -> bool:
+        return bool(p.todo) or (router_weights and p.routers is None)
+
+    if ranks.world_size == 1 or len(plans) >= ranks.world_size:
+        return [(p, p) for i, p in enumerate(plans) if ranks.owns(i) and needed(p)]
+    out = []
+    for i, p in enumerate(plans):
+        mine = [t for t in p.todo if ranks.owns(i * len(names) + names.index(t[0]))]
+        routers_here = router_weights and p.routers is None and ranks.owns(i * len(names))
+        if mine or routers_here:
+            out.append((p, dataclasses.replace(p, todo=mine)))
+    return out
+
+
+def _gather_others(plans: list[_Pending], router_weights: bool, entries: dict, last_paths: dict, root: Path) -> None:
+    """After the barrier: the caches and router weights the other ranks wrote, checked as any reused cache is."""
+    for p in plans:
+        for ds_name, _, cdir in p.todo:
+            if ds_name not in p.done:
+                try:  # the folder is the cache's identity: complete there means collected as this sweep asked
+                    cache = RoutingCache.open(cdir)
+                except CacheError as e:
+                    raise CacheError(f"another rank did not finish the cache at {cdir} ({e}); run the same command again") from None
+                p.done[ds_name] = cache
+                entries[last_paths[f"{p.ckpt.name}/{ds_name}"]] = _entry(p.ckpt, ds_name, cache, root, p.keys[ds_name])
+        if router_weights and p.routers is None:
+            p.routers = _stored_router_weights(p.w_path)
+            if p.routers is None:
+                raise CacheError(f"another rank did not save the router weights at {p.w_path}; run the same command again")
 
 
 @dataclass

@@ -1,0 +1,42 @@
+"""Which share of a run's work this process does, when ``torchrun`` starts several.
+
+Collection splits deterministically: whole checkpoints over ranks when a sweep has at least as
+many checkpoints to load as there are ranks, else (checkpoint, dataset) caches round-robin. Each
+rank writes whole caches (their manifests record the rank and world size that wrote each shard);
+after a barrier every rank opens all of them. A cache's identity does not depend on who wrote
+it, so the same command with another number of processes reuses it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's rank among ``world_size`` processes (0 of 1 outside torchrun)."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    def owns(self, unit: int) -> bool:
+        """Whether work unit ``unit`` (numbered the same in every process) is this rank's."""
+        return unit % self.world_size == self.rank
+
+    def barrier(self) -> None:
+        """Wait for every rank (a no-op in one process). torchrun stops the others if a rank fails."""
+        if self.world_size > 1:
+            torch.distributed.barrier()
+
+    def as_dict(self) -> dict[str, int]:
+        return {"rank": self.rank, "world_size": self.world_size}
+
+
+def current_ranks() -> Ranks:
+    """The ranks of the initialized ``torch.distributed`` process group, else one process."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return Ranks(dist.get_rank(), dist.get_world_size())
+    return Ranks()
