@@ -307,10 +307,9 @@ def sweep_checkpoints(
     checkpoint's config and weight digests), ``model_dtype`` and the ``device`` type, the data and
     the settings. A changed setting gets its own cache and leaves the others usable; ``force``
     collects again into the same identity.
-    A Hub revision the sweep downloaded is deleted from the HF cache once its checkpoint is
-    collected (``core.collection.hub_disk``), unless ``keep_checkpoints``; revisions that were
-    cached before are the user's and stay. ``announce(checkpoints)`` is called once, before any
-    model is loaded, with the checkpoints that must be loaded (e.g. to show the download plan).
+    A Hub revision the sweep downloaded is freed once collected unless ``keep_checkpoints`` (``hub_disk``).
+    ``announce(checkpoints)``: called once, before any model loads, with those that must (the download plan).
+    Under torchrun each rank collects its share (``core.collection.ranks``) and then opens the others'.
     """
     from core.collection.collector import DEFAULT_SHARD_TOKENS, data_fingerprint
 
@@ -336,9 +335,8 @@ def sweep_checkpoints(
         w_path = router_weights_path(cache_root, model_name, ckpt)
         routers = None if force or not router_weights else _stored_router_weights(w_path)
         plans.append(_Pending(ckpt, done, todo, keys, w_path, routers))
-    to_load = [p for p in plans if p.todo or (router_weights and p.routers is None)]
     if announce is not None:
-        announce([p.ckpt for p in to_load])
+        announce([p.ckpt for p in plans if p.todo or (router_weights and p.routers is None)])
     hub = _hub_files(checkpoints, model_source or model_name, idx_path, keep_checkpoints)
     ranks = current_ranks()
     for p, share in _my_share(plans, list(datasets), router_weights, ranks):
@@ -351,8 +349,7 @@ def sweep_checkpoints(
         if progress:
             print(line, flush=True)
     if ranks.world_size > 1:
-        ranks.barrier()  # every rank has written its share: open the others'
-        _gather_others(plans, router_weights, entries, last_paths, idx_path.parent)
+        _gather_others(plans, router_weights, entries, last_paths, idx_path.parent, ranks)
     caches = {name: [p.done[name] for p in plans] for name in datasets}
     weights = [p.routers for p in plans] if router_weights else []
     if ranks.rank == 0:
@@ -381,8 +378,10 @@ def _my_share(plans: list[_Pending], names: list[str], router_weights: bool, ran
     return out
 
 
-def _gather_others(plans: list[_Pending], router_weights: bool, entries: dict, last_paths: dict, root: Path) -> None:
-    """After the barrier: the caches and router weights the other ranks wrote, checked as any reused cache is."""
+def _gather_others(plans: list[_Pending], router_weights: bool, entries: dict, last_paths: dict, root: Path,
+                   ranks: Ranks) -> None:
+    """Once every rank has written its share (a barrier): the caches and router weights the others wrote."""
+    ranks.barrier()
     for p in plans:
         for ds_name, _, cdir in p.todo:
             if ds_name not in p.done:
