@@ -170,7 +170,11 @@ def run_analyses(
         found = fold(sweep_stream(sweep), accs,
                      progress=progress, desc="analyses (one pass over the caches)", timings=res.timings)
     clock.add_parts(ONE_PASS, res.timings)
-    for name, fn in weight_analyses(wrapper, sweep, micro=micro, seed=seed, progress=progress):
+    steps = weight_analyses(wrapper, sweep, micro=micro, seed=seed, progress=progress) if sweep.router_weights else []
+    if not sweep.router_weights:
+        for name in ("router_similarity", "router_subspaces", "expert_alignment") + (("router_drift",) * (len(sweep.checkpoints) > 1)):
+            res.skipped[name] = "the model ran on NDIF: its weights are not here"
+    for name, fn in steps:
         with clock.stage(name):
             found[name] = fn()
         res.timings[name] = clock.rows[-1].seconds

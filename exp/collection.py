@@ -164,8 +164,9 @@ def open_wrapper(target: ModelTarget, ckpt: Checkpoint, opts: RunOptions) -> MoE
     placement = None
     if opts.device_map:
         placement = Placement(opts.device_map, parse_max_memory(opts.max_memory), str(Path(opts.models_dir) / "offload"))
+    remote = {"ndif": True, "local": "local"}.get(opts.remote or "", False)
     wrapper = MoEModelWrapper(ckpt.path or target.source, revision=ckpt.revision, device=opts.device, dtype=opts.dtype,
-                              trust_remote_code=opts.trust_remote_code, placement=placement)
+                              trust_remote_code=opts.trust_remote_code, placement=placement, remote=remote)
     placed = torch.device(wrapper.device).type
     if placed != torch.device(opts.device).type:  # caches record the device type the routing was computed on
         raise OptionsError(f"--device-map {opts.device_map} put the model's input layer on {wrapper.device}; "
@@ -218,7 +219,7 @@ def collect_all(opts: RunOptions, target: ModelTarget, tokenized: dict[str, Toke
 
     return sweep_checkpoints(
         target.checkpoints, tokenized, make_wrapper, cache_root, model_name=target.cache_key, batch_size=opts.batch_size,
-        storage=opts.storage, shard_tokens=opts.shard_tokens, router_weights=True, progress=opts.progress,
+        storage=opts.storage, shard_tokens=opts.shard_tokens, router_weights=opts.remote != "ndif", progress=opts.progress,
         model_source=target.source, model_dtype=opts.dtype, device=opts.device, force=opts.recollect,
         keep_checkpoints=opts.keep_checkpoints, announce=lambda ckpts: announce_downloads(opts, target, ckpts),
     )

@@ -41,6 +41,7 @@ class RunOptions:
     device_map: str | None = None  # auto, balanced, balanced_low_0 or sequential: spread a big model over devices (accelerate)
     max_memory: str | None = None  # with device_map: per device, e.g. "0=70GiB,1=70GiB,cpu=200GiB"
     dtype: str | None = None
+    remote: str | None = None  # ndif: trace on NDIF (NDIF_API_KEY from the environment); local: nnsight's simulation of it
     trust_remote_code: bool = False
     seed: int = 0
     run_name: str | None = None
@@ -126,6 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "with accelerate; auto fills GPU 0 first")
     ap.add_argument("--max-memory", help="with --device-map: memory per device, e.g. 0=70GiB,1=70GiB,cpu=200GiB")
     ap.add_argument("--dtype", help="float32, bfloat16, float16 or auto")
+    ap.add_argument("--remote", choices=REMOTES,
+                    help="ndif: run the traces (collection, ablation) on NDIF, nnsight's hosted models, with the API key "
+                    "in NDIF_API_KEY; weight analyses are skipped (the weights stay there). local: run them through "
+                    "nnsight's local simulation of an NDIF request, to check before sending")
     ap.add_argument("--trust-remote-code", action="store_true", default=None)
     ap.add_argument("--seed", type=int)
     ap.add_argument("--run-name", help="name of results/<run>/ (default: derived from model and options)")
@@ -145,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 LIST_OPTIONS = ("checkpoints", "datasets")
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+REMOTES = ("ndif", "local")
 DTYPES = (None, "auto", "float32", "fp32", "float16", "fp16", "bfloat16", "bf16")
 
 
@@ -206,6 +212,12 @@ def make_options(**kwargs: Any) -> RunOptions:
             parse_max_memory(opts.max_memory)
         except ValueError as e:
             raise OptionsError(str(e)) from None
+    if opts.remote is not None and opts.remote not in REMOTES:
+        raise OptionsError(f"remote must be ndif or local, not {opts.remote!r}")
+    if opts.remote == "ndif" and (opts.model is None or str(opts.model).startswith("random:") or Path(opts.model).exists()):
+        raise OptionsError("--remote ndif runs a model NDIF hosts: pass its Hub name with --model (not a local folder)")
+    if opts.remote == "ndif" and opts.device_map:
+        raise OptionsError("--device-map places a local model; with --remote ndif the model runs on NDIF")
     if opts.layers is not None and not str(opts.model or "").startswith("random:"):
         raise OptionsError(f"--layers {opts.layers} applies to random:NAME models only (a real model keeps all its layers)")
     return opts
@@ -221,6 +233,9 @@ def preflight(opts: RunOptions) -> None:
             raise OptionsError(f"--device {opts.device}: torch sees {torch.cuda.device_count()} CUDA device(s) here; use --device cpu")
         if kind == "mps" and not torch.backends.mps.is_available():
             raise OptionsError("--device mps: no Apple GPU here; use --device cpu")
+    if opts.remote == "ndif" and not os.environ.get("NDIF_API_KEY"):
+        raise OptionsError("--remote ndif needs your NDIF API key in the environment variable NDIF_API_KEY "
+                           "(from https://login.ndif.us; never put it in a file of the repository)")
     from data.registry import default_registry
 
     known = default_registry()

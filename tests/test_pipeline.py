@@ -300,3 +300,46 @@ def test_torchrun_ranks_share_collection_and_match_one_process(micro_run, tmp_pa
     assert all(m.stat().st_mtime_ns == t for m, t in stamps.items())
     assert {s["written_by"]["world_size"] for s in json.loads(lost.read_text())["shards"]} == {1}
     assert json.loads(again.metrics.read_text())["headline"] == headline
+
+
+def test_remote_local_run_equals_the_local_run(micro_run, tmp_path):
+    """--remote local: collection and ablation through nnsight's simulation of an NDIF request give the same study."""
+    from transformers import AutoTokenizer, OlmoeConfig, OlmoeForCausalLM
+
+    root, _, _, _, _ = micro_run
+    tok = AutoTokenizer.from_pretrained(root / "models" / "study-moe-micro")
+    cfg = OlmoeConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=16, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=4, num_experts=4, num_experts_per_tok=2, pad_token_id=tok.pad_token_id,
+                      eos_token_id=tok.eos_token_id, bos_token_id=None)
+    model_dir = tmp_path / "tiny-olmoe"
+    OlmoeForCausalLM(cfg).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    kw = dict(model_name=str(model_dir), micro=True, offline=True, static="none", progress=False, resamples=20)
+    here = BasicRoutingAnalysis(results_dir=str(tmp_path / "here"), **kw).run()
+    sim = BasicRoutingAnalysis(results_dir=str(tmp_path / "sim"), remote="local", **kw).run()
+    a, b = (json.loads(s.metrics.read_text()) for s in (here, sim))
+    assert a["headline"] == b["headline"] and a["ablation"] == b["ablation"]
+
+
+def test_remote_ndif_needs_its_key_and_a_hub_name(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("NDIF_API_KEY", raising=False)
+    assert main(["--model", "allenai/OLMoE-1B-7B-0924", "--remote", "ndif", "--results-dir", str(tmp_path), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "NDIF_API_KEY" in err and "\n" not in err
+    assert main(["--remote", "ndif", "--results-dir", str(tmp_path), "--no-progress"]) == 2
+    assert "Hub name" in capsys.readouterr().err
+
+
+def test_a_run_without_the_weights_skips_weight_analyses_and_reports(micro_run, tmp_path, monkeypatch):
+    """What --remote ndif leaves out (the weights stay on NDIF): the weight analyses say so, the rest is reported."""
+    import exp.collection as collection
+
+    root, _, _, _, _ = micro_run
+    real = collection.sweep_checkpoints
+    monkeypatch.setattr(collection, "sweep_checkpoints", lambda *a, **k: real(*a, **{**k, "router_weights": False}))
+    summary = BasicRoutingAnalysis(micro=True, static="none", progress=False, ablation=False, resamples=20,
+                                   results_dir=str(tmp_path), models_dir=str(root / "models")).run()
+    metrics = json.loads(summary.metrics.read_text())
+    for name in ("router_similarity", "router_subspaces", "expert_alignment", "router_drift"):
+        assert "NDIF" in metrics["skipped"][name] and name not in metrics
+    assert summary.report.exists() and "routing_stats" in metrics
