@@ -156,18 +156,22 @@ def test_every_script_has_help(script):
     assert "usage" in out.stdout.lower()
 
 
-def test_a_hugging_face_moe_from_a_local_directory(micro_run, tmp_path):
-    """The path a researcher takes with OLMoE, on a tiny random OLMoE saved with the embedded tokenizer."""
+def _tiny_olmoe_folder(root: Path, folder: Path) -> Path:
+    """A tiny random OLMoE saved with the embedded micro model's tokenizer: a Hugging Face MoE in a local folder."""
     from transformers import AutoTokenizer, OlmoeConfig, OlmoeForCausalLM
 
-    root, _, _, _, _ = micro_run
     tok = AutoTokenizer.from_pretrained(root / "models" / "study-moe-micro")
     cfg = OlmoeConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=16, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=4, num_experts=4, num_experts_per_tok=2, pad_token_id=tok.pad_token_id,
                       eos_token_id=tok.eos_token_id, bos_token_id=None)
-    model_dir = tmp_path / "tiny-olmoe"
-    OlmoeForCausalLM(cfg).save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
+    OlmoeForCausalLM(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def test_a_hugging_face_moe_from_a_local_directory(micro_run, tmp_path):
+    """The path a researcher takes with OLMoE, on a tiny random OLMoE saved with the embedded tokenizer."""
+    model_dir = _tiny_olmoe_folder(micro_run[0], tmp_path / "tiny-olmoe")
     summary = BasicRoutingAnalysis(model_name=str(model_dir), micro=True, offline=True, static="none", progress=False,
                                    results_dir=str(tmp_path / "results")).run()
     metrics = json.loads(summary.metrics.read_text())
@@ -304,16 +308,7 @@ def test_torchrun_ranks_share_collection_and_match_one_process(micro_run, tmp_pa
 
 def test_remote_local_run_equals_the_local_run(micro_run, tmp_path):
     """--remote local: collection and ablation through nnsight's simulation of an NDIF request give the same study."""
-    from transformers import AutoTokenizer, OlmoeConfig, OlmoeForCausalLM
-
-    root, _, _, _, _ = micro_run
-    tok = AutoTokenizer.from_pretrained(root / "models" / "study-moe-micro")
-    cfg = OlmoeConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=16, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=4, num_experts=4, num_experts_per_tok=2, pad_token_id=tok.pad_token_id,
-                      eos_token_id=tok.eos_token_id, bos_token_id=None)
-    model_dir = tmp_path / "tiny-olmoe"
-    OlmoeForCausalLM(cfg).save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
+    model_dir = _tiny_olmoe_folder(micro_run[0], tmp_path / "tiny-olmoe")
     kw = dict(model_name=str(model_dir), micro=True, offline=True, static="none", progress=False, resamples=20)
     here = BasicRoutingAnalysis(results_dir=str(tmp_path / "here"), **kw).run()
     sim = BasicRoutingAnalysis(results_dir=str(tmp_path / "sim"), remote="local", **kw).run()
