@@ -290,7 +290,7 @@ def test_torchrun_ranks_share_collection_and_match_one_process(micro_run, tmp_pa
                          text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     headline = json.loads((results / "micro" / "metrics.json").read_text())["headline"]
-    assert headline == json.loads(first.metrics.read_text())["headline"]
+    assert headline == first_metrics["headline"]
     manifests = sorted((results / "cache").rglob("manifest.json"))
     writers = {m: {(s["written_by"]["rank"], s["written_by"]["world_size"]) for s in json.loads(m.read_text())["shards"]}
                for m in manifests}
@@ -338,3 +338,65 @@ def test_a_run_without_the_weights_skips_weight_analyses_and_reports(micro_run, 
     for name in ("router_similarity", "router_subspaces", "expert_alignment", "router_drift"):
         assert "NDIF" in metrics["skipped"][name] and name not in metrics
     assert summary.report.exists() and "routing_stats" in metrics
+
+
+def _rank_pids(parent: int) -> dict[int, int]:
+    """``{rank: pid}`` of torchrun's workers (read from each child process's environment)."""
+    out = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            stat = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+            env = dict(kv.split("=", 1) for kv in (proc / "environ").read_text().split("\0") if "=" in kv)
+        except OSError:
+            continue
+        if "RANK" in env and "TORCHELASTIC_RUN_ID" in env and int(stat[1]) in {parent, *out.values()}:
+            out[int(env["RANK"])] = int(proc.name)
+    return out
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the ranks' processes through /proc")
+def test_a_killed_rank_resumes_where_it_stopped(micro_run, tmp_path):
+    """SIGKILL rank 1 after its first shard: torchrun stops the run; the same command finishes only what is missing."""
+    import signal
+    import time as _time
+
+    root, first, _, _, _ = micro_run
+    results = tmp_path / "results"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(REPO / "exp" / "basic_routing_analysis.py"), "--micro", "--static", "none", "--no-progress",
+           "--results-dir", str(results), "--models-dir", str(root / "models"), "--run-name", "micro"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    run = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = _time.time() + 300
+    killed = False
+    while not killed and run.poll() is None and _time.time() < deadline:
+        for m in (results / "cache").rglob("manifest.json") if (results / "cache").exists() else []:
+            try:
+                shards = json.loads(m.read_text())["shards"]
+            except (OSError, ValueError):
+                continue
+            if any(s["written_by"]["rank"] == 1 for s in shards):
+                pid = _rank_pids(run.pid).get(1)
+                if pid:
+                    os.kill(pid, signal.SIGKILL)
+                    killed = True
+                break
+        _time.sleep(0.02)
+    err = run.communicate(timeout=300)[1]
+    assert killed and run.returncode != 0, err[-2000:]
+    done = {}
+    for m in (results / "cache").rglob("manifest.json"):
+        body = json.loads(m.read_text())
+        done[m] = (body["complete"], m.stat().st_mtime_ns)
+    first_metrics = json.loads(first.metrics.read_text())
+    expected = len(first_metrics["checkpoints"]) * len(first_metrics["datasets"])
+    assert sum(c for c, _ in done.values()) < expected, "the run finished before rank 1 was killed"
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for m, (complete, stamp) in done.items():
+        if complete:
+            assert m.stat().st_mtime_ns == stamp, f"{m} was complete and got rewritten"
+    headline = json.loads((results / "micro" / "metrics.json").read_text())["headline"]
+    assert headline == first_metrics["headline"]
