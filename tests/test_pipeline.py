@@ -279,18 +279,23 @@ def test_ctrl_c_exits_130_and_the_rerun_resumes(micro_run, tmp_path, monkeypatch
     assert main(args) == 0
 
 
+def _torchrun_micro(root: Path, results: Path) -> tuple[list[str], dict[str, str]]:
+    """The micro study with 2 CPU processes under torchrun (gloo), on the fixture's embedded model, and its environment."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(REPO / "exp" / "basic_routing_analysis.py"), "--micro", "--static", "none", "--no-progress",
+           "--results-dir", str(results), "--models-dir", str(root / "models"), "--run-name", "micro"]
+    return cmd, {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+
+
 def test_torchrun_ranks_share_collection_and_match_one_process(micro_run, tmp_path):
     """2 CPU processes (gloo): each writes its share of the caches; rank 0's report equals the one-process run's."""
     root, first, _, _, _ = micro_run
     results = tmp_path / "results"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(REPO / "exp" / "basic_routing_analysis.py"), "--micro", "--static", "none", "--no-progress",
-           "--results-dir", str(results), "--models-dir", str(root / "models"), "--run-name", "micro"]
-    out = subprocess.run(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}, capture_output=True,
-                         text=True, timeout=900)
+    cmd, env = _torchrun_micro(root, results)
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     headline = json.loads((results / "micro" / "metrics.json").read_text())["headline"]
-    assert headline == first_metrics["headline"]
+    assert headline == json.loads(first.metrics.read_text())["headline"]
     manifests = sorted((results / "cache").rglob("manifest.json"))
     writers = {m: {(s["written_by"]["rank"], s["written_by"]["world_size"]) for s in json.loads(m.read_text())["shards"]}
                for m in manifests}
@@ -364,10 +369,7 @@ def test_a_killed_rank_resumes_where_it_stopped(micro_run, tmp_path):
 
     root, first, _, _, _ = micro_run
     results = tmp_path / "results"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(REPO / "exp" / "basic_routing_analysis.py"), "--micro", "--static", "none", "--no-progress",
-           "--results-dir", str(results), "--models-dir", str(root / "models"), "--run-name", "micro"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    cmd, env = _torchrun_micro(root, results)
     run = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = _time.time() + 300
     killed = False
