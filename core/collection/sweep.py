@@ -345,9 +345,7 @@ def sweep_checkpoints(
                             on_cache=lambda name, cache, p=p: _record(entries, last_paths, p, name, cache, idx_path,
                                                                       model_name, order))
         p.routers = share.routers
-    for line in hub.finish([c.revision for c in checkpoints if not c.path]) if hub else []:
-        if progress:
-            print(line, flush=True)
+    _finish_hub(hub, checkpoints, progress)
     if ranks.world_size > 1:
         _gather_others(plans, router_weights, entries, last_paths, idx_path.parent, ranks)
     caches = {name: [p.done[name] for p in plans] for name in datasets}
@@ -355,6 +353,13 @@ def sweep_checkpoints(
     if ranks.rank == 0:
         _write_index(idx_path, model_name, entries, order, last_paths)
     return Sweep(idx_path, list(checkpoints), caches, weights)
+
+
+def _finish_hub(hub: HubCheckpointFiles | None, checkpoints: Sequence[Checkpoint], progress: bool) -> None:
+    """Free what the sweep downloaded and still holds (``hub_disk``), saying so."""
+    for line in hub.finish([c.revision for c in checkpoints if not c.path]) if hub else []:
+        if progress:
+            print(line, flush=True)
 
 
 def _my_share(plans: list[_Pending], names: list[str], router_weights: bool, ranks: Ranks) -> list[tuple[_Pending, _Pending]]:

@@ -102,6 +102,11 @@ def input_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def has_accelerate_hooks(module: nn.Module) -> bool:
+    """Whether accelerate's dispatch hooked the module or a submodule (its weights may be offloaded)."""
+    return any(hasattr(m, "_hf_hook") for m in module.modules())
+
+
 @contextlib.contextmanager
 def materialized(module: nn.Module) -> Iterator[nn.Module]:
     """The module with its weights readable, also where accelerate offloaded them (to the CPU or disk).
@@ -109,7 +114,7 @@ def materialized(module: nn.Module) -> Iterator[nn.Module]:
     Offloaded weights sit on the meta device between forwards; inside this context each offloaded
     submodule holds its real weights. Read (and copy) them inside; elsewhere nothing changes.
     """
-    if not any(hasattr(m, "_hf_hook") for m in module.modules()):
+    if not has_accelerate_hooks(module):
         yield module
         return
     from accelerate.utils import align_module_device

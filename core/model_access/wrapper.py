@@ -22,8 +22,8 @@ from core.model_access.expert_weights import LayerExperts, expert_matrices
 from core.model_access.host_copy import PendingCopy, start_host_copy
 from core.model_access.interventions import experts_selection, renormalize_without
 from core.model_access.recorder import RoutingRecorder, router_scores, scores_and_indices
-from core.model_access.loading import (ModelLoadError, Placement, drop_scan_hooks, input_device, is_dispatched, load_hf,
-                                       materialized, quiet_nnterp, resolve_dtype)
+from core.model_access.loading import (ModelLoadError, Placement, drop_scan_hooks, has_accelerate_hooks, input_device,
+                                       is_dispatched, load_hf, materialized, quiet_nnterp, resolve_dtype)
 from core.routing_data import RoutingData
 
 __all__ = ["ModelLoadError", "MoEModelWrapper"]
@@ -78,7 +78,7 @@ def _read_experts(module: nn.Module, device: str | torch.device) -> dict[str, to
     """One layer's expert matrices in float32 on ``device``: views where possible, copies where weights are offloaded."""
     with materialized(module):
         mats = expert_matrices(module)
-        copy = any(hasattr(m, "_hf_hook") for m in module.modules())  # offloaded weights go back to meta on exit
+        copy = has_accelerate_hooks(module)  # offloaded weights go back to meta on exit
         return {k: None if v is None else v.to(device, torch.float32, copy=copy) for k, v in mats.items()}
 
 
@@ -236,9 +236,6 @@ class MoEModelWrapper:
         emb = getattr(self.hf_model, "get_input_embeddings", lambda: None)() if self.hf_model is not None else None
         n = getattr(emb, "num_embeddings", None)
         return int(n) if n else getattr(getattr(self.hf_model, "config", None), "vocab_size", None)
-
-    def _envoy(self, path: str) -> Any:
-        return envoy_at(self.model, path)
 
     # --------------------------------------------------------------- tracing
     def trace_routing(
