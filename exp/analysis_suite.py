@@ -5,13 +5,15 @@ sweep: each dataset's caches at every checkpoint are read side by side, shard by
 (checksums verified once). The final checkpoint's chunk feeds the per-token analyses; all
 checkpoints feed the dynamics. Weight analyses use the final checkpoint's router weights as
 the sweep returned them; ablation runs the model. Memory does not grow with the number of
-tokens (one shard per checkpoint at a time).
+tokens (one shard per checkpoint at a time). Under torchrun the one pass is shared: each
+process folds its part of the caches (``exp.analysis_shares``) and rank 0 gets the merge.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Callable
 
 import numpy as np
@@ -26,12 +28,13 @@ from core.analysis.expert_alignment import ExpertAnalyzer
 from core.analysis.router_weights import RouterAnalyzer
 from core.analysis.routing_stats import RoutingStatsAccumulator
 from core.analysis.specialization import DomainSpecializationAccumulator
-from core.analysis.streaming import Accumulator, PerGroup, Pick, WhenRecorded, align, chunk_tokens, fold, rechunk
+from core.analysis.streaming import Accumulator, PerGroup, Pick, WhenRecorded, feed, merge_all, results_of
 from core.analysis.vocabulary import MAX_TOKEN_IDS, VocabularyAccumulator
+from core.collection.ranks import Ranks
 from core.collection.sweep import Sweep
-from core.routing_data import RoutingData
 from core.safe_io import to_jsonable
 from data import TokenizedDataset
+from exp.analysis_shares import share_tokens, sweep_stream
 from exp.stage_clock import StageClock
 
 ONE_PASS = "analyses: one pass over the caches"
@@ -48,6 +51,7 @@ class RunResults:
     results: dict[str, Any] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    processes: dict[str, Any] = field(default_factory=dict)  # how many processes analysed which share of the tokens
 
     def __getitem__(self, name: str) -> Any:
         return self.results[name]
@@ -57,18 +61,8 @@ class RunResults:
 
     def to_dict(self) -> dict[str, Any]:
         out = {"model": self.model, "datasets": self.datasets, "tokens": self.tokens, "checkpoints": self.checkpoints,
-               "skipped": self.skipped, "timings_s": self.timings}
+               "skipped": self.skipped, "timings_s": self.timings, "processes": self.processes}
         return to_jsonable({**out, **self.results})
-
-
-def sweep_stream(sweep: Sweep) -> Iterator[list[RoutingData]]:
-    """Every dataset's tokens, each as the same chunk at every checkpoint (the final last), read once.
-
-    Shards are cut into chunks small enough that an analysis's dense view of one stays near
-    64 MB whatever the model's layers x experts (:func:`chunk_tokens`).
-    """
-    for name in sweep.datasets:
-        yield from rechunk(align(sweep.caches[name]), lambda c: chunk_tokens(c.num_layers, c.num_experts))
 
 
 def frequent_token_ids(tokenized: dict[str, TokenizedDataset], n: int = MAX_TOKEN_IDS) -> list[int]:
@@ -96,7 +90,7 @@ def routing_accumulators(sweep: Sweep, *, micro: bool, collaboration: bool, resa
         "routing_stats_by_dataset": PerGroup(RoutingStatsAccumulator, by="dataset"),
         "correlation_topk": CorrelationAccumulator("topk", **r),
         "correlation_probs": WhenRecorded(CorrelationAccumulator("probs"), "router_logits"),
-        "correlation_by_dataset": PerGroup(lambda: CorrelationAccumulator("topk"), by="dataset"),
+        "correlation_by_dataset": PerGroup(partial(CorrelationAccumulator, "topk"), by="dataset"),
         "coactivation": CoactivationAccumulator(),
         "routing_paths": RoutingPathsAccumulator(top_n=20),
         "domain_specialization": DomainSpecializationAccumulator("domain", permutations=resamples, **r),
@@ -147,13 +141,16 @@ def run_analyses(
     resamples: int = 200,
     seed: int = 0,
     clock: StageClock | None = None,
-) -> RunResults:
+    ranks: Ranks | None = None,
+) -> RunResults | None:
     """All analyses: routing statistics, correlations, paths, specialization, weights, dynamics, collaboration, ablation.
 
     ``clock``, if given, records each stage's seconds and peak memory (the one pass as one stage,
     its analyses' seconds listed under it); ``timings`` of the result has the seconds either way.
+    Under torchrun (``ranks``), every process folds its share of the caches and the merged
+    accumulators reach rank 0, which does the rest; the other ranks get None.
     """
-    clock = clock or StageClock()
+    clock, ranks = clock or StageClock(), ranks or Ranks()
     res = RunResults(
         model=wrapper.describe(),
         datasets=sweep.datasets,
@@ -167,8 +164,10 @@ def run_analyses(
     accs = routing_accumulators(sweep, micro=micro, collaboration=collaboration, resamples=resamples, seed=seed,
                                 frequent_ids=frequent_token_ids(tokenized) if tokenized else None)
     with clock.stage(ONE_PASS):
-        found = fold(sweep_stream(sweep), accs,
-                     progress=progress, desc="analyses (one pass over the caches)", timings=res.timings)
+        found = _one_pass(sweep, accs, ranks, progress, res.timings)
+    if found is None:
+        return None
+    res.processes = {"world_size": ranks.world_size, "tokens_per_process": share_tokens(sweep, ranks.world_size)}
     clock.add_parts(ONE_PASS, res.timings)
     steps = weight_analyses(wrapper, sweep, micro=micro, seed=seed, progress=progress) if sweep.router_weights else []
     if not sweep.router_weights:
@@ -197,6 +196,21 @@ def run_analyses(
     else:
         res.skipped["ablation"] = "turned off (--no-ablation)"
     return res
+
+
+def _one_pass(sweep: Sweep, accs: dict[str, Accumulator], ranks: Ranks, progress: bool,
+              timings: dict[str, float]) -> dict[str, Any] | None:
+    """Each process folds its share of the caches; the accumulators are merged onto rank 0, which returns the results."""
+    clock: dict[str, float] = {}
+    fed = feed(sweep_stream(sweep, ranks), accs, progress=progress, desc="analyses (one pass over the caches)",
+               clock=clock)
+    if ranks.world_size > 1:
+        t0 = time.perf_counter()
+        fed = ranks.reduce(fed, lambda a, b: merge_all([a, b]))
+        if fed is None:
+            return None
+        clock[f"merging {ranks.world_size} processes' shares"] = time.perf_counter() - t0
+    return results_of(fed, clock, timings)
 
 
 def _ablation(wrapper: Any, tokenized: dict[str, Any], stats: Any, max_tokens: int, progress: bool,

@@ -97,12 +97,12 @@ class BasicRoutingAnalysis:
         say(f"[2/4] collecting routing on {', '.join(f'{n} ({t.num_tokens} tokens)' for n, t in tokenized.items())}")
         with clock.stage("collection"):
             sweep = collect_all(opts, target, tokenized, final_wrapper=wrapper)
-        if ranks.rank != 0:
-            return None  # this rank's share is collected; rank 0 analyses every cache and writes the report
         say("[3/4] analysing")
         results = run_analyses(wrapper, sweep, tokenized, ablation=opts.ablation, ablation_tokens=opts.ablation_tokens,
                                collaboration=opts.collaboration, micro=opts.micro, progress=opts.progress,
-                               resamples=opts.resamples, seed=opts.seed, clock=clock)
+                               resamples=opts.resamples, seed=opts.seed, clock=clock, ranks=ranks)
+        if results is None:
+            return None  # this rank's share is collected and analysed; rank 0 merges the analyses and writes the report
         from core.study_moe.training_data import training_data_note
 
         results.model.update({"checkpoints": [c.name for c in target.checkpoints], "embedded": target.embedded,
@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         stop_ranks()
     if summary is None:
-        print(f"rank {os.environ.get('RANK')}: its share of the caches is collected; rank 0 writes the report")
+        print(f"rank {os.environ.get('RANK')}: its share of the caches is collected and analysed; rank 0 writes the report")
         return 0
     print()
     print(f"Done in {summary.seconds:.1f} s.")

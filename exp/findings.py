@@ -51,13 +51,28 @@ def headline_numbers(res: RunResults) -> dict[str, Any]:
            "load_balance": _est(stats, "utilization_entropy_norm"),
            "vocabulary": getattr(res.get("vocabulary_specialization"), "estimate", None),
            "ablation_delta": getattr(abl, "estimate", None)}
-    out["estimates"] = {k: v.to_dict() for k, v in est.items() if v is not None}
+    out["estimates"] = {k: _significant(v.to_dict()) for k, v in est.items() if v is not None}
     align = res.get("expert_alignment")
     if align is not None and hasattr(align, "perm_p"):
         out["alignment"] = {str(l): {"own": round(float(align.mean_own[i]), 4), "experts_permuted": round(float(align.perm_null_mean[i]), 4),
                                      "p": round(float(align.perm_p[i]), 4), "r_over_h": round(float(align.mean_random[i]), 4)}
                             for i, l in enumerate(align.layers)}
     return out
+
+
+def _significant(value: Any, digits: int = 6) -> Any:
+    """Floats to ``digits`` significant digits, through dicts and lists: a headline quotes, metrics keep the rest.
+
+    So shares of the tokens summed by several processes (in another order than one process
+    sums them, which moves the last bits) quote the same headline.
+    """
+    if isinstance(value, dict):
+        return {k: _significant(v, digits) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_significant(v, digits) for v in value]
+    if isinstance(value, float) and np.isfinite(value):
+        return float(f"{value:.{digits}g}")
+    return value
 
 
 def _adjacent_vs_far(layer_mean_abs: np.ndarray) -> tuple[float | None, float | None]:

@@ -3,9 +3,10 @@
     uv run torchrun --standalone --nproc_per_node 2 exp/basic_routing_analysis.py --micro     # 2 CPU processes (gloo)
     uv run torchrun --nproc_per_node 8 exp/basic_routing_analysis.py --config configs/olmoe.yaml  # 8 GPUs (NCCL)
 
-Every rank collects its share of the caches (``core.collection.ranks``); rank 0 then analyses
-all of them and writes the report, so the results are those of one process on the same caches.
-If a rank fails, torchrun stops the others.
+Every rank collects its share of the caches (``core.collection.ranks``) and analyses its share of
+the tokens (``exp.analysis_shares``); the analyses are merged onto rank 0, which writes the
+report: the results are those of one process on the same caches. If a rank fails, torchrun
+stops the others.
 """
 
 from __future__ import annotations

@@ -252,7 +252,7 @@ def test_load_balance_planted_imbalance_is_detected():
 def test_capacity_dropped_slots_count_nowhere():
     """A slot of weight 0 (the toolkit's own model dropped it for capacity) is not a selection, in any analysis."""
     from core.analysis.routing_stats import routing_stats
-    from core.analysis.streaming import top1_np
+    from core.analysis.features import top1_np
     from tests.fakes import routing
 
     idx = np.array([[[0, 1]], [[2, 1]], [[3, 0]]])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -287,6 +288,27 @@ def _torchrun_micro(root: Path, results: Path) -> tuple[list[str], dict[str, str
     return cmd, {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
 
 
+ONE_PASS_RESULTS = ("routing_stats", "routing_stats_by_dataset", "correlation_topk", "correlation_probs",
+                    "correlation_by_dataset", "coactivation", "routing_paths", "domain_specialization",
+                    "dataset_specialization", "vocabulary_specialization", "routing_consistency", "collaboration")
+
+
+def _assert_close(a, b, path):
+    """Equal JSON, floats to 1e-9 relative (shares are summed in another order than one process sums them)."""
+    if isinstance(a, dict):
+        assert set(a) == set(b), path
+        for k in a:
+            _assert_close(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, list):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_close(x, y, f"{path}[{i}]")
+    elif isinstance(a, float) and isinstance(b, float):
+        assert math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12) or (math.isnan(a) and math.isnan(b)), f"{path}: {a} != {b}"
+    else:
+        assert a == b, f"{path}: {a!r} != {b!r}"
+
+
 def test_torchrun_ranks_share_collection_and_match_one_process(micro_run, tmp_path):
     """2 CPU processes (gloo): each writes its share of the caches; rank 0's report equals the one-process run's."""
     root, first, _, _, _ = micro_run
@@ -294,8 +316,14 @@ def test_torchrun_ranks_share_collection_and_match_one_process(micro_run, tmp_pa
     cmd, env = _torchrun_micro(root, results)
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
-    headline = json.loads((results / "micro" / "metrics.json").read_text())["headline"]
-    assert headline == json.loads(first.metrics.read_text())["headline"]
+    metrics, alone = (json.loads(p.read_text()) for p in (results / "micro" / "metrics.json", first.metrics))
+    headline = metrics["headline"]
+    assert headline == alone["headline"]
+    # both processes analysed a share of the tokens, and every analysis of the one pass equals one process's
+    assert metrics["processes"]["world_size"] == 2 and min(metrics["processes"]["tokens_per_process"]) > 0
+    assert sum(metrics["processes"]["tokens_per_process"]) == sum(alone["processes"]["tokens_per_process"])
+    for name in ONE_PASS_RESULTS:
+        _assert_close(metrics[name], alone[name], name)
     manifests = sorted((results / "cache").rglob("manifest.json"))
     writers = {m: {(s["written_by"]["rank"], s["written_by"]["world_size"]) for s in json.loads(m.read_text())["shards"]}
                for m in manifests}

@@ -19,7 +19,8 @@ from core.analysis.measures import center_router_rows
 from core.analysis.resampling import BlockSums, DocumentRuns, Estimate, block_of, document_keys, paired_estimate
 from core.analysis.results import ResultMixin
 from core.analysis.routing_stats import RoutingStatsAccumulator
-from core.analysis.streaming import Layout, align, fold, require, selection_np
+from core.analysis.streaming import Layout, align, fold, require
+from core.analysis.features import selection_np
 from core.routing_data import RoutingData
 
 
@@ -129,6 +130,20 @@ class CheckpointDynamicsAccumulator:
         if final.num_tokens:
             self._add_overlaps(chunks)
             self.num_tokens += final.num_tokens
+        return self
+
+    def merge(self, other: "CheckpointDynamicsAccumulator") -> "CheckpointDynamicsAccumulator":
+        """Fold in the dynamics of the tokens that follow this share's (the next share of the stream)."""
+        if other.layout is None:
+            return self
+        if self.layout is None:
+            return other
+        self.layout.check_same(other.layout)
+        self.stats = [a.merge(b) for a, b in zip(self.stats, other.stats)]
+        self.overlap += other.overlap
+        self.num_tokens += other.num_tokens
+        self._close(*self.docs.merge(other.docs))
+        self.sums.merge(other.sums)
         return self
 
     def _add_overlaps(self, chunks: Sequence[RoutingData]) -> None:

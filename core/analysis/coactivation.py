@@ -19,7 +19,8 @@ import pandas as pd
 
 from core.analysis.measures import entropy
 from core.analysis.results import ResultMixin
-from core.analysis.streaming import RoutingAccumulator, fold_one, selection_np, top1_np
+from core.analysis.streaming import RoutingAccumulator, fold_one
+from core.analysis.features import selection_np, top1_np
 from core.routing_data import RoutingData
 
 
@@ -63,6 +64,10 @@ class CoactivationAccumulator(RoutingAccumulator):
             a, b = t1[:, li], t1[:, li + 1]
             ok = (a >= 0) & (b >= 0)
             self.trans[li] += np.bincount(a[ok] * E + b[ok], minlength=E * E).reshape(E, E)
+
+    def _merge(self, other: "CoactivationAccumulator") -> None:
+        self.joint += other.joint
+        self.trans += other.trans
 
     def _result(self) -> Coactivation:
         counts = np.diagonal(self.joint, axis1=1, axis2=2).copy()
@@ -141,6 +146,16 @@ class RoutingPathsAccumulator(RoutingAccumulator):
         uniq, cnt = np.unique(top1_np(chunk)[:, self.sel], axis=0, return_counts=True)
         for row, c in zip(uniq.tolist(), cnt.tolist()):
             self.counter[tuple(row)] += c
+        self._prune()
+
+    def _merge(self, other: "RoutingPathsAccumulator") -> None:
+        """Counts added; exact while neither share pruned (``exact`` in the result says so)."""
+        self.counter.update(other.counter)
+        self.pruned_tokens += other.pruned_tokens
+        self.pruned_paths += other.pruned_paths
+        self._prune()
+
+    def _prune(self) -> None:
         if len(self.counter) > 2 * self.max_paths:
             kept = dict(self.counter.most_common(self.max_paths))
             self.pruned_tokens += sum(self.counter.values()) - sum(kept.values())

@@ -26,7 +26,7 @@ from sklearn.exceptions import ConvergenceWarning
 
 from core.analysis.results import ResultMixin
 from core.analysis.specialization import DomainSpecialization, DomainSpecializationAccumulator
-from core.analysis.streaming import RoutingAccumulator, as_chunks, fold_one, group_ids, require
+from core.analysis.streaming import RoutingAccumulator, as_chunks, chunk_seed, fold_one, group_ids, require
 from core.routing_data import RoutingData
 
 BATCH_ROWS = 256  # rows per mini-batch update of the dictionary
@@ -94,11 +94,11 @@ class CollaborationMiner:
     ``n_components`` patterns, ``n_meta_components`` meta-patterns, ``alpha`` sparsity.
     ``activation_threshold``: with ``threshold_rule="relative"`` (default) a fraction of the uniform
     share (1/k of the token's selected weight); with "absolute" a weight, as in seed 003.
-    Uses batch ``DictionaryLearning`` up to ``batch_threshold`` sampled tokens. Beyond that,
-    memory stays bounded whatever the number of tokens: every sampled token updates a
-    ``MiniBatchDictionaryLearning`` by ``partial_fit`` as the chunks stream past, and a uniform
-    reservoir of at most ``max_rows`` sampled tokens is kept to refine the dictionary and to
-    measure each domain's codes. Memory: ``max_rows x L x E`` float32 (82 MB at OLMoE's 16 x 64).
+    Uses batch ``DictionaryLearning`` up to ``batch_threshold`` sampled tokens and
+    ``MiniBatchDictionaryLearning`` beyond. Memory stays bounded whatever the number of tokens:
+    a uniform sample of at most ``max_rows`` sampled tokens is kept (see
+    :class:`CollaborationAccumulator`), and the patterns are learned and measured on it.
+    Memory: ``max_rows x L x E`` float32 (82 MB at OLMoE's 16 x 64).
     """
 
     def __init__(
@@ -193,28 +193,21 @@ class CollaborationMiner:
             "random_state": self.random_seed,
         }
 
-    def _learner(self, n_components: int, n_rows: int, init: np.ndarray | None = None):
+    def _learner(self, n_components: int, n_rows: int):
         kw = self._learner_kwargs(n_components, self.alpha)
-        if n_rows <= self.batch_threshold and init is None:
+        if n_rows <= self.batch_threshold:
             return DictionaryLearning(**kw)
-        if init is not None and init.shape[0] == n_components:
-            kw["dict_init"] = init
         return MiniBatchDictionaryLearning(batch_size=BATCH_ROWS, **kw)
-
-    def streaming_learner(self) -> MiniBatchDictionaryLearning:
-        """The learner every sampled token updates with ``partial_fit`` while the chunks stream past."""
-        return MiniBatchDictionaryLearning(batch_size=BATCH_ROWS, **self._learner_kwargs(self.n_components, self.alpha))
 
     def fit(self, routing: RoutingData | Iterable[RoutingData]) -> CollaborationResult:
         """Mine co-activation patterns, their hierarchy, domain specificity and top experts per domain."""
         return fold_one(routing, self.accumulator())
 
-    def fit_matrix(self, am: ActivationMatrix, spec: DomainSpecialization, init: np.ndarray | None = None,
+    def fit_matrix(self, am: ActivationMatrix, spec: DomainSpecialization,
                    num_sampled: int | None = None) -> CollaborationResult:
         """Mine the patterns of a sampled activation matrix; ``spec`` is the specialization of all tokens seen.
 
-        ``init``: a dictionary already learned from every sampled token (``num_sampled`` of them),
-        refined here on the matrix (a reservoir of them).
+        ``num_sampled``: how many tokens were sampled, when the matrix keeps a uniform part of them.
         """
         X, g = am.values.astype(np.float64), am.groups
         L, E = len(am.moe_layers), am.num_experts
@@ -223,9 +216,9 @@ class CollaborationMiner:
         if K < self.n_components:
             notes.append(f"only {X.shape[0]} sampled tokens: learned {K} patterns instead of {self.n_components}")
         if num_sampled is not None and num_sampled > X.shape[0]:
-            notes.append(f"patterns learned from all {num_sampled} sampled tokens as they streamed past, refined and "
-                         f"measured on a uniform reservoir of {X.shape[0]} of them")
-        learner = self._learner(K, X.shape[0], init)
+            notes.append(f"patterns learned and measured on a uniform sample of {X.shape[0]} of the {num_sampled} "
+                         "sampled tokens (max_rows)")
+        learner = self._learner(K, X.shape[0])
         raw_codes, bad1 = _fit_transform(learner, X)
         norms = np.linalg.norm(learner.components_, axis=1, keepdims=True)
         atoms = learner.components_ / np.clip(norms, 1e-12, None)
@@ -294,8 +287,11 @@ def _fit_transform(estimator, X: np.ndarray) -> tuple[np.ndarray, int]:
 class CollaborationAccumulator(RoutingAccumulator):
     """Samples each chunk's tokens (and counts domain specialization over all of them), in bounded memory.
 
-    Sampled rows go to a uniform reservoir of at most ``max_rows`` (Algorithm R) and, once more
-    than ``batch_threshold`` have been sampled, to the streaming dictionary learner in batches.
+    A chunk samples ``sample_ratio`` of its tokens with a seed from where the chunk is, and every
+    sampled row draws a uniform priority; the ``max_rows`` rows of lowest priority are kept, in
+    stream order (a bottom-k sample: uniform over all sampled tokens). Shares of a stream read by
+    several processes therefore merge into exactly the sample one process keeps. The patterns
+    are learned on that sample by ``result()``.
     """
 
     needs = ("topk_idx",)
@@ -304,13 +300,11 @@ class CollaborationAccumulator(RoutingAccumulator):
         super().__init__()
         self.miner = miner
         self.name = f"collaboration mining by {miner.by}"
-        self.rng = np.random.default_rng(miner.random_seed)
         self.spec = DomainSpecializationAccumulator(miner.by)
-        self.rows: np.ndarray | None = None  # reservoir [<= max_rows, L*E] float32
+        self.rows: np.ndarray | None = None  # kept rows [<= max_rows, L*E] float32, in stream order
         self.groups = np.zeros(0, np.int64)
+        self.priority = np.zeros(0)
         self.sampled = 0
-        self.learner: MiniBatchDictionaryLearning | None = None
-        self.pending: list[np.ndarray] = []  # rows not yet given to the streaming learner (< BATCH_ROWS)
 
     def _add(self, chunk: RoutingData) -> None:
         ids = group_ids(chunk, self.miner.by)
@@ -318,47 +312,33 @@ class CollaborationAccumulator(RoutingAccumulator):
         m = round(chunk.num_tokens * self.miner.sample_ratio)
         if m == 0:
             return
-        pick = np.sort(self.rng.choice(chunk.num_tokens, size=m, replace=False))
-        x = self.miner._activations(chunk.select(torch.from_numpy(pick.astype(np.int64)))).astype(np.float32)
-        before = self.sampled
-        self._reservoir(x, ids[pick])
+        rng = np.random.default_rng(chunk_seed(chunk, self.miner.random_seed))
+        pick = np.sort(rng.choice(chunk.num_tokens, size=m, replace=False))
+        priority = rng.random(m)
         self.sampled += m
-        if self.sampled > self.miner.batch_threshold:
-            self._stream(x, before)
+        if len(self.priority) >= self.miner.max_rows:  # rows that cannot make the sample are never computed
+            enter = priority < self.priority.max()
+            pick, priority = pick[enter], priority[enter]
+            if not len(pick):
+                return
+        x = self.miner._activations(chunk.select(torch.from_numpy(pick.astype(np.int64)))).astype(np.float32)
+        self._keep(x, ids[pick], priority)
 
-    def _reservoir(self, x: np.ndarray, g: np.ndarray) -> None:
+    def _keep(self, x: np.ndarray, g: np.ndarray, priority: np.ndarray) -> None:
+        """Append rows, then keep the ``max_rows`` of lowest priority in the order they came."""
+        self.rows = x if self.rows is None else np.concatenate([self.rows, x])
+        self.groups = np.concatenate([self.groups, g])
+        self.priority = np.concatenate([self.priority, priority])
         cap = self.miner.max_rows
-        if self.rows is None:
-            self.rows = np.zeros((0, x.shape[1]), np.float32)
-        room = max(0, cap - len(self.rows))
-        if room:
-            self.rows = np.concatenate([self.rows, x[:room]])
-            self.groups = np.concatenate([self.groups, g[:room]])
-        rest = np.arange(room, len(x))
-        if len(rest):
-            slot = self.rng.integers(0, self.sampled + rest + 1)  # row t replaces a random earlier one with p = cap/(t+1)
-            take = slot < cap
-            slot, rest = slot[take], rest[take]
-            last = len(slot) - 1 - np.unique(slot[::-1], return_index=True)[1]  # a slot drawn twice keeps the later row
-            self.rows[slot[last]] = x[rest[last]]
-            self.groups[slot[last]] = g[rest[last]]
+        if len(self.priority) > cap:
+            keep = np.sort(np.argpartition(self.priority, cap - 1)[:cap])
+            self.rows, self.groups, self.priority = self.rows[keep], self.groups[keep], self.priority[keep]
 
-    def _stream(self, x: np.ndarray, before: int) -> None:
-        """Give sampled rows to the streaming learner in full batches.
-
-        On the first call the ``before`` rows sampled earlier go too: the reservoir still holds them all.
-        """
-        if self.learner is None:
-            self.learner = self.miner.streaming_learner()
-            x = np.concatenate([self.rows[:before], x])
-        self.pending.append(x)
-        buf = np.concatenate(self.pending)
-        full = len(buf) // BATCH_ROWS * BATCH_ROWS
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            for lo in range(0, full, BATCH_ROWS):
-                self.learner.partial_fit(buf[lo: lo + BATCH_ROWS].astype(np.float64))
-        self.pending = [buf[full:]]
+    def _merge(self, other: "CollaborationAccumulator") -> None:
+        self.spec = self.spec.merge(other.spec)
+        self.sampled += other.sampled
+        if other.rows is not None:
+            self._keep(other.rows, other.groups, other.priority)
 
     def matrix(self) -> ActivationMatrix:
         if self.layout is None or self.rows is None or not len(self.rows):
@@ -368,5 +348,4 @@ class CollaborationAccumulator(RoutingAccumulator):
                                 self.num_tokens)
 
     def _result(self) -> CollaborationResult:
-        init = getattr(self.learner, "components_", None) if self.learner is not None else None
-        return self.miner.fit_matrix(self.matrix(), self.spec.result(), init=init, num_sampled=self.sampled)
+        return self.miner.fit_matrix(self.matrix(), self.spec.result(), num_sampled=self.sampled)

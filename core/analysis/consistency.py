@@ -18,7 +18,8 @@ import numpy as np
 
 from core.analysis.resampling import BlockSums, DocumentRuns, Estimate, block_of, document_keys, paired_estimate
 from core.analysis.results import ResultMixin
-from core.analysis.streaming import RoutingAccumulator, fold_one, selection_np, top1_np
+from core.analysis.streaming import RoutingAccumulator, fold_one
+from core.analysis.features import selection_np, top1_np
 from core.routing_data import RoutingData
 
 NULL_NAME = "within-document shuffle"
@@ -112,6 +113,12 @@ class ConsistencyAccumulator(RoutingAccumulator):
         for name, v in values.items():
             self.sums.add(name, units, v)
         self.num_docs += len(keys)
+
+    def _merge(self, other: "ConsistencyAccumulator") -> None:
+        self._close(*self.docs.merge(other.docs))
+        self.sums.merge(other.sums)
+        self.num_docs += other.num_docs
+        self.prev = other.prev
 
     def _result(self) -> RoutingConsistency:
         self._close(*self.docs.flush())

@@ -27,11 +27,12 @@ from core.analysis.streaming import (
     RoutingAccumulator,
     WhenRecorded,
     as_chunks,
+    chunk_seed,
     fold,
     fold_one,
     require,
-    selection_np,
 )
+from core.analysis.features import selection_np
 from core.routing_data import RoutingData
 
 Feature = Literal["probs", "topk"]
@@ -64,6 +65,20 @@ class StreamingCorrelation:
         delta = mb - self.mean
         self.comoment += cb + np.outer(delta, delta) * (self.n * nb / n)
         self.mean += delta * (nb / n)
+        self.n = n
+        return self
+
+    def merge(self, other: "StreamingCorrelation") -> "StreamingCorrelation":
+        """Both sets of tokens' moments (Chan et al.'s pairwise update)."""
+        if other.mean is None:
+            return self
+        if self.mean is None:
+            self.n, self.mean, self.comoment = other.n, other.mean.copy(), other.comoment.copy()
+            return self
+        n = self.n + other.n
+        delta = other.mean - self.mean
+        self.comoment += other.comoment + np.outer(delta, delta) * (self.n * other.n / n)
+        self.mean += delta * (other.n / n)
         self.n = n
         return self
 
@@ -200,7 +215,6 @@ class CorrelationAccumulator(RoutingAccumulator):
         self.needs = ("router_logits",) if feature == "probs" else ("topk_idx",)
         self.acc = StreamingCorrelation()
         self.resamples, self.permutations, self.seed, self.memory = resamples, permutations, seed, memory_floats
-        self.chunks = 0
 
     def _start(self) -> None:
         F = self.layout.num_layers * self.layout.num_experts
@@ -226,11 +240,16 @@ class CorrelationAccumulator(RoutingAccumulator):
         L, E = self.layout.num_layers, self.layout.num_experts
         xl = x.reshape(len(x), L, E)
         for p, acc in enumerate(self.null):
-            rng = np.random.default_rng([self.seed, p, self.chunks])
+            rng = np.random.default_rng(chunk_seed(chunk, self.seed, p))
             idx = permute_within(keys, rng, times=L - 1)  # layer 0 stays, the others move against it
             shuffled = np.stack([xl[:, 0]] + [xl[idx[li - 1], li] for li in range(1, L)], 1)
             acc.update(shuffled.reshape(len(x), -1))
-        self.chunks += 1
+
+    def _merge(self, other: "CorrelationAccumulator") -> None:
+        self.acc.merge(other.acc)
+        self.n, self.s, self.q = self.n + other.n, self.s + other.s, self.q + other.q
+        for mine, theirs in zip(self.null, other.null):
+            mine.merge(theirs)
 
     def _result(self) -> CrossLayerCorrelation:
         layers, E = list(self.layout.moe_layers), self.layout.num_experts

@@ -75,6 +75,14 @@ class BlockSums:
     def __getitem__(self, name: str) -> np.ndarray:
         return self.sums[name]
 
+    def merge(self, other: "BlockSums") -> "BlockSums":
+        """The sums of both (units are fixed hashes of documents, so they line up)."""
+        if other.num_units != self.num_units:
+            raise ValueError(f"cannot merge block sums over {other.num_units} units into {self.num_units}")
+        for name, v in other.sums.items():
+            self.sums[name] = v if name not in self.sums else self.sums[name] + v
+        return self
+
 
 # ---------------------------------------------------------------------------- resampling
 def bootstrap_weights(used: np.ndarray, resamples: int = RESAMPLES, seed: int = 0) -> np.ndarray:
@@ -266,6 +274,11 @@ class DocumentRuns:
     def __init__(self) -> None:
         self.key: int | None = None
         self.open: np.ndarray | None = None
+        self.first_key: int | None = None  # the first document seen: a share before this one may have ended inside it
+
+    def continues_in(self, later: "DocumentRuns") -> bool:
+        """Whether the share of tokens that ``later`` saw starts inside this one's last document."""
+        return self.key is not None and later.first_key is not None and self.key == later.first_key
 
     @staticmethod
     def starts(keys: np.ndarray) -> np.ndarray:
@@ -279,6 +292,8 @@ class DocumentRuns:
     def add_runs(self, run_keys: np.ndarray, totals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Like :meth:`add`, for values already summed per run (``run_keys`` from :meth:`starts`)."""
         done_keys, done = [], []
+        if self.first_key is None and len(run_keys):
+            self.first_key = int(run_keys[0])
         if self.key is not None:
             if run_keys[0] == self.key:
                 totals[0] += self.open
@@ -289,6 +304,20 @@ class DocumentRuns:
         done_keys += list(run_keys[:-1])
         done.append(totals[:-1])
         return np.asarray(done_keys, np.int64), np.concatenate(done)
+
+    def merge(self, later: "DocumentRuns") -> tuple[np.ndarray, np.ndarray]:
+        """Take on the open document of the share that follows; returns this share's open one, now finished.
+
+        Shares should split the stream between documents. A document split between them counts as
+        two (as one seen in two separate runs does), with a warning.
+        """
+        if self.continues_in(later):
+            warnings.warn(f"document key {self.key} is split between two shares of the stream: it counts as two "
+                          "documents in the intervals over documents", stacklevel=3)
+        done = self.flush()
+        self.key, self.open = later.key, later.open
+        self.first_key = self.first_key if self.first_key is not None else later.first_key
+        return done
 
     def flush(self) -> tuple[np.ndarray, np.ndarray]:
         if self.key is None:

@@ -18,7 +18,8 @@ import pandas as pd
 from core.analysis.measures import entropy
 from core.analysis.resampling import BlockSums, Estimate, block_of, bootstrap, document_keys, permutation_estimate
 from core.analysis.results import ResultMixin
-from core.analysis.streaming import RoutingAccumulator, fold_one, normalized_probs_np, selection_np
+from core.analysis.streaming import RoutingAccumulator, fold_one
+from core.analysis.features import normalized_probs_np, selection_np
 from core.routing_data import RoutingData
 
 
@@ -137,6 +138,14 @@ class RoutingStatsAccumulator(RoutingAccumulator):
             self.entropy_sum += entropy(p).sum(0)
             self.prob_sum += p.sum(0)
             self.prob_tokens += chunk.num_tokens
+
+    def _merge(self, other: "RoutingStatsAccumulator") -> None:
+        self.counts += other.counts
+        self.entropy_sum += other.entropy_sum
+        self.prob_sum += other.prob_sum
+        self.blocks.merge(other.blocks)
+        self.prob_tokens += other.prob_tokens
+        self.missing_logits |= other.missing_logits
 
     def _result(self) -> RoutingStats:
         th, E, n, k = self.thresholds, self.layout.num_experts, self.num_tokens, self.layout.top_k

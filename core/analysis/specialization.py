@@ -14,7 +14,8 @@ import pandas as pd
 from core.analysis.resampling import (BlockSums, Estimate, block_of, document_keys, jackknife_interval,
                                       jackknife_weights, permutation_estimate, permute_labels)
 from core.analysis.results import ResultMixin
-from core.analysis.streaming import GroupBy, RoutingAccumulator, fold_one, group_ids, selection_np
+from core.analysis.streaming import GroupBy, RoutingAccumulator, fold_one, group_ids
+from core.analysis.features import selection_np
 from core.routing_data import RoutingData
 
 
@@ -110,6 +111,11 @@ class DomainSpecializationAccumulator(RoutingAccumulator):
             cells = self.cells.setdefault(int(g), BlockSums())
             cells.add("counts", blocks[sel], m[sel])
             cells.add("tokens", blocks[sel], np.ones(int(sel.sum())))
+
+    def _merge(self, other: "DomainSpecializationAccumulator") -> None:
+        self.unlabelled += other.unlabelled
+        for g, cells in other.cells.items():
+            self.cells[g] = self.cells[g].merge(cells) if g in self.cells else cells
 
     def _cell_table(self, D: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Non-empty (group, block) cells: their group label, counts ``[C, L, E]`` and tokens ``[C]``."""

@@ -1,10 +1,12 @@
 """The one shape every streaming analysis has, and the one loop that feeds them all.
 
 An analysis of routing is an *accumulator*, in the spirit of scikit-learn's ``partial_fit``:
-``update(chunk)`` adds a chunk of tokens, ``result()`` returns a result dataclass. ``fold``
-reads a stream once and feeds every accumulator each chunk, so a cache is read (and its
-checksums verified) once however many analyses run on it. The per-analysis functions
-(``routing_stats(routing)``...) are one-accumulator folds.
+``update(chunk)`` adds a chunk of tokens, ``result()`` returns a result dataclass, and
+``merge(other)`` folds in the same analysis of other tokens (another process's share of the
+caches): the result of merged shares equals the result of one accumulator fed them all, up to
+floating-point summation order. ``fold`` reads a stream once and feeds every accumulator each
+chunk, so a cache is read (and its checksums verified) once however many analyses run on it.
+The per-analysis functions (``routing_stats(routing)``...) are one-accumulator folds.
 
 :class:`RoutingAccumulator` holds the setup every analysis needs, written once: the layout of
 the first chunk (layers, experts, top-k, name tables), refusing chunks of another layout,
@@ -34,11 +36,20 @@ GroupBy = Literal["dataset", "domain"]
 
 @runtime_checkable
 class Accumulator(Protocol):
-    """Anything with ``update(chunk)`` and ``result()``: what :func:`fold` feeds."""
+    """Anything with ``update(chunk)`` and ``result()``: what :func:`fold` feeds (``merge`` for shares)."""
 
     def update(self, chunk: Any) -> Any: ...
 
     def result(self) -> Any: ...
+
+
+def merge_all(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Accumulators of several shares of one stream, merged by name in share order (the stream's order)."""
+    out = dict(parts[0])
+    for part in parts[1:]:
+        for name, acc in part.items():
+            out[name] = out[name].merge(acc)
+    return out
 
 
 # ---------------------------------------------------------------------------- the stream
@@ -64,8 +75,21 @@ def fold(stream: Iterable[Any], accumulators: Mapping[str, Accumulator], *, prog
     given, receives the seconds each accumulator took (updates and result) and, under
     ``"reading"``, the seconds spent reading the stream.
     """
+    clock: dict[str, float] = {}
+    accs = feed(stream, accumulators, progress=progress, desc=desc, clock=clock)
+    return results_of(accs, clock, timings)
+
+
+def feed(stream: Iterable[Any], accumulators: Mapping[str, Accumulator], *, progress: bool = False,
+         desc: str = "analyses", clock: dict[str, float] | None = None) -> dict[str, Accumulator]:
+    """The first half of :func:`fold`: every chunk to every accumulator; returns them, fed (to merge or finish).
+
+    ``clock``, if given, accumulates the seconds of each accumulator and of ``"reading"``.
+    """
     accs = dict(accumulators)
-    clock = {name: 0.0 for name in accs} | {"reading": 0.0}
+    clock = clock if clock is not None else {}
+    for name in list(accs) + ["reading"]:
+        clock.setdefault(name, 0.0)
     bar = tqdm(desc=desc, unit="tok", unit_scale=True, disable=not progress)
     it = iter(stream)
     with bar:
@@ -81,11 +105,18 @@ def fold(stream: Iterable[Any], accumulators: Mapping[str, Accumulator], *, prog
                 clock[name] += time.perf_counter() - t0
             first = item[-1] if isinstance(item, (list, tuple)) else item
             bar.update(getattr(first, "num_tokens", 0))
+    return accs
+
+
+def results_of(accs: Mapping[str, Accumulator], clock: dict[str, float] | None = None,
+               timings: dict[str, float] | None = None) -> dict[str, Any]:
+    """The second half of :func:`fold`: ``{name: result}``; ``timings`` gets ``clock`` plus the seconds of each result."""
+    clock = dict(clock or {})
     out = {}
     for name, acc in accs.items():
         t0 = time.perf_counter()
         out[name] = acc.result()
-        clock[name] += time.perf_counter() - t0
+        clock[name] = clock.get(name, 0.0) + time.perf_counter() - t0
     if timings is not None:
         timings.update({k: round(v, 3) for k, v in clock.items()})
     return out
@@ -118,9 +149,12 @@ class Layout:
 
     def check(self, rd: RoutingData) -> None:
         """Chunks of one stream must describe the same layers and experts."""
-        if Layout.of(rd) != self:
+        self.check_same(Layout.of(rd), "chunk")
+
+    def check_same(self, other: "Layout", what: str = "share") -> None:
+        if other != self:
             raise ValueError(
-                f"chunk has layers {list(rd.moe_layers)}, E={rd.num_experts}, k={rd.top_k}; "
+                f"{what} has layers {list(other.moe_layers)}, E={other.num_experts}, k={other.top_k}; "
                 f"stream started with layers {list(self.moe_layers)}, E={self.num_experts}, k={self.top_k}"
             )
 
@@ -224,6 +258,19 @@ class RoutingAccumulator:
             raise ValueError(f"no tokens were given to {self.name}")
         return self._result()
 
+    def merge(self, other: "RoutingAccumulator") -> "RoutingAccumulator":
+        """Fold in the same analysis of the tokens that follow this one's (the next share of the stream)."""
+        if type(other) is not type(self):
+            raise TypeError(f"cannot merge {type(other).__name__} into {type(self).__name__}")
+        if other.layout is None:
+            return self
+        if self.layout is None:  # this share had no chunks: the other's state is the merged one
+            return other
+        self.layout.check_same(other.layout)
+        self._merge(other)
+        self.num_tokens += other.num_tokens
+        return self
+
     # for subclasses
     def _start(self) -> None:
         pass
@@ -233,6 +280,21 @@ class RoutingAccumulator:
 
     def _result(self) -> Any:
         raise NotImplementedError
+
+    def _merge(self, other: "RoutingAccumulator") -> None:
+        raise NotImplementedError(f"{type(self).__name__} cannot merge shares")
+
+
+def chunk_seed(chunk: RoutingData, *prefix: int) -> list[int]:
+    """A seed for a chunk's shuffles from where its first token is (document and position), not from who reads it.
+
+    So a chunk is shuffled the same way whether one process reads the whole stream or several
+    read shares of it. Without document labels every chunk gets the same seed.
+    """
+    key = 0 if chunk.doc_ids is None else int(chunk.doc_ids[0]) + 1
+    ds = 0 if chunk.dataset_ids is None else int(chunk.dataset_ids[0]) + 1
+    pos = 0 if chunk.positions is None else int(chunk.positions[0]) + 1
+    return [*prefix, ds, key, pos]
 
 
 # ---------------------------------------------------------------------------- adapters
@@ -307,6 +369,14 @@ class PerGroup:
             self.accs.setdefault(int(g), self.make()).update(chunk.select(_index(ids == g)))
         return self
 
+    def merge(self, other: "PerGroup") -> "PerGroup":
+        """Each group's accumulator merged with the other share's (a group only one share saw is taken as is)."""
+        self.names = self.names if self.names is not None else other.names
+        self.unlabelled += other.unlabelled
+        for g, acc in other.accs.items():
+            self.accs[g] = self.accs[g].merge(acc) if g in self.accs else acc
+        return self
+
     def _name(self, g: int) -> str:
         return self.names[g] if self.names and 0 <= g < len(self.names) else str(g)
 
@@ -349,6 +419,13 @@ class WhenRecorded:
     def result(self) -> Any:
         return None if self.missing or not self.seen else self.acc.result()
 
+    def merge(self, other: "WhenRecorded") -> "WhenRecorded":
+        self.missing |= other.missing
+        if other.seen and not self.missing:
+            self.acc = self.acc.merge(other.acc) if self.seen else other.acc
+        self.seen |= other.seen
+        return self
+
 
 class Pick:
     """Feed ``acc`` one element of each aligned item (by default the last: the final checkpoint)."""
@@ -362,6 +439,10 @@ class Pick:
 
     def result(self) -> Any:
         return self.acc.result()
+
+    def merge(self, other: "Pick") -> "Pick":
+        self.acc = self.acc.merge(other.acc)
+        return self
 
 
 def _index(mask: np.ndarray):
@@ -407,29 +488,3 @@ def align(streams: Sequence[Iterable[RoutingData]]) -> Iterator[list[RoutingData
             out.append(b if (o == 0 and n == b.num_tokens) else b.select(slice(o, o + n)))
             offs[i] = o + n
         yield out
-
-
-# ---------------------------------------------------------------------------- chunk features
-def selection_np(rd: RoutingData) -> np.ndarray:
-    """Selected-expert mask ``[N, L, E]`` as float64 numpy (1 where selected)."""
-    require(rd, "topk_idx", why="routing statistics")
-    return rd.selection_mask().numpy().astype(np.float64)
-
-
-def top1_np(rd: RoutingData) -> np.ndarray:
-    """Top-1 expert per token and layer ``[N, L]``: the selected expert with the largest weight.
-
-    Slots that were not selected (-1, or capacity drops) never count; a token with none gets -1.
-    """
-    require(rd, "topk_idx", why="top-1 routing")
-    idx, ok = rd.topk_idx, rd.selected_slots()
-    w = rd.topk_weight.float() if rd.topk_weight is not None else -torch.arange(idx.shape[-1]).float().expand(idx.shape)
-    pick = w.masked_fill(~ok, float("-inf")).argmax(dim=-1, keepdim=True)
-    top = idx.gather(-1, pick).squeeze(-1)
-    return torch.where(ok.any(-1), top, -1).numpy()
-
-
-def normalized_probs_np(rd: RoutingData) -> np.ndarray:
-    """Router probabilities ``[N, L, E]`` renormalised to sum to 1 (sigmoid routers do not)."""
-    p = rd.probs().double().numpy()
-    return p / np.clip(p.sum(-1, keepdims=True), 1e-300, None)

@@ -17,6 +17,7 @@ the vocabulary, whatever the number of tokens (151 MB at OLMoE's 16 x 64 with th
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -25,7 +26,8 @@ import numpy as np
 from core.analysis.resampling import (Estimate, block_of, document_keys, jackknife_interval, jackknife_weights,
                                       permutation_estimate, permute_within)
 from core.analysis.results import ResultMixin
-from core.analysis.streaming import RoutingAccumulator, fold_one, selection_np
+from core.analysis.streaming import RoutingAccumulator, chunk_seed, fold_one
+from core.analysis.features import selection_np
 from core.routing_data import RoutingData
 
 NULL_NAME = "token ids shuffled within domain"
@@ -94,7 +96,6 @@ class VocabularyAccumulator(RoutingAccumulator):
         self.fixed = ids is not None
         self.slot = np.full(0, -1, np.int64)  # token id -> slot (-1: not tracked)
         self.seen = np.zeros(0, np.int64)  # occurrences of every token id, tracked or not
-        self.chunks = 0
 
     def _start(self) -> None:
         LE = self.layout.num_layers * self.layout.num_experts
@@ -137,11 +138,33 @@ class VocabularyAccumulator(RoutingAccumulator):
         np.add.at(self.occ, (blocks[t], s[t]), 1)
         groups = chunk.domain_ids.numpy() if chunk.domain_ids is not None else np.zeros(len(tok), np.int64)
         for p in range(self.permutations):
-            rng = np.random.default_rng([self.seed, p, self.chunks])
+            rng = np.random.default_rng(chunk_seed(chunk, self.seed, p))
             sh = s[permute_within(groups, rng)][r]  # the slot of the token id now standing at each selection
             ok = sh >= 0
             _scatter(self.null[p], sh[ok] * LE + c[ok], v[ok])
-        self.chunks += 1
+
+    def _merge(self, other: "VocabularyAccumulator") -> None:
+        """Counts of the ids both track added; ids only the later share tracks take free slots in its order.
+
+        That is the order one accumulator fed both shares would have admitted them in. Without a
+        fixed set of ids, a later share that filled its slots with other ids has not counted some
+        ids this one tracks: then the merge is approximate, and says so.
+        """
+        V = max(len(self.seen), len(other.seen))
+        self._grow_vocab(V)
+        other._grow_vocab(V)
+        self._admit(other.ids)
+        lost = (other.seen[self.ids] > 0) & (other.slot[self.ids] < 0)
+        if lost.any():
+            warnings.warn(f"vocabulary specialization: {int(lost.sum())} tracked token ids were not counted in a later "
+                          "share of the stream (no fixed token_ids, and that share filled its slots); their counts "
+                          "are partial", stacklevel=2)
+        self.seen += other.seen
+        src = np.nonzero(self.slot[other.ids] >= 0)[0]
+        dst = self.slot[other.ids[src]]
+        self.counts[:, dst] += other.counts[:, src]
+        self.occ[:, dst] += other.occ[:, src]
+        self.null[:, dst] += other.null[:, src]
 
     def _result(self) -> VocabularySpecialization:
         layers, E, k = list(self.layout.moe_layers), self.layout.num_experts, self.layout.top_k

@@ -94,6 +94,21 @@ class _Claim:
 
 
 
+def shard_payload(data: RoutingData, settings: dict, first_row: int, num_rows: int) -> tuple[bytes, dict]:
+    """The bytes of a shard of rows ``[first_row, first_row + num_rows)`` and its manifest entry (less the file name)."""
+    tensors = encode_shard(data, settings)
+    # one metadata key only: safetensors does not keep key order, and shards must be byte-reproducible
+    payload = st_save(tensors, metadata={"rows": f"{first_row}:{first_row + num_rows}"})
+    return payload, {
+        "first_row": first_row,
+        "num_rows": num_rows,
+        "num_tokens": data.num_tokens,
+        "bytes": len(payload),
+        "sha256": hashlib.sha256(payload).hexdigest(),
+        "written_by": current_ranks().as_dict(),  # which torchrun rank (of how many) wrote this shard
+    }
+
+
 class RoutingCacheWriter:
     """Appends shards to a cache directory, resuming after the last committed shard.
 
@@ -200,20 +215,10 @@ class RoutingCacheWriter:
             self.manifest["score_fn"] = data.score_fn
         elif data.score_fn != self.manifest["score_fn"]:
             raise CacheError(f"routing scored with {data.score_fn!r} but the cache holds {self.manifest['score_fn']!r} routing")
-        tensors = encode_shard(data, self.settings)
-        # one metadata key only: safetensors does not keep key order, and shards must be byte-reproducible
-        payload = st_save(tensors, metadata={"rows": f"{first_row}:{first_row + num_rows}"})
+        payload, entry = shard_payload(data, self.settings, first_row, num_rows)
         name = shard_file_name(len(self.manifest["shards"]))
         atomic_write_bytes(self.dir / name, payload)
-        entry = {
-            "file": name,
-            "first_row": first_row,
-            "num_rows": num_rows,
-            "num_tokens": data.num_tokens,
-            "bytes": len(payload),
-            "sha256": hashlib.sha256(payload).hexdigest(),
-            "written_by": current_ranks().as_dict(),  # which torchrun rank (of how many) wrote this shard
-        }
+        entry = {"file": name, **entry}
         self.manifest["shards"].append(entry)
         self.manifest["rows_done"] = first_row + num_rows
         self.manifest["total_tokens"] += data.num_tokens

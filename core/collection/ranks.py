@@ -9,9 +9,13 @@ it, so the same command with another number of processes reuses it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -29,6 +33,28 @@ class Ranks:
         """Wait for every rank (a no-op in one process). torchrun stops the others if a rank fails."""
         if self.world_size > 1:
             torch.distributed.barrier()
+
+    def reduce(self, value: T, combine: Callable[[T, T], T]) -> T | None:
+        """``combine`` every rank's ``value`` in rank order onto rank 0 (others get None): a tree of sends.
+
+        In round s, rank r (a multiple of 2s) receives the value of rank r + s and keeps
+        ``combine(own, received)``: lower ranks stay on the left, so a combine that is merging
+        shares of a stream sees them in stream order. Each rank holds at most two values at once.
+        """
+        if self.world_size == 1:
+            return value
+        dist = torch.distributed
+        step = 1
+        while step < self.world_size:
+            if self.rank % (2 * step) == step:
+                dist.send_object_list([value], dst=self.rank - step)
+                return None
+            if self.rank % (2 * step) == 0 and self.rank + step < self.world_size:
+                got: list[Any] = [None]
+                dist.recv_object_list(got, src=self.rank + step)
+                value = combine(value, got[0])
+            step *= 2
+        return value
 
     def as_dict(self) -> dict[str, int]:
         return {"rank": self.rank, "world_size": self.world_size}
