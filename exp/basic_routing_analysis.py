@@ -206,6 +206,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # every write is atomic: finished shards stay, the next run resumes from them
         print("\ninterrupted: finished cache shards are kept; run the same command again to resume", file=sys.stderr)
         return 130
+    except Exception as e:
+        import torch.distributed as dist
+
+        if not isinstance(e, dist.DistError):
+            raise
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]  # a peer that died, or a collective that timed out
+        print(f"error: rank {os.environ.get('RANK', 0)}: another process of this torchrun stopped answering ({first[:200]}); "
+              "finished caches are kept: run the same command again to resume", file=sys.stderr)
+        return 1
     finally:
         stop_ranks()
     if summary is None:

@@ -6,7 +6,6 @@ the states are merged in stream order, and the report must not depend on how man
 
 from __future__ import annotations
 
-import math
 from dataclasses import replace
 from types import SimpleNamespace
 
@@ -23,6 +22,7 @@ from core.analysis.streaming import feed, fold, merge_all, results_of
 from core.analysis.vocabulary import VocabularyAccumulator
 from core.safe_io import to_jsonable
 from exp.analysis_suite import routing_accumulators
+from tests.compare import assert_same
 from tests.planted import planted
 
 DOCS, DOC_LEN = 48, 30
@@ -76,21 +76,6 @@ class _PickFinal:
         return self
 
 
-def _assert_same(a, b, path="result"):
-    if isinstance(a, dict):
-        assert set(a) == set(b), path
-        for k in a:
-            _assert_same(a[k], b[k], f"{path}.{k}")
-    elif isinstance(a, list):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_same(x, y, f"{path}[{i}]")
-    elif isinstance(a, float) and isinstance(b, float):
-        assert (math.isnan(a) and math.isnan(b)) or math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12), f"{path}: {a} != {b}"
-    else:
-        assert a == b, f"{path}: {a!r} != {b!r}"
-
-
 @pytest.mark.parametrize("cuts", [(1, 2), (3, 7), (5,)])
 def test_merged_shares_give_the_results_of_one_fold(cuts):
     cks = _checkpoints()
@@ -102,7 +87,7 @@ def test_merged_shares_give_the_results_of_one_fold(cuts):
     assert set(merged) == set(whole)
     for name in whole:
         if name != "paths_pruned":
-            _assert_same(to_jsonable(whole[name]), to_jsonable(merged[name]), name)
+            assert_same(to_jsonable(whole[name]), to_jsonable(merged[name]), name)
     assert merged["vocab_fixed"].tracked_token_ids == 7
     # a path counter that had to prune is approximate in one process and in shares alike, and says so
     assert not whole["paths_pruned"].exact and not merged["paths_pruned"].exact
@@ -116,7 +101,7 @@ def test_a_share_with_no_tokens_merges_as_nothing():
     merged = results_of(merge_all([feed([], _accumulators()), feed(items, _accumulators()), feed([], _accumulators())]))
     for name in whole:
         if name != "paths_pruned":
-            _assert_same(to_jsonable(whole[name]), to_jsonable(merged[name]), name)
+            assert_same(to_jsonable(whole[name]), to_jsonable(merged[name]), name)
 
 
 def test_vocabulary_without_fixed_ids_that_fills_its_slots_merges_approximately_and_says_so():
@@ -127,7 +112,7 @@ def test_vocabulary_without_fixed_ids_that_fills_its_slots_merges_approximately_
         merge_all(parts)
     roomy = [feed(part, {"v": VocabularyAccumulator(min_count=3, permutations=2)}) for part in (chunks[:3], chunks[3:])]
     whole = fold(chunks, {"v": VocabularyAccumulator(min_count=3, permutations=2)})
-    _assert_same(to_jsonable(whole["v"]), to_jsonable(results_of(merge_all(roomy))["v"]))
+    assert_same(to_jsonable(whole["v"]), to_jsonable(results_of(merge_all(roomy))["v"]))
 
 
 def test_shares_that_split_a_document_say_so():

@@ -15,7 +15,8 @@ from core.collection.sweep import Sweep
 from core.routing_data import RoutingData
 from core.safe_io import to_jsonable
 from exp.analysis_shares import owners, share_tokens, sweep_stream, sweep_units
-from tests.test_analysis_merge import DOC_LEN, DOCS, _accumulators, _assert_same, _checkpoints
+from tests.compare import assert_same
+from tests.test_analysis_merge import DOC_LEN, DOCS, _accumulators, _checkpoints
 from tests.test_cache import header
 
 
@@ -70,5 +71,5 @@ def test_the_analyses_of_three_shares_are_those_of_one_process(tmp_path):
     merged = results_of(merge_all([feed(sweep_stream(sweep, Ranks(r, 3)), _accumulators()) for r in range(3)]))
     for name in one:
         if name != "paths_pruned":
-            _assert_same(to_jsonable(one[name]), to_jsonable(merged[name]), name)
+            assert_same(to_jsonable(one[name]), to_jsonable(merged[name]), name)
     assert np.isfinite(one["checkpoint_dynamics"].saturation).all()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -17,6 +16,7 @@ from core.collection.cache import RoutingCache
 
 from exp.basic_routing_analysis import BasicRoutingAnalysis, main
 from exp.run_options import OptionsError, parse_options
+from tests.compare import assert_same
 
 REPO = Path(__file__).resolve().parents[1]
 EXPECTED_ANALYSES = [
@@ -146,6 +146,20 @@ def test_bad_inputs_get_one_line_errors(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "nosuchdata" in err and "wikitext2" in err
     assert not (tmp_path / "m").exists()  # found before the embedded model is trained
+
+
+def test_a_rank_whose_peer_stops_says_so_in_one_line(tmp_path, capsys, monkeypatch):
+    import torch.distributed as dist
+
+    def peer_gone(self):
+        raise dist.DistBackendError("[../gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:29500\nmore")
+
+    monkeypatch.setattr(BasicRoutingAnalysis, "run", peer_gone)
+    monkeypatch.setenv("RANK", "1")
+    assert main(["--micro", "--results-dir", str(tmp_path), "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: rank 1: another process of this torchrun stopped answering") and "\n" not in err
+    assert "Connection closed by peer" in err and "run the same command again" in err
 
 
 @pytest.mark.parametrize("script", ["basic_routing_analysis.py", "train_moe.py", "benchmark_moe.py", "benchmark_collection.py", "caches.py",
@@ -293,22 +307,6 @@ ONE_PASS_RESULTS = ("routing_stats", "routing_stats_by_dataset", "correlation_to
                     "dataset_specialization", "vocabulary_specialization", "routing_consistency", "collaboration")
 
 
-def _assert_close(a, b, path):
-    """Equal JSON, floats to 1e-9 relative (shares are summed in another order than one process sums them)."""
-    if isinstance(a, dict):
-        assert set(a) == set(b), path
-        for k in a:
-            _assert_close(a[k], b[k], f"{path}.{k}")
-    elif isinstance(a, list):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_close(x, y, f"{path}[{i}]")
-    elif isinstance(a, float) and isinstance(b, float):
-        assert math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12) or (math.isnan(a) and math.isnan(b)), f"{path}: {a} != {b}"
-    else:
-        assert a == b, f"{path}: {a!r} != {b!r}"
-
-
 def test_torchrun_ranks_share_collection_and_match_one_process(micro_run, tmp_path):
     """2 CPU processes (gloo): each writes its share of the caches; rank 0's report equals the one-process run's."""
     root, first, _, _, _ = micro_run
@@ -323,7 +321,7 @@ def test_torchrun_ranks_share_collection_and_match_one_process(micro_run, tmp_pa
     assert metrics["processes"]["world_size"] == 2 and min(metrics["processes"]["tokens_per_process"]) > 0
     assert sum(metrics["processes"]["tokens_per_process"]) == sum(alone["processes"]["tokens_per_process"])
     for name in ONE_PASS_RESULTS:
-        _assert_close(metrics[name], alone[name], name)
+        assert_same(metrics[name], alone[name], name)
     manifests = sorted((results / "cache").rglob("manifest.json"))
     writers = {m: {(s["written_by"]["rank"], s["written_by"]["world_size"]) for s in json.loads(m.read_text())["shards"]}
                for m in manifests}
@@ -337,6 +335,28 @@ def test_torchrun_ranks_share_collection_and_match_one_process(micro_run, tmp_pa
     assert all(m.stat().st_mtime_ns == t for m, t in stamps.items())
     assert {s["written_by"]["world_size"] for s in json.loads(lost.read_text())["shards"]} == {1}
     assert json.loads(again.metrics.read_text())["headline"] == headline
+
+
+def test_torchrun_splits_one_cache_over_ranks(micro_run, tmp_path):
+    """One checkpoint and one dataset with 2 processes: both trace shards of the one cache, which equals one process's."""
+    root, _, _, _, _ = micro_run
+    results = tmp_path / "results"
+    cmd, env = _torchrun_micro(root, results)
+    only = ["--checkpoints", "step-000040", "--datasets", "wikitext2"]
+    out = subprocess.run(cmd + only, env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    [manifest] = (results / "cache").rglob("manifest.json")
+    shards = json.loads(manifest.read_text())["shards"]
+    assert {(s["written_by"]["rank"], s["written_by"]["world_size"]) for s in shards} == {(0, 2), (1, 2)}
+    alone = tmp_path / "alone"  # one process collects the same cache afresh
+    one = BasicRoutingAnalysis(micro=True, static="none", progress=False, results_dir=str(alone), checkpoints=["step-000040"],
+                               datasets=["wikitext2"], models_dir=str(root / "models"), run_name="one").run()
+    twin = alone / manifest.relative_to(results)
+    same = lambda ss: [(s["first_row"], s["num_rows"], s["num_tokens"], s["bytes"], s["sha256"]) for s in ss]  # noqa: E731
+    assert same(shards) == same(json.loads(twin.read_text())["shards"])  # byte for byte the shards one process wrote
+    split = json.loads((results / "micro" / "metrics.json").read_text())
+    assert json.loads(one.metrics.read_text())["headline"] == split["headline"]
+    assert split["processes"]["world_size"] == 2
 
 
 def test_remote_local_run_equals_the_local_run(micro_run, tmp_path):

@@ -39,7 +39,7 @@ from core.collection.cache_format import (
     shard_file_name,
     validate_header,
 )
-from core.collection.ranks import current_ranks
+from core.collection.ranks import Ranks, current_ranks
 from core.routing_data import RoutingData
 from core.safe_io import TMP_SUFFIX, atomic_write_bytes, atomic_write_json, temp_name_prefix
 
@@ -94,7 +94,8 @@ class _Claim:
 
 
 
-def shard_payload(data: RoutingData, settings: dict, first_row: int, num_rows: int) -> tuple[bytes, dict]:
+def shard_payload(data: RoutingData, settings: dict, first_row: int, num_rows: int,
+                  ranks: Ranks | None = None) -> tuple[bytes, dict]:
     """The bytes of a shard of rows ``[first_row, first_row + num_rows)`` and its manifest entry (less the file name)."""
     tensors = encode_shard(data, settings)
     # one metadata key only: safetensors does not keep key order, and shards must be byte-reproducible
@@ -105,7 +106,7 @@ def shard_payload(data: RoutingData, settings: dict, first_row: int, num_rows: i
         "num_tokens": data.num_tokens,
         "bytes": len(payload),
         "sha256": hashlib.sha256(payload).hexdigest(),
-        "written_by": current_ranks().as_dict(),  # which torchrun rank (of how many) wrote this shard
+        "written_by": (ranks or current_ranks()).as_dict(),  # which torchrun rank (of how many) wrote this shard
     }
 
 

@@ -33,6 +33,8 @@ from tqdm.auto import tqdm
 from core.collection.cache import RoutingCache, RoutingCacheWriter
 from core.collection.cache_format import FLOAT_DTYPES, check_storage
 from core.collection.identity import wrapper_identity
+from core.collection.ranks import Ranks
+from core.collection.split_cache import collect_parts, has_parts, join_parts
 from core.routing_data import RoutingData
 
 _LABEL_FIELDS = ("doc_ids", "positions", "domain_ids", "dataset_ids")
@@ -187,11 +189,12 @@ class ActivationCollector:
         *,
         batch_size: int,
         start_row: int = 0,
+        stop_row: int | None = None,
         hidden_layers: Sequence[int] = (),
         storage: str = "full",
         float_dtype: torch.dtype | None = None,
     ) -> Iterator[tuple[int, int, RoutingData]]:
-        """Yield ``(first_row, stop_row, routing)`` per batch, metadata attached, padding dropped.
+        """Yield ``(first_row, stop_row, routing)`` per batch of rows ``[start_row, stop_row)``, metadata attached, padding dropped.
 
         One batch is kept in flight: the next batch is traced before the previous one's host
         copy is waited for, so on a GPU the copy overlaps the next forward pass.
@@ -230,7 +233,8 @@ class ActivationCollector:
                 rd.hidden = {k: v.detach().cpu().to(float_dtype) for k, v in rd.hidden.items()}
             return start, stop, rd
 
-        for start, stop in batch_bounds(ids.shape[0], batch_size, start_row):
+        rows = ids.shape[0] if stop_row is None else min(int(stop_row), ids.shape[0])
+        for start, stop in batch_bounds(rows, batch_size, start_row):
             b_ids, b_mask, width = trimmed_batch(ids, mask, start, stop)
             sel = b_mask.bool()
             if not sel.any():
@@ -307,12 +311,15 @@ class ActivationCollector:
         progress: bool | None = None,
         force: bool = False,
         verify_existing: bool = False,
-    ) -> RoutingCache:
+        ranks: Ranks | None = None,
+    ) -> RoutingCache | None:
         """Collect routing of ``tokenized`` into ``cache_dir``, resuming a run that stopped part way.
 
         ``storage``: "full" (logits + selections) or "compact" (selections only).
         ``shard_tokens``: tokens per shard (rounded up to whole batches); also the resume unit.
         ``force``: discard an existing cache at ``cache_dir`` instead of resuming or refusing.
+        ``ranks``: several torchrun processes share this one cache; each writes its planned shards
+        and gets None (rank 0 joins them after a barrier, ``split_cache.join_parts``).
         """
         batch_size = batch_size or self.batch_size
         if batch_size < 1 or shard_tokens < 1:
@@ -327,6 +334,8 @@ class ActivationCollector:
             hidden_layers=hidden_layers,
             shard_tokens=shard_tokens,
         )
+        if (ranks is not None and ranks.world_size > 1) or has_parts(cache_dir):  # split, or a split run stopped part way
+            return self.collect_share(tokenized, cache_dir, ranks or Ranks(), header=header, progress=progress, force=force)
         writer = RoutingCacheWriter(cache_dir, header, force=force, verify_existing=verify_existing)
         try:
             if writer.complete:
@@ -334,6 +343,19 @@ class ActivationCollector:
             return self._fill(writer, tokenized, header, batch_size, hidden_layers, storage, dtype, shard_tokens, progress)
         finally:
             writer.close()
+
+    def collect_share(self, tokenized: Any, cache_dir: str | os.PathLike, ranks: Ranks, *, header: dict,
+                      progress: bool | None = None, force: bool = False) -> RoutingCache | None:
+        """This rank's planned shards of a cache split over ranks (``core.collection.split_cache``).
+
+        Returns the cache when one process holds every part (then it joins them), else None: after
+        a barrier, rank 0 joins them.
+        """
+        s = header["settings"]
+        trace_kw = dict(hidden_layers=s["hidden_layers"], storage=s["storage"], float_dtype=FLOAT_DTYPES[s["dtype"]])
+        collect_parts(self, tokenized, cache_dir, header, ranks, batch_size=s["batch_size"], trace_kw=trace_kw,
+                      progress=self.progress if progress is None else progress, force=force)
+        return join_parts(cache_dir) if ranks.world_size == 1 else None
 
     def _fill(self, writer: RoutingCacheWriter, tokenized: Any, header: dict, batch_size: int, hidden_layers: Sequence[int],
               storage: str, dtype: str, shard_tokens: int, progress: bool | None) -> RoutingCache:

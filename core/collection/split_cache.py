@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from core.collection.cache import RoutingCache, shard_payload
-from core.collection.cache_format import FORMAT_VERSION, MANIFEST_NAME, CacheError, read_manifest
+from core.collection.cache_format import FORMAT_VERSION, MANIFEST_NAME, CacheError, identity_differences, read_manifest
 from core.collection.ranks import Ranks
 from core.routing_data import RoutingData
 from core.safe_io import atomic_write_bytes, atomic_write_json
@@ -84,6 +84,8 @@ def collect_parts(collector: Any, tokenized: Any, cache_dir: str | Path, header:
     atomic_write_json(cache_dir / PARTS_FILE, {"header": header, "plan": plan})  # the same from every rank
     if force:
         (cache_dir / MANIFEST_NAME).unlink(missing_ok=True)
+    else:
+        _adopt_shards(cache_dir, header)
     mine = [(a, b) for i, (a, b) in enumerate(plan) if ranks.owns(i) and (force or not _finished(cache_dir, a, b - a))]
     total = sum(int(mask[a:b].sum()) for a, b in mine)
     with tqdm(total=total, unit="tok", unit_scale=True, desc=f"routing {header['dataset']} (parts)",
@@ -94,10 +96,20 @@ def collect_parts(collector: Any, tokenized: Any, cache_dir: str | Path, header:
                 batches.append(rd)
                 bar.update(rd.num_tokens)
             data = _concat(batches)
-            payload, entry = shard_payload(data, header["settings"], a, b - a)
+            payload, entry = shard_payload(data, header["settings"], a, b - a, ranks)
             atomic_write_bytes(cache_dir / part_name(a), payload)
             atomic_write_json(_entry_path(cache_dir, a), {"file": part_name(a), **entry, "score_fn": data.score_fn})
     return plan
+
+
+def _adopt_shards(cache_dir: Path, header: dict) -> None:
+    """Shards one process committed before the split (the same planned shards) count as written parts."""
+    old = read_manifest(cache_dir)
+    if old is None or old.get("complete") or identity_differences(old, {"format_version": FORMAT_VERSION, **header}):
+        return
+    for e in old["shards"]:
+        if not _entry_path(cache_dir, e["first_row"]).exists():
+            atomic_write_json(_entry_path(cache_dir, e["first_row"]), {**e, "score_fn": old.get("score_fn")})
 
 
 def join_parts(cache_dir: str | Path) -> RoutingCache:

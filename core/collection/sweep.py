@@ -33,6 +33,7 @@ from core.collection.checkpoints import Checkpoint, CheckpointError, order_key
 from core.collection.hub_disk import LEDGER_FILE, HubCheckpointFiles, is_hub_repo
 from core.collection.identity import checkpoint_identity, identity_key
 from core.collection.ranks import Ranks, current_ranks
+from core.collection.split_cache import join_parts
 from core.safe_io import atomic_write_bytes, atomic_write_json
 
 ROUTER_WEIGHTS_FILE = "router_weights.safetensors"
@@ -300,16 +301,15 @@ def sweep_checkpoints(
     line up token for token). ``make_wrapper(checkpoint)`` loads the model at that checkpoint
     (None: ``checkpoint_loader(model_name)``, i.e. its local folder or its Hub revision).
     Finished caches are skipped without loading the model; interrupted ones resume.
-    ``router_weights``: also keep each checkpoint's router matrices beside its caches (read from
-    the model while it is loaded for collection; loaded only for them if they are missing).
-    Each cache lives in a folder named by its identity (``core.collection.identity``): the model
-    at that checkpoint (``model_source``: its Hub name or folder, default ``model_name``; a local
-    checkpoint's config and weight digests), ``model_dtype`` and the ``device`` type, the data and
-    the settings. A changed setting gets its own cache and leaves the others usable; ``force``
-    collects again into the same identity.
-    A Hub revision the sweep downloaded is freed once collected unless ``keep_checkpoints`` (``hub_disk``).
-    ``announce(checkpoints)``: called once, before any model loads, with those that must (the download plan).
-    Under torchrun each rank collects its share (``core.collection.ranks``) and then opens the others'.
+    ``router_weights``: also keep each checkpoint's routers beside its caches (read while the
+    model is loaded for collection; loaded only for them if they are missing). Each cache's
+    folder is named by its identity (``core.collection.identity``): the model at that checkpoint
+    (``model_source``: its Hub name or folder, default ``model_name``; a local checkpoint's config
+    and weight digests), ``model_dtype``, the ``device`` type, the data and the settings; ``force``
+    collects again into the same identity. A Hub revision the sweep downloaded is freed once
+    collected unless ``keep_checkpoints`` (``hub_disk``). ``announce(checkpoints)``: called once,
+    before any model loads, with those that must. Under torchrun each rank collects its share
+    (``core.collection.ranks``), then opens the others'.
     """
     from core.collection.collector import DEFAULT_SHARD_TOKENS, data_fingerprint
 
@@ -325,7 +325,9 @@ def sweep_checkpoints(
     fingerprints = {name: data_fingerprint(t) for name, t in datasets.items()}
     settings = {"storage": storage, "dtype": dtype, "batch_size": batch_size, "shard_tokens": shard_tokens,
                 "hidden_layers": [int(x) for x in hidden_layers]}
-    collect_kw = dict(batch_size=batch_size, storage=storage, dtype=dtype, hidden_layers=hidden_layers, shard_tokens=shard_tokens)
+    ranks = current_ranks()
+    split = 1 < ranks.world_size and len(checkpoints) * len(datasets) < ranks.world_size  # fewer caches than processes
+    collect_kw = {**settings, "hidden_layers": hidden_layers, "ranks": ranks if split else None}
     last_paths: dict[str, str] = {}
     plans = []  # per checkpoint: what is complete already (found without loading any model), and what is left
     for ckpt in checkpoints:
@@ -338,8 +340,7 @@ def sweep_checkpoints(
     if announce is not None:
         announce([p.ckpt for p in plans if p.todo or (router_weights and p.routers is None)])
     hub = _hub_files(checkpoints, model_source or model_name, idx_path, keep_checkpoints)
-    ranks = current_ranks()
-    for p, share in _my_share(plans, list(datasets), router_weights, ranks):
+    for p, share in _my_share(plans, list(datasets), router_weights, ranks, split):
         _collect_checkpoint(share, make_wrapper, hub, model_source or model_name, router_weights=router_weights,
                             batch_size=batch_size, progress=progress, force=force, collect_kw=collect_kw,
                             on_cache=lambda name, cache, p=p: _record(entries, last_paths, p, name, cache, idx_path,
@@ -347,7 +348,7 @@ def sweep_checkpoints(
         p.routers = share.routers
     _finish_hub(hub, checkpoints, progress)
     if ranks.world_size > 1:
-        _gather_others(plans, router_weights, entries, last_paths, idx_path.parent, ranks)
+        _gather_others(plans, router_weights, entries, last_paths, idx_path.parent, ranks, split)
     caches = {name: [p.done[name] for p in plans] for name in datasets}
     weights = [p.routers for p in plans] if router_weights else []
     if ranks.rank == 0:
@@ -362,16 +363,20 @@ def _finish_hub(hub: HubCheckpointFiles | None, checkpoints: Sequence[Checkpoint
             print(line, flush=True)
 
 
-def _my_share(plans: list[_Pending], names: list[str], router_weights: bool, ranks: Ranks) -> list[tuple[_Pending, _Pending]]:
+def _my_share(plans: list[_Pending], names: list[str], router_weights: bool, ranks: Ranks,
+              split: bool = False) -> list[tuple[_Pending, _Pending]]:
     """This rank's work, as ``(checkpoint, the part of it to do here)``.
 
     Units are numbered over every checkpoint and dataset of the sweep, done or not, so every rank
     numbers them alike whatever it found finished: whole checkpoints when there are at least as many
-    as ranks, else (checkpoint, dataset) caches round-robin (a checkpoint's routers go with its first dataset).
+    as ranks, else (checkpoint, dataset) caches round-robin (a checkpoint's routers go with its first
+    dataset), and with fewer caches than ranks (``split``) every rank does its shards of every cache.
     """
     def needed(p: _Pending) -> bool:
         return bool(p.todo) or (router_weights and p.routers is None)
 
+    if split:
+        return [(p, p) for p in plans if needed(p)]
     if ranks.world_size == 1 or len(plans) >= ranks.world_size:
         return [(p, p) for i, p in enumerate(plans) if ranks.owns(i) and needed(p)]
     out = []
@@ -384,9 +389,18 @@ def _my_share(plans: list[_Pending], names: list[str], router_weights: bool, ran
 
 
 def _gather_others(plans: list[_Pending], router_weights: bool, entries: dict, last_paths: dict, root: Path,
-                   ranks: Ranks) -> None:
-    """Once every rank has written its share (a barrier): the caches and router weights the others wrote."""
+                   ranks: Ranks, split: bool = False) -> None:
+    """Once every rank has written its share (a barrier): the caches and router weights the others wrote.
+
+    Caches split over the ranks are joined by rank 0 first (a second barrier).
+    """
     ranks.barrier()
+    if split:
+        if ranks.rank == 0:
+            for p in plans:
+                for _, _, cdir in p.todo:
+                    join_parts(cdir)
+        ranks.barrier()
     for p in plans:
         for ds_name, _, cdir in p.todo:
             if ds_name not in p.done:
@@ -438,8 +452,10 @@ def _collect_checkpoint(p: _Pending, make_wrapper: Callable[[Checkpoint], Any], 
         save_router_weights(p.w_path, p.routers)
     collector = ActivationCollector(wrapper, batch_size=batch_size, progress=progress)
     for ds_name, tokenized, cdir in p.todo:
-        p.done[ds_name] = collector.collect(tokenized, cdir, dataset_name=ds_name, force=force, **collect_kw)
-        on_cache(ds_name, p.done[ds_name])
+        cache = collector.collect(tokenized, cdir, dataset_name=ds_name, force=force, **collect_kw)
+        if cache is not None:  # None: this rank wrote its part of a split cache (rank 0 joins them later)
+            p.done[ds_name] = cache
+            on_cache(ds_name, cache)
     del collector, wrapper
     gc.collect()
     if hub_revision:
