@@ -150,7 +150,7 @@ class VocabularyAccumulator(RoutingAccumulator):
         fixed set of ids, a later share that filled its slots with other ids has not counted some
         ids this one tracks: then the merge is approximate, and says so.
         """
-        V = max(len(self.seen), len(other.seen))
+        V = max(len(self.seen), len(other.seen), int(self.ids.max(initial=-1)) + 1, int(other.ids.max(initial=-1)) + 1)
         self._grow_vocab(V)
         other._grow_vocab(V)
         self._admit(other.ids)

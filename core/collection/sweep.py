@@ -299,8 +299,7 @@ def sweep_checkpoints(
 
     ``datasets`` maps a name to tokenized data (the same rows at every checkpoint, so caches
     line up token for token). ``make_wrapper(checkpoint)`` loads the model at that checkpoint
-    (None: ``checkpoint_loader(model_name)``, i.e. its local folder or its Hub revision).
-    Finished caches are skipped without loading the model; interrupted ones resume.
+    (default ``checkpoint_loader(model_name)``). Finished caches are skipped without loading the model.
     ``router_weights``: also keep each checkpoint's routers beside its caches (read while the
     model is loaded for collection; loaded only for them if they are missing). Each cache's
     folder is named by its identity (``core.collection.identity``): the model at that checkpoint
@@ -340,15 +339,16 @@ def sweep_checkpoints(
     if announce is not None:
         announce([p.ckpt for p in plans if p.todo or (router_weights and p.routers is None)])
     hub = _hub_files(checkpoints, model_source or model_name, idx_path, keep_checkpoints)
+    shared = len(plans) < ranks.world_size  # ranks load the same checkpoints: free downloads once all are done
     for p, share in _my_share(plans, list(datasets), router_weights, ranks, split):
         _collect_checkpoint(share, make_wrapper, hub, model_source or model_name, router_weights=router_weights,
                             batch_size=batch_size, progress=progress, force=force, collect_kw=collect_kw,
-                            on_cache=lambda name, cache, p=p: _record(entries, last_paths, p, name, cache, idx_path,
-                                                                      model_name, order))
+                            free_now=not shared, on_cache=lambda name, cache, p=p: _record(
+                                entries, last_paths, p, name, cache, idx_path, model_name, order))
         p.routers = share.routers
-    _finish_hub(hub, checkpoints, progress)
     if ranks.world_size > 1:
         _gather_others(plans, router_weights, entries, last_paths, idx_path.parent, ranks, split)
+    _finish_hub(hub if not shared or ranks.rank == 0 else None, checkpoints, progress)
     caches = {name: [p.done[name] for p in plans] for name in datasets}
     weights = [p.routers for p in plans] if router_weights else []
     if ranks.rank == 0:
@@ -437,8 +437,11 @@ def _record(entries: dict, last_paths: dict, p: _Pending, ds_name: str, cache: R
 
 def _collect_checkpoint(p: _Pending, make_wrapper: Callable[[Checkpoint], Any], hub: HubCheckpointFiles | None,
                         repo: str, *, router_weights: bool, batch_size: int, progress: bool, force: bool,
-                        collect_kw: dict, on_cache: Callable[[str, RoutingCache], None]) -> None:
-    """Load one checkpoint, save its routers, collect what is left, then free its Hub download (see ``hub_disk``)."""
+                        collect_kw: dict, on_cache: Callable[[str, RoutingCache], None], free_now: bool = True) -> None:
+    """Load one checkpoint, save its routers, collect what is left, then free its Hub download (see ``hub_disk``).
+
+    ``free_now=False`` when other ranks load this checkpoint too: it is freed after they are all done.
+    """
     from core.collection.collector import ActivationCollector
 
     hub_revision = hub is not None and not p.ckpt.path
@@ -458,7 +461,7 @@ def _collect_checkpoint(p: _Pending, make_wrapper: Callable[[Checkpoint], Any], 
             on_cache(ds_name, cache)
     del collector, wrapper
     gc.collect()
-    if hub_revision:
+    if hub_revision and free_now:
         line = hub.after_collect(p.ckpt.revision)
         if line and progress:
             print(line, flush=True)
