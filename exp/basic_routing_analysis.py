@@ -12,6 +12,7 @@ caches (``exp.collection``; reused across runs), analyses in one pass over the c
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -170,13 +171,18 @@ class BasicRoutingAnalysis:
         return logger.finish()
 
 
+def md_escape(text: object) -> str:
+    """Text from the data (names, tokens, findings) with Markdown's inline markup escaped, as the HTML report escapes it."""
+    return re.sub(r"([\\`*_\[\]<>|~])", r"\\\1", " ".join(str(text).split("\n")))
+
+
 def _summary_markdown(s: RunSummary, model: str) -> str:
-    lines = [f"# Routing analysis of {model}", "", f"Report: [{s.report.name}]({s.report.name})  ", f"Metrics: [{s.metrics.name}]({s.metrics.name})",
-             "", "## Findings", ""] + [f"- {f}" for f in s.findings]
+    lines = [f"# Routing analysis of {md_escape(model)}", "", f"Report: [{s.report.name}]({s.report.name})  ",
+             f"Metrics: [{s.metrics.name}]({s.metrics.name})", "", "## Findings", ""] + [f"- {md_escape(f)}" for f in s.findings]
     if s.training_data:
-        lines += ["", f"Data the model saw: {s.training_data}"]
+        lines += ["", f"Data the model saw: {md_escape(s.training_data)}"]
     if s.warnings:
-        lines += ["", "## Warnings", ""] + [f"- {w}" for w in s.warnings]
+        lines += ["", "## Warnings", ""] + [f"- {md_escape(w)}" for w in s.warnings]
     lines += ["", f"Run time: {s.seconds:.1f} s"]
     if s.stages is not None and s.stages.rows:
         lines += ["", "## Stages", "", "Seconds and peak memory of each stage (resident set; the one pass's analyses "

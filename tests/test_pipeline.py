@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from collections import Counter
@@ -62,6 +63,13 @@ def test_every_artifact_exists_and_is_well_formed(micro_run):
     assert list(sat.values())[-1] == pytest.approx(1.0), "the final checkpoint saturates against itself"
     html = (run_dir / "report.html").read_text()
     assert html.count('class="plotly-graph-div') >= 15
+    assert "{&#x27;" not in html  # parameters are small tables, not Python dicts printed into the text
+    # the first screen: every finding, with a link to the figure behind it
+    learned = html[html.index("<h2>What we learned</h2>"):html.index("<h2>Summary</h2>")]
+    links = re.findall(r"href='#item-([^']+)'", learned)
+    assert len(links) >= 8 and all(f"id='item-{name}'" in html for name in links), links
+    assert learned.count("<li>") == len(first.findings)
+    assert "diagnosis_thresholds" in html and "collaboration_parameters" in html
     assert "<script src=\"http" not in html
     data_files = list((run_dir / "data").iterdir())
     assert len(data_files) >= 15 and all(f.stat().st_size > 0 for f in data_files)
@@ -146,6 +154,17 @@ def test_bad_inputs_get_one_line_errors(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "nosuchdata" in err and "wikitext2" in err
     assert not (tmp_path / "m").exists()  # found before the embedded model is trained
+
+
+def test_summary_markdown_escapes_text_from_the_data(tmp_path):
+    from exp.basic_routing_analysis import RunSummary, _summary_markdown
+
+    s = RunSummary(run_dir=tmp_path, report=tmp_path / "report.html", metrics=tmp_path / "metrics.json", headline={},
+                   findings=["dataset <b>x</b> and *y* in [z](u)"], warnings=["a|b"], seconds=1.0, training_data="_docs_")
+    text = _summary_markdown(s, "org/model_name")
+    assert "- dataset \\<b\\>x\\</b\\> and \\*y\\* in \\[z\\](u)" in text and "- a\\|b" in text
+    assert "# Routing analysis of org/model\\_name" in text and "Data the model saw: \\_docs\\_" in text
+    assert "[report.html](report.html)" in text  # the toolkit's own links stay links
 
 
 def test_a_rank_whose_peer_stops_says_so_in_one_line(tmp_path, capsys, monkeypatch):

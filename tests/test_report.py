@@ -41,6 +41,16 @@ def test_summary_and_warnings_at_the_top(written):
     assert "<td>math, code, web</td>" in page
 
 
+def test_what_we_learned_comes_first_and_links_to_the_figure_behind_each_finding(tmp_path):
+    rep = Report("t", summary={"model": "m"})
+    rep.add_figure("Section", go.Figure(go.Bar(y=[1, 2])), "bars")
+    rep.lead = [("finding <b>one</b>: 0.5 (95% CI 0.4–0.6) against 0.1", "bars"), ("finding two", "no_such_figure")]
+    page = rep.write(tmp_path).read_text(encoding="utf-8")
+    assert page.index("<h2>What we learned</h2>") < page.index("<h2>Summary</h2>") < page.index("Plotly.newPlot(")
+    assert "finding &lt;b&gt;one&lt;/b&gt;" in page and "<b>one</b>" not in page
+    assert page.count("→ figure") == 1 and "href='#item-bars'" in page and "id='item-bars'" in page
+
+
 def test_text_from_datasets_is_escaped(written):
     _, _, page = written
     assert HOSTILE_TOKEN not in page

@@ -89,6 +89,24 @@ def test_token_whitespace_is_visible():
     assert list(fig.layout.yaxis.ticktext) == ["␣a", "\\n"]
 
 
+@pytest.mark.parametrize("token, shown", [
+    (" the", "␣the"), ("Ġthe", "␣the"), ("ĠĊ", "␣\\n"), ("a\x00b", "a\\x00b"), ("\u200b", "\\u200b"),
+    ("naïve café", "naïve␣café"),  # real letters stay; markers are read as bytes only in a token with no real whitespace
+])
+def test_token_labels_show_byte_level_markers_and_control_characters(token, shown):
+    from viz._common import token_label
+
+    assert token_label(token) == shown
+
+
+def test_parameters_are_a_table_with_rounded_numbers():
+    from viz.run_report import parameter_table
+
+    df = parameter_table({"alpha": 1 / 3, "by": "domain", "layers": [0, 1], "max_rows": 20000})
+    assert df.to_dict("list") == {"parameter": ["alpha", "by", "layers", "max_rows"],
+                                  "value": ["0.3333", "domain", "0, 1", "20000"]}
+
+
 @pytest.mark.parametrize(
     "call, message",
     [

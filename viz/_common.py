@@ -9,6 +9,7 @@ text: Plotly renders those strings as a small subset of HTML.
 from __future__ import annotations
 
 import html
+import unicodedata
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,12 +30,22 @@ def esc(text: Any) -> str:
     return html.escape(str(text), quote=True)
 
 
+_BYTE_LEVEL = {"Ġ": " ", "Ċ": "\n", "ĉ": "\t", "č": "\r"}  # GPT-2 byte-level BPE's stand-ins for whitespace bytes
+
+
 def token_label(token: object) -> str:
-    """Make whitespace in a decoded token visible (spaces as ␣, newlines as \\n)."""
+    """A token as a reader can see it: spaces as ␣, newlines and tabs as \\n and \\t, other control characters as \\xNN.
+
+    A token given in its byte-level BPE spelling (``Ġthe``: a tokenizer without a decoder, or
+    ``convert_ids_to_tokens``) holds no real whitespace; its markers are read as the bytes they stand for.
+    """
     text = str(token)
+    if not any(c.isspace() for c in text) and any(c in _BYTE_LEVEL for c in text):
+        text = "".join(_BYTE_LEVEL.get(c, c) for c in text)
     for raw, shown in (("\n", "\\n"), ("\r", "\\r"), ("\t", "\\t"), (" ", "␣")):
         text = text.replace(raw, shown)
-    return text
+    return "".join(f"\\x{ord(c):02x}" if unicodedata.category(c) in ("Cc", "Cf") and ord(c) < 256 else
+                   f"\\u{ord(c):04x}" if unicodedata.category(c) in ("Cc", "Cf") else c for c in text)
 
 
 def as_array(values: Any, ndim: int, name: str, allow_nan: bool = True) -> np.ndarray:

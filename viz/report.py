@@ -34,6 +34,8 @@ table{border-collapse:collapse;margin:.5rem 0 1rem;font-size:.9rem}
 th,td{border:1px solid #ddd;padding:.25rem .6rem;text-align:left;vertical-align:top}
 th{background:#f4f6f8}.warnings{background:#fff4e5;border-left:4px solid #f0a020;
 padding:.5rem 1rem;margin:1rem 0}.warnings li{margin:.2rem 0}
+#learned{background:#f1f7ff;border-left:4px solid #3b7dd8;padding:.5rem 1rem}#learned li{margin:.45rem 0}
+#learned a.fig{white-space:nowrap;margin-left:.4rem}
 figure.report-figure{margin:1.5rem 0;border-top:1px solid #eee;padding-top:.5rem}
 figcaption{font-size:.9rem;color:#444}figcaption a{margin-left:.6rem}
 nav ol{columns:2}section{margin-top:2rem}.table-wrap{overflow-x:auto;max-height:480px}
@@ -139,6 +141,7 @@ class Report:
         self.plotlyjs = plotlyjs
         self._sections: dict[str, _Section] = {}
         self._names: set[str] = set()
+        self.lead: list[tuple[str, str | None]] = []  # the first screen: (finding, name of the figure behind it)
 
     # ----------------------------------------------------------------- building
     def add_warning(self, text: str) -> None:
@@ -237,6 +240,19 @@ class Report:
             f"{body}<figcaption>{caption}{link}</figcaption></figure>"
         )
 
+    def _render_lead(self) -> str:
+        """What the run found, first: each finding (with its null and interval) and a link to the figure behind it."""
+        if not self.lead:
+            return ""
+        known = {i.name for s in self._sections.values() for i in s.items if i.kind == "figure"}
+        items = "".join(
+            f"<li>{html.escape(text)}"
+            + (f"<a class='fig' href='#item-{html.escape(name)}'>→ figure</a>" if name in known else "")
+            + "</li>"
+            for text, name in self.lead
+        )
+        return f"<section id='learned'><h2>What we learned</h2><ul>{items}</ul></section>"
+
     def render(self, data_dir: Path) -> str:
         """Build the page, writing each item's numbers into ``data_dir`` on the way."""
         esc = html.escape
@@ -253,6 +269,7 @@ class Report:
             "<meta name='viewport' content='width=device-width, initial-scale=1'>",
             f"<title>{esc(self.title)}</title><style>{_CSS}</style>{script}</head><body>",
             f"<header><h1>{esc(self.title)}</h1><p class='meta'>written {created}</p></header>",
+            self._render_lead(),
             "<section id='summary'><h2>Summary</h2>",
             f"<table class='summary'>{summary_rows}</table>" if summary_rows else "",
         ]

@@ -14,7 +14,30 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from viz import plotting as P
+from viz._common import token_label
 from viz.report import Report
+
+
+# the figure behind each finding, by how the finding begins (exp.findings writes them)
+_FINDING_FIGURES = (("Load balance", "utilization"), ("Domain specialization", "domain_divergence"),
+                    ("Cross-layer correlation", "correlation_layer_summary"), ("Consecutive tokens", "routing_consistency_same_top1"),
+                    ("Vocabulary", "vocabulary_specialization"), ("Router saturation", "saturation_vs_chance"),
+                    ("Ablation", "ablation"), ("Router–expert alignment", "router_expert_alignment"),
+                    ("Hungarian-matched cosine", "hungarian_cosine_vs_null"), ("Collaboration", "collaboration_patterns"))
+
+
+def _figure_of(finding: str) -> str | None:
+    return next((name for start, name in _FINDING_FIGURES if finding.startswith(start)), None)
+
+
+def parameter_table(params: dict[str, Any]) -> pd.DataFrame:
+    """Parameters as a two-column table, floats to 4 significant digits (a report quotes them, it does not dump a dict)."""
+    def shown(v: Any) -> str:
+        if isinstance(v, (float, np.floating)):
+            return f"{float(v):.4g}"
+        return ", ".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
+
+    return pd.DataFrame({"parameter": list(params), "value": [shown(v) for v in params.values()]})
 
 
 def _labels(layers: Sequence[int], num_experts: int) -> list[str]:
@@ -41,7 +64,7 @@ def build_report(
         rep.add_figure(section, fig, name, data=data, caption=caption)
         figs[name] = fig
 
-    rep.add_section("Findings", "\n\n".join(findings) if findings else "No findings: no analysis ran.")
+    rep.lead = [(f, _figure_of(f)) for f in findings] or [("No findings: no analysis ran.", None)]
     r = results.results
     _stats_section(r, add, rep)
     _correlation_section(r, add, rep)
@@ -59,7 +82,10 @@ def _stats_section(r: dict[str, Any], add: Callable[..., None], rep: Report) -> 
     stats = r.get("routing_stats")
     if stats is not None:
         L, E = list(stats.moe_layers), stats.num_experts
-        rep.add_section("Routing statistics", f"Thresholds for the diagnosis: {stats.thresholds.to_dict()}")
+        rep.add_section("Routing statistics", "Expert utilization per layer and the diagnosis of each layer; its thresholds, "
+                        "in units of the uniform share 1/E, are in the table below.")
+        rep.add_table("Routing statistics", parameter_table(stats.thresholds.to_dict()), "diagnosis_thresholds",
+                      caption="Thresholds of the dead / dominant / collapsed / imbalanced diagnosis.")
         add("Routing statistics", "utilization", P.utilization_heatmap(stats.utilization, L), stats.expert_table())
         if stats.token_entropy is not None:
             add("Routing statistics", "token_entropy", P.entropy_per_layer(stats.token_entropy, L, max_entropy=math.log(E)),
@@ -123,7 +149,7 @@ def _specialization_section(r: dict[str, Any], add: Callable[..., None], rep: Re
     vocab = r.get("vocabulary_specialization")
     if vocab is not None and len(vocab.token_ids):
         top = np.argsort(-vocab.occurrences)[:30]
-        tokens = [decode(int(t)) if decode else str(int(t)) for t in vocab.token_ids[top]]
+        tokens = [token_label(decode(int(t))) if decode else str(int(t)) for t in vocab.token_ids[top]]
         li = len(vocab.moe_layers) - 1
         onehot = np.zeros((len(top), vocab.num_experts))
         onehot[np.arange(len(top)), vocab.preferred_expert[top, li]] = vocab.concentration[top, li]
@@ -169,7 +195,9 @@ def _collaboration_section(r: dict[str, Any], add: Callable[..., None], rep: Rep
                 "of the uniform share 1/k (scale-free: the same cut for normalized top-2 and unnormalized top-8 weights)"
                 if p.get("threshold_rule") == "relative" else f"a selection counts when its weight is at least {p.get('activation_threshold')}")
         rep.add_section("Collaboration mining", f"Sparse dictionary learning on the token × (layer, expert) activation matrix; {rule}. "
-                        f"Parameters {p}; reconstruction error {collab.reconstruction_error:.3f}.")
+                        f"Reconstruction error {collab.reconstruction_error:.3f}; the parameters are in the table below.")
+        rep.add_table("Collaboration mining", parameter_table(p), "collaboration_parameters",
+                      caption="Parameters of the collaboration miner.")
         add("Collaboration mining", "collaboration_patterns",
             P.collaboration_patterns(collab.atoms.reshape(K, -1), collab.domain_share, collab.moe_layers, collab.num_experts, collab.group_names),
             {"top_experts": collab.top_experts, "ranking": collab.ranking, "specificity": collab.specificity.tolist()})
