@@ -129,7 +129,8 @@ class BasicRoutingAnalysis:
         wandb_dir = None
         if opts.wandb:
             with clock.stage("W&B"):
-                wandb_dir = self._log_wandb(run_dir, metrics, headline, figs, report_path)
+                wandb_dir = self._log_wandb(run_dir, results, headline, figs, report_path, target.name,
+                                            lambda t: wrapper.tokenizer.decode([t]))
         seconds = time.perf_counter() - t0
         summary = RunSummary(run_dir=run_dir, report=report_path, metrics=metrics_path, headline=headline, findings=found,
                              warnings=warns, seconds=seconds, wandb_dir=wandb_dir,
@@ -159,15 +160,20 @@ class BasicRoutingAnalysis:
                                     title=f"MoE routing report: {target.name}")
         return report.write(run_dir), figs
 
-    def _log_wandb(self, run_dir: Path, metrics: dict, headline: dict, figs: dict, report: Path) -> Path:
-        from viz.wandb_logger import WandbLogger, flatten_metrics
+    def _log_wandb(self, run_dir: Path, results: Any, headline: dict, figs: dict, report: Path, model: str,
+                   decode: Any) -> Path:
+        """A W&B run grouped by model: checkpoints as steps, tables, figures, the report as an artifact (``viz.wandb_dashboard``)."""
+        from viz.wandb_dashboard import log_run
+        from viz.wandb_logger import WandbLogger
 
-        logger = WandbLogger(self.options.wandb_project, run_dir, name=run_dir.name, config=self.options.to_dict())
-        logger.log_summary(flatten_metrics(headline, strict=False))
-        for name, fig in figs.items():
-            logger.log_figure(f"figures/{name}", fig)
-        logger.log_file(report)
-        logger.log_file(run_dir / "metrics.json")
+        config = {**self.options.to_dict(), "model": model, "datasets": results.datasets,
+                  "checkpoints": [c["name"] for c in results.checkpoints]}
+        logger = WandbLogger(self.options.wandb_project, run_dir, name=run_dir.name, config=config, group=model)
+        try:
+            log_run(logger, results, headline, figs, report, run_dir / "metrics.json", decode)
+        except BaseException:
+            logger.finish(exit_code=1)
+            raise
         return logger.finish()
 
 

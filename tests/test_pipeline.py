@@ -99,6 +99,21 @@ def test_wandb_offline_run_holds_what_was_logged(micro_run):
     logged = read_offline_run(first.wandb_dir)
     text = json.dumps(logged, default=str)
     assert "tokens" in text and "figures/utilization" in text
+    # a dashboard, not an archive: checkpoints as W&B steps, results as tables, runs grouped by model
+    metrics = json.loads(first.metrics.read_text())
+    steps = [c["step"] for c in metrics["checkpoints"]]
+    series = [h for h in logged["history"] if "training/saturation_mean" in h]
+    assert [h["_step"] for h in series] == steps and len(steps) >= 3
+    assert series[-1]["training/saturation_mean"] == pytest.approx(1.0)  # the final checkpoint against itself
+    assert all(f"training/utilization_entropy_norm/L{l}" in series[0] for l in metrics["routing_stats"]["moe_layers"])
+    fields = {k: v for h in logged["history"] for k, v in h.items() if k.startswith("tables/")}  # W&B nests a table's fields
+    kinds = {k.rsplit("/", 1)[0]: v for k, v in fields.items() if k.endswith("/_type")}
+    assert {"tables/expert_utilization", "tables/domain_expert_share", "tables/ablation", "tables/vocabulary"} <= set(kinds)
+    assert set(kinds.values()) == {"table-file"} and all(fields[f"{name}/nrows"] > 0 for name in kinds)
+    assert logged["group"] == logged["config"]["model"] and f"MoE routing report: {logged['group']}" in first.report.read_text()
+    assert logged["config"]["datasets"] == metrics["datasets"] and logged["config"]["checkpoints"] == [c["name"] for c in metrics["checkpoints"]]
+    [artifact] = [a for a in logged["artifacts"] if a["type"] == "report"]  # (W&B stores each table as one too)
+    assert {"report.html", "metrics.json"} <= set(artifact["files"])
 
 
 def test_second_run_reuses_every_cache(micro_run):

@@ -140,6 +140,16 @@ class WandbLogger:
             raise FileNotFoundError(f"cannot log {path} to W&B: no such file")
         self.run.save(str(path), base_path=str(path.parent), policy="now")
 
+    def log_artifact(self, name: str, kind: str, paths: Sequence[str | Path]) -> None:
+        """Store files as one versioned artifact (e.g. the HTML report and metrics.json, ``kind="report"``)."""
+        safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in name)
+        artifact = self._wandb.Artifact(safe, type=kind)
+        for path in paths:
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"cannot log {path} to W&B: no such file")
+            artifact.add_file(str(path))
+        self.run.log_artifact(artifact)
+
     # ------------------------------------------------------------------- finish
     def finish(self, exit_code: int = 0) -> Path:
         """End the run and return its directory; offline runs print how to upload them."""
@@ -199,15 +209,16 @@ def _log_payloads(path: Path) -> list[bytes]:
 
 
 def read_offline_run(run_path: str | Path) -> dict[str, Any]:
-    """What an offline run recorded: ``project``, ``config``, ``history`` (one dict per
-    ``log`` call) and ``summary``, decoded from its ``run-*.wandb`` file."""
+    """What an offline run recorded: ``project``, ``group``, ``config``, ``history`` (one dict per
+    ``log`` call, with its ``_step``), ``summary`` and ``artifacts`` (name, type, files), decoded
+    from its ``run-*.wandb`` file."""
     from wandb.proto import wandb_internal_pb2 as pb
 
     run_path = Path(run_path)
     logs = sorted(run_path.glob("run-*.wandb"))
     if not logs:
         raise FileNotFoundError(f"{run_path}: no run-*.wandb file (is this a W&B run directory?)")
-    out: dict[str, Any] = {"project": None, "config": {}, "history": [], "summary": {}}
+    out: dict[str, Any] = {"project": None, "group": None, "config": {}, "history": [], "summary": {}, "artifacts": []}
 
     def key_of(item: Any) -> str:
         return item.key or "/".join(item.nested_key)
@@ -217,14 +228,19 @@ def read_offline_run(run_path: str | Path) -> dict[str, Any]:
         rec.ParseFromString(payload)
         kind = rec.WhichOneof("record_type")
         if kind == "run":
-            out["project"] = rec.run.project
+            out["project"], out["group"] = rec.run.project, rec.run.run_group or None
             for item in rec.run.config.update:
                 out["config"][key_of(item)] = json.loads(item.value_json)
         elif kind == "config":
             for item in rec.config.update:
                 out["config"][key_of(item)] = json.loads(item.value_json)
         elif kind == "history":
-            out["history"].append({key_of(i): json.loads(i.value_json) for i in rec.history.item})
+            row = {key_of(i): json.loads(i.value_json) for i in rec.history.item}
+            row.setdefault("_step", rec.history.step.num)
+            out["history"].append(row)
+        elif kind == "artifact":
+            files = [e.path for e in rec.artifact.manifest.contents]
+            out["artifacts"].append({"name": rec.artifact.name, "type": rec.artifact.type, "files": files})
         elif kind == "summary":
             for item in rec.summary.update:
                 out["summary"][key_of(item)] = json.loads(item.value_json)
