@@ -144,3 +144,17 @@ def test_unused_expert_does_not_swamp_the_colour_scale():
     fig = P.domain_specialization_heatmap(share, ["math"], baseline=0.25)
     assert fig.data[0].zmin == -5.0 and fig.data[0].zmax == 5.0
     assert np.isclose(np.asarray(fig.data[0].z)[0, 0], 1.0)
+
+
+def test_collaboration_dropdown_shows_one_domain_at_a_time():
+    atoms = np.abs(np.random.default_rng(0).normal(size=(5, 2 * 3)))
+    share = np.array([[.7, .3], [.1, .9], [.5, .5], [.2, .8], [.9, .1]])
+    top = {"<b>web</b>": [{"layer": 0, "expert": 2, "ratio": 2.5}], "code": [{"layer": 1, "expert": 0, "ratio": 1.8}]}
+    fig = P.collaboration_by_domain(atoms, share, [0, 1], 3, ["<b>web</b>", "code"], top, patterns_shown=2)
+    buttons = fig.layout.updatemenus[0].buttons
+    assert [b.label for b in buttons] == ["&lt;b&gt;web&lt;/b&gt;", "code"]
+    assert [list(b.args[0]["visible"]) for b in buttons] == [[True, True, False, False], [False, False, True, True]]
+    assert [t.visible for t in fig.data] == [True, True, False, False]  # the first domain is shown on opening
+    web, _, code, code_bars = fig.data
+    assert list(web.y) == ["pattern 4 (90% of its use)", "pattern 0 (70% of its use)"]  # its most used patterns first
+    assert list(code.y)[0] == "pattern 1 (90% of its use)" and list(code_bars.x) == ["L1 E0"]

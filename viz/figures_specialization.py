@@ -263,3 +263,53 @@ def ablation_effects(
         fig, title or "Effect of ablating experts on loss", "ablated experts (layer / expert)",
         f"Δ loss ({unit})",
     )
+
+
+def collaboration_by_domain(
+    atoms: np.ndarray,
+    pattern_domain_scores: np.ndarray,
+    layers: Sequence[int],
+    num_experts: int,
+    domains: Sequence[str],
+    top_experts: dict[str, list[dict]],
+    patterns_shown: int = 4,
+    title: str | None = None,
+) -> go.Figure:
+    """Pick a domain (a dropdown): the patterns it uses most, and its most specialized experts.
+
+    ``atoms [P, L*E]`` and ``pattern_domain_scores [P, D]`` as in :func:`collaboration_patterns`;
+    ``top_experts[domain]``: records with ``layer``, ``expert`` and ``ratio`` (share over k/E).
+    Everything is in the figure: the dropdown only switches which domain's traces are visible.
+    """
+    atoms, pds, layers, names = _check_patterns(atoms, pattern_domain_scores, layers, num_experts, domains)
+    col_layer = np.repeat(layers, num_experts)
+    col_expert = np.tile(np.arange(num_experts), len(layers))
+    fig = make_subplots(rows=1, cols=2, column_widths=[0.68, 0.32], horizontal_spacing=0.14,
+                        subplot_titles=("patterns the domain uses most", "its most specialized experts (share / k/E)"))
+    for d, name in enumerate(names):
+        top = np.argsort(-pds[:, d], kind="stable")[:patterns_shown]
+        rows = [f"pattern {k} ({pds[k, d]:.0%} of its use)" for k in top]
+        custom = np.dstack([np.broadcast_to(col_layer, (len(top), atoms.shape[1])),
+                            np.broadcast_to(col_expert, (len(top), atoms.shape[1]))])
+        fig.add_trace(go.Heatmap(
+            z=atoms[top], x=list(range(atoms.shape[1])), y=rows, customdata=custom, colorscale=DIVERGING, zmid=0.0,
+            visible=d == 0, name=name, colorbar={"title": {"text": "atom weight"}, "x": 0.58, "thickness": 14},
+            hovertemplate="%{y}<br>layer %{customdata[0]}<br>expert %{customdata[1]}<br>weight %{z:.3f}<extra></extra>",
+        ), row=1, col=1)
+        recs = top_experts.get(str(domains[d]), [])
+        fig.add_trace(go.Bar(
+            x=[f"L{r['layer']} E{r['expert']}" for r in recs], y=[float(r["ratio"]) for r in recs], visible=d == 0,
+            name=name, marker_color="#3b7dd8",
+            hovertemplate=f"domain {name}<br>%{{x}} (layer, expert)<br>ratio %{{y:.2f}}<extra></extra>",
+        ), row=1, col=2)
+    buttons = [{"label": name, "method": "update",
+                "args": [{"visible": [i // 2 == d for i in range(2 * len(names))]}]} for d, name in enumerate(names)]
+    fig.update_layout(updatemenus=[{"buttons": buttons, "direction": "down", "x": 1.0, "xanchor": "right", "y": 1.18,
+                                    "yanchor": "top", "showactive": True}], showlegend=False)
+    fig.add_hline(y=1.0, line={"dash": "dot", "color": "gray"}, row=1, col=2)
+    _layer_bands(fig, layers, num_experts)
+    finish(fig, title or "Collaboration by domain (choose a domain)", "layer × expert (experts within each layer band)",
+           "pattern", height=420)
+    fig.update_xaxes(title_text="layer, expert", row=1, col=2)
+    fig.update_yaxes(title_text="ratio (1 = k/E)", row=1, col=2)
+    return fig

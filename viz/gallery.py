@@ -65,6 +65,10 @@ def gallery_figures(seed: int = 0) -> list[tuple[str, str, go.Figure, object]]:
          pd.DataFrame(vocab, index=pd.Index(tokens, name="token"))),
         ("Specialization", "collaboration_patterns",
          P.collaboration_patterns(atoms, pds, layers, num_experts, domains), None),
+        ("Specialization", "collaboration_by_domain",
+         P.collaboration_by_domain(atoms, pds, layers, num_experts, domains,
+                                   {d: [{"layer": layers[i % nl], "expert": i, "ratio": 3.0 - i / 2} for i in range(4)]
+                                    for d in domains}), None),
         ("Specialization", "ablation_effects",
          P.ablation_effects(delta, ["L1 E0", "L1 E5", "L3 E2", "L7 E7"], domains), None),
         ("Weights", "svd_spectra",

@@ -15,6 +15,7 @@ from viz.figures_routing import (
 )
 from viz.figures_specialization import (
     ablation_effects,
+    collaboration_by_domain,
     collaboration_patterns,
     domain_specialization_heatmap,
     vocabulary_specialization,
@@ -38,6 +39,7 @@ __all__ = [
     "alignment_vs_baseline",
     "checkpoint_heatmap",
     "coactivation_heatmap",
+    "collaboration_by_domain",
     "collaboration_patterns",
     "correlation_matrix",
     "domain_specialization_heatmap",

@@ -201,6 +201,12 @@ def _collaboration_section(r: dict[str, Any], add: Callable[..., None], rep: Rep
         add("Collaboration mining", "collaboration_patterns",
             P.collaboration_patterns(collab.atoms.reshape(K, -1), collab.domain_share, collab.moe_layers, collab.num_experts, collab.group_names),
             {"top_experts": collab.top_experts, "ranking": collab.ranking, "specificity": collab.specificity.tolist()})
+        add("Collaboration mining", "collaboration_by_domain",
+            P.collaboration_by_domain(collab.atoms.reshape(K, -1), collab.domain_share, collab.moe_layers, collab.num_experts,
+                                      collab.group_names, collab.top_experts),
+            {"top_experts": collab.top_experts, "domain_share": collab.domain_share.tolist()},
+            caption="Choose a domain in the menu: the patterns it uses most, and its experts with the highest share "
+                    "against the uniform k/E (1 on the dotted line).")
 
 
 def _ablation_section(r: dict[str, Any], add: Callable[..., None], rep: Report) -> None:
