@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from viz.wandb_logger import WandbLogger
+from viz._common import token_label
+from viz.wandb_logger import WandbLogger, flatten_metrics
 
 
 def checkpoint_series(results: Any) -> list[tuple[int, dict[str, float]]]:
@@ -72,7 +73,8 @@ def result_tables(results: Any, decode: Any = None) -> dict[str, pd.DataFrame]:
     if vocab is not None and len(vocab.token_ids):
         li = len(vocab.moe_layers) - 1
         out["tables/vocabulary"] = pd.DataFrame({
-            "token_id": vocab.token_ids, "token": [decode(int(t)) if decode else str(int(t)) for t in vocab.token_ids],
+            "token_id": vocab.token_ids,
+            "token": [token_label(decode(int(t))) if decode else str(int(t)) for t in vocab.token_ids],
             "count": vocab.occurrences, "preferred_expert_last_layer": vocab.preferred_expert[:, li],
             "concentration_last_layer": vocab.concentration[:, li]})
     return out
@@ -89,7 +91,5 @@ def log_run(logger: WandbLogger, results: Any, headline: dict, figures: dict, re
         logger.log_table(key, df, step=last)
     for name, fig in figures.items():
         logger.log_figure(f"figures/{name}", fig, step=last)
-    from viz.wandb_logger import flatten_metrics
-
     logger.log_summary(flatten_metrics(headline, strict=False))
     logger.log_artifact(f"report-{logger.run.name or 'run'}", "report", [report, metrics])
