@@ -12,6 +12,7 @@ process folds its part of the caches (``exp.analysis_shares``) and rank 0 gets t
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Callable
@@ -25,6 +26,7 @@ from core.analysis.collaboration import CollaborationMiner
 from core.analysis.consistency import ConsistencyAccumulator
 from core.analysis.correlations import CorrelationAccumulator, correlation_difference
 from core.analysis.expert_alignment import ExpertAnalyzer
+from core.analysis.pruning import FRACTIONS, pruning_scores, pruning_study
 from core.analysis.router_weights import RouterAnalyzer
 from core.analysis.routing_stats import RoutingStatsAccumulator
 from core.analysis.specialization import DomainSpecializationAccumulator
@@ -38,6 +40,7 @@ from exp.analysis_shares import share_tokens, sweep_stream
 from exp.stage_clock import StageClock
 
 ONE_PASS = "analyses: one pass over the caches"
+CAUSAL_MAX_PASSES = 64  # single-expert ablations the pruning study's causal criterion may cost
 
 
 @dataclass
@@ -142,6 +145,7 @@ def run_analyses(
     seed: int = 0,
     clock: StageClock | None = None,
     ranks: Ranks | None = None,
+    pruning: Sequence[float] = FRACTIONS,
 ) -> RunResults | None:
     """All analyses: routing statistics, correlations, paths, specialization, weights, dynamics, collaboration, ablation.
 
@@ -195,6 +199,12 @@ def run_analyses(
         res.timings["ablation"] = clock.rows[-1].seconds
     else:
         res.skipped["ablation"] = "turned off (--no-ablation)"
+    if pruning:
+        with clock.stage("pruning"):
+            res.results["pruning"] = _pruning(wrapper, tokenized, res.results, ablation_tokens, pruning, progress, resamples, seed)
+        res.timings["pruning"] = clock.rows[-1].seconds
+    else:
+        res.skipped["pruning"] = "turned off (--no-pruning)"
     return res
 
 
@@ -213,10 +223,32 @@ def _one_pass(sweep: Sweep, accs: dict[str, Accumulator], ranks: Ranks, progress
     return results_of(fed, clock, timings)
 
 
+def _model_tokens(tokenized: dict[str, Any], max_tokens: int) -> TokenizedDataset:
+    """The first ``max_tokens`` of every dataset: what the ablation and pruning forward passes score."""
+    return TokenizedDataset.concat([tok.head_tokens(max_tokens) for tok in tokenized.values()])
+
+
+def _pruning(wrapper: Any, tokenized: dict[str, Any], results: dict[str, Any], max_tokens: int, fractions: Sequence[float],
+             progress: bool, resamples: int, seed: int) -> Any:
+    """Prune each fraction of every layer's experts by each criterion, against random (``core.analysis.pruning``).
+
+    The causal criterion costs one forward pass per expert: it is left out (and said so) past ``CAUSAL_MAX_PASSES``.
+    """
+    stats = results["routing_stats"]
+    L, E = np.asarray(stats.utilization).shape
+    causal = L * E <= CAUSAL_MAX_PASSES
+    out = pruning_study(wrapper, _model_tokens(tokenized, max_tokens), pruning_scores(stats, results.get("collaboration")),
+                        list(stats.moe_layers), fractions=fractions, causal=causal, batch_size=16, progress=progress,
+                        resamples=resamples, seed=seed)
+    if not causal:
+        out.notes.append(f"causal criterion left out: it needs {L * E} single-expert ablations (more than {CAUSAL_MAX_PASSES})")
+    return out
+
+
 def _ablation(wrapper: Any, tokenized: dict[str, Any], stats: Any, max_tokens: int, progress: bool,
               resamples: int, seed: int) -> Any:
     """Ablate, at each layer, the most-used expert and (as a control) the least-used one."""
-    merged = TokenizedDataset.concat([tok.head_tokens(max_tokens) for tok in tokenized.values()])
+    merged = _model_tokens(tokenized, max_tokens)
     targets, labels = most_and_least_used_experts(np.asarray(stats.utilization), list(stats.moe_layers))
     return ablation_study(wrapper, merged, targets, labels=labels, batch_size=16, progress=progress,
                           resamples=resamples, seed=seed)

@@ -41,6 +41,9 @@ def headline_numbers(res: RunResults) -> dict[str, Any]:
     dyn = res.get("checkpoint_dynamics")
     if dyn is not None:
         out["saturation"] = {str(s): round(float(np.nanmean(v)), 4) for s, v in zip(dyn.steps, dyn.saturation)}
+    pr = res.get("pruning")
+    if pr is not None:
+        out["pruning_best"] = {f"{f:g}": b for f, b in zip(pr.fractions, pr.best)}
     abl = res.get("ablation")
     if abl is not None:
         out["ablation_delta_nats"] = {t: dict(zip(abl.domains, np.round(d, 4).tolist())) for t, d in zip(abl.targets, abl.delta)}
@@ -181,6 +184,26 @@ def _ablation_text(abl: Any) -> str:
     return text
 
 
+def _pruning(pr: Any) -> str:
+    """Which criterion keeps the model best at each pruned fraction, and whether it beats random beyond the intervals."""
+    names = {"weight_mass": "router weight mass", "collaboration": "collaboration share", "usage": "usage",
+             "causal": "single-expert ablation", "random": "random"}
+    rnd = pr.criteria.index("random")
+    parts = []
+    for j, f in enumerate(pr.fractions):
+        c = pr.criteria.index(pr.best[j])
+        verdict = ("beats random beyond the intervals" if pr.beats_random[c, j] else
+                   "random itself" if c == rnd else "not distinguishable from random")
+        parts.append(f"{f:.1%} pruned ({pr.experts_pruned[j]} of {pr.num_experts} experts per layer): best {names.get(pr.best[j], pr.best[j])} {pr.overall[c, j]:+.3f} "
+                     f"[{pr.overall_low[c, j]:+.3f}, {pr.overall_high[c, j]:+.3f}] against random {pr.overall[rnd, j]:+.3f} "
+                     f"[{pr.overall_low[rnd, j]:+.3f}, {pr.overall_high[rnd, j]:+.3f}] ({verdict})")
+    beats = [f"{names.get(n, n)} at {int(pr.beats_random[i].sum())} of {len(pr.fractions)}"
+             for i, n in enumerate(pr.criteria) if i != rnd]
+    return ("Pruning (loss change, nats per token, token-weighted over domains, 95% CI over documents; each layer loses "
+            f"the same share of its experts; random over {len(pr.random_seed_overall)} seeds): " + "; ".join(parts)
+            + ". Beats random beyond the intervals: " + ", ".join(beats) + ".")
+
+
 def _load_balance(stats: Any) -> str:
     est = _est(stats, "utilization_entropy_norm")
     if est is None:
@@ -209,6 +232,8 @@ def findings(res: RunResults) -> list[str]:
         out.append(_saturation(dyn, res.model["top_k"]))
     if res.get("ablation") is not None:
         out.append(_ablation_text(res.get("ablation")))
+    if res.get("pruning") is not None:
+        out.append(_pruning(res.get("pruning")))
     out += _weights(res)
     if res.get("routing_stats") is not None:
         out.append(_load_balance(res.get("routing_stats")))

@@ -49,7 +49,9 @@ class RunOptions:
     cache_dir: str | None = None  # default: <results_dir>/cache
     models_dir: str = "models"
     ablation: bool = True
-    ablation_tokens: int = 4_000  # tokens per dataset for the ablation forward passes
+    ablation_tokens: int = 4_000  # tokens per dataset for the ablation forward passes (and the pruning ones)
+    pruning: bool = True  # expert pruning by each criterion against random (core.analysis.pruning)
+    pruning_fractions: list[float] = field(default_factory=lambda: [0.125, 0.25, 0.5])  # of each layer's experts
     collaboration: bool = True
     resamples: int = 200  # bootstrap resamples over documents for every interval (0: no intervals or nulls)
     static: str = "png"  # static images of every figure for papers: png, svg, pdf or none
@@ -138,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--cache-dir", help="where routing caches live (default: <results-dir>/cache)")
     ap.add_argument("--models-dir", help="where the embedded model is trained and kept")
     ap.add_argument("--no-ablation", dest="ablation", action="store_false", default=None, help="skip the causal ablation")
+    ap.add_argument("--no-pruning", dest="pruning", action="store_false", default=None, help="skip the expert-pruning study")
+    ap.add_argument("--pruning-fractions", help="comma-separated shares of each layer's experts to prune (default 0.125,0.25,0.5)")
     ap.add_argument("--no-collaboration", dest="collaboration", action="store_false", default=None, help="skip dictionary learning")
     ap.add_argument("--resamples", type=int, help="bootstrap resamples over documents per interval (default 200)")
     ap.add_argument("--static", choices=["png", "svg", "pdf", "none"], help="also write each figure as an image (needs Chromium)")
@@ -148,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-LIST_OPTIONS = ("checkpoints", "datasets")
+LIST_OPTIONS = ("checkpoints", "datasets", "pruning_fractions")
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 REMOTES = ("ndif", "local")
 DTYPES = (None, "auto", "float32", "fp32", "float16", "fp16", "bfloat16", "bf16")
@@ -173,6 +177,12 @@ def make_options(**kwargs: Any) -> RunOptions:
         if name in kwargs:
             kwargs[name] = _split_list(kwargs[name])
     opts = RunOptions(**kwargs)
+    try:
+        opts.pruning_fractions = [float(f) for f in opts.pruning_fractions]
+    except ValueError:
+        raise OptionsError(f"pruning-fractions must be numbers, not {opts.pruning_fractions!r}") from None
+    if not opts.pruning_fractions or not all(0 < f < 1 for f in opts.pruning_fractions):
+        raise OptionsError(f"pruning-fractions must be shares between 0 and 1, not {opts.pruning_fractions!r}")
     if opts.micro:
         opts.num_samples = min(opts.num_samples, 12)
         opts.max_tokens = min(opts.max_tokens, 1_500)

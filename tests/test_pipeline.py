@@ -24,7 +24,7 @@ EXPECTED_ANALYSES = [
     "routing_stats", "routing_stats_by_dataset", "correlation_topk", "correlation_probs", "correlation_by_dataset",
     "correlation_difference", "coactivation", "routing_paths", "domain_specialization", "vocabulary_specialization",
     "routing_consistency", "router_similarity", "router_subspaces", "expert_alignment", "checkpoint_dynamics",
-    "router_drift", "collaboration", "ablation",
+    "router_drift", "collaboration", "ablation", "pruning",
 ]
 
 
@@ -64,6 +64,10 @@ def test_every_artifact_exists_and_is_well_formed(micro_run):
     html = (run_dir / "report.html").read_text()
     assert html.count('class="plotly-graph-div') >= 15
     assert "{&#x27;" not in html  # parameters are small tables, not Python dicts printed into the text
+    # pruning: every criterion (the micro model is small enough for the causal one) at every fraction, against random
+    pr = metrics["pruning"]
+    assert pr["criteria"] == ["weight_mass", "collaboration", "usage", "causal", "random"] and pr["fractions"] == [0.125, 0.25, 0.5]
+    assert len(pr["best"]) == 3 and "id='item-pruning'" in html and any(f.startswith("Pruning (") for f in first.findings)
     # the first screen: every finding, with a link to the figure behind it
     learned = html[html.index("<h2>What we learned</h2>"):html.index("<h2>Summary</h2>")]
     links = re.findall(r"href='#item-([^']+)'", learned)
@@ -108,7 +112,8 @@ def test_wandb_offline_run_holds_what_was_logged(micro_run):
     assert all(f"training/utilization_entropy_norm/L{l}" in series[0] for l in metrics["routing_stats"]["moe_layers"])
     fields = {k: v for h in logged["history"] for k, v in h.items() if k.startswith("tables/")}  # W&B nests a table's fields
     kinds = {k.rsplit("/", 1)[0]: v for k, v in fields.items() if k.endswith("/_type")}
-    assert {"tables/expert_utilization", "tables/domain_expert_share", "tables/ablation", "tables/vocabulary"} <= set(kinds)
+    assert {"tables/expert_utilization", "tables/domain_expert_share", "tables/ablation", "tables/vocabulary",
+            "tables/pruning"} <= set(kinds)
     assert set(kinds.values()) == {"table-file"} and all(fields[f"{name}/nrows"] > 0 for name in kinds)
     assert logged["group"] == logged["config"]["model"] and f"MoE routing report: {logged['group']}" in first.report.read_text()
     assert logged["config"]["datasets"] == metrics["datasets"] and logged["config"]["checkpoints"] == [c["name"] for c in metrics["checkpoints"]]

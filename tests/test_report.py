@@ -27,7 +27,7 @@ def test_page_is_self_contained(written):
     assert path.name == "report.html"
     assert not re.search(r"<script[^>]+src=", page), "the page loads a script from elsewhere"
     assert not re.search(r"<link[^>]+href=['\"]?https?:", page)
-    assert page.count("Plotly.newPlot(") == report.num_figures == 22
+    assert page.count("Plotly.newPlot(") == report.num_figures == 23
     # plotly.js is embedded exactly once (its version banner appears once)
     assert len(re.findall(r"plotly\.js v\d", page)) == 1
 

@@ -53,3 +53,39 @@ def estimate_vs_null(
                          hovertemplate="%{x}<br>%{y:.4f}<extra>null</extra>"))
     fig.update_layout(barmode="group")
     return finish(fig, title, x_title, y_title)
+
+
+_LINE_COLOURS = ("#3b7dd8", "#e4572e", "#17a398", "#8e44ad", "#f3a712", "#555555")
+
+
+def pruning_curves(
+    fractions: Sequence[float],
+    criteria: Sequence[str],
+    overall: np.ndarray,
+    low: np.ndarray,
+    high: np.ndarray,
+    title: str | None = None,
+    y_title: str = "Δ loss (nats/token)",
+) -> go.Figure:
+    """Loss change against the pruned share of each layer's experts: one line per criterion, with its 95% band.
+
+    ``overall``, ``low`` and ``high`` are ``[criterion, fraction]``; a criterion named "random" is drawn dashed (the baseline).
+    """
+    names = [str(c) for c in criteria]
+    vals, lo, hi = (as_array(a, 2, n) for a, n in ((overall, "overall"), (low, "low"), (high, "high")))
+    check_len(names, vals.shape[0], "criteria", "overall rows")
+    x = [100 * float(f) for f in check_len(list(fractions), vals.shape[1], "fractions", "overall columns")]
+    fig = go.Figure()
+    for i, name in enumerate(names):
+        colour = _LINE_COLOURS[-1] if name == "random" else _LINE_COLOURS[i % (len(_LINE_COLOURS) - 1)]
+        fig.add_trace(go.Scatter(x=x + x[::-1], y=list(hi[i]) + list(lo[i])[::-1], fill="toself", fillcolor=colour,
+                                 opacity=0.15, line={"width": 0}, hoverinfo="skip", showlegend=False))
+        fig.add_trace(go.Scatter(
+            x=x, y=vals[i], mode="lines+markers", name=esc(name), line={"color": colour, "dash": "dash" if name == "random" else "solid"},
+            customdata=np.stack([lo[i], hi[i]], -1),
+            hovertemplate=f"{esc(name)}<br>%{{x:.1f}}% of each layer's experts pruned<br>Δ loss %{{y:+.4f}} "
+                          "(95% CI %{customdata[0]:+.4f} to %{customdata[1]:+.4f})<extra></extra>",
+        ))
+    fig.add_hline(y=0.0, line={"color": "gray", "width": 1})
+    return finish(fig, title or "Loss change when pruning experts, by criterion", "share of each layer's experts pruned (%)",
+                  y_title)

@@ -69,6 +69,11 @@ def gallery_figures(seed: int = 0) -> list[tuple[str, str, go.Figure, object]]:
          P.collaboration_by_domain(atoms, pds, layers, num_experts, domains,
                                    {d: [{"layer": layers[i % nl], "expert": i, "ratio": 3.0 - i / 2} for i in range(4)]
                                     for d in domains}), None),
+        ("Specialization", "pruning_curves",
+         P.pruning_curves([0.125, 0.25, 0.5], ["usage", "causal", "random"],
+                          np.array([[.01, .03, .09], [.01, .02, .07], [.05, .12, .30]]),
+                          np.array([[.0, .02, .07], [.0, .01, .05], [.03, .09, .25]]),
+                          np.array([[.02, .04, .11], [.02, .03, .09], [.07, .15, .35]])), None),
         ("Specialization", "ablation_effects",
          P.ablation_effects(delta, ["L1 E0", "L1 E5", "L3 E2", "L7 E7"], domains), None),
         ("Weights", "svd_spectra",

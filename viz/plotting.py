@@ -29,7 +29,7 @@ from viz.figures_training import (
     training_curves,
     utilization_over_time,
 )
-from viz.figures_nulls import estimate_vs_null
+from viz.figures_nulls import estimate_vs_null, pruning_curves
 from viz.figures_weights import alignment_vs_baseline, hungarian_cosine_vs_null, svd_spectra
 
 __all__ = [
@@ -48,6 +48,7 @@ __all__ = [
     "estimate_vs_null",
     "hungarian_cosine_vs_null",
     "layer_metric_over_time",
+    "pruning_curves",
     "router_similarity_heatmap",
     "routing_paths_sankey",
     "saturation_over_checkpoints",

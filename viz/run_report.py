@@ -22,7 +22,7 @@ from viz.report import Report
 _FINDING_FIGURES = (("Load balance", "utilization"), ("Domain specialization", "domain_divergence"),
                     ("Cross-layer correlation", "correlation_layer_summary"), ("Consecutive tokens", "routing_consistency_same_top1"),
                     ("Vocabulary", "vocabulary_specialization"), ("Router saturation", "saturation_vs_chance"),
-                    ("Ablation", "ablation"), ("Router–expert alignment", "router_expert_alignment"),
+                    ("Ablation", "ablation"), ("Pruning", "pruning"), ("Router–expert alignment", "router_expert_alignment"),
                     ("Hungarian-matched cosine", "hungarian_cosine_vs_null"), ("Collaboration", "collaboration_patterns"))
 
 
@@ -74,6 +74,7 @@ def build_report(
     _dynamics_section(r, add, rep)
     _collaboration_section(r, add, rep)
     _ablation_section(r, add, rep)
+    _pruning_section(r, add, rep)
     return rep, figs
 
 
@@ -222,6 +223,19 @@ def _ablation_section(r: dict[str, Any], add: Callable[..., None], rep: Report) 
                               "ci_high": pd.DataFrame(est.high, index=abl.targets, columns=abl.domains)}, axis=1)
         add("Causal ablation", "ablation", P.ablation_effects(abl.delta, abl.targets, abl.domains), data,
             caption="95% intervals over documents are in the data table and the findings.")
+
+
+def _pruning_section(r: dict[str, Any], add: Callable[..., None], rep: Report) -> None:
+    """Loss change when each criterion prunes each share of every layer's experts, against random."""
+    pr = r.get("pruning")
+    if pr is None:
+        return
+    rep.add_section("Expert pruning", "Every MoE layer loses the same share of its experts at once (routing renormalized "
+                    "over the rest), chosen by each criterion: least router weight mass, least share in the collaboration "
+                    "patterns, least used, least loss when ablated alone, or at random (several seeds: the baseline). "
+                    "A criterion beats random when its interval lies below every random seed's. " + " ".join(pr.notes))
+    add("Expert pruning", "pruning", P.pruning_curves(pr.fractions, pr.criteria, pr.overall, pr.overall_low, pr.overall_high),
+        pr.table(), caption="Token-weighted over domains, with 95% bands over documents; per-domain numbers in the table.")
 
 
 def _weights_section(r: dict[str, Any], add: Callable[..., None], rep: Report) -> None:

@@ -69,6 +69,9 @@ def result_tables(results: Any, decode: Any = None) -> dict[str, pd.DataFrame]:
             for row, (i, j) in zip(rows, [(i, j) for i in range(len(abl.targets)) for j in range(len(abl.domains))]):
                 row.update(ci_low=float(np.asarray(est.low)[i][j]), ci_high=float(np.asarray(est.high)[i][j]))
         out["tables/ablation"] = pd.DataFrame(rows)
+    pr = r.get("pruning")
+    if pr is not None:
+        out["tables/pruning"] = pr.table()
     vocab = r.get("vocabulary_specialization")
     if vocab is not None and len(vocab.token_ids):
         li = len(vocab.moe_layers) - 1
