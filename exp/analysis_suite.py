@@ -146,6 +146,7 @@ def run_analyses(
     clock: StageClock | None = None,
     ranks: Ranks | None = None,
     pruning: Sequence[float] = FRACTIONS,
+    pruning_tokens: int = 1500,
 ) -> RunResults | None:
     """All analyses: routing statistics, correlations, paths, specialization, weights, dynamics, collaboration, ablation.
 
@@ -201,7 +202,7 @@ def run_analyses(
         res.skipped["ablation"] = "turned off (--no-ablation)"
     if pruning:
         with clock.stage("pruning"):
-            res.results["pruning"] = _pruning(wrapper, tokenized, res.results, ablation_tokens, pruning, progress, resamples, seed)
+            res.results["pruning"] = _pruning(wrapper, tokenized, res.results, pruning_tokens, pruning, progress, resamples, seed)
         res.timings["pruning"] = clock.rows[-1].seconds
     else:
         res.skipped["pruning"] = "turned off (--no-pruning)"

@@ -102,7 +102,7 @@ class BasicRoutingAnalysis:
         results = run_analyses(wrapper, sweep, tokenized, ablation=opts.ablation, ablation_tokens=opts.ablation_tokens,
                                collaboration=opts.collaboration, micro=opts.micro, progress=opts.progress,
                                resamples=opts.resamples, seed=opts.seed, clock=clock, ranks=ranks,
-                               pruning=opts.pruning_fractions if opts.pruning else ())
+                               pruning=opts.pruning_fractions if opts.pruning else (), pruning_tokens=opts.pruning_tokens)
         if results is None:
             return None  # this rank's share is collected and analysed; rank 0 merges the analyses and writes the report
         from core.study_moe.training_data import training_data_note

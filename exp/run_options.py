@@ -49,8 +49,9 @@ class RunOptions:
     cache_dir: str | None = None  # default: <results_dir>/cache
     models_dir: str = "models"
     ablation: bool = True
-    ablation_tokens: int = 4_000  # tokens per dataset for the ablation forward passes (and the pruning ones)
+    ablation_tokens: int = 4_000  # tokens per dataset for the ablation forward passes
     pruning: bool = True  # expert pruning by each criterion against random (core.analysis.pruning)
+    pruning_tokens: int = 1_500  # tokens per dataset for the pruning forward passes (about 50 of them on the embedded model)
     pruning_fractions: list[float] = field(default_factory=lambda: [0.125, 0.25, 0.5])  # of each layer's experts
     collaboration: bool = True
     resamples: int = 200  # bootstrap resamples over documents for every interval (0: no intervals or nulls)
@@ -141,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--models-dir", help="where the embedded model is trained and kept")
     ap.add_argument("--no-ablation", dest="ablation", action="store_false", default=None, help="skip the causal ablation")
     ap.add_argument("--no-pruning", dest="pruning", action="store_false", default=None, help="skip the expert-pruning study")
+    ap.add_argument("--pruning-tokens", type=int, help="tokens per dataset for the pruning forward passes (default 1500)")
     ap.add_argument("--pruning-fractions", help="comma-separated shares of each layer's experts to prune (default 0.125,0.25,0.5)")
     ap.add_argument("--no-collaboration", dest="collaboration", action="store_false", default=None, help="skip dictionary learning")
     ap.add_argument("--resamples", type=int, help="bootstrap resamples over documents per interval (default 200)")
@@ -188,6 +190,7 @@ def make_options(**kwargs: Any) -> RunOptions:
         opts.max_tokens = min(opts.max_tokens, 1_500)
         opts.max_length = min(opts.max_length, 64)
         opts.ablation_tokens = min(opts.ablation_tokens, 300)
+        opts.pruning_tokens = min(opts.pruning_tokens, 300)
         opts.max_checkpoints = min(opts.max_checkpoints, 3)
         opts.batch_size = min(opts.batch_size, 4)
         opts.shard_tokens = min(opts.shard_tokens, 128)  # several shards per cache, as at full size
@@ -199,7 +202,7 @@ def make_options(**kwargs: Any) -> RunOptions:
         raise OptionsError(f"keep_checkpoints must be true or false, not {opts.keep_checkpoints!r}")
     if opts.resamples < 0:
         raise OptionsError(f"resamples must be 0 or more, not {opts.resamples}")
-    for name in ("batch_size", "max_checkpoints", "max_tokens", "num_samples", "max_length", "ablation_tokens"):
+    for name in ("batch_size", "max_checkpoints", "max_tokens", "num_samples", "max_length", "ablation_tokens", "pruning_tokens"):
         value = getattr(opts, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise OptionsError(f"{name.replace('_', '-')} must be a whole number of at least 1, not {value!r}")
