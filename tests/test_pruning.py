@@ -67,3 +67,5 @@ def test_collaboration_share_weights_atoms_by_pattern_use():
 def test_bad_fractions_are_refused():
     with pytest.raises(ValueError, match="in \\(0, 1\\)"):
         pruning_study(KnownCostModel(), _tokens(), {"usage": IMPORTANCE}, LAYERS, fractions=(0.5, 1.0))
+    with pytest.raises(ValueError, match="at least one seed"):
+        pruning_study(KnownCostModel(), _tokens(), {"usage": IMPORTANCE}, LAYERS, random_seeds=0)

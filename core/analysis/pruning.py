@@ -89,6 +89,8 @@ def pruning_study(wrapper: Any, tokenized: Any, scores: dict[str, np.ndarray], l
     fractions = [float(f) for f in fractions]
     if not fractions or any(not 0 < f < 1 for f in fractions):
         raise ValueError(f"pruned fractions must be in (0, 1), got {fractions}")
+    if random_seeds < 1:
+        raise ValueError(f"the random baseline needs at least one seed, got random_seeds={random_seeds}")
     scores = {k: np.asarray(v, float) for k, v in scores.items()}
     L, E = next(iter(scores.values())).shape
     if causal:
