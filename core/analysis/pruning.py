@@ -100,7 +100,7 @@ def pruning_study(wrapper: Any, tokenized: Any, scores: dict[str, np.ndarray], l
         scores["causal"] = (np.nan_to_num(res.delta) @ w).reshape(L, E)
     rng = np.random.default_rng(seed)
     randoms = [rng.random((L, E)) for _ in range(random_seeds)]
-    chosen = [(name, s) for name, s in scores.items()] + [(f"random#{i}", r) for i, r in enumerate(randoms)]
+    chosen = list(scores.items()) + [(f"random#{i}", r) for i, r in enumerate(randoms)]
     targets, keys = [], []
     for name, s in chosen:
         for f in fractions:

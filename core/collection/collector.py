@@ -34,7 +34,7 @@ from core.collection.cache import RoutingCache, RoutingCacheWriter
 from core.collection.cache_format import FLOAT_DTYPES, check_storage
 from core.collection.identity import wrapper_identity
 from core.collection.ranks import Ranks
-from core.collection.split_cache import collect_parts, has_parts, join_parts
+from core.collection.split_cache import collect_parts, has_parts, join_parts, plan_shards
 from core.routing_data import RoutingData
 
 _LABEL_FIELDS = ("doc_ids", "positions", "domain_ids", "dataset_ids")
@@ -359,8 +359,9 @@ class ActivationCollector:
 
     def _fill(self, writer: RoutingCacheWriter, tokenized: Any, header: dict, batch_size: int, hidden_layers: Sequence[int],
               storage: str, dtype: str, shard_tokens: int, progress: bool | None) -> RoutingCache:
-        """Trace the rows the cache does not hold yet and commit them shard by shard."""
+        """Trace the rows the cache does not hold yet and commit them shard by shard, where :func:`plan_shards` ends them."""
         _, mask = _rows_of(tokenized)
+        ends = {stop for _, stop in plan_shards(mask, batch_size, shard_tokens)}  # the same cuts a split collection makes
         start = writer.next_row
         show = self.progress if progress is None else progress
         bar = tqdm(
@@ -368,20 +369,17 @@ class ActivationCollector:
             desc=f"routing {header['dataset']}", disable=not show,
         )
         buffer: list[RoutingData] = []
-        buffered, shard_start = 0, start
+        shard_start = start
         with bar:
             for _, stop, rd in self.trace_batches(
                 tokenized, batch_size=batch_size, start_row=start, hidden_layers=hidden_layers,
                 storage=storage, float_dtype=FLOAT_DTYPES[dtype],
             ):
                 buffer.append(rd)
-                buffered += rd.num_tokens
                 bar.update(rd.num_tokens)
-                if buffered >= shard_tokens:
+                if stop in ends:
                     writer.write_shard(_concat(buffer), shard_start, stop - shard_start)
-                    buffer, buffered, shard_start = [], 0, stop
-            if buffer:
-                writer.write_shard(_concat(buffer), shard_start, writer.manifest["num_rows"] - shard_start)
+                    buffer, shard_start = [], stop
         return writer.finish()
 
     # ----------------------------------------------------------------- seed API

@@ -1,9 +1,9 @@
 """One cache traced by several torchrun processes: its shards planned up front, written as parts, joined by one rank.
 
-When a sweep has fewer caches to collect than processes, each cache is split. The shards one
-process would write are known before any tracing: a shard ends on the first batch boundary
-at or past ``shard_tokens`` tokens, as ``ActivationCollector.collect`` cuts them, so
-:func:`plan_shards` finds them from the attention mask. Each rank traces the planned shards it
+When a sweep has fewer caches to collect than processes, each cache is split. The shards are
+known before any tracing: a shard ends on the first batch boundary at or past ``shard_tokens``
+tokens, and :func:`plan_shards` finds those ends from the attention mask (one process's
+``ActivationCollector.collect`` cuts its shards at the same plan). Each rank traces the planned shards it
 owns and writes each as a *part* beside where the manifest goes (``part-<first row>.safetensors``
 and its entry ``part-<first row>.json``, both atomic), with the cache's header in ``parts.json``.
 After a barrier one rank joins them (:func:`join_parts`): a manifest listing the parts in row
