@@ -178,9 +178,16 @@ def benchmark_config(hidden: int, intermediate: int, experts: int, top_k: int, c
 
 
 def plot(rows: list[dict], path: Path) -> Path:
-    """Grouped bars of tokens/s (forward, forward+backward) and peak memory per setting."""
+    """Write ``benchmark_figure(rows)`` as a self-contained HTML file."""
+    return atomic_write_text(path, benchmark_figure(rows).to_html(include_plotlyjs=True))
+
+
+def benchmark_figure(rows: list[dict]) -> "plotly.graph_objects.Figure":  # noqa: F821
+    """Grouped bars of tokens/s (forward, forward+backward) and peak memory per setting, in the report's template."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
+
+    from viz._common import finish
 
     labels = [f"E={r['experts']} k={r['top_k']} cf={r['capacity_factor']}" for r in rows]
     fig = make_subplots(rows=3, cols=1, shared_xaxes=True, vertical_spacing=0.06,
@@ -191,8 +198,12 @@ def plot(rows: list[dict], path: Path) -> Path:
             values = [r[key] / (2**20 if "bytes" in key else 1) for r in rows]
             fig.add_trace(go.Bar(name=name, x=labels, y=values, marker_color=colors[name], showlegend=i == 1,
                                  legendgroup=name), row=i, col=1)
-    fig.update_layout(barmode="group", height=900, title="MoE layer vs dense FFN (same active params) vs OLMoE block")
-    return atomic_write_text(path, fig.to_html(include_plotlyjs=True))
+    fig.update_layout(barmode="group")
+    finish(fig, "MoE layer vs dense FFN (same active params) vs OLMoE block", "", "", height=900)
+    for row, unit in ((1, "tokens/s"), (2, "tokens/s"), (3, "MiB")):
+        fig.update_yaxes(title_text=unit, row=row, col=1)
+    fig.update_xaxes(title_text="setting (experts, top-k, capacity factor)", row=3, col=1)
+    return fig
 
 
 def _capacity(value: str) -> float | None:

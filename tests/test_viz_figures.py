@@ -158,3 +158,22 @@ def test_collaboration_dropdown_shows_one_domain_at_a_time():
     web, _, code, code_bars = fig.data
     assert list(web.y) == ["pattern 4 (90% of its use)", "pattern 0 (70% of its use)"]  # its most used patterns first
     assert list(code.y)[0] == "pattern 1 (90% of its use)" and list(code_bars.x) == ["L1 E0"]
+
+
+def _white_background(fig: go.Figure) -> bool:
+    """The report's template: white paper and plot, unless a figure overrides either."""
+    own, tmpl = fig.layout, fig.layout.template.layout
+    return all((getattr(own, key) or getattr(tmpl, key)) in ("white", "#fff", "#ffffff")
+               for key in ("paper_bgcolor", "plot_bgcolor"))
+
+
+def test_every_figure_shares_one_background():
+    from exp.benchmark_moe import benchmark_figure
+
+    row = {"experts": 4, "top_k": 1, "capacity_factor": None}
+    for name in ("ours", "dense", "olmoe"):
+        row |= {f"{name}_fwd_tok_s": 1.0, f"{name}_fwdbwd_tok_s": 1.0, f"{name}_fwdbwd_peak_bytes": 2**20}
+    figures = dict(FIGURES, benchmark_moe=benchmark_figure([row]))
+    assert go.Figure().layout.template.layout.plot_bgcolor not in ("white", None)  # plotly's default is not white
+    off = [name for name, fig in figures.items() if not _white_background(fig)]
+    assert not off, f"figures with another background: {off}"
