@@ -9,39 +9,17 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from itertools import combinations
-from math import comb
 
 import numpy as np
 import pandas as pd
 
+from core.analysis.diagnosis import CollapseThresholds, diagnose, uniform_routing_counts
 from core.analysis.measures import entropy
 from core.analysis.resampling import BlockSums, Estimate, block_of, bootstrap, document_keys, permutation_estimate
 from core.analysis.results import ResultMixin
 from core.analysis.streaming import RoutingAccumulator, fold_one
 from core.analysis.features import normalized_probs_np, selection_np
 from core.routing_data import RoutingData
-
-
-@dataclass
-class CollapseThresholds(ResultMixin):
-    """Thresholds of the dead/dominant/collapse diagnosis, in units of the uniform share 1/E.
-
-    - dead expert: utilization < ``dead_factor / E`` (default: under a tenth of its fair share)
-    - dominant expert: utilization > ``dominant_factor / E`` (default: over twice its fair share)
-    - collapsed layer: normalized utilization entropy < ``collapse_entropy`` (default 0.5),
-      or at least ``collapse_dead_fraction`` of the experts dead (default half),
-      or one expert selected by at least ``collapse_top_rate`` of the tokens while k/E <= 0.5
-      (default 0.9; an expert nearly every token must use)
-    - imbalanced layer (not collapsed): any dead or dominant expert, or CV > ``imbalance_cv`` (default 1.0)
-    """
-
-    dead_factor: float = 0.1
-    dominant_factor: float = 2.0
-    collapse_entropy: float = 0.5
-    collapse_dead_fraction: float = 0.5
-    collapse_top_rate: float = 0.9
-    imbalance_cv: float = 1.0
 
 
 @dataclass
@@ -70,6 +48,7 @@ class RoutingStats(ResultMixin):
     diagnosis: list[str]  # [L] "collapsed" | "imbalanced" | "healthy"
     reasons: list[list[str]]  # [L] why the diagnosis was made
     thresholds: CollapseThresholds
+    null_note: str = ""  # the sampling-noise null every threshold is judged against
     token_entropy: np.ndarray | None = None  # [L] mean per-token routing entropy, nats
     token_entropy_norm: np.ndarray | None = None  # [L] divided by log E
     mean_prob: np.ndarray | None = None  # [L, E] mean router probability
@@ -158,11 +137,10 @@ class RoutingStatsAccumulator(RoutingAccumulator):
         mean = counts.mean(1)
         cv = counts.std(1) / np.clip(mean, 1e-300, None)
         mom = counts.max(1) / np.clip(mean, 1e-300, None)
-        dead = util < th.dead_factor / E
-        dominant = util > th.dominant_factor / E
         rate = counts / n
-        diagnosis, reasons = _diagnose(th, util, rate, u_ent / logE, cv, dead, dominant, k)
-        collapsed = [d == "collapsed" for d in diagnosis]
+        blocks = self.blocks.sums.get("counts") if self.resamples else None
+        judged = diagnose(th, counts, n, k, blocks, self.resamples, self.seed)
+        collapsed = [d == "collapsed" for d in judged.diagnosis]
         notes = []
         tok_ent = tok_norm = mean_prob = None
         if self.missing_logits:
@@ -186,12 +164,13 @@ class RoutingStatsAccumulator(RoutingAccumulator):
             utilization_entropy_norm=u_ent / logE,
             cv=cv,
             max_over_mean=mom,
-            dead=dead,
-            dominant=dominant,
+            dead=judged.dead,
+            dominant=judged.dominant,
             collapsed=np.array(collapsed),
-            diagnosis=diagnosis,
-            reasons=reasons,
+            diagnosis=judged.diagnosis,
+            reasons=judged.reasons,
             thresholds=th,
+            null_note=judged.null_note,
             token_entropy=tok_ent,
             token_entropy_norm=tok_norm,
             mean_prob=mean_prob,
@@ -212,52 +191,8 @@ class RoutingStatsAccumulator(RoutingAccumulator):
                                                                  self.resamples, alternative="less")}
 
 
-def uniform_routing_counts(num_tokens: int, num_experts: int, top_k: int, draws: int, seed: int) -> tuple[np.ndarray, str]:
-    """Expert loads ``[draws, E]`` when every token picks ``top_k`` distinct experts uniformly at random.
-
-    Exact where the k-subsets can be listed (tokens per subset are multinomial); otherwise the
-    assignments are drawn independently (slightly less even than distinct picks), and it says so.
-    """
-    rng = np.random.default_rng(seed)
-    if comb(num_experts, top_k) <= 20_000:
-        subsets = np.array(list(combinations(range(num_experts), top_k)))
-        per_subset = rng.multinomial(num_tokens, np.full(len(subsets), 1 / len(subsets)), size=draws)
-        onehot = np.zeros((len(subsets), num_experts))
-        np.put_along_axis(onehot, subsets, 1.0, axis=1)
-        return per_subset @ onehot, f"{draws} draws of {num_tokens} tokens"
-    return rng.multinomial(num_tokens * top_k, np.full(num_experts, 1 / num_experts), size=draws).astype(float), \
-        f"{draws} draws of {num_tokens} tokens, assignments independent"
-
-
 def routing_stats(
     routing: RoutingData | Iterable[RoutingData], thresholds: CollapseThresholds | None = None
 ) -> RoutingStats:
     """Routing statistics of one RoutingData or a stream of chunks."""
     return fold_one(routing, RoutingStatsAccumulator(thresholds))
-
-
-def _diagnose(th: CollapseThresholds, util: np.ndarray, rate: np.ndarray, ent_norm: np.ndarray, cv: np.ndarray,
-              dead: np.ndarray, dominant: np.ndarray, k: int) -> tuple[list[str], list[list[str]]]:
-    """Per layer: "collapsed", "imbalanced" or "healthy", and the reasons, by the thresholds ``th``."""
-    E = util.shape[1]
-    diagnosis, reasons = [], []
-    for li in range(util.shape[0]):
-        why = []
-        if ent_norm[li] < th.collapse_entropy:
-            why.append(f"normalized utilization entropy {ent_norm[li]:.3f} < {th.collapse_entropy}")
-        if dead[li].mean() >= th.collapse_dead_fraction:
-            why.append(f"{int(dead[li].sum())}/{E} experts dead (>= {th.collapse_dead_fraction:.0%})")
-        if k / E <= 0.5 and rate[li].max() >= th.collapse_top_rate:
-            why.append(f"expert {int(rate[li].argmax())} selected by {rate[li].max():.1%} of tokens")
-        if why:
-            diagnosis.append("collapsed")
-        else:
-            if dead[li].any():
-                why.append(f"{int(dead[li].sum())} dead experts")
-            if dominant[li].any():
-                why.append(f"{int(dominant[li].sum())} dominant experts")
-            if cv[li] > th.imbalance_cv:
-                why.append(f"load CV {cv[li]:.2f} > {th.imbalance_cv}")
-            diagnosis.append("imbalanced" if why else "healthy")
-        reasons.append(why)
-    return diagnosis, reasons
