@@ -8,13 +8,15 @@ become ``null``, and arrays, tensors, dataclasses and tables become plain values
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
 import tempfile
 from dataclasses import fields, is_dataclass
+from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -75,14 +77,31 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, *, durable: bool = True
     return atomic_write_bytes(path, text.encode("utf-8"), durable=durable)
 
 
-def to_jsonable(obj: Any, *, digits: int | None = None, strict: bool = True) -> Any:
+ArraySink = Callable[[tuple[str, ...], np.ndarray], Any]
+"""Takes ``(path, array)`` and returns what JSON holds in the array's place, or None to keep it inline."""
+
+
+@lru_cache(maxsize=None)
+def _takes_sink(cls: type) -> bool:
+    """Whether ``cls.to_dict`` accepts ``sink`` and ``path`` (result dataclasses do, pandas tables do not)."""
+    try:
+        return "sink" in inspect.signature(cls.to_dict).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def to_jsonable(obj: Any, *, digits: int | None = None, strict: bool = True, sink: ArraySink | None = None,
+                path: tuple[str, ...] = ()) -> Any:
     """Recursively turn arrays, tensors, numpy scalars, dataclasses and tables into JSON values.
 
     Non-finite floats become ``None``. ``digits`` rounds floats (for logs a person reads).
     Objects with no JSON form raise ``TypeError``, or become ``str(obj)`` with ``strict=False``.
+    ``sink`` (``core.array_files``) is offered every array with its path of keys below ``path``; what
+    it returns stands in the array's place, so big arrays can go to a binary file beside the JSON.
     """
+    offload = sink is not None
 
-    def conv(o: Any) -> Any:
+    def conv(o: Any, p: tuple[str, ...] = path) -> Any:
         if o is None or isinstance(o, (bool, str)):
             return o
         if isinstance(o, np.bool_):
@@ -95,19 +114,23 @@ def to_jsonable(obj: Any, *, digits: int | None = None, strict: bool = True) -> 
                 return None
             return round(f, digits) if digits is not None else f
         if isinstance(o, np.ndarray):
-            return conv(o.tolist())
+            if offload and (ref := sink(p, o)) is not None:
+                return ref
+            return conv(o.tolist(), p)
         if type(o).__module__.startswith("torch") and hasattr(o, "detach"):  # a tensor, without importing torch
-            return conv(o.detach().cpu().numpy())
+            return conv(o.detach().cpu().numpy(), p)
         if isinstance(o, Path):
             return str(o)
         if callable(getattr(o, "to_dict", None)) and (is_dataclass(o) or hasattr(o, "columns") or hasattr(o, "index")):
-            return conv(o.to_dict())  # result dataclasses, pandas tables and series
+            if offload and _takes_sink(type(o)):
+                return conv(o.to_dict(sink=sink, path=p), p)
+            return conv(o.to_dict(), p)  # result dataclasses, pandas tables and series
         if is_dataclass(o) and not isinstance(o, type):
-            return {f.name: conv(getattr(o, f.name)) for f in fields(o)}
+            return {f.name: conv(getattr(o, f.name), (*p, f.name) if offload else p) for f in fields(o)}
         if isinstance(o, dict):
-            return {str(k): conv(v) for k, v in o.items()}
+            return {str(k): conv(v, (*p, str(k)) if offload else p) for k, v in o.items()}
         if isinstance(o, (list, tuple, set)):
-            return [conv(v) for v in o]
+            return [conv(v, (*p, str(i)) if offload else p) for i, v in enumerate(o)]
         if not strict:
             return str(o)
         raise TypeError(f"cannot convert {type(o).__name__} to JSON")

@@ -62,10 +62,13 @@ class RunResults:
     def get(self, name: str) -> Any:
         return self.results.get(name)
 
+    def header(self) -> dict[str, Any]:
+        """What the run was (model, data, timings), JSON-ready; the analyses' results are in ``results``."""
+        return to_jsonable({"model": self.model, "datasets": self.datasets, "tokens": self.tokens, "checkpoints": self.checkpoints,
+                            "skipped": self.skipped, "timings_s": self.timings, "processes": self.processes})
+
     def to_dict(self) -> dict[str, Any]:
-        out = {"model": self.model, "datasets": self.datasets, "tokens": self.tokens, "checkpoints": self.checkpoints,
-               "skipped": self.skipped, "timings_s": self.timings, "processes": self.processes}
-        return to_jsonable({**out, **self.results})
+        return {**self.header(), **to_jsonable(self.results)}
 
 
 def frequent_token_ids(tokenized: dict[str, TokenizedDataset], n: int = MAX_TOKEN_IDS) -> list[int]:

@@ -62,7 +62,8 @@ class BasicRoutingAnalysis:
 
     def run(self) -> RunSummary | None:
         """Do the whole job; returns where the report is (None on a torchrun rank other than 0, which only collects)."""
-        from core.safe_io import atomic_write_json, atomic_write_text
+        from core.array_files import write_metrics
+        from core.safe_io import atomic_write_text
         from exp.analysis_suite import run_analyses
         from exp.collection import (collect_all, load_tokenized, open_wrapper, resolve_model, train_embedded_model,
                                     training_exclusion, write_random)
@@ -115,9 +116,10 @@ class BasicRoutingAnalysis:
         run_dir = Path(opts.results_dir) / _run_name(opts, target.name)
         run_dir.mkdir(parents=True, exist_ok=True)
         say(f"[4/4] writing {run_dir}")
-        with clock.stage("metrics.json"):
-            metrics = {"options": opts.to_dict(), "headline": headline, "findings": found, "warnings": warns, **results.to_dict()}
-            metrics_path = atomic_write_json(run_dir / "metrics.json", metrics, durable=False)
+        with clock.stage("metrics.json"):  # big arrays go to arrays.safetensors beside it (core.array_files)
+            metrics = {"options": opts.to_dict(), "headline": headline, "findings": found, "warnings": warns, **results.header(),
+                       **results.results}  # the results keep their arrays for the writer
+            metrics_path = write_metrics(run_dir / "metrics.json", metrics)
         with clock.stage("report"):
             report_path, figs = self._write_report(run_dir, results, target, tokenized, wrapper, found, warns)
         if opts.static != "none":

@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from core.array_files import load_metrics
 from core.collection.cache import RoutingCache
+from core.safe_io import to_jsonable
 
 from exp.basic_routing_analysis import BasicRoutingAnalysis, main
 from exp.run_options import OptionsError, parse_options
@@ -26,6 +28,11 @@ EXPECTED_ANALYSES = [
     "routing_consistency", "router_similarity", "router_subspaces", "expert_alignment", "checkpoint_dynamics",
     "router_drift", "collaboration", "ablation", "pruning",
 ]
+
+
+def _json_metrics(path: Path) -> dict:
+    """metrics.json with its arrays read back from arrays.safetensors, as the JSON values it held before they moved out."""
+    return to_jsonable(load_metrics(path))
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +58,8 @@ def test_every_artifact_exists_and_is_well_formed(micro_run):
     root, first, _, _, _ = micro_run
     run_dir = root / "results" / "micro"
     assert first.run_dir == run_dir
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics = load_metrics(run_dir)  # big arrays are in arrays.safetensors beside metrics.json
+    assert metrics["correlation_topk"]["corr"].ndim == 2 and (run_dir / "arrays.safetensors").is_file()
     for name in EXPECTED_ANALYSES:
         assert name in metrics, f"{name} missing from metrics.json"
     assert metrics["datasets"] == ["wikitext2", "gsm8k", "humaneval"]
@@ -118,7 +126,7 @@ def test_wandb_offline_run_holds_what_was_logged(micro_run):
     assert logged["group"] == logged["config"]["model"] and f"MoE routing report: {logged['group']}" in first.report.read_text()
     assert logged["config"]["datasets"] == metrics["datasets"] and logged["config"]["checkpoints"] == [c["name"] for c in metrics["checkpoints"]]
     [artifact] = [a for a in logged["artifacts"] if a["type"] == "report"]  # (W&B stores each table as one too)
-    assert {"report.html", "metrics.json"} <= set(artifact["files"])
+    assert {"report.html", "metrics.json", "arrays.safetensors"} <= set(artifact["files"])
 
 
 def test_second_run_reuses_every_cache(micro_run):
@@ -356,9 +364,9 @@ def test_torchrun_ranks_share_collection_and_match_one_process(micro_run, tmp_pa
     cmd, env = _torchrun_micro(root, results)
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
-    metrics, alone = (json.loads(p.read_text()) for p in (results / "micro" / "metrics.json", first.metrics))
-    headline = metrics["headline"]
-    assert headline == alone["headline"]
+    metrics, alone = (load_metrics(p) for p in (results / "micro" / "metrics.json", first.metrics))
+    headline = to_jsonable(metrics["headline"])
+    assert headline == to_jsonable(alone["headline"])
     # both processes analysed a share of the tokens, and every analysis of the one pass equals one process's
     assert metrics["processes"]["world_size"] == 2 and min(metrics["processes"]["tokens_per_process"]) > 0
     assert sum(metrics["processes"]["tokens_per_process"]) == sum(alone["processes"]["tokens_per_process"])
@@ -376,7 +384,7 @@ def test_torchrun_ranks_share_collection_and_match_one_process(micro_run, tmp_pa
                                  models_dir=str(root / "models"), run_name="again").run()
     assert all(m.stat().st_mtime_ns == t for m, t in stamps.items())
     assert {s["written_by"]["world_size"] for s in json.loads(lost.read_text())["shards"]} == {1}
-    assert json.loads(again.metrics.read_text())["headline"] == headline
+    assert _json_metrics(again.metrics)["headline"] == headline
 
 
 def test_torchrun_splits_one_cache_over_ranks(micro_run, tmp_path):
@@ -396,8 +404,8 @@ def test_torchrun_splits_one_cache_over_ranks(micro_run, tmp_path):
     twin = alone / manifest.relative_to(results)
     same = lambda ss: [(s["first_row"], s["num_rows"], s["num_tokens"], s["bytes"], s["sha256"]) for s in ss]  # noqa: E731
     assert same(shards) == same(json.loads(twin.read_text())["shards"])  # byte for byte the shards one process wrote
-    split = json.loads((results / "micro" / "metrics.json").read_text())
-    assert json.loads(one.metrics.read_text())["headline"] == split["headline"]
+    split = _json_metrics(results / "micro" / "metrics.json")
+    assert _json_metrics(one.metrics)["headline"] == split["headline"]
     assert split["processes"]["world_size"] == 2
 
 
@@ -407,7 +415,7 @@ def test_remote_local_run_equals_the_local_run(micro_run, tmp_path):
     kw = dict(model_name=str(model_dir), micro=True, offline=True, static="none", progress=False, resamples=20)
     here = BasicRoutingAnalysis(results_dir=str(tmp_path / "here"), **kw).run()
     sim = BasicRoutingAnalysis(results_dir=str(tmp_path / "sim"), remote="local", **kw).run()
-    a, b = (json.loads(s.metrics.read_text()) for s in (here, sim))
+    a, b = (_json_metrics(s.metrics) for s in (here, sim))
     assert a["headline"] == b["headline"] and a["ablation"] == b["ablation"]
 
 
@@ -482,7 +490,7 @@ def test_a_killed_rank_resumes_where_it_stopped(micro_run, tmp_path):
     for m in (results / "cache").rglob("manifest.json"):
         body = json.loads(m.read_text())
         done[m] = (body["complete"], m.stat().st_mtime_ns)
-    first_metrics = json.loads(first.metrics.read_text())
+    first_metrics = _json_metrics(first.metrics)
     expected = len(first_metrics["checkpoints"]) * len(first_metrics["datasets"])
     assert sum(c for c, _ in done.values()) < expected, "the run finished before rank 1 was killed"
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
@@ -490,5 +498,5 @@ def test_a_killed_rank_resumes_where_it_stopped(micro_run, tmp_path):
     for m, (complete, stamp) in done.items():
         if complete:
             assert m.stat().st_mtime_ns == stamp, f"{m} was complete and got rewritten"
-    headline = json.loads((results / "micro" / "metrics.json").read_text())["headline"]
+    headline = _json_metrics(results / "micro" / "metrics.json")["headline"]
     assert headline == first_metrics["headline"]

@@ -8,7 +8,7 @@
   domain) with its interval, vocabulary per token id, so a user filters and plots in the UI.
 - **Runs are grouped by model**, with the datasets and checkpoints in the config: several
   datasets or models compare in one workspace.
-- **The HTML report and metrics.json are an artifact** of type ``report``.
+- **The HTML report, metrics.json and its arrays.safetensors are an artifact** of type ``report``.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from core.array_files import ARRAY_FILE
 from viz._common import token_label
 from viz.wandb_logger import WandbLogger, flatten_metrics
 
@@ -95,4 +96,6 @@ def log_run(logger: WandbLogger, results: Any, headline: dict, figures: dict, re
     for name, fig in figures.items():
         logger.log_figure(f"figures/{name}", fig, step=last)
     logger.log_summary(flatten_metrics(headline, strict=False))
-    logger.log_artifact(f"report-{logger.run.name or 'run'}", "report", [report, metrics])
+    arrays = metrics.parent / ARRAY_FILE  # metrics.json's big arrays (core.array_files), beside it
+    files = [report, metrics] + ([arrays] if arrays.is_file() else [])
+    logger.log_artifact(f"report-{logger.run.name or 'run'}", "report", files)

@@ -20,7 +20,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from core.analysis.results import ResultMixin
-from core.safe_io import to_jsonable
+from core.safe_io import ArraySink, to_jsonable
 from core.routing_data import RoutingData
 
 NUM_BLOCKS = 64  # document blocks kept per analysis
@@ -208,8 +208,9 @@ class Estimate(ResultMixin):
         lo, hi = np.asarray(self.diff_low), np.asarray(self.diff_high)
         return (lo > 0) | (hi < 0)
 
-    def to_dict(self) -> dict:
-        return {**super().to_dict(), "distinguishable": to_jsonable(np.asarray(self.distinguishable))}
+    def to_dict(self, *, sink: ArraySink | None = None, path: tuple[str, ...] = ()) -> dict:
+        return {**super().to_dict(sink=sink, path=path),
+                "distinguishable": to_jsonable(np.asarray(self.distinguishable), sink=sink, path=(*path, "distinguishable"))}
 
     def at(self, i: int | tuple) -> "Estimate":
         """The estimate of one element (e.g. one layer)."""

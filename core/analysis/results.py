@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import fields
 
-from core.safe_io import to_jsonable
+from core.safe_io import ArraySink, to_jsonable
 
 
 class ResultMixin:
@@ -15,5 +15,7 @@ class ResultMixin:
 
     _not_serialized: tuple[str, ...] = ()
 
-    def to_dict(self) -> dict:
-        return {f.name: to_jsonable(getattr(self, f.name)) for f in fields(self) if f.name not in self._not_serialized}  # type: ignore[arg-type]
+    def to_dict(self, *, sink: ArraySink | None = None, path: tuple[str, ...] = ()) -> dict:
+        """``sink``/``path``: see :func:`core.safe_io.to_jsonable` (big arrays to a file beside the JSON)."""
+        return {f.name: to_jsonable(getattr(self, f.name), sink=sink, path=(*path, f.name))
+                for f in fields(self) if f.name not in self._not_serialized}  # type: ignore[arg-type]
