@@ -27,7 +27,7 @@ def test_page_is_self_contained(written):
     assert path.name == "report.html"
     assert not re.search(r"<script[^>]+src=", page), "the page loads a script from elsewhere"
     assert not re.search(r"<link[^>]+href=['\"]?https?:", page)
-    assert page.count("Plotly.newPlot(") == report.num_figures == 23
+    assert page.count("Plotly.newPlot(") == report.num_figures == 26
     # plotly.js is embedded exactly once (its version banner appears once)
     assert len(re.findall(r"plotly\.js v\d", page)) == 1
 
@@ -118,3 +118,12 @@ def test_sections_keep_order_and_text(tmp_path):
     page = report.write(tmp_path).read_text()
     assert page.index("<h2>B</h2>") < page.index("<h2>A</h2>")
     assert "<p>second</p><p>paragraph &lt;i&gt;</p>" in page
+
+
+def test_a_summarized_figure_links_its_full_matrices(tmp_path):
+    rep = Report("r")
+    rep.add_figure("s", go.Figure(go.Bar(y=[1])), "summary", data={"v": [1]}, arrays=["correlation_topk/corr"])
+    rep.add_figure("s", go.Figure(go.Bar(y=[1])), "plain")
+    page = rep.write(tmp_path).read_text(encoding="utf-8")
+    assert page.count("href='arrays.safetensors'") == 1  # beside report.html in the run folder
+    assert "Full expert-level matrix: <a href='arrays.safetensors'>arrays.safetensors</a>, key <code>correlation_topk/corr</code>" in page

@@ -36,12 +36,26 @@ HOVER_UTIL_JS = """(() => {
 })()"""
 
 
+# What a layer-pair menu choice does (the button's own update), then where the axes and hover point.
+PICK_PAIR_JS = """(() => {
+  const gd = document.getElementById('fig-correlation_pairs');
+  const before = gd._fullLayout.xaxis._categories.slice();
+  const button = gd.layout.updatemenus[0].buttons[1];
+  return Plotly.update(gd, button.args[0], button.args[1]).then(() => {
+    Plotly.Fx.hover(gd, {xval: 2, yval: 0});
+    const t = gd.querySelector('.hovertext');
+    return JSON.stringify({before: before, after: gd._fullLayout.xaxis._categories,
+                           title: gd._fullLayout.title.text, hover: t ? t.textContent : null});
+  });
+})()"""
+
+
 @pytest.fixture(scope="module")
 def loaded(tmp_path_factory):
     report = gallery_report()
     path = report.write(tmp_path_factory.mktemp("browser"))
     check, values = check_page(path, expected_figures=report.num_figures,
-                               evaluate=[HOVER_TOKEN_JS, HOVER_UTIL_JS])
+                               evaluate=[HOVER_TOKEN_JS, HOVER_UTIL_JS, PICK_PAIR_JS])
     return report, check, values
 
 
@@ -60,11 +74,19 @@ def test_every_figure_draws(loaded):
 
 
 def test_hover_names_layer_and_expert_and_shows_tokens_as_text(loaded):
-    _, _, (token_hover, util_hover) = loaded
+    _, _, (token_hover, util_hover, _) = loaded
     token = json.loads(token_hover)
     assert HOSTILE_TOKEN in token["text"]  # shown literally, as text
     assert token["after"] == token["before"]  # and no script element was created
     assert "layer 3" in util_hover and "expert 2" in util_hover
+
+
+def test_the_layer_pair_menu_swaps_the_matrix_its_axes_and_hover(loaded):
+    _, _, (_, _, picked) = loaded
+    picked = json.loads(picked)
+    assert picked["before"] == ["0", "4", "6"]  # only the shown pair's experts label the axis
+    assert picked["after"] == ["1", "2", "7"] and "layer 3 vs layer 5" in picked["title"]
+    assert "layer 3 expert 0 vs layer 5 expert 7" in picked["hover"]
 
 
 def test_checker_catches_broken_pages(tmp_path):

@@ -18,12 +18,14 @@ NAMES_LAYER = {
     "router_similarity", "utilization", "entropy", "coactivation", "routing_paths",
     "domain_specialization", "vocabulary_specialization", "collaboration_patterns",
     "svd_spectra", "router_expert_alignment", "saturation", "drift", "saturation_heatmap",
-    "layer_entropy_over_time",
+    "layer_entropy_over_time", "correlation_pairs", "coactivation_layers",
+    "domain_specialization_layers",
 }
 NAMES_EXPERT = {
     "utilization", "coactivation", "routing_paths", "domain_specialization",
     "vocabulary_specialization", "collaboration_patterns", "router_expert_alignment",
-    "utilization_over_time", "affinity",
+    "utilization_over_time", "affinity", "correlation_pairs", "coactivation_layers",
+    "domain_specialization_layers",
 }
 
 
@@ -177,3 +179,53 @@ def test_every_figure_shares_one_background():
     assert go.Figure().layout.template.layout.plot_bgcolor not in ("white", None)  # plotly's default is not white
     off = [name for name, fig in figures.items() if not _white_background(fig)]
     assert not off, f"figures with another background: {off}"
+
+
+def test_layer_pair_picker_shows_one_pair_at_a_time_and_names_its_experts():
+    blocks = [np.full((2, 3), 0.5), np.full((2, 2), -0.25)]
+    fig = P.correlation_by_layer_pair(blocks, [(0, 1), (4, 9)], experts_a=[[3, 7], [0, 1]], experts_b=[[1, 2, 5], [2, 6]],
+                                      scores=[0.1, 0.3], shown=1)
+    buttons = fig.layout.updatemenus[0].buttons
+    assert [b.label for b in buttons] == ["L0 – L1 (0.100)", "L4 – L9 (0.300)"] and fig.layout.updatemenus[0].active == 1
+    assert [t.visible for t in fig.data] == [False, True]  # opens on the option asked for
+    assert [list(b.args[0]["visible"]) for b in buttons] == [[True, False], [False, True]]
+    assert "layer 4 vs layer 9" in fig.layout.title.text and "layer 0 vs layer 1" in buttons[0].args[1]["title.text"]
+    assert list(fig.data[0].y) == ["3", "7"] and list(fig.data[0].x) == ["1", "2", "5"]
+    assert "layer 4 expert %{y} vs layer 9 expert %{x}" in fig.data[1].hovertemplate
+    assert np.asarray(fig.data[0].z).dtype == np.float32  # half the bytes in the page
+    with pytest.raises(P.FigureInputError, match=r"experts_a\[0\]"):
+        P.correlation_by_layer_pair(blocks, [(0, 1), (4, 9)], experts_a=[[3], [0, 1]])
+
+
+def test_layer_picker_figures_hold_one_option_per_layer():
+    co = np.random.default_rng(0).random((3, 4, 4))
+    fig = P.coactivation_by_layer(co, [2, 5, 8])
+    assert len(fig.data) == 3 and [t.visible for t in fig.data] == [True, False, False]
+    assert [b.label for b in fig.layout.updatemenus[0].buttons] == ["layer 2", "layer 5", "layer 8"]
+    fig = P.domain_specialization_by_layer(np.full((2, 2, 4), 0.25), ["a", "b"], [1, 3], baseline=0.25, shown=1)
+    assert [t.visible for t in fig.data] == [False, True] and "layer 3" in fig.data[1].hovertemplate
+    with pytest.raises(P.FigureInputError, match="square"):
+        P.coactivation_by_layer([np.ones((2, 3))], [0])
+
+
+def test_matrix_views_bound_what_a_page_embeds():
+    from viz import matrix_views as V
+
+    assert V.spread(5) == [0, 1, 2, 3, 4]
+    assert V.spread(60) == sorted(set(V.spread(60))) and len(V.spread(60)) == 16 and V.spread(60)[::15] == [0, 59]
+    m = np.zeros((16, 16))
+    m[2, 9] = m[9, 2] = 0.9
+    pairs = V.layer_pairs(m)
+    assert len(pairs) == 16 and all((i, i + 1) in pairs for i in range(15)) and (2, 9) in pairs
+    assert pairs[V.strongest(pairs, m)] == (2, 9)
+    deep = V.layer_pairs(np.random.default_rng(0).random((60, 60)))
+    assert len(deep) == 16 and sum(b == a + 1 for a, b in deep) >= 12
+    assert list(V.top_experts(None, 8)) == list(range(8))
+    usage = np.arange(256.0)
+    assert list(V.top_experts(usage, 256)) == list(range(128, 256))
+    corr = np.arange(36.0).reshape(6, 6) / 36  # 3 layers x 2 experts
+    top = V.pair_table(corr, 2, [10, 20, 30], [(0, 2)], n=2)
+    assert top.to_dict("list") == {"layer_a": [10, 10], "expert_a": [1, 1], "layer_b": [30, 30], "expert_b": [1, 0],
+                                   "corr": [corr[1, 5], corr[1, 4]]}
+    per_layer = V.per_layer_table(corr, 2, [10, 20, 30], n=1)
+    assert list(per_layer.layer_b) == [30, 30, 20]  # never a layer with itself

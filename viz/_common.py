@@ -109,3 +109,43 @@ def heatmap_height(rows: int, per_row: int = 22, base: int = 220, cap: int = 140
 def layer_names(layers: Sequence[int]) -> list[str]:
     """Axis labels for MoE layers given by their model layer index."""
     return [f"L{int(layer)}" for layer in layers]
+
+
+def compact(values: Any) -> np.ndarray:
+    """Floats as float32 and integers in the smallest int type that holds them.
+
+    Plotly embeds numpy arrays as base64 of their own dtype, so this halves (floats) or
+    quarters (labels) what a large heatmap adds to the page; hover shows 3-4 digits anyway.
+    """
+    arr = np.asarray(values)
+    if arr.dtype.kind == "f":
+        return arr.astype(np.float32, copy=False)
+    if arr.dtype.kind in "iu" and arr.size:
+        for kind in (np.int8, np.int16, np.int32):
+            info = np.iinfo(kind)
+            if info.min <= arr.min() and arr.max() <= info.max:
+                return arr.astype(kind, copy=False)
+    return arr
+
+
+def pick_one(fig: go.Figure, labels: Sequence[str], titles: Sequence[str], shown: int = 0) -> go.Figure:
+    """Show one option's traces at a time, chosen in a dropdown (``fig.data`` holds the options' traces in order).
+
+    Every option stays in the figure, so the page needs no server; the menu only switches
+    which traces are visible and retitles the figure.
+    """
+    n = len(labels)
+    if n == 0 or len(fig.data) % n or len(titles) != n:
+        raise FigureInputError(f"labels: {n} options for {len(fig.data)} traces and {len(titles)} titles")
+    per = len(fig.data) // n
+    for i, trace in enumerate(fig.data):
+        trace.visible = i // per == shown
+    buttons = [{"label": esc(label), "method": "update",
+                "args": [{"visible": [i // per == o for i in range(len(fig.data))]}, {"title.text": esc(titles[o])}]}
+               for o, label in enumerate(labels)]
+    fig.update_layout(
+        title_text=esc(titles[shown]),
+        updatemenus=[{"buttons": buttons, "active": shown, "direction": "down", "showactive": True,
+                      "x": 1.0, "xanchor": "right", "y": 1.02, "yanchor": "bottom"}],
+    )
+    return fig

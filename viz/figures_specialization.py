@@ -18,6 +18,7 @@ from viz._common import (
     FigureInputError,
     as_array,
     check_len,
+    compact,
     esc,
     finish,
     heatmap_height,
@@ -184,17 +185,17 @@ def collaboration_patterns(
     num_patterns, num_cols = atoms.shape
     col_layer = np.repeat(layers, num_experts)
     col_expert = np.tile(np.arange(num_experts), len(layers))
-    custom = np.dstack(
+    custom = compact(np.dstack(
         [np.broadcast_to(col_layer, atoms.shape), np.broadcast_to(col_expert, atoms.shape)]
-    )
+    ))
     fig = make_subplots(
         rows=1, cols=2, column_widths=[0.72, 0.28], horizontal_spacing=0.17,
         subplot_titles=("pattern weight per layer and expert", "pattern use per domain"),
     )
     fig.add_trace(
         go.Heatmap(
-            z=atoms,
-            x=list(range(num_cols)),
+            z=compact(atoms),
+            x=compact(np.arange(num_cols)),
             y=list(range(num_patterns)),
             customdata=custom,
             colorscale=DIVERGING,
@@ -289,10 +290,10 @@ def collaboration_by_domain(
     for d, name in enumerate(names):
         top = np.argsort(-pds[:, d], kind="stable")[:patterns_shown]
         rows = [f"pattern {k} ({pds[k, d]:.0%} of its use)" for k in top]
-        custom = np.dstack([np.broadcast_to(col_layer, (len(top), atoms.shape[1])),
-                            np.broadcast_to(col_expert, (len(top), atoms.shape[1]))])
+        custom = compact(np.dstack([np.broadcast_to(col_layer, (len(top), atoms.shape[1])),
+                                    np.broadcast_to(col_expert, (len(top), atoms.shape[1]))]))
         fig.add_trace(go.Heatmap(
-            z=atoms[top], x=list(range(atoms.shape[1])), y=rows, customdata=custom, colorscale=DIVERGING, zmid=0.0,
+            z=compact(atoms[top]), x=compact(np.arange(atoms.shape[1])), y=rows, customdata=custom, colorscale=DIVERGING, zmid=0.0,
             visible=d == 0, name=name, colorbar={"title": {"text": "atom weight"}, "x": 0.58, "thickness": 14},
             hovertemplate="%{y}<br>layer %{customdata[0]}<br>expert %{customdata[1]}<br>weight %{z:.3f}<extra></extra>",
         ), row=1, col=1)

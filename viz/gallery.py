@@ -100,6 +100,22 @@ def gallery_figures(seed: int = 0) -> list[tuple[str, str, go.Figure, object]]:
          P.layer_metric_over_time([1, 2, 3, 4], rng.uniform(1, 2, (4, nl)), layers,
                                   "router entropy", "nats"), None),
         ("Training", "affinity", P.affinity_heatmap(rng.random((12, 6))), None),
+    ] + _picker_figures(corr, coact, share, domains, num_experts)
+
+
+def _picker_figures(corr: np.ndarray, coact: np.ndarray, share: np.ndarray, domains: list[str],
+                    num_experts: int) -> list[tuple[str, str, go.Figure, object]]:
+    """The figures where the reader picks a layer or a layer pair from a dropdown."""
+    return [
+        ("Routing", "correlation_pairs",
+         P.correlation_by_layer_pair([corr[:3, 3:], corr[:3, :3]], [(1, 3), (3, 5)], experts_b=[[0, 4, 6], [1, 2, 7]],
+                                     scores=[0.4, 0.2]), None),
+        ("Routing", "coactivation_layers",
+         P.coactivation_by_layer([coact, coact.T, coact[:4, :4]], [1, 3, 7], experts=[range(8), range(8), [0, 2, 5, 6]],
+                                 shown=1), None),
+        ("Specialization", "domain_specialization_layers",
+         P.domain_specialization_by_layer(np.stack([share, share[::-1]]), domains, [3, 5], baseline=1 / num_experts),
+         None),
     ]
 
 

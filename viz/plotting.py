@@ -30,6 +30,7 @@ from viz.figures_training import (
     utilization_over_time,
 )
 from viz.figures_nulls import estimate_vs_null, pruning_curves
+from viz.figures_pickers import coactivation_by_layer, correlation_by_layer_pair, domain_specialization_by_layer
 from viz.figures_weights import alignment_vs_baseline, hungarian_cosine_vs_null, svd_spectra
 
 __all__ = [
@@ -38,10 +39,13 @@ __all__ = [
     "affinity_heatmap",
     "alignment_vs_baseline",
     "checkpoint_heatmap",
+    "coactivation_by_layer",
     "coactivation_heatmap",
     "collaboration_by_domain",
     "collaboration_patterns",
+    "correlation_by_layer_pair",
     "correlation_matrix",
+    "domain_specialization_by_layer",
     "domain_specialization_heatmap",
     "drift_over_checkpoints",
     "entropy_per_layer",

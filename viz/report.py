@@ -23,6 +23,7 @@ import plotly.offline
 
 from core.safe_io import atomic_write_text, to_jsonable
 
+ARRAYS_FILE = "arrays.safetensors"  # the run's full matrices, beside report.html and metrics.json
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,120}$")
 _PLOTLY_CONFIG = {"displaylogo": False, "responsive": True}
 
@@ -37,7 +38,7 @@ padding:.5rem 1rem;margin:1rem 0}.warnings li{margin:.2rem 0}
 #learned{background:#f1f7ff;border-left:4px solid #3b7dd8;padding:.5rem 1rem}#learned li{margin:.45rem 0}
 #learned a.fig{white-space:nowrap;margin-left:.4rem}
 figure.report-figure{margin:1.5rem 0;border-top:1px solid #eee;padding-top:.5rem}
-figcaption{font-size:.9rem;color:#444}figcaption a{margin-left:.6rem}
+figcaption{font-size:.9rem;color:#444}figcaption a{margin-left:.6rem}.full-data a{margin-left:0}
 nav ol{columns:2}section{margin-top:2rem}.table-wrap{overflow-x:auto;max-height:480px}
 """
 
@@ -102,6 +103,16 @@ def _html_table(df: pd.DataFrame, max_rows: int) -> str:
     )
 
 
+def _full_arrays(keys: tuple[str, ...]) -> str:
+    """Caption text linking the file that holds the full matrices behind a summarized figure."""
+    if not keys:
+        return ""
+    names = ", ".join(f"<code>{html.escape(k)}</code>" for k in keys)
+    return (f" <span class='full-data'>Full expert-level matri{'ces' if len(keys) > 1 else 'x'}: "
+            f"<a href='{ARRAYS_FILE}'>{ARRAYS_FILE}</a>, key{'s' if len(keys) > 1 else ''} {names} "
+            "(<code>core.array_files.load_array(run_dir, key)</code>).</span>")
+
+
 @dataclass
 class _Item:
     kind: str  # "figure" | "table"
@@ -110,6 +121,7 @@ class _Item:
     fig: go.Figure | None = None
     data: Any = None
     max_rows: int = 50
+    arrays: tuple[str, ...] = ()
 
 
 @dataclass
@@ -171,14 +183,17 @@ class Report:
         name: str,
         data: pd.DataFrame | Mapping[str, Any] | np.ndarray | list | None = None,
         caption: str | None = None,
+        arrays: Iterable[str] = (),
     ) -> None:
         """Add a figure; ``data`` is the numbers behind it (CSV for tables, else JSON).
 
-        Without ``data`` the figure's own JSON is offered for download instead.
+        Without ``data`` the figure's own JSON is offered for download instead. ``arrays``
+        names the keys in the run's ``arrays.safetensors`` that hold the full matrices a
+        summarized figure shows only part of; the caption links the file and names them.
         """
         if not isinstance(fig, go.Figure):
             raise TypeError(f"add_figure({name!r}): expected a plotly Figure, got {type(fig).__name__}")
-        self._add(section, _Item("figure", name, caption, fig=fig, data=data))
+        self._add(section, _Item("figure", name, caption, fig=fig, data=data, arrays=tuple(map(str, arrays))))
 
     def add_table(
         self,
@@ -237,7 +252,7 @@ class Report:
         caption = html.escape(item.caption) if item.caption else html.escape(item.name)
         return (
             f"<figure class='report-figure report-{item.kind}' id='item-{html.escape(item.name)}'>"
-            f"{body}<figcaption>{caption}{link}</figcaption></figure>"
+            f"{body}<figcaption>{caption}{_full_arrays(item.arrays)}{link}</figcaption></figure>"
         )
 
     def _render_lead(self) -> str:

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
+from viz import matrix_views as V
 from viz import plotting as P
 from viz._common import token_label
 from viz.report import Report
@@ -40,10 +41,6 @@ def parameter_table(params: dict[str, Any]) -> pd.DataFrame:
     return pd.DataFrame({"parameter": list(params), "value": [shown(v) for v in params.values()]})
 
 
-def _labels(layers: Sequence[int], num_experts: int) -> list[str]:
-    return [f"L{l}E{e}" for l in layers for e in range(num_experts)]
-
-
 def _matrix_frame(m: np.ndarray, labels: Sequence[str]) -> pd.DataFrame:
     return pd.DataFrame(np.asarray(m), index=list(labels), columns=list(labels))
 
@@ -60,8 +57,9 @@ def build_report(
     rep = Report(title, summary=summary, warnings=warnings)
     figs: dict[str, go.Figure] = {}
 
-    def add(section: str, name: str, fig: go.Figure, data: Any = None, caption: str | None = None) -> None:
-        rep.add_figure(section, fig, name, data=data, caption=caption)
+    def add(section: str, name: str, fig: go.Figure, data: Any = None, caption: str | None = None,
+            arrays: Sequence[str] = ()) -> None:
+        rep.add_figure(section, fig, name, data=data, caption=caption, arrays=arrays)
         figs[name] = fig
 
     rep.lead = [(f, _figure_of(f)) for f in findings] or [("No findings: no analysis ran.", None)]
@@ -85,8 +83,13 @@ def _stats_section(r: dict[str, Any], add: Callable[..., None], rep: Report) -> 
         L, E = list(stats.moe_layers), stats.num_experts
         rep.add_section("Routing statistics", "Expert utilization per layer and the diagnosis of each layer; its thresholds, "
                         "in units of the uniform share 1/E, are in the table below.")
+        null = getattr(stats, "null_note", "")
         rep.add_table("Routing statistics", parameter_table(stats.thresholds.to_dict()), "diagnosis_thresholds",
-                      caption="Thresholds of the dead / dominant / collapsed / imbalanced diagnosis.")
+                      caption="Thresholds of the dead / dominant / collapsed / imbalanced diagnosis"
+                      + (f". The null: {null}." if null else "."))
+        rep.add_table("Routing statistics", pd.DataFrame({"layer": L, "diagnosis": stats.diagnosis,
+                                                          "why": ["; ".join(w) for w in stats.reasons]}),
+                      "diagnosis_per_layer", caption="Each layer's diagnosis and what raised it (beyond the null above).")
         add("Routing statistics", "utilization", P.utilization_heatmap(stats.utilization, L), stats.expert_table())
         if stats.token_entropy is not None:
             add("Routing statistics", "token_entropy", P.entropy_per_layer(stats.token_entropy, L, max_entropy=math.log(E)),
@@ -96,40 +99,107 @@ def _stats_section(r: dict[str, Any], add: Callable[..., None], rep: Report) -> 
                 s.expert_table())
 
 
+def _usage(r: dict[str, Any]) -> np.ndarray | None:
+    """Each layer's expert load ``[L, E]``: which experts a wide model's expert-level figures keep."""
+    stats, co = r.get("routing_stats"), r.get("coactivation")
+    if stats is not None:
+        return np.asarray(stats.utilization, dtype=float)
+    return None if co is None else np.asarray(co.counts, dtype=float)
+
+
+def _experts_note(num_experts: int, what: str = "each layer") -> str:
+    if num_experts <= V.MAX_EXPERTS:
+        return ""
+    return f" Only the {V.MAX_EXPERTS} most used experts of {what} (of {num_experts}) are shown, in index order."
+
+
+def _pair_picker(matrix: np.ndarray, E: int, layers: list[int], scores: np.ndarray, usage: np.ndarray | None,
+                 title: str, measure: str, score_name: str) -> tuple[go.Figure, pd.DataFrame, str] | None:
+    """The expert-level blocks of a bounded set of layer pairs from an ``[L*E, L*E]`` matrix, one at a time.
+
+    Returns the figure, the strongest expert pairs within each shown layer pair, and a caption
+    saying which pairs and experts are shown (None with a single layer: no pair to show).
+    """
+    pairs = V.layer_pairs(scores)
+    if not pairs:
+        return None
+    keep = [V.top_experts(None if usage is None else usage[i], E) for i in range(len(layers))]
+    fig = P.correlation_by_layer_pair(
+        [V.block(matrix, E, a, b)[np.ix_(keep[a], keep[b])] for a, b in pairs],
+        [(layers[a], layers[b]) for a, b in pairs], [keep[a] for a, _ in pairs], [keep[b] for _, b in pairs],
+        scores=[scores[a, b] for a, b in pairs], shown=V.strongest(pairs, scores), title=title, measure=measure)
+    L = len(layers)
+    adjacent = "every adjacent pair" if L - 1 < V.MAX_OPTIONS else "evenly spaced adjacent pairs"
+    caption = (f"Pick a layer pair in the menu ({len(pairs)} of the {L * (L - 1) // 2}: {adjacent} and the strongest by "
+               f"{score_name}, shown beside each; it opens on the strongest).{_experts_note(E)} The numbers list the "
+               "strongest expert pairs within each pair shown.")
+    return fig, V.pair_table(matrix, E, layers, pairs, value="corr_diff" if measure.startswith("Δ") else "corr"), caption
+
+
 def _correlation_section(r: dict[str, Any], add: Callable[..., None], rep: Report) -> None:
-    """Cross-layer correlation of expert selection (and probabilities), and where datasets differ."""
+    """Cross-layer correlation: layer-level summaries, and the expert level of one layer pair at a time."""
     corr = r.get("correlation_topk")
-    if corr is not None:
-        labels = _labels(corr.moe_layers, corr.num_experts)
-        rep.add_section("Cross-layer correlations", "Pearson correlation over tokens of expert-selection indicators (and router probabilities).")
-        add("Cross-layer correlations", "correlation_topk", P.correlation_matrix(corr.corr, labels, title="Correlation of expert selection across layers"),
-            corr.top_pairs(50))
-        add("Cross-layer correlations", "correlation_layer_summary",
-            P.router_similarity_heatmap(corr.layer_mean_abs, corr.moe_layers, title="Mean |r| between layers' expert selections", measure="mean |r|"),
-            _matrix_frame(corr.layer_mean_abs, [str(l) for l in corr.moe_layers]))
-        probs = r.get("correlation_probs")
-        if probs is not None:
-            add("Cross-layer correlations", "correlation_probs", P.correlation_matrix(probs.corr, labels, title="Correlation of router probabilities across layers"),
-                probs.top_pairs(50))
-        for pair, diff in (r.get("correlation_difference") or {}).items():
-            slug = "".join(c if c.isalnum() else "_" for c in f"{diff.group_a}_vs_{diff.group_b}")
-            add("Cross-layer correlations", f"correlation_diff_{slug}", P.correlation_matrix(diff.diff, labels, title=f"Correlation difference: {pair}",
-                                                                                               measure="Δ Pearson r"),
-                _matrix_frame(diff.layer_mean_abs_diff, [str(l) for l in diff.moe_layers]))
+    if corr is None:
+        return
+    sec, layers, E, usage = "Cross-layer correlations", list(corr.moe_layers), corr.num_experts, _usage(r)
+    rep.add_section(sec, "Pearson correlation over tokens of expert-selection indicators (and router probabilities). "
+                    "Each layer-level summary is the mean |r| over all expert pairs of two layers; the expert-level "
+                    "figure below it shows one layer pair at a time.")
+    for key, res, what in (("correlation_topk", corr, "expert selection"), ("correlation_probs", r.get("correlation_probs"), "router probabilities")):
+        if res is None:
+            continue
+        summary = "correlation_layer_summary" if key == "correlation_topk" else f"{key}_layer_summary"
+        add(sec, summary, P.router_similarity_heatmap(res.layer_mean_abs, layers, title=f"Mean |r| between layers' {what}", measure="mean |r|"),
+            _matrix_frame(res.layer_mean_abs, [str(l) for l in layers]), arrays=[f"{key}/corr"])
+        picked = _pair_picker(res.corr, E, layers, res.layer_mean_abs, usage, f"Correlation of {what}", "Pearson r", "mean |r|")
+        if picked is not None:
+            add(sec, key, picked[0], picked[1], caption=picked[2], arrays=[f"{key}/corr"])
+        if len(layers) > 1:
+            rep.add_table(sec, V.per_layer_table(res.corr, E, layers), f"{key}_pairs_per_layer",
+                          caption=f"Each layer's three strongest expert pairs with any other layer ({what}, over all layer pairs).")
+    for pair, diff in (r.get("correlation_difference") or {}).items():
+        slug = "".join(c if c.isalnum() else "_" for c in f"{diff.group_a}_vs_{diff.group_b}")
+        key = f"correlation_difference/{pair}/diff"
+        add(sec, f"correlation_diff_{slug}_layer_summary",
+            P.router_similarity_heatmap(diff.layer_mean_abs_diff, layers, title=f"Mean |Δr| between layers: {pair}", measure="mean |Δr|"),
+            _matrix_frame(diff.layer_mean_abs_diff, [str(l) for l in layers]), arrays=[key])
+        picked = _pair_picker(diff.diff, E, layers, diff.layer_mean_abs_diff, usage, f"Correlation difference {pair}", "Δ Pearson r", "mean |Δr|")
+        if picked is not None:
+            add(sec, f"correlation_diff_{slug}", picked[0], picked[1], caption=picked[2], arrays=[key])
 
 
 def _coactivation_section(r: dict[str, Any], add: Callable[..., None], rep: Report) -> None:
-    """Within-layer co-activation and the most common top-1 paths."""
+    """Within-layer co-activation (one layer at a time, a bounded set of layers) and the most common top-1 paths."""
     co = r.get("coactivation")
+    sec = "Co-activation and routing paths"
     if co is not None:
-        rep.add_section("Co-activation and routing paths", "P(expert j selected | expert i selected) within each layer; the most common top-1 paths through the layers.")
-        for li, layer in enumerate(co.moe_layers):
-            add("Co-activation and routing paths", f"coactivation_L{layer}",
-                P.coactivation_heatmap(co.conditional[li], layer, measure="P(j | i)"), pd.DataFrame(co.conditional[li]))
+        rep.add_section(sec, "P(expert j selected | expert i selected) within each layer; the most common top-1 paths through the layers.")
+        layers, E = list(co.moe_layers), co.num_experts
+        shown = V.spread(len(layers))
+        keep = [V.top_experts(co.counts[li], E) for li in shown]
+        cond = [np.asarray(co.conditional[li])[np.ix_(k, k)] for li, k in zip(shown, keep)]
+        which = "every MoE layer" if len(shown) == len(layers) else f"{len(shown)} of the {len(layers)} MoE layers, evenly spaced"
+        add(sec, "coactivation", P.coactivation_by_layer(cond, [layers[li] for li in shown], keep, measure="P(j | i)"),
+            _coactivation_table(co), arrays=["coactivation/conditional"],
+            caption=f"Pick a layer in the menu ({which}).{_experts_note(E)} Rows: expert i; columns: expert j. "
+                    "The numbers list each layer's strongest pairs.")
     paths = r.get("routing_paths")
     if paths is not None and paths.top_paths and len(paths.layers) > 1:
-        add("Co-activation and routing paths", "routing_paths", P.routing_paths_sankey(paths.top_paths, paths.top_counts, paths.layers),
+        add(sec, "routing_paths", P.routing_paths_sankey(paths.top_paths, paths.top_counts, paths.layers),
             paths.table(), caption=f"Path entropy {paths.entropy:.3f} nats (normalized {paths.entropy_norm:.3f}); {paths.num_unique} distinct paths.")
+
+
+def _coactivation_table(co: Any, n: int = 10) -> pd.DataFrame:
+    """Each layer's ``n`` largest P(j | i) between two different experts."""
+    frames = []
+    for li, layer in enumerate(co.moe_layers):
+        m = np.array(co.conditional[li], dtype=float)
+        np.fill_diagonal(m, np.nan)
+        flat = np.nan_to_num(m, nan=-1.0).ravel()
+        top = np.argsort(-flat, kind="stable")[:n]
+        frames.append(pd.DataFrame({"layer": layer, "expert_i": top // m.shape[1], "expert_j": top % m.shape[1],
+                                    "p_j_given_i": m.ravel()[top]}))
+    return pd.concat(frames, ignore_index=True)
 
 
 def _specialization_section(r: dict[str, Any], add: Callable[..., None], rep: Report, decode: Callable[[int], str] | None) -> None:
@@ -144,9 +214,13 @@ def _specialization_section(r: dict[str, Any], add: Callable[..., None], rep: Re
             add("Specialization", "domain_divergence", _estimate_figure(kl, [str(l) for l in spec.moe_layers],
                 "Divergence of each domain's routing from the overall routing", "KL, nats (token-weighted over domains)"),
                 pd.DataFrame({"layer": spec.moe_layers, "value": kl.value, "low": kl.low, "high": kl.high, "null": kl.null, "p": kl.p_value}))
-        for li, layer in enumerate(spec.moe_layers):
-            add("Specialization", f"domain_specialization_L{layer}", P.domain_specialization_heatmap(spec.share[li], spec.group_names, spec.baseline, layer=layer),
-                pd.DataFrame(spec.share[li], index=spec.group_names))
+        shown = V.spread(len(spec.moe_layers))
+        which = "every MoE layer" if len(shown) == len(spec.moe_layers) else f"{len(shown)} of the {len(spec.moe_layers)} MoE layers, evenly spaced"
+        add("Specialization", "domain_specialization",
+            P.domain_specialization_by_layer(np.asarray(spec.share)[shown], spec.group_names, [spec.moe_layers[i] for i in shown], spec.baseline),
+            pd.DataFrame(np.asarray(spec.share).reshape(-1, spec.num_experts),
+                         index=pd.MultiIndex.from_product([spec.moe_layers, spec.group_names], names=["layer", "domain"])),
+            caption=f"Pick a layer in the menu ({which}); the numbers hold every layer.", arrays=["domain_specialization/share"])
     vocab = r.get("vocabulary_specialization")
     if vocab is not None and len(vocab.token_ids):
         top = np.argsort(-vocab.occurrences)[:30]

@@ -1,0 +1,116 @@
+"""The run report stays light at real model shapes: under 15 MB at OLMoE's 16 x 64, bounded at 60 x 128.
+
+Built from synthetic results: the routing analyses run on random routing; the cross-layer
+matrices (too big to compute in a test) are random read-only views of the right shape. The
+16 x 64 page is also opened in headless Chromium, and the time to draw every figure printed.
+"""
+
+from __future__ import annotations
+
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from core.analysis.coactivation import coactivation, routing_paths
+from core.analysis.correlations import CorrelationDifference, CrossLayerCorrelation
+from core.analysis.routing_stats import routing_stats
+from core.analysis.specialization import domain_specialization
+from core.routing_data import RoutingData
+from viz.browser_check import check_page, find_chromium
+from viz.run_report import build_report
+
+DATASETS = ["wikitext2", "gsm8k", "humaneval"]
+MB = 1 << 20
+
+
+def _routing(L: int, E: int, k: int = 8, n: int = 1200, seed: int = 0) -> RoutingData:
+    """Random routing of ``n`` tokens (3 datasets, 2 domains, 40-token documents)."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n, L, E, generator=g) * torch.linspace(0.5, 3.0, E)  # uneven load, like a real router
+    idx = logits.topk(k, dim=-1).indices
+    docs = torch.arange(n) // 40
+    return RoutingData(moe_layers=list(range(L)), num_experts=E, top_k=k, router_logits=logits, topk_idx=idx,
+                       topk_weight=torch.softmax(logits, -1).gather(-1, idx), token_ids=torch.randint(0, 500, (n,), generator=g),
+                       doc_ids=docs, positions=torch.arange(n) % 40, dataset_ids=docs % 3, domain_ids=docs % 2,
+                       dataset_names=DATASETS, domain_names=["general", "math"])
+
+
+def _matrix(n: int, rng: np.random.Generator) -> np.ndarray:
+    """An ``[n, n]`` symmetric read-only view (``m[i, j] = base[i + j]``): the shape of a full correlation, 8n bytes."""
+    base = rng.uniform(-0.4, 0.4, 2 * n).astype(np.float32)
+    return np.lib.stride_tricks.as_strided(base, (n, n), (base.itemsize, base.itemsize), writeable=False)
+
+
+def _correlation(feature: str, L: int, E: int, rng: np.random.Generator, group: str | None = None) -> CrossLayerCorrelation:
+    mean = rng.uniform(0.01, 0.1, (L, L))
+    mean = (mean + mean.T) / 2
+    return CrossLayerCorrelation(feature, list(range(L)), E, 1200, _matrix(L * E, rng), mean, mean * 5, group=group)
+
+
+def _collaboration(L: int, E: int, rng: np.random.Generator, K: int = 16) -> SimpleNamespace:
+    """The fields the report reads of a CollaborationResult (dictionary learning is too slow for a test)."""
+    share = rng.dirichlet(np.ones(len(DATASETS)), K)
+    top = {d: [{"layer": int(rng.integers(L)), "expert": int(rng.integers(E)), "ratio": 2.0} for _ in range(5)] for d in DATASETS}
+    return SimpleNamespace(atoms=rng.normal(size=(K, L, E)) * (rng.random((K, L, E)) < 0.3), domain_share=share,
+                           moe_layers=list(range(L)), num_experts=E, group_names=DATASETS, top_experts=top,
+                           ranking=list(range(K)), specificity=rng.random(K), reconstruction_error=0.5,
+                           params={"activation_threshold": 0.5, "threshold_rule": "relative"})
+
+
+def synthetic_results(L: int, E: int, seed: int = 0) -> SimpleNamespace:
+    """``RunResults``-like results of an L x E model: everything whose size grows with the shape."""
+    rng = np.random.default_rng(seed)
+    rd = _routing(L, E, seed=seed)
+    topk, probs = _correlation("topk", L, E, rng), _correlation("probs", L, E, rng)
+    diffs = {}
+    for a, b in zip(DATASETS, DATASETS[1:]):
+        mean = np.abs(rng.normal(0, 0.02, (L, L)))
+        diffs[f"{a} - {b}"] = CorrelationDifference(a, b, "topk", list(range(L)), E, _matrix(L * E, rng), mean + mean.T, mean - mean.T)
+    by_dataset = {name: routing_stats(rd.select(rd.dataset_ids == d)) for d, name in enumerate(DATASETS)}
+    return SimpleNamespace(results={
+        "routing_stats": routing_stats(rd), "routing_stats_by_dataset": by_dataset,
+        "correlation_topk": topk, "correlation_probs": probs, "correlation_difference": diffs,
+        "coactivation": coactivation(rd), "routing_paths": routing_paths(rd),
+        "domain_specialization": domain_specialization(rd, by="domain"), "collaboration": _collaboration(L, E, rng),
+    })
+
+
+def _write(L: int, E: int, out) -> tuple[object, object]:
+    rep, figs = build_report(synthetic_results(L, E), {"model": f"synthetic {L}x{E}"}, ["Cross-layer correlation: synthetic"], [])
+    return rep, rep.write(out)
+
+
+@pytest.fixture(scope="module")
+def olmoe_shape(tmp_path_factory):
+    return _write(16, 64, tmp_path_factory.mktemp("r16x64"))
+
+
+def test_olmoe_shape_report_is_under_15_mb(olmoe_shape):
+    rep, path = olmoe_shape
+    size = path.stat().st_size
+    print(f"\n16 x 64 report: {size / MB:.2f} MB, {rep.num_figures} figures")
+    assert size < 15 * MB
+    page = path.read_text(encoding="utf-8")
+    assert "key <code>correlation_topk/corr</code>" in page and "href='arrays.safetensors'" in page
+    assert 'id="fig-coactivation"' in page and "coactivation_L" not in page  # one figure, a layer menu
+
+
+def test_deep_wide_report_stays_bounded(tmp_path):
+    rep, path = _write(60, 128, tmp_path)
+    size = path.stat().st_size
+    print(f"\n60 x 128 report: {size / MB:.2f} MB, {rep.num_figures} figures")
+    assert size < 20 * MB
+
+
+@pytest.mark.skipif(find_chromium() is None, reason="chromium not installed (apt-get install -y chromium)")
+def test_olmoe_shape_report_draws_in_a_browser(olmoe_shape):
+    rep, path = olmoe_shape
+    t0 = time.perf_counter()
+    check, _ = check_page(path, expected_figures=rep.num_figures, timeout=50)
+    seconds = time.perf_counter() - t0
+    print(f"\n16 x 64 report: opened and drew {check.figures_drawn}/{check.figures_total} figures in {seconds:.1f} s")
+    assert check.ok, (check.errors, check.undrawn)
+    assert seconds < 50
