@@ -4,20 +4,21 @@ Every sentence is built from a number in the results (nothing is asserted that w
 measured), and each states its null (the same statistic on shuffled data: documents' tokens,
 domain labels or token ids shuffled) and its 95% interval over documents, as
 "X (95% CI a–b) against null Y", and says so plainly when the two cannot be told apart.
+A finding is a few sentences at any number of layers and experts: the strongest effect, and
+counts for the rest (``exp.findings_text``); the full tables are in the report and data files.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import numpy as np
 
 from core.analysis.correlations import adjacent_and_far
+from exp import findings_text as text
 from exp.analysis_suite import RunResults
-
-
-def _pct(x: float) -> str:
-    return f"{100 * x:.1f}%"
+from exp.findings_text import est_of, nats, span
 
 
 def headline_numbers(res: RunResults) -> dict[str, Any]:
@@ -85,196 +86,150 @@ def _adjacent_vs_far(layer_mean_abs: np.ndarray) -> tuple[float | None, float | 
 
 def _est(obj: Any, name: str) -> Any:
     """The Estimate ``name`` of a result, or None (older results, resampling turned off)."""
-    return (getattr(obj, "estimates", None) or {}).get(name)
-
-
-def _specialization(spec: Any) -> str:
-    parts = []
-    top = _est(spec, "max_ratio")
-    for d, name in enumerate(spec.group_names):
-        r = spec.ratio[:, d, :]
-        if not np.isfinite(r).any():
-            continue
-        li, ei = np.unravel_index(np.nanargmax(r), r.shape)
-        text = (f"{name}: layer {spec.moe_layers[li]} expert {ei} takes {_pct(spec.share[li, d, ei])} of its tokens "
-                f"({r[li, ei]:.2f}x the uniform {_pct(spec.baseline)}")
-        parts.append(text + (f"; top ratio {top.at(d).text(lambda x: f'{x:.2f}x')})" if top is not None else ")"))
-    kl = _est(spec, "layer_score")
-    best = int(np.argmax(spec.layer_score))
-    tail = (kl.at(best).text(lambda x: f"{x:.3f} nats") if kl is not None else f"{spec.layer_score[best]:.3f} nats")
-    return ("Domain specialization: " + "; ".join(parts) + ". Divergence of a domain's routing from the overall routing "
-            f"is largest at layer {spec.moe_layers[best]}: {tail}.")
-
-
-def _correlation(corr: Any) -> str:
-    adj, far = _adjacent_vs_far(corr.layer_mean_abs)
-    ea, ef = _est(corr, "adjacent"), _est(corr, "non_adjacent")
-    text = "Cross-layer correlation of expert selection, mean |r| between adjacent layers "
-    text += ea.text() if ea is not None else f"{adj:.3f}"
-    if far is not None:
-        text += "; between non-adjacent layers " + (ef.text() if ef is not None else f"{far:.3f}")
-    top = corr.top_pairs(1)
-    if len(top):
-        t = top.iloc[0]
-        text += (f"; the strongest pair is layer {int(t.layer_a)} expert {int(t.expert_a)} with layer {int(t.layer_b)} "
-                 f"expert {int(t.expert_b)} (r = {t['corr']:.3f})")
-    if corr.undefined_features:
-        text += f"; {corr.undefined_features} (layer, expert) features never varied and are left out"
-    return text + "."
-
-
-def _consistency(cons: Any) -> str:
-    out = []
-    for key, what in (("same_top1", "keeps its top-1 expert"), ("next_in_topk", "has its top-1 among the previous token's top-k")):
-        est = _est(cons, key)
-        if est is None:
-            continue
-        gap = np.asarray(est.value) - np.asarray(est.null)
-        li = int(np.argmax(gap))
-        n_dist = int(np.asarray(est.distinguishable).sum())
-        out.append(f"the next token {what} most above chance at layer {cons.moe_layers[li]}: {est.at(li).text(_pct)}; "
-                   f"{n_dist} of {len(gap)} layers are distinguishable from the shuffle")
-    return ("Consecutive tokens (chance: each document's tokens shuffled, so a document's topic is not counted as "
-            "stickiness): " + "; ".join(out) + ".") if out else ""
-
-
-def _vocabulary(voc: Any) -> str:
-    est = voc.estimate
-    if est is None or not len(voc.token_ids):
-        return ""
-    li = int(np.argmax(np.asarray(est.value) - np.asarray(est.null)))
-    return (f"Vocabulary ({len(voc.token_ids)} token ids seen at least {voc.min_count} times): the share of a token id's "
-            f"occurrences that go to its most-used expert, averaged over token ids, is furthest above chance at layer "
-            f"{voc.moe_layers[li]}: {est.at(li).text(_pct)}; {int(np.asarray(est.distinguishable).sum())} of "
-            f"{len(voc.moe_layers)} layers differ from the shuffle.")
-
-
-def _saturation(dyn: Any, k: int) -> str:
-    sat = np.nanmean(dyn.saturation, axis=1)
-    est = _est(dyn, "saturation_mean")
-    if est is not None:
-        steps = "; ".join(f"step {s}: {est.at(c).text(_pct)}" for c, s in enumerate(dyn.steps[:-1]))
-        chance0 = float(np.asarray(est.null)[0])
-    else:
-        steps = ", ".join(f"step {s}: {_pct(v)}" for s, v in zip(dyn.steps[:-1], sat[:-1]))
-        chance0 = k / dyn.utilization.shape[-1]
-    mid = chance0 + (1 - chance0) / 2
-    half = next((s for s, v in zip(dyn.steps, sat) if v >= mid), None)
-    return (f"Router saturation (share of each token's top-{k} experts already chosen as at the final checkpoint, step "
-            f"{dyn.steps[-1]}; chance: the same overlap with a random token of the same document): {steps}"
-            + (f". It is halfway from the first checkpoint's chance to 100% ({_pct(mid)}) by step {half}." if half is not None else "."))
+    return est_of(obj, name)
 
 
 def _ablation_text(abl: Any) -> str:
-    est = abl.estimate
-    rows, flat = [], []
-    for t, label in enumerate(abl.targets):
-        cells = []
-        for d, dom in enumerate(abl.domains):
-            if est is None or not np.isfinite(est.low[t, d]):
-                cells.append(f"{dom} {abl.delta[t, d]:+.3f}")
-                continue
-            cells.append(f"{dom} {abl.delta[t, d]:+.3f} [{est.low[t, d]:+.3f}, {est.high[t, d]:+.3f}]")
-            if not est.distinguishable[t, d]:
-                flat.append(f"{label.split(' ')[0]} on {dom}")
-        rows.append(f"{label}: " + ", ".join(cells))
-    text = "Ablation (change in loss, nats per token, by domain, 95% CI over documents) — " + "; ".join(rows) + "."
-    if flat:
-        text += f" Not distinguishable from no change ({len(flat)} of {abl.delta.size}): " + ", ".join(flat) + "."
-    return text
+    """How many single-expert changes are nulls, how many are small, and the largest with its interval."""
+    est, delta = abl.estimate, np.asarray(abl.delta, float)
+    T, D = delta.shape
+    size = np.where(np.isfinite(delta), np.abs(delta), -np.inf)
+    ok = est is not None and np.isfinite(np.asarray(est.low, float)).any()
+    dist = np.asarray(est.distinguishable, bool) & np.isfinite(np.asarray(est.low, float)) if ok else np.zeros_like(delta, bool)
+    t, d = np.unravel_index(int(np.argmax(np.where(dist, size, -np.inf) if dist.any() else size)), delta.shape)
+    single = all(sum(map(len, target.values())) == 1 for target in abl.target_experts)
+    text = f"Ablation (loss change, nats per token; {T} {'single experts' if single else 'targets'} x {D} domains): "
+    if ok:
+        text += f"{delta.size - int(dist.sum())} of {delta.size} changes are not distinguishable from no change; "
+    small = int(((size >= 0) & (size < 0.01)).sum())
+    text += f"{small} of {delta.size} are under 0.01 nats. The largest is {abl.targets[t]} on {abl.domains[d]}, "
+    if not ok:
+        return text + f"{nats(delta[t, d])} (no interval: resampling off)."
+    return text + (f"{nats(delta[t, d])} (95% CI {span(est.low[t, d], est.high[t, d], nats)})"
+                   + ("" if dist[t, d] else ", not distinguishable from no change") + ".")
 
 
 def _pruning(pr: Any) -> str:
-    """Which criterion keeps the model best at each pruned fraction, and whether it beats random beyond the intervals."""
+    """The fraction where a criterion does best against random (else the largest), and who beats random where."""
     names = {"weight_mass": "router weight mass", "collaboration": "collaboration share", "usage": "usage",
              "causal": "single-expert ablation", "random": "random"}
-    rnd = pr.criteria.index("random")
-    parts = []
-    for j, f in enumerate(pr.fractions):
-        c = pr.criteria.index(pr.best[j])
-        verdict = ("beats random beyond the intervals" if pr.beats_random[c, j] else
-                   "random itself" if c == rnd else "not distinguishable from random")
-        parts.append(f"{f:.1%} pruned ({pr.experts_pruned[j]} of {pr.num_experts} experts per layer): best {names.get(pr.best[j], pr.best[j])} {pr.overall[c, j]:+.3f} "
-                     f"[{pr.overall_low[c, j]:+.3f}, {pr.overall_high[c, j]:+.3f}] against random {pr.overall[rnd, j]:+.3f} "
-                     f"[{pr.overall_low[rnd, j]:+.3f}, {pr.overall_high[rnd, j]:+.3f}] ({verdict})")
-    beats = [f"{names.get(n, n)} at {int(pr.beats_random[i].sum())} of {len(pr.fractions)}"
-             for i, n in enumerate(pr.criteria) if i != rnd]
-    return ("Pruning (loss change, nats per token, token-weighted over domains, 95% CI over documents; each layer loses "
-            f"the same share of its experts; random over {len(pr.random_seed_overall)} seeds): " + "; ".join(parts)
-            + ". Beats random beyond the intervals: " + ", ".join(beats) + ".")
-
-
-def _load_balance(stats: Any) -> str:
-    est = _est(stats, "utilization_entropy_norm")
-    if est is None:
-        return ("Load balance per layer (normalized utilization entropy, 1 = uniform): "
-                + ", ".join(f"layer {l}: {e:.3f} ({d})" for l, e, d in zip(stats.moe_layers, stats.utilization_entropy_norm, stats.diagnosis)) + ".")
-    li = int(np.argmin(est.value))
-    return (f"Load balance (normalized utilization entropy, 1 = uniform): lowest at layer {stats.moe_layers[li]}, "
-            f"{est.at(li).text()}; per layer " + ", ".join(f"{l}: {e:.3f}" for l, e in zip(stats.moe_layers, est.value))
-            + f"; diagnosis {', '.join(f'{l}: {d}' for l, d in zip(stats.moe_layers, stats.diagnosis))}.")
+    rnd, F = pr.criteria.index("random"), len(pr.fractions)
+    wins = [j for j in range(F) if np.asarray(pr.beats_random)[:, j].any()]
+    j = wins[-1] if wins else F - 1
+    c = min((i for i in range(len(pr.criteria)) if i != rnd), key=lambda i: pr.overall[i, j], default=rnd)
+    verdict = ("beats random" if pr.beats_random[c, j] else "worse than random beyond the intervals"
+               if pr.overall_low[c, j] > pr.overall_high[rnd, j] else "not distinguishable from random")
+    ci = lambda i: f"{nats(pr.overall[i, j])} (95% CI {span(pr.overall_low[i, j], pr.overall_high[i, j], nats)})"  # noqa: E731
+    beats = [f"{names.get(n, n)} at {int(pr.beats_random[i].sum())}" for i, n in enumerate(pr.criteria)
+             if i != rnd and pr.beats_random[i].any()]
+    return (f"Pruning (loss change, nats per token; random: {len(pr.random_seed_overall)} seeds): pruning "
+            f"{pr.fractions[j]:.1%} of each layer's experts ({pr.experts_pruned[j]} of {pr.num_experts}), the best criterion, "
+            f"{names.get(pr.criteria[c], pr.criteria[c])}, costs {ci(c)} against random {ci(rnd)}: {verdict}. "
+            + (f"Beats random, of {F} fractions: " + ", ".join(beats) if beats
+               else f"No criterion beats random at any of {F} fractions") + ".")
 
 
 def findings(res: RunResults) -> list[str]:
-    """Sentences for the report and the terminal, each with its numbers, interval and null."""
+    """A few sentences per analysis, each with its numbers, interval and null, at any number of layers and experts."""
     out: list[str] = []
     spec = res.get("domain_specialization")
     if spec is not None and len(spec.group_names) > 1:
-        out.append(_specialization(spec))
+        out.append(text.specialization(spec))
     corr = res.get("correlation_topk")
     if corr is not None and corr.layer_mean_abs.shape[0] > 1:
-        out.append(_correlation(corr))
-    for name, fn in (("routing_consistency", _consistency), ("vocabulary_specialization", _vocabulary)):
+        out.append(text.correlation(corr, *_adjacent_vs_far(corr.layer_mean_abs)))
+    for name, fn in (("routing_consistency", text.consistency), ("vocabulary_specialization", text.vocabulary)):
         if res.get(name) is not None:
             out.append(fn(res.get(name)))
     dyn = res.get("checkpoint_dynamics")
     if dyn is not None:
-        out.append(_saturation(dyn, res.model["top_k"]))
+        out.append(text.saturation(dyn, res.model["top_k"]))
     if res.get("ablation") is not None:
         out.append(_ablation_text(res.get("ablation")))
     if res.get("pruning") is not None:
         out.append(_pruning(res.get("pruning")))
     out += _weights(res)
     if res.get("routing_stats") is not None:
-        out.append(_load_balance(res.get("routing_stats")))
+        out.append(text.load_balance(res.get("routing_stats")))
     return [s for s in out if s]
+
+
+def _alignment(align: Any) -> str:
+    """How many layers' routers point into their own experts' input subspaces beyond permuted experts."""
+    p, L = np.asarray(align.perm_p, float), len(align.layers)
+    sig = p < 0.05
+    effect = np.asarray(align.mean_own, float) - np.asarray(align.perm_null_mean, float)
+    i = int(np.argmax(np.where(sig, effect, -np.inf)) if sig.any() else np.argmax(effect))
+    return (f"Router–expert alignment (router row energy in its own expert's input subspace; null: experts permuted "
+            f"{align.num_permutations} times): {int(sig.sum())} of {L} layers beyond the null, {0.05 * L:.1f} expected by chance "
+            f"({'strongest' if sig.any() else 'largest'}: layer {align.layers[i]}, {align.mean_own[i]:.3f} against "
+            f"{align.perm_null_mean[i]:.3f}, 95% range {align.perm_null_low[i]:.3f}–{align.perm_null_high[i]:.3f}, "
+            f"p = {p[i]:.2g}" + ("" if sig[i] else ", not distinguishable") + ").")
+
+
+def _hungarian(sim: Any) -> str:
+    """How many adjacent layers' routers match beyond a rotated router, and the strongest pair."""
+    adj = [(i, i + 1) for i in range(len(sim.layers) - 1)]
+    p = np.array([sim.hungarian_p[a, b] for a, b in adj], float)
+    gap = np.array([sim.hungarian_cosine[a, b] - sim.hungarian_null_mean[a, b] for a, b in adj], float)
+    a, b = adj[int(np.argmax(gap))]
+    sig = p[int(np.argmax(gap))] < 0.05
+    return (f"Hungarian-matched cosine between adjacent layers' routers (null: one router randomly rotated, "
+            f"{sim.num_null} draws): {int((p < 0.05).sum())} of {len(adj)} pairs above the null (p < 0.05); "
+            f"largest: layers {sim.layers[a]}–{sim.layers[b]}, {sim.hungarian_cosine[a, b]:.3f} against "
+            f"{sim.hungarian_null_mean[a, b]:.3f}, 95% range {sim.hungarian_null_low[a, b]:.3f}–"
+            f"{sim.hungarian_null_high[a, b]:.3f}" + ("" if sig else ", not distinguishable")
+            + ("" if getattr(sim, "centered", False) else "; rows not centred (sigmoid router)") + ".")
 
 
 def _weights(res: RunResults) -> list[str]:
     out = []
     align = res.get("expert_alignment")
     if align is not None and hasattr(align, "perm_p"):
-        rows = []
-        for li, layer in enumerate(align.layers):
-            verdict = "" if align.perm_p[li] < 0.05 else ", not distinguishable"
-            rows.append(f"layer {layer}: {align.mean_own[li]:.3f} against {align.perm_null_mean[li]:.3f} "
-                        f"(95% range {align.perm_null_low[li]:.3f}–{align.perm_null_high[li]:.3f}), p = {align.perm_p[li]:.3g}{verdict}")
-        out.append("Router–expert alignment (share of a router row's energy in its own expert's input subspace, against the "
-                   f"same share with experts permuted, {align.num_permutations} permutations): " + "; ".join(rows)
-                   + f". A random subspace of the same size would hold r/H = {np.mean(align.mean_random):.3f} (reference only: "
-                   "trained weights are anisotropic).")
+        out.append(_alignment(align))
     sim = res.get("router_similarity")
     if sim is not None and hasattr(sim, "hungarian_p") and len(sim.layers) > 1:
-        L = len(sim.layers)
-        adj = [(i, i + 1) for i in range(L - 1)]
-        obs = np.mean([sim.hungarian_cosine[i, j] for i, j in adj])
-        null = np.mean([sim.hungarian_null_mean[i, j] for i, j in adj])
-        hits = sum(sim.hungarian_p[i, j] < 0.05 for i, j in adj)
-        out.append(f"Hungarian-matched cosine between adjacent layers' routers: mean {obs:.3f} against {null:.3f} for a "
-                   f"randomly rotated router (same spectrum, experts unmatched); {hits} of {len(adj)} adjacent pairs are "
-                   f"above that null (p < 0.05)" + ("" if getattr(sim, "centered", False) else "; rows not centred (sigmoid router)")
-                   + ".")
+        out.append(_hungarian(sim))
     return out
 
 
+_COUNT_REASON = re.compile(r"^\d+ (dead|dominant) experts\b")  # "3 dead experts": counted from stats.dead/dominant
+
+
+def _problem_line(stats: Any, kind: str, note: str | None) -> str | None:
+    """One line for all layers of one diagnosis: which layers, and in how many of them each reason holds."""
+    idx = [i for i, d in enumerate(stats.diagnosis) if d == kind]
+    if not idx:
+        return None
+    parts = []
+    for what, mask in (("dead", stats.dead), ("dominant", stats.dominant)):
+        rows = [i for i in idx if any((m := _COUNT_REASON.match(r)) and m.group(1) == what for r in stats.reasons[i])]
+        if rows:
+            parts.append(f"{what} experts in {len(rows)} ({int(np.asarray(mask, bool)[rows].sum())} in all)")
+    other: dict[str, list[tuple[int, str]]] = {}  # the other reasons, grouped by their wording without the numbers
+    for i in idx:
+        for why in stats.reasons[i]:
+            if not _COUNT_REASON.match(why):
+                other.setdefault(re.sub(r"\d+(\.\d+)?", "#", why), []).append((stats.moe_layers[i], why))
+    for hits in other.values():
+        layer, why = hits[0]
+        parts.append(f"{why} at layer {layer}" + (f" and {len(hits) - 1} more" if len(hits) > 1 else ""))
+    one = len(idx) == 1
+    return (f"{'layer' if one else 'layers'} {text.layer_list([stats.moe_layers[i] for i in idx])} of {len(stats.moe_layers)} "
+            f"{'is' if one else 'are'} {kind}: " + "; ".join(parts)
+            + " (see the routing statistics section" + (f"; {note}" if note else "") + ")")
+
+
 def warnings_of(res: RunResults) -> list[str]:
-    """Collapse and dead-expert warnings, with the thresholds that raised them."""
+    """One line per kind of problem (collapsed layers, imbalanced layers, each skipped analysis), layers named compactly."""
     out = []
     stats = res.get("routing_stats")
     if stats is not None:
-        for layer, diag, reasons, dead in zip(stats.moe_layers, stats.diagnosis, stats.reasons, stats.dead):
-            if diag != "healthy":
-                out.append(f"layer {layer} is {diag}: " + "; ".join(reasons))
+        note = getattr(stats, "null_note", None)  # what the thresholds were judged against: said once
+        for kind in ("collapsed", "imbalanced"):
+            if line := _problem_line(stats, kind, note):
+                out.append(line)
+                note = "judged as above" if note else note
     for name, why in res.skipped.items():
         out.append(f"{name} skipped: {why}")
     abl = res.get("ablation")
