@@ -137,9 +137,7 @@ def diagnose(th: CollapseThresholds, counts: np.ndarray, num_tokens: int, top_k:
                 why.append(f"load CV {cv[li]:.2f} > {th.imbalance_cv}")
             diagnosis.append("imbalanced" if why else "healthy")
         reasons.append(why)
-    note = (f"each threshold counts only beyond sampling noise at {n} tokens: per expert, an exact binomial test "
-            f"(multinomial sampling, a token picks the expert with probability k x share) that the share is past the "
-            f"threshold at level {th.alpha:g}/E")
-    note += ", and the share's 95% interval over documents past it too" if resampled else " (no resampling over documents)"
-    note += f"; per layer, entropy and CV also beyond uniform routing of as many tokens ({how})"
+    note = (f"beyond sampling noise at {n} tokens: a binomial test per expert at level {th.alpha:g}/E"
+            + (", and its 95% interval over documents" if resampled else "")
+            + f"; layer entropy and CV beyond uniform routing of as many tokens ({NULL_DRAWS} draws)")
     return Diagnosis(dead, dominant, diagnosis, reasons, note)
