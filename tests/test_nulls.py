@@ -288,3 +288,14 @@ def test_one_document_gets_no_interval_rather_than_a_false_certainty():
     est = rc.estimates["same_top1"]
     assert np.isnan(est.low).all() and not est.distinguishable.any()
     assert "no interval" in est.at(0).text()
+
+
+def test_jackknife_interval_stays_inside_the_statistics_range():
+    """A share near 100% with spread between blocks: the normal interval would pass 100%, the clipped one does not."""
+    from core.analysis.resampling import jackknife_interval
+
+    loo = np.array([0.99, 1.0, 0.98, 1.0, 0.995, 0.97])
+    lo, hi = jackknife_interval(np.float64(0.997), loo)
+    assert hi > 1.0  # unclipped: a share over 100%
+    lo, hi = jackknife_interval(np.float64(0.997), loo, bounds=(0.0, 1.0))
+    assert 0.0 <= lo < 0.997 and hi == 1.0

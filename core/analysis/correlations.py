@@ -268,12 +268,12 @@ class CorrelationAccumulator(RoutingAccumulator):
                         for b in np.nonzero(used)[0]])  # so no bootstrap that repeats documents
         null = np.stack([_summarize(a.correlation(), L, E)[0] for a in self.null])
         name = "each layer shuffled within documents"
-        out = {"layer_mean_abs": permutation_estimate(mean, jackknife_interval(mean, loo), null, name, len(loo))}
+        out = {"layer_mean_abs": permutation_estimate(mean, jackknife_interval(mean, loo, bounds=(0.0, 1.0)), null, name, len(loo))}
         if L > 1:
             for key, pick in (("adjacent", 0), ("non_adjacent", 1)):
                 v = adjacent_and_far(mean)[pick]
                 if np.isfinite(v):
-                    ci = jackknife_interval(v, adjacent_and_far(loo)[pick])
+                    ci = jackknife_interval(v, adjacent_and_far(loo)[pick], bounds=(0.0, 1.0))
                     out[key] = permutation_estimate(v, ci, adjacent_and_far(null)[pick], name, len(loo))
         return out
 

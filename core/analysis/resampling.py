@@ -120,12 +120,14 @@ def jackknife_weights(used: np.ndarray) -> np.ndarray:
     return w
 
 
-def jackknife_interval(value: np.ndarray, leave_one_out: np.ndarray, level: float = LEVEL) -> tuple[np.ndarray, np.ndarray]:
+def jackknife_interval(value: np.ndarray, leave_one_out: np.ndarray, level: float = LEVEL,
+                       bounds: tuple[float, float] = (-np.inf, np.inf)) -> tuple[np.ndarray, np.ndarray]:
     """value ± t · jackknife standard error, from the statistic with each unit left out once.
 
     For statistics that noise pushes up (a maximum over experts, |r|, a divergence), a bootstrap
     that draws documents twice adds noise and so shifts every draw up: its percentile interval
-    can miss the value itself. Leaving one block out does not duplicate anything.
+    can miss the value itself. Leaving one block out does not duplicate anything. The normal
+    interval can pass the statistic's own range (a share over 100%): ``bounds`` clips it.
     """
     from scipy.special import stdtrit  # Student t quantile (scipy.stats is slow to import)
 
@@ -138,7 +140,7 @@ def jackknife_interval(value: np.ndarray, leave_one_out: np.ndarray, level: floa
         warnings.simplefilter("ignore", RuntimeWarning)
         se = np.sqrt((n - 1) / n * np.nansum((loo - np.nanmean(loo, 0)) ** 2, 0))
     half = stdtrit(n - 1, 1 - (1 - level) / 2) * se
-    return np.asarray(value) - half, np.asarray(value) + half
+    return np.clip(np.asarray(value) - half, *bounds), np.clip(np.asarray(value) + half, *bounds)
 
 
 def interval(draws: np.ndarray, level: float = LEVEL) -> tuple[np.ndarray, np.ndarray]:

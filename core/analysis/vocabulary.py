@@ -186,7 +186,7 @@ class VocabularyAccumulator(RoutingAccumulator):
             null = np.stack([(self.null[p][keep].reshape(len(keep), L, E).max(-1) / occ[:, None]).mean(0)
                              for p in range(self.permutations)])
             value, loo = self._replicates(keep)
-            est = permutation_estimate(value, jackknife_interval(value, loo), null, NULL_NAME, len(loo))
+            est = permutation_estimate(value, jackknife_interval(value, loo, bounds=(0.0, 1.0)), null, NULL_NAME, len(loo))
             null_mean = null.mean(0)
         return VocabularySpecialization(layers, E, k, self.min_count, self.ids[keep], occ, pref, conc, conc.mean(0),
                                         null_mean, k / E, self.permutations, est, **extra)
