@@ -4,7 +4,8 @@ At OLMoE's shape (16 layers x 64 experts) the cross-layer correlation matrices a
 each, and as JSON lists they made metrics.json 200 MB and 25 s to write. Here every array with two
 or more dimensions, or one dimension longer than :data:`INLINE_MAX`, is written to the array file
 under its JSON path joined with ``/`` (``correlation_topk/corr``), and metrics.json holds a small
-reference in its place. The rule is the same at every model size, so a reader's code does not
+reference in its place; the sections a person quotes (options, headline, findings, warnings) stay
+whole in the JSON. The rule is the same at every model size, so a reader's code does not
 depend on the shape. :func:`load_metrics` gives back the whole dict with numpy arrays in place of
 the references; :func:`load_array` reads one array without the rest.
 """
@@ -26,10 +27,12 @@ ARRAY_FILE = "arrays.safetensors"
 METRICS_FILE = "metrics.json"
 INDEX_KEY = "arrays"  # metrics.json's top-level entry saying where the arrays are
 INLINE_MAX = 256  # a 1-D array up to this long stays in the JSON (per-layer values read well there)
+INLINE_SECTIONS = ("options", "headline", "findings", "warnings")  # what a person quotes stays whole in the JSON
 REF_FIELDS = frozenset({"array_file", "key", "shape", "dtype"})
 SUPPORTED = frozenset({"bool", "uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "int64",
                        "float16", "float32", "float64"})  # what safetensors stores; anything else stays in the JSON
-HOW_TO_LOAD = (f"Arrays with 2 or more dimensions or longer than {INLINE_MAX} are in {ARRAY_FILE} beside this file; "
+HOW_TO_LOAD = (f"Arrays with 2 or more dimensions or longer than {INLINE_MAX} (outside {', '.join(INLINE_SECTIONS)}) "
+               f"are in {ARRAY_FILE} beside this file; "
                "core.array_files.load_metrics(<this file or its folder>) returns this dict with them in place.")
 
 
@@ -79,9 +82,10 @@ def write_metrics(path: str | os.PathLike, metrics: Any, *, durable: bool = Fals
     """
     path = _metrics_path(path)
     sink = ArrayCollector()
-    body = to_jsonable(metrics, sink=sink)
-    if not isinstance(body, dict) or INDEX_KEY in body:
+    if not isinstance(metrics, dict) or INDEX_KEY in metrics:
         raise ValueError(f"metrics must be a dict without a {INDEX_KEY!r} entry")
+    body = {k: to_jsonable(v) if k in INLINE_SECTIONS else to_jsonable(v, sink=sink, path=(str(k),))
+            for k, v in metrics.items()}
     index = {"file": ARRAY_FILE, "count": len(sink.arrays), "digest": sink.digest, "how_to_load": HOW_TO_LOAD}
     text = json.dumps({INDEX_KEY: index, **body}, indent=1, allow_nan=False) + "\n"
     data = sink.file_bytes()

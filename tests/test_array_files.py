@@ -183,3 +183,15 @@ def test_metrics_json_at_olmoe_shape_is_small(tmp_path):
     assert back["correlation_difference"]["wikitext2 - gsm8k"]["diff"].shape == (1024, 1024)
     assert isinstance(back["routing_stats"]["entropy"], list)  # per-layer summaries stay readable in the JSON
     print(f"16 x 64: metrics.json {size / 1e6:.2f} MB, {ARRAY_FILE} {arrays / 1e6:.1f} MB, written in {seconds:.2f} s")
+
+
+def test_the_headline_stays_whole_in_the_json(tmp_path):
+    """What a person quotes reads from metrics.json alone, whatever the shape of its estimates."""
+    import json
+
+    metrics = _olmoe_shaped()
+    write_metrics(tmp_path / "metrics.json", metrics)
+    plain = json.loads((tmp_path / "metrics.json").read_text())
+    delta = plain["headline"]["estimates"]["ablation_delta"]
+    assert not is_reference(delta) and not is_reference(delta["value"]) and len(delta["value"]) == 32
+    assert is_reference(plain["correlation_topk"]["corr"])
