@@ -228,6 +228,7 @@ def test_load_balance_of_uniform_routing_is_not_distinguishable_from_uniform():
     stats = fold_one(planted(domain_pref=1.0, seed=13), RoutingStatsAccumulator(resamples=200))
     est = stats.estimates["utilization_entropy_norm"]
     assert (est.value < 1).all() and not est.distinguishable.any(), est.at(0).text()
+    assert (est.low <= est.value).all() and (est.value <= est.high).all() and (est.high <= 1).all()  # jackknife: no resampling bias
     counts = uniform_routing_counts(1000, 8, 2, 5, 0)[0]
     np.testing.assert_allclose(counts.sum(1), 2000)  # k distinct picks per token
     assert (counts.max(1) <= 1000).all()
