@@ -7,9 +7,10 @@ threshold counts only when the data say the true share is past it:
 - per expert, an exact binomial test of "the share is at the threshold" (a token selects the
   expert with probability k x share, independently: multinomial sampling of N tokens), at level
   alpha / E for the layer's E experts; and, when the run resamples documents, the share's 95%
-  interval over documents must lie past the threshold too (tokens of a document are not independent);
+  interval over documents (bootstrap) must lie past the threshold too (tokens of a document are not independent);
 - per layer, entropy and CV must also lie beyond what uniform routing of as many tokens gives
-  (its alpha quantile), and beyond the threshold over the document interval when resampled.
+  (its alpha quantile), and beyond the threshold over the document interval when resampled (a
+  jackknife over document blocks: a bootstrap's repeated documents lower an entropy and raise a CV).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import numpy as np
 from scipy.stats import binom
 
 from core.analysis.measures import entropy
-from core.analysis.resampling import bootstrap, interval
+from core.analysis.resampling import bootstrap, interval, jackknife_interval, jackknife_weights
 from core.analysis.results import ResultMixin
 
 NULL_DRAWS = 200  # draws of uniform routing for the layer-level nulls
@@ -115,7 +116,9 @@ def diagnose(th: CollapseThresholds, counts: np.ndarray, num_tokens: int, top_k:
         lo, hi = interval(draws)
         dead &= hi < dead_at
         dominant &= lo > dom_at
-        ent_hi, cv_lo = interval(_ent_norm(draws))[1], interval(_cv(draws))[0]
+        loo = np.tensordot(jackknife_weights(block_counts.sum((1, 2)) > 0), block_counts, axes=(1, 0))
+        ent_hi = jackknife_interval(_ent_norm(counts), _ent_norm(loo), bounds=(0.0, 1.0))[1]  # resampling shifts
+        cv_lo = jackknife_interval(_cv(counts), _cv(loo), bounds=(0.0, np.inf))[0]  # entropy and CV: jackknife
     ent, cv = _ent_norm(counts), _cv(counts)
     diagnosis, reasons = [], []
     for li in range(L):
