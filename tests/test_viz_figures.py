@@ -229,3 +229,20 @@ def test_matrix_views_bound_what_a_page_embeds():
                                    "corr": [corr[1, 5], corr[1, 4]]}
     per_layer = V.per_layer_table(corr, 2, [10, 20, 30], n=1)
     assert list(per_layer.layer_b) == [30, 30, 20]  # never a layer with itself
+
+
+def test_pattern_figures_draw_a_subset_of_columns_with_their_own_labels():
+    """A wide model's report draws only some (layer, expert) columns: hover must still name the right ones."""
+    rng = np.random.default_rng(0)
+    layers, E = [3, 5, 9], 4
+    cols = np.array([1, 6, 11])  # L3 E1, L5 E2, L9 E3
+    atoms, pds = rng.normal(size=(2, 3)), rng.random((2, 2))
+    for fig in (P.collaboration_patterns(atoms, pds, layers, E, ["a", "b"], columns=cols),
+                P.collaboration_by_domain(atoms, pds, layers, E, ["a", "b"], {"a": [], "b": []}, columns=cols)):
+        heat = fig.data[0]
+        assert list(heat.x) == [1, 6, 11]
+        assert [tuple(c) for c in np.asarray(heat.customdata)[0].tolist()] == [(3, 1), (5, 2), (9, 3)]
+    with pytest.raises(P.FigureInputError, match="columns"):
+        P.collaboration_patterns(atoms, pds, layers, E, ["a", "b"], columns=[6, 1, 11])
+    with pytest.raises(P.FigureInputError, match="columns names 2"):
+        P.collaboration_patterns(atoms, pds, layers, E, ["a", "b"], columns=[1, 6])

@@ -136,23 +136,30 @@ def vocabulary_specialization(
 
 def _check_patterns(
     atoms: np.ndarray, pattern_domain_scores: np.ndarray, layers: Sequence[int], num_experts: int,
-    domains: Sequence[str],
-) -> tuple[np.ndarray, np.ndarray, list[int], list[str]]:
-    """The collaboration figure's inputs as arrays, refused with one line when their shapes disagree."""
+    domains: Sequence[str], columns: Sequence[int] | None = None,
+) -> tuple[np.ndarray, np.ndarray, list[int], list[str], np.ndarray]:
+    """The collaboration figure's inputs as arrays, refused with one line when their shapes disagree.
+
+    ``columns``: which (layer, expert) columns ``l * E + e`` the atoms hold (all by default; a wide
+    model's report draws only the strongest). Returned last, with the layer and expert of each.
+    """
     atoms = as_array(atoms, 2, "atoms")
     pds = as_array(pattern_domain_scores, 2, "pattern_domain_scores")
     layers = [int(v) for v in layers]
-    if atoms.shape[1] != len(layers) * int(num_experts):
-        raise FigureInputError(
-            f"atoms: has {atoms.shape[1]} columns but layers × num_experts is "
-            f"{len(layers)} × {int(num_experts)} = {len(layers) * int(num_experts)}"
-        )
+    total = len(layers) * int(num_experts)
+    cols = np.arange(total) if columns is None else np.asarray(columns, dtype=int)
+    if atoms.shape[1] != len(cols):
+        what = f"layers × num_experts is {len(layers)} × {int(num_experts)} = {total}" if columns is None \
+            else f"columns names {len(cols)}"
+        raise FigureInputError(f"atoms: has {atoms.shape[1]} columns but {what}")
+    if len(cols) and (cols.min() < 0 or cols.max() >= total or (np.diff(cols) <= 0).any()):
+        raise FigureInputError(f"columns: must be increasing (layer, expert) columns in [0, {total})")
     if pds.shape[0] != atoms.shape[0]:
         raise FigureInputError(
             f"pattern_domain_scores: has {pds.shape[0]} patterns but atoms has {atoms.shape[0]}"
         )
     names = [esc(d) for d in check_len(domains, pds.shape[1], "domains", "pattern_domain_scores columns")]
-    return atoms, pds, layers, names
+    return atoms, pds, layers, names, cols
 
 
 def _layer_bands(fig: go.Figure, layers: list[int], num_experts: int) -> None:
@@ -175,16 +182,16 @@ def collaboration_patterns(
     num_experts: int,
     domains: Sequence[str],
     title: str | None = None,
+    columns: Sequence[int] | None = None,
 ) -> go.Figure:
     """Expert collaboration patterns (dictionary atoms over layer×expert) and their domains.
 
-    ``atoms [P, L*E]`` is laid out layer-major (column ``l * E + e``); the right panel shows
-    how strongly each pattern is used by each domain ``[P, D]``.
+    ``atoms [P, L*E]`` is laid out layer-major (column ``l * E + e``), or holds only ``columns``
+    of that layout; the right panel shows how strongly each pattern is used by each domain ``[P, D]``.
     """
-    atoms, pds, layers, names = _check_patterns(atoms, pattern_domain_scores, layers, num_experts, domains)
-    num_patterns, num_cols = atoms.shape
-    col_layer = np.repeat(layers, num_experts)
-    col_expert = np.tile(np.arange(num_experts), len(layers))
+    atoms, pds, layers, names, cols = _check_patterns(atoms, pattern_domain_scores, layers, num_experts, domains, columns)
+    num_patterns = atoms.shape[0]
+    col_layer, col_expert = np.asarray(layers)[cols // num_experts], cols % num_experts
     custom = compact(np.dstack(
         [np.broadcast_to(col_layer, atoms.shape), np.broadcast_to(col_expert, atoms.shape)]
     ))
@@ -195,7 +202,7 @@ def collaboration_patterns(
     fig.add_trace(
         go.Heatmap(
             z=compact(atoms),
-            x=compact(np.arange(num_cols)),
+            x=compact(cols),
             y=list(range(num_patterns)),
             customdata=custom,
             colorscale=DIVERGING,
@@ -275,6 +282,7 @@ def collaboration_by_domain(
     top_experts: dict[str, list[dict]],
     patterns_shown: int = 4,
     title: str | None = None,
+    columns: Sequence[int] | None = None,
 ) -> go.Figure:
     """Pick a domain (a dropdown): the patterns it uses most, and its most specialized experts.
 
@@ -282,9 +290,8 @@ def collaboration_by_domain(
     ``top_experts[domain]``: records with ``layer``, ``expert`` and ``ratio`` (share over k/E).
     Everything is in the figure: the dropdown only switches which domain's traces are visible.
     """
-    atoms, pds, layers, names = _check_patterns(atoms, pattern_domain_scores, layers, num_experts, domains)
-    col_layer = np.repeat(layers, num_experts)
-    col_expert = np.tile(np.arange(num_experts), len(layers))
+    atoms, pds, layers, names, cols = _check_patterns(atoms, pattern_domain_scores, layers, num_experts, domains, columns)
+    col_layer, col_expert = np.asarray(layers)[cols // num_experts], cols % num_experts
     fig = make_subplots(rows=1, cols=2, column_widths=[0.68, 0.32], horizontal_spacing=0.14,
                         subplot_titles=("patterns the domain uses most", "its most specialized experts (share / k/E)"))
     for d, name in enumerate(names):
@@ -293,7 +300,7 @@ def collaboration_by_domain(
         custom = compact(np.dstack([np.broadcast_to(col_layer, (len(top), atoms.shape[1])),
                                     np.broadcast_to(col_expert, (len(top), atoms.shape[1]))]))
         fig.add_trace(go.Heatmap(
-            z=compact(atoms[top]), x=compact(np.arange(atoms.shape[1])), y=rows, customdata=custom, colorscale=DIVERGING, zmid=0.0,
+            z=compact(atoms[top]), x=compact(cols), y=rows, customdata=custom, colorscale=DIVERGING, zmid=0.0,
             visible=d == 0, name=name, colorbar={"title": {"text": "atom weight"}, "x": 0.58, "thickness": 14},
             hovertemplate="%{y}<br>layer %{customdata[0]}<br>expert %{customdata[1]}<br>weight %{z:.3f}<extra></extra>",
         ), row=1, col=1)

@@ -14,6 +14,7 @@ import pandas as pd
 
 MAX_OPTIONS = 16  # layers or layer pairs one dropdown figure embeds
 MAX_EXPERTS = 128  # experts per axis above which only the most used are shown
+MAX_COLUMNS = 2048  # (layer, expert) columns of a pattern figure above which only the strongest are shown
 
 
 def spread(n: int, cap: int = MAX_OPTIONS) -> list[int]:
@@ -94,3 +95,11 @@ def per_layer_table(matrix: np.ndarray, num_experts: int, layers: Sequence[int],
         r, c = _top_cells(slab, n)
         rows += [(layer, int(i), layers[j // E], int(j % E), float(slab[i, j])) for i, j in zip(r, c)]
     return pd.DataFrame(rows, columns=["layer_a", "expert_a", "layer_b", "expert_b", value])
+
+
+def strongest_columns(atoms: np.ndarray, cap: int = MAX_COLUMNS) -> np.ndarray | None:
+    """The ``cap`` columns of ``atoms [P, C]`` with the largest |weight| in any pattern, in column order (None: all fit)."""
+    if atoms.shape[1] <= cap:
+        return None
+    score = np.nan_to_num(np.abs(np.asarray(atoms, dtype=float)).max(0), nan=-1.0)
+    return np.sort(np.argsort(-score, kind="stable")[:cap])

@@ -273,15 +273,22 @@ def _collaboration_section(r: dict[str, Any], add: Callable[..., None], rep: Rep
                         f"Reconstruction error {collab.reconstruction_error:.3f}; the parameters are in the table below.")
         rep.add_table("Collaboration mining", parameter_table(p), "collaboration_parameters",
                       caption="Parameters of the collaboration miner.")
+        atoms = collab.atoms.reshape(K, -1)
+        cols = V.strongest_columns(atoms)
+        shown = atoms if cols is None else atoms[:, cols]
+        few = "" if cols is None else (f" Only the {len(cols):,} of {atoms.shape[1]:,} (layer, expert) columns with the largest "
+                                       "weight in any pattern are drawn; all are in arrays.safetensors, key `collaboration/atoms`.")
         add("Collaboration mining", "collaboration_patterns",
-            P.collaboration_patterns(collab.atoms.reshape(K, -1), collab.domain_share, collab.moe_layers, collab.num_experts, collab.group_names),
-            {"top_experts": collab.top_experts, "ranking": collab.ranking, "specificity": collab.specificity.tolist()})
+            P.collaboration_patterns(shown, collab.domain_share, collab.moe_layers, collab.num_experts, collab.group_names,
+                                     columns=cols),
+            {"top_experts": collab.top_experts, "ranking": collab.ranking, "specificity": collab.specificity.tolist()},
+            caption=few.strip() or None, arrays=["collaboration/atoms"])
         add("Collaboration mining", "collaboration_by_domain",
-            P.collaboration_by_domain(collab.atoms.reshape(K, -1), collab.domain_share, collab.moe_layers, collab.num_experts,
-                                      collab.group_names, collab.top_experts),
+            P.collaboration_by_domain(shown, collab.domain_share, collab.moe_layers, collab.num_experts,
+                                      collab.group_names, collab.top_experts, columns=cols),
             {"top_experts": collab.top_experts, "domain_share": collab.domain_share.tolist()},
             caption="Choose a domain in the menu: the patterns it uses most, and its experts with the highest share "
-                    "against the uniform k/E (1 on the dotted line).")
+                    "against the uniform k/E (1 on the dotted line)." + few, arrays=["collaboration/atoms"])
 
 
 def _ablation_section(r: dict[str, Any], add: Callable[..., None], rep: Report) -> None:
