@@ -277,7 +277,7 @@ def _collaboration_section(r: dict[str, Any], add: Callable[..., None], rep: Rep
         cols = V.strongest_columns(atoms)
         shown = atoms if cols is None else atoms[:, cols]
         few = "" if cols is None else (f" Only the {len(cols):,} of {atoms.shape[1]:,} (layer, expert) columns with the largest "
-                                       "weight in any pattern are drawn; all are in arrays.safetensors, key `collaboration/atoms`.")
+                                       "weight in any pattern are drawn.")
         add("Collaboration mining", "collaboration_patterns",
             P.collaboration_patterns(shown, collab.domain_share, collab.moe_layers, collab.num_experts, collab.group_names,
                                      columns=cols),
