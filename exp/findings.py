@@ -48,11 +48,11 @@ def headline_numbers(res: RunResults) -> dict[str, Any]:
     abl = res.get("ablation")
     if abl is not None:
         out["ablation_delta_nats"] = {t: dict(zip(abl.domains, np.round(d, 4).tolist())) for t, d in zip(abl.targets, abl.delta)}
-    est = {"domain_divergence": _est(spec, "layer_score"), "corr_adjacent": _est(corr, "adjacent"),
-           "corr_nonadjacent": _est(corr, "non_adjacent"), "saturation": _est(dyn, "saturation_mean"),
-           "consistency_same_top1": _est(res.get("routing_consistency"), "same_top1"),
-           "consistency_next_in_topk": _est(res.get("routing_consistency"), "next_in_topk"),
-           "load_balance": _est(stats, "utilization_entropy_norm"),
+    est = {"domain_divergence": est_of(spec, "layer_score"), "corr_adjacent": est_of(corr, "adjacent"),
+           "corr_nonadjacent": est_of(corr, "non_adjacent"), "saturation": est_of(dyn, "saturation_mean"),
+           "consistency_same_top1": est_of(res.get("routing_consistency"), "same_top1"),
+           "consistency_next_in_topk": est_of(res.get("routing_consistency"), "next_in_topk"),
+           "load_balance": est_of(stats, "utilization_entropy_norm"),
            "vocabulary": getattr(res.get("vocabulary_specialization"), "estimate", None),
            "ablation_delta": getattr(abl, "estimate", None)}
     out["estimates"] = {k: _significant(v.to_dict()) for k, v in est.items() if v is not None}
@@ -82,11 +82,6 @@ def _significant(value: Any, digits: int = 6) -> Any:
 def _adjacent_vs_far(layer_mean_abs: np.ndarray) -> tuple[float | None, float | None]:
     """``adjacent_and_far`` of the correlation analysis, rounded, None where there are no such layer pairs."""
     return tuple(round(float(v), 4) if np.isfinite(v) else None for v in adjacent_and_far(layer_mean_abs))
-
-
-def _est(obj: Any, name: str) -> Any:
-    """The Estimate ``name`` of a result, or None (older results, resampling turned off)."""
-    return est_of(obj, name)
 
 
 def _ablation_text(abl: Any) -> str:

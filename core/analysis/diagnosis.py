@@ -16,6 +16,8 @@ threshold counts only when the data say the true share is past it:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import combinations
+from math import comb
 
 import numpy as np
 from scipy.stats import binom
@@ -69,9 +71,6 @@ def uniform_routing_counts(num_tokens: int, num_experts: int, top_k: int, draws:
     Exact where the k-subsets can be listed (tokens per subset are multinomial); otherwise the
     assignments are drawn independently (slightly less even than distinct picks), and it says so.
     """
-    from itertools import combinations
-    from math import comb
-
     rng = np.random.default_rng(seed)
     if comb(num_experts, top_k) <= 20_000:
         subsets = np.array(list(combinations(range(num_experts), top_k)))
@@ -83,11 +82,13 @@ def uniform_routing_counts(num_tokens: int, num_experts: int, top_k: int, draws:
         f"{draws} draws of {num_tokens} tokens, assignments independent"
 
 
-def _cv(counts: np.ndarray) -> np.ndarray:
+def load_cv(counts: np.ndarray) -> np.ndarray:
+    """Coefficient of variation of expert loads ``[..., E]`` (std over mean)."""
     return counts.std(-1) / np.clip(counts.mean(-1), 1e-300, None)
 
 
-def _ent_norm(counts: np.ndarray) -> np.ndarray:
+def load_entropy_norm(counts: np.ndarray) -> np.ndarray:
+    """Entropy of expert loads ``[..., E]`` over log E: 1 is perfectly even."""
     E = counts.shape[-1]
     return entropy(counts / np.clip(counts.sum(-1, keepdims=True), 1e-300, None)) / (np.log(E) if E > 1 else 1.0)
 
@@ -107,7 +108,7 @@ def diagnose(th: CollapseThresholds, counts: np.ndarray, num_tokens: int, top_k:
     top = counts.max(1)
     top_beyond = binom.sf(top - 1, n, th.collapse_top_rate) < a
     null, how = uniform_routing_counts(n, E, k, NULL_DRAWS, seed)
-    ent_null, cv_null = np.quantile(_ent_norm(null), th.alpha), np.quantile(_cv(null), 1 - th.alpha)
+    ent_null, cv_null = np.quantile(load_entropy_norm(null), th.alpha), np.quantile(load_cv(null), 1 - th.alpha)
     ent_hi = cv_lo = None
     resampled = block_counts is not None and resamples > 0 and (block_counts.sum((1, 2)) > 0).sum() >= 2
     if resampled:
@@ -117,9 +118,9 @@ def diagnose(th: CollapseThresholds, counts: np.ndarray, num_tokens: int, top_k:
         dead &= hi < dead_at
         dominant &= lo > dom_at
         loo = np.tensordot(jackknife_weights(block_counts.sum((1, 2)) > 0), block_counts, axes=(1, 0))
-        ent_hi = jackknife_interval(_ent_norm(counts), _ent_norm(loo), bounds=(0.0, 1.0))[1]  # resampling shifts
-        cv_lo = jackknife_interval(_cv(counts), _cv(loo), bounds=(0.0, np.inf))[0]  # entropy and CV: jackknife
-    ent, cv = _ent_norm(counts), _cv(counts)
+        ent_hi = jackknife_interval(load_entropy_norm(counts), load_entropy_norm(loo), bounds=(0.0, 1.0))[1]  # resampling shifts
+        cv_lo = jackknife_interval(load_cv(counts), load_cv(loo), bounds=(0.0, np.inf))[0]  # entropy and CV: jackknife
+    ent, cv = load_entropy_norm(counts), load_cv(counts)
     diagnosis, reasons = [], []
     for li in range(L):
         why = []

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from core.analysis.diagnosis import CollapseThresholds, diagnose, uniform_routing_counts
+from core.analysis.diagnosis import CollapseThresholds, diagnose, load_cv, load_entropy_norm, uniform_routing_counts
 from core.analysis.measures import entropy
 from core.analysis.resampling import (BlockSums, Estimate, block_of, document_keys, jackknife_interval, jackknife_weights,
                                       permutation_estimate)
@@ -135,9 +135,8 @@ class RoutingStatsAccumulator(RoutingAccumulator):
         util = counts / np.clip(total, 1e-300, None)
         logE = np.log(E) if E > 1 else 1.0
         u_ent = entropy(util)
-        mean = counts.mean(1)
-        cv = counts.std(1) / np.clip(mean, 1e-300, None)
-        mom = counts.max(1) / np.clip(mean, 1e-300, None)
+        cv = load_cv(counts)
+        mom = counts.max(1) / np.clip(counts.mean(1), 1e-300, None)
         rate = counts / n
         blocks = self.blocks.sums.get("counts") if self.resamples else None
         judged = diagnose(th, counts, n, k, blocks, self.resamples, self.seed)
@@ -187,13 +186,11 @@ class RoutingStatsAccumulator(RoutingAccumulator):
         """
         E, k = self.layout.num_experts, self.layout.top_k
         blocks = self.blocks.sums["counts"]  # [U, L, E]
-        ent = lambda c: entropy(c / np.clip(c.sum(-1, keepdims=True), 1e-300, None)) / np.log(E)  # noqa: E731
-        value = ent(blocks.sum(0))
-        loo = ent(np.tensordot(jackknife_weights(blocks.sum((1, 2)) > 0), blocks, axes=(1, 0)))
+        value = load_entropy_norm(blocks.sum(0))
+        loo = load_entropy_norm(np.tensordot(jackknife_weights(blocks.sum((1, 2)) > 0), blocks, axes=(1, 0)))
         draws = jackknife_interval(value, loo, bounds=(0.0, 1.0))
         null, how = uniform_routing_counts(self.num_tokens, E, k, self.resamples, self.seed)
-        null_ent = entropy(null / null.sum(-1, keepdims=True)) / np.log(E)  # [R]
-        null_draws = np.repeat(null_ent[:, None], self.layout.num_layers, 1)
+        null_draws = np.repeat(load_entropy_norm(null)[:, None], self.layout.num_layers, 1)  # [R, L]
         return {"utilization_entropy_norm": permutation_estimate(value, draws, null_draws, f"uniform routing ({how})",
                                                                  self.resamples, alternative="less")}
 
