@@ -99,7 +99,8 @@ def _ablation_text(abl: Any) -> str:
     small = int(((size >= 0) & (size < 0.01)).sum())
     text += f"{small} of {delta.size} are under 0.01 nats. The largest is {abl.targets[t]} on {abl.domains[d]}, "
     if not ok:
-        return text + f"{nats(delta[t, d])} (no interval: resampling off)."
+        why = "resampling off" if est is None or not est.resamples else "each domain's tokens are in one document block"
+        return text + f"{nats(delta[t, d])} (no interval: {why})."
     return text + (f"{nats(delta[t, d])} (95% CI {span(est.low[t, d], est.high[t, d], nats)})"
                    + ("" if dist[t, d] else ", not distinguishable from no change") + ".")
 
@@ -113,8 +114,10 @@ def _pruning(pr: Any) -> str:
     j = wins[-1] if wins else F - 1
     c = min((i for i in range(len(pr.criteria)) if i != rnd), key=lambda i: pr.overall[i, j], default=rnd)
     verdict = ("beats random" if pr.beats_random[c, j] else "worse than random beyond the intervals"
-               if pr.overall_low[c, j] > pr.overall_high[rnd, j] else "not distinguishable from random")
-    ci = lambda i: f"{nats(pr.overall[i, j])} (95% CI {span(pr.overall_low[i, j], pr.overall_high[i, j], nats)})"  # noqa: E731
+               if pr.overall_low[c, j] > pr.overall_high[rnd, j] else "not distinguishable from random")  # NaN: the last
+    ci = lambda i: f"{nats(pr.overall[i, j])} " + (  # noqa: E731
+        f"(95% CI {span(pr.overall_low[i, j], pr.overall_high[i, j], nats)})"
+        if np.isfinite(pr.overall_low[i, j]) and np.isfinite(pr.overall_high[i, j]) else "(no interval: too few documents)")
     beats = [f"{names.get(n, n)} at {int(pr.beats_random[i].sum())}" for i, n in enumerate(pr.criteria)
              if i != rnd and pr.beats_random[i].any()]
     return (f"Pruning (loss change, nats per token; random: {len(pr.random_seed_overall)} seeds): pruning "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -92,7 +94,8 @@ def test_ablation_study_reports_per_domain_deltas():
     mask[3, 6:] = 0
     domain = torch.tensor([0, 1, 0, 1])[:, None].expand_as(ids).clone()
     domain[mask == 0] = -1
-    tok = TokenizedDataset(input_ids=ids, attention_mask=mask, doc_ids=domain.clone(), positions=torch.arange(10).expand_as(ids).clone(),
+    doc = torch.arange(4)[:, None].expand_as(ids).clone()  # a document per row: two per domain
+    tok = TokenizedDataset(input_ids=ids, attention_mask=mask, doc_ids=doc, positions=torch.arange(10).expand_as(ids).clone(),
                            domain_ids=domain, dataset_ids=domain.clone(), domain_names=["math", "code"], dataset_names=["a", "b"],
                            documents=[], max_length=10, packed=False)
     used = int(w.trace_routing(ids, mask).topk_idx[:, 1, 0].mode().values)
@@ -110,5 +113,9 @@ def test_ablation_study_reports_per_domain_deltas():
     np.testing.assert_allclose(est.value, res.delta, atol=1e-12)
     assert not est.distinguishable[0].any() and est.low[0].tolist() == [0.0, 0.0]
     assert (est.low[1] <= res.delta[1] + 1e-9).all() and (res.delta[1] <= est.high[1] + 1e-9).all()
+    one_doc = ablation_study(w, replace(tok, doc_ids=domain.clone()), [{1: [used]}], batch_size=3, progress=False)
+    np.testing.assert_allclose(one_doc.delta, res.delta[1:], atol=1e-12)  # one document per domain: the same changes,
+    assert np.isnan(one_doc.estimate.low).all() and not one_doc.estimate.distinguishable.any()  # but nothing to resample
+    assert sum("one document block" in n for n in one_doc.notes) == 2
     targets, labels = most_and_least_used_experts(np.array([[0.5, 0.1, 0.4], [0.2, 0.3, 0.5]]), [1, 2])
     assert targets == [{1: [0]}, {1: [1]}, {2: [2]}, {2: [0]}] and "most used" in labels[0] and "least used" in labels[1]

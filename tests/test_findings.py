@@ -219,3 +219,27 @@ def test_imbalanced_layers_are_counted_not_listed():
 def test_layer_list():
     assert layer_list([15, 12, 13, 14, 9, 5]) == "5, 9, 12–15"
     assert layer_list([0, 1]) == "0, 1" and layer_list([3]) == "3" and layer_list([]) == ""
+
+
+def test_a_change_from_one_document_per_domain_has_no_interval_and_no_verdict():
+    """One document block per domain: nothing to resample, so the findings give no interval and call nothing certain."""
+    res = copy.copy(build(4, 8, 2, True))
+    targets = [{0: [1]}]
+    loss = np.full((300, 2), 3.0) + np.array([0.0, 0.05])  # a planted change, every token alike
+    dom, doc = np.arange(300) % 3, np.arange(300) % 3  # one document per domain
+    units = BlockSums(NUM_BLOCKS * 3)
+    unit = block_of(document_key(doc, dom)) * 3 + dom
+    units.add("loss", unit, loss)
+    units.add("tokens", unit, np.ones(300))
+    abl = AblationResult(DOMAINS, ["L0:E1"], targets, np.full(3, 3.0), np.full((1, 3), 3.05), np.full(3, 100),
+                         estimate=_delta_estimate(units, 3, 100, 0))
+    assert np.isnan(abl.estimate.low).all() and not abl.estimate.distinguishable.any()
+    pr = dataclasses.replace(build(4, 8, 2, True).results["pruning"])
+    pr.overall_low = np.full_like(pr.overall_low, np.nan)
+    pr.overall_high = np.full_like(pr.overall_high, np.nan)
+    pr.beats_random = np.zeros_like(pr.beats_random)
+    res.results = {**res.results, "ablation": abl, "pruning": pr}
+    found = {f.split(" ")[0]: f for f in findings(res)}
+    assert "(no interval: each domain's tokens are in one document block)" in found["Ablation"]
+    assert "95% CI" not in found["Pruning"] and "(no interval: too few documents)" in found["Pruning"]
+    assert "No criterion beats random" in found["Pruning"]

@@ -69,3 +69,16 @@ def test_bad_fractions_are_refused():
         pruning_study(KnownCostModel(), _tokens(), {"usage": IMPORTANCE}, LAYERS, fractions=(0.5, 1.0))
     with pytest.raises(ValueError, match="at least one seed"):
         pruning_study(KnownCostModel(), _tokens(), {"usage": IMPORTANCE}, LAYERS, random_seeds=0)
+
+
+def test_one_document_per_domain_gives_no_interval_and_no_verdict():
+    """One document per domain leaves nothing to resample: no interval, so nothing beats random (it did, from zero-width intervals)."""
+    scores = {"usage": IMPORTANCE.copy()}
+    res = pruning_study(KnownCostModel(), _tokens(rows=2), scores, LAYERS, fractions=(0.5,), random_seeds=3,
+                        causal=False, batch_size=4, resamples=50)
+    u = res.criteria.index("usage")
+    assert np.isfinite(res.overall[u]).all() and np.isnan(res.overall_low[u]).all() and np.isnan(res.overall_high[u]).all()
+    assert not res.beats_random.any()
+    with_docs = pruning_study(KnownCostModel(), _tokens(rows=12), scores, LAYERS, fractions=(0.5,), random_seeds=3,
+                              causal=False, batch_size=4, resamples=50)
+    assert with_docs.beats_random[u].all()  # the same costs with documents to resample: a verdict

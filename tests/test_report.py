@@ -124,6 +124,15 @@ def test_a_summarized_figure_links_its_full_matrices(tmp_path):
     rep = Report("r")
     rep.add_figure("s", go.Figure(go.Bar(y=[1])), "summary", data={"v": [1]}, arrays=["correlation_topk/corr"])
     rep.add_figure("s", go.Figure(go.Bar(y=[1])), "plain")
+    (tmp_path / "arrays.safetensors").write_bytes(b"written by the main run before the report")
     page = rep.write(tmp_path).read_text(encoding="utf-8")
     assert page.count("href='arrays.safetensors'") == 1  # beside report.html in the run folder
     assert "Full expert-level matrix: <a href='arrays.safetensors'>arrays.safetensors</a>, key <code>correlation_topk/corr</code>" in page
+
+
+def test_a_report_without_the_array_file_has_no_dead_link(tmp_path):
+    rep = Report("r")
+    rep.add_figure("s", go.Figure(go.Bar(y=[1])), "summary", data={"v": [1]}, arrays=["correlation_topk/corr"])
+    page = rep.write(tmp_path).read_text(encoding="utf-8")
+    assert "href='arrays.safetensors'" not in page
+    assert "arrays.safetensors (not written beside this report" in page and "<code>correlation_topk/corr</code>" in page

@@ -21,9 +21,9 @@ import pandas as pd
 import plotly.graph_objects as go
 import plotly.offline
 
+from core.array_files import ARRAY_FILE as ARRAYS_FILE  # the run's full matrices, beside report.html and metrics.json
 from core.safe_io import atomic_write_text, to_jsonable
 
-ARRAYS_FILE = "arrays.safetensors"  # the run's full matrices, beside report.html and metrics.json
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,120}$")
 _PLOTLY_CONFIG = {"displaylogo": False, "responsive": True}
 
@@ -103,13 +103,20 @@ def _html_table(df: pd.DataFrame, max_rows: int) -> str:
     )
 
 
-def _full_arrays(keys: tuple[str, ...]) -> str:
-    """Caption text linking the file that holds the full matrices behind a summarized figure."""
+def _full_arrays(keys: tuple[str, ...], present: bool) -> str:
+    """Caption text naming the file that holds the full matrices behind a summarized figure.
+
+    It links the file only when it lies beside the page (the main run writes it first); a report
+    written without it names the keys and says where they would be, rather than a dead link.
+    """
     if not keys:
         return ""
     names = ", ".join(f"<code>{html.escape(k)}</code>" for k in keys)
-    return (f" <span class='full-data'>Full expert-level matri{'ces' if len(keys) > 1 else 'x'}: "
-            f"<a href='{ARRAYS_FILE}'>{ARRAYS_FILE}</a>, key{'s' if len(keys) > 1 else ''} {names} "
+    many = len(keys) > 1
+    where = (f"<a href='{ARRAYS_FILE}'>{ARRAYS_FILE}</a>" if present
+             else f"{ARRAYS_FILE} (not written beside this report: <code>core.array_files.write_metrics</code> writes it)")
+    return (f" <span class='full-data'>Full expert-level matri{'ces' if many else 'x'}: "
+            f"{where}, key{'s' if many else ''} {names} "
             "(<code>core.array_files.load_array(run_dir, key)</code>).</span>")
 
 
@@ -252,7 +259,8 @@ class Report:
         caption = html.escape(item.caption) if item.caption else html.escape(item.name)
         return (
             f"<figure class='report-figure report-{item.kind}' id='item-{html.escape(item.name)}'>"
-            f"{body}<figcaption>{caption}{_full_arrays(item.arrays)}{link}</figcaption></figure>"
+            f"{body}<figcaption>{caption}{_full_arrays(item.arrays, (data_dir.parent / ARRAYS_FILE).is_file())}{link}"
+            "</figcaption></figure>"
         )
 
     def _render_lead(self) -> str:

@@ -90,6 +90,9 @@ def ablation_study(
     with np.errstate(invalid="ignore", divide="ignore"):
         means = loss / tokens[None, :]
     notes = [f"domain '{d}' has no predicted tokens" for d, c in zip(tokenized.domain_names, tokens) if c == 0]
+    blocks = (units["tokens"].reshape(NUM_BLOCKS, n_dom) > 0).sum(0)
+    notes += [f"domain '{d}': its tokens are in one document block, so its changes have no interval over documents"
+              for d, c, b in zip(tokenized.domain_names, tokens, blocks) if c and b < 2]
     return AblationResult(
         domains=list(tokenized.domain_names),
         targets=labels,
@@ -108,7 +111,24 @@ def _delta_estimate(units: BlockSums, n_dom: int, resamples: int, seed: int) -> 
     tokens = units["tokens"].reshape(NUM_BLOCKS, n_dom)
     sums = {"loss": loss.transpose(0, 2, 1), "tokens": tokens}  # the bootstrap resamples blocks
     delta = lambda t: (t["loss"][:, 1:] - t["loss"][:, :1]) / t["tokens"][:, None, :]  # noqa: E731
-    return paired_estimate(delta, lambda t: 0.0 * delta(t), sums, "no change", tokens.sum(1) > 0, resamples, seed)
+    est = paired_estimate(delta, lambda t: 0.0 * delta(t), sums, "no change", tokens.sum(1) > 0, resamples, seed)
+    return _without_interval(est, (tokens > 0).sum(0) < 2)
+
+
+def _without_interval(est: Estimate, columns: np.ndarray) -> Estimate:
+    """No interval for the domains (last axis) whose tokens lie in fewer than two document blocks.
+
+    A bootstrap of blocks pooled over domains still draws such a domain's one block, or none, so
+    its interval had zero width and every change there read as certain (seen at OLMoE's shape,
+    one 255-token row per domain). Undefined bounds make the change "not distinguishable".
+    """
+    if not np.any(columns):
+        return est
+    for name in ("low", "high", "diff_low", "diff_high"):
+        bound = np.array(getattr(est, name), dtype=float)  # a copy: the estimate's arrays are left alone
+        bound[..., columns] = np.nan
+        setattr(est, name, bound)
+    return est
 
 
 def most_and_least_used_experts(utilization: np.ndarray, moe_layers: list[int]) -> tuple[list[dict[int, list[int]]], list[str]]:

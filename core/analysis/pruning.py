@@ -132,11 +132,13 @@ def _collect(res: Any, names: list[str], keys: list[tuple[str, float]], fraction
         delta[-1, j] = np.mean([rs[s][j][0] for s in range(seeds)], 0)
         lo[-1, j] = np.min([rs[s][j][1] for s in range(seeds)], 0)
         hi[-1, j] = np.max([rs[s][j][2] for s in range(seeds)], 0)
-    overall, o_lo, o_hi = (np.nan_to_num(x) @ w for x in (delta, lo, hi))
-    seed_overall = np.array([[np.nan_to_num(rs[s][j][0]) @ w for j in range(F)] for s in range(seeds)])
-    seed_low = np.array([[np.nan_to_num(rs[s][j][1]) @ w for j in range(F)] for s in range(seeds)])
+    over = lambda x: np.where(w > 0, x, 0.0) @ w  # noqa: E731  a domain without tokens weighs 0; one without an interval leaves none
+    overall, o_lo, o_hi = (over(x) for x in (delta, lo, hi))
+    seed_overall = np.array([[over(rs[s][j][0]) for j in range(F)] for s in range(seeds)])
+    seed_low = np.array([[over(rs[s][j][1]) for j in range(F)] for s in range(seeds)])
     beats = np.zeros((len(crit), F), bool)
-    beats[:-1] = o_hi[:-1] < seed_low.min(0)[None, :]
+    with np.errstate(invalid="ignore"):
+        beats[:-1] = o_hi[:-1] < seed_low.min(0)[None, :]  # without an interval (NaN), no criterion beats random
     removed = {name: {f"{f:.3g}": targets[i] for i, (n, f) in enumerate(keys) if n == name} for name in names}
     best = [crit[int(np.argmin(overall[:, j]))] for j in range(F)]
     notes = ["overall: token-weighted over domains, its interval the token-weighted domains' bounds (at least as wide "
