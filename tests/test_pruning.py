@@ -56,6 +56,7 @@ def test_the_criterion_that_knows_the_cost_beats_random_and_the_inverted_one_doe
     assert not res.beats_random[rnd].any() and res.best == ["usage", "usage"]
     assert (res.overall[wm] > res.overall[rnd]).all()  # removing the most important is worse than chance
     assert res.random_seed_overall.shape == (3, 2) and res.experts_pruned == [2, 4] and res.num_experts == E
+    assert len(res.notes) == 1 and res.notes[0].startswith("overall: token-weighted")  # how the overall interval is made
 
 
 def test_collaboration_share_weights_atoms_by_pattern_use():
@@ -78,7 +79,7 @@ def test_one_document_per_domain_gives_no_interval_and_no_verdict():
                         causal=False, batch_size=4, resamples=50)
     u = res.criteria.index("usage")
     assert np.isfinite(res.overall[u]).all() and np.isnan(res.overall_low[u]).all() and np.isnan(res.overall_high[u]).all()
-    assert not res.beats_random.any()
+    assert not res.beats_random.any() and sum("one document block" in n for n in res.notes) == 1
     with_docs = pruning_study(KnownCostModel(), _tokens(rows=12), scores, LAYERS, fractions=(0.5,), random_seeds=3,
                               causal=False, batch_size=4, resamples=50)
     assert with_docs.beats_random[u].all()  # the same costs with documents to resample: a verdict

@@ -91,8 +91,11 @@ def ablation_study(
         means = loss / tokens[None, :]
     notes = [f"domain '{d}' has no predicted tokens" for d, c in zip(tokenized.domain_names, tokens) if c == 0]
     blocks = (units["tokens"].reshape(NUM_BLOCKS, n_dom) > 0).sum(0)
-    notes += [f"domain '{d}': its tokens are in one document block, so its changes have no interval over documents"
-              for d, c, b in zip(tokenized.domain_names, tokens, blocks) if c and b < 2]
+    alone = [d for d, c, b in zip(tokenized.domain_names, tokens, blocks) if c and b < 2]
+    if alone:
+        many, whose = len(alone) > 1, "each one's" if len(alone) > 1 else "its"
+        notes.append(f"domain{'s' if many else ''} {', '.join(alone)}: {whose} scored tokens lie in one document block, "
+                     "so the loss changes there have no interval over documents (score more tokens to reach more documents)")
     return AblationResult(
         domains=list(tokenized.domain_names),
         targets=labels,

@@ -141,10 +141,11 @@ def _collect(res: Any, names: list[str], keys: list[tuple[str, float]], fraction
         beats[:-1] = o_hi[:-1] < seed_low.min(0)[None, :]  # without an interval (NaN), no criterion beats random
     removed = {name: {f"{f:.3g}": targets[i] for i, (n, f) in enumerate(keys) if n == name} for name in names}
     best = [crit[int(np.argmin(overall[:, j]))] for j in range(F)]
-    notes = ["overall: token-weighted over domains, its interval the token-weighted domains' bounds (at least as wide "
+    notes = list(res.notes) + [  # the ablation's: domains without tokens, or without an interval
+             "overall: token-weighted over domains, its interval the token-weighted domains' bounds (at least as wide "
              "as the interval of the weighted mean); random: the seeds' mean, its interval spanning every seed's"]
     return PruningResult(fractions, crit, list(res.domains), res.tokens, delta, lo, hi, overall, o_lo, o_hi,
-                         seed_overall, beats, removed, best, notes)
+                         seed_overall, beats, removed, best, notes=notes)  # by name: it once landed in experts_pruned
 
 
 def pruning_scores(stats: Any, collaboration: Any = None) -> dict[str, np.ndarray]:
