@@ -63,3 +63,26 @@ def test_missing_fields_error():
         vocabulary_specialization(rd)
     with pytest.raises(ValueError, match="positions"):
         routing_consistency(rd)
+
+
+def test_a_domain_of_one_document_has_no_interval_for_its_ratio():
+    """Its one (domain, block) cell has no spread to measure: the jackknife gave it a zero-width interval."""
+    from core.analysis.specialization import DomainSpecializationAccumulator
+    from core.analysis.streaming import fold
+
+    rng = np.random.default_rng(0)
+    L, E, k = 2, 8, 2
+    docs = np.repeat(np.arange(41), 40)
+    dom = np.where(docs == 40, 2, docs % 2)  # domains a and b: 20 documents each; c: one
+    idx = np.argsort(rng.random((len(docs), L, E)), -1)[..., :k]
+    idx[dom == 2, :, 0] = 5  # c always picks expert 5
+    rd = routing(idx, E, doc_ids=docs, positions=np.tile(np.arange(40), 41), domain_ids=dom,
+                 token_ids=rng.integers(0, 30, len(docs)), dataset_ids=dom, domain_names=["a", "b", "c"],
+                 dataset_names=["a", "b", "c"])
+    acc = DomainSpecializationAccumulator("domain", permutations=50, resamples=50, seed=0)
+    est = fold([rd], {"s": acc})["s"].estimates
+    ratio = est["max_ratio"]
+    assert ratio.value[2] == pytest.approx(E / k)  # c's top expert: every token, the E/k cap
+    assert np.isnan(ratio.low[2]) and np.isnan(ratio.high[2])
+    assert np.isfinite(ratio.low[:2]).all() and (ratio.low[:2] < ratio.value[:2]).all() and (ratio.value[:2] < ratio.high[:2]).all()
+    assert (est["layer_score"].low >= 0).all()  # a divergence's interval stays at or above 0

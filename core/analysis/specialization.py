@@ -164,8 +164,11 @@ class DomainSpecializationAccumulator(RoutingAccumulator):
         w = jackknife_weights(np.ones(len(labels), bool))  # each (group, block) cell left out once
         obs, loo = stats(onehot[None]), stats(w[:, :, None] * onehot[None])
         out = {}
+        alone = np.bincount(labels, minlength=D) < 2  # a group in one cell: nothing to leave out (it read as zero width)
         for name in ("layer_score", "max_ratio"):
-            ci = jackknife_interval(obs[name][0], loo[name])
+            ci = jackknife_interval(obs[name][0], loo[name], bounds=(0.0, np.inf))  # a divergence and a ratio: never below 0
+            if name == "max_ratio" and alone.any():
+                ci = tuple(np.where(alone, np.nan, bound) for bound in ci)
             out[name] = permutation_estimate(obs[name][0], ci, null[name], f"{self.by} labels shuffled", len(w))
         return out
 
