@@ -114,7 +114,7 @@ def _pruning(pr: Any) -> str:
     j = wins[-1] if wins else F - 1
     c = min((i for i in range(len(pr.criteria)) if i != rnd), key=lambda i: pr.overall[i, j], default=rnd)
     verdict = ("beats random" if pr.beats_random[c, j] else "worse than random beyond the intervals"
-               if pr.overall_low[c, j] > pr.overall_high[rnd, j] else "not distinguishable from random")  # NaN: the last
+               if pr.overall_low[c, j] > pr.overall_high[rnd, j] else "not distinguishable from random")  # also without intervals (NaN)
     ci = lambda i: f"{nats(pr.overall[i, j])} " + (  # noqa: E731
         f"(95% CI {span(pr.overall_low[i, j], pr.overall_high[i, j], nats)})"
         if np.isfinite(pr.overall_low[i, j]) and np.isfinite(pr.overall_high[i, j]) else "(no interval: too few documents)")
