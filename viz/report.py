@@ -236,7 +236,7 @@ class Report:
         atomic_write_text(data_dir / f"{name}.json", text)
         return f"data/{name}.json"
 
-    def _render_item(self, item: _Item, data_dir: Path) -> str:
+    def _render_item(self, item: _Item, data_dir: Path, arrays_present: bool) -> str:
         if item.kind == "table":
             href = self._write_data(data_dir, item.name, item.data)
             body = _html_table(item.data, item.max_rows)
@@ -259,7 +259,7 @@ class Report:
         caption = html.escape(item.caption) if item.caption else html.escape(item.name)
         return (
             f"<figure class='report-figure report-{item.kind}' id='item-{html.escape(item.name)}'>"
-            f"{body}<figcaption>{caption}{_full_arrays(item.arrays, (data_dir.parent / ARRAYS_FILE).is_file())}{link}"
+            f"{body}<figcaption>{caption}{_full_arrays(item.arrays, arrays_present)}{link}"
             "</figcaption></figure>"
         )
 
@@ -301,6 +301,7 @@ class Report:
             parts.append(f"<div class='warnings'><h3>Warnings</h3><ul>{items}</ul></div>")
         parts.append("</section>")
         sections = list(self._sections.values())
+        arrays_present = (data_dir.parent / ARRAYS_FILE).is_file()  # the page's captions link it only if it is there
         if sections:
             toc = "".join(
                 f"<li><a href='#sec-{i}'>{esc(s.name)}</a></li>" for i, s in enumerate(sections)
@@ -309,7 +310,7 @@ class Report:
         for i, section in enumerate(sections):
             parts.append(f"<section id='sec-{i}'><h2>{esc(section.name)}</h2>")
             parts.append(_paragraphs(section.text))
-            parts.extend(self._render_item(item, data_dir) for item in section.items)
+            parts.extend(self._render_item(item, data_dir, arrays_present) for item in section.items)
             parts.append("</section>")
         parts.append("</body></html>")
         return "\n".join(parts)
