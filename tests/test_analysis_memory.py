@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from exp.benchmark_memory import measure
+from core.commands.benchmark_memory import measure
 
 MB = 2**20
 # what each analysis may keep at 16 layers x 64 experts, top-8, a 50k vocabulary (stated in the README)

@@ -21,7 +21,7 @@ from core.analysis.routing_stats import RoutingStatsAccumulator
 from core.analysis.streaming import feed, fold, merge_all, results_of
 from core.analysis.vocabulary import VocabularyAccumulator
 from core.safe_io import to_jsonable
-from exp.analysis_suite import routing_accumulators
+from core.pipeline.suite import routing_accumulators
 from tests.compare import assert_same
 from tests.planted import planted
 

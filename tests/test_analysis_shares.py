@@ -14,7 +14,7 @@ from core.collection.ranks import Ranks
 from core.collection.sweep import Sweep
 from core.routing_data import RoutingData
 from core.safe_io import to_jsonable
-from exp.analysis_shares import owners, share_tokens, sweep_stream, sweep_units
+from core.pipeline.shares import owners, share_tokens, sweep_stream, sweep_units
 from tests.compare import assert_same
 from tests.test_analysis_merge import DOC_LEN, DOCS, _accumulators, _checkpoints
 from tests.test_cache import header

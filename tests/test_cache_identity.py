@@ -93,7 +93,7 @@ def test_changing_a_setting_never_blocks_and_every_cache_stays_usable(tmp_path):
 
 
 def test_list_and_prune_old_caches(tmp_path, capsys):
-    from exp.caches import main
+    from core.commands.caches import main
 
     ckpt = parse_checkpoint_name("step5-tokens1B")
     data = {"toy": make_rows(5, 6)}

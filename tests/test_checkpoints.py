@@ -216,8 +216,8 @@ def test_the_sweep_index_is_checksummed_and_a_damaged_one_is_rebuilt(tmp_path):
 
 
 def test_hub_revisions_that_do_not_exist_are_named_with_what_exists(monkeypatch):
-    from exp.collection import resolve_model
-    from exp.run_options import parse_options
+    from core.pipeline.targets import resolve_model
+    from core.pipeline.options import parse_options
 
     names = ["main", "step5000-tokens20B", "step10000-tokens41B"]
     monkeypatch.setattr(huggingface_hub, "list_repo_refs", lambda repo_id: fake_refs(names))

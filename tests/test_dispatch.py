@@ -62,7 +62,7 @@ def test_weights_and_ablation_are_identical_to_the_whole_model(pair):
 
 
 def test_max_memory_and_device_map_options():
-    from exp.run_options import OptionsError, make_options
+    from core.pipeline.options import OptionsError, make_options
 
     assert parse_max_memory("0=70GiB, 1=70GiB,cpu=200GiB") == {0: "70GiB", 1: "70GiB", "cpu": "200GiB"}
     with pytest.raises(ValueError, match="0=70GiB"):
@@ -76,8 +76,8 @@ def test_max_memory_and_device_map_options():
 
 def test_the_run_options_open_a_dispatched_model(pair, tmp_path):
     """--device-map auto --max-memory cpu=...: what does not fit the host's budget goes to <models-dir>/offload."""
-    from exp.collection import ModelTarget, open_wrapper
-    from exp.run_options import make_options
+    from core.pipeline.targets import ModelTarget, open_wrapper
+    from core.pipeline.options import make_options
     from core.collection.checkpoints import Checkpoint
 
     whole, placed = pair

@@ -27,9 +27,9 @@ from core.analysis.routing_stats import RoutingStatsAccumulator
 from core.analysis.specialization import DomainSpecializationAccumulator
 from core.analysis.streaming import fold
 from core.analysis.vocabulary import VocabularyAccumulator
-from exp.analysis_suite import RunResults
-from exp.findings import findings, headline_numbers, warnings_of
-from exp.findings_text import layer_list
+from core.pipeline.suite import RunResults
+from core.pipeline.findings import findings, headline_numbers, warnings_of
+from core.pipeline.findings_text import layer_list
 from tests.fakes import routing
 from viz.run_report import _FINDING_FIGURES
 

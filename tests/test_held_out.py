@@ -23,8 +23,8 @@ from core.study_moe.training_data import (
     write_record,
 )
 from data import DataError, DatasetLoader, text_digest
-from exp.collection import ModelTarget, load_tokenized, training_exclusion
-from exp.run_options import make_options
+from core.pipeline.targets import ModelTarget, load_tokenized, training_exclusion
+from core.pipeline.options import make_options
 
 MICRO = Path(__file__).resolve().parents[1] / "configs" / "train_micro.yaml"
 
@@ -174,8 +174,8 @@ class _StopAfterDataSelection(Exception):
 
 def test_the_main_run_itself_analyses_held_out_documents(tmp_path, monkeypatch):
     """The run's own data-selection step (micro embedded model): it passes the model's training documents as the exclusion."""
-    import exp.collection as collection
-    from exp.basic_routing_analysis import BasicRoutingAnalysis
+    import core.pipeline.targets as collection
+    from core.pipeline.run import BasicRoutingAnalysis
 
     seen = {}
     real = collection.load_tokenized

@@ -292,8 +292,8 @@ def test_the_plan_counts_what_is_cached_already(hf_cache, monkeypatch):
 
 
 def test_the_main_run_shows_the_plan_for_hub_revisions_only(hf_cache, monkeypatch, tmp_path):
-    from exp.collection import ModelTarget, announce_downloads
-    from exp.run_options import parse_options
+    from core.pipeline.targets import ModelTarget, announce_downloads
+    from core.pipeline.options import parse_options
 
     monkeypatch.setattr(huggingface_hub.HfApi, "model_info", lambda self, repo_id, revision=None, **kw:
                         fake_info({"model.safetensors": 2 * GB}))
@@ -309,7 +309,7 @@ def test_the_main_run_shows_the_plan_for_hub_revisions_only(hf_cache, monkeypatc
 
 # ---------------------------------------------------------------------------- the option
 def test_keep_checkpoints_from_the_command_line_and_yaml(tmp_path, capsys):
-    from exp.run_options import OptionsError, build_parser, parse_options
+    from core.pipeline.options import OptionsError, build_parser, parse_options
 
     assert parse_options([]).keep_checkpoints is False
     assert parse_options(["--keep-checkpoints"]).keep_checkpoints is True

@@ -56,3 +56,33 @@ def test_every_public_name_of_core_resolves():
     assert not missing
     for seed_name in ("MoEModelWrapper", "RouterAnalyzer", "ExpertAnalyzer", "ActivationCollector", "RoutingData"):
         assert seed_name in core.__all__
+
+
+def _imports(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+        elif isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+    return names
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in (REPO / "exp").glob("*.py") if p.name != "__init__.py"))
+def test_exp_holds_only_short_scripts_that_run_the_library(script):
+    """A script parses nothing and defines nothing: it runs ``core.commands.<name>.main`` (the library does the work)."""
+    path = REPO / "exp" / script
+    tree = ast.parse(path.read_text())
+    defined = [n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))]
+    assert not defined, f"{script} defines {defined}: move it into core.commands.{path.stem}"
+    assert "sys.path" not in path.read_text(), f"{script} edits sys.path (the project is installed by uv)"
+    assert f"core.commands.{path.stem}" in _imports(path)
+    assert len(path.read_text().splitlines()) <= 25
+
+
+def test_nothing_imports_the_scripts():
+    """The library and the tests reach a command through ``core.commands``, never through ``exp``."""
+    bad = [f"{p.relative_to(REPO)} imports {name}"
+           for folder in ("core", "data", "viz", "tests") for p in sorted((REPO / folder).rglob("*.py"))
+           for name in _imports(p) if name == "exp" or name.startswith("exp.")]
+    assert not bad, "; ".join(bad)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from exp.benchmark_moe import benchmark_config, build_modules, main, peak_memory
+from core.commands.benchmark_moe import benchmark_config, build_modules, main, peak_memory
 
 
 def test_dense_baseline_has_the_moe_active_parameters():

@@ -90,7 +90,7 @@ def test_saved_checkpoint_opens_through_wrapper_with_same_routing(run_dir):
 
 
 def test_grid_writes_the_seed_002_table(tmp_path):
-    from exp.train_moe import GRID_ARMS, run_grid
+    from core.commands.train_moe import GRID_ARMS, run_grid
 
     base = TrainConfig.from_yaml(MICRO, steps=6, num_checkpoints=2, eval_every=6, run_name="g")
     out = run_grid(base, tmp_path / "models", tmp_path / "results", overwrite=False, progress=False)
@@ -106,7 +106,7 @@ def test_grid_writes_the_seed_002_table(tmp_path):
 
 
 def test_cli_overrides_parse_as_yaml():
-    from exp.train_moe import main, parse_overrides
+    from core.commands.train_moe import main, parse_overrides
 
     assert parse_overrides(["steps=300", "capacity_factor=1.25", "routing=random", "capacity_factor=null"]) == {
         "steps": 300, "capacity_factor": None, "routing": "random"}

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from exp.basic_routing_analysis import BasicRoutingAnalysis
+from core.pipeline.run import BasicRoutingAnalysis
 
 REPO = Path(__file__).resolve().parents[1]
 LAYERS, EXPERTS, TOP_K = 16, 64, 8

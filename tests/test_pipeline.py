@@ -17,8 +17,9 @@ from core.array_files import load_metrics
 from core.collection.cache import RoutingCache
 from core.safe_io import to_jsonable
 
-from exp.basic_routing_analysis import BasicRoutingAnalysis, main
-from exp.run_options import OptionsError, parse_options
+from core.commands.basic_routing_analysis import main
+from core.pipeline.run import BasicRoutingAnalysis
+from core.pipeline.options import OptionsError, parse_options
 from tests.compare import assert_same
 
 REPO = Path(__file__).resolve().parents[1]
@@ -185,11 +186,11 @@ def test_bad_inputs_get_one_line_errors(tmp_path, capsys):
 
 
 def test_summary_markdown_escapes_text_from_the_data(tmp_path):
-    from exp.basic_routing_analysis import RunSummary, _summary_markdown
+    from core.pipeline.summary import RunSummary, summary_markdown
 
     s = RunSummary(run_dir=tmp_path, report=tmp_path / "report.html", metrics=tmp_path / "metrics.json", headline={},
                    findings=["dataset <b>x</b> and *y* in [z](u)"], warnings=["a|b"], seconds=1.0, training_data="_docs_")
-    text = _summary_markdown(s, "org/model_name")
+    text = summary_markdown(s, "org/model_name")
     assert "- dataset \\<b\\>x\\</b\\> and \\*y\\* in \\[z\\](u)" in text and "- a\\|b" in text
     assert "# Routing analysis of org/model\\_name" in text and "Data the model saw: \\_docs\\_" in text
     assert "[report.html](report.html)" in text  # the toolkit's own links stay links
@@ -244,7 +245,7 @@ def test_a_hugging_face_moe_from_a_local_directory(micro_run, tmp_path):
 
 def test_retrained_local_weights_get_new_caches(tmp_path):
     """Caches are filed under the weights' digest, so a retrained local model never reads stale routing."""
-    from exp.collection import weights_digest
+    from core.pipeline.targets import weights_digest
 
     (tmp_path / "model.safetensors").write_bytes(b"\x00" * 1000)
     first = weights_digest(tmp_path)
@@ -267,7 +268,7 @@ def test_checkpoint_and_revision_names_are_checked(micro_run, tmp_path, capsys):
     """A checkpoint or revision that does not exist is a one-line error naming what does, never a silent fallback."""
     from transformers import OlmoeConfig, OlmoeForCausalLM
 
-    from exp.collection import resolve_model
+    from core.pipeline.targets import resolve_model
 
     root, _, _, _, _ = micro_run
     run_dir = root / "models" / "study-moe-micro"
@@ -430,7 +431,7 @@ def test_remote_ndif_needs_its_key_and_a_hub_name(tmp_path, capsys, monkeypatch)
 
 def test_a_run_without_the_weights_skips_weight_analyses_and_reports(micro_run, tmp_path, monkeypatch):
     """What --remote ndif leaves out (the weights stay on NDIF): the weight analyses say so, the rest is reported."""
-    import exp.collection as collection
+    import core.pipeline.targets as collection
 
     root, _, _, _, _ = micro_run
     real = collection.sweep_checkpoints

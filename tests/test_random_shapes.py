@@ -46,7 +46,7 @@ def tiny_shape(monkeypatch):
 def test_random_model_is_written_once_and_opens(tiny_shape, tmp_path):
     from core.model_access.wrapper import MoEModelWrapper
 
-    from exp.collection import bundled_tokenizer
+    from core.pipeline.targets import bundled_tokenizer
 
     folder = ensure_random_model(tiny_shape, 2, seed=3, models_dir=tmp_path, make_tokenizer=bundled_tokenizer)
     assert folder == random_model_folder(tiny_shape, 2, 3, tmp_path) and folder.name == "test--tiny-olmoe-2layers-seed3"
@@ -63,7 +63,7 @@ def test_random_model_is_written_once_and_opens(tiny_shape, tmp_path):
 
 
 def test_main_run_on_a_random_shape_writes_the_stage_table(tiny_shape, tmp_path):
-    from exp.basic_routing_analysis import BasicRoutingAnalysis
+    from core.pipeline.run import BasicRoutingAnalysis
 
     summary = BasicRoutingAnalysis(model_name=tiny_shape, layers=2, micro=True, static="none", progress=False,
                                    offline=True, results_dir=str(tmp_path / "results"), models_dir=str(tmp_path / "models")).run()
@@ -78,7 +78,7 @@ def test_main_run_on_a_random_shape_writes_the_stage_table(tiny_shape, tmp_path)
 
 
 def test_layers_option_is_for_random_models_only():
-    from exp.run_options import OptionsError, make_options
+    from core.pipeline.options import OptionsError, make_options
 
     with pytest.raises(OptionsError, match="random:NAME models only"):
         make_options(model="allenai/OLMoE-1B-7B-0924", layers=2)
@@ -87,7 +87,7 @@ def test_layers_option_is_for_random_models_only():
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="per-stage peaks need Linux's clear_refs")
 def test_stage_clock_measures_each_stage_peak_alone():
-    from exp.stage_clock import StageClock
+    from core.pipeline.stage_clock import StageClock
 
     clock = StageClock()
     with clock.stage("allocates 400 MB"):

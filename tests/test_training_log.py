@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from exp.visualize_training_log import main
+from core.commands.visualize_training_log import main
 from viz.training_log import (
     TrainingLogError,
     log_warnings,

@@ -170,7 +170,7 @@ def _white_background(fig: go.Figure) -> bool:
 
 
 def test_every_figure_shares_one_background():
-    from exp.benchmark_moe import benchmark_figure
+    from core.commands.benchmark_moe import benchmark_figure
 
     row = {"experts": 4, "top_k": 1, "capacity_factor": None}
     for name in ("ours", "dense", "olmoe"):

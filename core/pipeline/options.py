@@ -15,7 +15,8 @@ from typing import Any
 
 import yaml
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from core.paths import CONFIGS
+
 
 
 @dataclass
@@ -79,10 +80,10 @@ def _split_list(value: str | list[str] | None) -> list[str]:
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
-    if not p.exists() and not p.is_absolute() and (REPO_ROOT / "configs" / p.name).exists():
-        p = REPO_ROOT / "configs" / p.name
+    if not p.exists() and not p.is_absolute() and (CONFIGS / p.name).exists():
+        p = CONFIGS / p.name
     if not p.exists():
-        raise OptionsError(f"config file {path} does not exist (configs are in {REPO_ROOT / 'configs'})")
+        raise OptionsError(f"config file {path} does not exist (configs are in {CONFIGS})")
     try:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:

@@ -31,7 +31,8 @@ from core.model_access.loading import Placement, parse_max_memory
 from core.model_access.shapes import RECORD_NAME, ensure_random_model, is_random_spec, random_model_folder
 from core.model_access.wrapper import MoEModelWrapper
 from data import DataError, DatasetLoader, TokenizedDataset, tokenize_documents
-from exp.run_options import REPO_ROOT, OptionsError, RunOptions
+from core.paths import CONFIGS
+from core.pipeline.options import OptionsError, RunOptions
 
 
 @dataclass
@@ -57,7 +58,7 @@ class ModelTarget:
 
 
 def embedded_config(opts: RunOptions) -> Path:
-    return REPO_ROOT / "configs" / ("train_micro.yaml" if opts.micro else "train_default.yaml")
+    return CONFIGS / ("train_micro.yaml" if opts.micro else "train_default.yaml")
 
 
 def train_embedded_model(opts: RunOptions) -> Path:
@@ -107,7 +108,7 @@ def _random_target(opts: RunOptions) -> ModelTarget:
     """A ``random:NAME`` model: its folder (written by :func:`ensure_random_model`), one set of weights, no revisions."""
     folder = random_model_folder(opts.model, opts.layers, opts.seed, opts.models_dir)
     if not (folder / RECORD_NAME).is_file():
-        raise CheckpointError(f"{opts.model} is not written yet: run exp.collection.write_random(options) first")
+        raise CheckpointError(f"{opts.model} is not written yet: run core.pipeline.targets.write_random(options) first")
     if opts.revision or opts.checkpoints:
         raise CheckpointError(f"{opts.model} has one set of random weights: it has no revisions or checkpoints")
     return ModelTarget(name=f"random:{folder.name}", source=str(folder), revision=None,

@@ -5,7 +5,7 @@ measured), and each states its null (the same statistic on shuffled data: docume
 domain labels or token ids shuffled) and its 95% interval over documents, as
 "X (95% CI a–b) against null Y", and says so plainly when the two cannot be told apart.
 A finding is a few sentences at any number of layers and experts: the strongest effect, and
-counts for the rest (``exp.findings_text``); the full tables are in the report and data files.
+counts for the rest (``core.pipeline.findings_text``); the full tables are in the report and data files.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 
 from core.analysis.correlations import adjacent_and_far
-from exp import findings_text as text
-from exp.analysis_suite import RunResults
-from exp.findings_text import est_of, nats, span
+from core.pipeline import findings_text as text
+from core.pipeline.suite import RunResults
+from core.pipeline.findings_text import est_of, nats, span
 
 
 def headline_numbers(res: RunResults) -> dict[str, Any]:

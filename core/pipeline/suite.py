@@ -6,7 +6,7 @@ sweep: each dataset's caches at every checkpoint are read side by side, shard by
 checkpoints feed the dynamics. Weight analyses use the final checkpoint's router weights as
 the sweep returned them; ablation runs the model. Memory does not grow with the number of
 tokens (one shard per checkpoint at a time). Under torchrun the one pass is shared: each
-process folds its part of the caches (``exp.analysis_shares``) and rank 0 gets the merge.
+process folds its part of the caches (``core.pipeline.shares``) and rank 0 gets the merge.
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ from core.collection.ranks import Ranks
 from core.collection.sweep import Sweep
 from core.safe_io import to_jsonable
 from data import TokenizedDataset
-from exp.analysis_shares import share_tokens, sweep_stream
-from exp.stage_clock import StageClock
+from core.pipeline.shares import share_tokens, sweep_stream
+from core.pipeline.stage_clock import StageClock
 
 ONE_PASS = "analyses: one pass over the caches"
 CAUSAL_MAX_PASSES = 64  # single-expert ablations the pruning study's causal criterion may cost

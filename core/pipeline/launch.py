@@ -4,7 +4,7 @@
     uv run torchrun --nproc_per_node 8 exp/basic_routing_analysis.py --config configs/olmoe.yaml  # 8 GPUs (NCCL)
 
 Every rank collects its share of the caches (``core.collection.ranks``) and analyses its share of
-the tokens (``exp.analysis_shares``); the analyses are merged onto rank 0, which writes the
+the tokens (``core.pipeline.shares``); the analyses are merged onto rank 0, which writes the
 report: the results are those of one process on the same caches. If a rank fails, torchrun
 stops the others.
 """
