@@ -21,7 +21,9 @@ from core.analysis.routing_stats import RoutingStatsAccumulator
 from core.analysis.streaming import feed, fold, merge_all, results_of
 from core.analysis.vocabulary import VocabularyAccumulator
 from core.safe_io import to_jsonable
-from core.pipeline.suite import routing_accumulators
+from core.pipeline.context import RunContext
+from core.pipeline.options import make_options
+from core.pipeline.suite import pass_accumulators
 from tests.compare import assert_same
 from tests.planted import planted
 
@@ -55,7 +57,7 @@ def _shards(cks, docs_per_shard=5):
 
 def _accumulators():
     sweep = SimpleNamespace(checkpoints=[SimpleNamespace(name="early", step=10), SimpleNamespace(name="final", step=20)])
-    accs = routing_accumulators(sweep, micro=True, collaboration=True, resamples=50, seed=3, frequent_ids=None)
+    accs, _ = pass_accumulators(RunContext(make_options(micro=True, resamples=50, seed=3), None, sweep, {}))
     accs["paths_pruned"] = _PickFinal(RoutingPathsAccumulator(top_n=5, max_paths=5))
     accs["vocab_fixed"] = _PickFinal(VocabularyAccumulator(min_count=3, permutations=5, token_ids=[3, 1, 4, 15, 9, 2, 6, 90]))
     return accs

@@ -27,11 +27,10 @@ from core.analysis.routing_stats import RoutingStatsAccumulator
 from core.analysis.specialization import DomainSpecializationAccumulator
 from core.analysis.streaming import fold
 from core.analysis.vocabulary import VocabularyAccumulator
-from core.pipeline.suite import RunResults
+from core.pipeline.record import RunRecord
 from core.pipeline.findings import findings, headline_numbers, warnings_of
 from core.pipeline.findings_text import layer_list
 from tests.fakes import routing
-from viz.run_report import _FINDING_FIGURES
 
 DOMAINS = ["general", "math", "code"]
 MAX_FINDING, MAX_TOTAL = 400, 3000  # characters: a few sentences each, one screen in all
@@ -119,7 +118,7 @@ def _weights(L: int, E: int, plant: bool, H: int = 32, inner: int = 4):
 
 
 @lru_cache(maxsize=None)
-def build(L: int, E: int, k: int, plant: bool) -> RunResults:
+def build(L: int, E: int, k: int, plant: bool) -> RunRecord:
     """A run's results at ``L`` layers x ``E`` experts, from the real analyses where no model is needed."""
     rd, idx, rng = _routing(L, E, k, plant)
     r = dict(resamples=50, seed=0)
@@ -132,7 +131,7 @@ def build(L: int, E: int, k: int, plant: bool) -> RunResults:
     results["ablation"] = _ablation(results["routing_stats"], rng, plant)
     results["pruning"] = _pruning(E, L, plant)
     results["router_similarity"], results["expert_alignment"] = _weights(L, E, plant)
-    return RunResults(model={"top_k": k, "num_experts": E}, datasets=["wikitext2", "gsm8k", "humaneval"],
+    return RunRecord(options={}, model={"top_k": k, "num_experts": E}, datasets=["wikitext2", "gsm8k", "humaneval"],
                       tokens={"wikitext2": rd.num_tokens}, checkpoints=[], results=results,
                       skipped={"collaboration": "turned off"})
 
@@ -143,26 +142,26 @@ SHAPES = [(4, 8, 2), (16, 64, 8)]
 @pytest.mark.parametrize("plant", [True, False])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_findings_are_short_at_any_shape_and_keep_their_openings(shape, plant):
-    found = findings(build(*shape, plant))
-    starts = [s for s, _ in _FINDING_FIGURES]
+    typed = findings(build(*shape, plant))
+    found = [f.text for f in typed]
     assert len(found) == 10
+    assert all(f.figure_keys for f in typed)  # the report links each finding to the figure it names
     for f in found:
         assert len(f) <= MAX_FINDING, (len(f), f)
-        assert any(f.startswith(s) for s in starts), f  # the report links a finding to its figure by its opening
         assert "95% CI" in f or "95% range" in f, f  # every finding quotes an interval or a null range
     assert sum(map(len, found)) <= MAX_TOTAL, sum(map(len, found))
     assert headline_numbers(build(*shape, plant))["tokens"] == 2400
 
 
 def test_findings_do_not_grow_with_layers_and_experts():
-    small, large = (sum(map(len, findings(build(*s, True)))) for s in SHAPES)
+    small, large = (sum(len(f.text) for f in findings(build(*s, True))) for s in SHAPES)
     assert large < 1.15 * small, (small, large)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_planted_effects_are_the_ones_named(shape):
     L = shape[0]
-    found = {f.split(" ")[0]: f for f in findings(build(*shape, True))}
+    found = {f.text.split(" ")[0]: f.text for f in findings(build(*shape, True))}
     assert f"The largest is L{L - 1}:E" in found["Ablation"] and "(most used" in found["Ablation"]
     assert "on code, +0.050 (95% CI +0.0" in found["Ablation"]
     assert f"the top expert is L{L - 1}:E5 for code, share over uniform" in found["Domain"]
@@ -175,7 +174,7 @@ def test_planted_effects_are_the_ones_named(shape):
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_null_effects_are_said_to_be_indistinguishable(shape):
     L, E = shape[:2]
-    found = {f.split(" ")[0]: f for f in findings(build(*shape, False))}
+    found = {f.text.split(" ")[0]: f.text for f in findings(build(*shape, False))}
     n = 2 * L * 3
     assert f"{n} of {n} changes are not distinguishable from no change" in found["Ablation"]
     assert found["Ablation"].endswith("not distinguishable from no change.")
@@ -210,7 +209,7 @@ def test_imbalanced_layers_are_counted_not_listed():
     stats.dead[[5, 9, 12], 3] = True
     stats.dominant = np.zeros_like(stats.dominant)
     stats.dominant[[5, 9, 12, 13, 14, 15], :2] = True
-    res = RunResults(model={"top_k": 8}, datasets=[], tokens={}, checkpoints=[], results={"routing_stats": stats})
+    res = RunRecord(options={}, model={"top_k": 8}, datasets=[], tokens={}, checkpoints=[], results={"routing_stats": stats})
     assert warnings_of(res) == [
         "layers 5, 9, 12–15 of 16 are imbalanced: dead experts in 3 (3 in all); dominant experts in 6 (12 in all); "
         "load CV 1.20 > 1.0 at layer 5 and 5 more (see the routing statistics section)"]
@@ -238,8 +237,8 @@ def test_a_change_from_one_document_per_domain_has_no_interval_and_no_verdict():
     pr.overall_low = np.full_like(pr.overall_low, np.nan)
     pr.overall_high = np.full_like(pr.overall_high, np.nan)
     pr.beats_random = np.zeros_like(pr.beats_random)
-    res.results = {**res.results, "ablation": abl, "pruning": pr}
-    found = {f.split(" ")[0]: f for f in findings(res)}
+    res = dataclasses.replace(res, results={**res.results, "ablation": abl, "pruning": pr})
+    found = {f.text.split(" ")[0]: f.text for f in findings(res)}
     assert "(no interval: each domain's tokens are in one document block)" in found["Ablation"]
     assert "95% CI" not in found["Pruning"] and "(no interval: too few documents)" in found["Pruning"]
     assert "No criterion beats random" in found["Pruning"]

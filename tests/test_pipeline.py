@@ -7,12 +7,16 @@ import os
 import re
 import shutil
 import subprocess
-from collections import Counter
 import sys
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 
+from core.analysis.results import ResultMixin
 from core.array_files import load_metrics
 from core.collection.cache import RoutingCache
 from core.safe_io import to_jsonable
@@ -20,6 +24,7 @@ from core.safe_io import to_jsonable
 from core.commands.basic_routing_analysis import main
 from core.pipeline.run import BasicRoutingAnalysis
 from core.pipeline.options import OptionsError, parse_options
+from core.pipeline.spec import AnalysisSpec, Finding, register, registered, unregister
 from tests.compare import assert_same
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,6 +36,57 @@ EXPECTED_ANALYSES = [
 ]
 
 
+# ------------------------------------------------------------------ a toy analysis, registered from this file only
+@dataclass
+class ToyResult(ResultMixin):
+    """Tokens seen, and each layer's share of tokens whose first choice is expert 0."""
+
+    tokens: int
+    first_expert_share: np.ndarray
+
+
+class ToyAccumulator:
+    """Counts tokens whose first choice is expert 0, per layer: the smallest accumulator the one pass accepts."""
+
+    def __init__(self) -> None:
+        self.tokens, self.hits = 0, None
+
+    def update(self, chunk) -> None:
+        hits = (chunk.topk_idx[:, :, 0] == 0).sum(0).numpy()
+        self.hits = hits if self.hits is None else self.hits + hits
+        self.tokens += chunk.num_tokens
+
+    def merge(self, other: "ToyAccumulator") -> "ToyAccumulator":
+        self.tokens += other.tokens
+        self.hits = other.hits if self.hits is None else self.hits + (0 if other.hits is None else other.hits)
+        return self
+
+    def result(self) -> ToyResult:
+        return ToyResult(self.tokens, self.hits / max(self.tokens, 1))
+
+
+TOY = "toy_first_expert"
+TOY_OUTPUTS: dict = {}  # the first run's outputs, kept before the second run (without the toy) rewrites the run folder
+
+
+def _toy_report(res: ToyResult, record, page) -> None:
+    import plotly.graph_objects as go
+
+    page.section("Toy analysis", "A toy analysis registered by a test.")
+    page.figure("Toy analysis", "toy_figure", go.Figure(go.Bar(y=res.first_expert_share)), caption="Toy: share of expert 0")
+
+
+TOY_SPEC = AnalysisSpec(
+    TOY, "pass", order=95, build=lambda ctx: ToyAccumulator(),
+    headline=lambda res, record: {"toy_tokens": res.tokens},
+    findings=lambda res, record: [Finding(TOY, f"Toy analysis: expert 0 is first for {res.first_expert_share.max():.1%} "
+                                               f"of {res.tokens} tokens at most.", ("toy_figure",))],
+    warnings=lambda res, record: ["toy warning: a test registered this analysis"],
+    report=_toy_report,
+    wandb_tables=lambda res, record, decode: {"tables/toy": pd.DataFrame({"share": res.first_expert_share})},
+)
+
+
 def _json_metrics(path: Path) -> dict:
     """metrics.json with its arrays read back from arrays.safetensors, as the JSON values it held before they moved out."""
     return to_jsonable(load_metrics(path))
@@ -40,7 +96,13 @@ def _json_metrics(path: Path) -> dict:
 def micro_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipeline")
     kwargs = dict(micro=True, results_dir=str(root / "results"), models_dir=str(root / "models"), progress=False, run_name="micro")
-    first = BasicRoutingAnalysis(use_wandb=True, wandb_project="moe-routing-study-test", **kwargs).run()
+    register(TOY_SPEC)  # the toy analysis of this file: it must reach every output (test_a_registered_analysis_...)
+    try:
+        first = BasicRoutingAnalysis(use_wandb=True, wandb_project="moe-routing-study-test", **kwargs).run()
+    finally:
+        unregister(TOY)
+    TOY_OUTPUTS.update(metrics=load_metrics(first.run_dir), report=first.report.read_text(),  # before the rerun rewrites them
+                       summary=(first.run_dir / "summary.md").read_text())
     manifests = {p: p.stat().st_mtime_ns for p in (root / "results" / "cache").rglob("manifest.json")}
     reads = Counter()
     real_read = RoutingCache._read_checked
@@ -56,8 +118,8 @@ def micro_run(tmp_path_factory):
 
 
 def test_every_artifact_exists_and_is_well_formed(micro_run):
-    root, first, _, _, _ = micro_run
-    run_dir = root / "results" / "micro"
+    root, first, second, _, _ = micro_run
+    run_dir = root / "results" / "micro"  # the files are the second run's (the cached rerun writes the same folder)
     assert first.run_dir == run_dir
     metrics = load_metrics(run_dir)  # big arrays are in arrays.safetensors beside metrics.json
     assert metrics["correlation_topk"]["corr"].ndim == 2 and (run_dir / "arrays.safetensors").is_file()
@@ -81,7 +143,7 @@ def test_every_artifact_exists_and_is_well_formed(micro_run):
     learned = html[html.index("<h2>What we learned</h2>"):html.index("<h2>Summary</h2>")]
     links = re.findall(r"href='#item-([^']+)'", learned)
     assert len(links) >= 8 and all(f"id='item-{name}'" in html for name in links), links
-    assert learned.count("<li>") == len(first.findings)
+    assert learned.count("<li>") == len(second.findings)
     assert "diagnosis_thresholds" in html and "collaboration_parameters" in html
     assert "<script src=\"http" not in html
     data_files = list((run_dir / "data").iterdir())
@@ -102,6 +164,32 @@ def test_every_artifact_exists_and_is_well_formed(micro_run):
     if shutil.which("chromium") or os.environ.get("CI"):  # static images need a browser for kaleido
         pngs = list((run_dir / "figures").glob("*.png"))
         assert len(pngs) >= 15 and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+
+
+def test_a_registered_analysis_reaches_every_output(micro_run):
+    """The toy analysis above was registered from this file alone: it ran in the one pass and every sink wrote it."""
+    root, first, second, _, _ = micro_run
+    run_dir = root / "results" / "micro"
+    metrics = TOY_OUTPUTS["metrics"]
+    assert metrics[TOY]["tokens"] == metrics["headline"]["tokens"] == metrics["headline"]["toy_tokens"]
+    assert len(metrics[TOY]["first_expert_share"]) == len(metrics["routing_stats"]["moe_layers"])
+    toy_finding = next(f for f in first.findings if f.startswith("Toy analysis:"))
+    assert toy_finding in metrics["findings"] and "toy warning: a test registered this analysis" in first.warnings
+    html = TOY_OUTPUTS["report"]
+    assert "<h2>Toy analysis</h2>" in html and "id='item-toy_figure'" in html
+    learned = html[html.index("<h2>What we learned</h2>"):html.index("<h2>Summary</h2>")]
+    assert "href='#item-toy_figure'" in learned  # the finding links its figure by key, not by its wording
+    summary = TOY_OUTPUTS["summary"]
+    assert "Toy analysis: expert 0 is first" in summary and "toy warning" in summary
+    if shutil.which("chromium") or os.environ.get("CI"):
+        assert (run_dir / "figures" / "toy_figure.png").is_file()
+    from viz.wandb_logger import read_offline_run
+
+    logged = read_offline_run(first.wandb_dir)
+    assert any(k.startswith("tables/toy") for h in logged["history"] for k in h)
+    assert "toy_tokens" in json.dumps(logged["summary"], default=str)
+    assert TOY not in {s.name for s in registered()}  # unregistered after the run: the second run did not have it
+    assert TOY not in load_metrics(second.metrics.parent)
 
 
 def test_wandb_offline_run_holds_what_was_logged(micro_run):

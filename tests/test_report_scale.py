@@ -20,7 +20,9 @@ from core.analysis.routing_stats import routing_stats
 from core.analysis.specialization import domain_specialization
 from core.routing_data import RoutingData
 from viz.browser_check import check_page, find_chromium
-from viz.run_report import build_report
+from core.pipeline.outputs import build_report
+from core.pipeline.record import RunRecord
+from core.pipeline.spec import Finding
 
 DATASETS = ["wikitext2", "gsm8k", "humaneval"]
 MB = 1 << 20
@@ -60,8 +62,8 @@ def _collaboration(L: int, E: int, rng: np.random.Generator, K: int = 16) -> Sim
                            params={"activation_threshold": 0.5, "threshold_rule": "relative"})
 
 
-def synthetic_results(L: int, E: int, seed: int = 0) -> SimpleNamespace:
-    """``RunResults``-like results of an L x E model: everything whose size grows with the shape."""
+def synthetic_results(L: int, E: int, seed: int = 0) -> RunRecord:
+    """The record of a run of an L x E model, with the results whose size grows with the shape."""
     rng = np.random.default_rng(seed)
     rd = _routing(L, E, seed=seed)
     topk, probs = _correlation("topk", L, E, rng), _correlation("probs", L, E, rng)
@@ -70,7 +72,9 @@ def synthetic_results(L: int, E: int, seed: int = 0) -> SimpleNamespace:
         mean = np.abs(rng.normal(0, 0.02, (L, L)))
         diffs[f"{a} - {b}"] = CorrelationDifference(a, b, "topk", list(range(L)), E, _matrix(L * E, rng), mean + mean.T, mean - mean.T)
     by_dataset = {name: routing_stats(rd.select(rd.dataset_ids == d)) for d, name in enumerate(DATASETS)}
-    return SimpleNamespace(results={
+    return RunRecord(options={}, model={"name": f"synthetic {L}x{E}"}, datasets=tuple(DATASETS), tokens={}, checkpoints=(),
+                     findings=(Finding("correlation_topk", "Cross-layer correlation: synthetic", ("correlation_layer_summary",)),),
+                     results={
         "routing_stats": routing_stats(rd), "routing_stats_by_dataset": by_dataset,
         "correlation_topk": topk, "correlation_probs": probs, "correlation_difference": diffs,
         "coactivation": coactivation(rd), "routing_paths": routing_paths(rd),
@@ -79,7 +83,7 @@ def synthetic_results(L: int, E: int, seed: int = 0) -> SimpleNamespace:
 
 
 def _write(L: int, E: int, out) -> tuple[object, object]:
-    rep, figs = build_report(synthetic_results(L, E), {"model": f"synthetic {L}x{E}"}, ["Cross-layer correlation: synthetic"], [])
+    rep, figs = build_report(synthetic_results(L, E), summary={"model": f"synthetic {L}x{E}"})
     return rep, rep.write(out)
 
 

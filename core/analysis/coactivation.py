@@ -155,9 +155,13 @@ class RoutingPathsAccumulator(RoutingAccumulator):
         self.pruned_paths += other.pruned_paths
         self._prune()
 
+    def _most_common(self, n: int) -> list[tuple[tuple[int, ...], int]]:
+        """The ``n`` most frequent paths, ties broken by the path itself: the same whatever the chunks or their order."""
+        return sorted(self.counter.items(), key=lambda kv: (-kv[1], kv[0]))[:n]
+
     def _prune(self) -> None:
         if len(self.counter) > 2 * self.max_paths:
-            kept = dict(self.counter.most_common(self.max_paths))
+            kept = dict(self._most_common(self.max_paths))
             self.pruned_tokens += sum(self.counter.values()) - sum(kept.values())
             self.pruned_paths += len(self.counter) - len(kept)
             self.counter = Counter(kept)
@@ -167,7 +171,7 @@ class RoutingPathsAccumulator(RoutingAccumulator):
         p = np.array(list(self.counter.values()) + [1] * self.pruned_tokens, dtype=np.float64) / n
         ent = float(entropy(p))
         max_ent = min(len(self.sel) * np.log(E), np.log(n)) if E > 1 else 0.0
-        top = self.counter.most_common(self.top_n)
+        top = self._most_common(self.top_n)
         return RoutingPaths(
             layers=[self.layout.moe_layers[i] for i in self.sel],
             num_experts=E,

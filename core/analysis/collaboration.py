@@ -24,6 +24,7 @@ import torch
 from sklearn.decomposition import DictionaryLearning, MiniBatchDictionaryLearning
 from sklearn.exceptions import ConvergenceWarning
 
+from core.analysis.resampling import token_uniforms
 from core.analysis.results import ResultMixin
 from core.analysis.specialization import DomainSpecialization, DomainSpecializationAccumulator
 from core.analysis.streaming import RoutingAccumulator, as_chunks, chunk_seed, fold_one, group_ids, require
@@ -309,13 +310,10 @@ class CollaborationAccumulator(RoutingAccumulator):
     def _add(self, chunk: RoutingData) -> None:
         ids = group_ids(chunk, self.miner.by)
         self.spec.update(chunk)
-        m = round(chunk.num_tokens * self.miner.sample_ratio)
-        if m == 0:
+        pick, priority = self._sample(chunk)
+        if not len(pick):
             return
-        rng = np.random.default_rng(chunk_seed(chunk, self.miner.random_seed))
-        pick = np.sort(rng.choice(chunk.num_tokens, size=m, replace=False))
-        priority = rng.random(m)
-        self.sampled += m
+        self.sampled += len(pick)
         if len(self.priority) >= self.miner.max_rows:  # rows that cannot make the sample are never computed
             enter = priority < self.priority.max()
             pick, priority = pick[enter], priority[enter]
@@ -323,6 +321,22 @@ class CollaborationAccumulator(RoutingAccumulator):
                 return
         x = self.miner._activations(chunk.select(torch.from_numpy(pick.astype(np.int64)))).astype(np.float32)
         self._keep(x, ids[pick], priority)
+
+    def _sample(self, chunk: RoutingData) -> tuple[np.ndarray, np.ndarray]:
+        """The tokens sampled (about ``sample_ratio`` of them) and their priorities, from where each token is.
+
+        Each token's draw depends on its dataset, document and position only, so the sample is the
+        same however the stream is cut; without those labels, ``sample_ratio`` of the chunk is drawn
+        with a seed from where the chunk starts.
+        """
+        u = token_uniforms(chunk, self.miner.random_seed, 0)
+        if u is not None:
+            pick = np.flatnonzero(u < self.miner.sample_ratio)
+            return pick, token_uniforms(chunk, self.miner.random_seed, 1)[pick]
+        m = round(chunk.num_tokens * self.miner.sample_ratio)
+        rng = np.random.default_rng(chunk_seed(chunk, self.miner.random_seed))
+        pick = np.sort(rng.choice(chunk.num_tokens, size=m, replace=False))
+        return pick, rng.random(m)
 
     def _keep(self, x: np.ndarray, g: np.ndarray, priority: np.ndarray) -> None:
         """Append rows, then keep the ``max_rows`` of lowest priority in the order they came."""

@@ -53,6 +53,28 @@ def block_of(keys: np.ndarray, num_blocks: int = NUM_BLOCKS) -> np.ndarray:
     return (h % np.uint64(num_blocks)).astype(np.int64)
 
 
+def _mix(h: np.ndarray) -> np.ndarray:
+    """splitmix64's finalizer: every bit of the input reaches every bit of the output."""
+    h = (h ^ (h >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    h = (h ^ (h >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return h ^ (h >> np.uint64(31))
+
+
+def token_uniforms(chunk: RoutingData, *seed: int) -> np.ndarray | None:
+    """A uniform number in [0, 1) per token, from where the token is (dataset, document, position) and ``seed``.
+
+    So a token is sampled the same way however the stream is cut into chunks or shared between
+    processes. None when the chunk has no document or position labels.
+    """
+    if chunk.doc_ids is None or chunk.positions is None:
+        return None
+    with np.errstate(over="ignore"):
+        h = _mix(document_keys(chunk).astype(np.uint64)) ^ (chunk.positions.numpy().astype(np.int64).astype(np.uint64) + np.uint64(1))
+        for s in seed:
+            h = _mix(h ^ _mix(np.full_like(h, np.uint64(int(s) & 0xFFFFFFFFFFFFFFFF))))
+        return (_mix(h) >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
 def sum_by(units: np.ndarray, values: np.ndarray, num_units: int) -> np.ndarray:
     """``values [N, ...]`` summed per unit id in ``[0, num_units)``: ``[num_units, ...]``."""
     n = values.shape[0]

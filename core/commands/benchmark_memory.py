@@ -39,11 +39,13 @@ def synthetic_routing(tokens: int, layers: int, experts: int, k: int, vocab: int
 
 def main_run_accumulators(resamples: int = 200) -> dict:
     """The accumulators of the main run (two checkpoints, so the dynamics are included)."""
-    from core.pipeline.suite import routing_accumulators
+    from core.pipeline.context import RunContext
+    from core.pipeline.options import make_options
+    from core.pipeline.suite import pass_accumulators
 
     ckpts = [SimpleNamespace(name="step1", step=1), SimpleNamespace(name="main", step=2)]
-    return routing_accumulators(SimpleNamespace(checkpoints=ckpts), micro=False, collaboration=True, resamples=resamples,
-                                frequent_ids=list(range(1024)))
+    ctx = RunContext(make_options(resamples=resamples), None, SimpleNamespace(checkpoints=ckpts), {}, token_ids=list(range(1024)))
+    return pass_accumulators(ctx)[0]
 
 
 def _inner(acc) -> object:

@@ -8,6 +8,7 @@ summary.md (``core.pipeline.summary``). The command line is ``core.commands.basi
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any
@@ -37,119 +38,87 @@ class BasicRoutingAnalysis:
 
     def run(self) -> RunSummary | None:
         """Do the whole job; returns where the report is (None on a torchrun rank other than 0, which only collects)."""
-        from core.array_files import write_metrics
-        from core.safe_io import atomic_write_text
-        from core.pipeline.suite import run_analyses
-        from core.pipeline.targets import (collect_all, load_tokenized, open_wrapper, resolve_model, train_embedded_model,
-                                    training_exclusion, write_random)
-        from core.pipeline.findings import findings, headline_numbers, warnings_of
-        from core.pipeline.launch import rank_zero_first, start_ranks
+        from core.pipeline import targets
+        from core.pipeline.context import RunContext
+        from core.pipeline.findings import conclude
+        from core.pipeline.launch import start_ranks
         from core.pipeline.stage_clock import StageClock
-        from core.model_access.shapes import is_random_spec
+        from core.pipeline.suite import run_analyses
 
         opts = self.options
         preflight(opts)  # a missing GPU or an unwritable folder is found now, not after the analyses
         ranks, opts.device = start_ranks(opts.device)  # under torchrun: this rank's share and device
         opts.progress = opts.progress and ranks.rank == 0
-        t0 = time.perf_counter()
-        clock = StageClock(opts.device)
+        t0, clock = time.perf_counter(), StageClock(opts.device)
         say = print if opts.progress else (lambda *a, **k: None)
+        target, wrapper = self._open_model(ranks, clock, say)
+        with clock.stage("datasets tokenized"):  # held-out documents only
+            tokenized = targets.load_tokenized(opts, wrapper.tokenizer, exclude=targets.training_exclusion(target))
+        say(f"[2/4] collecting routing on {', '.join(f'{n} ({t.num_tokens} tokens)' for n, t in tokenized.items())}")
+        with clock.stage("collection"):
+            sweep = targets.collect_all(opts, target, tokenized, final_wrapper=wrapper)
+        say("[3/4] analysing")
+        record = run_analyses(RunContext(opts, wrapper, sweep, tokenized), targets.model_card(target, wrapper, tokenized),
+                              clock, ranks)
+        if record is None:
+            return None  # this rank's share is collected and analysed; rank 0 merges the analyses and writes the report
+        with clock.stage("findings"):
+            record = conclude(record)
+        return self._write(record, lambda t: wrapper.tokenizer.decode([t]), clock, t0, say)
+
+    def _open_model(self, ranks: Any, clock: Any, say: Any) -> tuple[Any, Any]:
+        """The model target (the embedded model trained, or random weights written, first if missing) and its final wrapper."""
+        from core.model_access.shapes import is_random_spec
+        from core.pipeline import targets
+        from core.pipeline.launch import rank_zero_first
+
+        opts = self.options
         embedded_run = None
         if opts.model is None:
             say("[0/4] the embedded model (trained on the bundled corpus if it is not there yet)")
             with clock.stage("embedded model trained or found"), rank_zero_first(ranks):
-                embedded_run = train_embedded_model(opts)
+                embedded_run = targets.train_embedded_model(opts)
         elif is_random_spec(opts.model):
             say(f"[0/4] {opts.model}: random weights (written into {opts.models_dir}/random/ if not there yet)")
             with clock.stage("random weights written or found"), rank_zero_first(ranks):
-                write_random(opts)
+                targets.write_random(opts)
         with clock.stage("model loaded"):
-            target = resolve_model(opts, embedded_run)
+            target = targets.resolve_model(opts, embedded_run)
             say(f"[1/4] model {target.name}: {len(target.checkpoints)} checkpoint(s): {', '.join(c.name for c in target.checkpoints)}")
-            wrapper = open_wrapper(target, target.final, opts)
+            wrapper = targets.open_wrapper(target, target.final, opts)
         if wrapper.tokenizer is None:
             raise OptionsError(f"model {target.name} has no tokenizer to turn the datasets into tokens")
-        with clock.stage("datasets tokenized"):
-            tokenized = load_tokenized(opts, wrapper.tokenizer, exclude=training_exclusion(target))  # held-out documents only
-        say(f"[2/4] collecting routing on {', '.join(f'{n} ({t.num_tokens} tokens)' for n, t in tokenized.items())}")
-        with clock.stage("collection"):
-            sweep = collect_all(opts, target, tokenized, final_wrapper=wrapper)
-        say("[3/4] analysing")
-        results = run_analyses(wrapper, sweep, tokenized, ablation=opts.ablation, ablation_tokens=opts.ablation_tokens,
-                               collaboration=opts.collaboration, micro=opts.micro, progress=opts.progress,
-                               resamples=opts.resamples, seed=opts.seed, clock=clock, ranks=ranks,
-                               pruning=opts.pruning_fractions if opts.pruning else (), pruning_tokens=opts.pruning_tokens)
-        if results is None:
-            return None  # this rank's share is collected and analysed; rank 0 merges the analyses and writes the report
-        from core.study_moe.training_data import training_data_note
+        return target, wrapper
 
-        results.model.update({"checkpoints": [c.name for c in target.checkpoints], "embedded": target.embedded,
-                              "training_data": training_data_note(target.run_dir, tokenized)})
-        with clock.stage("findings"):
-            headline, found, warns = headline_numbers(results), findings(results), warnings_of(results)
+    def _write(self, record: Any, decode: Any, clock: Any, t0: float, say: Any) -> RunSummary:
+        """Every output of the run, from its record: metrics.json (and its arrays), the report, images, W&B, summary.md."""
+        from core.array_files import write_metrics
+        from core.pipeline.outputs import build_report, log_wandb
+        from core.safe_io import atomic_write_text
 
-        run_dir = Path(opts.results_dir) / _run_name(opts, target.name)
+        opts = self.options
+        run_dir = Path(opts.results_dir) / _run_name(opts, record.model["name"])
         run_dir.mkdir(parents=True, exist_ok=True)
         say(f"[4/4] writing {run_dir}")
         with clock.stage("metrics.json"):  # big arrays go to arrays.safetensors beside it (core.array_files)
-            metrics = {"options": opts.to_dict(), "headline": headline, "findings": found, "warnings": warns, **results.header(),
-                       **results.results}  # the results keep their arrays for the writer
-            metrics_path = write_metrics(run_dir / "metrics.json", metrics)
+            metrics_path = write_metrics(run_dir / "metrics.json", record.metrics())
         with clock.stage("report"):
-            report_path, figs = self._write_report(run_dir, results, target, tokenized, wrapper, found, warns)
+            report, figs = build_report(record, decode)
+            report_path = report.write(run_dir)
         if opts.static != "none":
             from viz.static_export import export_many
 
             with clock.stage(f"static images ({opts.static})"):
                 _, reason = export_many(figs, run_dir / "figures", fmt=opts.static)
             if reason:
-                warns.append(f"no static images: {reason}")
+                record = dataclasses.replace(record, warnings=record.warnings + (f"no static images: {reason}",))
         wandb_dir = None
         if opts.wandb:
             with clock.stage("W&B"):
-                wandb_dir = self._log_wandb(run_dir, results, headline, figs, report_path, target.name,
-                                            lambda t: wrapper.tokenizer.decode([t]))
-        seconds = time.perf_counter() - t0
-        summary = RunSummary(run_dir=run_dir, report=report_path, metrics=metrics_path, headline=headline, findings=found,
-                             warnings=warns, seconds=seconds, wandb_dir=wandb_dir,
-                             training_data=results.model.get("training_data"), stages=clock)
-        atomic_write_text(run_dir / "summary.md", summary_markdown(summary, target.name))
+                wandb_dir = log_wandb(record, run_dir, figs, report_path, decode)
+        summary = RunSummary(run_dir=run_dir, report=report_path, metrics=metrics_path, headline=dict(record.headline),
+                             findings=[f.text for f in record.findings], warnings=list(record.warnings),
+                             seconds=time.perf_counter() - t0, wandb_dir=wandb_dir,
+                             training_data=record.model.get("training_data"), stages=clock)
+        atomic_write_text(run_dir / "summary.md", summary_markdown(summary, record.model["name"]))
         return summary
-
-    def _write_report(self, run_dir: Path, results: Any, target: Any, tokenized: dict, wrapper: Any,
-                      found: list[str], warns: list[str]) -> tuple[Path, dict]:
-        from viz.run_report import build_report
-
-        tok = wrapper.tokenizer
-        summary = {
-            "model": target.name,
-            "revision": target.revision or target.final.name,
-            "weights digest": target.weights_digest or "(Hub revision)",
-            "family": results.model.get("family"),
-            "MoE layers": results.model.get("moe_layers"),
-            "experts / top-k": f"{results.model.get('num_experts')} / {results.model.get('top_k')}",
-            "datasets": ", ".join(results.datasets),
-            "tokens": ", ".join(f"{n}: {c}" for n, c in results.tokens.items()),
-            "checkpoints": ", ".join(c["name"] for c in results.checkpoints),
-            "data the model saw": results.model.get("training_data") or "not recorded by this toolkit (the model's own training data)",
-            "intervals": f"95% over documents, {self.options.resamples} bootstrap resamples; nulls from shuffled data",
-        }
-        report, figs = build_report(results, summary, found, warns, decode=lambda t: tok.decode([t]),
-                                    title=f"MoE routing report: {target.name}")
-        return report.write(run_dir), figs
-
-    def _log_wandb(self, run_dir: Path, results: Any, headline: dict, figs: dict, report: Path, model: str,
-                   decode: Any) -> Path:
-        """A W&B run grouped by model: checkpoints as steps, tables, figures, the report as an artifact (``viz.wandb_dashboard``)."""
-        from viz.wandb_dashboard import log_run
-        from viz.wandb_logger import WandbLogger
-
-        config = {**self.options.to_dict(), "model": model, "datasets": results.datasets,
-                  "checkpoints": [c["name"] for c in results.checkpoints]}
-        logger = WandbLogger(self.options.wandb_project, run_dir, name=run_dir.name, config=config, group=model)
-        try:
-            log_run(logger, results, headline, figs, report, run_dir / "metrics.json", decode)
-        except BaseException:
-            logger.finish(exit_code=1)
-            raise
-        return logger.finish()

@@ -238,3 +238,12 @@ def announce_downloads(opts: RunOptions, target: ModelTarget, to_load: list[Chec
     text = plan_text(target.source, revisions, keep=opts.keep_checkpoints)
     say(text)
     return text
+
+
+def model_card(target: ModelTarget, wrapper: MoEModelWrapper, tokenized: dict[str, TokenizedDataset]) -> dict[str, Any]:
+    """What the report and metrics.json say of the model: name, revision, weights, shape, checkpoints, the data it saw."""
+    from core.study_moe.training_data import training_data_note
+
+    return {"name": target.name, **wrapper.describe(), "final_checkpoint": target.final.name,
+            "weights_digest": target.weights_digest, "checkpoints": [c.name for c in target.checkpoints], "embedded": target.embedded,
+            "training_data": training_data_note(target.run_dir, tokenized)}

@@ -1,0 +1,164 @@
+"""One suite every registered analysis of the one pass must pass (as scikit-learn's ``check_estimator``).
+
+For each ``"pass"`` spec of the registry, on planted routing with documents, domains, datasets,
+token ids, logits and two checkpoints: the result does not depend on how the stream is cut into
+chunks; shares folded apart and merged equal one pass; empty chunks change nothing; the result
+survives a JSON round trip; and two runs with one seed agree. Extend it with checks every
+analysis must meet (the null-calibration checks of "Calibrated statistics" go here).
+"""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from core.analysis.streaming import merge_all
+from core.pipeline.context import RunContext
+from core.pipeline.options import make_options
+from core.pipeline.spec import registered
+from core.pipeline.suite import pass_accumulators
+from core.routing_data import RoutingData
+from core.safe_io import to_jsonable
+from tests.compare import assert_same
+from tests.fakes import routing
+from tests.planted import planted
+
+DOC_LEN, DOCS = 30, 24
+PASS_SPECS = [s.name for s in registered() if s.stage == "pass"]
+
+
+def _checkpoints() -> list[RoutingData]:
+    """The same tokens at two checkpoints: the final one planted, the early one with a third of its choices redrawn."""
+    final = planted(num_docs=DOCS, doc_len=DOC_LEN, num_experts=8, top_k=2, num_layers=3, stickiness=0.3, vocab=40,
+                    token_pref=2.0, seed=1)
+    rng = np.random.default_rng(2)
+    n = final.num_tokens
+    datasets = np.asarray(final.doc_ids) % 2  # two datasets, whole documents each
+    logits = rng.normal(size=(n, 3, 8))
+    out = []
+    for c in range(2):
+        idx = final.topk_idx.numpy().copy()
+        if c == 0:
+            redraw = rng.random(n) < 1 / 3
+            idx[redraw] = np.argsort(rng.random((int(redraw.sum()), 3, 8)), axis=-1)[..., :2]
+        out.append(routing(idx, 8, logits=logits, doc_ids=final.doc_ids, positions=final.positions, domain_ids=final.domain_ids,
+                           token_ids=final.token_ids, dataset_ids=datasets, domain_names=final.domain_names,
+                           dataset_names=["d0", "d1"]))
+    return out
+
+
+CKPTS = _checkpoints()
+
+
+def _context() -> RunContext:
+    sweep = SimpleNamespace(checkpoints=[SimpleNamespace(name="early", step=10), SimpleNamespace(name="final", step=20)])
+    return RunContext(make_options(micro=True, resamples=30, seed=7), None, sweep, {}, token_ids=list(range(40)))
+
+
+def _stream(bounds: list[int]) -> list[list[RoutingData]]:
+    """Aligned items (the same tokens at every checkpoint) cut at the token offsets ``bounds``."""
+    return [[c.select(slice(a, b)) for c in CKPTS] for a, b in zip(bounds, bounds[1:]) if b > a]
+
+
+def _fold(name: str, items: list[list[RoutingData]]):
+    acc = pass_accumulators(_context())[0][name]
+    for item in items:
+        acc.update(item)
+    return acc
+
+
+def _result(acc) -> dict:
+    return to_jsonable(acc.result())
+
+
+N = DOCS * DOC_LEN
+EVEN = list(range(0, N + 1, 64)) + [N]
+DOCUMENTS = list(range(0, N + 1, DOC_LEN))  # one document per chunk
+RAGGED = [0, 7, 100, 101, 333, 500, N]  # chunks that cut documents anywhere
+
+
+# Known failures, each a defect to fix (strict: the suite fails once one is fixed, so the mark goes too).
+CHUNKED_NULLS = {  # nulls shuffled within a chunk, not within a document: their draws depend on where chunks end
+    "correlation_topk": "the layers-shuffled-within-documents null shuffles each chunk's part of a document (issue 27)",
+    "vocabulary_specialization": "token ids are shuffled within a chunk and domain, not within a document (issue 27)",
+}
+
+
+@pytest.fixture(scope="module", params=PASS_SPECS)
+def spec_name(request):
+    return request.param
+
+
+def _strict(spec_name: str, check) -> None:
+    """Run ``check``; a known defect must still fail it (then the test is an expected failure), any other must pass."""
+    if spec_name not in CHUNKED_NULLS:
+        check()
+        return
+    with pytest.raises(AssertionError):
+        check()
+    pytest.xfail(CHUNKED_NULLS[spec_name])
+
+
+@pytest.fixture(scope="module")
+def one_pass(spec_name):
+    return _result(_fold(spec_name, _stream(EVEN)))
+
+
+def test_every_pass_analysis_is_in_the_suite():
+    assert {"routing_stats", "correlation_topk", "domain_specialization", "checkpoint_dynamics"} <= set(PASS_SPECS)
+
+
+@pytest.mark.parametrize("bounds", [DOCUMENTS, RAGGED], ids=["one-document-chunks", "ragged-chunks"])
+def test_result_does_not_depend_on_chunk_size(spec_name, one_pass, bounds):
+    _strict(spec_name, lambda: assert_same(_result(_fold(spec_name, _stream(bounds))), one_pass, spec_name, rel=1e-6))
+
+
+def test_shares_merged_equal_one_pass(spec_name, one_pass):
+    """Two processes' shares (cut at a document boundary, as the run cuts them), merged in stream order."""
+    half = (DOCS // 2) * DOC_LEN
+    first, second = _fold(spec_name, _stream([0, 64, half])), _fold(spec_name, _stream([half, half + 64, N]))
+    _strict(spec_name, lambda: assert_same(_result(merge_all([{"a": first}, {"a": second}])["a"]), one_pass, spec_name, rel=1e-6))
+
+
+def test_empty_chunks_change_nothing(spec_name, one_pass):
+    items = _stream(EVEN)
+    empty = [c.select(slice(0, 0)) for c in CKPTS]
+    assert_same(_result(_fold(spec_name, [empty] + items[:3] + [empty] + items[3:])), one_pass, spec_name, rel=1e-6)
+
+
+def test_result_survives_a_json_round_trip(spec_name, one_pass):
+    text = json.dumps(one_pass, allow_nan=False)
+    assert_same(json.loads(text), one_pass, spec_name)
+
+
+def test_same_seed_same_result(spec_name, one_pass):
+    assert_same(_result(_fold(spec_name, _stream(EVEN))), one_pass, spec_name, rel=0)
+
+
+def test_the_readme_walkthrough_registers_an_analysis_that_runs():
+    """The "Add an analysis" example of the README, run as written: registered, folded, found and reported."""
+    from pathlib import Path
+
+    from core.pipeline.findings import conclude
+    from core.pipeline.outputs import build_report
+    from core.pipeline.record import RunRecord
+    from core.pipeline.spec import unregister
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("## Add an analysis"):]
+    code = section[section.index("```python") + len("```python"):section.index("```", section.index("```python") + 9)]
+    try:
+        exec(compile(code, "README.md", "exec"), {})
+        assert "first_expert" in {s.name for s in registered()}
+        result = _fold("first_expert", _stream(EVEN)).result()
+        record = conclude(RunRecord(options={}, model={"name": "planted"}, datasets=("d0", "d1"), tokens={"d0": N},
+                                    checkpoints=(), results={"first_expert": result}))
+        assert record.headline["first_expert_tokens"] == N
+        [found] = [f for f in record.findings if f.key == "first_expert"]
+        report, figures = build_report(record)
+        assert "first_expert" in figures and (found.text, "first_expert") in report.lead
+    finally:
+        unregister("first_expert")
