@@ -59,6 +59,16 @@ class LoadReport:
     excluded: int = 0  # documents left out because their text digest was in ``exclude``
 
 
+def _check_request(spec: DatasetSpec, name: str, split: str, num_samples: int | None) -> None:
+    """Refuse a split the dataset does not have, or a ``num_samples`` that is not a non-negative int."""
+    if split not in spec.splits:
+        raise UnknownSplitError(f"dataset {name!r} has no split {split!r}; splits: {', '.join(spec.splits)}")
+    if num_samples is not None and (
+        isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 0
+    ):
+        raise DataError(f"num_samples must be a non-negative int or None, got {num_samples!r}")
+
+
 class DatasetLoader:
     """Loads named datasets as labelled ``Document`` lists.
 
@@ -129,20 +139,8 @@ class DatasetLoader:
         spec = self.spec(name)
         split = spec.default_split if split is None else split
         exclude = frozenset(exclude) if exclude else None
-        if split not in spec.splits:
-            raise UnknownSplitError(f"dataset {name!r} has no split {split!r}; splits: {', '.join(spec.splits)}")
-        if num_samples is not None and (
-            isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 0
-        ):
-            raise DataError(f"num_samples must be a non-negative int or None, got {num_samples!r}")
-
-        use_hub = spec.hub is not None and (spec.bundled is None or (self.prefer_hub and not self.offline))
-        if use_hub and self.offline:
-            alt = f"; use the bundled {spec.offline_alternative!r} instead" if spec.offline_alternative else ""
-            raise OfflineUnavailableError(
-                f"dataset {name!r} is only on the Hugging Face Hub ({spec.hub.path}) and the loader is offline{alt}"
-                f" (bundled datasets: {', '.join(n for n, s in self.registry.items() if s.bundled)})"
-            )
+        _check_request(spec, name, split, num_samples)
+        use_hub = self._use_hub(spec, name)
         streaming = use_hub and spec.hub.streaming
         if streaming and num_samples is None:
             raise DataError(f"dataset {name!r} is streamed from the Hub; pass num_samples")
@@ -152,10 +150,7 @@ class DatasetLoader:
             picked, available, skipped, excluded = self._collect(parsed, num_samples, seed, streaming, exclude)
         else:
             source = "bundled"
-            everything, available, skipped, _ = self._bundled(spec, split)
-            kept = everything if not exclude else [d for d in everything if text_digest(d[1]) not in exclude]
-            excluded = len(everything) - len(kept)
-            picked = self._sample(kept, num_samples, seed)
+            picked, available, skipped, excluded = self._pick_bundled(spec, split, num_samples, seed, exclude)
         if num_samples is not None and len(picked) < num_samples:
             warnings.warn(
                 f"{name} ({split}) has only {len(picked)} documents"
@@ -173,6 +168,27 @@ class DatasetLoader:
             Document(text, spec.name, spec.domain, i, {"split": split, "source": source, "index": index, **meta})
             for i, (index, text, meta) in enumerate(picked)
         ]
+
+    def _use_hub(self, spec: DatasetSpec, name: str) -> bool:
+        """Whether ``name`` is read from the Hub; a Hub-only name offline is refused, naming the bundled alternative."""
+        use_hub = spec.hub is not None and (spec.bundled is None or (self.prefer_hub and not self.offline))
+        if use_hub and self.offline:
+            alt = f"; use the bundled {spec.offline_alternative!r} instead" if spec.offline_alternative else ""
+            raise OfflineUnavailableError(
+                f"dataset {name!r} is only on the Hugging Face Hub ({spec.hub.path}) and the loader is offline{alt}"
+                f" (bundled datasets: {', '.join(n for n, s in self.registry.items() if s.bundled)})"
+            )
+        return use_hub
+
+    def _pick_bundled(
+        self, spec: DatasetSpec, split: str, num_samples: int | None, seed: int | None, exclude: frozenset[str] | None
+    ) -> tuple[list[tuple[int, str, dict]], int | None, int, int]:
+        """(picked, available, skipped, excluded) from the bundled copy: excluded documents left out, then the sample."""
+        everything, available, skipped, _ = self._bundled(spec, split)
+        kept = everything if not exclude else [d for d in everything if text_digest(d[1]) not in exclude]
+        excluded = len(everything) - len(kept)
+        picked = self._sample(kept, num_samples, seed)
+        return picked, available, skipped, excluded
 
     def _bundled(self, spec: DatasetSpec, split: str) -> tuple[list[tuple[int, str, dict]], int | None, int, int]:
         """All non-empty documents of a bundled corpus, parsed once per loader and kept in memory."""

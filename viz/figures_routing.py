@@ -211,6 +211,39 @@ def coactivation_heatmap(
     )
 
 
+def _check_paths(
+    paths: Sequence[tuple[int, ...]], counts: Sequence[float], layers: Sequence[int]
+) -> tuple[list[int], list[tuple[int, ...]], np.ndarray]:
+    """The Sankey's inputs as ints and an array, refused with one line when paths, counts and layers disagree."""
+    layers = [int(v) for v in layers]
+    if len(layers) < 2:
+        raise FigureInputError("layers: a routing path needs at least 2 layers")
+    counts_arr = as_array(counts, 1, "counts")
+    paths = [tuple(int(e) for e in p) for p in paths]
+    check_len(paths, counts_arr.shape[0], "paths", "counts")
+    for i, path in enumerate(paths):
+        if len(path) != len(layers):
+            raise FigureInputError(
+                f"paths[{i}]: has {len(path)} experts but layers has {len(layers)}"
+            )
+    return layers, paths, counts_arr
+
+
+def _path_flows(
+    paths: list[tuple[int, ...]], counts: np.ndarray, num_layers: int
+) -> tuple[dict[tuple[int, int], int], dict[tuple[int, int], float]]:
+    """Sankey node ids per (position, expert) in first-seen order, and the summed flow between neighbouring nodes."""
+    nodes: dict[tuple[int, int], int] = {}
+    for path in paths:
+        for pos, expert in enumerate(path):
+            nodes.setdefault((pos, expert), len(nodes))
+    flows: dict[tuple[int, int], float] = defaultdict(float)
+    for path, count in zip(paths, counts):
+        for pos in range(num_layers - 1):
+            flows[(nodes[(pos, path[pos])], nodes[(pos + 1, path[pos + 1])])] += float(count)
+    return nodes, flows
+
+
 def routing_paths_sankey(
     paths: Sequence[tuple[int, ...]],
     counts: Sequence[float],
@@ -223,25 +256,8 @@ def routing_paths_sankey(
     ``paths[i]`` gives the (top-1) expert at each of ``layers`` and ``counts[i]`` how many
     tokens took that path; flows between neighbouring layers are summed over paths.
     """
-    layers = [int(v) for v in layers]
-    if len(layers) < 2:
-        raise FigureInputError("layers: a routing path needs at least 2 layers")
-    counts_arr = as_array(counts, 1, "counts")
-    paths = [tuple(int(e) for e in p) for p in paths]
-    check_len(paths, counts_arr.shape[0], "paths", "counts")
-    for i, path in enumerate(paths):
-        if len(path) != len(layers):
-            raise FigureInputError(
-                f"paths[{i}]: has {len(path)} experts but layers has {len(layers)}"
-            )
-    nodes: dict[tuple[int, int], int] = {}
-    for path in paths:
-        for pos, expert in enumerate(path):
-            nodes.setdefault((pos, expert), len(nodes))
-    flows: dict[tuple[int, int], float] = defaultdict(float)
-    for path, count in zip(paths, counts_arr):
-        for pos in range(len(layers) - 1):
-            flows[(nodes[(pos, path[pos])], nodes[(pos + 1, path[pos + 1])])] += float(count)
+    layers, paths, counts_arr = _check_paths(paths, counts, layers)
+    nodes, flows = _path_flows(paths, counts_arr, len(layers))
     order = sorted(nodes, key=lambda k: nodes[k])
     span = max(len(layers) - 1, 1)
     fig = go.Figure(

@@ -7,6 +7,7 @@ them is HTML-escaped before Plotly sees it.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 import plotly.graph_objects as go
@@ -24,6 +25,40 @@ from viz._common import (
     heatmap_height,
     token_label,
 )
+
+
+class _Colours(NamedTuple):
+    """What the domain-specialization heatmap colours and shows on hover, with or without a baseline."""
+
+    z: np.ndarray
+    custom: np.ndarray
+    colorscale: str
+    zmid: float | None
+    zmin: float | None
+    zmax: float | None
+    value_txt: str
+    bar_title: str
+
+
+def _share_colours(share: np.ndarray, baseline: np.ndarray | float | None) -> _Colours:
+    """Colour by share itself, or (with a baseline) by log2(share / baseline) saturated at ±5; a baseline must be positive."""
+    if baseline is None:
+        return _Colours(z=share, custom=np.dstack([share, share]), colorscale=SEQUENTIAL, zmid=None, zmin=None, zmax=None,
+                        value_txt="share %{z:.4f}", bar_title="share of domain's routing")
+    base = np.broadcast_to(np.asarray(baseline, dtype=float), (share.shape[1],)).copy()
+    if np.any(base <= 0):
+        raise FigureInputError("baseline: must be positive to form a ratio")
+    with np.errstate(divide="ignore"):
+        z = np.log2(np.maximum(share, 1e-12) / base[None, :])
+    custom = np.dstack([share, np.broadcast_to(base, share.shape)])
+    # An expert a domain never uses gives log2(0); saturate the colours at ±5 (32×).
+    span = float(min(np.nanmax(np.abs(z)), 5.0)) or 1.0
+    value_txt = (
+        "share %{customdata[0]:.4f}<br>baseline %{customdata[1]:.4f}<br>"
+        "log2 ratio %{z:.2f}"
+    )
+    return _Colours(z=z, custom=custom, colorscale=DIVERGING, zmid=0.0, zmin=-span, zmax=span,
+                    value_txt=value_txt, bar_title="log2(share / baseline)")
 
 
 def domain_specialization_heatmap(
@@ -44,39 +79,20 @@ def domain_specialization_heatmap(
     where = f" in layer {int(layer)}" if layer is not None else ""
     layer_txt = f"layer {int(layer)}<br>" if layer is not None else ""
     rows = list(range(len(names)))
-    if baseline is None:
-        z, colorscale, zmid = share, SEQUENTIAL, None
-        custom = np.dstack([share, share])
-        value_txt = "share %{z:.4f}"
-        bar_title = "share of domain's routing"
-    else:
-        base = np.broadcast_to(np.asarray(baseline, dtype=float), (num_experts,)).copy()
-        if np.any(base <= 0):
-            raise FigureInputError("baseline: must be positive to form a ratio")
-        with np.errstate(divide="ignore"):
-            z = np.log2(np.maximum(share, 1e-12) / base[None, :])
-        custom = np.dstack([share, np.broadcast_to(base, share.shape)])
-        colorscale, zmid = DIVERGING, 0.0
-        # An expert a domain never uses gives log2(0); saturate the colours at ±5 (32×).
-        span = float(min(np.nanmax(np.abs(z)), 5.0)) or 1.0
-        value_txt = (
-            "share %{customdata[0]:.4f}<br>baseline %{customdata[1]:.4f}<br>"
-            "log2 ratio %{z:.2f}"
-        )
-        bar_title = "log2(share / baseline)"
+    c = _share_colours(share, baseline)
     fig = go.Figure(
         go.Heatmap(
-            z=z,
+            z=c.z,
             x=list(range(num_experts)),
             y=rows,
-            customdata=custom,
-            colorscale=colorscale,
-            zmid=zmid,
-            zmin=None if baseline is None else -span,
-            zmax=None if baseline is None else span,
-            colorbar={"title": {"text": bar_title}},
+            customdata=c.custom,
+            colorscale=c.colorscale,
+            zmid=c.zmid,
+            zmin=c.zmin,
+            zmax=c.zmax,
+            colorbar={"title": {"text": c.bar_title}},
             text=[[names[r]] * num_experts for r in rows],
-            hovertemplate=f"{layer_txt}domain %{{text}}<br>expert %{{x}}<br>{value_txt}<extra></extra>",
+            hovertemplate=f"{layer_txt}domain %{{text}}<br>expert %{{x}}<br>{c.value_txt}<extra></extra>",
         )
     )
     fig.update_yaxes(tickmode="array", tickvals=rows, ticktext=names, autorange="reversed")
@@ -175,6 +191,27 @@ def _layer_bands(fig: go.Figure, layers: list[int], num_experts: int) -> None:
     )
 
 
+def _atoms_heatmap(atoms: np.ndarray, layers: list[int], num_experts: int, cols: np.ndarray) -> go.Heatmap:
+    """The patterns' weight per (layer, expert) column, each cell's hover naming its layer and expert."""
+    col_layer, col_expert = np.asarray(layers)[cols // num_experts], cols % num_experts
+    custom = compact(np.dstack(
+        [np.broadcast_to(col_layer, atoms.shape), np.broadcast_to(col_expert, atoms.shape)]
+    ))
+    return go.Heatmap(
+        z=compact(atoms),
+        x=compact(cols),
+        y=list(range(atoms.shape[0])),
+        customdata=custom,
+        colorscale=DIVERGING,
+        zmid=0.0,
+        colorbar={"title": {"text": "atom weight"}, "x": 0.62, "thickness": 14},
+        hovertemplate=(
+            "pattern %{y}<br>layer %{customdata[0]}<br>expert %{customdata[1]}<br>"
+            "weight %{z:.3f}<extra></extra>"
+        ),
+    )
+
+
 def collaboration_patterns(
     atoms: np.ndarray,
     pattern_domain_scores: np.ndarray,
@@ -191,30 +228,11 @@ def collaboration_patterns(
     """
     atoms, pds, layers, names, cols = _check_patterns(atoms, pattern_domain_scores, layers, num_experts, domains, columns)
     num_patterns = atoms.shape[0]
-    col_layer, col_expert = np.asarray(layers)[cols // num_experts], cols % num_experts
-    custom = compact(np.dstack(
-        [np.broadcast_to(col_layer, atoms.shape), np.broadcast_to(col_expert, atoms.shape)]
-    ))
     fig = make_subplots(
         rows=1, cols=2, column_widths=[0.72, 0.28], horizontal_spacing=0.17,
         subplot_titles=("pattern weight per layer and expert", "pattern use per domain"),
     )
-    fig.add_trace(
-        go.Heatmap(
-            z=compact(atoms),
-            x=compact(cols),
-            y=list(range(num_patterns)),
-            customdata=custom,
-            colorscale=DIVERGING,
-            zmid=0.0,
-            colorbar={"title": {"text": "atom weight"}, "x": 0.62, "thickness": 14},
-            hovertemplate=(
-                "pattern %{y}<br>layer %{customdata[0]}<br>expert %{customdata[1]}<br>"
-                "weight %{z:.3f}<extra></extra>"
-            ),
-        ),
-        row=1, col=1,
-    )
+    fig.add_trace(_atoms_heatmap(atoms, layers, num_experts, cols), row=1, col=1)
     fig.add_trace(
         go.Heatmap(
             z=pds,

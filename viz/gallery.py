@@ -24,6 +24,16 @@ HOSTILE_TOKEN = "<script>alert(1)</script>"
 def gallery_figures(seed: int = 0) -> list[tuple[str, str, go.Figure, object]]:
     """(section, name, figure, numbers) for every figure function, on synthetic data."""
     rng = np.random.default_rng(seed)
+    data = _synthetic_data(rng)
+    return (
+        _routing_figures(data) + _specialization_figures(data) + _weights_figures(data, rng) + _null_figures()
+        + _checkpoint_figures(data) + _training_figures(data, rng)
+        + _picker_figures(data["corr"], data["coact"], data["share"], data["domains"], data["num_experts"])
+    )
+
+
+def _synthetic_data(rng: np.random.Generator) -> dict:
+    """The synthetic arrays the figures share, drawn in one fixed order so a seed always gives the same page."""
     layers, num_experts = [1, 3, 5, 7], 8
     nl = len(layers)
     domains = ["math", "code", "web"]
@@ -44,19 +54,38 @@ def gallery_figures(seed: int = 0) -> list[tuple[str, str, go.Figure, object]]:
     sat = np.clip(np.linspace(0.3, 1.0, 4)[:, None] + rng.normal(0, 0.03, (4, nl)), 0, 1)
     drift = rng.uniform(0.0, 0.1, (4, nl))
     lf = pd.Index([f"L{layer}" for layer in layers], name="layer")
+    return {
+        "layers": layers, "num_experts": num_experts, "nl": nl, "domains": domains, "util": util, "sim": sim,
+        "entropy": entropy, "corr": corr, "coact": coact, "share": share, "tokens": tokens, "vocab": vocab,
+        "atoms": atoms, "pds": pds, "delta": delta, "spectra": spectra, "own": own, "other": other, "steps": steps,
+        "sat": sat, "drift": drift, "lf": lf,
+    }
+
+
+def _routing_figures(data: dict) -> list[tuple[str, str, go.Figure, object]]:
+    """The Routing section: similarity, load, entropy, correlation, co-activation and paths."""
+    layers, lf, sim, util, coact = data["layers"], data["lf"], data["sim"], data["util"], data["coact"]
     return [
         ("Routing", "router_similarity", P.router_similarity_heatmap(sim, layers),
          pd.DataFrame(sim, index=lf, columns=lf)),
         ("Routing", "utilization", P.utilization_heatmap(util, layers),
          pd.DataFrame(util, index=lf)),
-        ("Routing", "entropy", P.entropy_per_layer(entropy, layers, max_entropy=np.log(num_experts)),
-         {"layers": layers, "entropy": entropy}),
+        ("Routing", "entropy", P.entropy_per_layer(data["entropy"], layers, max_entropy=np.log(data["num_experts"])),
+         {"layers": layers, "entropy": data["entropy"]}),
         ("Routing", "cross_layer_correlation",
-         P.correlation_matrix(corr, [f"L{i} E{i % 3}" for i in range(6)]), None),
+         P.correlation_matrix(data["corr"], [f"L{i} E{i % 3}" for i in range(6)]), None),
         ("Routing", "coactivation", P.coactivation_heatmap(coact, 3), pd.DataFrame(coact)),
         ("Routing", "routing_paths",
          P.routing_paths_sankey([(1, 2, 3, 0), (1, 2, 4, 0), (0, 2, 3, 5)], [50, 20, 10], layers),
          None),
+    ]
+
+
+def _specialization_figures(data: dict) -> list[tuple[str, str, go.Figure, object]]:
+    """The Specialization section: domains, vocabulary, collaboration, pruning and ablation."""
+    layers, nl, num_experts, domains = data["layers"], data["nl"], data["num_experts"], data["domains"]
+    share, vocab, tokens, atoms, pds = data["share"], data["vocab"], data["tokens"], data["atoms"], data["pds"]
+    return [
         ("Specialization", "domain_specialization",
          P.domain_specialization_heatmap(share, domains, baseline=1 / num_experts, layer=3),
          pd.DataFrame(share, index=domains)),
@@ -75,32 +104,58 @@ def gallery_figures(seed: int = 0) -> list[tuple[str, str, go.Figure, object]]:
                           np.array([[.0, .02, .07], [.0, .01, .05], [.03, .09, .25]]),
                           np.array([[.02, .04, .11], [.02, .03, .09], [.07, .15, .35]])), None),
         ("Specialization", "ablation_effects",
-         P.ablation_effects(delta, ["L1 E0", "L1 E5", "L3 E2", "L7 E7"], domains), None),
+         P.ablation_effects(data["delta"], ["L1 E0", "L1 E5", "L3 E2", "L7 E7"], domains), None),
+    ]
+
+
+def _weights_figures(data: dict, rng: np.random.Generator) -> list[tuple[str, str, go.Figure, object]]:
+    """The Weights section: SVD spectra and router/expert alignment (draws its random baseline from ``rng``)."""
+    nl = data["nl"]
+    return [
         ("Weights", "svd_spectra",
-         P.svd_spectra(spectra, baseline=np.sort(rng.random(16))[::-1]), None),
+         P.svd_spectra(data["spectra"], baseline=np.sort(rng.random(16))[::-1]), None),
         ("Weights", "router_expert_alignment",
-         P.alignment_vs_baseline(own, other, np.full(nl, 0.12), np.full(nl, 0.02), layers), None),
+         P.alignment_vs_baseline(data["own"], data["other"], np.full(nl, 0.12), np.full(nl, 0.02), data["layers"]), None),
         ("Weights", "hungarian_cosine_vs_null",
          P.hungarian_cosine_vs_null(np.array([[1, .3], [.3, 1]]), np.full((2, 2), .12), np.full((2, 2), .08),
                                     np.full((2, 2), .16), [0, 1]), None),
+    ]
+
+
+def _null_figures() -> list[tuple[str, str, go.Figure, object]]:
+    """The Nulls section: an estimate drawn against its null, both with intervals."""
+    return [
         ("Nulls", "estimate_vs_null",
          P.estimate_vs_null(["0", "1", "2"], np.array([.5, .3, .2]), np.array([.45, .25, .15]), np.array([.55, .35, .25]),
                             np.array([.3, .3, .2]), np.array([.28, .27, .18]), np.array([.32, .33, .22]),
                             y_title="share of token pairs"), None),
+    ]
+
+
+def _checkpoint_figures(data: dict) -> list[tuple[str, str, go.Figure, object]]:
+    """The Checkpoints section: saturation and drift over training steps."""
+    steps, sat, layers = data["steps"], data["sat"], data["layers"]
+    return [
         ("Checkpoints", "saturation", P.saturation_over_checkpoints(steps, sat, layers), None),
-        ("Checkpoints", "drift", P.drift_over_checkpoints(steps, drift, layers), None),
+        ("Checkpoints", "drift", P.drift_over_checkpoints(steps, data["drift"], layers), None),
         ("Checkpoints", "saturation_heatmap",
          P.checkpoint_heatmap(sat, steps, layers, "top-k overlap with final"), None),
+    ]
+
+
+def _training_figures(data: dict, rng: np.random.Generator) -> list[tuple[str, str, go.Figure, object]]:
+    """The Training section: curves, utilization and entropy over time, affinity (drawn from ``rng``)."""
+    return [
         ("Training", "training_curves",
          P.training_curves([1, 2, 3, 4], {"loss": [2.6, 2.2, 2.0, 1.9]}, y_label="loss (nats/token)"),
          None),
         ("Training", "utilization_over_time",
          P.utilization_over_time([1, 2, 3, 4], rng.dirichlet(np.ones(6), 4)), None),
         ("Training", "layer_entropy_over_time",
-         P.layer_metric_over_time([1, 2, 3, 4], rng.uniform(1, 2, (4, nl)), layers,
+         P.layer_metric_over_time([1, 2, 3, 4], rng.uniform(1, 2, (4, data["nl"])), data["layers"],
                                   "router entropy", "nats"), None),
         ("Training", "affinity", P.affinity_heatmap(rng.random((12, 6))), None),
-    ] + _picker_figures(corr, coact, share, domains, num_experts)
+    ]
 
 
 def _picker_figures(corr: np.ndarray, coact: np.ndarray, share: np.ndarray, domains: list[str],

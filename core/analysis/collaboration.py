@@ -212,27 +212,11 @@ class CollaborationMiner:
         """
         X, g = am.values.astype(np.float64), am.groups
         L, E = len(am.moe_layers), am.num_experts
-        notes = []
         K = min(self.n_components, X.shape[0])
-        if K < self.n_components:
-            notes.append(f"only {X.shape[0]} sampled tokens: learned {K} patterns instead of {self.n_components}")
-        if num_sampled is not None and num_sampled > X.shape[0]:
-            notes.append(f"patterns learned and measured on a uniform sample of {X.shape[0]} of the {num_sampled} "
-                         "sampled tokens (max_rows)")
-        learner = self._learner(K, X.shape[0])
-        raw_codes, bad1 = _fit_transform(learner, X)
-        norms = np.linalg.norm(learner.components_, axis=1, keepdims=True)
-        atoms = learner.components_ / np.clip(norms, 1e-12, None)
-        codes = raw_codes * norms.T
-        xn = np.linalg.norm(X)
-        err = float(np.linalg.norm(X - codes @ atoms) / xn) if xn > 0 else 0.0
+        notes = self._sample_notes(X.shape[0], K, num_sampled)
+        atoms, codes, err, bad1 = self._learn_patterns(X, K)
         D = len(spec.group_names)
-        dom_act = np.zeros((K, D))
-        for d in range(D):
-            if (g == d).any():
-                dom_act[:, d] = codes[g == d].mean(0)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            share = np.nan_to_num(dom_act / dom_act.sum(1, keepdims=True), nan=0.0)
+        dom_act, share = _domain_use(codes, g, K, D)
         spec_k = share.max(1)
         ranking = [int(i) for i in np.argsort(-spec_k, kind="stable")]
         dom_rank = {spec.group_names[d]: [int(i) for i in np.argsort(-share[:, d], kind="stable")] for d in range(D)}
@@ -243,12 +227,7 @@ class CollaborationMiner:
             notes.append(
                 f"{bad1 + bad2} sparse-coding steps stopped before convergence; raise max_iter if atoms look noisy"
             )
-        top = {}
-        for d, name in enumerate(spec.group_names):
-            if spec.tokens[d] == 0:
-                continue
-            t = spec.top_experts(d, self.top_k)
-            top[name] = t.to_dict(orient="records")
+        top = self._top_experts(spec)
         return CollaborationResult(
             params=self.params(),
             moe_layers=am.moe_layers,
@@ -272,6 +251,48 @@ class CollaborationMiner:
             specialization=spec,
             notes=notes,
         )
+
+    def _sample_notes(self, n_rows: int, K: int, num_sampled: int | None) -> list[str]:
+        """What the result says about the sample's size: fewer patterns than asked, or a uniform part of the tokens."""
+        notes = []
+        if K < self.n_components:
+            notes.append(f"only {n_rows} sampled tokens: learned {K} patterns instead of {self.n_components}")
+        if num_sampled is not None and num_sampled > n_rows:
+            notes.append(f"patterns learned and measured on a uniform sample of {n_rows} of the {num_sampled} "
+                         "sampled tokens (max_rows)")
+        return notes
+
+    def _learn_patterns(self, X: np.ndarray, K: int) -> tuple[np.ndarray, np.ndarray, float, int]:
+        """Unit-norm atoms, codes rescaled to match, relative reconstruction error and unconverged steps of ``K`` patterns."""
+        learner = self._learner(K, X.shape[0])
+        raw_codes, bad = _fit_transform(learner, X)
+        norms = np.linalg.norm(learner.components_, axis=1, keepdims=True)
+        atoms = learner.components_ / np.clip(norms, 1e-12, None)
+        codes = raw_codes * norms.T
+        xn = np.linalg.norm(X)
+        err = float(np.linalg.norm(X - codes @ atoms) / xn) if xn > 0 else 0.0
+        return atoms, codes, err, bad
+
+    def _top_experts(self, spec: DomainSpecialization) -> dict[str, list[dict]]:
+        """The ``top_k`` most specialized experts of every domain that had tokens, as records."""
+        top = {}
+        for d, name in enumerate(spec.group_names):
+            if spec.tokens[d] == 0:
+                continue
+            t = spec.top_experts(d, self.top_k)
+            top[name] = t.to_dict(orient="records")
+        return top
+
+
+def _domain_use(codes: np.ndarray, g: np.ndarray, K: int, D: int) -> tuple[np.ndarray, np.ndarray]:
+    """Mean code of each pattern per domain ``[K, D]`` and each pattern's share of it per domain (rows sum to 1)."""
+    dom_act = np.zeros((K, D))
+    for d in range(D):
+        if (g == d).any():
+            dom_act[:, d] = codes[g == d].mean(0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        share = np.nan_to_num(dom_act / dom_act.sum(1, keepdims=True), nan=0.0)
+    return dom_act, share
 
 
 def _fit_transform(estimator, X: np.ndarray) -> tuple[np.ndarray, int]:

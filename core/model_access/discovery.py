@@ -221,24 +221,7 @@ def discover_moe_layers(model: nn.Module, spec: MoESpec | None = None) -> list[M
     named = dict(model.named_modules())
     config = getattr(model, "config", None)
     hidden_size = _config_get(config, "hidden_size", "d_model", "n_embd") if config is not None else None
-
-    router_names: list[tuple[str, int]] = []
-    if spec is not None:
-        router_names = [(n, spec.router_output_index) for n in named if re.fullmatch(spec.router, n)]
-        if not router_names:
-            raise NoRoutersError(f"no module name matches the router pattern {spec.router!r}")
-    else:
-        for rec in _router_recorders(model):
-            index = rec.index if hasattr(rec, "index") and rec.index is not None else 0
-            router_names += [(n, index) for n, m in named.items() if n and _matches_recorder(n, m, rec)]
-        if not router_names:  # structural fallback for models that declare nothing
-            for n, m in named.items():
-                experts = _find_experts(named, n, None) if n else None
-                if experts is None or experts == n or isinstance(m, nn.ModuleList):
-                    continue
-                e = _expert_count_from_module(named[experts])
-                if e is not None and hidden_size is not None and _has_matrix(m, e, hidden_size):
-                    router_names.append((n, 0))
+    router_names = _router_names(model, named, spec, hidden_size)
 
     # a layer with routers in both attention and feed-forward (JetMoE's mixture of attention heads) is
     # studied through its feed-forward router: that is the expert routing the toolkit means
@@ -246,45 +229,11 @@ def discover_moe_layers(model: nn.Module, spec: MoESpec | None = None) -> list[M
     layers: list[MoELayerInfo] = []
     seen_layers: set[int] = set()
     for order, (name, out_index) in enumerate(router_names):
-        router = named[name]
         layer = _layer_index(name)
         layer = order if layer is None else layer
         if layer in seen_layers:
             continue
-        experts_path = _find_experts(named, name, spec)
-        experts = named.get(experts_path) if experts_path else None
-        num_experts = (spec.num_experts if spec else None) or _int_attr(router, ROUTER_EXPERT_ATTRS)
-        if not isinstance(num_experts, int) and experts is not None:
-            num_experts = _expert_count_from_module(experts)
-        if not isinstance(num_experts, int):
-            num_experts = _config_get(config, "num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
-        top_k = (spec.top_k if spec else None) or _int_attr(router, ROUTER_TOPK_ATTRS)
-        if not isinstance(top_k, int):
-            top_k = _config_get(config, "num_experts_per_tok", "top_k", "moe_topk", "moe_top_k", "top_k_experts", "num_selected_experts")
-        h = hidden_size or getattr(router, "hidden_dim", None)
-        if not (isinstance(num_experts, int) and isinstance(top_k, int) and isinstance(h, int)):
-            raise NoRoutersError(
-                f"found router {name} but could not tell its number of experts, top-k or hidden size; "
-                "pass a MoESpec with num_experts and top_k"
-            )
-        idx_arg, w_arg = _selection_args(experts) if experts is not None else (None, None)
-        n_shared, shared_paths = _shared_experts(named, name, config)
-        layers.append(
-            MoELayerInfo(
-                layer=layer,
-                router_path=name,
-                experts_path=experts_path,
-                router_output_index=out_index,
-                num_experts=int(num_experts),
-                top_k=int(top_k),
-                hidden_size=int(h),
-                score_fn=(spec.score_fn if spec and spec.score_fn else _score_fn(router)),
-                experts_index_arg=idx_arg,
-                experts_weight_arg=w_arg,
-                shared_experts=n_shared,
-                shared_paths=shared_paths,
-            )
-        )
+        layers.append(_layer_info(named, name, layer, out_index, spec, config, hidden_size))
         seen_layers.add(layer)
     layers.sort(key=lambda info: info.layer)
     if not layers:
@@ -294,6 +243,80 @@ def discover_moe_layers(model: nn.Module, spec: MoESpec | None = None) -> list[M
             "with experts. Is this a dense model? For a custom MoE pass moe_spec=MoESpec(router=..., experts=...)."
         )
     return layers
+
+
+def _router_names(model: nn.Module, named: dict[str, nn.Module], spec: MoESpec | None,
+                  hidden_size: int | None) -> list[tuple[str, int]]:
+    """(module name, index of the logits in its output) of every router: by ``spec``, by declaration, else by structure."""
+    router_names: list[tuple[str, int]] = []
+    if spec is not None:
+        router_names = [(n, spec.router_output_index) for n in named if re.fullmatch(spec.router, n)]
+        if not router_names:
+            raise NoRoutersError(f"no module name matches the router pattern {spec.router!r}")
+        return router_names
+    for rec in _router_recorders(model):
+        index = rec.index if hasattr(rec, "index") and rec.index is not None else 0
+        router_names += [(n, index) for n, m in named.items() if n and _matches_recorder(n, m, rec)]
+    if not router_names:  # structural fallback for models that declare nothing
+        router_names = _structural_routers(named, hidden_size)
+    return router_names
+
+
+def _structural_routers(named: dict[str, nn.Module], hidden_size: int | None) -> list[tuple[str, int]]:
+    """Routers of a model that declares none: modules with an experts sibling and an [E, H] weight."""
+    router_names: list[tuple[str, int]] = []
+    for n, m in named.items():
+        experts = _find_experts(named, n, None) if n else None
+        if experts is None or experts == n or isinstance(m, nn.ModuleList):
+            continue
+        e = _expert_count_from_module(named[experts])
+        if e is not None and hidden_size is not None and _has_matrix(m, e, hidden_size):
+            router_names.append((n, 0))
+    return router_names
+
+
+def _layer_info(named: dict[str, nn.Module], name: str, layer: int, out_index: int, spec: MoESpec | None,
+                config: Any, hidden_size: int | None) -> MoELayerInfo:
+    """The description of the MoE layer routed by module ``name``; refused when its sizes cannot be told."""
+    router = named[name]
+    experts_path = _find_experts(named, name, spec)
+    experts = named.get(experts_path) if experts_path else None
+    num_experts, top_k = _experts_and_top_k(router, experts, spec, config)
+    h = hidden_size or getattr(router, "hidden_dim", None)
+    if not (isinstance(num_experts, int) and isinstance(top_k, int) and isinstance(h, int)):
+        raise NoRoutersError(
+            f"found router {name} but could not tell its number of experts, top-k or hidden size; "
+            "pass a MoESpec with num_experts and top_k"
+        )
+    idx_arg, w_arg = _selection_args(experts) if experts is not None else (None, None)
+    n_shared, shared_paths = _shared_experts(named, name, config)
+    return MoELayerInfo(
+        layer=layer,
+        router_path=name,
+        experts_path=experts_path,
+        router_output_index=out_index,
+        num_experts=int(num_experts),
+        top_k=int(top_k),
+        hidden_size=int(h),
+        score_fn=(spec.score_fn if spec and spec.score_fn else _score_fn(router)),
+        experts_index_arg=idx_arg,
+        experts_weight_arg=w_arg,
+        shared_experts=n_shared,
+        shared_paths=shared_paths,
+    )
+
+
+def _experts_and_top_k(router: nn.Module, experts: nn.Module | None, spec: MoESpec | None, config: Any) -> tuple[Any, Any]:
+    """Expert count and top-k of one layer, from the spec, then the router, the experts module and the config."""
+    num_experts = (spec.num_experts if spec else None) or _int_attr(router, ROUTER_EXPERT_ATTRS)
+    if not isinstance(num_experts, int) and experts is not None:
+        num_experts = _expert_count_from_module(experts)
+    if not isinstance(num_experts, int):
+        num_experts = _config_get(config, "num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+    top_k = (spec.top_k if spec else None) or _int_attr(router, ROUTER_TOPK_ATTRS)
+    if not isinstance(top_k, int):
+        top_k = _config_get(config, "num_experts_per_tok", "top_k", "moe_topk", "moe_top_k", "top_k_experts", "num_selected_experts")
+    return num_experts, top_k
 
 
 def _int_attr(module: nn.Module, names: tuple[str, ...]) -> int | None:

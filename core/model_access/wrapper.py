@@ -127,6 +127,23 @@ class MoEModelWrapper:
         dtype = resolve_dtype(dtype)
         if isinstance(moe_spec, Mapping):
             moe_spec = MoESpec.from_dict(dict(moe_spec))
+        hf_model, tokenizer = self._open_hf_model(model, revision, device, dtype, trust_remote_code, tokenizer, placement)
+        self.tokenizer = tokenizer
+
+        self._standardize(StandardizedTransformer, hf_model, tokenizer, trust_remote_code)
+        self.hf_model: nn.Module = self.model._model
+        if self.hf_model is not None and is_dispatched(self.hf_model):
+            self.device = str(input_device(self.hf_model))  # where its inputs go (and what a cache's identity records)
+        if self.hf_model is not None:
+            drop_scan_hooks(self.hf_model)
+        if self.tokenizer is None:
+            self.tokenizer = getattr(self.model, "tokenizer", None)
+        self._read_layers(moe_spec)
+
+    def _open_hf_model(self, model: str | os.PathLike | nn.Module, revision: str | None, device: str, dtype: Any,
+                       trust_remote_code: bool, tokenizer: Any, placement: Placement | None) -> tuple[nn.Module | None, Any]:
+        """The transformers model to wrap (None when it runs remotely) and its tokenizer; sets ``model_name``."""
+        remote = self.remote
         if isinstance(model, nn.Module):
             hf_model = model if remote is True or is_dispatched(model) else model.to(device).eval()
             if dtype not in (None, "auto") and not is_dispatched(hf_model):
@@ -138,29 +155,26 @@ class MoEModelWrapper:
             self.model_name = str(model)
             hf_model, loaded_tok = load_hf(self.model_name, revision, dtype, self.device, trust_remote_code, placement)
             tokenizer = tokenizer if tokenizer is not None else loaded_tok
-        self.tokenizer = tokenizer
+        return hf_model, tokenizer
 
+    def _standardize(self, standardized: type, hf_model: nn.Module | None, tokenizer: Any, trust_remote_code: bool) -> None:
+        """Set ``model`` to nnterp's ``standardized`` transformer, again without renaming checks where nnterp cannot rename."""
         st_kwargs: dict[str, Any] = {"check_renaming": True, "trust_remote_code": trust_remote_code}
         if tokenizer is not None:
             st_kwargs["tokenizer"] = tokenizer
-        if remote is True:
-            st_kwargs.update(remote=True, revision=revision)
+        if self.remote is True:
+            st_kwargs.update(remote=True, revision=self.revision)
         with quiet_nnterp():
             try:
-                self.model = StandardizedTransformer(hf_model if hf_model is not None else self.model_name, **st_kwargs)
+                self.model = standardized(hf_model if hf_model is not None else self.model_name, **st_kwargs)
             except Exception as e:  # nnterp could not standardise the names: tracing by module path still works
                 if type(e).__name__ != "RenamingError":
                     raise
                 st_kwargs["check_renaming"] = False
-                self.model = StandardizedTransformer(hf_model if hf_model is not None else self.model_name, **st_kwargs)
-        self.hf_model: nn.Module = self.model._model
-        if self.hf_model is not None and is_dispatched(self.hf_model):
-            self.device = str(input_device(self.hf_model))  # where its inputs go (and what a cache's identity records)
-        if self.hf_model is not None:
-            drop_scan_hooks(self.hf_model)
-        if self.tokenizer is None:
-            self.tokenizer = getattr(self.model, "tokenizer", None)
+                self.model = standardized(hf_model if hf_model is not None else self.model_name, **st_kwargs)
 
+    def _read_layers(self, moe_spec: MoESpec | None) -> None:
+        """Find the MoE layers and set the model-wide facts (layer count, experts, top-k), refusing mixed ones."""
         self.layers: list[MoELayerInfo] = discover_moe_layers(self.hf_model, moe_spec)
         self._modules = dict(self.hf_model.named_modules())
         cfg = getattr(self.hf_model, "config", None)

@@ -34,6 +34,19 @@ from core.study_moe.layer import (
 MODEL_TYPE = "study_moe"
 
 
+def _check_options(routing: str, num_experts: int, num_experts_per_tok: int, capacity_factor: float | None,
+                   hidden_size: int, num_attention_heads: int) -> None:
+    """Refuse a configuration the model cannot be built from, with one line saying which value is wrong."""
+    if routing not in ROUTING_MODES:
+        raise ValueError(f"routing must be one of {ROUTING_MODES}, got {routing!r}")
+    if not 1 <= num_experts_per_tok <= num_experts:
+        raise ValueError(f"num_experts_per_tok must be in [1, num_experts={num_experts}], got {num_experts_per_tok}")
+    if capacity_factor is not None and capacity_factor <= 0:
+        raise ValueError(f"capacity_factor must be > 0 or None, got {capacity_factor}")
+    if hidden_size % num_attention_heads:
+        raise ValueError(f"hidden_size {hidden_size} is not a multiple of num_attention_heads {num_attention_heads}")
+
+
 class StudyMoeConfig(PretrainedConfig):
     """Configuration of the toolkit's MoE LM; MoE fields named as in OLMoE / Mixtral configs.
 
@@ -77,14 +90,7 @@ class StudyMoeConfig(PretrainedConfig):
         output_router_logits: bool = False,
         **kwargs,
     ):
-        if routing not in ROUTING_MODES:
-            raise ValueError(f"routing must be one of {ROUTING_MODES}, got {routing!r}")
-        if not 1 <= num_experts_per_tok <= num_experts:
-            raise ValueError(f"num_experts_per_tok must be in [1, num_experts={num_experts}], got {num_experts_per_tok}")
-        if capacity_factor is not None and capacity_factor <= 0:
-            raise ValueError(f"capacity_factor must be > 0 or None, got {capacity_factor}")
-        if hidden_size % num_attention_heads:
-            raise ValueError(f"hidden_size {hidden_size} is not a multiple of num_attention_heads {num_attention_heads}")
+        _check_options(routing, num_experts, num_experts_per_tok, capacity_factor, hidden_size, num_attention_heads)
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
@@ -100,6 +106,29 @@ class StudyMoeConfig(PretrainedConfig):
         self.rope_parameters = rope_parameters or {"rope_type": "default", "rope_theta": 10000.0}
         self.attention_bias = attention_bias
         self.attention_dropout = attention_dropout
+        self._set_moe(num_experts, num_experts_per_tok, routing, norm_topk_prob, capacity_factor, router_jitter_noise,
+                      router_aux_loss_coef, router_z_loss_coef, output_router_logits)
+        super().__init__(
+            pad_token_id=pad_token_id,
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
+            tie_word_embeddings=tie_word_embeddings,
+            **kwargs,
+        )
+
+    def _set_moe(
+        self,
+        num_experts: int,
+        num_experts_per_tok: int,
+        routing: str,
+        norm_topk_prob: bool,
+        capacity_factor: float | None,
+        router_jitter_noise: float,
+        router_aux_loss_coef: float,
+        router_z_loss_coef: float,
+        output_router_logits: bool,
+    ) -> None:
+        """Store the routing fields (experts, selection, capacity, auxiliary losses), apart from the transformer's shape."""
         self.num_experts = num_experts
         self.num_experts_per_tok = num_experts_per_tok
         self.routing = routing
@@ -109,13 +138,6 @@ class StudyMoeConfig(PretrainedConfig):
         self.router_aux_loss_coef = router_aux_loss_coef
         self.router_z_loss_coef = router_z_loss_coef
         self.output_router_logits = output_router_logits
-        super().__init__(
-            pad_token_id=pad_token_id,
-            bos_token_id=bos_token_id,
-            eos_token_id=eos_token_id,
-            tie_word_embeddings=tie_word_embeddings,
-            **kwargs,
-        )
 
 
 class StudyMoeAttention(LlamaAttention):
