@@ -32,7 +32,7 @@ from core.analysis.routing_stats import RoutingStatsAccumulator
 from core.analysis.specialization import DomainSpecializationAccumulator
 from core.analysis.streaming import Accumulator, PerGroup, Pick, WhenRecorded, feed, merge_all, results_of
 from core.analysis.vocabulary import MAX_TOKEN_IDS, VocabularyAccumulator
-from core.collection.ranks import Ranks
+from core.distributed import Ranks
 from core.collection.sweep import Sweep
 from core.safe_io import to_jsonable
 from data import TokenizedDataset

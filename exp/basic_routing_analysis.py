@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     except OptionsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from core.collection.cache_format import CacheError
+    from core.store.cache_format import CacheError
     from core.collection.checkpoints import CheckpointError
     from core.model_access.discovery import NoRoutersError
     from core.model_access.loading import ModelLoadError

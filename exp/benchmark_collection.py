@@ -207,7 +207,7 @@ def olmoe_bytes_per_token(layers: int = 16, experts: int = 64, k: int = 8, token
     """
     from safetensors.torch import save as st_save
 
-    from core.collection.cache_format import encode_shard
+    from core.store.cache_format import encode_shard
     from core.routing_data import RoutingData
 
     g = torch.Generator().manual_seed(0)

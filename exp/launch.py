@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 
-from core.collection.ranks import Ranks, current_ranks
+from core.distributed import Ranks, current_ranks
 
 # A barrier waits for the slowest rank's whole share of collection (hours for a large sweep);
 # failures do not wait on it: torchrun stops every rank when one exits with an error.

@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = {"core", "core.routing_data", "core.safe_io"}
+SHARED = {"core", "core.routing_data", "core.safe_io", "core.distributed"}
 ALLOWED = {  # room -> other rooms its modules may import (docs/CONTRACTS.md, "The rooms of core/")
     "model_access": set(),
-    "collection": {"model_access", "analysis"},  # analysis only for the seed's compute_activation_correlations
+    "store": set(),
+    "collection": {"store", "model_access", "analysis"},  # analysis only for the seed's compute_activation_correlations
     "analysis": set(),
     "study_moe": set(),
 }

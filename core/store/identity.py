@@ -132,7 +132,7 @@ def checkpoint_identity(model_source: str, checkpoint: Any, dtype: Any = None, d
 
 def identity_key(model: dict[str, Any], data_fingerprint: str, settings: dict[str, Any], dataset: str) -> str:
     """A short name for one cache's full identity: the folder it lives in."""
-    from core.collection.cache_format import FORMAT_VERSION  # another cache format is another cache
+    from core.store.cache_format import FORMAT_VERSION  # another cache format is another cache
 
     return _sha({"model": model, "data": data_fingerprint, "settings": settings, "dataset": dataset,
                  "format": FORMAT_VERSION})[:12]
