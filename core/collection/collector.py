@@ -30,11 +30,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from core.collection.loaded_identity import wrapper_identity
 from core.distributed import Ranks
 from core.routing_data import RoutingData
 from core.store.cache import RoutingCache, RoutingCacheWriter
 from core.store.cache_format import FLOAT_DTYPES, check_storage
-from core.store.identity import wrapper_identity
 from core.store.rows import concat_batches, token_rows
 from core.store.split_cache import collect_parts, has_parts, join_parts, plan_shards
 
