@@ -1,13 +1,15 @@
 """moe-router-study's core, one room per concern (see docs/CONTRACTS.md):
 
 - ``core.model_access``: open any Hugging Face MoE, find its routers and experts, trace and edit routing;
-- ``core.collection``: the collector, the on-disk routing cache, checkpoints and checkpoint sweeps;
+- ``core.store``: the on-disk routing caches (format, read/write, parts of torchrun ranks, identity), no model;
+- ``core.collection``: the collector, checkpoints and checkpoint sweeps, which fill the store;
 - ``core.analysis``: every analysis, as accumulators folded over one pass of a cache;
 - ``core.study_moe``: the toolkit's own small MoE (layer, model, corpus, training, evaluation).
 
-``core.routing_data.RoutingData`` is the one contract between them. Every public name is
-importable from ``core`` (``from core import MoEModelWrapper, routing_stats``), lazily, so
-``import core`` stays cheap (no torch/transformers/nnsight until something needs them).
+``core.routing_data.RoutingData`` is the one contract between them; ``core.distributed`` says
+which share of the work a torchrun process does. Every public name is importable from ``core``
+(``from core import MoEModelWrapper, routing_stats``), lazily, so ``import core`` stays cheap (no
+torch/transformers/nnsight until something needs them).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ _EXPORTS: dict[str, str] = {
     "expert_matrices": "core.model_access.expert_weights",
     # the one contract between the rooms
     "RoutingData": "core.routing_data",
-    # collection and caches (core.collection)
+    # collection (core.collection) and the caches it fills (core.store)
     "ActivationCollector": "core.collection.collector",
     "TokenRows": "core.collection.collector",
     "RoutingCache": "core.store.cache",
