@@ -1,13 +1,15 @@
 """moe-router-study's core, one room per concern (see docs/CONTRACTS.md):
 
 - ``core.model_access``: open any Hugging Face MoE, find its routers and experts, trace and edit routing;
-- ``core.collection``: the collector, the on-disk routing cache, checkpoints and checkpoint sweeps;
+- ``core.store``: the on-disk routing caches (format, read/write, parts of torchrun ranks, identity), no model;
+- ``core.collection``: the collector, checkpoints and checkpoint sweeps, which fill the store;
 - ``core.analysis``: every analysis, as accumulators folded over one pass of a cache;
 - ``core.study_moe``: the toolkit's own small MoE (layer, model, corpus, training, evaluation).
 
-``core.routing_data.RoutingData`` is the one contract between them. Every public name is
-importable from ``core`` (``from core import MoEModelWrapper, routing_stats``), lazily, so
-``import core`` stays cheap (no torch/transformers/nnsight until something needs them).
+``core.routing_data.RoutingData`` is the one contract between them; ``core.distributed`` says
+which share of the work a torchrun process does. Every public name is importable from ``core``
+(``from core import MoEModelWrapper, routing_stats``), lazily, so ``import core`` stays cheap (no
+torch/transformers/nnsight until something needs them).
 """
 
 from __future__ import annotations
@@ -26,16 +28,16 @@ _EXPORTS: dict[str, str] = {
     "expert_matrices": "core.model_access.expert_weights",
     # the one contract between the rooms
     "RoutingData": "core.routing_data",
-    # collection and caches (core.collection)
+    # collection (core.collection) and the caches it fills (core.store)
     "ActivationCollector": "core.collection.collector",
     "TokenRows": "core.collection.collector",
-    "RoutingCache": "core.collection.cache",
-    "RoutingCacheWriter": "core.collection.cache",
-    "CacheStream": "core.collection.cache",
-    "CacheError": "core.collection.cache_format",
-    "CacheMismatchError": "core.collection.cache_format",
-    "CacheCorruptError": "core.collection.cache_format",
-    "CacheIncompleteError": "core.collection.cache_format",
+    "RoutingCache": "core.store.cache",
+    "RoutingCacheWriter": "core.store.cache",
+    "CacheStream": "core.store.cache",
+    "CacheError": "core.store.cache_format",
+    "CacheMismatchError": "core.store.cache_format",
+    "CacheCorruptError": "core.store.cache_format",
+    "CacheIncompleteError": "core.store.cache_format",
     "Checkpoint": "core.collection.checkpoints",
     "CheckpointError": "core.collection.checkpoints",
     "parse_checkpoint_name": "core.collection.checkpoints",
@@ -47,7 +49,7 @@ _EXPORTS: dict[str, str] = {
     "sweep_checkpoints": "core.collection.sweep",
     "load_sweep_index": "core.collection.sweep",
     "open_sweep": "core.collection.sweep",
-    "weights_digest": "core.collection.identity",
+    "weights_digest": "core.store.identity",
     # analyses (core.analysis)
     "Accumulator": "core.analysis.streaming",
     "RoutingAccumulator": "core.analysis.streaming",

@@ -8,9 +8,9 @@ import numpy as np
 import torch
 
 from core.analysis.streaming import feed, fold, merge_all, results_of
-from core.collection.cache import RoutingCacheWriter
+from core.store.cache import RoutingCacheWriter
 from core.collection.checkpoints import Checkpoint
-from core.collection.ranks import Ranks
+from core.distributed import Ranks
 from core.collection.sweep import Sweep
 from core.routing_data import RoutingData
 from core.safe_io import to_jsonable

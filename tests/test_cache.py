@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from core.collection.cache import (
+from core.store.cache import (
     CacheCorruptError,
     CacheError,
     CacheIncompleteError,
@@ -159,7 +159,7 @@ def test_caches_stream_into_analyses_like_loaded_routing(tmp_path):
     import numpy as np
 
     from core.analysis.correlations import cross_layer_correlation
-    from core.collection.cache import CacheStream
+    from core.store.cache import CacheStream
     from core.analysis.routing_stats import routing_stats
     from core.routing_data import RoutingData
 

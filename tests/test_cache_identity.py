@@ -7,12 +7,13 @@ import json
 import pytest
 import torch
 
-from core.collection.cache_format import CacheMismatchError
 from core.collection.checkpoints import Checkpoint, parse_checkpoint_name
 from core.collection.collector import ActivationCollector
-from core.collection.identity import model_identity, state_dict_digest
+from core.collection.loaded_identity import state_dict_digest
 from core.collection.sweep import sweep_checkpoints
 from core.model_access.wrapper import MoEModelWrapper
+from core.store.cache_format import CacheMismatchError
+from core.store.identity import model_identity
 from tests.fakes import FakeWrapper, make_rows
 from tests.tiny_models import VOCAB, build
 
@@ -128,7 +129,7 @@ def _collect_into(cache_dir: str, delay: float) -> None:
 def test_two_processes_writing_one_cache_neither_crash_nor_corrupt_it(tmp_path):
     import multiprocessing
 
-    from core.collection.cache import RoutingCache
+    from core.store.cache import RoutingCache
 
     ctx = multiprocessing.get_context("spawn")
     procs = [ctx.Process(target=_collect_into, args=(str(tmp_path / "shared"), 0.02)) for _ in range(2)]
@@ -159,7 +160,7 @@ def test_resume_deletes_only_files_the_cache_wrote(tmp_path):
 
 def test_an_in_memory_model_edited_in_place_gets_a_new_identity():
     """The digest is kept on the wrapper for speed, but not past a change to a weight."""
-    from core.collection.identity import wrapper_identity
+    from core.collection.loaded_identity import wrapper_identity
 
     model = build("olmoe", seed=1)
     w = MoEModelWrapper(model)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from core.collection.checkpoints import Checkpoint
-from core.collection.ranks import Ranks
+from core.distributed import Ranks
 from core.collection.sweep import _my_share, _Pending
 
 NAMES = ["wikitext2", "gsm8k", "humaneval"]

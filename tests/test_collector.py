@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import core.collection.cache as rc
+import core.store.cache as rc
 from core.collection.collector import ActivationCollector
-from core.collection.cache import CacheMismatchError, RoutingCache
+from core.store.cache import CacheMismatchError, RoutingCache
 from tests.fakes import FakeTokenizer, FakeWrapper, Killed, make_rows
 
 KW = dict(batch_size=3, shard_tokens=10, progress=False)
@@ -93,7 +93,7 @@ def test_sigkill_mid_write_resumes_to_identical_cache(tmp_path, reference):
     script = textwrap.dedent(f"""
         import os, signal, sys
         sys.path.insert(0, {str(ROOT)!r})
-        import core.collection.cache as rc
+        import core.store.cache as rc
         from core.collection.collector import ActivationCollector
         from tests.fakes import FakeWrapper, make_rows
         real, n = rc.atomic_write_bytes, [0]

@@ -18,7 +18,7 @@ import pytest
 
 from core.analysis.results import ResultMixin
 from core.array_files import load_metrics
-from core.collection.cache import RoutingCache
+from core.store.cache import RoutingCache
 from core.safe_io import to_jsonable
 
 from core.commands.basic_routing_analysis import main
@@ -408,7 +408,7 @@ def test_missing_device_and_unwritable_folders_are_found_before_any_work(tmp_pat
 
 
 def test_ctrl_c_exits_130_and_the_rerun_resumes(micro_run, tmp_path, monkeypatch, capsys):
-    from core.collection.cache import RoutingCache, RoutingCacheWriter
+    from core.store.cache import RoutingCache, RoutingCacheWriter
 
     root, _, _, _, _ = micro_run
     args = ["--micro", "--models-dir", str(root / "models"), "--results-dir", str(tmp_path), "--no-progress",

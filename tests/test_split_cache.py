@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from core.collection.cache import RoutingCache
-from core.collection.cache_format import CacheError
+from core.store.cache import RoutingCache
+from core.store.cache_format import CacheError
 from core.collection.collector import ActivationCollector
-from core.collection.ranks import Ranks
-from core.collection.split_cache import has_parts, join_parts, plan_shards
+from core.distributed import Ranks
+from core.store.split_cache import has_parts, join_parts, plan_shards
 from tests.fakes import FakeWrapper, Killed, make_rows
 
 KW = dict(batch_size=3, shard_tokens=10, progress=False, hidden_layers=[2])

@@ -2,7 +2,7 @@
 
 This is the toolkit's hot path. Each batch is traced once (``wrapper.trace_routing``), its
 per-token metadata attached, converted straight to the storage precision and buffered until
-a shard's worth of tokens is reached, then committed (see ``core.collection.cache``). Memory is
+a shard's worth of tokens is reached, then committed (see ``core.store.cache``). Memory is
 bounded by one shard plus one batch, never by the dataset.
 
 Resume is at row granularity and relies on deterministic batching: rows are taken in order,
@@ -30,12 +30,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from core.collection.cache import RoutingCache, RoutingCacheWriter
-from core.collection.cache_format import FLOAT_DTYPES, check_storage
-from core.collection.identity import wrapper_identity
-from core.collection.ranks import Ranks
-from core.collection.split_cache import collect_parts, has_parts, join_parts, plan_shards
+from core.collection.loaded_identity import wrapper_identity
+from core.distributed import Ranks
 from core.routing_data import RoutingData
+from core.store.cache import RoutingCache, RoutingCacheWriter
+from core.store.cache_format import FLOAT_DTYPES, check_storage
+from core.store.rows import concat_batches, token_rows
+from core.store.split_cache import collect_parts, has_parts, join_parts, plan_shards
 
 _LABEL_FIELDS = ("doc_ids", "positions", "domain_ids", "dataset_ids")
 DEFAULT_SHARD_TOKENS = 65_536
@@ -59,23 +60,9 @@ class TokenRows:
 
 
 # ---------------------------------------------------------------------------- input checks
-def _rows_of(tokenized: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    ids = getattr(tokenized, "input_ids", None)
-    if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
-        raise TypeError(
-            f"collect() needs tokenized data with input_ids as a [rows, length] tensor, got {type(tokenized).__name__}"
-        )
-    mask = getattr(tokenized, "attention_mask", None)
-    if mask is None:
-        mask = torch.ones_like(ids)
-    if mask.shape != ids.shape:
-        raise ValueError(f"attention_mask has shape {tuple(mask.shape)} but input_ids has {tuple(ids.shape)}")
-    return ids, mask
-
-
 def data_fingerprint(tokenized: Any) -> str:
     """SHA-256 over token ids, mask and labels: a resume must see exactly the same data."""
-    ids, mask = _rows_of(tokenized)
+    ids, mask = token_rows(tokenized)
     h = hashlib.sha256()
     for name, t in [("input_ids", ids), ("attention_mask", mask)] + [
         (n, getattr(tokenized, n, None)) for n in _LABEL_FIELDS
@@ -199,7 +186,7 @@ class ActivationCollector:
         One batch is kept in flight: the next batch is traced before the previous one's host
         copy is waited for, so on a GPU the copy overlaps the next forward pass.
         """
-        ids, mask = _rows_of(tokenized)
+        ids, mask = token_rows(tokenized)
         names = (list(getattr(tokenized, "domain_names", [])), list(getattr(tokenized, "dataset_names", [])))
         labels = {n: getattr(tokenized, n, None) for n in _LABEL_FIELDS}
         start_trace = getattr(self.wrapper, "start_trace", None) or _Immediate(self.wrapper).start_trace
@@ -269,7 +256,7 @@ class ActivationCollector:
     ) -> dict:
         """What identifies this collection: a resume must match it key for key."""
         w = self.wrapper
-        ids, _ = _rows_of(tokenized)
+        ids, _ = token_rows(tokenized)
         tok = getattr(w, "tokenizer", None)
         dataset_names = list(getattr(tokenized, "dataset_names", []))
         return {
@@ -346,7 +333,7 @@ class ActivationCollector:
 
     def collect_share(self, tokenized: Any, cache_dir: str | os.PathLike, ranks: Ranks, *, header: dict,
                       progress: bool | None = None, force: bool = False) -> RoutingCache | None:
-        """This rank's planned shards of a cache split over ranks (``core.collection.split_cache``).
+        """This rank's planned shards of a cache split over ranks (``core.store.split_cache``).
 
         Returns the cache when one process holds every part (then it joins them), else None: after
         a barrier, rank 0 joins them.
@@ -360,7 +347,7 @@ class ActivationCollector:
     def _fill(self, writer: RoutingCacheWriter, tokenized: Any, header: dict, batch_size: int, hidden_layers: Sequence[int],
               storage: str, dtype: str, shard_tokens: int, progress: bool | None) -> RoutingCache:
         """Trace the rows the cache does not hold yet and commit them shard by shard, where :func:`plan_shards` ends them."""
-        _, mask = _rows_of(tokenized)
+        _, mask = token_rows(tokenized)
         ends = {stop for _, stop in plan_shards(mask, batch_size, shard_tokens)}  # the same cuts a split collection makes
         start = writer.next_row
         show = self.progress if progress is None else progress
@@ -378,7 +365,7 @@ class ActivationCollector:
                 buffer.append(rd)
                 bar.update(rd.num_tokens)
                 if stop in ends:
-                    writer.write_shard(_concat(buffer), shard_start, stop - shard_start)
+                    writer.write_shard(concat_batches(buffer), shard_start, stop - shard_start)
                     buffer, shard_start = [], stop
         return writer.finish()
 
@@ -433,7 +420,7 @@ class ActivationCollector:
                 total=-(-rows.input_ids.shape[0] // batch_size), desc="routing", unit="batch", disable=not show,
             )
         ]
-        return _concat(parts)
+        return concat_batches(parts)
 
     def compute_activation_correlations(self, activations: RoutingData | RoutingCache | Iterable[RoutingData]) -> Any:
         """The seed's call: cross-layer correlation of routing (``core.analysis.correlations.activation_correlations``).
@@ -448,10 +435,3 @@ class ActivationCollector:
             activations = activations.iter_shards()
         return activation_correlations(activations)
 
-
-def _concat(parts: list[RoutingData]) -> RoutingData:
-    """Concatenate batches, ignoring zero-token placeholders when real routing exists."""
-    real = [p for p in parts if p.num_tokens > 0]
-    if not real:
-        return parts[0]
-    return real[0] if len(real) == 1 else RoutingData.concat(real)

@@ -27,14 +27,14 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from core.collection.cache import RoutingCache
-from core.collection.cache_format import FORMAT_VERSION, CacheCorruptError, CacheError, check_storage
 from core.collection.checkpoints import Checkpoint, CheckpointError, order_key
 from core.collection.hub_disk import LEDGER_FILE, HubCheckpointFiles, is_hub_repo
-from core.collection.identity import checkpoint_identity, identity_key
-from core.collection.ranks import Ranks, current_ranks
-from core.collection.split_cache import join_parts
+from core.distributed import Ranks, current_ranks
 from core.safe_io import atomic_write_bytes, atomic_write_json
+from core.store.cache import RoutingCache
+from core.store.cache_format import FORMAT_VERSION, CacheCorruptError, CacheError, check_storage
+from core.store.identity import checkpoint_identity, identity_key
+from core.store.split_cache import join_parts
 
 ROUTER_WEIGHTS_FILE = "router_weights.safetensors"
 INDEX_FILE = "index.json"
@@ -302,13 +302,13 @@ def sweep_checkpoints(
     (default ``checkpoint_loader(model_name)``). Finished caches are skipped without loading the model.
     ``router_weights``: also keep each checkpoint's routers beside its caches (read while the
     model is loaded for collection; loaded only for them if they are missing). Each cache's
-    folder is named by its identity (``core.collection.identity``): the model at that checkpoint
+    folder is named by its identity (``core.store.identity``): the model at that checkpoint
     (``model_source``: its Hub name or folder, default ``model_name``; a local checkpoint's config
     and weight digests), ``model_dtype``, the ``device`` type, the data and the settings; ``force``
     collects again into the same identity. A Hub revision the sweep downloaded is freed once
     collected unless ``keep_checkpoints`` (``hub_disk``). ``announce(checkpoints)``: called once,
     before any model loads, with those that must. Under torchrun each rank collects its share
-    (``core.collection.ranks``), then opens the others'.
+    (``core.distributed``), then opens the others'.
     """
     from core.collection.collector import DEFAULT_SHARD_TOKENS, data_fingerprint
 

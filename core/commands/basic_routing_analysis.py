@@ -20,12 +20,12 @@ def main(argv: list[str] | None = None) -> int:
     except OptionsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from core.collection.cache_format import CacheError
     from core.collection.checkpoints import CheckpointError
     from core.model_access.discovery import NoRoutersError
     from core.model_access.loading import ModelLoadError
     from core.pipeline.launch import stop_ranks
     from core.pipeline.run import BasicRoutingAnalysis
+    from core.store.cache_format import CacheError
     from data import DataError
 
     try:

@@ -27,10 +27,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from core.paths import REPO_ROOT
-
-from core.collection.collector import DEFAULT_SHARD_TOKENS, ActivationCollector, TokenRows
+from core.collection.collector import (
+    DEFAULT_SHARD_TOKENS,
+    ActivationCollector,
+    TokenRows,
+)
 from core.model_access.shapes import olmoe_1b_7b_config
+from core.paths import REPO_ROOT
 
 MODELS = ("default", "tiny-olmoe", "olmoe-shape", "olmoe-1b-7b")
 
@@ -38,8 +41,8 @@ MODELS = ("default", "tiny-olmoe", "olmoe-shape", "olmoe-1b-7b")
 def build_model(name: str, models_dir: Path, layers: int | None = None) -> tuple[torch.nn.Module | str, str]:
     """The model to benchmark and a line saying what it is."""
     if name == "default":
-        from core.study_moe.model import StudyMoeConfig, StudyMoeForCausalLM
         from core.study_moe.config import DEFAULT_CONFIG, TrainConfig
+        from core.study_moe.model import StudyMoeConfig, StudyMoeForCausalLM
 
         cfg = TrainConfig.from_yaml(DEFAULT_CONFIG)
         run_dir = models_dir / cfg.run_name
@@ -204,8 +207,8 @@ def olmoe_bytes_per_token(layers: int = 16, experts: int = 64, k: int = 8, token
     """
     from safetensors.torch import save as st_save
 
-    from core.collection.cache_format import encode_shard
     from core.routing_data import RoutingData
+    from core.store.cache_format import encode_shard
 
     g = torch.Generator().manual_seed(0)
     rd = RoutingData(

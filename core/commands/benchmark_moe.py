@@ -23,8 +23,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import os
 import json
+import os
 import statistics
 import sys
 import time

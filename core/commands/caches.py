@@ -40,7 +40,7 @@ def cache_rows(root: Path) -> list[dict]:
 
 def remove_cache(folder: Path) -> list[Path]:
     """Delete a cache's manifest and the shards it lists (nothing else); the folder goes if it is then empty."""
-    from core.collection.cache_format import read_manifest
+    from core.store.cache_format import read_manifest
 
     manifest = read_manifest(folder) or {}
     files = [folder / s["file"] for s in manifest.get("shards", [])] + [folder / name for name in CACHE_FILES]

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import yaml
 
-from core.study_moe.config import DEFAULT_CONFIG, TrainConfig
 from core.safe_io import atomic_write_text
+from core.study_moe.config import DEFAULT_CONFIG, TrainConfig
 
 # seed 002's grid: four experts, learned vs random routing, one or two experts per token
 GRID_ARMS = (

@@ -13,7 +13,6 @@ import argparse
 import sys
 from pathlib import Path
 
-
 from viz.training_log import (
     COLLAPSE_SHARE,
     UNDERUSE_OF_UNIFORM,

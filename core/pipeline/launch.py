@@ -3,7 +3,7 @@
     uv run torchrun --standalone --nproc_per_node 2 exp/basic_routing_analysis.py --micro     # 2 CPU processes (gloo)
     uv run torchrun --nproc_per_node 8 exp/basic_routing_analysis.py --config configs/olmoe.yaml  # 8 GPUs (NCCL)
 
-Every rank collects its share of the caches (``core.collection.ranks``) and analyses its share of
+Every rank collects its share of the caches (``core.distributed``) and analyses its share of
 the tokens (``core.pipeline.shares``); the analyses are merged onto rank 0, which writes the
 report: the results are those of one process on the same caches. If a rank fails, torchrun
 stops the others.
@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 
-from core.collection.ranks import Ranks, current_ranks
+from core.distributed import Ranks, current_ranks
 
 # A barrier waits for the slowest rank's whole share of collection (hours for a large sweep);
 # failures do not wait on it: torchrun stops every rank when one exits with an error.

@@ -18,7 +18,6 @@ import yaml
 from core.paths import CONFIGS
 
 
-
 @dataclass
 class RunOptions:
     """Everything that decides what a run computes (and so which caches it may reuse)."""

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from core.analysis.streaming import align, chunk_tokens, rechunk
-from core.collection.cache import RoutingCache
-from core.collection.ranks import Ranks
 from core.collection.sweep import Sweep
+from core.distributed import Ranks
 from core.routing_data import RoutingData
+from core.store.cache import RoutingCache
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from core.analysis.streaming import Accumulator, Pick, feed, merge_all, results_of
-from core.collection.ranks import Ranks
 from core.collection.sweep import Sweep
+from core.distributed import Ranks
 from core.pipeline.context import RunContext
 from core.pipeline.record import RunRecord
 from core.pipeline.shares import share_tokens, sweep_stream

@@ -25,14 +25,19 @@ from core.collection.checkpoints import (
     select_checkpoints,
 )
 from core.collection.hub_disk import is_hub_repo, plan_text
-from core.collection.identity import weights_digest
 from core.collection.sweep import Sweep, sweep_checkpoints
 from core.model_access.loading import Placement, parse_max_memory
-from core.model_access.shapes import RECORD_NAME, ensure_random_model, is_random_spec, random_model_folder
+from core.model_access.shapes import (
+    RECORD_NAME,
+    ensure_random_model,
+    is_random_spec,
+    random_model_folder,
+)
 from core.model_access.wrapper import MoEModelWrapper
-from data import DataError, DatasetLoader, TokenizedDataset, tokenize_documents
 from core.paths import CONFIGS
 from core.pipeline.options import OptionsError, RunOptions
+from core.store.identity import weights_digest
+from data import DataError, DatasetLoader, TokenizedDataset, tokenize_documents
 
 
 @dataclass

@@ -8,7 +8,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from core.analysis.checkpoint_dynamics import CheckpointDynamicsAccumulator, router_weight_drift
+from core.analysis.checkpoint_dynamics import (
+    CheckpointDynamicsAccumulator,
+    router_weight_drift,
+)
 from core.pipeline.analyses.router_weights import no_weights
 from core.pipeline.findings_text import count_of, est_of, pct, quote
 from core.pipeline.spec import AnalysisSpec, Finding, register

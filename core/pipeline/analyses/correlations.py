@@ -8,7 +8,11 @@ from typing import Any
 
 import numpy as np
 
-from core.analysis.correlations import CorrelationAccumulator, adjacent_and_far, correlation_difference
+from core.analysis.correlations import (
+    CorrelationAccumulator,
+    adjacent_and_far,
+    correlation_difference,
+)
 from core.analysis.streaming import PerGroup, WhenRecorded
 from core.pipeline.findings_text import count_of, est_of, f3, quote, strongest
 from core.pipeline.spec import AnalysisSpec, Finding, register

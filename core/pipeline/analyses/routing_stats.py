@@ -12,7 +12,7 @@ import pandas as pd
 
 from core.analysis.routing_stats import RoutingStatsAccumulator
 from core.analysis.streaming import PerGroup
-from core.pipeline.findings_text import est_of, layer_list, quote, count_of
+from core.pipeline.findings_text import count_of, est_of, layer_list, quote
 from core.pipeline.spec import AnalysisSpec, Finding, register
 from viz import plotting as P
 from viz.run_report import ReportPage, parameter_table

@@ -6,9 +6,12 @@ for an in-memory model a digest of its state dict), the dtype it runs in and the
 (bf16 on a GPU does not route like fp32 on a CPU), the data and the collection settings. The
 sweep computes a checkpoint's identity before loading it (to skip finished caches) and the
 collector from the loaded wrapper (to refuse a resume into another model's cache): both go
-through :func:`model_identity`, so the two agree.
-"""
+through :func:`model_identity` (an in-memory model through :func:`in_memory_identity`), so the
+two agree.
 
+The store never touches a model: digesting an in-memory model's weights and reading a loaded
+wrapper are the collection's (``core.collection.loaded_identity``), which hands the results here.
+"""
 from __future__ import annotations
 
 import hashlib
@@ -18,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 VOLATILE_CONFIG_KEYS = ("transformers_version",)  # and every key starting with "_" (paths, commit hashes)
 
@@ -27,7 +29,7 @@ def _sha(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _config_digest(config: dict) -> str:
+def config_digest(config: dict) -> str:
     """A config's digest without the keys that change with where or by which version it was saved."""
     kept = {k: v for k, v in config.items() if not k.startswith("_") and k not in VOLATILE_CONFIG_KEYS}
     return _sha(kept)[:16]
@@ -55,19 +57,6 @@ def weights_digest(folder: str | os.PathLike, whole_file_limit: int = 256 << 20)
     return h.hexdigest()[:12]
 
 
-def state_dict_digest(module: nn.Module, per_tensor_limit: int = 64 << 20) -> str:
-    """A digest of an in-memory model's parameters and buffers (each tensor's bytes; head and tail past 64 MB)."""
-    h = hashlib.sha256()
-    for name, t in sorted(module.state_dict().items()):
-        t = t.detach().to("cpu").contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        raw = t.view(torch.uint8).reshape(-1) if t.numel() else torch.zeros(0, dtype=torch.uint8)
-        if raw.numel() > per_tensor_limit:
-            raw = torch.cat([raw[: per_tensor_limit // 2], raw[-per_tensor_limit // 2 :]])
-        h.update(raw.numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 def _dtype_name(dtype: Any) -> str:
     if dtype in (None, "auto"):
         return "as saved"
@@ -75,51 +64,35 @@ def _dtype_name(dtype: Any) -> str:
     return {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}.get(name, name)
 
 
-def model_identity(source: str | os.PathLike | nn.Module, revision: str | None = None, dtype: Any = None,
+def runtime_identity(dtype: Any = None, device: str = "cpu") -> dict[str, Any]:
+    """How a model runs, as far as routing is concerned: the dtype asked for and the device type (not its index)."""
+    return {"dtype": _dtype_name(dtype), "device_type": torch.device(str(device)).type}
+
+
+def model_identity(source: str | os.PathLike, revision: str | None = None, dtype: Any = None,
                    device: str = "cpu") -> dict[str, Any]:
-    """The identity of a model as it will run: where its weights come from, and the dtype and device type."""
-    out: dict[str, Any] = {"dtype": _dtype_name(dtype), "device_type": torch.device(str(device)).type}
-    if isinstance(source, nn.Module):
-        cfg = getattr(source, "config", None)
-        out.update(kind="in-memory", model_class=type(source).__name__, weights=state_dict_digest(source),
-                   config=_config_digest(cfg.to_dict()) if hasattr(cfg, "to_dict") else None)
-        return out
+    """The identity of a model as it will run: where its weights come from, and the dtype and device type.
+
+    ``source`` is a folder of weights on this machine or a Hub name; a model built in memory
+    has :func:`in_memory_identity` instead.
+    """
+    out = runtime_identity(dtype, device)
     folder = Path(str(source)).expanduser()
     if folder.is_dir():
         config_file = folder / "config.json"
-        config = _config_digest(json.loads(config_file.read_text())) if config_file.is_file() else None
+        config = config_digest(json.loads(config_file.read_text())) if config_file.is_file() else None
         out.update(kind="local", weights=weights_digest(folder), config=config)
         return out
     out.update(kind="hub", name=str(source), revision=revision or "main")
     return out
 
 
-def _weights_version(module: nn.Module) -> tuple:
-    """Changes whenever a parameter or buffer is replaced or edited in place (torch counts in-place writes)."""
-    return tuple((id(t), t._version) for t in [*module.parameters(), *module.buffers()])
-
-
-def wrapper_identity(wrapper: Any) -> dict[str, Any]:
-    """The identity of a loaded wrapper's model (a wrapper that does not say where it came from: its name).
-
-    An in-memory model's digest reads its weights (seconds at OLMoE's size), so it is kept on
-    the wrapper until a weight changes.
-    """
-    source = getattr(wrapper, "source", None)
-    if source is None:
-        return {"kind": "named", "name": str(getattr(wrapper, "model_name", type(wrapper).__name__)),
-                "revision": getattr(wrapper, "revision", None)}
-    args = (getattr(wrapper, "revision", None), getattr(wrapper, "dtype_option", None), getattr(wrapper, "device", "cpu"))
-    key = (args, _weights_version(source)) if isinstance(source, nn.Module) else None
-    cached = getattr(wrapper, "_identity_memo", None)
-    if key is not None and cached is not None and cached[0] == key:
-        return dict(cached[1])
-    out = model_identity(source, *args)
-    if key is not None:
-        try:
-            wrapper._identity_memo = (key, dict(out))
-        except AttributeError:  # a wrapper that takes no attributes: no memo
-            pass
+def in_memory_identity(model_class: str, weights: str, config: dict | None, dtype: Any = None,
+                       device: str = "cpu") -> dict[str, Any]:
+    """The identity of a model built in memory: its class name, the digest of its weights, its config (a dict, or None)."""
+    out = runtime_identity(dtype, device)
+    out.update(kind="in-memory", model_class=model_class, weights=weights,
+               config=config_digest(config) if config is not None else None)
     return out
 
 
@@ -132,7 +105,7 @@ def checkpoint_identity(model_source: str, checkpoint: Any, dtype: Any = None, d
 
 def identity_key(model: dict[str, Any], data_fingerprint: str, settings: dict[str, Any], dataset: str) -> str:
     """A short name for one cache's full identity: the folder it lives in."""
-    from core.collection.cache_format import FORMAT_VERSION  # another cache format is another cache
+    from core.store.cache_format import FORMAT_VERSION  # another cache format is another cache
 
     return _sha({"model": model, "data": data_fingerprint, "settings": settings, "dataset": dataset,
                  "format": FORMAT_VERSION})[:12]

@@ -1,7 +1,7 @@
 """One routing cache on disk: a resumable, atomic writer and a checked, streaming reader.
 
 Routing is collected once and analysed many times, so the cache must never lose finished
-work, never mix stale work into new, and be checkable (format: ``core.collection.cache_format``).
+work, never mix stale work into new, and be checkable (format: ``core.store.cache_format``).
 
 The manifest is the commit point. A shard is written to a temporary file, fsynced, renamed into
 place, and only then listed in a manifest that is itself replaced atomically. A shard file
@@ -23,7 +23,10 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from core.collection.cache_format import (
+from core.distributed import Ranks, current_ranks
+from core.routing_data import RoutingData
+from core.safe_io import TMP_SUFFIX, atomic_write_bytes, atomic_write_json, temp_name_prefix
+from core.store.cache_format import (
     FORMAT_VERSION,
     MANIFEST_NAME,
     CacheCorruptError,
@@ -39,9 +42,6 @@ from core.collection.cache_format import (
     shard_file_name,
     validate_header,
 )
-from core.collection.ranks import Ranks, current_ranks
-from core.routing_data import RoutingData
-from core.safe_io import TMP_SUFFIX, atomic_write_bytes, atomic_write_json, temp_name_prefix
 
 __all__ = [
     "CacheCorruptError", "CacheError", "CacheIncompleteError", "CacheMismatchError", "CacheStream", "RoutingCache",

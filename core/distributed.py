@@ -2,7 +2,7 @@
 
 Collection splits deterministically: whole checkpoints over ranks when a sweep has at least as
 many checkpoints to load as there are ranks, else (checkpoint, dataset) caches round-robin, and
-with fewer caches than ranks the planned shards of every cache (``core.collection.split_cache``).
+with fewer caches than ranks the planned shards of every cache (``core.store.split_cache``).
 Manifests record the rank and world size that wrote each shard; after a barrier every rank
 opens all the caches. A cache's identity does not depend on who wrote
 it, so the same command with another number of processes reuses it.

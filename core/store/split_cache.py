@@ -22,11 +22,12 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from core.collection.cache import RoutingCache, shard_payload
-from core.collection.cache_format import FORMAT_VERSION, MANIFEST_NAME, CacheError, identity_differences, read_manifest
-from core.collection.ranks import Ranks
+from core.distributed import Ranks
 from core.routing_data import RoutingData
 from core.safe_io import atomic_write_bytes, atomic_write_json
+from core.store.cache import RoutingCache, shard_payload
+from core.store.cache_format import FORMAT_VERSION, MANIFEST_NAME, CacheError, identity_differences, read_manifest
+from core.store.rows import concat_batches, token_rows
 
 PARTS_FILE = "parts.json"
 
@@ -75,11 +76,9 @@ def collect_parts(collector: Any, tokenized: Any, cache_dir: str | Path, header:
 
     Planned shard ``i`` is rank ``i % world_size``'s. ``force`` traces them again.
     """
-    from core.collection.collector import _concat, _rows_of
-
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    _, mask = _rows_of(tokenized)
+    _, mask = token_rows(tokenized)
     plan = plan_shards(mask, batch_size, header["settings"]["shard_tokens"])
     atomic_write_json(cache_dir / PARTS_FILE, {"header": header, "plan": plan})  # the same from every rank
     if force:
@@ -95,7 +94,7 @@ def collect_parts(collector: Any, tokenized: Any, cache_dir: str | Path, header:
             for _, _, rd in collector.trace_batches(tokenized, batch_size=batch_size, start_row=a, stop_row=b, **trace_kw):
                 batches.append(rd)
                 bar.update(rd.num_tokens)
-            data = _concat(batches)
+            data = concat_batches(batches)
             payload, entry = shard_payload(data, header["settings"], a, b - a, ranks)
             atomic_write_bytes(cache_dir / part_name(a), payload)
             atomic_write_json(_entry_path(cache_dir, a), {"file": part_name(a), **entry, "score_fn": data.score_fn})
