@@ -67,10 +67,10 @@ def test_max_memory_and_device_map_options():
     assert parse_max_memory("0=70GiB, 1=70GiB,cpu=200GiB") == {0: "70GiB", 1: "70GiB", "cpu": "200GiB"}
     with pytest.raises(ValueError, match="0=70GiB"):
         parse_max_memory("lots")
-    assert make_options(device_map="auto", max_memory="cpu=2GiB").max_memory == "cpu=2GiB"
+    assert make_options(device_map="auto", max_memory="cpu=2GiB").model.max_memory == "cpu=2GiB"
     with pytest.raises(OptionsError, match="with --device-map only"):
         make_options(max_memory="cpu=2GiB")
-    with pytest.raises(OptionsError, match="device_map must be one of"):
+    with pytest.raises(OptionsError, match="device-map must be one of"):
         make_options(device_map="everywhere")
 
 

@@ -311,15 +311,15 @@ def test_the_main_run_shows_the_plan_for_hub_revisions_only(hf_cache, monkeypatc
 def test_keep_checkpoints_from_the_command_line_and_yaml(tmp_path, capsys):
     from core.pipeline.options import OptionsError, build_parser, parse_options
 
-    assert parse_options([]).keep_checkpoints is False
-    assert parse_options(["--keep-checkpoints"]).keep_checkpoints is True
+    assert parse_options([]).model.keep_checkpoints is False
+    assert parse_options(["--keep-checkpoints"]).model.keep_checkpoints is True
     cfg = tmp_path / "study.yaml"
     cfg.write_text("model: allenai/OLMoE-1B-7B-0924\nkeep_checkpoints: true\n")
-    assert parse_options(["--config", str(cfg)]).keep_checkpoints is True
+    assert parse_options(["--config", str(cfg)]).model.keep_checkpoints is True
     cfg.write_text("keep-checkpoints: false\n")
-    assert parse_options(["--config", str(cfg)]).keep_checkpoints is False
-    assert parse_options(["--config", str(cfg), "--keep-checkpoints"]).keep_checkpoints is True
+    assert parse_options(["--config", str(cfg)]).model.keep_checkpoints is False
+    assert parse_options(["--config", str(cfg), "--keep-checkpoints"]).model.keep_checkpoints is True
     cfg.write_text("keep_checkpoints: sometimes\n")
-    with pytest.raises(OptionsError, match="keep_checkpoints must be true or false"):
+    with pytest.raises(OptionsError, match="keep-checkpoints must be true or false"):
         parse_options(["--config", str(cfg)])
     assert "--keep-checkpoints" in build_parser().format_help() and "Hugging Face cache" in build_parser().format_help()

@@ -255,8 +255,8 @@ def test_options_from_yaml_with_cli_override(tmp_path):
     cfg = tmp_path / "study.yaml"
     cfg.write_text("model: allenai/OLMoE-1B-7B-0924\ndatasets: [fineweb, gsm8k]\nmax_tokens: 1000\ndevice: cuda\n")
     opts = parse_options(["--config", str(cfg), "--max-tokens", "5000", "--datasets", "gsm8k,humaneval"])
-    assert opts.model == "allenai/OLMoE-1B-7B-0924" and opts.device == "cuda"
-    assert opts.max_tokens == 5000 and opts.datasets == ["gsm8k", "humaneval"]
+    assert opts.model.name == "allenai/OLMoE-1B-7B-0924" and opts.model.device == "cuda"
+    assert opts.data.max_tokens == 5000 and opts.data.datasets == ["gsm8k", "humaneval"]
     cfg.write_text("modle: typo\n")
     with pytest.raises(OptionsError, match="unknown options \\['modle'\\]"):
         parse_options(["--config", str(cfg)])

@@ -82,7 +82,7 @@ def test_layers_option_is_for_random_models_only():
 
     with pytest.raises(OptionsError, match="random:NAME models only"):
         make_options(model="allenai/OLMoE-1B-7B-0924", layers=2)
-    assert make_options(model="random:olmoe-1b-7b", layers=2).layers == 2
+    assert make_options(model="random:olmoe-1b-7b", layers=2).model.layers == 2
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="per-stage peaks need Linux's clear_refs")

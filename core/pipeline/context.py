@@ -31,7 +31,7 @@ class RunContext:
 
     @property
     def resamples(self) -> int:
-        return int(self.options.resamples)
+        return int(self.options.analysis.resamples)
 
     @property
     def seed(self) -> int:
@@ -39,7 +39,7 @@ class RunContext:
 
     @property
     def progress(self) -> bool:
-        return bool(self.options.progress)
+        return bool(self.options.output.progress)
 
     @property
     def score_fn(self) -> str:

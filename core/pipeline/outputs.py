@@ -32,7 +32,7 @@ def report_summary(record: RunRecord) -> dict[str, Any]:
         "tokens": ", ".join(f"{n}: {c}" for n, c in record.tokens.items()),
         "checkpoints": ", ".join(c["name"] for c in record.checkpoints),
         "data the model saw": model.get("training_data") or "not recorded by this toolkit (the model's own training data)",
-        "intervals": f"95% over documents, {record.options.get('resamples')} bootstrap resamples; nulls from shuffled data",
+        "intervals": f"95% over documents, {record.options.get('analysis', {}).get('resamples')} bootstrap resamples; nulls from shuffled data",
     }
 
 
@@ -74,9 +74,9 @@ def log_wandb(record: RunRecord, run_dir: Path, figures: dict[str, go.Figure], r
     from viz.wandb_logger import WandbLogger
 
     model = record.model.get("name")
-    config = {**record.options, "model": model, "datasets": list(record.datasets),
+    config = {**record.options, "model": model, "model_options": record.options.get("model"), "datasets": list(record.datasets),
               "checkpoints": [c["name"] for c in record.checkpoints]}
-    logger = WandbLogger(record.options["wandb_project"], run_dir, name=run_dir.name, config=config, group=model)
+    logger = WandbLogger(record.options["output"]["wandb_project"], run_dir, name=run_dir.name, config=config, group=model)
     try:
         series, tables = wandb_parts(record, decode)
         log_run(logger, series, tables, dict(record.headline), figures, report, run_dir / "metrics.json")

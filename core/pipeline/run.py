@@ -21,7 +21,7 @@ def _run_name(opts: RunOptions, model_name: str) -> str:
     from core.collection.sweep import model_slug
 
     name = model_slug(model_name)
-    return opts.run_name or (name + ("-micro" if opts.micro and "micro" not in name else ""))
+    return opts.output.run_name or (name + ("-micro" if opts.micro and "micro" not in name else ""))
 
 
 class BasicRoutingAnalysis:
@@ -47,10 +47,10 @@ class BasicRoutingAnalysis:
 
         opts = self.options
         preflight(opts)  # a missing GPU or an unwritable folder is found now, not after the analyses
-        ranks, opts.device = start_ranks(opts.device)  # under torchrun: this rank's share and device
-        opts.progress = opts.progress and ranks.rank == 0
-        t0, clock = time.perf_counter(), StageClock(opts.device)
-        say = print if opts.progress else (lambda *a, **k: None)
+        ranks, opts.model.device = start_ranks(opts.model.device)  # under torchrun: this rank's share and device
+        opts.output.progress = opts.output.progress and ranks.rank == 0
+        t0, clock = time.perf_counter(), StageClock(opts.model.device)
+        say = print if opts.output.progress else (lambda *a, **k: None)
         target, wrapper = self._open_model(ranks, clock, say)
         with clock.stage("datasets tokenized"):  # held-out documents only
             tokenized = targets.load_tokenized(opts, wrapper.tokenizer, exclude=targets.training_exclusion(target))
@@ -74,12 +74,12 @@ class BasicRoutingAnalysis:
 
         opts = self.options
         embedded_run = None
-        if opts.model is None:
+        if opts.model.name is None:
             say("[0/4] the embedded model (trained on the bundled corpus if it is not there yet)")
             with clock.stage("embedded model trained or found"), rank_zero_first(ranks):
                 embedded_run = targets.train_embedded_model(opts)
-        elif is_random_spec(opts.model):
-            say(f"[0/4] {opts.model}: random weights (written into {opts.models_dir}/random/ if not there yet)")
+        elif is_random_spec(opts.model.name):
+            say(f"[0/4] {opts.model.name}: random weights (written into {opts.model.models_dir}/random/ if not there yet)")
             with clock.stage("random weights written or found"), rank_zero_first(ranks):
                 targets.write_random(opts)
         with clock.stage("model loaded"):
@@ -97,7 +97,7 @@ class BasicRoutingAnalysis:
         from core.safe_io import atomic_write_text
 
         opts = self.options
-        run_dir = Path(opts.results_dir) / _run_name(opts, record.model["name"])
+        run_dir = Path(opts.output.results_dir) / _run_name(opts, record.model["name"])
         run_dir.mkdir(parents=True, exist_ok=True)
         say(f"[4/4] writing {run_dir}")
         with clock.stage("metrics.json"):  # big arrays go to arrays.safetensors beside it (core.array_files)
@@ -105,15 +105,15 @@ class BasicRoutingAnalysis:
         with clock.stage("report"):
             report, figs = build_report(record, decode)
             report_path = report.write(run_dir)
-        if opts.static != "none":
+        if opts.output.static != "none":
             from viz.static_export import export_many
 
-            with clock.stage(f"static images ({opts.static})"):
-                _, reason = export_many(figs, run_dir / "figures", fmt=opts.static)
+            with clock.stage(f"static images ({opts.output.static})"):
+                _, reason = export_many(figs, run_dir / "figures", fmt=opts.output.static)
             if reason:
                 record = dataclasses.replace(record, warnings=record.warnings + (f"no static images: {reason}",))
         wandb_dir = None
-        if opts.wandb:
+        if opts.output.wandb:
             with clock.stage("W&B"):
                 wandb_dir = log_wandb(record, run_dir, figs, report_path, decode)
         summary = RunSummary(run_dir=run_dir, report=report_path, metrics=metrics_path, headline=dict(record.headline),

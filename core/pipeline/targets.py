@@ -70,52 +70,52 @@ def train_embedded_model(opts: RunOptions) -> Path:
     """The embedded default model's run folder, training it first if it is not there yet."""
     from core.study_moe.training import ensure_default_model
 
-    return ensure_default_model(opts.models_dir, config=embedded_config(opts), progress=opts.progress)
+    return ensure_default_model(opts.model.models_dir, config=embedded_config(opts), progress=opts.output.progress)
 
 
 def resolve_model(opts: RunOptions, embedded_run: Path | None = None) -> ModelTarget:
     """The model and checkpoints named by the options (``embedded_run``: the trained embedded model's folder)."""
-    if opts.model is None:
+    if opts.model.name is None:
         if embedded_run is None or not (embedded_run / "checkpoints.json").is_file():
             raise CheckpointError("the embedded model is not trained yet: run train_embedded_model(options) first")
         ckpts = _named_or_selected(list_local_checkpoints(embedded_run), opts, f"the embedded model ({embedded_run})")
         return ModelTarget(name=f"embedded/{embedded_run.name}", source=str(embedded_run), revision=None,
                            checkpoints=ckpts, embedded=True, run_dir=embedded_run, weights_digest=weights_digest(embedded_run))
-    if is_random_spec(opts.model):
+    if is_random_spec(opts.model.name):
         return _random_target(opts)
-    local = Path(opts.model).expanduser()
+    local = Path(opts.model.name).expanduser()
     if local.is_dir() and (local / "checkpoints.json").exists():  # a local training run: its revisions are checkpoints
-        if opts.revision:
-            raise CheckpointError(f"--revision {opts.revision} names a Hub branch; {local} is a local training run: "
+        if opts.model.revision:
+            raise CheckpointError(f"--revision {opts.model.revision} names a Hub branch; {local} is a local training run: "
                                   "pick its revisions with --checkpoints")
         ckpts = _named_or_selected(list_local_checkpoints(local), opts, str(local))
         return ModelTarget(name=local.name, source=str(local), revision=None, checkpoints=ckpts, embedded=False, run_dir=local,
                            weights_digest=weights_digest(local))
-    if local.is_dir() and (opts.revision or opts.checkpoints):
-        what = f"--revision {opts.revision}" if opts.revision else f"--checkpoints {','.join(opts.checkpoints)}"
+    if local.is_dir() and (opts.model.revision or opts.model.checkpoints):
+        what = f"--revision {opts.model.revision}" if opts.model.revision else f"--checkpoints {','.join(opts.model.checkpoints)}"
         raise CheckpointError(f"{what}: {local} is a plain model directory with one set of weights and no revisions "
                               "(a training run folder has checkpoints.json; Hub models have branches)")
-    final = Checkpoint(name=opts.revision or "main", path=str(local) if local.is_dir() else None)
-    if not opts.checkpoints:
+    final = Checkpoint(name=opts.model.revision or "main", path=str(local) if local.is_dir() else None)
+    if not opts.model.checkpoints:
         ckpts = [final]
-    elif opts.checkpoints == ["auto"]:
-        ckpts = select_checkpoints(list_hub_checkpoints(opts.model), n=opts.max_checkpoints, spacing="log")
+    elif opts.model.checkpoints == ["auto"]:
+        ckpts = select_checkpoints(list_hub_checkpoints(opts.model.name), n=opts.model.max_checkpoints, spacing="log")
     else:
-        ckpts = [parse_checkpoint_name(c) for c in opts.checkpoints]
-        _check_hub_names(opts.model, [c.name for c in ckpts] + ([opts.revision] if opts.revision else []))
+        ckpts = [parse_checkpoint_name(c) for c in opts.model.checkpoints]
+        _check_hub_names(opts.model.name, [c.name for c in ckpts] + ([opts.model.revision] if opts.model.revision else []))
         if final.name not in {c.name for c in ckpts}:
             ckpts.append(final)  # saturation is measured against the model itself
-    return ModelTarget(name=opts.model, source=str(opts.model), revision=opts.revision, checkpoints=ckpts, embedded=False,
+    return ModelTarget(name=opts.model.name, source=str(opts.model.name), revision=opts.model.revision, checkpoints=ckpts, embedded=False,
                        weights_digest=weights_digest(local) if local.is_dir() else None)
 
 
 def _random_target(opts: RunOptions) -> ModelTarget:
     """A ``random:NAME`` model: its folder (written by :func:`ensure_random_model`), one set of weights, no revisions."""
-    folder = random_model_folder(opts.model, opts.layers, opts.seed, opts.models_dir)
+    folder = random_model_folder(opts.model.name, opts.model.layers, opts.seed, opts.model.models_dir)
     if not (folder / RECORD_NAME).is_file():
-        raise CheckpointError(f"{opts.model} is not written yet: run core.pipeline.targets.write_random(options) first")
-    if opts.revision or opts.checkpoints:
-        raise CheckpointError(f"{opts.model} has one set of random weights: it has no revisions or checkpoints")
+        raise CheckpointError(f"{opts.model.name} is not written yet: run core.pipeline.targets.write_random(options) first")
+    if opts.model.revision or opts.model.checkpoints:
+        raise CheckpointError(f"{opts.model.name} has one set of random weights: it has no revisions or checkpoints")
     return ModelTarget(name=f"random:{folder.name}", source=str(folder), revision=None,
                        checkpoints=[Checkpoint(name="main", path=str(folder))], embedded=False,
                        weights_digest=weights_digest(folder))
@@ -123,7 +123,7 @@ def _random_target(opts: RunOptions) -> ModelTarget:
 
 def write_random(opts: RunOptions) -> Path:
     """The folder of the ``random:NAME`` model the options name, written first if missing (a few GB at OLMoE's size)."""
-    return ensure_random_model(opts.model, opts.layers, opts.seed, opts.models_dir, make_tokenizer=bundled_tokenizer)
+    return ensure_random_model(opts.model.name, opts.model.layers, opts.seed, opts.model.models_dir, make_tokenizer=bundled_tokenizer)
 
 
 def bundled_tokenizer(vocab_size: int) -> Any:
@@ -151,13 +151,13 @@ def _named_or_selected(available: list[Checkpoint], opts: RunOptions, where: str
 
     A name that does not exist is an error listing what does, never a silent fallback.
     """
-    if not opts.checkpoints or opts.checkpoints == ["auto"]:
-        return select_checkpoints(available, n=opts.max_checkpoints, spacing="log")
+    if not opts.model.checkpoints or opts.model.checkpoints == ["auto"]:
+        return select_checkpoints(available, n=opts.model.max_checkpoints, spacing="log")
     by_name = {c.name: c for c in available}
-    unknown = [n for n in opts.checkpoints if n not in by_name]
+    unknown = [n for n in opts.model.checkpoints if n not in by_name]
     if unknown:
         raise CheckpointError(f"no checkpoint {', '.join(unknown)} in {where}; it has {', '.join(by_name)}")
-    picked = [by_name[n] for n in dict.fromkeys(opts.checkpoints)]
+    picked = [by_name[n] for n in dict.fromkeys(opts.model.checkpoints)]
     if available and available[-1].name not in {c.name for c in picked}:
         picked.append(available[-1])  # saturation is measured against the final checkpoint
     return sorted(picked, key=lambda c: available.index(c))
@@ -168,14 +168,14 @@ def open_wrapper(target: ModelTarget, ckpt: Checkpoint, opts: RunOptions) -> MoE
     if target.embedded:
         import core.study_moe.model  # noqa: F401  registers the toolkit's own model type with transformers' Auto*
     placement = None
-    if opts.device_map:
-        placement = Placement(opts.device_map, parse_max_memory(opts.max_memory), str(Path(opts.models_dir) / "offload"))
-    remote = {"ndif": True, "local": "local"}.get(opts.remote or "", False)
-    wrapper = MoEModelWrapper(ckpt.path or target.source, revision=ckpt.revision, device=opts.device, dtype=opts.dtype,
-                              trust_remote_code=opts.trust_remote_code, placement=placement, remote=remote)
+    if opts.model.device_map:
+        placement = Placement(opts.model.device_map, parse_max_memory(opts.model.max_memory), str(Path(opts.model.models_dir) / "offload"))
+    remote = {"ndif": True, "local": "local"}.get(opts.model.remote or "", False)
+    wrapper = MoEModelWrapper(ckpt.path or target.source, revision=ckpt.revision, device=opts.model.device, dtype=opts.model.dtype,
+                              trust_remote_code=opts.model.trust_remote_code, placement=placement, remote=remote)
     placed = torch.device(wrapper.device).type
-    if placed != torch.device(opts.device).type:  # caches record the device type the routing was computed on
-        raise OptionsError(f"--device-map {opts.device_map} put the model's input layer on {wrapper.device}; "
+    if placed != torch.device(opts.model.device).type:  # caches record the device type the routing was computed on
+        raise OptionsError(f"--device-map {opts.model.device_map} put the model's input layer on {wrapper.device}; "
                            f"pass --device {placed} with it")
     return wrapper
 
@@ -196,38 +196,36 @@ def load_tokenized(opts: RunOptions, tokenizer: Any, loader: DatasetLoader | Non
     ``exclude`` (text digests, see :func:`training_exclusion`) leaves the model's training
     documents out before sampling, so the run analyses held-out documents only.
     """
-    offline = opts.offline if opts.offline is not None else (True if opts.model is None else None)
+    offline = opts.data.offline if opts.data.offline is not None else (True if opts.model.name is None else None)
     loader = loader or DatasetLoader(offline=offline)
-    docs = loader.load_datasets(opts.datasets, num_samples_per_dataset=opts.num_samples, seed=opts.seed, exclude=exclude)
-    empty = [n for n in opts.datasets if not any(d.dataset == n for d in docs)]
+    docs = loader.load_datasets(opts.data.datasets, num_samples_per_dataset=opts.data.num_samples, seed=opts.seed, exclude=exclude)
+    empty = [n for n in opts.data.datasets if not any(d.dataset == n for d in docs)]
     if exclude and empty:
         raise DataError(f"every document of {', '.join(empty)} was in the model's training corpus: nothing held out to "
                         f"analyse (the embedded model holds out documents of wikitext2, gsm8k and humaneval)")
     domains = list(dict.fromkeys(d.domain for d in docs))
     out = {}
-    for name in opts.datasets:
+    for name in opts.data.datasets:
         mine = [d for d in docs if d.dataset == name]
-        tok = tokenize_documents(mine, tokenizer, max_length=opts.max_length, pack=False,
-                                 domain_names=domains, dataset_names=list(opts.datasets))
-        out[name] = tok.head_tokens(opts.max_tokens)
+        tok = tokenize_documents(mine, tokenizer, max_length=opts.data.max_length, pack=False,
+                                 domain_names=domains, dataset_names=list(opts.data.datasets))
+        out[name] = tok.head_tokens(opts.data.max_tokens)
     return out
 
 
 def collect_all(opts: RunOptions, target: ModelTarget, tokenized: dict[str, TokenizedDataset],
                 final_wrapper: MoEModelWrapper | None = None) -> Sweep:
     """Routing caches of every dataset at every checkpoint, and each checkpoint's router weights."""
-    cache_root = Path(opts.cache_dir or Path(opts.results_dir) / "cache")
-
     def make_wrapper(ckpt: Checkpoint) -> MoEModelWrapper:
         if final_wrapper is not None and ckpt == target.final:
             return final_wrapper
         return open_wrapper(target, ckpt, opts)
 
     return sweep_checkpoints(
-        target.checkpoints, tokenized, make_wrapper, cache_root, model_name=target.cache_key, batch_size=opts.batch_size,
-        storage=opts.storage, shard_tokens=opts.shard_tokens, router_weights=opts.remote != "ndif", progress=opts.progress,
-        model_source=target.source, model_dtype=opts.dtype, device=opts.device, force=opts.recollect,
-        keep_checkpoints=opts.keep_checkpoints, announce=lambda ckpts: announce_downloads(opts, target, ckpts),
+        target.checkpoints, tokenized, make_wrapper, opts.cache_root, model_name=target.cache_key,
+        **opts.collection.settings(), router_weights=opts.model.remote != "ndif", progress=opts.output.progress,
+        model_source=target.source, model_dtype=opts.model.dtype, device=opts.model.device, force=opts.output.recollect,
+        keep_checkpoints=opts.model.keep_checkpoints, announce=lambda ckpts: announce_downloads(opts, target, ckpts),
     )
 
 
@@ -238,9 +236,9 @@ def announce_downloads(opts: RunOptions, target: ModelTarget, to_load: list[Chec
     analyses is loaded before the sweep, so it counts as cached and is kept for the analyses.
     """
     revisions = [c.revision for c in to_load if c.path is None]
-    if target.embedded or not revisions or not is_hub_repo(target.source) or not opts.progress:
+    if target.embedded or not revisions or not is_hub_repo(target.source) or not opts.output.progress:
         return None
-    text = plan_text(target.source, revisions, keep=opts.keep_checkpoints)
+    text = plan_text(target.source, revisions, keep=opts.model.keep_checkpoints)
     say(text)
     return text
 

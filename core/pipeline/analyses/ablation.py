@@ -54,7 +54,7 @@ def _ablation_section(r: Mapping[str, Any], page: ReportPage) -> None:
 def _compute(ctx: Any, results: Mapping[str, Any]) -> Any:
     stats = results["routing_stats"]
     targets, labels = most_and_least_used_experts(np.asarray(stats.utilization), list(stats.moe_layers))
-    return ablation_study(ctx.wrapper, ctx.model_tokens(ctx.options.ablation_tokens), targets, labels=labels, batch_size=16,
+    return ablation_study(ctx.wrapper, ctx.model_tokens(ctx.options.analysis.ablation_tokens), targets, labels=labels, batch_size=16,
                           progress=ctx.progress, resamples=ctx.resamples, seed=ctx.seed)
 
 
@@ -71,7 +71,7 @@ def _table(abl: Any, record: Any, decode: Any) -> dict[str, pd.DataFrame]:
 
 register(AnalysisSpec(
     "ablation", "after", order=80, lead=60, compute=_compute,
-    skip=lambda ctx: None if ctx.options.ablation else "turned off (--no-ablation)",
+    skip=lambda ctx: None if ctx.options.analysis.ablation else "turned off (--no-ablation)",
     headline=lambda abl, record: {"ablation_delta_nats": {t: dict(zip(abl.domains, np.round(d, 4).tolist()))
                                                           for t, d in zip(abl.targets, abl.delta)}},
     estimates=lambda abl: {"ablation_delta": getattr(abl, "estimate", None)},

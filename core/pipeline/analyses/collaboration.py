@@ -49,7 +49,7 @@ def _build(ctx: Any) -> Any:
 
 register(AnalysisSpec(
     "collaboration", "pass", order=70, build=_build,
-    skip=lambda ctx: None if ctx.options.collaboration else "turned off (--no-collaboration)",
+    skip=lambda ctx: None if ctx.options.analysis.collaboration else "turned off (--no-collaboration)",
     report=lambda collab, record, page: _collaboration_section(record.results, page),
     notes="patterns of experts that fire together across layers, and the domains that use them",
 ))

@@ -59,9 +59,9 @@ def _compute(ctx: Any, results: Mapping[str, Any]) -> Any:
     stats = results["routing_stats"]
     L, E = np.asarray(stats.utilization).shape
     causal = L * E <= CAUSAL_MAX_PASSES
-    out = pruning_study(ctx.wrapper, ctx.model_tokens(ctx.options.pruning_tokens),
+    out = pruning_study(ctx.wrapper, ctx.model_tokens(ctx.options.analysis.pruning_tokens),
                         pruning_scores(stats, results.get("collaboration")), list(stats.moe_layers),
-                        fractions=ctx.options.pruning_fractions, causal=causal, batch_size=16, progress=ctx.progress,
+                        fractions=ctx.options.analysis.pruning_fractions, causal=causal, batch_size=16, progress=ctx.progress,
                         resamples=ctx.resamples, seed=ctx.seed)
     if not causal:
         out.notes.append(f"causal criterion left out: it needs {L * E} single-expert ablations (more than {CAUSAL_MAX_PASSES})")
@@ -70,7 +70,7 @@ def _compute(ctx: Any, results: Mapping[str, Any]) -> Any:
 
 register(AnalysisSpec(
     "pruning", "after", order=90, lead=70, compute=_compute,
-    skip=lambda ctx: None if ctx.options.pruning else "turned off (--no-pruning)",
+    skip=lambda ctx: None if ctx.options.analysis.pruning else "turned off (--no-pruning)",
     headline=lambda pr, record: {"pruning_best": {f"{f:g}": b for f, b in zip(pr.fractions, pr.best)}},
     findings=lambda pr, record: [Finding("pruning", _sentence(pr), ("pruning",))],
     report=lambda pr, record, page: _pruning_section(record.results, page),
