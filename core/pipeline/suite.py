@@ -21,24 +21,30 @@ from core.distributed import Ranks
 from core.pipeline.context import RunContext
 from core.pipeline.record import RunRecord
 from core.pipeline.shares import share_tokens, sweep_stream
-from core.pipeline.spec import registered
+from core.pipeline.spec import AnalysisSpec, registered
 from core.pipeline.stage_clock import StageClock
 
 ONE_PASS = "analyses: one pass over the caches"
 NO_LOGITS = "the cache holds no router logits (compact storage)"
 
 
+def _applicable(ctx: RunContext, stage: str, skipped: dict[str, str]) -> list[AnalysisSpec]:
+    """The registered analyses of ``stage`` that apply to this run; each of the others goes into ``skipped`` with why."""
+    out = []
+    for spec in registered():
+        why = spec.skip(ctx) if spec.stage == stage and spec.skip else None
+        if why:
+            skipped[spec.name] = why
+        elif spec.stage == stage:
+            out.append(spec)
+    return out
+
+
 def pass_accumulators(ctx: RunContext) -> tuple[dict[str, Accumulator], dict[str, str]]:
     """The accumulator of every ``"pass"`` analysis that applies, and why each of the others does not."""
     accs: dict[str, Accumulator] = {}
     skipped: dict[str, str] = {}
-    for spec in registered():
-        if spec.stage != "pass":
-            continue
-        why = spec.skip(ctx) if spec.skip else None
-        if why:
-            skipped[spec.name] = why
-            continue
+    for spec in _applicable(ctx, "pass", skipped):
         acc = spec.build(ctx)
         accs[spec.name] = acc if spec.all_checkpoints else Pick(acc)
     return accs, skipped
@@ -79,13 +85,7 @@ def run_analyses(ctx: RunContext, model: Mapping[str, Any], clock: StageClock | 
 def _after_pass(ctx: RunContext, results: dict[str, Any], skipped: dict[str, str], timings: dict[str, float],
                 clock: StageClock) -> None:
     """Each ``"after"`` analysis in order, as a stage of its own; one that returns None has nothing to say."""
-    for spec in registered():
-        if spec.stage != "after":
-            continue
-        why = spec.skip(ctx) if spec.skip else None
-        if why:
-            skipped[spec.name] = why
-            continue
+    for spec in _applicable(ctx, "after", skipped):
         with clock.stage(spec.name):
             value = spec.compute(ctx, results)
         if value is not None:
