@@ -171,3 +171,63 @@ def test_an_in_memory_model_edited_in_place_gets_a_new_identity():
     changed = wrapper_identity(w)
     assert changed["weights"] != first["weights"]
     assert changed["weights"] == state_dict_digest(model)
+
+
+def _counting_opens(monkeypatch) -> list[str]:
+    """Every file core.store.identity opens, in order (the weight files it hashes)."""
+    import builtins
+
+    import core.store.identity as identity
+
+    opened: list[str] = []
+
+    def counting_open(file, *args, **kwargs):
+        opened.append(str(file))
+        return builtins.open(file, *args, **kwargs)
+
+    monkeypatch.setattr(identity, "open", counting_open, raising=False)
+    return opened
+
+
+def _age(path, seconds: float) -> None:
+    """Set a file's modification time ``seconds`` into the past (files written long ago)."""
+    import os
+    import time
+
+    t = time.time_ns() - int(seconds * 1e9)
+    os.utime(path, ns=(t, t))
+
+
+def test_a_models_weights_are_hashed_once_per_process_while_unchanged(tmp_path, monkeypatch):
+    """The run (weights_digest), the sweep (checkpoint_identity) and the collector (wrapper_identity) share one read."""
+    from types import SimpleNamespace
+
+    from core.collection.loaded_identity import wrapper_identity
+    from core.store.identity import checkpoint_identity, weights_digest
+
+    for name, payload in (("model-00001.safetensors", b"\x01" * 3000), ("model-00002.safetensors", b"\x02" * 500)):
+        (tmp_path / name).write_bytes(payload)
+        _age(tmp_path / name, 3600)
+    opened = _counting_opens(monkeypatch)
+    digests = {weights_digest(tmp_path) for _ in range(3)}
+    digests.add(checkpoint_identity("m", Checkpoint(name="main", path=str(tmp_path)))["weights"])
+    digests.add(wrapper_identity(SimpleNamespace(source=str(tmp_path), revision=None))["weights"])
+    assert len(digests) == 1 and len(opened) == 2  # each weight file read once
+    assert weights_digest(tmp_path, whole_file_limit=10) not in digests and len(opened) == 4  # another limit: read again
+
+    (tmp_path / "model-00002.safetensors").write_bytes(b"\x03" * 500)  # retrained: same size, new bytes, new mtime
+    _age(tmp_path / "model-00002.safetensors", 60)
+    retrained = weights_digest(tmp_path)
+    assert retrained not in digests and len(opened) == 6
+    assert weights_digest(tmp_path) == retrained and len(opened) == 6
+
+
+def test_weight_files_written_just_now_are_read_every_time(tmp_path, monkeypatch):
+    """A same-size rewrite within a file time's resolution keeps the mtime, so fresh files are not remembered."""
+    from core.store.identity import weights_digest
+
+    (tmp_path / "model.safetensors").write_bytes(b"\x00" * 1000)
+    opened = _counting_opens(monkeypatch)
+    first = weights_digest(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"\x00" * 999 + b"\x01")
+    assert weights_digest(tmp_path) != first and len(opened) == 2

@@ -21,6 +21,7 @@ OLMoE-1B-7B in full storage (2.6 kB/token) the default 65,536-token shard is ~17
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from dataclasses import dataclass, field
@@ -129,6 +130,43 @@ def trimmed_batch(ids: torch.Tensor, mask: torch.Tensor, start: int, stop: int) 
     return ids[start:stop, :width], m[:, :width], width
 
 
+def _finish_batch(start: int, stop: int, width: int, b_ids: torch.Tensor, sel: torch.Tensor, pending: Any, *,
+                  labels: dict[str, torch.Tensor | None], names: tuple[list[str], list[str]], storage: str,
+                  float_dtype: torch.dtype | None) -> tuple[int, int, RoutingData]:
+    """One traced batch waited for, checked against its rows and labelled: kept out of the loop that keeps a batch in flight."""
+    rd = pending.wait()
+    n = int(sel.sum())
+    if rd.num_tokens != n:
+        raise RuntimeError(
+            f"wrapper returned routing for {rd.num_tokens} tokens but rows {start}-{stop} have {n} non-padding tokens"
+        )
+    token_ids = b_ids[sel].cpu()
+    if rd.token_ids is not None and not torch.equal(rd.token_ids.cpu().long(), token_ids.long()):
+        raise RuntimeError("wrapper returned tokens in a different order than row-major non-padding order")
+    rd.token_ids = token_ids.long()
+    for name in _LABEL_FIELDS:
+        t = labels[name]
+        if t is not None:
+            setattr(rd, name, t[start:stop, :width][sel].cpu().long())
+    if rd.positions is None:  # index within the row, as the contract defines it
+        rd.positions = torch.arange(width).expand(stop - start, width)[sel]
+    rd.domain_names, rd.dataset_names = names
+    return start, stop, _to_storage(rd, storage, float_dtype)
+
+
+def _to_storage(rd: RoutingData, storage: str, float_dtype: torch.dtype | None) -> RoutingData:
+    """A batch as the cache stores it (no logits in compact storage, floats in the storage precision), made once per batch."""
+    if storage == "compact":
+        rd.router_logits = None
+    if float_dtype is not None:  # shrink to storage precision now: bounds the shard buffer
+        for name in ("router_logits", "topk_weight"):
+            t = getattr(rd, name)
+            if t is not None:
+                setattr(rd, name, t.detach().cpu().to(float_dtype))
+        rd.hidden = {k: v.detach().cpu().to(float_dtype) for k, v in rd.hidden.items()}
+    return rd
+
+
 class _Ready:
     """A traced batch that is already on the host (for wrappers with only ``trace_routing``)."""
 
@@ -190,35 +228,8 @@ class ActivationCollector:
         names = (list(getattr(tokenized, "domain_names", [])), list(getattr(tokenized, "dataset_names", [])))
         labels = {n: getattr(tokenized, n, None) for n in _LABEL_FIELDS}
         start_trace = getattr(self.wrapper, "start_trace", None) or _Immediate(self.wrapper).start_trace
+        finish = functools.partial(_finish_batch, labels=labels, names=names, storage=storage, float_dtype=float_dtype)
         in_flight = None
-
-        def finish(start: int, stop: int, width: int, b_ids: torch.Tensor, sel: torch.Tensor, pending: Any):
-            rd = pending.wait()
-            n = int(sel.sum())
-            if rd.num_tokens != n:
-                raise RuntimeError(
-                    f"wrapper returned routing for {rd.num_tokens} tokens but rows {start}-{stop} have {n} non-padding tokens"
-                )
-            token_ids = b_ids[sel].cpu()
-            if rd.token_ids is not None and not torch.equal(rd.token_ids.cpu().long(), token_ids.long()):
-                raise RuntimeError("wrapper returned tokens in a different order than row-major non-padding order")
-            rd.token_ids = token_ids.long()
-            for name in _LABEL_FIELDS:
-                t = labels[name]
-                if t is not None:
-                    setattr(rd, name, t[start:stop, :width][sel].cpu().long())
-            if rd.positions is None:  # index within the row, as the contract defines it
-                rd.positions = torch.arange(width).expand(stop - start, width)[sel]
-            rd.domain_names, rd.dataset_names = names
-            if storage == "compact":
-                rd.router_logits = None
-            if float_dtype is not None:  # shrink to storage precision now: bounds the shard buffer
-                for name in ("router_logits", "topk_weight"):
-                    t = getattr(rd, name)
-                    if t is not None:
-                        setattr(rd, name, t.detach().cpu().to(float_dtype))
-                rd.hidden = {k: v.detach().cpu().to(float_dtype) for k, v in rd.hidden.items()}
-            return start, stop, rd
 
         rows = ids.shape[0] if stop_row is None else min(int(stop_row), ids.shape[0])
         for start, stop in batch_bounds(rows, batch_size, start_row):

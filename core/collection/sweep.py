@@ -310,50 +310,97 @@ def sweep_checkpoints(
     before any model loads, with those that must. Under torchrun each rank collects its share
     (``core.distributed``), then opens the others'.
     """
-    from core.collection.collector import DEFAULT_SHARD_TOKENS, data_fingerprint
-
     if not checkpoints or not datasets:
         raise ValueError("sweep_checkpoints needs at least one checkpoint and one dataset")
     check_storage(storage, dtype)
-    shard_tokens = shard_tokens or DEFAULT_SHARD_TOKENS
     make_wrapper = make_wrapper or checkpoint_loader(model_name)
+    index = _open_index(cache_root, model_name, checkpoints)
+    fingerprints, settings = _identity_parts(datasets, storage, dtype, batch_size, shard_tokens, hidden_layers)
+    ranks = current_ranks()
+    split = 1 < ranks.world_size and len(checkpoints) * len(datasets) < ranks.world_size  # fewer caches than processes
+    collect_kw = {**settings, "hidden_layers": hidden_layers, "ranks": ranks if split else None}
+    plans = _plan_checkpoints(checkpoints, datasets, fingerprints, settings, index, cache_root, model_source or model_name,
+                              model_dtype, device, force=force, router_weights=router_weights)
+    if announce is not None:
+        announce([p.ckpt for p in plans if p.todo or (router_weights and p.routers is None)])
+    _collect_plans(plans, list(datasets), make_wrapper, index, ranks, split, checkpoints, model_source or model_name,
+                   keep_checkpoints=keep_checkpoints, router_weights=router_weights, batch_size=batch_size,
+                   progress=progress, force=force, collect_kw=collect_kw)
+    caches = {name: [p.done[name] for p in plans] for name in datasets}
+    weights = [p.routers for p in plans] if router_weights else []
+    if ranks.rank == 0:
+        index.write()
+    return Sweep(index.path, list(checkpoints), caches, weights)
+
+
+@dataclass
+class _SweepIndex:
+    """The sweep's ``index.json`` as the sweep keeps it up to date: one object instead of five arguments to each step."""
+
+    path: Path
+    model_name: str
+    order: dict[str, tuple]
+    entries: dict[str, dict]  # by cache path
+    last_paths: dict[str, str] = field(default_factory=dict)  # "<checkpoint>/<dataset>" -> the path this sweep uses
+
+    def write(self) -> None:
+        """Write the index as it stands now (atomically, with its checksum)."""
+        _write_index(self.path, self.model_name, self.entries, self.order, self.last_paths)
+
+
+def _open_index(cache_root: str | os.PathLike, model_name: str, checkpoints: Sequence[Checkpoint]) -> _SweepIndex:
+    """The sweep's index: its folder made, the entries still on disk from earlier sweeps, this sweep's checkpoint order."""
     idx_path = index_path(cache_root, model_name)
     idx_path.parent.mkdir(parents=True, exist_ok=True)
     entries = _known_entries(idx_path)
     order = {c.name: order_key(c) for c in checkpoints}
+    return _SweepIndex(idx_path, model_name, order, entries)
+
+
+def _identity_parts(datasets: Mapping[str, Any], storage: str, dtype: str, batch_size: int, shard_tokens: int | None,
+                    hidden_layers: Sequence[int]) -> tuple[dict[str, str], dict]:
+    """What tells a cache apart besides the model, for every checkpoint alike: each dataset's fingerprint, the settings."""
+    from core.collection.collector import DEFAULT_SHARD_TOKENS, data_fingerprint
+
+    shard_tokens = shard_tokens or DEFAULT_SHARD_TOKENS
     fingerprints = {name: data_fingerprint(t) for name, t in datasets.items()}
     settings = {"storage": storage, "dtype": dtype, "batch_size": batch_size, "shard_tokens": shard_tokens,
                 "hidden_layers": [int(x) for x in hidden_layers]}
-    ranks = current_ranks()
-    split = 1 < ranks.world_size and len(checkpoints) * len(datasets) < ranks.world_size  # fewer caches than processes
-    collect_kw = {**settings, "hidden_layers": hidden_layers, "ranks": ranks if split else None}
-    last_paths: dict[str, str] = {}
-    plans = []  # per checkpoint: what is complete already (found without loading any model), and what is left
+    return fingerprints, settings
+
+
+def _plan_checkpoints(checkpoints: Sequence[Checkpoint], datasets: Mapping[str, Any], fingerprints: dict[str, str],
+                      settings: dict, index: _SweepIndex, cache_root: str | os.PathLike, model_source: str,
+                      model_dtype: Any, device: str, *, force: bool, router_weights: bool) -> list[_Pending]:
+    """Per checkpoint, what is complete already and what is left: found from identities, without loading any model."""
+    plans = []
     for ckpt in checkpoints:
-        model_id = checkpoint_identity(model_source or model_name, ckpt, model_dtype, device)
-        done, todo, keys = _reusable(ckpt, datasets, model_id, fingerprints, settings, cache_root, model_name,
-                                     idx_path.parent, entries, last_paths, force)
-        w_path = router_weights_path(cache_root, model_name, ckpt)
+        model_id = checkpoint_identity(model_source, ckpt, model_dtype, device)
+        done, todo, keys = _reusable(ckpt, datasets, model_id, fingerprints, settings, cache_root, index.model_name,
+                                     index.path.parent, index.entries, index.last_paths, force)
+        w_path = router_weights_path(cache_root, index.model_name, ckpt)
         routers = None if force or not router_weights else _stored_router_weights(w_path)
         plans.append(_Pending(ckpt, done, todo, keys, w_path, routers))
-    if announce is not None:
-        announce([p.ckpt for p in plans if p.todo or (router_weights and p.routers is None)])
-    hub = _hub_files(checkpoints, model_source or model_name, idx_path, keep_checkpoints)
+    return plans
+
+
+def _collect_plans(plans: list[_Pending], names: list[str], make_wrapper: Callable[[Checkpoint], Any],
+                   index: _SweepIndex, ranks: Ranks, split: bool, checkpoints: Sequence[Checkpoint], repo: str, *,
+                   keep_checkpoints: bool, router_weights: bool, batch_size: int, progress: bool, force: bool,
+                   collect_kw: dict) -> None:
+    """Collect this rank's share of what is left, take the other ranks' share, and free the Hub downloads."""
+    hub = _hub_files(checkpoints, repo, index.path, keep_checkpoints)
     shared = len(plans) < ranks.world_size  # ranks load the same checkpoints: free downloads once all are done
-    for p, share in _my_share(plans, list(datasets), router_weights, ranks, split):
-        _collect_checkpoint(share, make_wrapper, hub, model_source or model_name, router_weights=router_weights,
+    for p, share in _my_share(plans, names, router_weights, ranks, split):
+        _collect_checkpoint(share, make_wrapper, hub, repo, router_weights=router_weights,
                             batch_size=batch_size, progress=progress, force=force, collect_kw=collect_kw,
                             free_now=not shared, on_cache=lambda name, cache, p=p: _record(
-                                entries, last_paths, p, name, cache, idx_path, model_name, order))
+                                index.entries, index.last_paths, p, name, cache, index.path, index.model_name,
+                                index.order))
         p.routers = share.routers
     if ranks.world_size > 1:
-        _gather_others(plans, router_weights, entries, last_paths, idx_path.parent, ranks, split)
+        _gather_others(plans, router_weights, index.entries, index.last_paths, index.path.parent, ranks, split)
     _finish_hub(hub if not shared or ranks.rank == 0 else None, checkpoints, progress)
-    caches = {name: [p.done[name] for p in plans] for name in datasets}
-    weights = [p.routers for p in plans] if router_weights else []
-    if ranks.rank == 0:
-        _write_index(idx_path, model_name, entries, order, last_paths)
-    return Sweep(idx_path, list(checkpoints), caches, weights)
 
 
 def _finish_hub(hub: HubCheckpointFiles | None, checkpoints: Sequence[Checkpoint], progress: bool) -> None:

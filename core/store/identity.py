@@ -14,15 +14,18 @@ wrapper are the collection's (``core.collection.loaded_identity``), which hands 
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
 VOLATILE_CONFIG_KEYS = ("transformers_version",)  # and every key starting with "_" (paths, commit hashes)
+SETTLED_SECONDS = 2  # weight files modified longer ago are remembered by their stat (file times can be 1-2 s coarse)
 
 
 def _sha(obj: Any) -> str:
@@ -36,16 +39,36 @@ def config_digest(config: dict) -> str:
 
 
 def weights_digest(folder: str | os.PathLike, whole_file_limit: int = 256 << 20) -> str:
-    """A short digest of a local model's weight files (whole files up to 256 MB, else their size, head and tail)."""
+    """A short digest of a local model's weight files (whole files up to 256 MB, else their size, head and tail).
+
+    Read once per process while the files stay as they were (the same names, sizes, modification times and
+    inodes): the run, the sweep and the collector each ask for it. Files modified in the last
+    ``SETTLED_SECONDS`` are read every time, as a rewrite that soon can keep the same modification time.
+    """
     folder = Path(folder)
-    h = hashlib.sha256()
     files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin"))
     if not files:
         raise FileNotFoundError(f"no weight files (*.safetensors, *.bin) in {folder}")
-    for f in files:
-        size = f.stat().st_size
-        h.update(f"{f.name}:{size}".encode())
-        with open(f, "rb") as fh:
+    now = time.time_ns()
+    stats = [f.stat() for f in files]
+    signature = tuple((f.name, st.st_size, st.st_mtime_ns, st.st_ino) for f, st in zip(files, stats))
+    if now - max(st.st_mtime_ns for st in stats) < SETTLED_SECONDS * 1_000_000_000:
+        return _hash_weight_files(str(folder.resolve()), signature, whole_file_limit)
+    return _settled_weights_digest(str(folder.resolve()), signature, whole_file_limit)
+
+
+@functools.lru_cache(maxsize=64)
+def _settled_weights_digest(folder: str, signature: tuple, whole_file_limit: int) -> str:
+    """:func:`_hash_weight_files` remembered by the files' signature, so one process reads a model's weights once."""
+    return _hash_weight_files(folder, signature, whole_file_limit)
+
+
+def _hash_weight_files(folder: str, signature: tuple, whole_file_limit: int) -> str:
+    """The digest itself, of the files named in ``signature`` (name, size, ...): read here and nowhere else."""
+    h = hashlib.sha256()
+    for name, size, *_ in signature:
+        h.update(f"{name}:{size}".encode())
+        with open(Path(folder) / name, "rb") as fh:
             if size <= whole_file_limit:
                 for block in iter(lambda: fh.read(1 << 20), b""):
                     h.update(block)
