@@ -384,7 +384,8 @@ def test_checkpoint_and_revision_names_are_checked(micro_run, tmp_path, capsys):
     (["--device", "gpu0"], "device must be cpu, cuda"),
     (["--resamples", "-5"], "resamples must be 0 or more"),
     (["--pruning-fractions", "0.25,1.5"], "pruning-fractions must be shares between 0 and 1"),
-    (["--pruning-fractions", "half"], "pruning-fractions must be numbers"),
+    (["--pruning-fractions", "half"], "pruning-fractions must be a number, not 'half'"),
+    (["--batch-size", "four"], "batch-size must be a whole number, not 'four'"),
     (["--pruning-tokens", "0"], "pruning-tokens must be a whole number of at least 1"),
 ])
 def test_bad_option_values_are_one_line_errors(tmp_path, capsys, flags, says):

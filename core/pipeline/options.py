@@ -259,10 +259,11 @@ def _add_flag(group: Any, key: str, f: Any, tp: Any) -> None:
         group.add_argument(f"--no-{key.replace('_', '-')}", dest=key, action="store_false", default=None, help=f"skip: {help_text}")
     elif base is bool:
         group.add_argument(flag, dest=key, action="store_true", default=None, help=help_text)
-    else:
-        kind = str if base is list else base
-        group.add_argument(flag, dest=key, type=kind, choices=f.metadata.get("choices") if base is not list else None,
-                           default=None, help=help_text)
+    else:  # choices are checked by validate(): a wrong one is a one-line error, like every other wrong value
+        choices = f.metadata.get("choices")
+        help_text += f" (one of {', '.join(choices)})" if choices else ""
+        group.add_argument(flag, dest=key, default=None, help=help_text,
+                           metavar=key.upper() if base is list or not choices else "{" + ",".join(choices) + "}")
 
 
 def parse_options(argv: list[str] | None = None) -> RunOptions:
