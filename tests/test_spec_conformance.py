@@ -80,26 +80,9 @@ DOCUMENTS = list(range(0, N + 1, DOC_LEN))  # one document per chunk
 RAGGED = [0, 7, 100, 101, 333, 500, N]  # chunks that cut documents anywhere
 
 
-# Known failures, each a defect to fix (strict: the suite fails once one is fixed, so the mark goes too).
-CHUNKED_NULLS = {  # nulls shuffled within a chunk, not within a document: their draws depend on where chunks end
-    "correlation_topk": "the layers-shuffled-within-documents null shuffles each chunk's part of a document (issue 27)",
-    "vocabulary_specialization": "token ids are shuffled within a chunk and domain, not within a document (issue 27)",
-}
-
-
 @pytest.fixture(scope="module", params=PASS_SPECS)
 def spec_name(request):
     return request.param
-
-
-def _strict(spec_name: str, check) -> None:
-    """Run ``check``; a known defect must still fail it (then the test is an expected failure), any other must pass."""
-    if spec_name not in CHUNKED_NULLS:
-        check()
-        return
-    with pytest.raises(AssertionError):
-        check()
-    pytest.xfail(CHUNKED_NULLS[spec_name])
 
 
 @pytest.fixture(scope="module")
@@ -113,14 +96,14 @@ def test_every_pass_analysis_is_in_the_suite():
 
 @pytest.mark.parametrize("bounds", [DOCUMENTS, RAGGED], ids=["one-document-chunks", "ragged-chunks"])
 def test_result_does_not_depend_on_chunk_size(spec_name, one_pass, bounds):
-    _strict(spec_name, lambda: assert_same(_result(_fold(spec_name, _stream(bounds))), one_pass, spec_name, rel=1e-6))
+    assert_same(_result(_fold(spec_name, _stream(bounds))), one_pass, spec_name, rel=1e-6)
 
 
 def test_shares_merged_equal_one_pass(spec_name, one_pass):
     """Two processes' shares (cut at a document boundary, as the run cuts them), merged in stream order."""
     half = (DOCS // 2) * DOC_LEN
     first, second = _fold(spec_name, _stream([0, 64, half])), _fold(spec_name, _stream([half, half + 64, N]))
-    _strict(spec_name, lambda: assert_same(_result(merge_all([{"a": first}, {"a": second}])["a"]), one_pass, spec_name, rel=1e-6))
+    assert_same(_result(merge_all([{"a": first}, {"a": second}])["a"]), one_pass, spec_name, rel=1e-6)
 
 
 def test_empty_chunks_change_nothing(spec_name, one_pass):

@@ -17,8 +17,8 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
-from core.analysis.resampling import (DocumentRuns, Estimate, block_of, document_keys, jackknife_interval,
-                                      permutation_estimate, permute_within)
+from core.analysis.resampling import (DocumentRuns, Estimate, WholeDocuments, block_of, document_keys, jackknife_interval,
+                                      permutation_estimate, shuffle_within_documents)
 from core.analysis.results import ResultMixin
 from core.analysis.streaming import (
     GroupBy,
@@ -27,7 +27,6 @@ from core.analysis.streaming import (
     RoutingAccumulator,
     WhenRecorded,
     as_chunks,
-    chunk_seed,
     fold,
     fold_one,
     require,
@@ -221,6 +220,7 @@ class CorrelationAccumulator(RoutingAccumulator):
         self.blocks = int(min(64, max(16, self.memory // (F * F)))) if self.resamples else 0
         self.n, self.s, self.q = np.zeros(self.blocks), np.zeros((self.blocks, F)), np.zeros((self.blocks, F, F))
         self.null = [StreamingCorrelation() for _ in range(self.permutations if self.resamples else 0)]
+        self.pending = WholeDocuments()  # the last document, held back until it ends (for the null)
 
     def _add(self, chunk: RoutingData) -> None:
         x = _features(chunk, self.feature)
@@ -237,15 +237,27 @@ class CorrelationAccumulator(RoutingAccumulator):
             self.n[blk] += len(xb)
             self.s[blk] += xb.sum(0)
             self.q[blk] += xb.T @ xb
+        self._add_null(self.pending.push(chunk))
+
+    def _add_null(self, docs: RoutingData | None) -> None:
+        """The shadow correlations of whole documents whose layers are shuffled within each document.
+
+        Whole documents (:class:`WholeDocuments`), each token's place drawn from where it is: the
+        null is the same however the stream was cut into chunks or shares.
+        """
+        if docs is None or not self.null:
+            return
         L, E = self.layout.num_layers, self.layout.num_experts
-        xl = x.reshape(len(x), L, E)
+        xl = _features(docs, self.feature).reshape(docs.num_tokens, L, E)
         for p, acc in enumerate(self.null):
-            rng = np.random.default_rng(chunk_seed(chunk, self.seed, p))
-            idx = permute_within(keys, rng, times=L - 1)  # layer 0 stays, the others move against it
+            idx = shuffle_within_documents(docs, self.seed, p, times=L - 1)  # layer 0 stays, the others move against it
             shuffled = np.stack([xl[:, 0]] + [xl[idx[li - 1], li] for li in range(1, L)], 1)
-            acc.update(shuffled.reshape(len(x), -1))
+            acc.update(shuffled.reshape(docs.num_tokens, -1))
 
     def _merge(self, other: "CorrelationAccumulator") -> None:
+        """Shares end on document boundaries (the run cuts them there): each share's last document is whole."""
+        self._add_null(self.pending.flush())
+        other._add_null(other.pending.flush())
         self.acc.merge(other.acc)
         self.n, self.s, self.q = self.n + other.n, self.s + other.s, self.q + other.q
         for mine, theirs in zip(self.null, other.null):
@@ -253,6 +265,7 @@ class CorrelationAccumulator(RoutingAccumulator):
 
     def _result(self) -> CrossLayerCorrelation:
         layers, E = list(self.layout.moe_layers), self.layout.num_experts
+        self._add_null(self.pending.flush())
         corr = self.acc.correlation()
         mean, mx = _summarize(corr, len(layers), E)
         est = self._estimates(mean) if self.blocks and self.acc.n > 2 else {}

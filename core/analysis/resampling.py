@@ -20,6 +20,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from core.analysis.results import ResultMixin
+from core.analysis.streaming import chunk_seed
 from core.safe_io import ArraySink, to_jsonable
 from core.routing_data import RoutingData
 
@@ -187,6 +188,49 @@ def permute_within(groups: np.ndarray, rng: np.random.Generator, times: int | No
     idx = np.empty((n, len(groups)), np.int64)
     idx[:, np.argsort(inv, kind="stable")] = order
     return idx[0] if times is None else idx
+
+
+class WholeDocuments:
+    """Holds back a stream's last document until it ends, so a within-document shuffle always sees whole documents.
+
+    ``push(chunk)`` returns the tokens of the documents that ended (None if none did); ``flush()``
+    returns the last one. Where chunks end then changes nothing: with :func:`shuffle_within_documents`
+    a document is shuffled the same way however the stream was cut. Memory: one document.
+    """
+
+    def __init__(self) -> None:
+        self.tail: RoutingData | None = None
+
+    def push(self, chunk: RoutingData) -> RoutingData | None:
+        if not chunk.num_tokens:
+            return None
+        joined = chunk if self.tail is None else RoutingData.concat([self.tail, chunk])
+        keys = document_keys(joined)
+        last = int(np.nonzero(keys != keys[-1])[0][-1]) + 1 if (keys != keys[-1]).any() else 0
+        self.tail = joined.select(slice(last, joined.num_tokens))
+        return joined.select(slice(0, last)) if last else None
+
+    def flush(self) -> RoutingData | None:
+        done, self.tail = self.tail, None
+        return done
+
+
+def shuffle_within_documents(chunk: RoutingData, *seed: int, times: int = 1) -> np.ndarray:
+    """``times`` shuffles of the chunk's tokens inside each document, ``[times, N]``, drawn from where each token is.
+
+    A token's place in a shuffle depends on its dataset, document, position and ``seed`` only, so
+    whole documents are shuffled the same way in any chunk (see :class:`WholeDocuments`). Without
+    position labels, the chunk's own seed (:func:`core.analysis.streaming.chunk_seed`) draws them.
+    """
+    keys = document_keys(chunk)
+    _, inv = np.unique(keys, return_inverse=True)
+    draws = [token_uniforms(chunk, *seed, t) for t in range(times)]
+    if any(d is None for d in draws):
+        return permute_within(keys, np.random.default_rng(chunk_seed(chunk, *seed)), times=times)
+    order = np.argsort(inv[None, :] + np.stack(draws), axis=1)  # by document, then by each token's draw
+    idx = np.empty((times, len(keys)), np.int64)
+    idx[:, np.argsort(inv, kind="stable")] = order
+    return idx
 
 
 def permute_labels(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:

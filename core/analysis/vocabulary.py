@@ -3,8 +3,11 @@
 The statistic (a token id's most-used expert share, averaged over token ids) is a maximum over
 experts, so it sits well above k/E even under random routing when a token id is seen a few dozen
 times. Its null is therefore the same statistic on shuffled data: token ids permuted among the
-tokens of each chunk and domain (occurrence counts unchanged, any link between a token id and
-its experts broken). Intervals leave one document block out at a time (jackknife): a bootstrap
+tokens of each document (occurrence counts unchanged, any link between a token id and its
+experts broken, while what the document is about, and so its domain and topic, is kept: a
+shuffle within a domain or a chunk of several documents counts topical vocabulary as
+specialization). The shuffles see whole documents, each token's place drawn from where it is,
+so the null does not depend on where chunks end. Intervals leave one document block out at a time (jackknife): a bootstrap
 would count documents twice, which makes every token id look more concentrated.
 
 The vocabulary is large (50k for OLMoE) and counts per (token id, layer, expert) kept for every
@@ -23,14 +26,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from core.analysis.resampling import (Estimate, block_of, document_keys, jackknife_interval, jackknife_weights,
-                                      permutation_estimate, permute_within)
+from core.analysis.resampling import (Estimate, WholeDocuments, block_of, document_keys, jackknife_interval,
+                                      jackknife_weights, permutation_estimate, shuffle_within_documents)
 from core.analysis.results import ResultMixin
-from core.analysis.streaming import RoutingAccumulator, chunk_seed, fold_one
+from core.analysis.streaming import RoutingAccumulator, fold_one
 from core.analysis.features import selection_np
 from core.routing_data import RoutingData
 
-NULL_NAME = "token ids shuffled within domain"
+NULL_NAME = "token ids shuffled within each document"
 BLOCKS = 16  # document blocks for the interval (the counts are kept once per block)
 MAX_TOKEN_IDS = 1024
 
@@ -102,6 +105,7 @@ class VocabularyAccumulator(RoutingAccumulator):
         self.counts = np.zeros((BLOCKS, self.capacity, LE), np.int32)
         self.occ = np.zeros((BLOCKS, self.capacity), np.int64)
         self.null = np.zeros((self.permutations, self.capacity, LE), np.int32)
+        self.pending = WholeDocuments()  # the last document, held back until it ends (for the null)
 
     def _grow_vocab(self, V: int) -> None:
         if len(self.seen) < V:
@@ -136,20 +140,38 @@ class VocabularyAccumulator(RoutingAccumulator):
         _scatter(self.counts, (blocks[r[ok]] * S + s[r[ok]]) * LE + c[ok], v[ok])
         t = s >= 0
         np.add.at(self.occ, (blocks[t], s[t]), 1)
-        groups = chunk.domain_ids.numpy() if chunk.domain_ids is not None else np.zeros(len(tok), np.int64)
+        self._add_null(self.pending.push(chunk))
+
+    def _add_null(self, docs: RoutingData | None) -> None:
+        """Counts of whole documents whose token ids are shuffled within each document (the null).
+
+        Whole documents (:class:`WholeDocuments`), each token's place drawn from where it is: the
+        null is the same however the stream was cut into chunks or shares.
+        """
+        if docs is None or not self.permutations:
+            return
+        s = self.slot[docs.token_ids.numpy().astype(np.int64)]
+        m = selection_np(docs).reshape(docs.num_tokens, -1)
+        r, c = np.nonzero(m)
+        v, LE = m[r, c], m.shape[1]
+        idx = shuffle_within_documents(docs, self.seed, times=self.permutations)
         for p in range(self.permutations):
-            rng = np.random.default_rng(chunk_seed(chunk, self.seed, p))
-            sh = s[permute_within(groups, rng)][r]  # the slot of the token id now standing at each selection
+            sh = s[idx[p]][r]  # the slot of the token id now standing at each selection
             ok = sh >= 0
             _scatter(self.null[p], sh[ok] * LE + c[ok], v[ok])
 
     def _merge(self, other: "VocabularyAccumulator") -> None:
         """Counts of the ids both track added; ids only the later share tracks take free slots in its order.
 
+        Shares end on document boundaries (the run cuts them there), so each share's held-back last
+        document is whole and joins its null first.
+
         That is the order one accumulator fed both shares would have admitted them in. Without a
         fixed set of ids, a later share that filled its slots with other ids has not counted some
         ids this one tracks: then the merge is approximate, and says so.
         """
+        self._add_null(self.pending.flush())
+        other._add_null(other.pending.flush())
         V = max(len(self.seen), len(other.seen), int(self.ids.max(initial=-1)) + 1, int(other.ids.max(initial=-1)) + 1)
         self._grow_vocab(V)
         other._grow_vocab(V)
@@ -167,6 +189,7 @@ class VocabularyAccumulator(RoutingAccumulator):
         self.null[:, dst] += other.null[:, src]
 
     def _result(self) -> VocabularySpecialization:
+        self._add_null(self.pending.flush())
         layers, E, k = list(self.layout.moe_layers), self.layout.num_experts, self.layout.top_k
         L, S = len(layers), len(self.ids)
         occ_all = self.occ.sum(0)[:S]

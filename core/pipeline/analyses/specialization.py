@@ -64,7 +64,7 @@ def vocabulary(voc: Any) -> str:
     if est is None or not len(voc.token_ids):
         return ""
     li = strongest(est)
-    return (f"Vocabulary ({len(voc.token_ids)} token ids seen {voc.min_count}+ times; chance: ids shuffled within domain): "
+    return (f"Vocabulary ({len(voc.token_ids)} token ids seen {voc.min_count}+ times; chance: ids shuffled within each document): "
             f"a token id's share at its top expert is furthest above chance at layer {voc.moe_layers[li]}, "
             f"{quote(est.at(li), pct, '')}; {count_of(est)} layers beyond chance.")
 
