@@ -300,3 +300,30 @@ def test_jackknife_interval_stays_inside_the_statistics_range():
     assert hi > 1.0  # unclipped: a share over 100%
     lo, hi = jackknife_interval(np.float64(0.997), loo, bounds=(0.0, 1.0))
     assert 0.0 <= lo < 0.997 and hi == 1.0
+
+
+def test_whole_document_shuffles_do_not_depend_on_where_chunks_end():
+    """Documents cut anywhere come out whole; each is shuffled inside itself, the same way in any chunking."""
+    from core.analysis.resampling import WholeDocuments, document_keys, shuffle_within_documents
+    from tests.planted import planted
+
+    rd = planted(num_docs=9, doc_len=17, seed=3)
+
+    def shuffled_docs(bounds):
+        buf, out = WholeDocuments(), {}
+        for a, b in zip(bounds, bounds[1:]):
+            parts = buf.push(rd.select(slice(a, b)))
+            for part in parts + ([buf.flush()] if b == rd.num_tokens else []):
+                keys, pos = document_keys(part), part.positions.numpy()
+                idx = shuffle_within_documents(part, 5, times=2)
+                assert (keys[idx] == keys[None]).all()  # a token only trades places inside its document
+                for k in np.unique(keys):
+                    assert k not in out, "a document came out in two parts"
+                    out[int(k)] = pos[idx[:, keys == k]].tolist()
+        return out
+
+    one = shuffled_docs([0, rd.num_tokens])
+    assert len(one) == 9 and all(sorted(v[0]) == list(range(17)) for v in one.values())
+    assert any(v[0] != list(range(17)) for v in one.values())  # it does shuffle
+    assert shuffled_docs([0, 5, 6, 40, 100, 101, rd.num_tokens]) == one
+    assert shuffled_docs(list(range(0, rd.num_tokens, 7)) + [rd.num_tokens]) == one

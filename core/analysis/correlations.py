@@ -237,7 +237,8 @@ class CorrelationAccumulator(RoutingAccumulator):
             self.n[blk] += len(xb)
             self.s[blk] += xb.sum(0)
             self.q[blk] += xb.T @ xb
-        self._add_null(self.pending.push(chunk))
+        for docs in self.pending.push(chunk):
+            self._add_null(docs)
 
     def _add_null(self, docs: RoutingData | None) -> None:
         """The shadow correlations of whole documents whose layers are shuffled within each document.

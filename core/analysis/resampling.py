@@ -193,22 +193,34 @@ def permute_within(groups: np.ndarray, rng: np.random.Generator, times: int | No
 class WholeDocuments:
     """Holds back a stream's last document until it ends, so a within-document shuffle always sees whole documents.
 
-    ``push(chunk)`` returns the tokens of the documents that ended (None if none did); ``flush()``
-    returns the last one. Where chunks end then changes nothing: with :func:`shuffle_within_documents`
-    a document is shuffled the same way however the stream was cut. Memory: one document.
+    ``push(chunk)`` returns the parts of the stream whose documents have all ended (the held-back
+    document joined to its rest, then the chunk's whole documents, as views); ``flush()`` returns the
+    last document. Where chunks end then changes nothing: with :func:`shuffle_within_documents` a
+    document is shuffled the same way however the stream was cut. Memory: a copy of one document.
     """
 
     def __init__(self) -> None:
         self.tail: RoutingData | None = None
 
-    def push(self, chunk: RoutingData) -> RoutingData | None:
+    def push(self, chunk: RoutingData) -> list[RoutingData]:
         if not chunk.num_tokens:
-            return None
-        joined = chunk if self.tail is None else RoutingData.concat([self.tail, chunk])
-        keys = document_keys(joined)
-        last = int(np.nonzero(keys != keys[-1])[0][-1]) + 1 if (keys != keys[-1]).any() else 0
-        self.tail = joined.select(slice(last, joined.num_tokens))
-        return joined.select(slice(0, last)) if last else None
+            return []
+        keys = document_keys(chunk)
+        starts = np.nonzero(keys[1:] != keys[:-1])[0] + 1  # where the chunk's later documents begin
+        out: list[RoutingData] = []
+        if self.tail is not None and int(document_keys(self.tail)[-1]) != int(keys[0]):
+            out.append(self.tail)  # the held-back document ended where the chunk begins
+            self.tail = None
+        if not len(starts):  # the chunk lies inside one document
+            self.tail = RoutingData.concat([chunk] if self.tail is None else [self.tail, chunk])
+            return out
+        first, last = int(starts[0]), int(starts[-1])
+        head = chunk.select(slice(0, first))
+        out.append(head if self.tail is None else RoutingData.concat([self.tail, head]))
+        if last > first:
+            out.append(chunk.select(slice(first, last)))
+        self.tail = RoutingData.concat([chunk.select(slice(last, chunk.num_tokens))])  # a copy: the chunk is let go
+        return out
 
     def flush(self) -> RoutingData | None:
         done, self.tail = self.tail, None

@@ -140,7 +140,8 @@ class VocabularyAccumulator(RoutingAccumulator):
         _scatter(self.counts, (blocks[r[ok]] * S + s[r[ok]]) * LE + c[ok], v[ok])
         t = s >= 0
         np.add.at(self.occ, (blocks[t], s[t]), 1)
-        self._add_null(self.pending.push(chunk))
+        for docs in self.pending.push(chunk):
+            self._add_null(docs)
 
     def _add_null(self, docs: RoutingData | None) -> None:
         """Counts of whole documents whose token ids are shuffled within each document (the null).
