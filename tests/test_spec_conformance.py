@@ -1,9 +1,10 @@
-"""One suite every registered analysis of the one pass must pass (as scikit-learn's ``check_estimator``).
+"""One suite every registered analysis must pass (as scikit-learn's ``check_estimator``).
 
 For each ``"pass"`` spec of the registry, on planted routing with documents, domains, datasets,
 token ids, logits and two checkpoints: the result does not depend on how the stream is cut into
 chunks; shares folded apart and merged equal one pass; empty chunks change nothing; the result
-survives a JSON round trip; and two runs with one seed agree. Extend it with checks every
+survives a JSON round trip; and two runs with one seed agree. Each ``"after"`` spec, on a tiny
+random OLMoE: its result survives a JSON round trip and two runs agree. Extend it with checks every
 analysis must meet (the null-calibration checks of "Calibrated statistics" go here).
 """
 
@@ -145,3 +146,61 @@ def test_the_readme_walkthrough_registers_an_analysis_that_runs():
         assert "first_expert" in figures and (found.text, "first_expert") in report.lead
     finally:
         unregister("first_expert")
+
+
+# ---------------------------------------------------------------------------- analyses that run after the pass
+AFTER_SPECS = [s.name for s in registered() if s.stage == "after"]
+
+
+@pytest.fixture(scope="module")
+def after_world():
+    """A tiny random OLMoE, two datasets of whole documents, two checkpoints, and the pass results the later analyses read."""
+    import torch
+
+    from core.model_access.wrapper import MoEModelWrapper
+    from data.tokenization import TokenizedDataset
+    from tests.tiny_models import VOCAB, build
+
+    wrapper = MoEModelWrapper(build("olmoe", seed=4))
+    tokenized = {}
+    for d, name in enumerate(["d0", "d1"]):
+        ids = torch.randint(3, VOCAB, (6, 16), generator=torch.Generator().manual_seed(d))
+        rows = torch.arange(6)[:, None].expand_as(ids).clone()
+        tokenized[name] = TokenizedDataset(input_ids=ids, attention_mask=torch.ones_like(ids), doc_ids=rows,
+                                           positions=torch.arange(16).expand_as(ids).clone(), domain_ids=torch.full_like(ids, d),
+                                           dataset_ids=torch.full_like(ids, d), domain_names=["a", "b"], dataset_names=["d0", "d1"],
+                                           documents=[], max_length=16, packed=False)
+    routers = wrapper.get_router_weights()
+    early = {layer: w + 0.1 * torch.randn(w.shape, generator=torch.Generator().manual_seed(layer)) for layer, w in routers.items()}
+    sweep = SimpleNamespace(checkpoints=[SimpleNamespace(name="early", step=1), SimpleNamespace(name="final", step=2)],
+                            router_weights=[early, routers], datasets=["d0", "d1"])
+    ctx = RunContext(make_options(micro=True, resamples=20, seed=3, pruning_fractions=[0.25]), wrapper, sweep, tokenized)
+    accs = pass_accumulators(ctx)[0]
+    for tok in tokenized.values():
+        routing = wrapper.trace_routing(tok.input_ids, tok.attention_mask)
+        routing.doc_ids, routing.positions = tok.doc_ids[tok.attention_mask.bool()], tok.positions[tok.attention_mask.bool()]
+        routing.domain_ids = tok.domain_ids[tok.attention_mask.bool()]
+        routing.dataset_ids = tok.dataset_ids[tok.attention_mask.bool()]
+        routing.token_ids = tok.input_ids[tok.attention_mask.bool()]
+        routing.domain_names, routing.dataset_names = ["a", "b"], ["d0", "d1"]
+        for acc in accs.values():
+            acc.update([routing, routing])
+    return ctx, {name: acc.result() for name, acc in accs.items()}
+
+
+def _after(name: str, world) -> dict:
+    ctx, results = world
+    spec = next(s for s in registered() if s.name == name)
+    done = dict(results)
+    for earlier in registered():  # what it may read: every "after" analysis before it, as the suite runs them
+        if earlier.stage == "after" and earlier.order < spec.order and not (earlier.skip and earlier.skip(ctx)):
+            done[earlier.name] = earlier.compute(ctx, done)
+    return to_jsonable(spec.compute(ctx, done))
+
+
+@pytest.mark.parametrize("name", AFTER_SPECS)
+def test_after_analyses_are_deterministic_and_survive_a_json_round_trip(after_world, name):
+    first = _after(name, after_world)
+    assert first, f"{name} computed nothing on a world where it applies"
+    assert_same(json.loads(json.dumps(first, allow_nan=False)), first, name)
+    assert_same(_after(name, after_world), first, name, rel=0)
