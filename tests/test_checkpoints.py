@@ -170,7 +170,8 @@ def test_open_sweep_defaults_to_the_latest_sweeps_checkpoints(tmp_path):
 def test_router_weights_beside_the_caches_are_checksummed_and_collected_again_when_damaged(tmp_path):
     """Two flipped bytes once turned a drift of 1.99 into 1.5e38 with exit 0."""
     from core.store.cache_format import CacheCorruptError
-    from core.collection.sweep import load_router_weights, router_weights_path, save_router_weights
+    from core.collection.sweep import router_weights_path
+    from core.store.router_weights import load_router_weights, save_router_weights
 
     routers = {0: torch.randn(4, 8), 2: torch.randn(4, 8)}
     path = tmp_path / "router_weights.safetensors"

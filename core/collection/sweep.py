@@ -24,16 +24,15 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
 from core.collection.checkpoints import Checkpoint, CheckpointError, order_key
 from core.collection.hub_disk import LEDGER_FILE, HubCheckpointFiles, is_hub_repo
 from core.distributed import Ranks, current_ranks
-from core.safe_io import atomic_write_bytes, atomic_write_json
+from core.safe_io import atomic_write_json
 from core.store.cache import RoutingCache
-from core.store.cache_format import FORMAT_VERSION, CacheCorruptError, CacheError, check_storage
+from core.store.cache_format import FORMAT_VERSION, CacheError, check_storage
 from core.store.identity import checkpoint_identity, identity_key
+from core.store.router_weights import save_router_weights, stored_router_weights
 from core.store.split_cache import join_parts
 
 ROUTER_WEIGHTS_FILE = "router_weights.safetensors"
@@ -59,47 +58,6 @@ def router_weights_path(cache_root: str | os.PathLike, model_name: str, checkpoi
 
 def index_path(cache_root: str | os.PathLike, model_name: str) -> Path:
     return Path(cache_root) / model_slug(model_name) / INDEX_FILE
-
-
-# ---------------------------------------------------------------------------- router weights
-def _tensor_digest(tensors: Mapping[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for key in sorted(tensors):
-        t = tensors[key].detach().cpu().contiguous()
-        h.update(f"{key}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
-def save_router_weights(path: str | os.PathLike, weights: Mapping[int, torch.Tensor]) -> None:
-    """Each MoE layer's ``[E, H]`` router matrix, atomically, keyed by model layer index, with its SHA-256."""
-    tensors = {str(k): v.detach().cpu().contiguous() for k, v in weights.items()}
-    atomic_write_bytes(path, st_save(tensors, metadata={"sha256": _tensor_digest(tensors)}))
-
-
-def load_router_weights(path: str | os.PathLike) -> dict[int, torch.Tensor]:
-    """Router weights written by :func:`save_router_weights`; flipped or missing bytes are refused, like shards."""
-    from safetensors import safe_open
-
-    try:
-        payload = Path(path).read_bytes()
-        tensors = st_load(payload)
-        with safe_open(str(path), framework="pt") as f:
-            stored = (f.metadata() or {}).get("sha256")
-    except Exception as e:  # a truncated or foreign file
-        raise CacheCorruptError(f"router weights {path} cannot be read ({e}); delete the file to collect it again") from e
-    if stored != _tensor_digest(tensors):
-        raise CacheCorruptError(f"router weights {path} fail their checksum (corrupted on disk, or written by older code); "
-                                "delete the file to collect it again")
-    return {int(k): v for k, v in tensors.items()}
-
-
-def _stored_router_weights(path: Path) -> dict[int, torch.Tensor] | None:
-    """Router weights kept beside the caches, or None when missing or damaged (then they are read again from the model)."""
-    try:
-        return load_router_weights(path)
-    except (CacheCorruptError, FileNotFoundError):
-        return None
 
 
 # ---------------------------------------------------------------------------- the index
@@ -379,7 +337,7 @@ def _plan_checkpoints(checkpoints: Sequence[Checkpoint], datasets: Mapping[str, 
         done, todo, keys = _reusable(ckpt, datasets, model_id, fingerprints, settings, cache_root, index.model_name,
                                      index.path.parent, index.entries, index.last_paths, force)
         w_path = router_weights_path(cache_root, index.model_name, ckpt)
-        routers = None if force or not router_weights else _stored_router_weights(w_path)
+        routers = None if force or not router_weights else stored_router_weights(w_path)
         plans.append(_Pending(ckpt, done, todo, keys, w_path, routers))
     return plans
 
@@ -458,7 +416,7 @@ def _gather_others(plans: list[_Pending], router_weights: bool, entries: dict, l
                 p.done[ds_name] = cache
                 entries[last_paths[f"{p.ckpt.name}/{ds_name}"]] = _entry(p.ckpt, ds_name, cache, root, p.keys[ds_name])
         if router_weights and p.routers is None:
-            p.routers = _stored_router_weights(p.w_path)
+            p.routers = stored_router_weights(p.w_path)
             if p.routers is None:
                 raise CacheError(f"another rank did not save the router weights at {p.w_path}; run the same command again")
 
