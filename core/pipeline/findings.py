@@ -17,19 +17,14 @@ from typing import Any
 import numpy as np
 
 from core.pipeline.record import RunRecord
-from core.pipeline.spec import Finding, registered
-
-
-def _present(record: RunRecord) -> list[tuple[Any, Any]]:
-    """(spec, result) of every registered analysis with a result in the record, in registry order."""
-    return [(spec, record.get(spec.name)) for spec in registered() if record.get(spec.name) is not None]
+from core.pipeline.spec import Finding
 
 
 def headline_numbers(record: RunRecord) -> dict[str, Any]:
     """The few numbers a summary shows, as plain values: each analysis's own, then every Estimate it quotes."""
     out: dict[str, Any] = {"tokens": int(sum(record.tokens.values()))}
     estimates: dict[str, Any] = {}
-    for spec, result in _present(record):
+    for spec, result in record.present():
         if spec.headline:
             out.update(spec.headline(result, record))
         if spec.estimates:
@@ -56,7 +51,7 @@ def _significant(value: Any, digits: int = 6) -> Any:
 def findings(record: RunRecord) -> list[Finding]:
     """A few sentences per analysis, each with its numbers, interval and null, in each analysis's ``lead`` order."""
     out: list[tuple[int, Finding]] = []
-    for spec, result in _present(record):
+    for spec, result in record.present():
         if spec.findings:
             out += [(spec.lead, f) for f in spec.findings(result, record) if f.text]
     return [f for _, f in sorted(out, key=lambda pair: pair[0])]
@@ -65,7 +60,7 @@ def findings(record: RunRecord) -> list[Finding]:
 def warnings_of(record: RunRecord) -> list[str]:
     """Each analysis's warnings (one line per kind of problem), then one line per analysis that did not run."""
     out: list[str] = []
-    for spec, result in _present(record):
+    for spec, result in record.present():
         if spec.warnings:
             out += spec.warnings(result, record)
     return out + [f"{name} skipped: {why}" for name, why in record.skipped.items()]

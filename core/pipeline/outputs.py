@@ -13,7 +13,6 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from core.pipeline.record import RunRecord
-from core.pipeline.spec import registered
 from viz.report import Report
 from viz.run_report import ReportPage
 
@@ -44,9 +43,8 @@ def build_report(record: RunRecord, decode: Callable[[int], str] | None = None, 
                              warnings=record.warnings), decode=decode)
     page.report.lead = ([(f.text, f.figure_keys[0] if f.figure_keys else None) for f in record.findings]
                         or [("No findings: no analysis ran.", None)])
-    for spec in registered():
-        result = record.get(spec.name)
-        if spec.report is not None and result is not None:
+    for spec, result in record.present():
+        if spec.report is not None:
             spec.report(result, record, page)
     return page.report, page.figures
 
@@ -56,10 +54,7 @@ def wandb_parts(record: RunRecord, decode: Callable[[int], str] | None = None
     """What W&B shows of the analyses: the series over checkpoints (W&B steps) and the tables, by key."""
     series: list[tuple[int, dict[str, float]]] = []
     tables: dict[str, pd.DataFrame] = {}
-    for spec in registered():
-        result = record.get(spec.name)
-        if result is None:
-            continue
+    for spec, result in record.present():
         if spec.wandb_series is not None:
             series += spec.wandb_series(result, record)
         if spec.wandb_tables is not None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 from typing import Any
 
-from core.pipeline.spec import Finding
+from core.pipeline.spec import AnalysisSpec, Finding, registered
 from core.safe_io import to_jsonable
 
 
@@ -47,6 +47,10 @@ class RunRecord:
 
     def get(self, name: str) -> Any:
         return self.results.get(name)
+
+    def present(self) -> list[tuple[AnalysisSpec, Any]]:
+        """(spec, result) of every registered analysis with a result here, in registry order: what each sink writes."""
+        return [(spec, self.results[spec.name]) for spec in registered() if self.results.get(spec.name) is not None]
 
     def header(self) -> dict[str, Any]:
         """What the run was (model, data, timings), JSON-ready; the analyses' results are in ``results``."""
