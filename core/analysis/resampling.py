@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import scipy.sparse as sp
@@ -27,6 +27,7 @@ from core.routing_data import RoutingData
 NUM_BLOCKS = 64  # document blocks kept per analysis
 RESAMPLES = 200  # bootstrap resamples
 LEVEL = 0.95
+MIN_DOCUMENTS = 8  # fewer document blocks: no interval and no verdict (measured coverage, docs/CALIBRATION.md)
 
 Stat = Callable[[Mapping[str, np.ndarray]], np.ndarray]
 
@@ -256,6 +257,69 @@ def p_value(observed: np.ndarray, null_draws: np.ndarray) -> np.ndarray:
     return (1 + ge) / (1 + len(null_draws))
 
 
+def null_p_value(observed: np.ndarray, null_draws: np.ndarray, alternative: str = "greater") -> np.ndarray:
+    """One-sided p of ``observed`` as one more draw of the null: a t prediction test on ``null_draws [P, ...]``.
+
+    A permutation p-value from P draws cannot go below 1/(P + 1), so with the 4 to 20 draws an
+    expensive null affords, no layer could pass a correction across 16 layers. The statistics
+    tested here are means over many tokens, so their null draws are close to normal; then
+    ``(observed - mean) / (sd * sqrt(1 + 1/P))`` follows Student's t with P - 1 degrees of freedom
+    (exactly, for normal draws). Its false-positive rate is measured in docs/CALIBRATION.md.
+    """
+    from scipy.special import stdtr  # Student t CDF (scipy.stats is slow to import)
+
+    null = np.asarray(null_draws, np.float64)
+    P = len(null)
+    obs = np.asarray(observed, np.float64)
+    if P < 3:
+        return np.full(obs.shape, np.nan)
+    sign = 1.0 if alternative == "greater" else -1.0
+    with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore"):
+        warnings.simplefilter("ignore", RuntimeWarning)
+        mean, sd = np.nanmean(null, 0), np.nanstd(null, 0, ddof=1)
+        gap = sign * (obs - mean)
+        t = gap / (sd * np.sqrt(1 + 1 / P))
+        t = np.where(sd > 0, t, np.where(gap > 1e-12, np.inf, np.where(gap < -1e-12, -np.inf, 0.0)))
+        return np.where(np.isfinite(obs) & np.isfinite(mean), stdtr(P - 1, -t), np.nan)
+
+
+def holm(p: np.ndarray) -> np.ndarray:
+    """Holm's step-down adjustment over every element of ``p`` (NaN ones are not tests): family-wise error at alpha."""
+    p = np.asarray(p, np.float64)
+    flat = p.ravel()
+    ok = np.nonzero(np.isfinite(flat))[0]
+    out = np.full(flat.shape, np.nan)
+    m = len(ok)
+    if m:
+        order = ok[np.argsort(flat[ok], kind="stable")]
+        adj = np.minimum(1.0, np.maximum.accumulate((m - np.arange(m)) * flat[order]))
+        out[order] = adj
+    return out.reshape(p.shape)
+
+
+def jackknife_t_p(value: np.ndarray, leave_one_out: np.ndarray, null: np.ndarray | float = 0.0,
+                  alternative: str = "greater") -> np.ndarray:
+    """One-sided p of ``value - null`` by its jackknife standard error over document blocks, Student t with n - 1 df.
+
+    For a difference whose expectation under the null is known for every document (a
+    within-document shuffle's exact expectation): ``leave_one_out`` holds the difference with
+    each block left out once.
+    """
+    from scipy.special import stdtr
+
+    loo = np.asarray(leave_one_out, np.float64)
+    n = len(loo)
+    diff = np.asarray(value, np.float64) - np.asarray(null, np.float64)
+    if n < 2:
+        return np.full(diff.shape, np.nan)
+    sign = 1.0 if alternative == "greater" else -1.0
+    with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore"):
+        warnings.simplefilter("ignore", RuntimeWarning)
+        se = np.sqrt((n - 1) / n * np.nansum((loo - np.nanmean(loo, 0)) ** 2, 0))
+        t = np.where(se > 0, sign * diff / se, np.where(sign * diff > 1e-12, np.inf, 0.0))
+        return np.where(np.isfinite(diff), stdtr(n - 1, -t), np.nan)
+
+
 # ---------------------------------------------------------------------------- what a finding quotes
 @dataclass
 class Estimate(ResultMixin):
@@ -263,8 +327,11 @@ class Estimate(ResultMixin):
 
     Fields may be scalars or arrays of one shape (e.g. one value per layer). ``diff_low/high`` is the
     interval of value - null (paired nulls: the null recomputed on every resample); ``p_value`` is
-    set where the null is a permutation distribution with enough draws. ``null_low/high`` is the
-    null's 95% range (its min and max when there are few draws).
+    each element's one-sided p against its null, and ``p_adjusted`` the same after Holm's
+    correction over the ``family`` elements a finding counts (its layers, its experts): the
+    verdict uses it, so "n of L layers" holds its family-wise error at ``alpha``.
+    ``null_low/high`` is the null's 95% range (its min and max when there are few draws).
+    ``why_none``: why there is no interval or verdict (too few documents), where there is none.
     """
 
     value: np.ndarray
@@ -279,37 +346,71 @@ class Estimate(ResultMixin):
     diff_high: np.ndarray | None = None
     p_value: np.ndarray | None = None
     alpha: float = 0.05
+    p_adjusted: np.ndarray | None = None
+    family: int = 1
+    why_none: str = ""
 
     @property
     def distinguishable(self) -> np.ndarray:
-        """True where the value differs from its null: p < alpha, or a difference interval without 0."""
-        if self.p_value is not None:
-            return np.asarray(self.p_value) < self.alpha
+        """True where the value differs from its null: adjusted p (else p) < alpha, or a difference interval without 0."""
+        p = self.p_adjusted if self.p_adjusted is not None else self.p_value
+        if p is not None:
+            return np.asarray(p, np.float64) < self.alpha
         lo, hi = np.asarray(self.diff_low), np.asarray(self.diff_high)
         return (lo > 0) | (hi < 0)
+
+    def corrected(self) -> "Estimate":
+        """This estimate with Holm's correction over all its elements (e.g. its layers); ``family`` counts the tests."""
+        if self.p_value is None:
+            return self
+        p = np.asarray(self.p_value, np.float64)
+        return replace(self, p_adjusted=holm(p), family=int(np.isfinite(p).sum()))
+
+    @property
+    def expected_false(self) -> float:
+        """How many elements the verdict flags by chance alone, at most (alpha with a correction, else alpha per test)."""
+        return self.alpha if self.p_adjusted is not None else self.alpha * int(np.size(self.value))
 
     def to_dict(self, *, sink: ArraySink | None = None, path: tuple[str, ...] = ()) -> dict:
         return {**super().to_dict(sink=sink, path=path),
                 "distinguishable": to_jsonable(np.asarray(self.distinguishable), sink=sink, path=(*path, "distinguishable"))}
 
     def at(self, i: int | tuple) -> "Estimate":
-        """The estimate of one element (e.g. one layer)."""
+        """The estimate of one element (e.g. one layer); its adjusted p keeps the family it was corrected in."""
         pick = lambda x: None if x is None else np.asarray(x)[i]  # noqa: E731
         return Estimate(pick(self.value), pick(self.low), pick(self.high), pick(self.null), pick(self.null_low),
                         pick(self.null_high), self.null_name, self.resamples, pick(self.diff_low),
-                        pick(self.diff_high), pick(self.p_value), self.alpha)
+                        pick(self.diff_high), pick(self.p_value), self.alpha, pick(self.p_adjusted), self.family,
+                        self.why_none)
 
     def text(self, fmt: Callable[[float], str] = lambda x: f"{x:.3f}") -> str:
         """"X (95% CI a–b) against null Y (name, 95% range c–d)", and the verdict, for one element."""
         v, lo, hi = (float(np.asarray(x)) for x in (self.value, self.low, self.high))
         null, nlo, nhi = (float(np.asarray(x)) for x in (self.null, self.null_low, self.null_high))
         if not np.isfinite(lo):  # no resampling: the value and its null, no verdict
-            return f"{fmt(v)} against {self.null_name} {fmt(null)} (no interval: one document, or resampling turned off)"
+            why = self.why_none or "one document, or resampling turned off"
+            return f"{fmt(v)} against {self.null_name} {fmt(null)} (no interval: {why})"
         rng = f", 95% range {fmt(nlo)}–{fmt(nhi)}" if np.isfinite(nlo) and nlo != nhi else ""
         s = f"{fmt(v)} (95% CI {fmt(lo)}–{fmt(hi)}) against {self.null_name} {fmt(null)}{rng}"
-        if self.p_value is not None:
+        if self.p_value is not None and np.isfinite(float(np.asarray(self.p_value))):
             s += f", p = {float(np.asarray(self.p_value)):.3g}"
+            if self.p_adjusted is not None and self.family > 1:
+                s += f" ({float(np.asarray(self.p_adjusted)):.3g} corrected over {self.family})"
         return s + ("" if bool(self.distinguishable) else ": not distinguishable from the null")
+
+
+def no_verdict(est: Estimate, why: str) -> Estimate:
+    """``est`` without interval, p-value or verdict (e.g. too few documents for any interval to cover)."""
+    nan = np.full(np.shape(est.value), np.nan)
+    return replace(est, low=nan, high=nan.copy(), diff_low=None, diff_high=None, p_value=nan.copy(),
+                   p_adjusted=None, why_none=why)
+
+
+def too_few_documents(used: np.ndarray) -> str:
+    """Why there is no interval or verdict when fewer than :data:`MIN_DOCUMENTS` document blocks hold data, else ""."""
+    n = int(np.asarray(used, bool).sum())
+    return (f"{n} document block{'s' if n != 1 else ''}, under the {MIN_DOCUMENTS} that intervals over documents need"
+            if n < MIN_DOCUMENTS else "")
 
 
 def paired_estimate(stat: Stat, null_stat: Stat, sums: Mapping[str, np.ndarray], null_name: str,
@@ -324,24 +425,43 @@ def paired_estimate(stat: Stat, null_stat: Stat, sums: Mapping[str, np.ndarray],
 
 
 def permutation_estimate(value: np.ndarray, draws: np.ndarray | tuple[np.ndarray, np.ndarray], null_draws: np.ndarray,
-                         null_name: str, resamples: int, alternative: str = "greater") -> Estimate:
+                         null_name: str, resamples: int, alternative: str = "greater", correct: bool = True) -> Estimate:
     """Value with bootstrap ``draws`` (or a ``(low, high)`` interval) against a permutation null ``null_draws [P, ...]``.
 
-    With enough permutations for p < alpha to be possible, the verdict is the permutation p-value
-    (one-sided: ``alternative`` "greater" or "less" than the null).
-    With fewer (an expensive null, a few draws), it is whether the value's interval and the null's
-    range overlap: ``diff_low/high`` = (low - null_high, high - null_low).
+    The verdict is :func:`null_p_value` (one-sided: ``alternative`` "greater" or "less" than the
+    null), Holm-corrected over the estimate's elements (``correct``: its layers, its groups). With
+    under 3 null draws there is no p-value: the verdict is whether the value's interval and the
+    null's range overlap, ``diff_low/high`` = (low - null_high, high - null_low).
     """
     lo, hi = draws if isinstance(draws, tuple) else interval(draws)  # a tuple: an interval made elsewhere (jackknife)
     null_draws = np.asarray(null_draws)
     nlo, nhi = (null_draws.min(0), null_draws.max(0)) if len(null_draws) < 40 else interval(null_draws)
     est = Estimate(np.asarray(value), lo, hi, np.nanmean(null_draws, axis=0), nlo, nhi, null_name, resamples)
-    if (len(null_draws) + 1) * est.alpha > 1:
-        sign = 1.0 if alternative == "greater" else -1.0  # "less": the value is expected below its null
-        est.p_value = p_value(sign * np.asarray(value), sign * null_draws)
+    if len(null_draws) >= 3:
+        est.p_value = null_p_value(value, null_draws, alternative)
+        est = est.corrected() if correct else est
     else:
         est.diff_low, est.diff_high = lo - nhi, hi - nlo
     return est
+
+
+def jackknife_paired_estimate(value: np.ndarray, null: np.ndarray, value_loo: np.ndarray, null_loo: np.ndarray,
+                              null_name: str, bounds: tuple[float, float] = (-np.inf, np.inf),
+                              alternative: str = "greater", correct: bool = True) -> Estimate:
+    """A value against a null computed from the same documents (an exact within-document expectation).
+
+    Both are recomputed with each document block left out (``*_loo [n, ...]``); the interval of the
+    value is the jackknife t interval, and the verdict a t test of value - null on its jackknife
+    standard error (n - 1 degrees of freedom), Holm-corrected over the elements. A percentile
+    bootstrap of the difference covered too little at few documents (docs/CALIBRATION.md).
+    """
+    value, null = np.asarray(value, np.float64), np.asarray(null, np.float64)
+    lo, hi = jackknife_interval(value, value_loo, bounds=bounds)
+    nlo, nhi = jackknife_interval(null, null_loo, bounds=bounds)
+    dlo, dhi = jackknife_interval(value - null, np.asarray(value_loo) - np.asarray(null_loo))
+    p = jackknife_t_p(value - null, np.asarray(value_loo) - np.asarray(null_loo), 0.0, alternative)
+    est = Estimate(value, lo, hi, null, nlo, nhi, null_name, len(value_loo), dlo, dhi, p)
+    return est.corrected() if correct else est
 
 
 class DocumentRuns:
