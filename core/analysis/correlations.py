@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from core.analysis.resampling import (DocumentRuns, Estimate, WholeDocuments, block_of, document_keys, jackknife_interval,
-                                      permutation_estimate, shuffle_within_documents)
+                                      no_verdict, permutation_estimate, shuffle_within_documents, too_few_documents)
 from core.analysis.results import ResultMixin
 from core.analysis.streaming import (
     GroupBy,
@@ -35,6 +35,7 @@ from core.analysis.features import selection_np
 from core.routing_data import RoutingData
 
 Feature = Literal["probs", "topk"]
+PERMUTATIONS = 8  # shuffled copies of the data: each costs one more correlation matrix (t test on their spread)
 
 
 class StreamingCorrelation:
@@ -204,7 +205,7 @@ class CorrelationAccumulator(RoutingAccumulator):
     from what a document is about, not from the token. That is the null of the summaries.
     """
 
-    def __init__(self, feature: Feature = "topk", resamples: int = 0, permutations: int = 4, seed: int = 0,
+    def __init__(self, feature: Feature = "topk", resamples: int = 0, permutations: int = PERMUTATIONS, seed: int = 0,
                  memory_floats: int = 16_000_000) -> None:
         if feature not in ("probs", "topk"):
             raise ValueError(f"feature must be 'probs' or 'topk', got {feature!r}")
@@ -282,14 +283,18 @@ class CorrelationAccumulator(RoutingAccumulator):
                         for b in np.nonzero(used)[0]])  # so no bootstrap that repeats documents
         null = np.stack([_summarize(a.correlation(), L, E)[0] for a in self.null])
         name = "each layer shuffled within documents"
-        out = {"layer_mean_abs": permutation_estimate(mean, jackknife_interval(mean, loo, bounds=(0.0, 1.0)), null, name, len(loo))}
+        why = too_few_documents(used)
+        upper = np.where(np.triu(np.ones((L, L), bool), 1), mean, np.nan)  # each layer pair once: the family counted
+        pairs = permutation_estimate(upper, jackknife_interval(mean, loo, bounds=(0.0, 1.0)), null, name, len(loo))
+        pairs.value = mean  # both triangles shown; the verdict and its correction over the upper one only
+        out = {"layer_mean_abs": pairs}
         if L > 1:
             for key, pick in (("adjacent", 0), ("non_adjacent", 1)):
                 v = adjacent_and_far(mean)[pick]
                 if np.isfinite(v):
                     ci = jackknife_interval(v, adjacent_and_far(loo)[pick], bounds=(0.0, 1.0))
                     out[key] = permutation_estimate(v, ci, adjacent_and_far(null)[pick], name, len(loo))
-        return out
+        return {k: no_verdict(e, why) for k, e in out.items()} if why else out
 
 
 def cross_layer_correlation(

@@ -6,8 +6,10 @@ threshold counts only when the data say the true share is past it:
 
 - per expert, an exact binomial test of "the share is at the threshold" (a token selects the
   expert with probability k x share, independently: multinomial sampling of N tokens), at level
-  alpha / E for the layer's E experts; and, when the run resamples documents, the share's 95%
-  interval over documents (bootstrap) must lie past the threshold too (tokens of a document are not independent);
+  alpha / (L x E) for all the run's experts; and, when the run resamples documents, the share's 95%
+  threshold over documents (a jackknife t test over document blocks, Holm-corrected over the L x E experts)
+  must hold too (tokens of a document are not independent); with fewer than 8 document blocks,
+  no expert is judged;
 - per layer, entropy and CV must also lie beyond what uniform routing of as many tokens gives
   (its alpha quantile), and beyond the threshold over the document interval when resampled (a
   jackknife over document blocks: a bootstrap's repeated documents lower an entropy and raise a CV).
@@ -23,7 +25,7 @@ import numpy as np
 from scipy.stats import binom
 
 from core.analysis.measures import entropy
-from core.analysis.resampling import bootstrap, interval, jackknife_interval, jackknife_weights
+from core.analysis.resampling import holm, jackknife_interval, jackknife_t_p, jackknife_weights, too_few_documents
 from core.analysis.results import ResultMixin
 
 NULL_DRAWS = 200  # draws of uniform routing for the layer-level nulls
@@ -93,30 +95,51 @@ def load_entropy_norm(counts: np.ndarray) -> np.ndarray:
     return entropy(counts / np.clip(counts.sum(-1, keepdims=True), 1e-300, None)) / (np.log(E) if E > 1 else 1.0)
 
 
-def diagnose(th: CollapseThresholds, counts: np.ndarray, num_tokens: int, top_k: int,
-             block_counts: np.ndarray | None = None, resamples: int = 0, seed: int = 0) -> Diagnosis:
-    """Judge ``counts [L, E]`` (tokens that selected each expert) of ``num_tokens`` tokens.
+def _expert_tests(th: CollapseThresholds, counts: np.ndarray, n: int, k: int, blocks: np.ndarray | None
+                  ) -> tuple[np.ndarray, np.ndarray, str]:
+    """Dead and dominant experts ``[L, E]``, each test corrected over the L x E experts, and how they were judged.
 
-    ``block_counts [U, L, E]``: the same counts per document block, for intervals over documents.
+    The binomial test treats tokens as independent, which documents are not; so with document
+    blocks the share must also pass a jackknife t test over blocks (Holm over L x E), and with
+    fewer than MIN_DOCUMENTS blocks nothing is flagged: a few documents cannot tell a dominant
+    expert from a document that happens to use it (3 documents gave 2.7 false dominant experts).
     """
     L, E = counts.shape
-    n, k, a = max(int(num_tokens), 1), top_k, th.alpha / E
+    a = th.alpha / (L * E)
     util = counts / np.clip(counts.sum(1, keepdims=True), 1e-300, None)
     dead_at, dom_at = th.dead_factor / E, th.dominant_factor / E
     dead = (util < dead_at) & (binom.cdf(counts, n, min(1.0, k * dead_at)) < a)
     dominant = (util > dom_at) & (binom.sf(counts - 1, n, min(1.0, k * dom_at)) < a)
+    how = f"a binomial test per expert at level {th.alpha:g}/(L x E) = {a:.2g}"
+    if blocks is None:
+        return dead, dominant, how
+    used = blocks.sum((1, 2)) > 0
+    if why := too_few_documents(used):
+        none = np.zeros_like(dead)
+        return none, none.copy(), f"no dead or dominant expert judged: {why}"
+    loo = np.tensordot(jackknife_weights(used), blocks, axes=(1, 0))
+    loo = loo / np.clip(loo.sum(-1, keepdims=True), 1e-300, None)
+    dead &= holm(jackknife_t_p(util, loo, dead_at, "less")) < th.alpha
+    dominant &= holm(jackknife_t_p(util, loo, dom_at, "greater")) < th.alpha
+    return dead, dominant, how + ", and a jackknife t test over document blocks past the threshold (Holm over L x E)"
+
+
+def diagnose(th: CollapseThresholds, counts: np.ndarray, num_tokens: int, top_k: int,
+             block_counts: np.ndarray | None = None, resamples: int = 0, seed: int = 0) -> Diagnosis:
+    """Judge ``counts [L, E]`` (tokens that selected each expert) of ``num_tokens`` tokens.
+
+    ``block_counts [U, L, E]``: the same counts per document block, for tests over documents.
+    """
+    L, E = counts.shape
+    n, k, a = max(int(num_tokens), 1), top_k, th.alpha / E
+    resampled = block_counts is not None and resamples > 0 and (block_counts.sum((1, 2)) > 0).sum() >= 2
+    dead, dominant, how = _expert_tests(th, counts, n, k, block_counts if resampled else None)
     top = counts.max(1)
     top_beyond = binom.sf(top - 1, n, th.collapse_top_rate) < a
-    null, how = uniform_routing_counts(n, E, k, NULL_DRAWS, seed)
+    null, _ = uniform_routing_counts(n, E, k, NULL_DRAWS, seed)
     ent_null, cv_null = np.quantile(load_entropy_norm(null), th.alpha), np.quantile(load_cv(null), 1 - th.alpha)
     ent_hi = cv_lo = None
-    resampled = block_counts is not None and resamples > 0 and (block_counts.sum((1, 2)) > 0).sum() >= 2
     if resampled:
-        stat = lambda t: t["c"] / np.clip(t["c"].sum(-1, keepdims=True), 1e-300, None)  # noqa: E731
-        _, draws = bootstrap(stat, {"c": block_counts}, block_counts.sum((1, 2)) > 0, resamples, seed)
-        lo, hi = interval(draws)
-        dead &= hi < dead_at
-        dominant &= lo > dom_at
         loo = np.tensordot(jackknife_weights(block_counts.sum((1, 2)) > 0), block_counts, axes=(1, 0))
         ent_hi = jackknife_interval(load_entropy_norm(counts), load_entropy_norm(loo), bounds=(0.0, 1.0))[1]  # resampling shifts
         cv_lo = jackknife_interval(load_cv(counts), load_cv(loo), bounds=(0.0, np.inf))[0]  # entropy and CV: jackknife
@@ -141,7 +164,6 @@ def diagnose(th: CollapseThresholds, counts: np.ndarray, num_tokens: int, top_k:
                 why.append(f"load CV {cv[li]:.2f} > {th.imbalance_cv}")
             diagnosis.append("imbalanced" if why else "healthy")
         reasons.append(why)
-    note = (f"beyond sampling noise at {n} tokens: a binomial test per expert at level {th.alpha:g}/E"
-            + (", and its 95% interval over documents" if resampled else "")
+    note = (f"beyond sampling noise at {n} tokens: {how}"
             + f"; layer entropy and CV beyond uniform routing of as many tokens ({NULL_DRAWS} draws)")
     return Diagnosis(dead, dominant, diagnosis, reasons, note)

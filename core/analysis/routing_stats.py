@@ -13,14 +13,16 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from core.analysis.diagnosis import CollapseThresholds, diagnose, load_cv, load_entropy_norm, uniform_routing_counts
+from core.analysis.diagnosis import CollapseThresholds, diagnose, load_cv, load_entropy_norm, uniform_routing_counts  # noqa: F401
 from core.analysis.measures import entropy
 from core.analysis.resampling import (BlockSums, Estimate, block_of, document_keys, jackknife_interval, jackknife_weights,
-                                      permutation_estimate)
+                                      no_verdict, permutation_estimate, too_few_documents)
 from core.analysis.results import ResultMixin
 from core.analysis.streaming import RoutingAccumulator, fold_one
 from core.analysis.features import normalized_probs_np, selection_np
 from core.routing_data import RoutingData
+
+LOAD_NULL_DRAWS = 400  # relabellings (at least 20 per layer: enough for a Holm-corrected permutation p)
 
 
 @dataclass
@@ -179,20 +181,34 @@ class RoutingStatsAccumulator(RoutingAccumulator):
 
 
     def _estimates(self) -> dict[str, Estimate]:
-        """Load balance with an interval over documents, against uniform routing of as many tokens.
+        """Load balance with an interval over documents, against a balanced load with the run's document clustering.
 
         The interval is a jackknife over document blocks: a bootstrap repeats documents, which lowers
-        an entropy, so its interval sat below the value (1.000 with a 95% CI of 0.999–0.999).
+        an entropy, so its interval sat below the value (1.000 with a 95% CI of 0.999–0.999). The
+        null relabels the experts of each document block at random: every expert's expected load is
+        then the same, while each document keeps how concentrated its routing is. Uniform routing of
+        independent tokens (the earlier null) flagged balanced routing whenever documents differ.
         """
-        E, k = self.layout.num_experts, self.layout.top_k
         blocks = self.blocks.sums["counts"]  # [U, L, E]
+        used = blocks.sum((1, 2)) > 0
         value = load_entropy_norm(blocks.sum(0))
-        loo = load_entropy_norm(np.tensordot(jackknife_weights(blocks.sum((1, 2)) > 0), blocks, axes=(1, 0)))
+        loo = load_entropy_norm(np.tensordot(jackknife_weights(used), blocks, axes=(1, 0)))
         draws = jackknife_interval(value, loo, bounds=(0.0, 1.0))
-        null, how = uniform_routing_counts(self.num_tokens, E, k, self.resamples, self.seed)
-        null_draws = np.repeat(load_entropy_norm(null)[:, None], self.layout.num_layers, 1)  # [R, L]
-        return {"utilization_entropy_norm": permutation_estimate(value, draws, null_draws, f"uniform routing ({how})",
-                                                                 self.resamples, alternative="less")}
+        null_draws = load_entropy_norm(relabelled_loads(blocks[used], max(LOAD_NULL_DRAWS, int(np.ceil(20 * blocks.shape[1]))), self.seed))  # [R, L]
+        est = permutation_estimate(value, draws, null_draws, "experts relabelled in each document block", len(loo),
+                                   alternative="less")
+        why = too_few_documents(used)
+        return {"utilization_entropy_norm": no_verdict(est, why) if why else est}
+
+
+def relabelled_loads(blocks: np.ndarray, draws: int, seed: int) -> np.ndarray:
+    """``[draws, L, E]`` loads with each block's expert labels permuted at random (per layer): balanced in expectation."""
+    rng = np.random.default_rng(seed)
+    out = np.empty((draws,) + blocks.shape[1:])
+    for r in range(draws):
+        perm = np.argsort(rng.random(blocks.shape), axis=-1)
+        out[r] = np.take_along_axis(blocks, perm, -1).sum(0)
+    return out
 
 
 def routing_stats(

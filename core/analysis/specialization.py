@@ -12,7 +12,8 @@ import numpy as np
 import pandas as pd
 
 from core.analysis.resampling import (BlockSums, Estimate, block_of, document_keys, jackknife_interval,
-                                      jackknife_weights, permutation_estimate, permute_labels)
+                                      jackknife_weights, no_verdict, permutation_estimate, permute_labels,
+                                      too_few_documents)
 from core.analysis.results import ResultMixin
 from core.analysis.streaming import GroupBy, RoutingAccumulator, fold_one, group_ids
 from core.analysis.features import selection_np
@@ -160,7 +161,8 @@ class DomainSpecializationAccumulator(RoutingAccumulator):
             return _spec_stats(c, np.einsum("rcd,c->rd", lab_weights, cell_tokens), k)
 
         onehot = np.eye(D)[labels]
-        null = stats(np.stack([np.eye(D)[permute_labels(labels, rng)] for _ in range(self.permutations)]))
+        draws = max(self.permutations, int(np.ceil(20 * max(D, cell_counts.shape[1]))))  # a corrected permutation p
+        null = stats(np.stack([np.eye(D)[permute_labels(labels, rng)] for _ in range(draws)]))
         w = jackknife_weights(np.ones(len(labels), bool))  # each (group, block) cell left out once
         obs, loo = stats(onehot[None]), stats(w[:, :, None] * onehot[None])
         out = {}
@@ -170,7 +172,9 @@ class DomainSpecializationAccumulator(RoutingAccumulator):
             if name == "max_ratio" and alone.any():
                 ci = tuple(np.where(alone, np.nan, bound) for bound in ci)
             out[name] = permutation_estimate(obs[name][0], ci, null[name], f"{self.by} labels shuffled", len(w))
-        return out
+        blocks = np.unique(np.concatenate([np.nonzero(c["tokens"] > 0)[0] for c in self.cells.values()]))
+        why = too_few_documents(np.ones(len(blocks), bool))
+        return {k: no_verdict(e, why) for k, e in out.items()} if why else out
 
 
 def domain_specialization(

@@ -14,8 +14,8 @@ The vocabulary is large (50k for OLMoE) and counts per (token id, layer, expert)
 id would grow with the number of tokens read, once per document block and once per null
 shuffle. So a fixed set of token ids is tracked: the ``max_token_ids`` most frequent ids when
 the caller knows them (the main run counts its tokenized data), else the first ids seen. Memory:
-``(16 + permutations) x max_token_ids x L x E`` int32 counts plus one occurrence count per id of
-the vocabulary, whatever the number of tokens (151 MB at OLMoE's 16 x 64 with the defaults).
+``(32 + permutations) x max_token_ids x L x E`` int32 counts plus one occurrence count per id of
+the vocabulary, whatever the number of tokens (218 MB at OLMoE's 16 x 64 with the defaults).
 """
 
 from __future__ import annotations
@@ -27,14 +27,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from core.analysis.resampling import (Estimate, WholeDocuments, block_of, document_keys, jackknife_interval,
-                                      jackknife_weights, permutation_estimate, shuffle_within_documents)
+                                      jackknife_weights, no_verdict, permutation_estimate, shuffle_within_documents,
+                                      too_few_documents)
 from core.analysis.results import ResultMixin
 from core.analysis.streaming import RoutingAccumulator, fold_one
 from core.analysis.features import selection_np
 from core.routing_data import RoutingData
 
 NULL_NAME = "token ids shuffled within each document"
-BLOCKS = 16  # document blocks for the interval (the counts are kept once per block)
+BLOCKS = 32  # document blocks for the interval (the counts are kept once per block; 8 documents fill 6 or more)
 MAX_TOKEN_IDS = 1024
 
 
@@ -211,6 +212,8 @@ class VocabularyAccumulator(RoutingAccumulator):
                              for p in range(self.permutations)])
             value, loo = self._replicates(keep)
             est = permutation_estimate(value, jackknife_interval(value, loo, bounds=(0.0, 1.0)), null, NULL_NAME, len(loo))
+            if why := too_few_documents(self.occ.sum(1) > 0):
+                est = no_verdict(est, why)
             null_mean = null.mean(0)
         return VocabularySpecialization(layers, E, k, self.min_count, self.ids[keep], occ, pref, conc, conc.mean(0),
                                         null_mean, k / E, self.permutations, est, **extra)
