@@ -164,8 +164,8 @@ def test_planted_effects_are_the_ones_named(shape):
     found = {f.text.split(" ")[0]: f.text for f in findings(build(*shape, True))}
     assert f"The largest is L{L - 1}:E" in found["Ablation"] and "(most used" in found["Ablation"]
     assert "on code, +0.050 (95% CI +0.0" in found["Ablation"]
-    assert f"the top expert is L{L - 1}:E5 for code, share over uniform" in found["Domain"]
-    assert f"peaks at layer {L - 1}," in found["Domain"] and "1 of 3 domains beyond the null" in found["Domain"]
+    assert f"top expert L{L - 1}:E5 for code, share over uniform" in found["Domain"]
+    assert f"peaks at layer {L - 1}," in found["Domain"] and "1 of 3 domains beyond it" in found["Domain"]
     assert f"strongest: layer {L - 1}," in found["Router–expert"]
     assert "lowest at layer 1," in found["Load"] and "not distinguishable" not in found["Load"]
     assert "Beats random, of 3 fractions: usage at 1." in found["Pruning"] and "pruning 50.0% of each layer's" in found["Pruning"]
@@ -179,8 +179,8 @@ def test_null_effects_are_said_to_be_indistinguishable(shape):
     assert f"{n} of {n} changes are not distinguishable from no change" in found["Ablation"]
     assert found["Ablation"].endswith("not distinguishable from no change.")
     assert f"0 of {L} layers beyond the null" in found["Router–expert"] and "not distinguishable)" in found["Router–expert"]
-    assert f"0 of {L} layers below the uniform-routing null" in found["Load"] and "not distinguishable" in found["Load"]
-    assert "not distinguishable" in found["Consecutive"] and "0 of 3 domains beyond the null" in found["Domain"]
+    assert f"0 of {L} layers less even than a balanced load" in found["Load"] and "not distinguishable" in found["Load"]
+    assert "not distinguishable" in found["Consecutive"] and "0 of 3 domains beyond it" in found["Domain"]
     assert "No criterion beats random at any of 3 fractions" in found["Pruning"]
     assert "not distinguishable from random" in found["Pruning"]
 

@@ -16,7 +16,8 @@ import pandas as pd
 import torch
 
 from core.analysis.measures import center_router_rows
-from core.analysis.resampling import BlockSums, DocumentRuns, Estimate, block_of, document_keys, paired_estimate
+from core.analysis.resampling import (BlockSums, DocumentRuns, Estimate, block_of, document_keys, jackknife_paired_estimate,
+                                      jackknife_weights, no_verdict, too_few_documents)
 from core.analysis.results import ResultMixin
 from core.analysis.routing_stats import RoutingStatsAccumulator
 from core.analysis.streaming import Layout, align, fold, require
@@ -178,14 +179,19 @@ class CheckpointDynamicsAccumulator:
         self.sums.add("overlap_null", units, null)
 
     def _estimates(self) -> dict[str, Estimate]:
+        """Saturation against the within-document shuffle: jackknife over document blocks, t test, Holm over checkpoints."""
         self._close(*self.docs.flush())
         sums = self.sums.sums
         used = sums["tokens"] > 0
-        rate = lambda t, key, reduce: reduce(t[key] / t["tokens"][:, None, None])  # noqa: E731  [R+1, C, L]
-        out = {}
+        w = np.concatenate([used[None].astype(np.float64), jackknife_weights(used)])  # all blocks, then each left out
+        tot = {k: np.tensordot(w, v, axes=(1, 0)) for k, v in sums.items()}
+        with np.errstate(divide="ignore", invalid="ignore"):
+            obs, null = tot["overlap"] / tot["tokens"][:, None, None], tot["overlap_null"] / tot["tokens"][:, None, None]
+        out, why = {}, too_few_documents(used) or ("" if self.resamples else "resampling turned off")
         for name, reduce in (("saturation", lambda x: x), ("saturation_mean", lambda x: x.mean(-1))):
-            out[name] = paired_estimate(lambda t, r=reduce: rate(t, "overlap", r), lambda t, r=reduce: rate(t, "overlap_null", r),
-                                        sums, "within-document shuffle", used, self.resamples, self.seed)
+            v, n = reduce(obs), reduce(null)
+            est = jackknife_paired_estimate(v[0], n[0], v[1:], n[1:], "within-document shuffle", bounds=(0.0, 1.0))
+            out[name] = no_verdict(est, why) if why else est
         return out
 
     def result(self) -> CheckpointDynamics:

@@ -11,14 +11,16 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import numpy as np
 import pandas as pd
 
+from core.analysis.layer_link import DocumentMeans, held_out_link
 from core.analysis.resampling import (DocumentRuns, Estimate, WholeDocuments, block_of, document_keys, jackknife_interval,
-                                      no_verdict, permutation_estimate, shuffle_within_documents, too_few_documents)
+                                      jackknife_paired_estimate, jackknife_t_p, no_verdict, shift_within_documents,
+                                      too_few_documents)
 from core.analysis.results import ResultMixin
 from core.analysis.streaming import (
     GroupBy,
@@ -35,7 +37,7 @@ from core.analysis.features import selection_np
 from core.routing_data import RoutingData
 
 Feature = Literal["probs", "topk"]
-PERMUTATIONS = 8  # shuffled copies of the data: each costs one more correlation matrix (t test on their spread)
+PERMUTATIONS = 2  # shifted copies of the data: the level mean |r| has without a link (a reference; the verdict is layer_link's)
 
 
 class StreamingCorrelation:
@@ -201,8 +203,10 @@ class CorrelationAccumulator(RoutingAccumulator):
 
     With ``resamples`` > 0 it also keeps moments per document block (for jackknife intervals over
     documents) and ``permutations`` shadow correlations of data where each layer's tokens are
-    shuffled within their document: cross-layer correlation that survives that shuffle comes
-    from what a document is about, not from the token. That is the null of the summaries.
+    circularly shifted within their document: cross-layer correlation that survives that shift comes
+    from what a document is about, not from the token. That is the null of the summaries. A shift,
+    not a shuffle: runs of tokens that keep their experts make |r| noisier than a shuffle would,
+    and the shuffled null flagged every layer pair of routing with stickiness and no cross-layer link.
     """
 
     def __init__(self, feature: Feature = "topk", resamples: int = 0, permutations: int = PERMUTATIONS, seed: int = 0,
@@ -222,6 +226,7 @@ class CorrelationAccumulator(RoutingAccumulator):
         self.n, self.s, self.q = np.zeros(self.blocks), np.zeros((self.blocks, F)), np.zeros((self.blocks, F, F))
         self.null = [StreamingCorrelation() for _ in range(self.permutations if self.resamples else 0)]
         self.pending = WholeDocuments()  # the last document, held back until it ends (for the null)
+        self.means = DocumentMeans(self.blocks, F) if self.blocks else None
 
     def _add(self, chunk: RoutingData) -> None:
         x = _features(chunk, self.feature)
@@ -238,11 +243,12 @@ class CorrelationAccumulator(RoutingAccumulator):
             self.n[blk] += len(xb)
             self.s[blk] += xb.sum(0)
             self.q[blk] += xb.T @ xb
+        self.means.add(keys, x)
         for docs in self.pending.push(chunk):
             self._add_null(docs)
 
     def _add_null(self, docs: RoutingData | None) -> None:
-        """The shadow correlations of whole documents whose layers are shuffled within each document.
+        """The shadow correlations of whole documents whose layers are shifted within each document.
 
         Whole documents (:class:`WholeDocuments`), each token's place drawn from where it is: the
         null is the same however the stream was cut into chunks or shares.
@@ -252,7 +258,7 @@ class CorrelationAccumulator(RoutingAccumulator):
         L, E = self.layout.num_layers, self.layout.num_experts
         xl = _features(docs, self.feature).reshape(docs.num_tokens, L, E)
         for p, acc in enumerate(self.null):
-            idx = shuffle_within_documents(docs, self.seed, p, times=L - 1)  # layer 0 stays, the others move against it
+            idx = shift_within_documents(docs, self.seed, p, times=L - 1)  # layer 0 stays, the others move against it
             shuffled = np.stack([xl[:, 0]] + [xl[idx[li - 1], li] for li in range(1, L)], 1)
             acc.update(shuffled.reshape(docs.num_tokens, -1))
 
@@ -262,6 +268,8 @@ class CorrelationAccumulator(RoutingAccumulator):
         other._add_null(other.pending.flush())
         self.acc.merge(other.acc)
         self.n, self.s, self.q = self.n + other.n, self.s + other.s, self.q + other.q
+        if self.means is not None:
+            self.means.merge(other.means)
         for mine, theirs in zip(self.null, other.null):
             mine.merge(theirs)
 
@@ -275,26 +283,45 @@ class CorrelationAccumulator(RoutingAccumulator):
         return CrossLayerCorrelation(self.feature, layers, E, self.acc.n, corr, mean, mx, None, undefined, est)
 
     def _estimates(self, mean: np.ndarray) -> dict[str, Estimate]:
-        """Intervals over document blocks and the within-document shuffle null of the layer summaries."""
+        """Mean |r| per layer pair with jackknife intervals over document blocks and the shifted copies as reference;
+        the verdicts are :mod:`core.analysis.layer_link`'s split-half test, corrected over the layer pairs."""
         L, E = self.layout.num_layers, self.layout.num_experts
         used = self.n > 0
         n, s, q = self.n.sum(), self.s.sum(0), self.q.sum(0)  # each block left out once: |r| grows with noise,
         loo = np.stack([_summarize(_corr_from_moments(np.asarray(n - self.n[b]), s - self.s[b], q - self.q[b]), L, E)[0]
                         for b in np.nonzero(used)[0]])  # so no bootstrap that repeats documents
-        null = np.stack([_summarize(a.correlation(), L, E)[0] for a in self.null])
-        name = "each layer shuffled within documents"
-        why = too_few_documents(used)
-        upper = np.where(np.triu(np.ones((L, L), bool), 1), mean, np.nan)  # each layer pair once: the family counted
-        pairs = permutation_estimate(upper, jackknife_interval(mean, loo, bounds=(0.0, 1.0)), null, name, len(loo))
-        pairs.value = mean  # both triangles shown; the verdict and its correction over the upper one only
-        out = {"layer_mean_abs": pairs}
+        null = np.stack([_summarize(a.correlation(), L, E)[0] for a in self.null]) if self.null else np.full((1, L, L), np.nan)
+        link = held_out_link(self.means.within(self.q), used, L, E)
+        why = too_few_documents(used) or ("" if link is not None else "a half of the documents has under 2 blocks")
+        upper = np.triu(np.ones((L, L), bool), 1)
+        out = {"layer_mean_abs": _described(mean, loo, null, None, None)}
+        if link is not None:
+            u, u_loo = link
+            est = jackknife_paired_estimate(np.where(upper, u, np.nan), np.zeros((L, L)), u_loo, np.zeros_like(u_loo),
+                                            LINK_NULL, alternative="greater")
+            out["layer_link"] = replace(est, value=u)
+            out["layer_mean_abs"] = _described(mean, loo, null, est.p_value, est.p_adjusted, est.family)
         if L > 1:
             for key, pick in (("adjacent", 0), ("non_adjacent", 1)):
                 v = adjacent_and_far(mean)[pick]
                 if np.isfinite(v):
-                    ci = jackknife_interval(v, adjacent_and_far(loo)[pick], bounds=(0.0, 1.0))
-                    out[key] = permutation_estimate(v, ci, adjacent_and_far(null)[pick], name, len(loo))
+                    p = jackknife_t_p(adjacent_and_far(link[0])[pick], adjacent_and_far(link[1])[pick]) if link else None
+                    out[key] = _described(v, adjacent_and_far(loo)[pick], adjacent_and_far(null)[pick], p, None)
         return {k: no_verdict(e, why) for k, e in out.items()} if why else out
+
+
+LINK_NULL = "no link within documents (held-out documents)"
+
+
+def _described(value: np.ndarray, loo: np.ndarray, null: np.ndarray, p: np.ndarray | None, p_adjusted: np.ndarray | None,
+               family: int = 1) -> Estimate:
+    """Mean |r| with its jackknife interval, the shifted copies' mean |r| as the null's level, and the link test's verdict."""
+    lo, hi = jackknife_interval(value, loo, bounds=(0.0, 1.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        nlo, nhi, nm = np.nanmin(null, 0), np.nanmax(null, 0), np.nanmean(null, 0)
+    return Estimate(np.asarray(value), lo, hi, nm, nlo, nhi, "each layer shifted within documents", len(loo),
+                    p_value=p, p_adjusted=p_adjusted, family=family)
 
 
 def cross_layer_correlation(

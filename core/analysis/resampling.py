@@ -246,6 +246,34 @@ def shuffle_within_documents(chunk: RoutingData, *seed: int, times: int = 1) -> 
     return idx
 
 
+def shift_within_documents(chunk: RoutingData, *seed: int, times: int = 1) -> np.ndarray:
+    """``times`` circular shifts of each document's tokens, ``[times, N]``: token i of a document takes token i + s's place.
+
+    A shuffle breaks what neighbouring tokens share (runs of tokens that keep their experts), so a
+    statistic of autocorrelated sequences sits above a shuffled null with no link between them; a
+    shift keeps each sequence's runs and only moves one sequence against another. The shift s of a
+    document (1 to n - 1) depends on its dataset, document and ``seed`` only (as in
+    :func:`shuffle_within_documents`, the same in any chunk of whole documents).
+    """
+    keys = document_keys(chunk)
+    starts = np.r_[0, np.nonzero(keys[1:] != keys[:-1])[0] + 1]
+    ends = np.r_[starts[1:], len(keys)]
+    lengths = ends - starts
+    out = np.empty((times, len(keys)), np.int64)
+    with np.errstate(over="ignore"):
+        base = _mix(keys[starts].astype(np.uint64))
+        for t in range(times):
+            h = base
+            for s in (*seed, t):
+                h = _mix(h ^ _mix(np.full_like(h, np.uint64(int(s) & 0xFFFFFFFFFFFFFFFF))))
+            u = (h >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+            shift = 1 + np.floor(u * np.maximum(lengths - 1, 1)).astype(np.int64)  # never 0 where n > 1
+            within = np.arange(len(keys)) - np.repeat(starts, lengths)
+            n = np.repeat(lengths, lengths)
+            out[t] = np.repeat(starts, lengths) + (within + np.repeat(shift, lengths)) % n
+    return out
+
+
 def permute_labels(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Labels shuffled between units (each unit keeps one label)."""
     return labels[rng.permutation(len(labels))]

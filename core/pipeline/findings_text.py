@@ -69,6 +69,23 @@ def count_of(est: Any, total: int | None = None) -> str:
     return f"{int(d.sum())} of {d.size if total is None else total}"
 
 
+def flagged(est: Any, what: str = "layers", beyond: str = "beyond the null", correction: bool = True) -> str:
+    """"n of N <what> <beyond>", with the correction and how many false flags it allows per run, as a count.
+
+    "3 of 16 layers beyond the null (Holm: ≤ 0.05 false per run)": corrected over the 16 layers
+    (Holm), so by chance at most 0.05 of a layer is flagged per run, a count, not a share.
+    Without a verdict (too few documents), says why instead.
+    """
+    if getattr(est, "why_none", "") and not np.isfinite(np.asarray(est.low, float)).any():
+        return f"no verdict on {what}: {est.why_none}"
+    text = f"{count_of(est)} {what} {beyond}"
+    if not correction:  # the sentence says it once for all its counts
+        return text
+    if getattr(est, "p_adjusted", None) is not None and est.family > 1:
+        return text + f" (Holm: ≤ {est.expected_false:.2g} false per run)"
+    return text + f" ({est.expected_false:.2g} false per run by chance)"
+
+
 def layer_list(layers: Sequence[int]) -> str:
     """Layer numbers with runs written as ranges: ``5, 9, 12–15``."""
     layers = sorted(int(x) for x in layers)

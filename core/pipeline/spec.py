@@ -56,6 +56,9 @@ class AnalysisSpec:
     lead: int = 100  # where its findings go in "What we learned" (ascending)
     headline: Callable[[Any, Any], dict[str, Any]] | None = None  # (result, record) -> headline numbers
     estimates: Callable[[Any], dict[str, Any]] | None = None  # result -> {headline key: Estimate}
+    # result -> {key: Estimate or bool array}: every yes/no verdict its findings count, which core.calibration
+    # measures (false-positive rate, power, coverage) on simulated worlds; default: ``estimates``
+    decisions: Callable[[Any], dict[str, Any]] | None = None
     findings: Callable[[Any, Any], Sequence[Finding]] | None = None  # (result, record)
     warnings: Callable[[Any, Any], Sequence[str]] | None = None  # (result, record)
     report: Callable[[Any, Any, Any], None] | None = None  # (result, record, page)
@@ -94,6 +97,12 @@ def _load_builtins() -> None:
     for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
         importlib.import_module(f"{package.__name__}.{info.name}")
     _BUILTINS_LOADED = True
+
+
+def decisions_of(spec: AnalysisSpec, result: Any) -> dict[str, Any]:
+    """Every verdict of ``spec``'s findings on ``result``: its ``decisions`` hook, else its estimates."""
+    hook = spec.decisions or spec.estimates
+    return {k: v for k, v in (hook(result) if hook else {}).items() if v is not None}
 
 
 def registered() -> list[AnalysisSpec]:

@@ -14,7 +14,7 @@ from core.analysis.correlations import (
     correlation_difference,
 )
 from core.analysis.streaming import PerGroup, WhenRecorded
-from core.pipeline.findings_text import count_of, est_of, f3, quote, strongest
+from core.pipeline.findings_text import est_of, f3, flagged, quote, strongest
 from core.pipeline.spec import AnalysisSpec, Finding, register
 from viz import matrix_views as V
 from viz import plotting as P
@@ -27,24 +27,34 @@ def _adjacent_vs_far(layer_mean_abs: np.ndarray) -> tuple[float | None, float | 
 
 
 def correlation(corr: Any, adj: float | None, far: float | None) -> str:
-    """Adjacent against non-adjacent layers, and how many layer pairs correlate beyond the shuffle."""
-    ea, ef, pairs = est_of(corr, "adjacent"), est_of(corr, "non_adjacent"), est_of(corr, "layer_mean_abs")
-    text = "Cross-layer correlation of expert selection (mean |r|; null: layers shuffled within documents): adjacent layers "
+    """Adjacent against non-adjacent layers, and how many layer pairs correlate beyond the shift (corrected)."""
+    ea, ef, pairs = est_of(corr, "adjacent"), est_of(corr, "non_adjacent"), est_of(corr, "layer_link")
+    text = ("Cross-layer correlation of expert selection (mean |r|; null: layers shifted within documents; verdicts: "
+            "held-out documents, Holm ≤ 0.05 false per run): adjacent layers ")
     text += quote(ea, null="") if ea is not None else f3(adj)
     if far is not None:
         text += "; non-adjacent " + (quote(ef, null="") if ef is not None else f3(far))
     L = len(corr.moe_layers)
-    if pairs is not None and L > 2:
-        iu = np.triu_indices(L, k=1)
-        sub = pairs.at(iu)
+    if pairs is not None and L > 2 and np.isfinite(np.asarray(pairs.low, float)).any():
+        sub = _upper(pairs)
         i = strongest(sub)
-        text += f"; {count_of(sub)} layer pairs beyond the null"
+        iu = np.triu_indices(L, k=1)
+        text += f"; {flagged(sub, 'layer pairs', 'linked', correction=False)}"
         if np.asarray(sub.distinguishable).any():
             text += f" (furthest: layers {corr.moe_layers[iu[0][i]]}–{corr.moe_layers[iu[1][i]]})"
+    elif pairs is not None and pairs.why_none:
+        text += f"; {flagged(pairs, 'layer pairs')}"
     if corr.undefined_features:
         n = corr.undefined_features
-        text += f"; {n} constant (layer, expert) feature{'s' if n > 1 else ''} left out"
+        text += f"; {n} constant feature{'s' if n > 1 else ''} left out"
     return text + "."
+
+
+def _upper(est: Any) -> Any:
+    """The layer pairs of an ``[L, L]`` Estimate, each once (its upper triangle), in ``np.triu_indices`` order."""
+    if est is None:
+        return None
+    return est.at(np.triu_indices(np.shape(est.value)[0], k=1))
 
 
 def _usage(r: dict[str, Any]) -> np.ndarray | None:
@@ -113,6 +123,8 @@ register(AnalysisSpec(
     build=lambda ctx: CorrelationAccumulator("topk", resamples=ctx.resamples, seed=ctx.seed),
     headline=_headline,
     estimates=lambda corr: {"corr_adjacent": est_of(corr, "adjacent"), "corr_nonadjacent": est_of(corr, "non_adjacent")},
+    decisions=lambda corr: {"corr_adjacent": est_of(corr, "adjacent"), "corr_nonadjacent": est_of(corr, "non_adjacent"),
+                            "corr_layer_pairs": est_of(corr, "layer_link")},
     findings=_findings,
     report=lambda corr, record, page: _correlation_section(record.results, page),
     notes="Pearson correlation over tokens of every (layer, expert) selection indicator",

@@ -12,7 +12,7 @@ import pandas as pd
 
 from core.analysis.routing_stats import RoutingStatsAccumulator
 from core.analysis.streaming import PerGroup
-from core.pipeline.findings_text import count_of, est_of, layer_list, quote
+from core.pipeline.findings_text import est_of, flagged, layer_list, quote
 from core.pipeline.spec import AnalysisSpec, Finding, register
 from viz import plotting as P
 from viz.run_report import ReportPage, parameter_table
@@ -28,9 +28,9 @@ def load_balance(stats: Any) -> str:
         return (f"Load balance (normalized utilization entropy, 1 = uniform; no interval: resampling off): lowest at layer "
                 f"{stats.moe_layers[li]}, {stats.utilization_entropy_norm[li]:.3f}; {diag} of {L} layers.")
     li = int(np.argmin(est.value))
-    return (f"Load balance (normalized utilization entropy, 1 = uniform): lowest at layer {stats.moe_layers[li]}, "
-            f"{quote(est.at(li), null='uniform routing')}; {count_of(est)} layers below the uniform-routing null; "
-            f"{diag} of {L} layers.")
+    return (f"Load balance (utilization entropy / log E; null: experts relabelled per document block): "
+            f"lowest at layer {stats.moe_layers[li]}, {quote(est.at(li), null='')}; "
+            f"{flagged(est, 'layers', 'less even than a balanced load')}; {diag} of {L} layers.")
 
 
 _COUNT_REASON = re.compile(r"^\d+ (dead|dominant) experts\b")  # "3 dead experts": counted from stats.dead/dominant
@@ -114,6 +114,8 @@ register(AnalysisSpec(
     build=lambda ctx: RoutingStatsAccumulator(resamples=ctx.resamples, seed=ctx.seed),
     headline=_headline,
     estimates=lambda stats: {"load_balance": est_of(stats, "utilization_entropy_norm")},
+    decisions=lambda stats: {"load_balance": est_of(stats, "utilization_entropy_norm"), "dominant_experts": stats.dominant,
+                             "dead_experts": stats.dead},
     findings=lambda stats, record: [Finding("routing_stats", load_balance(stats), ("utilization",),
                                             est_of(stats, "utilization_entropy_norm"))],
     warnings=_warnings,

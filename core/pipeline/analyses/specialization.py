@@ -11,7 +11,7 @@ import pandas as pd
 from core.analysis.consistency import ConsistencyAccumulator
 from core.analysis.specialization import DomainSpecializationAccumulator
 from core.analysis.vocabulary import VocabularyAccumulator
-from core.pipeline.findings_text import count_of, est_of, f3, pct, quote, strongest
+from core.pipeline.findings_text import count_of, est_of, f3, flagged, pct, quote, strongest
 from core.pipeline.spec import AnalysisSpec, Finding, register
 from viz import matrix_views as V
 from viz import plotting as P
@@ -35,14 +35,15 @@ def specialization(spec: Any) -> str:
     li, e = best[d]
     x = lambda v: f"{v:.2f}x"  # noqa: E731
     ratio = quote(top.at(d), x, "") if top is not None else x(spec.ratio[li, d, e])
-    text = (f"Domain specialization (null: {by} labels shuffled): the top expert is L{spec.moe_layers[li]}:E{e} for "
+    text = (f"Domain specialization (null: {by} labels shuffled; Holm, ≤ 0.05 false per run): top expert "
+            f"L{spec.moe_layers[li]}:E{e} for "
             f"{spec.group_names[d]}, share over uniform {ratio}")
     if top is not None and D > 1:
-        text += f"; {count_of(top.at(seen))} {by}s beyond the null"
+        text += f"; {flagged(top.at(seen), by + 's', 'beyond it', correction=False)}"
     b = strongest(kl) if kl is not None else int(np.argmax(spec.layer_score))
     div = quote(kl.at(b), f3, "") if kl is not None else f3(spec.layer_score[b])
-    text += f". KL to the overall routing (nats) peaks at layer {spec.moe_layers[b]}, {div}"
-    return text + (f"; {count_of(kl)} layers beyond the null." if kl is not None else ".")
+    text += f". KL to all tokens (nats) peaks at layer {spec.moe_layers[b]}, {div}"
+    return text + (f"; {flagged(kl, 'layers', 'beyond it', correction=False)}." if kl is not None else ".")
 
 
 def consistency(cons: Any) -> str:
@@ -66,7 +67,7 @@ def vocabulary(voc: Any) -> str:
     li = strongest(est)
     return (f"Vocabulary ({len(voc.token_ids)} token ids seen {voc.min_count}+ times; chance: ids shuffled within each document): "
             f"a token id's share at its top expert is furthest above chance at layer {voc.moe_layers[li]}, "
-            f"{quote(est.at(li), pct, '')}; {count_of(est)} layers beyond chance.")
+            f"{quote(est.at(li), pct, '')}; {flagged(est, 'layers', 'beyond chance')}.")
 
 
 def _specialization_section(r: Mapping[str, Any], page: ReportPage, decode: Callable[[int], str] | None) -> None:
@@ -163,6 +164,7 @@ register(AnalysisSpec(
                                                       seed=ctx.seed),
     headline=_domain_headline,
     estimates=lambda spec: {"domain_divergence": est_of(spec, "layer_score")},
+    decisions=lambda spec: {"domain_divergence": est_of(spec, "layer_score"), "domain_top_ratio": est_of(spec, "max_ratio")},
     findings=lambda spec, record: (_findings("domain_specialization", specialization, ("domain_divergence",), "layer_score")
                                    (spec, record) if len(spec.group_names) > 1 else []),
     report=lambda spec, record, page: _specialization_section(record.results, page, page.decode),
