@@ -16,6 +16,7 @@ name. So an analysis is calibrated by being registered.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -121,7 +122,9 @@ class Tally:
         runs = [o for o in self.runs if o.low is not None]
         if len(runs) < 2:
             return np.nan
-        truth = np.nanmean(np.stack([o.value for o in runs]), 0)
+        with warnings.catch_warnings():  # an element no run had a value for has no truth
+            warnings.simplefilter("ignore", RuntimeWarning)
+            truth = np.nanmean(np.stack([o.value for o in runs]), 0)
         hit, n = 0, 0
         for o in runs:
             ok = np.isfinite(o.low) & np.isfinite(o.high) & np.isfinite(truth)

@@ -1,0 +1,114 @@
+"""The calibration suite's fast subset: every registered verdict holds its false-positive rate on null worlds and
+finds strong planted effects, at a small shape (the full table: ``uv run exp/calibrate.py``, docs/CALIBRATION.md)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from core.analysis.resampling import holm, null_p_value, shift_within_documents
+from core.calibration.catalogue import worlds
+from core.calibration.runner import calibrate
+from core.calibration.table import markdown, passes, summary
+from core.calibration.worlds import Shape, World, boost_for, simulate, topic_offsets
+from core.pipeline.spec import decisions_of, registered
+
+SMALL = Shape(layers=10, experts=16, top_k=2, docs=24, doc_len=120, vocab=300)
+SEEDS = range(8)
+
+
+# planted effects strong enough to be found every time at this small shape (the catalogue's sizes need the full one)
+STRONG = [(World("copy_20%", "", doc_sd=0.5, copy_rate=0.2, target=("corr_layer_pairs", (3, 4))), ("corr_adjacent",)),
+          (World("dominant_4x", "", doc_sd=0.2, dominant_factor=4.0, target=("dominant_experts", (2, 0))),
+           ("load_balance", "dominant_experts", "dead_experts"))]
+
+
+@pytest.fixture(scope="module")
+def table():
+    names = ["iid", "documents", "topical", "sticky_documents", "few_documents_3", "sticky_0.3", "dead", "domain_2x"]
+    return calibrate(worlds(names) + STRONG, SMALL, SEEDS, resamples=100, progress=False)
+
+
+def test_every_verdict_of_every_registered_analysis_is_calibrated(table):
+    """Nothing lists the verdicts: each "pass" analysis with estimates or decisions shows up in the table by being registered."""
+    have = set(table.verdict)
+    assert {"load_balance", "dominant_experts", "dead_experts", "corr_layer_pairs", "corr_adjacent", "domain_top_ratio",
+            "domain_divergence", "vocabulary", "consistency_same_top1"} <= have
+    specs = [s for s in registered() if s.stage == "pass" and not s.all_checkpoints and (s.decisions or s.estimates)]
+    assert {"routing_stats", "correlation_topk", "domain_specialization", "vocabulary_specialization",
+            "routing_consistency"} <= {s.name for s in specs}
+
+
+def test_null_worlds_hold_the_false_positive_rate(table):
+    nulls = table[table.role == "null"]
+    assert len(nulls) >= 40
+    assert nulls.element_rate.max() <= 0.10, nulls.sort_values("element_rate").tail(3).to_string()
+    assert nulls.any_rate.max() <= 0.25, nulls.sort_values("any_rate").tail(3).to_string()
+    assert nulls.element_rate.mean() <= 0.02
+
+
+def test_few_documents_give_no_verdict_rather_than_false_ones(table):
+    few = table[table.world == "few_documents_3"]
+    assert (few.element_rate.fillna(0) == 0).all(), few.to_string()
+
+
+def test_strong_planted_effects_are_found(table):
+    power = table[table.role == "power"].set_index("world").power
+    assert power["sticky_0.3"] >= 0.9 and power["copy_20%"] >= 0.9 and power["dead"] == 1.0
+    assert power["dominant_4x"] >= 0.8 and power["domain_2x"] >= 0.75, power.to_string()
+
+
+def test_the_table_reads_as_markdown_with_a_verdict_per_row(table):
+    text = markdown(table, "uv run exp/calibrate.py --seeds 8", "# t")
+    assert "| verdict |" in text and "Reproduce: `uv run exp/calibrate.py --seeds 8`" in text
+    s = summary(table)
+    assert set(s.verdict) == set(table.verdict) and all(isinstance(passes(r), bool) for _, r in s.iterrows())
+
+
+def test_a_world_is_reproducible_and_its_topics_keep_the_load_balanced():
+    w = World("t", "", topics=4)
+    a, b = simulate(w, SMALL, 3), simulate(w, SMALL, 3)
+    assert (a.topk_idx == b.topk_idx).all() and (a.token_ids == b.token_ids).all()
+    assert not (simulate(w, SMALL, 4).topk_idx == a.topk_idx).all()
+    off = topic_offsets(4, 3, 16, 0.5, np.random.default_rng(0))  # every expert gets every topic's value once
+    assert np.allclose(np.sort(off, 0), np.sort(off, 0)[:, :, :1])
+
+
+def test_a_planted_factor_is_what_it_does_to_a_share():
+    E, k, n = 16, 2, 200_000
+    b = boost_for(2.0, E, k)
+    g = np.random.default_rng(1).gumbel(size=(n, E))
+    g[:, 0] += b
+    share = (np.argsort(-g, 1)[:, :k] == 0).any(1).mean()
+    assert share / (k / E) == pytest.approx(2.0, rel=0.03)
+
+
+def test_holm_matches_its_definition():
+    p = np.array([0.01, 0.04, 0.03, np.nan, 0.005])
+    assert np.allclose(holm(p)[[4, 0, 2, 1]], [0.02, 0.03, 0.06, 0.06]) and np.isnan(holm(p)[3])
+
+
+def test_the_t_prediction_p_value_is_uniform_under_its_null():
+    rng = np.random.default_rng(0)
+    draws = rng.normal(size=(4000, 9))
+    p = np.array([null_p_value(d[0], d[1:]) for d in draws])
+    for a in (0.01, 0.05, 0.2):
+        assert abs((p < a).mean() - a) < 3 * np.sqrt(a / 4000) + 0.002
+
+
+def test_a_shift_keeps_each_document_and_its_runs():
+    from tests.fakes import routing
+
+    docs = np.repeat([0, 1, 2], [5, 1, 7])
+    rd = routing(np.zeros((13, 1, 1), int), 2, doc_ids=docs, positions=np.concatenate([np.arange(5), [0], np.arange(7)]))
+    idx = shift_within_documents(rd, 3, times=4)
+    for t in idx:
+        assert (docs[t] == docs).all()  # tokens stay in their document
+        first = t[:5]
+        assert sorted(first) == list(range(5)) and first[0] != 0  # a shift, never the identity on a long document
+        assert ((np.diff(first) % 5) == 1).all() or ((np.diff(first) == -4) | (np.diff(first) == 1)).all()
+
+
+def test_decisions_default_to_the_estimates():
+    spec = next(s for s in registered() if s.name == "vocabulary_specialization")
+    assert spec.decisions is None and set(decisions_of(spec, type("R", (), {"estimate": None})())) == set()
