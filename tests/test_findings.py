@@ -179,6 +179,9 @@ def test_null_effects_are_said_to_be_indistinguishable(shape):
     assert f"{n} of {n} changes are not distinguishable from no change" in found["Ablation"]
     assert found["Ablation"].endswith("not distinguishable from no change.")
     assert f"0 of {L} layers beyond the null" in found["Router–expert"] and "not distinguishable)" in found["Router–expert"]
+    hung = found["Hungarian-matched"]
+    assert "null: experts' rows mixed by a random rotation that keeps the router's covariance" in hung
+    assert f"0 of {L - 1} adjacent pairs beyond the null, Holm-corrected (a false pair in ≤ 5% of runs)" in hung
     assert f"0 of {L} layers less even than a balanced load" in found["Load"] and "not distinguishable" in found["Load"]
     assert "not distinguishable" in found["Consecutive"] and "0 of 3 domains beyond it" in found["Domain"]
     assert "No criterion beats random at any of 3 fractions" in found["Pruning"]

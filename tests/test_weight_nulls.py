@@ -4,7 +4,9 @@ Planted data where the truth is known: a softmax router shifted by ``1cᵀ`` rou
 (and, on a tiny OLMoE, traces identically), so every weight analysis must return the same
 numbers; a sigmoid router's shift is real and must show. Router rows planted in their own
 expert's subspace must beat the expert-permutation null; random rows must not. Independent
-routers must sit inside the Hungarian-matched cosine null; a permuted copy must be far above it.
+routers must sit inside the Hungarian-matched cosine null, also when both share one anisotropic
+covariance (trained routers do); a permuted copy must be far above it, and a noisy permuted copy
+found.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 from core.analysis.checkpoint_dynamics import router_weight_drift
 from core.analysis.expert_alignment import ExpertAnalyzer, expert_permutation_null, random_subspace_share
 from core.analysis.measures import center_router_rows, layer_rng, random_orthonormal_frame
+from core.analysis.router_null import rotation_fixing_ones
 from core.analysis.router_weights import RouterAnalyzer
 
 H, E, I = 64, 16, 2  # 16 experts: the identity is one of 16! permutations, so a planted p is at its minimum
@@ -239,6 +242,69 @@ def test_hungarian_null_permuted_copy_is_far_above_it():
     assert sim.hungarian_cosine[0, 1] == pytest.approx(1.0)
     assert sim.hungarian_p[0, 1] == pytest.approx(1 / 101)
     assert sim.hungarian_null_high[0, 1] < 0.6
+
+
+def test_rotation_fixing_ones_keeps_mean_row_and_covariance():
+    rng = np.random.default_rng(12)
+    q = rotation_fixing_ones(E, rng)
+    w = rng.normal(size=(E, H)) + rng.normal(size=(1, H))
+    np.testing.assert_allclose(q @ q.T, np.eye(E), atol=1e-12)
+    np.testing.assert_allclose(q @ np.ones(E), np.ones(E), atol=1e-12)
+    np.testing.assert_allclose((q @ w).mean(0), w.mean(0), atol=1e-12)  # the row all experts share
+    np.testing.assert_allclose((q @ w).T @ (q @ w), w.T @ w, atol=1e-9)  # the hidden-space covariance
+    assert np.abs(q - np.eye(E)).max() > 0.1  # and the rows are mixed
+    assert not np.allclose(rotation_fixing_ones(E, rng), q)
+
+
+HA, EA = 256, 64  # a router's shape for the anisotropy tests
+SPECTRUM = np.sqrt(1.0 / (1.0 + np.arange(HA)) ** 1.5)  # Σ^{1/2}: a decaying spectrum, like trained routers
+
+
+def _anisotropic(rng: np.random.Generator) -> np.ndarray:
+    """Rows W = Z Σ^{1/2}, Z iid Gaussian: every router drawn so shares Σ, none shares its experts."""
+    return rng.normal(size=(EA, HA)) * SPECTRUM
+
+
+@pytest.mark.parametrize("score_fn", ["softmax", "sigmoid"])
+def test_hungarian_null_holds_for_independent_anisotropic_routers(score_fn):
+    """60 pairs with no expert correspondence: a hidden-space rotation flagged 60 of 60; mixing rows keeps p < 0.05 at ~5%."""
+    flagged, gaps = 0, []
+    for s in range(60):
+        rng = np.random.default_rng(1000 + s)
+        shared = 3.0 * rng.normal(size=(1, HA)) * SPECTRUM  # a mean row both routers share (kept as is by sigmoid)
+        w = {0: _anisotropic(rng) + shared, 1: _anisotropic(rng) + shared}
+        sim = RouterAnalyzer(score_fn=score_fn).compute_router_similarity_matrix(w, num_null=40, seed=s)
+        assert sim.num_null_adjacent == 40 and sim.hungarian_p_adjusted[0, 1] == sim.hungarian_p[0, 1]
+        flagged += int(sim.hungarian_p[0, 1] < 0.05)
+        gaps.append(sim.hungarian_cosine[0, 1] - sim.hungarian_null_mean[0, 1])
+    assert flagged <= 4, flagged  # at most 7% of 60
+    assert sim.hungarian_cosine[0, 1] > 0.3 and abs(np.mean(gaps)) < 0.01  # high by anisotropy alone, and the null says so
+
+
+def test_hungarian_null_finds_a_noisy_permuted_copy():
+    """W_b = W_a + noise of the same norm (and the same covariance), rows permuted: found in at least 16 of 20 seeds."""
+    found = 0
+    for s in range(20):
+        rng = np.random.default_rng(2000 + s)
+        wa, noise = _anisotropic(rng), _anisotropic(rng)
+        wb = (wa + noise * np.linalg.norm(wa) / np.linalg.norm(noise))[rng.permutation(EA)]
+        sim = RouterAnalyzer(score_fn="softmax").compute_router_similarity_matrix({0: wa, 1: wb}, num_null=40, seed=s)
+        found += int(sim.hungarian_p_adjusted[0, 1] < 0.05)
+    assert found >= 16, found
+
+
+def test_adjacent_pairs_get_enough_draws_for_holm():
+    """With 10 draws no p could pass a correction over the adjacent pairs; they get 40 per pair, Holm-adjusted."""
+    rng = np.random.default_rng(13)
+    w = rng.normal(size=(E, H))
+    routers = {0: w, 3: w[rng.permutation(E)], 5: w[rng.permutation(E)], 9: rng.normal(size=(E, H))}
+    sim = RouterAnalyzer(score_fn="softmax").compute_router_similarity_matrix(routers, num_null=10)
+    assert sim.num_null == 10 and sim.num_null_adjacent == 120
+    assert sim.hungarian_p[0, 2] == pytest.approx(1 / 11)  # not adjacent: num_null draws, no correction
+    assert np.isnan(sim.hungarian_p_adjusted[0, 2]) and np.isnan(sim.hungarian_p_adjusted[0, 0])
+    assert sim.hungarian_p[0, 1] == pytest.approx(1 / 121) and sim.hungarian_p_adjusted[0, 1] == pytest.approx(3 / 121)
+    assert sim.hungarian_p_adjusted[2, 3] > 0.05  # the random layer
+    np.testing.assert_array_equal(sim.hungarian_p_adjusted, sim.hungarian_p_adjusted.T)
 
 
 # ----------------------------------------------------------------- figures

@@ -64,6 +64,15 @@ def random_orthonormal_frame(h: int, r: int, rng: np.random.Generator) -> np.nda
     return q * np.where(np.diagonal(rr) < 0, -1.0, 1.0)
 
 
+def draws_for_holm(requested: int, family: int, alpha: float = 0.05) -> int:
+    """At least ``requested`` null draws, and enough that the smallest permutation p, 1/(R + 1), passes Holm over ``family``.
+
+    Holm multiplies the smallest p by the number of tests: with 100 draws and 15 layer pairs no
+    pair could ever pass. ``2 * family / alpha`` draws put the best adjusted p at about alpha / 2.
+    """
+    return max(int(requested), int(np.ceil(2 * max(int(family), 1) / alpha)))
+
+
 def layer_rng(seed: int, *keys: int) -> np.random.Generator:
     """An independent random stream per layer (or any non-negative keys), reproducible from one base seed."""
     return np.random.default_rng([int(seed), *(int(k) for k in keys)])
