@@ -210,6 +210,18 @@ def test_alignment_null_detects_planted_rows():
     np.testing.assert_allclose(res.random_mean, 2 * I / H)
 
 
+def test_alignment_verdict_is_holm_corrected_over_layers_with_enough_permutations():
+    """Three planted layers and 10 permutations asked for: 120 are drawn, so 1/121 survives Holm's x3."""
+    rng = np.random.default_rng(14)
+    ex = _experts(rng, 3)
+    planted = {l: np.stack([rng.normal(size=2 * I) @ np.concatenate([w["gate"][e], w["up"][e]]) for e in range(E)])
+               for l, w in ex.items()}
+    res = ExpertAnalyzer(rank=2 * I, score_fn="sigmoid").analyze_expert_router_alignment(ex, planted, num_permutations=10)
+    assert res.num_permutations == 120
+    np.testing.assert_allclose(res.perm_p, 1 / 121)
+    np.testing.assert_allclose(res.perm_p_adjusted, 3 / 121)
+
+
 def test_alignment_seeds_differ_per_layer_and_old_argument_is_accepted():
     rng = np.random.default_rng(8)
     ex = _experts(rng)

@@ -29,7 +29,7 @@ def _hungarian(sim: Any) -> str:
     sig = q < 0.05
     i = int(np.argmax(np.where(sig, gap, -np.inf)) if sig.any() else np.argmax(gap))
     a, b = adj[i]
-    return (f"Hungarian-matched cosine of adjacent layers' routers (null: experts' rows mixed by a random rotation that "
+    return (f"Hungarian-matched cosine of adjacent routers (null: experts' rows mixed by a random rotation that "
             f"keeps the router's covariance): {int(sig.sum())} of {len(adj)} adjacent pairs beyond the null, "
             f"Holm-corrected (a false pair in ≤ 5% of runs); {'strongest' if sig.any() else 'largest'}: layers {sim.layers[a]}–{sim.layers[b]}, "
             f"{sim.hungarian_cosine[a, b]:.3f} against {sim.hungarian_null_mean[a, b]:.3f} (95% range "
@@ -69,7 +69,7 @@ def _weights_section(r: Mapping[str, Any], page: ReportPage) -> None:
                                     null_low=al.perm_null_low, null_high=al.perm_null_high,
                                     measure="share of router-row energy in the expert's input subspace"),
             pd.DataFrame({"layer": al.layers, "own": al.mean_own, "experts_permuted": al.perm_null_mean, "null_low": al.perm_null_low,
-                          "null_high": al.perm_null_high, "p": al.perm_p, "effect": al.effect, "random_subspace_r_over_H": al.mean_random}))
+                          "null_high": al.perm_null_high, "p": al.perm_p, "p_adjusted": al.perm_p_adjusted, "effect": al.effect, "random_subspace_r_over_H": al.mean_random}))
 
 
 def _similarity(ctx: Any, results: Mapping[str, Any]) -> Any:
