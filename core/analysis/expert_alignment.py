@@ -23,7 +23,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from core.analysis.measures import center_router_rows, check_score_fn, draws_for_holm, layer_rng, score_fn_of
+from core.analysis.measures import (
+    center_router_rows, check_score_fn, draws_for_holm, layer_rng, require_score_fn, score_fn_of,
+)
 from core.analysis.resampling import holm, interval, p_value
 from core.analysis.results import ResultMixin
 
@@ -244,8 +246,9 @@ class ExpertAnalyzer:
     ``energy`` (default 0.9) of the squared spectrum of ``[gate; up]`` (``up`` alone without a gate).
     ``device``: where to run the decompositions. OLMoE has 1024 experts with a 2048x2048 ``[gate; up]``
     each: 15 min on 2 CPU threads (``exp/benchmark_alignment.py``), one layer's weights in memory at a time.
-    ``score_fn`` ("softmax" centres router rows, "sigmoid" does not): given here or per call, else
-    read from the wrapper, else "softmax". ``progress`` shows a bar over experts.
+    ``score_fn`` ("softmax" centres router rows, "sigmoid" does not): given per call, else here,
+    else the wrapper's own; without any, the router alignment raises a TypeError (no default:
+    centring a sigmoid router changes its answer). ``progress`` shows a bar over experts.
     """
 
     def __init__(
@@ -265,9 +268,10 @@ class ExpertAnalyzer:
         self.score_fn = None if score_fn is None else check_score_fn(score_fn)
 
     def _score_fn(self, score_fn: str | None) -> str:
-        if score_fn is not None:
-            return check_score_fn(score_fn)
-        return self.score_fn if self.score_fn is not None else score_fn_of(self.model)
+        for given in (score_fn, self.score_fn, score_fn_of(self.model)):
+            if given is not None:
+                return check_score_fn(given)
+        return require_score_fn(None, "ExpertAnalyzer.analyze_expert_router_alignment")
 
     def extract_all_expert_weights(self) -> dict[int, dict[str, torch.Tensor]]:
         """``{model layer index: {"gate": [E,I,H] | None, "up": [E,I,H], "down": [E,H,I]}}`` from the wrapper."""

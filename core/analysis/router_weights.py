@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from core.analysis.measures import center_router_rows, check_score_fn, score_fn_of
+from core.analysis.measures import center_router_rows, check_score_fn, require_score_fn, score_fn_of
 from core.analysis.results import ResultMixin
 from core.analysis.router_null import hungarian_cosine, pair_nulls
 
@@ -133,8 +133,9 @@ def _pair_measures(wa: np.ndarray, wb: np.ndarray, ua: np.ndarray, ub: np.ndarra
 class RouterAnalyzer:
     """Router weight analyses; ``model`` is a ``MoEModelWrapper`` or ``None`` to pass weights directly.
 
-    ``score_fn`` ("softmax" centres the rows, "sigmoid" does not): given here or per call, else
-    read from the wrapper, else "softmax".
+    ``score_fn`` ("softmax" centres the rows, "sigmoid" does not): given per call, else here, else
+    the wrapper's own; with none of them an analysis raises a TypeError (no default: centring a
+    sigmoid router changes its answer).
     """
 
     def __init__(self, model: Any | None = None, score_fn: str | None = None) -> None:
@@ -148,9 +149,10 @@ class RouterAnalyzer:
         return self.model.get_router_weights()
 
     def _score_fn(self, score_fn: str | None) -> str:
-        if score_fn is not None:
-            return check_score_fn(score_fn)
-        return self.score_fn if self.score_fn is not None else score_fn_of(self.model)
+        for given in (score_fn, self.score_fn, score_fn_of(self.model)):
+            if given is not None:
+                return check_score_fn(given)
+        return require_score_fn(None, "RouterAnalyzer")
 
     def _weights(self, router_weights: Weights | None, score_fn: str) -> tuple[list[int], list[np.ndarray]]:
         if router_weights is None:

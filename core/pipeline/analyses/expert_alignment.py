@@ -26,7 +26,7 @@ def _alignment(align: Any) -> str:
 
 
 def _compute(ctx: Any, results: Mapping[str, Any]) -> Any:
-    analyzer = ExpertAnalyzer(ctx.wrapper, device=ctx.wrapper.device, progress=ctx.progress)
+    analyzer = ExpertAnalyzer(ctx.wrapper, device=ctx.wrapper.device, score_fn=ctx.score_fn, progress=ctx.progress)
     return analyzer.analyze_expert_router_alignment(router_weights=ctx.sweep.router_weights[-1],
                                                     num_permutations=200 if ctx.micro else 1000, seed=ctx.seed)
 
