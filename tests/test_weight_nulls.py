@@ -20,7 +20,7 @@ import torch
 from core.analysis.checkpoint_dynamics import router_weight_drift
 from core.analysis.expert_alignment import ExpertAnalyzer, expert_permutation_null, random_subspace_share
 from core.analysis.measures import center_router_rows, layer_rng, random_orthonormal_frame
-from core.analysis.router_null import rotation_fixing_ones
+from core.analysis.router_null import hungarian_cosine, pair_nulls, rotation_fixing_ones
 from core.analysis.router_weights import RouterAnalyzer
 
 H, E, I = 64, 16, 2  # 16 experts: the identity is one of 16! permutations, so a planted p is at its minimum
@@ -314,6 +314,26 @@ def _anisotropic(rng: np.random.Generator) -> np.ndarray:
     return rng.normal(size=(EA, HA)) * SPECTRUM
 
 
+def _pair_null(wa: np.ndarray, wb: np.ndarray, score_fn: str, seed: int) -> dict[str, np.ndarray]:
+    """What the analyzer computes for the Hungarian null of two layers, without its SVD-based measures (many pairs, fast)."""
+    W = [center_router_rows(w, score_fn) for w in (wa, wb)]
+    U = [w / np.linalg.norm(w, axis=1, keepdims=True) for w in W]
+    hc = np.full((2, 2), np.nan)
+    hc[0, 1] = hc[1, 0] = hungarian_cosine(U[0] @ U[1].T)
+    null, _ = pair_nulls([0, 1], U, W, hc, 40, seed)
+    return {"hc": hc[0, 1], **{k: v[0, 1] for k, v in null.items()}}
+
+
+def test_pair_null_helper_is_the_analyzers():
+    rng = np.random.default_rng(17)
+    wa, wb = _anisotropic(rng), _anisotropic(rng)
+    sim = RouterAnalyzer(score_fn="sigmoid").compute_router_similarity_matrix({0: wa, 1: wb}, num_null=40, seed=3)
+    got = _pair_null(wa, wb, "sigmoid", 3)
+    assert sim.num_null_adjacent == 40 and got["hc"] == pytest.approx(sim.hungarian_cosine[0, 1])
+    for k, f in (("mean", "hungarian_null_mean"), ("p", "hungarian_p"), ("p_adjusted", "hungarian_p_adjusted")):
+        assert got[k] == pytest.approx(getattr(sim, f)[0, 1]), k
+
+
 @pytest.mark.parametrize("score_fn", ["softmax", "sigmoid"])
 def test_hungarian_null_holds_for_independent_anisotropic_routers(score_fn):
     """60 pairs with no expert correspondence: a hidden-space rotation flagged 60 of 60; mixing rows keeps p < 0.05 at ~5%."""
@@ -321,13 +341,11 @@ def test_hungarian_null_holds_for_independent_anisotropic_routers(score_fn):
     for s in range(60):
         rng = np.random.default_rng(1000 + s)
         shared = 3.0 * rng.normal(size=(1, HA)) * SPECTRUM  # a mean row both routers share (kept as is by sigmoid)
-        w = {0: _anisotropic(rng) + shared, 1: _anisotropic(rng) + shared}
-        sim = RouterAnalyzer(score_fn=score_fn).compute_router_similarity_matrix(w, num_null=40, seed=s)
-        assert sim.num_null_adjacent == 40 and sim.hungarian_p_adjusted[0, 1] == sim.hungarian_p[0, 1]
-        flagged += int(sim.hungarian_p[0, 1] < 0.05)
-        gaps.append(sim.hungarian_cosine[0, 1] - sim.hungarian_null_mean[0, 1])
+        pair = _pair_null(_anisotropic(rng) + shared, _anisotropic(rng) + shared, score_fn, s)
+        flagged += int(pair["p"] < 0.05)
+        gaps.append(pair["hc"] - pair["mean"])
     assert flagged <= 4, flagged  # at most 7% of 60
-    assert sim.hungarian_cosine[0, 1] > 0.3 and abs(np.mean(gaps)) < 0.01  # high by anisotropy alone, and the null says so
+    assert pair["hc"] > 0.3 and abs(np.mean(gaps)) < 0.01  # high by anisotropy alone, and the null says so
 
 
 def test_hungarian_null_finds_a_noisy_permuted_copy():
@@ -337,8 +355,7 @@ def test_hungarian_null_finds_a_noisy_permuted_copy():
         rng = np.random.default_rng(2000 + s)
         wa, noise = _anisotropic(rng), _anisotropic(rng)
         wb = (wa + noise * np.linalg.norm(wa) / np.linalg.norm(noise))[rng.permutation(EA)]
-        sim = RouterAnalyzer(score_fn="softmax").compute_router_similarity_matrix({0: wa, 1: wb}, num_null=40, seed=s)
-        found += int(sim.hungarian_p_adjusted[0, 1] < 0.05)
+        found += int(_pair_null(wa, wb, "softmax", s)["p_adjusted"] < 0.05)
     assert found >= 16, found
 
 
