@@ -29,9 +29,10 @@ def _hungarian(sim: Any) -> str:
     sig = q < 0.05
     i = int(np.argmax(np.where(sig, gap, -np.inf)) if sig.any() else np.argmax(gap))
     a, b = adj[i]
-    return (f"Hungarian-matched cosine of adjacent routers (null: experts' rows mixed by a random rotation that "
-            f"keeps the router's covariance): {int(sig.sum())} of {len(adj)} adjacent pairs beyond the null, "
-            f"Holm-corrected (a false pair in ≤ 5% of runs); {'strongest' if sig.any() else 'largest'}: layers {sim.layers[a]}–{sim.layers[b]}, "
+    note = "Holm: ≤ 0.05 false per run" if len(adj) > 1 else "0.05 false per run by chance"  # as findings_text.flagged
+    return (f"Hungarian-matched router cosine (null: experts' rows mixed by a random rotation that "
+            f"keeps the router's covariance): {int(sig.sum())} of {len(adj)} adjacent pairs beyond the null ({note}); "
+            f"{'strongest' if sig.any() else 'largest'}: layers {sim.layers[a]}–{sim.layers[b]}, "
             f"{sim.hungarian_cosine[a, b]:.3f} against {sim.hungarian_null_mean[a, b]:.3f} (95% range "
             f"{sim.hungarian_null_low[a, b]:.3f}–{sim.hungarian_null_high[a, b]:.3f})"
             + ("" if sig[i] else ", not distinguishable")
