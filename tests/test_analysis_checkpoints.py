@@ -61,11 +61,11 @@ def test_router_weight_drift():
     w0 = {3: torch.eye(4)}
     w1 = {3: 2 * torch.eye(4)}  # same directions, doubled norm
     w2 = {3: -torch.eye(4)}  # flipped
-    d = router_weight_drift([w0, w1, w2], names=["a", "b", "c"])
+    d = router_weight_drift([w0, w1, w2], names=["a", "b", "c"], score_fn="softmax")
     assert np.isnan(d.cosine_prev[0, 0])
     assert d.cosine_prev[1, 0] == pytest.approx(1.0) and d.rel_change_prev[1, 0] == pytest.approx(1.0)
     assert d.cosine_final[0, 0] == pytest.approx(-1.0) and d.rel_change_final[0, 0] == pytest.approx(2.0)
     assert d.cosine_final[2, 0] == pytest.approx(1.0) and d.rel_change_final[2, 0] == 0.0
     json.dumps(d.to_dict())
     with pytest.raises(ValueError, match="router layers"):
-        router_weight_drift([{1: torch.eye(2)}, {2: torch.eye(2)}])
+        router_weight_drift([{1: torch.eye(2)}, {2: torch.eye(2)}], score_fn="softmax")

@@ -17,7 +17,7 @@ def test_router_similarity_identical_permuted_and_random():
     w = rng.normal(size=(E, H))
     perm = rng.permutation(E)
     weights = {0: torch.tensor(w), 1: torch.tensor(w[perm]), 2: torch.tensor(rng.normal(size=(E, H)))}
-    sim = RouterAnalyzer().compute_router_similarity_matrix(weights)
+    sim = RouterAnalyzer(score_fn="softmax").compute_router_similarity_matrix(weights)
     assert sim.layers == [0, 1, 2]
     assert sim.matched_cosine[0, 1] < 0.5  # identity matching fails on permuted experts
     for m in (sim.hungarian_cosine, sim.subspace_similarity, sim.cka):
@@ -26,7 +26,7 @@ def test_router_similarity_identical_permuted_and_random():
     assert abs(sim.subspace_similarity[0, 2] - (E - 1) / H) < 0.15  # random routers sit at the baseline
     assert sim.hungarian_cosine[0, 2] < 0.6
     assert sim.hungarian_null_low[0, 2] <= sim.hungarian_cosine[0, 2] <= sim.hungarian_null_high[0, 2]
-    assert RouterAnalyzer().compute_router_similarity_matrix(weights, score_fn="sigmoid").subspace_baseline == E / H
+    assert RouterAnalyzer(score_fn="softmax").compute_router_similarity_matrix(weights, score_fn="sigmoid").subspace_baseline == E / H
     json.dumps(sim.to_dict())
 
 
@@ -41,7 +41,7 @@ def test_router_subspaces_effective_rank():
     np.testing.assert_allclose(sub.row_norms[1], 3.0)
     json.dumps(sub.to_dict())
     # softmax: centring removes the one direction (the mean row) that never changed routing
-    soft = RouterAnalyzer().analyze_router_subspaces({5: low, 7: flat}, energy=0.99)
+    soft = RouterAnalyzer(score_fn="softmax").analyze_router_subspaces({5: low, 7: flat}, energy=0.99)
     assert soft.centered and soft.rank_at_energy.tolist() == [2, E - 1]
     assert soft.stable_rank[1] == pytest.approx(E - 1)
     np.testing.assert_allclose(soft.row_norms[1], 3.0 * np.sqrt(1 - 1 / E))
@@ -77,7 +77,7 @@ def test_planted_router_row_aligns_and_random_sits_at_baseline(gate):
     assert res.perm_p[0] < 0.01 and res.effect[0] > 0.4  # own expert beats the others
     assert res.perm_p[1] > 0.05 and abs(res.effect[1]) < 0.1  # random rows do not
     json.dumps(res.to_dict())
-    soft = ExpertAnalyzer(rank=r).analyze_expert_router_alignment({2: ex}, {2: torch.tensor(planted)})
+    soft = ExpertAnalyzer(rank=r, score_fn="softmax").analyze_expert_router_alignment({2: ex}, {2: torch.tensor(planted)})
     assert soft.centered and soft.mean_own[0] > 0.5 and soft.perm_p[0] < 0.01
 
 
@@ -86,21 +86,23 @@ def test_expert_subspaces_energy_rank_and_errors():
     ex = _experts(rng)
     ex["gate"][0] = 0.0
     ex["up"][0] = np.outer(np.ones(I), rng.normal(size=H))  # expert 0 reads one direction
-    sub = ExpertAnalyzer(energy=0.9).expert_input_subspaces({1: ex})
+    sub = ExpertAnalyzer(energy=0.9, score_fn="softmax").expert_input_subspaces({1: ex})
     assert sub.ranks[0, 0] == 1 and sub.ranks[0, 1] > 1 and sub.projections == ["gate", "up"]
     assert sub.bases[1][0].shape == (H, 1)
     assert "bases" not in sub.to_dict()
     json.dumps(sub.to_dict())
     with pytest.raises(ValueError, match="without a model"):
-        ExpertAnalyzer().extract_all_expert_weights()
+        ExpertAnalyzer(score_fn="softmax").extract_all_expert_weights()
     with pytest.raises(ValueError, match="no layer has both"):
-        ExpertAnalyzer().analyze_expert_router_alignment({1: ex}, {9: rng.normal(size=(E, H))})
+        ExpertAnalyzer(score_fn="softmax").analyze_expert_router_alignment({1: ex}, {9: rng.normal(size=(E, H))})
     with pytest.raises(ValueError, match="reads H"):
-        ExpertAnalyzer().analyze_expert_router_alignment({1: ex}, {1: rng.normal(size=(E, H + 1))})
+        ExpertAnalyzer(score_fn="softmax").analyze_expert_router_alignment({1: ex}, {1: rng.normal(size=(E, H + 1))})
 
 
 class _FakeWrapper:
-    """The two wrapper methods the analyzers use, as documented in docs/CONTRACTS.md."""
+    """The two wrapper methods the analyzers use, and the router's score function, as documented in docs/CONTRACTS.md."""
+
+    score_fn = "softmax"
 
     def __init__(self, rng):
         self.ex = {

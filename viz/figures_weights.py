@@ -226,8 +226,9 @@ def hungarian_cosine_vs_null(
     """Hungarian-matched cosine of every layer pair ``[L, L]`` beside its null.
 
     Matching experts optimally makes even unrelated routers score well above 0, so each pair is
-    drawn with the mean and 95% range of the same statistic against random rotations of one
-    router (same spectrum, no correspondence); only a point above its bar is beyond chance.
+    drawn with the mean and 95% range of the same statistic with one router's expert rows mixed by
+    a random rotation (same mean row and covariance, no correspondence); only a point above its bar
+    is beyond chance.
     """
     observed = as_array(observed, 2, "observed")
     check_square(observed, "observed")
@@ -248,7 +249,7 @@ def hungarian_cosine_vs_null(
         go.Scatter(
             x=labels, y=mean, mode="markers", marker={"color": "gray", "symbol": "line-ew-open", "size": 12},
             error_y={"type": "data", "symmetric": False, "array": high - mean, "arrayminus": mean - low, "color": "gray"},
-            name="null: other router randomly rotated (mean, 95% range)", customdata=custom,
+            name="null: other router's rows mixed (mean, 95% range)", customdata=custom,
             hovertemplate=("layer %{customdata[0]} vs layer %{customdata[1]}<br>null mean %{y:.3f}, "
                            "95% range %{customdata[2]:.3f}–%{customdata[3]:.3f}<extra></extra>"),
         )

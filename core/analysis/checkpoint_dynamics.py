@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from core.analysis.measures import center_router_rows
+from core.analysis.measures import center_router_rows, require_score_fn
 from core.analysis.resampling import (BlockSums, DocumentRuns, Estimate, block_of, document_keys, jackknife_paired_estimate,
                                       jackknife_weights, no_verdict, too_few_documents)
 from core.analysis.results import ResultMixin
@@ -260,8 +260,8 @@ class RouterDrift(ResultMixin):
     rel_change_prev: np.ndarray  # [C, L]
     cosine_final: np.ndarray  # [C, L]
     rel_change_final: np.ndarray  # [C, L]
-    score_fn: str = "softmax"
-    centered: bool = True
+    score_fn: str
+    centered: bool
 
 
 def _row_cos(a: np.ndarray, b: np.ndarray) -> float:
@@ -273,12 +273,14 @@ def _row_cos(a: np.ndarray, b: np.ndarray) -> float:
 def router_weight_drift(
     router_weights: Sequence[Mapping[int, torch.Tensor | np.ndarray]],
     names: Sequence[str] | None = None,
-    score_fn: str = "softmax",
+    score_fn: str | None = None,
 ) -> RouterDrift:
     """Cosine and relative Frobenius change of each layer's router between checkpoints.
 
-    ``score_fn`` "softmax" centres each router's rows first (the wrapper's ``score_fn`` says which).
+    ``score_fn`` (required, the wrapper's ``score_fn`` says which): "softmax" centres each router's
+    rows first, "sigmoid" keeps them, since a shift shared by all rows moves a sigmoid router.
     """
+    score_fn = require_score_fn(score_fn, "router_weight_drift")
     if not router_weights:
         raise ValueError("router_weight_drift needs at least one checkpoint's router weights")
     names = [str(i) for i in range(len(router_weights))] if names is None else [str(n) for n in names]

@@ -8,6 +8,9 @@ routing ignores a shift shared by all rows; sigmoid rows are kept). The score on
 against baselines: random subspaces of the same dimension (exactly r/H on average, large when r
 is a large share of H, and too easy for anisotropic trained weights), and the test that matters,
 a permutation null over experts: does row e align with its own expert more than with the others?
+Permuting experts keeps every router row and every expert subspace as it is, anisotropy included
+(only the pairing is lost), so unlike a random rotation it cannot mistake directions all experts
+share for alignment. Layers are tested together: Holm's correction over them.
 """
 
 from __future__ import annotations
@@ -20,8 +23,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from core.analysis.measures import center_router_rows, check_score_fn, layer_rng, score_fn_of
-from core.analysis.resampling import interval, p_value
+from core.analysis.measures import (
+    center_router_rows, check_score_fn, draws_for_holm, layer_rng, require_score_fn, score_fn_of,
+)
+from core.analysis.resampling import holm, interval, p_value
 from core.analysis.results import ResultMixin
 
 ExpertWeights = Mapping[int, Mapping[str, "torch.Tensor | np.ndarray | None"]]
@@ -64,9 +69,11 @@ class AlignmentResult(ResultMixin):
     The test, per layer: does row e align with its own expert more than with the others?
     Statistic ``mean_own`` = mean over e of ``own``; null = the same statistic with the experts
     permuted (row e against expert pi(e)), ``num_permutations`` draws from a stream seeded by
-    ``seed`` and the layer index. ``perm_null_mean`` = its exact mean (mean of ``cross``),
+    ``seed`` and the layer index (at least enough for the smallest p to pass Holm's correction over
+    the layers). ``perm_null_mean`` = its exact mean (mean of ``cross``),
     ``perm_null_low/high`` = 2.5/97.5% quantiles of the draws, ``perm_p`` = (1 + #{null >= observed})
-    / (1 + num_permutations), ``effect`` = ``mean_own - perm_null_mean``.
+    / (1 + num_permutations), ``perm_p_adjusted`` = ``perm_p`` after Holm's correction over the
+    layers (the verdict a finding counts), ``effect`` = ``mean_own - perm_null_mean``.
     """
 
     layers: list[int]
@@ -91,6 +98,7 @@ class AlignmentResult(ResultMixin):
     seed: int
     score_fn: str
     centered: bool
+    perm_p_adjusted: np.ndarray  # [L]
 
 
 def random_subspace_share(rank: np.ndarray | int, hidden_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -238,8 +246,9 @@ class ExpertAnalyzer:
     ``energy`` (default 0.9) of the squared spectrum of ``[gate; up]`` (``up`` alone without a gate).
     ``device``: where to run the decompositions. OLMoE has 1024 experts with a 2048x2048 ``[gate; up]``
     each: 15 min on 2 CPU threads (``exp/benchmark_alignment.py``), one layer's weights in memory at a time.
-    ``score_fn`` ("softmax" centres router rows, "sigmoid" does not): given here or per call, else
-    read from the wrapper, else "softmax". ``progress`` shows a bar over experts.
+    ``score_fn`` ("softmax" centres router rows, "sigmoid" does not): given per call, else here,
+    else the wrapper's own; without any, the router alignment raises a TypeError (no default:
+    centring a sigmoid router changes its answer). ``progress`` shows a bar over experts.
     """
 
     def __init__(
@@ -259,9 +268,10 @@ class ExpertAnalyzer:
         self.score_fn = None if score_fn is None else check_score_fn(score_fn)
 
     def _score_fn(self, score_fn: str | None) -> str:
-        if score_fn is not None:
-            return check_score_fn(score_fn)
-        return self.score_fn if self.score_fn is not None else score_fn_of(self.model)
+        for given in (score_fn, self.score_fn, score_fn_of(self.model)):
+            if given is not None:
+                return check_score_fn(given)
+        return require_score_fn(None, "ExpertAnalyzer.analyze_expert_router_alignment")
 
     def extract_all_expert_weights(self) -> dict[int, dict[str, torch.Tensor]]:
         """``{model layer index: {"gate": [E,I,H] | None, "up": [E,I,H], "down": [E,H,I]}}`` from the wrapper."""
@@ -364,12 +374,13 @@ class ExpertAnalyzer:
         off = ~np.eye(E, dtype=bool)
         others = cross[:, off].reshape(L, E, E - 1) if E > 1 else np.full((L, E, 1), np.nan)
         rm, rs = random_subspace_share(ranks, H)
+        num_permutations = draws_for_holm(num_permutations, L)
         perm = np.array([expert_permutation_null(cross[i], num_permutations, layer_rng(seed, l)) for i, l in enumerate(layers)])
         return AlignmentResult(
             layers, E, H, ranks, own, others.mean(2), others.std(2), rm, rs, cross,
             own.mean(1), others.mean((1, 2)), rm.mean(1),
             perm[:, 1], perm[:, 2], perm[:, 3], perm[:, 4], perm[:, 0] - perm[:, 1],
-            num_permutations, seed, score_fn, score_fn == "softmax",
+            num_permutations, seed, score_fn, score_fn == "softmax", holm(perm[:, 4]),
         )
 
     def _cross_shares(

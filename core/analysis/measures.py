@@ -35,33 +35,52 @@ def check_score_fn(score_fn: str) -> str:
     return score_fn
 
 
-def score_fn_of(model: Any, default: str = "softmax") -> str:
-    """How a wrapper (or its ``moe_spec``) scores experts; ``default`` when it does not say."""
+def require_score_fn(score_fn: str | None, where: str) -> str:
+    """``score_fn`` checked, or a TypeError naming the choices: centring router rows is right for softmax only, so no default."""
+    if score_fn is None:
+        raise TypeError(f"{where} needs score_fn, one of {SCORE_FNS} (the model wrapper's score_fn says which; "
+                        "no default: softmax router rows are centred, sigmoid ones are not)")
+    return check_score_fn(score_fn)
+
+
+def score_fn_of(model: Any) -> str | None:
+    """How a wrapper (or its ``moe_spec``) scores experts, or None when it does not say."""
     for obj in (model, getattr(model, "moe_spec", None)):
         s = getattr(obj, "score_fn", None)
         if isinstance(s, str):
             return check_score_fn(s)
-    return check_score_fn(default)
+    return None
 
 
-def center_router_rows(w: Any, score_fn: str = "softmax") -> np.ndarray:
+def center_router_rows(w: Any, score_fn: str | None = None) -> np.ndarray:
     """Router ``[E, H]`` with the routing-irrelevant part removed, as float64 numpy.
 
     Softmax routing is unchanged by ``W + 1cᵀ`` (every logit moves by c·x), so only the rows
     minus their mean over experts are identifiable: weight analyses must see those, or two
     routers that route identically compare as different. A sigmoid router scores each expert
     on its own, where the shift does change routing, so its rows are kept as they are.
+    ``score_fn`` is required (:func:`require_score_fn`).
     """
+    score_fn = require_score_fn(score_fn, "center_router_rows")
     w = to_numpy(w)
     if w.ndim != 2:
         raise ValueError(f"a router weight must be [E, H], got shape {w.shape}")
-    return w - w.mean(axis=0, keepdims=True) if check_score_fn(score_fn) == "softmax" else w
+    return w - w.mean(axis=0, keepdims=True) if score_fn == "softmax" else w
 
 
 def random_orthonormal_frame(h: int, r: int, rng: np.random.Generator) -> np.ndarray:
     """``[h, r]`` orthonormal columns drawn uniformly (Haar): the image of r fixed axes under a random rotation."""
     q, rr = np.linalg.qr(rng.standard_normal((h, r)))
     return q * np.where(np.diagonal(rr) < 0, -1.0, 1.0)
+
+
+def draws_for_holm(requested: int, family: int, alpha: float = 0.05) -> int:
+    """At least ``requested`` null draws, and enough that the smallest permutation p, 1/(R + 1), passes Holm over ``family``.
+
+    Holm multiplies the smallest p by the number of tests: with 100 draws and 15 layer pairs no
+    pair could ever pass. ``2 * family / alpha`` draws put the best adjusted p at about alpha / 2.
+    """
+    return max(int(requested), int(np.ceil(2 * max(int(family), 1) / alpha)))
 
 
 def layer_rng(seed: int, *keys: int) -> np.random.Generator:

@@ -7,8 +7,10 @@ are centred (mean over experts removed) before any comparison; a sigmoid router 
 identity-matched cosine (is expert e's row the same direction in both layers?), which assumes
 expert e means the same thing in both, and permutation-invariant ones (Hungarian-matched cosine,
 principal angles between the row spaces, linear CKA), which do not. The Hungarian-matched cosine
-is well above 0 for unrelated routers, so it comes with a null: the same statistic against a
-randomly rotated copy of the other layer (same spectrum, correspondence destroyed). Spectra
+is well above 0 for unrelated routers, so it comes with a null: the same statistic against the
+other layer with its experts' rows mixed by a random rotation that keeps the router's covariance
+(:mod:`core.analysis.router_null`; a rotation in hidden space would break the anisotropy real
+routers share and make every pair look related). Spectra
 show how many directions a router really uses.
 """
 
@@ -20,11 +22,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 
-from core.analysis.measures import center_router_rows, check_score_fn, random_orthonormal_frame, score_fn_of
-from core.analysis.resampling import interval, p_value
+from core.analysis.measures import center_router_rows, check_score_fn, require_score_fn, score_fn_of
 from core.analysis.results import ResultMixin
+from core.analysis.router_null import hungarian_cosine, pair_nulls
 
 Weights = Mapping[int, "torch.Tensor | np.ndarray"]
 
@@ -47,12 +48,6 @@ def linear_cka(x: np.ndarray, y: np.ndarray) -> float:
     return float(num / den) if den > 0 else float("nan")
 
 
-def hungarian_cosine(cos: np.ndarray) -> float:
-    """Mean cosine after the best one-to-one matching of the rows of ``cos`` to its columns."""
-    r, c = linear_sum_assignment(-cos)
-    return float(cos[r, c].mean())
-
-
 @dataclass
 class RouterSimilarity(ResultMixin):
     """Similarity between the routers of every pair of layers (axis order = ``layers``).
@@ -63,9 +58,12 @@ class RouterSimilarity(ResultMixin):
     - ``matched_cosine[a, b]``: mean over e of cos(W_a[e], W_b[e]) (expert identity assumed)
     - ``hungarian_cosine[a, b]``: Hungarian-matched cosine, the same after the best one-to-one
       matching of experts. Its null: ``hungarian_null_mean/low/high[a, b]`` = mean and 2.5/97.5%
-      quantiles of the statistic between layer a and ``num_null`` Haar-random rotations (in hidden
-      space) of layer b, which keep b's spectrum and destroy any correspondence;
-      ``hungarian_p[a, b]`` = (1 + #{null >= observed}) / (1 + num_null). Diagonals are NaN.
+      quantiles of the statistic between layer a and layer b with b's expert rows mixed by a
+      Haar-random rotation fixing the all-ones vector (b's mean row and covariance kept, any
+      correspondence destroyed), ``num_null`` draws, ``num_null_adjacent`` for adjacent layers;
+      ``hungarian_p[a, b]`` = (1 + #{null >= observed}) / (1 + draws), and ``hungarian_p_adjusted``
+      the adjacent pairs' p after Holm's correction over the L - 1 of them (NaN elsewhere): the
+      verdict a finding reports. Diagonals are NaN.
     - ``subspace_similarity[a, b]``: mean cos^2 of the principal angles between the row
       spaces (1 = same subspace); ``subspace_baseline`` = rank/H, its expected value for random
       routers (rank = E-1 for centred rows, else E, at most H)
@@ -86,6 +84,8 @@ class RouterSimilarity(ResultMixin):
     seed: int
     score_fn: str
     centered: bool
+    hungarian_p_adjusted: np.ndarray  # [L, L], adjacent pairs only
+    num_null_adjacent: int
 
 
 @dataclass
@@ -111,31 +111,6 @@ class RouterSubspaces(ResultMixin):
     centered: bool
 
 
-def _hungarian_null(U: list[np.ndarray], num_null: int, seed: int) -> np.ndarray:
-    """``[R, L, L]`` Hungarian-matched cosine of layer a against a random rotation of layer b.
-
-    Layer b's unit rows are written as coefficients ``C_b`` in an orthonormal basis of their span;
-    placing that basis on a Haar-random frame Q rotates the router without changing its spectrum.
-    One frame per draw serves every pair, so each layer is projected once per draw; the null is
-    symmetric in distribution, so it is drawn for a < b and mirrored.
-    """
-    L, H = len(U), U[0].shape[1]
-    r = max(min(u.shape) for u in U)
-    coef = []
-    for u in U:
-        us, s, _ = np.linalg.svd(u, full_matrices=False)
-        coef.append(us * s)  # [E, min(E, H)]: u = coef @ basis, basis with orthonormal rows
-    null = np.full((num_null, L, L), np.nan)
-    rng = np.random.default_rng(seed)
-    for t in range(num_null):
-        q = random_orthonormal_frame(H, r, rng)
-        proj = [u @ q for u in U]  # [E, r]: layer a against the rotated frame
-        for a in range(L):
-            for b in range(a + 1, L):
-                null[t, a, b] = null[t, b, a] = hungarian_cosine(proj[a][:, : coef[b].shape[1]] @ coef[b].T)
-    return null
-
-
 def row_space_basis(w: np.ndarray) -> np.ndarray:
     """Orthonormal basis ``[rank, H]`` of the row space (rank cut as in ``scipy.linalg.orth``)."""
     _, s, vt = np.linalg.svd(w, full_matrices=False)
@@ -158,8 +133,9 @@ def _pair_measures(wa: np.ndarray, wb: np.ndarray, ua: np.ndarray, ub: np.ndarra
 class RouterAnalyzer:
     """Router weight analyses; ``model`` is a ``MoEModelWrapper`` or ``None`` to pass weights directly.
 
-    ``score_fn`` ("softmax" centres the rows, "sigmoid" does not): given here or per call, else
-    read from the wrapper, else "softmax".
+    ``score_fn`` ("softmax" centres the rows, "sigmoid" does not): given per call, else here, else
+    the wrapper's own; with none of them an analysis raises a TypeError (no default: centring a
+    sigmoid router changes its answer).
     """
 
     def __init__(self, model: Any | None = None, score_fn: str | None = None) -> None:
@@ -173,9 +149,10 @@ class RouterAnalyzer:
         return self.model.get_router_weights()
 
     def _score_fn(self, score_fn: str | None) -> str:
-        if score_fn is not None:
-            return check_score_fn(score_fn)
-        return self.score_fn if self.score_fn is not None else score_fn_of(self.model)
+        for given in (score_fn, self.score_fn, score_fn_of(self.model)):
+            if given is not None:
+                return check_score_fn(given)
+        return require_score_fn(None, "RouterAnalyzer")
 
     def _weights(self, router_weights: Weights | None, score_fn: str) -> tuple[list[int], list[np.ndarray]]:
         if router_weights is None:
@@ -211,16 +188,13 @@ class RouterAnalyzer:
             for b in range(a + 1, L):
                 for key, v in _pair_measures(W[a], W[b], U[a], U[b], B[a], B[b]).items():
                     out[key][a, b] = out[key][b, a] = v
-        null = _hungarian_null(U, num_null, seed)
-        off = ~np.eye(L, dtype=bool)  # the diagonal of the null is NaN by design
-        p = np.where(off, p_value(out["hc"], null), np.nan)
-        low, high = interval(null)
-        mean = np.where(off, null.mean(0), np.nan)
+        null, adjacent = pair_nulls(layers, U, W, out["hc"], num_null, seed)
         centered = score_fn == "softmax"
         rank = min(W[0].shape[0] - (1 if centered else 0), h)
         return RouterSimilarity(
             layers, out["mc"], out["hc"], out["ss"], out["cka"], rank / h,
-            mean, low, high, p, num_null, seed, score_fn, centered,
+            null["mean"], null["low"], null["high"], null["p"], num_null, seed, score_fn, centered,
+            null["p_adjusted"], adjacent,
         )
 
     def analyze_router_subspaces(

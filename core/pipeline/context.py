@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from core.analysis.measures import require_score_fn
 from core.analysis.vocabulary import MAX_TOKEN_IDS
 from core.collection.sweep import Sweep
 from data import TokenizedDataset
@@ -43,8 +44,8 @@ class RunContext:
 
     @property
     def score_fn(self) -> str:
-        """softmax routers are compared with their rows centred; sigmoid ones as they are."""
-        return getattr(self.wrapper, "score_fn", "softmax")
+        """How the model's routers score experts, as its wrapper read it: softmax rows are centred, sigmoid ones not (no default)."""
+        return require_score_fn(getattr(self.wrapper, "score_fn", None), "a run's weight analyses (its model wrapper gives none)")
 
     @cached_property
     def frequent_ids(self) -> list[int] | None:
