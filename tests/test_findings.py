@@ -166,7 +166,7 @@ def test_planted_effects_are_the_ones_named(shape):
     assert "on code, +0.050 (95% CI +0.0" in found["Ablation"]
     assert f"top expert L{L - 1}:E5 for code, share over uniform" in found["Domain"]
     assert f"peaks at layer {L - 1}," in found["Domain"] and "1 of 3 domains beyond it" in found["Domain"]
-    assert f"1 of {L} layers beyond the null (Holm: ≤ 0.05 false per run)" in found["Router–expert"]
+    assert f"1 of {L} layers beyond the null (Holm: ≈ 0.05 false per run)" in found["Router–expert"]
     assert f"strongest: layer {L - 1}," in found["Router–expert"]
     assert "lowest at layer 1," in found["Load"] and "not distinguishable" not in found["Load"]
     assert "Beats random, of 3 fractions: usage at 1." in found["Pruning"] and "pruning 50.0% of each layer's" in found["Pruning"]
@@ -179,11 +179,11 @@ def test_null_effects_are_said_to_be_indistinguishable(shape):
     n = 2 * L * 3
     assert f"{n} of {n} changes are not distinguishable from no change" in found["Ablation"]
     assert found["Ablation"].endswith("not distinguishable from no change.")
-    assert f"0 of {L} layers beyond the null (Holm: ≤ 0.05 false per run)" in found["Router–expert"]
+    assert f"0 of {L} layers beyond the null (Holm: ≈ 0.05 false per run)" in found["Router–expert"]
     assert found["Router–expert"].endswith(", not distinguishable.") and "expected by chance" not in found["Router–expert"]
     hung = found["Hungarian-matched"]
     assert "null: experts' rows mixed by a random rotation that keeps the router's covariance" in hung
-    assert f"0 of {L - 1} adjacent pairs beyond the null (Holm: ≤ 0.05 false per run)" in hung
+    assert f"0 of {L - 1} adjacent pairs beyond the null (Holm: ≈ 0.05 false per run)" in hung
     assert f"0 of {L} layers less even than a balanced load" in found["Load"] and "not distinguishable" in found["Load"]
     assert "not distinguishable" in found["Consecutive"] and "0 of 3 domains beyond it" in found["Domain"]
     assert "No criterion beats random at any of 3 fractions" in found["Pruning"]

@@ -11,10 +11,9 @@ solved once per shape (:func:`boost_for`).
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
-
-import zlib
 
 import numpy as np
 import torch

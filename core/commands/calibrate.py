@@ -41,21 +41,28 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    import pandas as pd
+
     from core.calibration.catalogue import worlds
-    from core.calibration.table import markdown, passes, summary
     from core.calibration.runner import calibrate
+    from core.calibration.table import markdown, passes, summary
+    from core.calibration.weights import ROUTER_WORLDS, calibrate_routers
     from core.calibration.worlds import Shape
 
     if min(args.seeds, args.layers, args.experts, args.top_k, args.docs, args.doc_len, args.jobs) < 1 or args.top_k > args.experts:
         _parser().error("every size must be >= 1 and --top-k at most --experts")
     if args.layers < 10:
         _parser().error("the planted worlds put effects at layers 1 to 9: --layers must be at least 10")
+    names = args.worlds.split(",") if args.worlds else None
+    weight_names = [w.name for w in ROUTER_WORLDS if names is None or w.name in names]
     try:
-        chosen = worlds(args.worlds.split(",") if args.worlds else None)
+        chosen = worlds(None if names is None else [n for n in names if n not in weight_names])
     except ValueError as e:
-        _parser().error(str(e))
+        _parser().error(f"{e}; router worlds: {', '.join(w.name for w in ROUTER_WORLDS)}")
     shape = Shape(args.layers, args.experts, args.top_k, args.docs, args.doc_len)
     long = calibrate(chosen, shape, range(args.seeds), args.resamples, args.jobs, progress=not args.no_progress)
+    if weight_names:
+        long = pd.concat([long, calibrate_routers(args.experts, range(args.seeds), names=weight_names)], ignore_index=True)
     s = summary(long)
     for _, row in s.iterrows():
         print(f"{'ok  ' if passes(row) else 'FAIL'} {row['verdict']}: worst FPR per element {row['worst FPR per element']:.3f}"

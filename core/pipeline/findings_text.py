@@ -72,7 +72,7 @@ def count_of(est: Any, total: int | None = None) -> str:
 def flagged(est: Any, what: str = "layers", beyond: str = "beyond the null", correction: bool = True) -> str:
     """"n of N <what> <beyond>", with the correction and how many false flags it allows per run, as a count.
 
-    "3 of 16 layers beyond the null (Holm: ≤ 0.05 false per run)": corrected over the 16 layers
+    "3 of 16 layers beyond the null (Holm: ≈ 0.05 false per run)": corrected over the 16 layers
     (Holm), so by chance at most 0.05 of a layer is flagged per run, a count, not a share.
     Without a verdict (too few documents), says why instead.
     """
@@ -82,7 +82,7 @@ def flagged(est: Any, what: str = "layers", beyond: str = "beyond the null", cor
     if not correction:  # the sentence says it once for all its counts
         return text
     if getattr(est, "p_adjusted", None) is not None and est.family > 1:
-        return text + f" (Holm: ≤ {est.expected_false:.2g} false per run)"
+        return text + f" (Holm: ≈ {est.expected_false:.2g} false per run)"
     return text + f" ({est.expected_false:.2g} false per run by chance)"
 
 

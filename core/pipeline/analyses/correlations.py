@@ -30,7 +30,7 @@ def correlation(corr: Any, adj: float | None, far: float | None) -> str:
     """Adjacent against non-adjacent layers, and how many layer pairs correlate beyond the shift (corrected)."""
     ea, ef, pairs = est_of(corr, "adjacent"), est_of(corr, "non_adjacent"), est_of(corr, "layer_link")
     text = ("Cross-layer correlation of expert selection (mean |r|; null: layers shifted within documents; verdicts: "
-            "held-out documents, Holm ≤ 0.05 false per run): adjacent layers ")
+            "held-out documents, Holm, ≈ 0.05 false per run): adjacent layers ")
     text += quote(ea, null="") if ea is not None else f3(adj)
     if far is not None:
         text += "; non-adjacent " + (quote(ef, null="") if ef is not None else f3(far))

@@ -18,7 +18,7 @@ def _alignment(align: Any) -> str:
     sig = q < 0.05
     effect = np.asarray(align.mean_own, float) - np.asarray(align.perm_null_mean, float)
     i = int(np.argmax(np.where(sig, effect, -np.inf)) if sig.any() else np.argmax(effect))
-    note = "Holm: ≤ 0.05 false per run" if L > 1 else "0.05 false per run by chance"  # as findings_text.flagged says it
+    note = "Holm: ≈ 0.05 false per run" if L > 1 else "0.05 false per run by chance"  # as findings_text.flagged says it
     return (f"Router–expert alignment (row energy in its expert's input subspace; null: experts permuted "
             f"{align.num_permutations} times): {int(sig.sum())} of {L} layers beyond the null ({note}); "
             f"{'strongest' if sig.any() else 'largest'}: layer {align.layers[i]}, "

@@ -29,7 +29,7 @@ def _hungarian(sim: Any) -> str:
     sig = q < 0.05
     i = int(np.argmax(np.where(sig, gap, -np.inf)) if sig.any() else np.argmax(gap))
     a, b = adj[i]
-    note = "Holm: ≤ 0.05 false per run" if len(adj) > 1 else "0.05 false per run by chance"  # as findings_text.flagged
+    note = "Holm: ≈ 0.05 false per run" if len(adj) > 1 else "0.05 false per run by chance"  # as findings_text.flagged
     return (f"Hungarian-matched router cosine (null: experts' rows mixed by a random rotation that "
             f"keeps the router's covariance): {int(sig.sum())} of {len(adj)} adjacent pairs beyond the null ({note}); "
             f"{'strongest' if sig.any() else 'largest'}: layers {sim.layers[a]}–{sim.layers[b]}, "
@@ -37,6 +37,12 @@ def _hungarian(sim: Any) -> str:
             f"{sim.hungarian_null_low[a, b]:.3f}–{sim.hungarian_null_high[a, b]:.3f})"
             + ("" if sig[i] else ", not distinguishable")
             + ("" if getattr(sim, "centered", False) else "; rows not centred (sigmoid router)") + ".")
+
+
+def _adjacent_flags(sim: Any) -> np.ndarray:
+    """``[L - 1]``: which adjacent layer pairs the finding counts as matched (Holm-corrected p < 0.05)."""
+    i = np.arange(len(sim.layers) - 1)
+    return np.asarray(sim.hungarian_p_adjusted, float)[i, i + 1] < 0.05
 
 
 def _weights_section(r: Mapping[str, Any], page: ReportPage) -> None:
@@ -86,6 +92,7 @@ def _findings(sim: Any, record: Any) -> list[Finding]:
 
 register(AnalysisSpec(
     "router_similarity", "after", order=50, lead=85, compute=_similarity, skip=no_weights, findings=_findings,
+    decisions=lambda sim: {"router_pairs_hungarian": _adjacent_flags(sim)},
     report=lambda sim, record, page: _weights_section(record.results, page),
     notes="Hungarian-matched cosine and subspace similarity between layers' routers",
 ))

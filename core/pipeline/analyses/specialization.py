@@ -35,7 +35,7 @@ def specialization(spec: Any) -> str:
     li, e = best[d]
     x = lambda v: f"{v:.2f}x"  # noqa: E731
     ratio = quote(top.at(d), x, "") if top is not None else x(spec.ratio[li, d, e])
-    text = (f"Domain specialization (null: {by} labels shuffled; Holm, ≤ 0.05 false per run): top expert "
+    text = (f"Domain specialization (null: {by} labels shuffled; Holm, ≈ 0.05 false per run): top expert "
             f"L{spec.moe_layers[li]}:E{e} for "
             f"{spec.group_names[d]}, share over uniform {ratio}")
     if top is not None and D > 1:
