@@ -4,9 +4,9 @@ Chance is *within the document*: neighbours share a document, and so a topic and
 pooled utilization would credit domain preference to "stickiness". The null is the same
 statistic after shuffling the tokens of each document, computed exactly: for a document of n
 tokens whose top-1 counts are b_e and top-k counts a_e, a random ordered pair of distinct
-tokens has the same top-1 with probability sum b_e (b_e - 1) / (n (n - 1)). Intervals are a
-bootstrap over documents. Besides the same top-1, the Mixtral paper's measure: is the next
-token's top-1 expert among the current token's top-k.
+tokens has the same top-1 with probability sum b_e (b_e - 1) / (n (n - 1)). The verdict is a
+jackknife over document blocks of value - null (a percentile bootstrap flagged 13-15% of layers
+of random routing at 8 documents), Holm-corrected across layers.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from core.analysis.resampling import BlockSums, DocumentRuns, Estimate, block_of, document_keys, paired_estimate
+from core.analysis.resampling import (BlockSums, DocumentRuns, Estimate, block_of, document_keys,
+                                      jackknife_paired_estimate, jackknife_weights, no_verdict, too_few_documents)
 from core.analysis.results import ResultMixin
 from core.analysis.streaming import RoutingAccumulator, fold_one
 from core.analysis.features import selection_np, top1_np
@@ -49,7 +50,10 @@ class RoutingConsistency(ResultMixin):
 
 
 class ConsistencyAccumulator(RoutingAccumulator):
-    """Adjacent-pair counts per document (pairs may straddle chunks), with each document's shuffle expectation."""
+    """Adjacent-pair counts per document (pairs may straddle chunks), with each document's shuffle expectation.
+
+    ``resamples`` = 0 turns the verdict off; ``seed`` is kept for the run's uniform build (the jackknife draws nothing).
+    """
 
     name = "the routing consistency analysis"
     needs = ("topk_idx", "positions")
@@ -120,6 +124,17 @@ class ConsistencyAccumulator(RoutingAccumulator):
         self.num_docs += other.num_docs
         self.prev = other.prev
 
+    def _estimate(self, name: str, used: np.ndarray) -> Estimate:
+        """Value and exact shuffle expectation, each recomputed with every used document block left out once."""
+        s = self.sums.sums
+        w = np.concatenate([used[None].astype(np.float64), jackknife_weights(used)])  # all blocks, then leave-one-outs
+        with np.errstate(divide="ignore", invalid="ignore"):
+            pairs = (w @ s["pairs"])[:, None]
+            value, null = (w @ s[name]) / pairs, (w @ s[name + "_null"]) / pairs
+        est = jackknife_paired_estimate(value[0], null[0], value[1:], null[1:], NULL_NAME, bounds=(0.0, 1.0))
+        why = too_few_documents(used) or ("" if self.resamples else "resampling turned off")
+        return no_verdict(est, why) if why else est
+
     def _result(self) -> RoutingConsistency:
         self._close(*self.docs.flush())
         sums = self.sums.sums
@@ -127,11 +142,7 @@ class ConsistencyAccumulator(RoutingAccumulator):
         if pairs == 0:
             raise ValueError("no adjacent token pairs (same document, consecutive positions) in this routing")
         used = sums["pairs"] > 0
-        est = {}
-        for i, name in enumerate(MEASURES):
-            est[name] = paired_estimate(lambda t, n=name: t[n] / t["pairs"][:, None],
-                                        lambda t, n=name: t[n + "_null"] / t["pairs"][:, None],
-                                        sums, NULL_NAME, used, self.resamples, self.seed + i)
+        est = {name: self._estimate(name, used) for name in MEASURES}
         return RoutingConsistency(
             list(self.layout.moe_layers), pairs, self.num_docs,
             est["same_top1"].value, est["same_top1"].null, est["next_in_topk"].value, est["next_in_topk"].null,
