@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from core.analysis.consistency import ConsistencyAccumulator
+from core.analysis.resampling import MIN_DOCUMENTS
 from core.analysis.specialization import DomainSpecializationAccumulator
 from core.analysis.vocabulary import VocabularyAccumulator
 from core.pipeline.findings_text import count_of, est_of, f3, pct, quote, strongest
@@ -51,11 +52,24 @@ def consistency(cons: Any) -> str:
     out = []
     if same is not None:
         li = strongest(same)
-        out.append(f"the next token keeps its top-1 expert most above chance at layer {cons.moe_layers[li]}, "
-                   f"{quote(same.at(li), pct, '')}; {count_of(same)} layers beyond it")
-    if nxt is not None:
-        out.append(f"its top-1 is in the previous token's top-k beyond chance at {count_of(nxt)} layers")
+        out.append(f"the same top-1 expert is furthest above chance at layer {cons.moe_layers[li]}, "
+                   f"{quote(same.at(li), pct, '')}; {_layers_beyond(same, cons.num_documents)}")
+    if nxt is not None and not nxt.why_none:
+        out.append(f"top-1 in the previous token's top-k: {count_of(nxt)} layers beyond chance")
     return ("Consecutive tokens (chance: each document's tokens shuffled): " + "; ".join(out) + ".") if out else ""
+
+
+def _layers_beyond(est: Any, num_documents: int) -> str:
+    """"n of L layers beyond chance" with the false layers a run expects, or why there is no verdict."""
+    if est.why_none:
+        if "resampling" in est.why_none:
+            return "no verdict: resampling turned off"
+        few = f"no verdict: fewer than {MIN_DOCUMENTS} documents"  # est.resamples: the document blocks left out in turn
+        return few if num_documents < MIN_DOCUMENTS else f"{few} in distinct blocks ({num_documents} fall in {est.resamples})"
+    text = f"{count_of(est)} layers beyond chance"
+    if est.p_adjusted is not None and est.family > 1:
+        text += f", Holm-corrected across {est.family} layers"
+    return text + f": at most {est.expected_false:.2g} false layers expected per run"
 
 
 def vocabulary(voc: Any) -> str:
