@@ -86,3 +86,55 @@ def test_a_domain_of_one_document_has_no_interval_for_its_ratio():
     assert np.isnan(ratio.low[2]) and np.isnan(ratio.high[2])
     assert np.isfinite(ratio.low[:2]).all() and (ratio.low[:2] < ratio.value[:2]).all() and (ratio.value[:2] < ratio.high[:2]).all()
     assert (est["layer_score"].low >= 0).all()  # a divergence's interval stays at or above 0
+
+
+def _mixtral_routing():
+    """Four documents, top-2 of 4 experts; pairs counted by hand (top-1 is the first slot)."""
+    sets = [[0, 1], [0, 2], [3, 2], [1, 0],  # doc 0, domain a: pairs same top-1 1 of 3, sets share an expert 2 of 3
+            [1, 2], [1, 3], [2, 3],          # doc 1, domain b: same top-1 1 of 2, share 2 of 2
+            [0, 1],                          # doc 2, domain b: one token, no pair
+            [0, 1], [0, 1]]                  # doc 3, no domain: its pair counts in no domain
+    docs, dom = [0] * 4 + [1] * 3 + [2] + [3] * 2, [0] * 4 + [1] * 3 + [1] + [-1] * 2
+    pos = [0, 1, 2, 3, 0, 1, 2, 0, 0, 1]
+    idx = np.array(sets)[:, None, :].repeat(2, 1)  # two identical layers
+    return _rd(idx, 4, doc_ids=docs, positions=pos, domain_ids=dom, domain_names=["a", "b"])
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 10])
+def test_mixtral_columns_per_domain_are_counted_exactly_across_chunks(chunk):
+    rc = routing_consistency(_mixtral_routing().iter_chunks(chunk))
+    assert rc.domain_names == ["a", "b"] and rc.domain_pairs.tolist() == [3, 2]
+    np.testing.assert_allclose(rc.domain_same_top1, [[1 / 3] * 2, [1 / 2] * 2])
+    np.testing.assert_allclose(rc.domain_any_overlap, [[2 / 3] * 2, [1.0] * 2])
+    np.testing.assert_allclose(rc.topk_any_overlap, [5 / 6] * 2)  # 6 pairs in all: doc 3's pair shares its experts
+    assert rc.uniform_same_top1 == 0.25 and rc.uniform_any_overlap == pytest.approx(1 - 1 / 6)
+    table = rc.mixtral_table()
+    assert len(table) == 4 and list(table.columns[-4:]) == ["same_top1", "same_top1_uniform", "topk_any_overlap",
+                                                            "topk_any_overlap_uniform"]
+    assert table.loc[(table.domain == "b") & (table.layer == 1), "topk_any_overlap"].item() == 1.0
+    json.dumps(rc.to_dict(), allow_nan=False)
+
+
+def test_uniform_chance_of_mixtrals_columns():
+    from itertools import combinations
+
+    from core.analysis.consistency import uniform_any_overlap, uniform_same_top1
+
+    assert uniform_any_overlap(8, 2) == pytest.approx(1 - (6 / 8) * (5 / 7))
+    assert uniform_same_top1(8) == 1 / 8
+    for E, k in ((6, 3), (7, 2), (5, 1)):
+        sets = [set(s) for s in combinations(range(E), k)]
+        share = np.mean([bool(a & b) for a in sets for b in sets])  # every ordered pair of top-k sets
+        assert uniform_any_overlap(E, k) == pytest.approx(share)
+
+
+def test_mixtral_columns_of_uniform_routing_sit_at_their_chance():
+    rng = np.random.default_rng(0)
+    E, k, docs, n = 8, 2, 300, 50
+    idx = np.argsort(rng.random((docs * n, 1, E)), -1)[..., :k]  # uniform top-k sets, in random order
+    doc = np.repeat(np.arange(docs), n)
+    rc = routing_consistency(_rd(idx, E, doc_ids=doc, positions=np.tile(np.arange(n), docs), domain_ids=doc % 2,
+                                 domain_names=["a", "b"]).iter_chunks(997))
+    for rates, p in ((rc.domain_same_top1, 1 / E), (rc.domain_any_overlap, 1 - (6 / 8) * (5 / 7))):
+        se = np.sqrt(p * (1 - p) / rc.domain_pairs)[:, None]  # consecutive pairs of uniform tokens are independent events
+        assert (np.abs(rates - p) < 4 * se).all(), (rates, p, se)

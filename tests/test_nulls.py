@@ -31,6 +31,32 @@ def test_consistency_planted_stickiness_is_detected():
         assert "not distinguishable" not in est.at(1).text()
 
 
+def test_consistency_of_random_routing_flags_few_layers_holm_corrected():
+    """Few documents: the percentile bootstrap flagged 13-15% of random layers at 8 documents; the jackknife t, ~5% raw."""
+    flagged, raw, runs = 0, [], 20
+    for seed in range(runs):
+        rd = planted(num_docs=12, doc_len=60, num_layers=4, domain_pref=1.0, seed=300 + seed)
+        est = routing_consistency(rd).estimates["same_top1"]
+        assert est.family == 4 and not est.why_none
+        flagged += int(est.distinguishable.any())
+        raw.append(np.asarray(est.p_value) < 0.05)
+    assert flagged <= 3  # family-wise 5% across the 4 layers: about 1 run in 20
+    assert np.mean(raw) <= 0.12  # uncorrected, each layer near its 5%
+
+
+def test_consistency_under_eight_documents_has_no_verdict_and_the_finding_says_so():
+    from core.pipeline.analyses.specialization import consistency
+
+    rc = routing_consistency(planted(num_docs=5, doc_len=80, stickiness=0.5, seed=16))
+    est = rc.estimates["same_top1"]
+    assert np.isfinite(est.value).all() and np.isfinite(est.null).all()  # value and null stay
+    assert np.isnan(est.low).all() and not est.distinguishable.any() and "under the 8" in est.why_none
+    assert "no verdict: fewer than 8 documents" in consistency(rc)
+    big = routing_consistency(planted(num_docs=40, doc_len=60, stickiness=0.3, seed=17))
+    assert "2 of 2 layers beyond chance, Holm-corrected across 2 layers: at most 0.05 false layers expected per run" \
+        in consistency(big)
+
+
 def test_consistency_chunking_does_not_change_anything():
     rd = planted(stickiness=0.3, seed=3)
     a, b = routing_consistency(rd), routing_consistency(rd.iter_chunks(37))

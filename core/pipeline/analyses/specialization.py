@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from core.analysis.consistency import ConsistencyAccumulator
+from core.analysis.resampling import MIN_DOCUMENTS
 from core.analysis.specialization import DomainSpecializationAccumulator
 from core.analysis.vocabulary import VocabularyAccumulator
 from core.pipeline.findings_text import count_of, est_of, f3, flagged, pct, quote, strongest
@@ -52,11 +53,24 @@ def consistency(cons: Any) -> str:
     out = []
     if same is not None:
         li = strongest(same)
-        out.append(f"the next token keeps its top-1 expert most above chance at layer {cons.moe_layers[li]}, "
-                   f"{quote(same.at(li), pct, '')}; {count_of(same)} layers beyond it")
-    if nxt is not None:
-        out.append(f"its top-1 is in the previous token's top-k beyond chance at {count_of(nxt)} layers")
+        out.append(f"the same top-1 expert is furthest above chance at layer {cons.moe_layers[li]}, "
+                   f"{quote(same.at(li), pct, '')}; {_layers_beyond(same, cons.num_documents)}")
+    if nxt is not None and not nxt.why_none:
+        out.append(f"top-1 in the previous token's top-k: {count_of(nxt)} layers beyond chance")
     return ("Consecutive tokens (chance: each document's tokens shuffled): " + "; ".join(out) + ".") if out else ""
+
+
+def _layers_beyond(est: Any, num_documents: int) -> str:
+    """"n of L layers beyond chance" with the false layers a run expects, or why there is no verdict."""
+    if est.why_none:
+        if "resampling" in est.why_none:
+            return "no verdict: resampling turned off"
+        few = f"no verdict: fewer than {MIN_DOCUMENTS} documents"  # est.resamples: the document blocks left out in turn
+        return few if num_documents < MIN_DOCUMENTS else f"{few} in distinct blocks ({num_documents} fall in {est.resamples})"
+    text = f"{count_of(est)} layers beyond chance"
+    if est.p_adjusted is not None and est.family > 1:
+        text += f", Holm-corrected across {est.family} layers"
+    return text + f": at most {est.expected_false:.2g} false layers expected per run"
 
 
 def vocabulary(voc: Any) -> str:
@@ -110,16 +124,25 @@ def _specialization_section(r: Mapping[str, Any], page: ReportPage, decode: Call
 
 
 def _consistency(cons: Any, page: ReportPage) -> None:
-    """Consecutive tokens against the within-document shuffle, for the two measures."""
+    """Consecutive tokens against the within-document shuffle, for two measures; Mixtral's Table 5 per domain."""
     layers = [str(l) for l in cons.moe_layers]
     for key, title in (("same_top1", "Consecutive tokens with the same top-1 expert"),
-                       ("next_in_topk", "Next token's top-1 expert among this token's top-k (Mixtral's measure)")):
+                       ("next_in_topk", "Next token's top-1 expert among this token's top-k")):
         est = cons.estimates.get(key)
         if est is not None:
             page.figure("Specialization", f"routing_consistency_{key}", estimate_figure(est, layers, title, "share of token pairs"),
-                pd.DataFrame({"layer": cons.moe_layers, "value": est.value, "low": est.low, "high": est.high, "null": est.null}),
+                pd.DataFrame({"layer": cons.moe_layers, "value": est.value, "low": est.low, "high": est.high, "null": est.null,
+                              "p_corrected": est.p_adjusted if est.p_adjusted is not None else np.nan}),
                 caption="Chance: the same rate with each document's tokens shuffled, so a document's topic or domain "
-                        "is not counted as stickiness. " + "; ".join(f"layer {l}: {est.at(i).text()}" for i, l in enumerate(layers)))
+                        "is not counted as stickiness; verdicts are a jackknife over documents, Holm-corrected across layers. "
+                        + "; ".join(f"layer {l}: {est.at(i).text()}" for i, l in enumerate(layers)))
+    table = cons.mixtral_table() if hasattr(cons, "mixtral_table") else None
+    if table is not None and len(table):
+        page.table("Specialization", table.round(4), "routing_consistency_mixtral",
+                   caption="As the Mixtral paper's Table 5, per domain and layer: the next token has the same top-1 expert "
+                           "(\"first choice\"), and the two tokens' top-k sets share an expert (\"first or second choice\" "
+                           "at k = 2), each beside its chance under uniform routing (1/E and 1 - C(E-k, k)/C(E, k)). "
+                           "Uniform routing is the paper's baseline; the within-document shuffle above is the stricter one.")
 
 
 def _domain_headline(spec: Any, record: Any) -> dict[str, Any]:
