@@ -44,17 +44,16 @@ def test_consistency_of_random_routing_flags_few_layers_holm_corrected():
     assert np.mean(raw) <= 0.12  # uncorrected, each layer near its 5%
 
 
-def test_consistency_under_eight_documents_has_no_verdict_and_the_finding_says_so():
+def test_consistency_under_six_document_blocks_has_no_verdict_and_the_finding_says_so():
     from core.pipeline.analyses.specialization import consistency
 
     rc = routing_consistency(planted(num_docs=5, doc_len=80, stickiness=0.5, seed=16))
     est = rc.estimates["same_top1"]
     assert np.isfinite(est.value).all() and np.isfinite(est.null).all()  # value and null stay
-    assert np.isnan(est.low).all() and not est.distinguishable.any() and "under the 8" in est.why_none
-    assert "no verdict: fewer than 8 documents" in consistency(rc)
+    assert np.isnan(est.low).all() and not est.distinguishable.any() and "under the 6" in est.why_none
+    assert "no verdict: fewer than 6 documents" in consistency(rc)
     big = routing_consistency(planted(num_docs=40, doc_len=60, stickiness=0.3, seed=17))
-    assert "2 of 2 layers beyond chance, Holm-corrected across 2 layers: at most 0.05 false layers expected per run" \
-        in consistency(big)
+    assert "2 of 2 layers beyond chance (Holm: ≈ 0.05 false per run)" in consistency(big)
 
 
 def test_consistency_chunking_does_not_change_anything():

@@ -8,7 +8,7 @@ threshold counts only when the data say the true share is past it:
   expert with probability k x share, independently: multinomial sampling of N tokens), at level
   alpha / (L x E) for all the run's experts; and, when the run resamples documents, the share's 95%
   threshold over documents (a jackknife t test over document blocks, Holm-corrected over the L x E experts)
-  must hold too (tokens of a document are not independent); with fewer than 8 document blocks,
+  must hold too (tokens of a document are not independent); with fewer than 6 document blocks,
   no expert is judged;
 - per layer, entropy and CV must also lie beyond what uniform routing of as many tokens gives
   (its alpha quantile), and beyond the threshold over the document interval when resampled (a

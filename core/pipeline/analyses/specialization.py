@@ -67,10 +67,7 @@ def _layers_beyond(est: Any, num_documents: int) -> str:
             return "no verdict: resampling turned off"
         few = f"no verdict: fewer than {MIN_DOCUMENTS} documents"  # est.resamples: the document blocks left out in turn
         return few if num_documents < MIN_DOCUMENTS else f"{few} in distinct blocks ({num_documents} fall in {est.resamples})"
-    text = f"{count_of(est)} layers beyond chance"
-    if est.p_adjusted is not None and est.family > 1:
-        text += f", Holm-corrected across {est.family} layers"
-    return text + f": at most {est.expected_false:.2g} false layers expected per run"
+    return flagged(est, "layers", "beyond chance")
 
 
 def vocabulary(voc: Any) -> str:
