@@ -190,8 +190,11 @@ class CheckpointDynamicsAccumulator:
         out, why = {}, too_few_documents(used) or ("" if self.resamples else "resampling turned off")
         for name, reduce in (("saturation", lambda x: x), ("saturation_mean", lambda x: x.mean(-1))):
             v, n = reduce(obs), reduce(null)
-            est = jackknife_paired_estimate(v[0], n[0], v[1:], n[1:], "within-document shuffle", bounds=(0.0, 1.0))
-            out[name] = no_verdict(est, why) if why else est
+            est = jackknife_paired_estimate(v[0], n[0], v[1:], n[1:], "within-document shuffle", bounds=(0.0, 1.0),
+                                            correct=False)
+            est.p_value = np.asarray(est.p_value, np.float64).copy()
+            est.p_value[-1] = np.nan  # the final checkpoint against itself is not a test
+            out[name] = no_verdict(est, why) if why else est.corrected()
         return out
 
     def result(self) -> CheckpointDynamics:

@@ -4,7 +4,8 @@ A null world's routing has no effect any finding looks for; a planted world has 
 the verdict that should flag it (``target``) and every verdict whose null it breaks
 (``affects``: those are not counted as false positives there). Sizes follow the issue: shares
 1.3x and 2x, stickiness 0.02 and 0.3, a token 2x toward one expert, a layer copying the
-previous one for 5% of tokens, a dominant expert at 3x its share, a dead expert.
+previous one for 5% of tokens, a dominant expert at 3x its share, a dead expert; and an early
+checkpoint that already routes 5% of tokens as the final one does (saturation).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ PLANTED = (
     Planted(World("sticky_0.3", "a token keeps the previous token's experts with chance 0.3", doc_sd=0.5,
                   stickiness=0.3, target=("consistency_same_top1", None)), CONSISTENCY),
     Planted(World("token_2x", "the most frequent token id takes expert 0 2x as often, every layer", topics=8,
-                  token_factor=2.0, target=("vocabulary", None)), ("vocabulary",) + LOAD),
+                  token_factor=2.0, target=("vocabulary", None)), ("vocabulary", "saturation_earlier") + LOAD),
     Planted(World("copy_5%", "layer 4 copies layer 3's experts for 5% of tokens", doc_sd=0.5, copy_rate=0.05,
                   target=("corr_layer_pairs", (3, 4))), CORRELATION),
     Planted(World("coupled_pair", "expert 0 at layer 5 brings expert 0 at layer 9 for 30% of its tokens", doc_sd=0.5,
@@ -60,6 +61,8 @@ PLANTED = (
                   target=("dominant_experts", (2, 0))), LOAD),
     Planted(World("dead", "expert 1 of layer 3 is never chosen", doc_sd=0.5, dead=True,
                   target=("dead_experts", (3, 1))), LOAD),
+    Planted(World("saturation_5%", "the early checkpoint already has the final experts for 5% of tokens", doc_sd=0.5,
+                  saturation=0.05, target=("saturation_earlier", 0)), ("saturation_earlier",)),
 )
 
 

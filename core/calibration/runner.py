@@ -19,13 +19,15 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from core.analysis.resampling import Estimate
-from core.calibration.worlds import Shape, World, simulate
+from core.analysis.streaming import Pick
+from core.calibration.worlds import Shape, World, simulate_checkpoints
 from core.pipeline.context import RunContext
 from core.pipeline.options import make_options
 from core.pipeline.spec import decisions_of, registered
@@ -71,20 +73,27 @@ def frequent_ids(rd: RoutingData, n: int = 1024) -> list[int]:
 def _specs(only: Iterable[str] | None) -> list:
     """The registered "pass" analyses with verdicts (all, or those named in ``only``)."""
     keep = None if only is None else set(only)
-    return [s for s in registered() if s.stage == "pass" and not s.all_checkpoints and (s.decisions or s.estimates)
+    return [s for s in registered() if s.stage == "pass" and (s.decisions or s.estimates)
             and (keep is None or s.name in keep)]
+
+
+CHECKPOINTS = SimpleNamespace(checkpoints=[SimpleNamespace(name="early", step=1), SimpleNamespace(name="final", step=2)])
 
 
 def run_once(world: World, shape: Shape, seed: int, resamples: int = 200, only: Iterable[str] | None = None
              ) -> dict[str, tuple[str, Outcome]]:
-    """Every registered verdict (or those of the analyses ``only``) on one draw of ``world``: {key: (analysis, outcome)}."""
-    rd = simulate(world, shape, seed)
-    ctx = RunContext(make_options(resamples=resamples, seed=seed), None, None, {}, token_ids=frequent_ids(rd))
-    specs = _specs(only)
-    accs = {s.name: s.build(ctx) for s in specs}
-    for chunk in chunks(rd):
+    """Every registered verdict (or those of the analyses ``only``) on one draw of ``world``: {key: (analysis, outcome)}.
+
+    As in the run: analyses over training get the early and the final checkpoint side by side,
+    the others the final one.
+    """
+    early, final = simulate_checkpoints(world, shape, seed)
+    ctx = RunContext(make_options(resamples=resamples, seed=seed), None, CHECKPOINTS, {}, token_ids=frequent_ids(final))
+    specs = [s for s in _specs(only) if not (s.skip and s.skip(ctx))]
+    accs = {s.name: s.build(ctx) if s.all_checkpoints else Pick(s.build(ctx)) for s in specs}
+    for item in zip(chunks(early), chunks(final)):
         for acc in accs.values():
-            acc.update(chunk)
+            acc.update(list(item))
     out: dict[str, tuple[str, Outcome]] = {}
     for s in specs:
         out.update({k: (s.name, outcome(v)) for k, v in decisions_of(s, accs[s.name].result()).items()})

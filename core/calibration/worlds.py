@@ -57,6 +57,7 @@ class World:
     dead: bool = False  # expert (layer 3, expert 1) never chosen
     copy_rate: float = 0.0  # layer 4 copies layer 3's choice for this share of tokens
     couple_rate: float = 0.0  # expert 0 at layer 5 brings expert 0 at layer 9 for this share of its tokens
+    saturation: float = 0.0  # the early checkpoint already has the final experts for this share of tokens
     target: tuple[str, object] | None = None
     seeds_note: str = field(default="", compare=False)
 
@@ -170,16 +171,37 @@ def _fixed(world: World) -> np.random.Generator:
 
 def simulate(world: World, base: Shape, seed: int) -> RoutingData:
     """One draw of the world (its documents, their offsets and tokens; its topics are fixed): routing with labels."""
+    return simulate_checkpoints(world, base, seed)[-1]
+
+
+def simulate_checkpoints(world: World, base: Shape, seed: int) -> list[RoutingData]:
+    """The same tokens at an early checkpoint and the final one.
+
+    The early routing is a second draw from the same logits (documents route alike at both), so
+    its overlap with the final experts is what a random token of the document gives, unless the
+    world plants ``saturation``: that share of tokens already has its final experts.
+    """
     shape = world.shape(base)
     rng = np.random.default_rng([seed, zlib.crc32(world.name.encode())])
     lab = _labels(world, shape, rng, _fixed(world))
-    idx = _topk(_logits(world, shape, lab, rng, _fixed(world)), shape.top_k, rng)
-    if world.stickiness:
-        _stick(idx, lab, world.stickiness, rng)
-    if world.copy_rate:
-        _copy_layer(idx, world.copy_rate, rng)
-    if world.couple_rate:
-        _couple(idx, world.couple_rate, rng)
+    logits = _logits(world, shape, lab, rng, _fixed(world))
+    out = []
+    for c in range(2):
+        idx = _topk(logits, shape.top_k, rng)
+        if world.stickiness:
+            _stick(idx, lab, world.stickiness, rng)
+        if world.copy_rate:
+            _copy_layer(idx, world.copy_rate, rng)
+        if world.couple_rate:
+            _couple(idx, world.couple_rate, rng)
+        out.append(idx)
+    if world.saturation:
+        keep = rng.random(len(out[0])) < world.saturation
+        out[0][keep] = out[1][keep]
+    return [_routing(idx, lab, shape) for idx in out]
+
+
+def _routing(idx: np.ndarray, lab: dict[str, np.ndarray], shape: Shape) -> RoutingData:
     n = len(idx)
     return RoutingData(
         moe_layers=list(range(shape.layers)), num_experts=shape.experts, top_k=shape.top_k,

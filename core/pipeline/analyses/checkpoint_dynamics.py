@@ -13,7 +13,7 @@ from core.analysis.checkpoint_dynamics import (
     router_weight_drift,
 )
 from core.pipeline.analyses.router_weights import no_weights
-from core.pipeline.findings_text import count_of, est_of, pct, quote
+from core.pipeline.findings_text import est_of, flagged, pct, quote
 from core.pipeline.spec import AnalysisSpec, Finding, register
 from viz import plotting as P
 from viz.run_report import ReportPage, estimate_figure
@@ -25,6 +25,11 @@ def _one_checkpoint(ctx: Any) -> str | None:
     return ONE_CHECKPOINT if len(ctx.sweep.checkpoints) == 1 else None
 
 
+def _earlier(est: Any) -> Any:
+    """The checkpoints before the final one (the final one's overlap with itself is 100%: not a finding)."""
+    return None if est is None else est.at(slice(0, -1))
+
+
 def saturation(dyn: Any, k: int) -> str:
     """How early the routing settles: the first checkpoint against chance, and the step it is halfway to final."""
     sat = np.nanmean(dyn.saturation, axis=1)
@@ -32,7 +37,7 @@ def saturation(dyn: Any, k: int) -> str:
     if est is not None:
         first = quote(est.at(0), pct, "")
         chance0 = float(np.asarray(est.null)[0])
-        first += f"; {count_of(est.at(slice(0, -1)))} earlier checkpoints beyond chance"
+        first += f"; {flagged(_earlier(est), 'earlier checkpoints', 'beyond chance')}"
     else:
         first, chance0 = pct(sat[0]), k / dyn.utilization.shape[-1]
     mid = chance0 + (1 - chance0) / 2
@@ -100,6 +105,7 @@ register(AnalysisSpec(
     "checkpoint_dynamics", "pass", order=60, lead=50, all_checkpoints=True, build=_build, skip=_one_checkpoint,
     headline=lambda dyn, record: {"saturation": {str(s): round(float(np.nanmean(v)), 4) for s, v in zip(dyn.steps, dyn.saturation)}},
     estimates=lambda dyn: {"saturation": est_of(dyn, "saturation_mean")},
+    decisions=lambda dyn: {"saturation_earlier": _earlier(est_of(dyn, "saturation_mean"))},
     findings=lambda dyn, record: [Finding("checkpoint_dynamics", saturation(dyn, record.model["top_k"]), ("saturation_vs_chance",),
                                           est_of(dyn, "saturation_mean"))],
     report=lambda dyn, record, page: _dynamics_section(record.results, page),
