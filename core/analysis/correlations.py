@@ -296,16 +296,17 @@ class CorrelationAccumulator(RoutingAccumulator):
         upper = np.triu(np.ones((L, L), bool), 1)
         out = {"layer_mean_abs": _described(mean, loo, null, None, None)}
         if link is not None:
-            u, u_loo = link
+            u, u_loo, df = link
             est = jackknife_paired_estimate(np.where(upper, u, np.nan), np.zeros((L, L)), u_loo, np.zeros_like(u_loo),
-                                            LINK_NULL, alternative="greater")
+                                            LINK_NULL, alternative="greater", df=df)
             out["layer_link"] = replace(est, value=u)
             out["layer_mean_abs"] = _described(mean, loo, null, est.p_value, est.p_adjusted, est.family)
         if L > 1:
             for key, pick in (("adjacent", 0), ("non_adjacent", 1)):
                 v = adjacent_and_far(mean)[pick]
                 if np.isfinite(v):
-                    p = jackknife_t_p(adjacent_and_far(link[0])[pick], adjacent_and_far(link[1])[pick]) if link else None
+                    p = (jackknife_t_p(adjacent_and_far(link[0])[pick], adjacent_and_far(link[1])[pick], df=link[2])
+                         if link else None)
                     out[key] = _described(v, adjacent_and_far(loo)[pick], adjacent_and_far(null)[pick], p, None)
         return {k: no_verdict(e, why) for k, e in out.items()} if why else out
 

@@ -145,13 +145,14 @@ def jackknife_weights(used: np.ndarray) -> np.ndarray:
 
 
 def jackknife_interval(value: np.ndarray, leave_one_out: np.ndarray, level: float = LEVEL,
-                       bounds: tuple[float, float] = (-np.inf, np.inf)) -> tuple[np.ndarray, np.ndarray]:
+                       bounds: tuple[float, float] = (-np.inf, np.inf), df: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """value ± t · jackknife standard error, from the statistic with each unit left out once.
 
     For statistics that noise pushes up (a maximum over experts, |r|, a divergence), a bootstrap
     that draws documents twice adds noise and so shifts every draw up: its percentile interval
     can miss the value itself. Leaving one block out does not duplicate anything. The normal
-    interval can pass the statistic's own range (a share over 100%): ``bounds`` clips it.
+    interval can pass the statistic's own range (a share over 100%): ``bounds`` clips it. ``df``:
+    Student's degrees of freedom where they are not n - 1 (a statistic split over halves of the blocks).
     """
     from scipy.special import stdtrit  # Student t quantile (scipy.stats is slow to import)
 
@@ -163,7 +164,7 @@ def jackknife_interval(value: np.ndarray, leave_one_out: np.ndarray, level: floa
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         se = np.sqrt((n - 1) / n * np.nansum((loo - np.nanmean(loo, 0)) ** 2, 0))
-    half = stdtrit(n - 1, 1 - (1 - level) / 2) * se
+    half = stdtrit(n - 1 if df is None else df, 1 - (1 - level) / 2) * se
     return np.clip(np.asarray(value) - half, *bounds), np.clip(np.asarray(value) + half, *bounds)
 
 
@@ -326,7 +327,7 @@ def holm(p: np.ndarray) -> np.ndarray:
 
 
 def jackknife_t_p(value: np.ndarray, leave_one_out: np.ndarray, null: np.ndarray | float = 0.0,
-                  alternative: str = "greater") -> np.ndarray:
+                  alternative: str = "greater", df: int | None = None) -> np.ndarray:
     """One-sided p of ``value - null`` by its jackknife standard error over document blocks, Student t with n - 1 df.
 
     For a difference whose expectation under the null is known for every document (a
@@ -345,7 +346,7 @@ def jackknife_t_p(value: np.ndarray, leave_one_out: np.ndarray, null: np.ndarray
         warnings.simplefilter("ignore", RuntimeWarning)
         se = np.sqrt((n - 1) / n * np.nansum((loo - np.nanmean(loo, 0)) ** 2, 0))
         t = np.where(se > 0, sign * diff / se, np.where(sign * diff > 1e-12, np.inf, 0.0))
-        return np.where(np.isfinite(diff), stdtr(n - 1, -t), np.nan)
+        return np.where(np.isfinite(diff), stdtr(n - 1 if df is None else df, -t), np.nan)
 
 
 # ---------------------------------------------------------------------------- what a finding quotes
@@ -483,7 +484,7 @@ def permutation_estimate(value: np.ndarray, draws: np.ndarray | tuple[np.ndarray
 
 def jackknife_paired_estimate(value: np.ndarray, null: np.ndarray, value_loo: np.ndarray, null_loo: np.ndarray,
                               null_name: str, bounds: tuple[float, float] = (-np.inf, np.inf),
-                              alternative: str = "greater", correct: bool = True) -> Estimate:
+                              alternative: str = "greater", correct: bool = True, df: int | None = None) -> Estimate:
     """A value against a null computed from the same documents (an exact within-document expectation).
 
     Both are recomputed with each document block left out (``*_loo [n, ...]``); the interval of the
@@ -492,10 +493,10 @@ def jackknife_paired_estimate(value: np.ndarray, null: np.ndarray, value_loo: np
     bootstrap of the difference covered too little at few documents (docs/CALIBRATION.md).
     """
     value, null = np.asarray(value, np.float64), np.asarray(null, np.float64)
-    lo, hi = jackknife_interval(value, value_loo, bounds=bounds)
-    nlo, nhi = jackknife_interval(null, null_loo, bounds=bounds)
-    dlo, dhi = jackknife_interval(value - null, np.asarray(value_loo) - np.asarray(null_loo))
-    p = jackknife_t_p(value - null, np.asarray(value_loo) - np.asarray(null_loo), 0.0, alternative)
+    lo, hi = jackknife_interval(value, value_loo, bounds=bounds, df=df)
+    nlo, nhi = jackknife_interval(null, null_loo, bounds=bounds, df=df)
+    dlo, dhi = jackknife_interval(value - null, np.asarray(value_loo) - np.asarray(null_loo), df=df)
+    p = jackknife_t_p(value - null, np.asarray(value_loo) - np.asarray(null_loo), 0.0, alternative, df)
     est = Estimate(value, lo, hi, null, nlo, nhi, null_name, len(value_loo), dlo, dhi, p)
     return est.corrected() if correct else est
 
