@@ -40,11 +40,23 @@ def test_every_verdict_of_every_registered_analysis_is_calibrated(table):
 
 
 def test_null_worlds_hold_the_false_positive_rate(table):
-    nulls = table[table.role == "null"]
+    """Pooled over the null worlds, each verdict's flags are what a 7% element rate and a 10% run rate allow (binomial 99.9%).
+
+    8 draws per world are few for a one-element verdict, so the bound is a binomial quantile:
+    tight for verdicts with many elements, loose (but far below "always") for one-element ones.
+    """
+    from scipy.stats import binom
+
+    nulls = table[(table.role == "null") & (table.tested > 0)]
     assert len(nulls) >= 40
-    assert nulls.element_rate.max() <= 0.10, nulls.sort_values("element_rate").tail(3).to_string()
-    assert nulls.any_rate.max() <= 0.25, nulls.sort_values("any_rate").tail(3).to_string()
-    assert nulls.element_rate.mean() <= 0.02
+    by = nulls.groupby("verdict")
+    flagged = by.apply(lambda g: float((g.element_rate * g.tested * g.runs).sum()))
+    tested = by.apply(lambda g: float((g.tested * g.runs).sum()))
+    runs_flagging = by.apply(lambda g: float((g.any_rate * g.runs).sum()))
+    runs = by.runs.sum()
+    assert (flagged <= binom.ppf(0.999, tested.round().astype(int), 0.07) + 1e-9).all(), (flagged / tested).to_string()
+    assert (runs_flagging <= binom.ppf(0.999, runs, 0.10) + 1e-9).all(), (runs_flagging / runs).to_string()
+    assert float(flagged.sum() / tested.sum()) <= 0.02
 
 
 def test_few_documents_give_no_verdict_rather_than_false_ones(table):
