@@ -26,9 +26,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from core.analysis.resampling import (Estimate, WholeDocuments, block_of, document_keys, jackknife_interval,
-                                      jackknife_weights, no_verdict, permutation_estimate, shuffle_within_documents,
-                                      too_few_documents)
+from core.analysis.resampling import (Estimate, WholeDocuments, block_of, document_keys, holm, jackknife_interval,
+                                      jackknife_weights, no_verdict, null_p_value, permutation_estimate,
+                                      shuffle_within_documents, too_few_documents)
 from core.analysis.results import ResultMixin
 from core.analysis.streaming import RoutingAccumulator, fold_one
 from core.analysis.features import selection_np
@@ -37,6 +37,7 @@ from core.routing_data import RoutingData
 NULL_NAME = "token ids shuffled within each document"
 BLOCKS = 32  # document blocks for the interval (the counts are kept once per block; 8 documents fill 6 or more)
 MAX_TOKEN_IDS = 1024
+TOKEN_MIN_COUNT = 100  # occurrences for a token id to be tested on its own
 
 
 @dataclass
@@ -65,6 +66,15 @@ class VocabularySpecialization(ResultMixin):
     estimate: Estimate | None
     tracked_token_ids: int = 0  # how many ids had counts kept
     untracked_frequent_ids: int = 0  # ids seen >= min_count times that were not tracked (left out of the mean)
+    token_tested: np.ndarray | None = None  # [T'] rows of token_ids seen TOKEN_MIN_COUNT+ times: each tested on its own
+    token_expert_p_adjusted: np.ndarray | None = None  # [T', L, E] Holm over every (id, layer, expert) tested
+
+    @property
+    def token_flags(self) -> np.ndarray | None:
+        """``[T', L]``: which tested token ids prefer some expert beyond chance at each layer (None: not tested)."""
+        if self.token_expert_p_adjusted is None:
+            return None
+        return (np.asarray(self.token_expert_p_adjusted, np.float64) < 0.05).any(-1)
 
 
 def _scatter(dst: np.ndarray, index: np.ndarray, weights: np.ndarray) -> None:
@@ -215,8 +225,26 @@ class VocabularyAccumulator(RoutingAccumulator):
             if why := too_few_documents(self.occ.sum(1) > 0):
                 est = no_verdict(est, why)
             null_mean = null.mean(0)
+            if not est.why_none:
+                extra["token_tested"], extra["token_expert_p_adjusted"] = self._token_tests(keep, occ, dense)
         return VocabularySpecialization(layers, E, k, self.min_count, self.ids[keep], occ, pref, conc, conc.mean(0),
                                         null_mean, k / E, self.permutations, est, **extra)
+
+    def _token_tests(self, keep: np.ndarray, occ: np.ndarray, dense: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Each token id seen TOKEN_MIN_COUNT+ times: its share at every (layer, expert) against its own shuffles.
+
+        The mean over ids answers "do ids stick to experts"; one id that goes to one expert twice as
+        often is lost in a mean over a thousand. Each share is a count of ~100+ tokens, close to
+        normal, so its shuffled draws give a t prediction p (``null_p_value``); Holm over every
+        (id, layer, expert) tested.
+        """
+        tested = np.nonzero(occ >= TOKEN_MIN_COUNT)[0]
+        if not len(tested):
+            return tested, np.zeros((0,) + dense.shape[1:])
+        n = occ[tested][:, None, None].astype(np.float64)
+        obs = dense[tested] / n
+        null = self.null[:, keep[tested]].reshape((self.permutations, len(tested)) + dense.shape[1:]) / n[None]
+        return tested, holm(null_p_value(obs, null, "greater"))
 
     def _replicates(self, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Mean concentration on all document blocks and with each block left out once, over the kept token ids."""

@@ -11,7 +11,7 @@ import pandas as pd
 from core.analysis.consistency import ConsistencyAccumulator
 from core.analysis.resampling import MIN_DOCUMENTS
 from core.analysis.specialization import DomainSpecializationAccumulator
-from core.analysis.vocabulary import VocabularyAccumulator
+from core.analysis.vocabulary import TOKEN_MIN_COUNT, VocabularyAccumulator
 from core.pipeline.findings_text import count_of, est_of, f3, flagged, pct, quote, strongest
 from core.pipeline.spec import AnalysisSpec, Finding, register
 from viz import matrix_views as V
@@ -78,7 +78,16 @@ def vocabulary(voc: Any) -> str:
     li = strongest(est)
     return (f"Vocabulary ({len(voc.token_ids)} token ids seen {voc.min_count}+ times; chance: ids shuffled within each document): "
             f"a token id's share at its top expert is furthest above chance at layer {voc.moe_layers[li]}, "
-            f"{quote(est.at(li), pct, '')}; {flagged(est, 'layers', 'beyond chance')}.")
+            f"{quote(est.at(li), pct, '')}; {flagged(est, 'layers', 'beyond chance')}" + _tokens(voc) + ".")
+
+
+def _tokens(voc: Any) -> str:
+    """How many frequent token ids prefer an expert beyond chance, each tested on its own."""
+    flags = getattr(voc, "token_flags", None)
+    if flags is None or not len(flags):
+        return ""
+    return (f"; {int(flags.any(1).sum())} of {len(flags)} ids seen {TOKEN_MIN_COUNT}+ times prefer an expert beyond "
+            "chance (Holm over ids, layers, experts)")
 
 
 def _specialization_section(r: Mapping[str, Any], page: ReportPage, decode: Callable[[int], str] | None) -> None:
@@ -201,6 +210,7 @@ register(AnalysisSpec(
     build=lambda ctx: VocabularyAccumulator(min_count=5 if ctx.micro else 20, permutations=20 if ctx.resamples else 0,
                                             seed=ctx.seed, token_ids=ctx.frequent_ids),
     estimates=lambda voc: {"vocabulary": voc.estimate},
+    decisions=lambda voc: {"vocabulary": voc.estimate, "vocabulary_tokens": voc.token_flags},
     findings=_findings("vocabulary_specialization", vocabulary, ("vocabulary_specialization",)),
     wandb_tables=_vocabulary_table,
     notes="how much a token id sticks to one expert beyond its domain (drawn in the specialization section)",
