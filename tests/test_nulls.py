@@ -352,3 +352,21 @@ def test_whole_document_shuffles_do_not_depend_on_where_chunks_end():
     assert any(v[0] != list(range(17)) for v in one.values())  # it does shuffle
     assert shuffled_docs([0, 5, 6, 40, 100, 101, rd.num_tokens]) == one
     assert shuffled_docs(list(range(0, rd.num_tokens, 7)) + [rd.num_tokens]) == one
+
+
+def test_one_token_id_toward_one_expert_is_found_on_its_own_and_topical_vocabulary_is_not():
+    """The mean over ids dilutes one id's preference; each frequent id's own test (Holm over ids x layers x experts) finds it."""
+    from core.analysis.streaming import fold_one
+    from core.analysis.vocabulary import VocabularyAccumulator
+    from core.calibration.runner import frequent_ids
+    from core.calibration.worlds import Shape, World, simulate
+
+    shape = Shape(layers=3, experts=16, top_k=2, docs=40, doc_len=200, vocab=500)
+    planted = simulate(World("token", "", topics=4, token_factor=2.0), shape, 0)
+    topical = simulate(World("topics", "", topics=4), shape, 0)
+    out = {name: fold_one(rd, VocabularyAccumulator(permutations=20, token_ids=frequent_ids(rd)))
+           for name, rd in (("planted", planted), ("topical", topical))}
+    p = out["planted"]
+    assert int(p.token_ids[p.token_tested[0]]) == 0 and p.token_flags[0].all()  # id 0, at every layer
+    assert p.token_expert_p_adjusted[0, :, 0].max() < 0.05 and p.token_flags[1:].sum() <= 1
+    assert len(out["topical"].token_tested) >= 5 and not out["topical"].token_flags.any()
