@@ -76,9 +76,10 @@ def vocabulary(voc: Any) -> str:
     if est is None or not len(voc.token_ids):
         return ""
     li = strongest(est)
-    return (f"Vocabulary ({len(voc.token_ids)} token ids seen {voc.min_count}+ times; chance: ids shuffled within each document): "
-            f"a token id's share at its top expert is furthest above chance at layer {voc.moe_layers[li]}, "
-            f"{quote(est.at(li), pct, '')}; {flagged(est, 'layers', 'beyond chance')}" + _tokens(voc) + ".")
+    return (f"Vocabulary ({len(voc.token_ids)} ids seen {voc.min_count}+ times; chance: ids shuffled within documents; "
+            f"Holm, ≈ 0.05 false per run): an id's share at its top expert is furthest above chance at layer "
+            f"{voc.moe_layers[li]}, {quote(est.at(li), pct, '')}; {flagged(est, 'layers', 'beyond it', correction=False)}"
+            + _tokens(voc) + ".")
 
 
 def _tokens(voc: Any) -> str:
@@ -86,8 +87,7 @@ def _tokens(voc: Any) -> str:
     flags = getattr(voc, "token_flags", None)
     if flags is None or not len(flags):
         return ""
-    return (f"; {int(flags.any(1).sum())} of {len(flags)} ids seen {TOKEN_MIN_COUNT}+ times prefer an expert beyond "
-            "chance (Holm over ids, layers, experts)")
+    return f"; {int(flags.any(1).sum())} of {len(flags)} ids seen {TOKEN_MIN_COUNT}+ times prefer an expert on their own"
 
 
 def _specialization_section(r: Mapping[str, Any], page: ReportPage, decode: Callable[[int], str] | None) -> None:
