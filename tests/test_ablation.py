@@ -109,13 +109,17 @@ def test_ablation_study_reports_per_domain_deltas():
     want = [ablated[rows].nanmean().item() - plain[rows].nanmean().item() for rows in ([0, 2], [1, 3])]
     np.testing.assert_allclose(res.delta[1], want, rtol=1e-5, atol=1e-6)
     assert np.abs(res.delta[1]).max() > 1e-4  # the used expert matters
-    est = res.estimate  # intervals over documents: the never-selected expert is exactly "no change"
+    est = res.estimate  # two documents per domain: the changes, but no interval or verdict over documents
     np.testing.assert_allclose(est.value, res.delta, atol=1e-12)
-    assert not est.distinguishable[0].any() and est.low[0].tolist() == [0.0, 0.0]
+    assert np.isnan(est.low).all() and not est.distinguishable.any()
+    assert sum("fewer than 6 document blocks" in n for n in res.notes) == 1 and "math, code" in res.notes[-1]
+    rows = torch.randint(3, VOCAB, (24, 10), generator=torch.Generator().manual_seed(3))  # 12 documents per domain
+    dom = torch.arange(24)[:, None].remainder(2).expand_as(rows).clone()
+    many = replace(tok, input_ids=rows, attention_mask=torch.ones_like(rows), doc_ids=torch.arange(24)[:, None].expand_as(rows).clone(),
+                   positions=torch.arange(10).expand_as(rows).clone(), domain_ids=dom, dataset_ids=dom.clone())
+    res = ablation_study(w, many, [{1: [3]}, {1: [used]}], batch_size=8, progress=False)
+    est = res.estimate  # intervals over documents: the never-selected expert is exactly "no change"
+    assert not est.distinguishable[0].any() and est.low[0].tolist() == [0.0, 0.0] and est.family == 4
     assert (est.low[1] <= res.delta[1] + 1e-9).all() and (res.delta[1] <= est.high[1] + 1e-9).all()
-    one_doc = ablation_study(w, replace(tok, doc_ids=domain.clone()), [{1: [used]}], batch_size=3, progress=False)
-    np.testing.assert_allclose(one_doc.delta, res.delta[1:], atol=1e-12)  # one document per domain: the same changes,
-    assert np.isnan(one_doc.estimate.low).all() and not one_doc.estimate.distinguishable.any()  # but nothing to resample
-    assert sum("one document block" in n for n in one_doc.notes) == 1 and "math, code" in one_doc.notes[-1]
     targets, labels = most_and_least_used_experts(np.array([[0.5, 0.1, 0.4], [0.2, 0.3, 0.5]]), [1, 2])
     assert targets == [{1: [0]}, {1: [1]}, {2: [2]}, {2: [0]}] and "most used" in labels[0] and "least used" in labels[1]

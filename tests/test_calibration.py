@@ -122,5 +122,16 @@ def test_a_shift_keeps_each_document_and_its_runs():
 
 
 def test_decisions_default_to_the_estimates():
-    spec = next(s for s in registered() if s.name == "vocabulary_specialization")
-    assert spec.decisions is None and set(decisions_of(spec, type("R", (), {"estimate": None})())) == set()
+    spec = next(s for s in registered() if s.name == "routing_consistency")
+    assert spec.decisions is None and decisions_of(spec, type("R", (), {"estimates": {}})()) == {}
+
+
+def test_weight_and_loss_verdicts_are_calibrated_through_their_registered_analyses():
+    from core.calibration.losses import calibrate_losses
+    from core.calibration.weights import calibrate_routers
+
+    routers = calibrate_routers(32, range(4), num_null=20).set_index("world")
+    assert routers.loc["anisotropic_routers", "any_rate"] <= 0.25 and routers.loc["corresponding_routers", "power"] == 1.0
+    losses = calibrate_losses(range(6)).set_index("world")
+    assert losses.loc["loss_null", "element_rate"] <= 0.05 and losses.loc["loss_shift", "power"] >= 0.8
+    assert losses.loc["loss_null_few", "tested"] < 24  # 6 documents in 64 blocks: some domains get no verdict

@@ -39,30 +39,44 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _split_worlds(given: str | None) -> tuple[list, list[str], list[str]]:
+    """The routing worlds, router-weight worlds and loss worlds named in ``--worlds`` (all of each kind by default)."""
+    from core.calibration.catalogue import worlds
+    from core.calibration.losses import LOSS_WORLDS
+    from core.calibration.weights import ROUTER_WORLDS
+
+    names = given.split(",") if given else None
+    weight_names = [w.name for w in ROUTER_WORLDS if names is None or w.name in names]
+    loss_names = [w.name for w in LOSS_WORLDS if names is None or w.name in names]
+    try:
+        chosen = worlds(None if names is None else [n for n in names if n not in weight_names + loss_names])
+    except ValueError as e:
+        _parser().error(f"{e}; router worlds: {', '.join(w.name for w in ROUTER_WORLDS)}; "
+                        f"loss worlds: {', '.join(w.name for w in LOSS_WORLDS)}")
+    return chosen, weight_names, loss_names
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     import pandas as pd
 
-    from core.calibration.catalogue import worlds
+    from core.calibration.losses import calibrate_losses
     from core.calibration.runner import calibrate
     from core.calibration.table import markdown, passes, summary
-    from core.calibration.weights import ROUTER_WORLDS, calibrate_routers
+    from core.calibration.weights import calibrate_routers
     from core.calibration.worlds import Shape
 
     if min(args.seeds, args.layers, args.experts, args.top_k, args.docs, args.doc_len, args.jobs) < 1 or args.top_k > args.experts:
         _parser().error("every size must be >= 1 and --top-k at most --experts")
     if args.layers < 10:
         _parser().error("the planted worlds put effects at layers 1 to 9: --layers must be at least 10")
-    names = args.worlds.split(",") if args.worlds else None
-    weight_names = [w.name for w in ROUTER_WORLDS if names is None or w.name in names]
-    try:
-        chosen = worlds(None if names is None else [n for n in names if n not in weight_names])
-    except ValueError as e:
-        _parser().error(f"{e}; router worlds: {', '.join(w.name for w in ROUTER_WORLDS)}")
+    chosen, weight_names, loss_names = _split_worlds(args.worlds)
     shape = Shape(args.layers, args.experts, args.top_k, args.docs, args.doc_len)
     long = calibrate(chosen, shape, range(args.seeds), args.resamples, args.jobs, progress=not args.no_progress)
     if weight_names:
         long = pd.concat([long, calibrate_routers(args.experts, range(args.seeds), names=weight_names)], ignore_index=True)
+    if loss_names:
+        long = pd.concat([long, calibrate_losses(range(args.seeds), names=loss_names)], ignore_index=True)
     s = summary(long)
     for _, row in s.iterrows():
         print(f"{'ok  ' if passes(row) else 'FAIL'} {row['verdict']}: worst FPR per element {row['worst FPR per element']:.3f}"

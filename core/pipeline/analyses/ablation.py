@@ -75,6 +75,7 @@ register(AnalysisSpec(
     headline=lambda abl, record: {"ablation_delta_nats": {t: dict(zip(abl.domains, np.round(d, 4).tolist()))
                                                           for t, d in zip(abl.targets, abl.delta)}},
     estimates=lambda abl: {"ablation_delta": getattr(abl, "estimate", None)},
+    decisions=lambda abl: {"ablation_changes": getattr(abl, "estimate", None)},
     findings=lambda abl, record: [Finding("ablation", _ablation_text(abl), ("ablation",), getattr(abl, "estimate", None))],
     warnings=lambda abl, record: list(abl.notes),
     report=lambda abl, record, page: _ablation_section(record.results, page),
