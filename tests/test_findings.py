@@ -244,6 +244,6 @@ def test_a_change_from_one_document_per_domain_has_no_interval_and_no_verdict():
     pr.beats_random = np.zeros_like(pr.beats_random)
     res = dataclasses.replace(res, results={**res.results, "ablation": abl, "pruning": pr})
     found = {f.text.split(" ")[0]: f.text for f in findings(res)}
-    assert "(no interval: each domain's tokens are in one document block)" in found["Ablation"]
+    assert "(no interval: each domain's tokens are in too few document blocks)" in found["Ablation"]
     assert "95% CI" not in found["Pruning"] and "(no interval: too few documents)" in found["Pruning"]
     assert "No criterion beats random" in found["Pruning"]

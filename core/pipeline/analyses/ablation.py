@@ -26,11 +26,12 @@ def _ablation_text(abl: Any) -> str:
     single = all(sum(map(len, target.values())) == 1 for target in abl.target_experts)
     text = f"Ablation (loss change, nats per token; {T} {'single experts' if single else 'targets'} x {D} domains): "
     if ok:
-        text += f"{delta.size - int(dist.sum())} of {delta.size} changes are not distinguishable from no change; "
+        text += f"{delta.size - int(dist.sum())} of {delta.size} changes are not distinguishable from no change (Holm); "
     small = int(((size >= 0) & (size < 0.01)).sum())
     text += f"{small} of {delta.size} are under 0.01 nats. The largest is {abl.targets[t]} on {abl.domains[d]}, "
     if not ok:
-        why = "resampling off" if est is None or not est.resamples else "each domain's tokens are in one document block"
+        why = ("resampling off" if est is None or not est.resamples
+               else "each domain's tokens are in too few document blocks")
         return text + f"{nats(delta[t, d])} (no interval: {why})."
     return text + (f"{nats(delta[t, d])} (95% CI {span(est.low[t, d], est.high[t, d], nats)})"
                    + ("" if dist[t, d] else ", not distinguishable from no change") + ".")
