@@ -97,7 +97,7 @@ def held_out_link(W: np.ndarray, used: np.ndarray, L: int, E: int, m: int | None
     each direction's noise comes from one half only (with all blocks - 1 a pair's p under 0.001
     came 3x too often on i.i.d. routing; with the half's, at its rate).
 
-    ``V[a, b]``: the ``m`` expert pairs (default E / 4) most correlated within documents in one
+    ``V[a, b]``: the ``m`` expert pairs (default E / 8) most correlated within documents in one
     half of the documents, their signed correlation in the other half, averaged over both ways.
     Held-out documents see none of the noise that picked the pairs, so V is 0 without a link; one
     strongly coupled expert pair, or a copy of one layer by the next for 5% of tokens, stands out
@@ -107,7 +107,7 @@ def held_out_link(W: np.ndarray, used: np.ndarray, L: int, E: int, m: int | None
     parts = [used & (half == h) for h in (0, 1)]
     if min(int(p.sum()) for p in parts) < 2:
         return None
-    m = int(np.clip(m or E // 4, 1, E * E))
+    m = int(np.clip(m or E // 8, 1, E * E))
     tot = [W[p].sum(0) for p in parts]
     r = [_pairs(_corr(t), L, E) for t in tot]
     picks = [_select(x, m) for x in r]

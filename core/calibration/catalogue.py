@@ -45,6 +45,8 @@ NULL_WORLDS = (
 PLANTED = (
     Planted(World("domain_1.3x", "expert 0 of layer 1 takes 1.3x its share in domain 0", doc_sd=0.5, domain_factor=1.3,
                   target=("domain_top_ratio", 0)), DOMAIN + LOAD[:1]),
+    Planted(World("domain_1.3x_even_documents", "expert 0 of layer 1 takes 1.3x its share in domain 0; documents alike",
+                  domain_factor=1.3, target=("domain_top_ratio", 0)), DOMAIN + LOAD[:1]),
     Planted(World("domain_2x", "expert 0 of layer 1 takes 2x its share in domain 0", doc_sd=0.5, domain_factor=2.0,
                   target=("domain_top_ratio", 0)), DOMAIN + LOAD),
     Planted(World("sticky_0.02", "a token keeps the previous token's experts with chance 0.02", doc_sd=0.5,
