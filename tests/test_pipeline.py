@@ -156,7 +156,8 @@ def test_every_artifact_exists_and_is_well_formed(micro_run):
     for key in ("Domain specialization", "Cross-layer correlation", "Consecutive tokens", "Router saturation", "Ablation",
                 "Load balance", "Router–expert alignment"):
         text = next(f for f in first.findings if f.startswith(key))
-        assert "95% CI" in text or "95% range" in text, text
+        few = "(no interval: each domain's tokens are in too few document blocks)"  # the micro run scores few documents
+        assert "95% CI" in text or "95% range" in text or (key == "Ablation" and few in text), text
     for est in metrics["headline"]["estimates"].values():
         assert {"value", "low", "high", "null", "distinguishable"} <= set(est)
     assert "held-out" in metrics["model"]["training_data"] and "Data the model saw" in summary
