@@ -31,7 +31,7 @@ def summary(long: pd.DataFrame, few: tuple[str, ...] = ("few_documents_3",)) -> 
             "worst FPR per element": worst.element_rate if worst is not None else np.nan,
             "runs flagging any (worst)": nulls.any_rate.max() if len(nulls) else np.nan,
             "worst null world": worst.world if worst is not None else "",
-            "power": "; ".join(f"{w} {p:.0%}" for w, p in zip(power.world, power.power)),
+            "power": "; ".join(f"{w} {p:.0%}" for w, p in zip(power.world, power.get("power", []))),
             "coverage (min)": cov.min() if cov.notna().any() else np.nan,
         })
     return pd.DataFrame(rows)
@@ -55,7 +55,7 @@ def markdown(long: pd.DataFrame, command: str, about: str) -> str:
         s[col] = [f.format(v) if pd.notna(v) else "–" for v in s[col]]
     body = long.copy()
     for col in ("element_rate", "any_rate", "power", "coverage"):
-        if col in body:
+        if col in body:  # a run without planted worlds has no power column
             body[col] = [f"{v:.3f}" if pd.notna(v) else "–" for v in body[col]]
     body["tested"] = body["tested"].round(1)
     return (f"{about}\n\nReproduce: `{command}`\n\n## Every verdict against the bar\n\n{_md(s)}\n\n"

@@ -20,6 +20,8 @@ from pathlib import Path
 
 from core.paths import REPO_ROOT
 
+HAND_WRITTEN = "\n## How to read it"  # from this heading on, --out keeps what was there
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -89,7 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     if str(args.out) != "-":
         args.out.parent.mkdir(parents=True, exist_ok=True)
         tmp = args.out.with_name(args.out.name + f".tmp{os.getpid()}")
-        tmp.write_text(markdown(long, command.strip(), about))
+        kept = args.out.read_text() if args.out.exists() else ""  # the hand-written reading of the table stays
+        kept = kept[kept.index(HAND_WRITTEN):] if HAND_WRITTEN in kept else ""
+        tmp.write_text(markdown(long, command.strip(), about) + kept)
         os.replace(tmp, args.out)
     if args.csv:
         long.to_csv(args.csv, index=False)
