@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from core.analysis.resampling import holm, null_p_value, shift_within_documents
+from core.analysis.resampling import holm, null_p_value
+from core.analysis.shuffles import shift_within_documents
 from core.calibration.catalogue import worlds
 from core.calibration.runner import calibrate
 from core.calibration.table import markdown, passes, summary

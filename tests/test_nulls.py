@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from core.analysis.consistency import routing_consistency
-from core.analysis.resampling import (DocumentRuns, Estimate, block_of, bootstrap, paired_estimate,
-                                      permute_within)
+from core.analysis.resampling import DocumentRuns, Estimate, block_of, bootstrap, paired_estimate
+from core.analysis.shuffles import permute_within
 from tests.planted import planted
 
 
@@ -329,7 +329,8 @@ def test_jackknife_interval_stays_inside_the_statistics_range():
 
 def test_whole_document_shuffles_do_not_depend_on_where_chunks_end():
     """Documents cut anywhere come out whole; each is shuffled inside itself, the same way in any chunking."""
-    from core.analysis.resampling import WholeDocuments, document_keys, shuffle_within_documents
+    from core.analysis.resampling import document_keys
+    from core.analysis.shuffles import WholeDocuments, shuffle_within_documents
     from tests.planted import planted
 
     rd = planted(num_docs=9, doc_len=17, seed=3)

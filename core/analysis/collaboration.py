@@ -24,7 +24,7 @@ import torch
 from sklearn.decomposition import DictionaryLearning, MiniBatchDictionaryLearning
 from sklearn.exceptions import ConvergenceWarning
 
-from core.analysis.resampling import token_uniforms
+from core.analysis.shuffles import token_uniforms
 from core.analysis.results import ResultMixin
 from core.analysis.specialization import DomainSpecialization, DomainSpecializationAccumulator
 from core.analysis.streaming import RoutingAccumulator, as_chunks, chunk_seed, fold_one, group_ids, require

@@ -17,10 +17,10 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
-from core.analysis.layer_link import DocumentMeans, held_out_link
-from core.analysis.resampling import (DocumentRuns, Estimate, WholeDocuments, block_of, document_keys, jackknife_interval,
-                                      jackknife_paired_estimate, jackknife_t_p, no_verdict, shift_within_documents,
-                                      too_few_documents)
+from core.analysis.layer_link import DocumentMeans, corr_from_cov, held_out_link
+from core.analysis.resampling import (DocumentRuns, Estimate, block_of, document_keys, jackknife_interval,
+                                      jackknife_paired_estimate, jackknife_t_p, no_verdict, too_few_documents)
+from core.analysis.shuffles import WholeDocuments, shift_within_documents
 from core.analysis.results import ResultMixin
 from core.analysis.streaming import (
     GroupBy,
@@ -178,12 +178,7 @@ def _corr_from_moments(n: np.ndarray, s: np.ndarray, q: np.ndarray) -> np.ndarra
     """Pearson correlation from token count, sums and sums of products (leading batch axes allowed)."""
     mean = s / n[..., None]
     cov = q / n[..., None, None] - mean[..., :, None] * mean[..., None, :]
-    sd = np.sqrt(np.clip(np.diagonal(cov, axis1=-2, axis2=-1), 0, None))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        corr = cov / (sd[..., :, None] * sd[..., None, :])
-    bad = sd < 1e-12
-    corr = np.where(bad[..., :, None] | bad[..., None, :], np.nan, corr)
-    return np.clip(corr, -1.0, 1.0)
+    return np.clip(corr_from_cov(cov), -1.0, 1.0)
 
 
 def adjacent_and_far(layer_mean_abs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -61,7 +61,8 @@ class DocumentMeans:
         return q - self.B
 
 
-def _corr(cov: np.ndarray) -> np.ndarray:
+def corr_from_cov(cov: np.ndarray) -> np.ndarray:
+    """Pearson correlation from co-moments ``[..., F, F]`` (any scale); NaN where a feature never varies."""
     sd = np.sqrt(np.clip(np.diagonal(cov, axis1=-2, axis2=-1), 0, None))
     with np.errstate(divide="ignore", invalid="ignore"):
         r = cov / (sd[..., :, None] * sd[..., None, :])
@@ -109,12 +110,12 @@ def held_out_link(W: np.ndarray, used: np.ndarray, L: int, E: int, m: int | None
         return None
     m = int(np.clip(m or E // 8, 1, E * E))
     tot = [W[p].sum(0) for p in parts]
-    r = [_pairs(_corr(t), L, E) for t in tot]
+    r = [_pairs(corr_from_cov(t), L, E) for t in tot]
     picks = [_select(x, m) for x in r]
     value = lambda ra, rb: 0.5 * (_held_out(rb, *picks[0]) + _held_out(ra, *picks[1]))  # noqa: E731
     loo = []
     for b in np.nonzero(used)[0]:
         h = half[b]
-        rb = _pairs(_corr(tot[h] - W[b]), L, E)
+        rb = _pairs(corr_from_cov(tot[h] - W[b]), L, E)
         loo.append(value(rb, r[1]) if h == 0 else value(r[0], rb))
     return value(*r), np.stack(loo), min(int(p.sum()) for p in parts) - 1

@@ -12,8 +12,8 @@ import numpy as np
 import pandas as pd
 
 from core.analysis.resampling import (BlockSums, Estimate, block_of, document_keys, jackknife_interval,
-                                      jackknife_weights, no_verdict, permutation_estimate, permute_labels,
-                                      too_few_documents)
+                                      jackknife_weights, no_verdict, permutation_estimate, too_few_documents)
+from core.analysis.shuffles import permute_labels
 from core.analysis.results import ResultMixin
 from core.analysis.streaming import GroupBy, RoutingAccumulator, fold_one, group_ids
 from core.analysis.features import selection_np

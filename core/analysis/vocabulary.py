@@ -26,9 +26,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from core.analysis.resampling import (Estimate, WholeDocuments, block_of, document_keys, holm, jackknife_interval,
-                                      jackknife_weights, no_verdict, permutation_estimate, sum_by,
-                                      shuffle_within_documents, too_few_documents)
+from core.analysis.resampling import (Estimate, block_of, document_keys, holm, jackknife_interval, jackknife_weights,
+                                      no_verdict, permutation_estimate, sum_by, too_few_documents)
+from core.analysis.shuffles import WholeDocuments, shuffle_within_documents
 from core.analysis.results import ResultMixin
 from core.analysis.streaming import RoutingAccumulator, fold_one
 from core.analysis.features import selection_np

@@ -12,7 +12,7 @@ solved once per shape (:func:`boost_for`).
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 import numpy as np
@@ -59,7 +59,6 @@ class World:
     couple_rate: float = 0.0  # expert 0 at layer 5 brings expert 0 at layer 9 for this share of its tokens
     saturation: float = 0.0  # the early checkpoint already has the final experts for this share of tokens
     target: tuple[str, object] | None = None
-    seeds_note: str = field(default="", compare=False)
 
     @property
     def null(self) -> bool:
