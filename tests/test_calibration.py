@@ -136,3 +136,16 @@ def test_weight_and_loss_verdicts_are_calibrated_through_their_registered_analys
     losses = calibrate_losses(range(6)).set_index("world")
     assert losses.loc["loss_null", "element_rate"] <= 0.05 and losses.loc["loss_shift", "power"] >= 0.8
     assert losses.loc["loss_null_few", "tested"] < 24  # 6 documents in 64 blocks: some domains get no verdict
+
+
+def test_the_command_never_overwrites_a_file_it_did_not_write(tmp_path, capsys):
+    from core.commands.calibrate import main
+
+    mine = tmp_path / "notes.md"
+    mine.write_text("my notes\n")
+    with pytest.raises(SystemExit):
+        main(["--seeds", "1", "--worlds", "iid", "--out", str(mine)])
+    assert mine.read_text() == "my notes\n" and "was not written by exp/calibrate.py" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--seeds", "1", "--worlds", "iid", "--out", "-", "--csv", str(mine)])
+    assert mine.read_text() == "my notes\n"

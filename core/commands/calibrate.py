@@ -41,6 +41,22 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+TITLE = "# Calibration of every finding's verdict"
+CSV_HEADER = "world,verdict,role"
+
+
+def _check_outputs(out: Path, csv: Path | None) -> None:
+    """Before any work: never overwrite a file this command did not write (known by its first line)."""
+    for path, first in ((out, TITLE), (csv, CSV_HEADER)):
+        if path is None or str(path) == "-" or not path.exists():
+            continue
+        if path.is_dir():
+            _parser().error(f"{path} is a folder; give a file path")
+        with open(path, errors="replace") as f:
+            if not f.readline().startswith(first):
+                _parser().error(f"{path} exists and was not written by exp/calibrate.py; give another path")
+
+
 def _split_worlds(given: str | None) -> tuple[list, list[str], list[str]]:
     """The routing worlds, router-weight worlds and loss worlds named in ``--worlds`` (all of each kind by default)."""
     from core.calibration.catalogue import worlds
@@ -73,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.layers < 10:
         _parser().error("the planted worlds put effects at layers 1 to 9: --layers must be at least 10")
     chosen, weight_names, loss_names = _split_worlds(args.worlds)
+    _check_outputs(args.out, args.csv)
     shape = Shape(args.layers, args.experts, args.top_k, args.docs, args.doc_len)
     long = calibrate(chosen, shape, range(args.seeds), args.resamples, args.jobs, progress=not args.no_progress)
     if weight_names:
@@ -85,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
               f" ({row['worst null world']}), runs flagging any {row['runs flagging any (worst)']:.2f}, "
               f"power {row['power'] or '–'}, coverage {row['coverage (min)']:.3f}")
     command = "uv run exp/calibrate.py " + shlex.join(sys.argv[1:] if argv is None else argv)
-    about = (f"# Calibration of every finding's verdict\n\n{shape.layers} layers x {shape.experts} experts, top-{shape.top_k}, "
+    about = (f"{TITLE}\n\n{shape.layers} layers x {shape.experts} experts, top-{shape.top_k}, "
              f"{shape.docs} documents x {shape.doc_len} tokens unless a world says otherwise, {args.seeds} seeds per world, "
              f"{args.resamples} resamples. Written by `core/commands/calibrate.py`.")
     if str(args.out) != "-":
@@ -96,5 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         tmp.write_text(markdown(long, command.strip(), about) + kept)
         os.replace(tmp, args.out)
     if args.csv:
-        long.to_csv(args.csv, index=False)
+        tmp = args.csv.with_name(args.csv.name + f".tmp{os.getpid()}")
+        long.to_csv(tmp, index=False)
+        os.replace(tmp, args.csv)
     return 0 if all(passes(r) for _, r in s.iterrows()) else 1
