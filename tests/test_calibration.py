@@ -136,6 +136,9 @@ def test_weight_and_loss_verdicts_are_calibrated_through_their_registered_analys
     losses = calibrate_losses(range(6)).set_index("world")
     assert losses.loc["loss_null", "element_rate"] <= 0.05 and losses.loc["loss_shift", "power"] >= 0.8
     assert losses.loc["loss_null_few", "tested"] < 24  # 6 documents in 64 blocks: some domains get no verdict
+    # pruning: criteria that know nothing are not said to beat random; one that knows the costs is, in some runs
+    assert losses.loc["prune_null_spread", "any_rate"] <= 1 / 6 and losses.loc["prune_null_equal", "element_rate"] <= 0.05
+    assert losses.loc["prune_informed_0.5", "power"] > 0 and losses.loc["prune_null_spread", "tested"] == 6
 
 
 def test_the_command_never_overwrites_a_file_it_did_not_write(tmp_path, capsys):

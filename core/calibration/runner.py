@@ -45,6 +45,7 @@ class Outcome:
     value: np.ndarray | None = None
     low: np.ndarray | None = None
     high: np.ndarray | None = None
+    truth: np.ndarray | None = None  # the statistic's expectation in this run, where the world knows it (else: the mean over runs)
 
 
 def outcome(decision: Any) -> Outcome:
@@ -127,7 +128,7 @@ class Tally:
         return row
 
     def coverage(self) -> float:
-        """Share of finite 95% intervals that hold the mean over seeds of the value (NaN without intervals)."""
+        """Share of finite 95% intervals that hold the run's truth where known, else the mean over seeds of the value."""
         runs = [o for o in self.runs if o.low is not None]
         if len(runs) < 2:
             return np.nan
@@ -136,8 +137,9 @@ class Tally:
             truth = np.nanmean(np.stack([o.value for o in runs]), 0)
         hit, n = 0, 0
         for o in runs:
-            ok = np.isfinite(o.low) & np.isfinite(o.high) & np.isfinite(truth)
-            hit += int(((o.low <= truth + 1e-12) & (truth <= o.high + 1e-12) & ok).sum())
+            t = truth if o.truth is None else o.truth
+            ok = np.isfinite(o.low) & np.isfinite(o.high) & np.isfinite(t)
+            hit += int(((o.low <= t + 1e-12) & (t <= o.high + 1e-12) & ok).sum())
             n += int(ok.sum())
         return hit / n if n else np.nan
 

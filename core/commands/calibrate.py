@@ -60,17 +60,17 @@ def _check_outputs(out: Path, csv: Path | None) -> None:
 def _split_worlds(given: str | None) -> tuple[list, list[str], list[str]]:
     """The routing worlds, router-weight worlds and loss worlds named in ``--worlds`` (all of each kind by default)."""
     from core.calibration.catalogue import worlds
-    from core.calibration.losses import LOSS_WORLDS
+    from core.calibration.losses import loss_world_names
     from core.calibration.weights import ROUTER_WORLDS
 
     names = given.split(",") if given else None
     weight_names = [w.name for w in ROUTER_WORLDS if names is None or w.name in names]
-    loss_names = [w.name for w in LOSS_WORLDS if names is None or w.name in names]
+    loss_names = [n for n in loss_world_names() if names is None or n in names]
     try:
         chosen = worlds(None if names is None else [n for n in names if n not in weight_names + loss_names])
     except ValueError as e:
         _parser().error(f"{e}; router worlds: {', '.join(w.name for w in ROUTER_WORLDS)}; "
-                        f"loss worlds: {', '.join(w.name for w in LOSS_WORLDS)}")
+                        f"loss worlds: {', '.join(loss_world_names())}")
     return chosen, weight_names, loss_names
 
 

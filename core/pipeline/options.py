@@ -106,6 +106,7 @@ class AnalysisOptions:
     pruning: bool = opt(True, "the expert-pruning study (each criterion against random)")
     pruning_tokens: int = opt(1_500, "tokens per dataset for the pruning forward passes")
     pruning_fractions: list[float] = opt([0.125, 0.25, 0.5], "comma-separated shares of each layer's experts to prune")
+    pruning_random_seeds: int = opt(8, "random choices the pruning criteria are tested against (at least 3)")
     collaboration: bool = opt(True, "dictionary learning of experts that fire together")
     resamples: int = opt(200, "bootstrap resamples over documents behind every interval (0: no intervals or nulls)")
 
@@ -326,6 +327,9 @@ def validate(opts: RunOptions) -> None:
             raise OptionsError(f"{name.replace('_', '-')} must be a whole number of at least 1, not {value!r}")
     if opts.analysis.resamples < 0:
         raise OptionsError(f"resamples must be 0 or more, not {opts.analysis.resamples}")
+    if opts.analysis.pruning_random_seeds < 3:
+        raise OptionsError(f"pruning-random-seeds must be at least 3 (the test against random needs them), not "
+                           f"{opts.analysis.pruning_random_seeds}")
     fr = opts.analysis.pruning_fractions
     if not fr or not all(0 < f < 1 for f in fr):
         raise OptionsError(f"pruning-fractions must be shares between 0 and 1, not {fr!r}")

@@ -24,18 +24,22 @@ def _sentence(pr: Any) -> str:
     wins = [j for j in range(F) if np.asarray(pr.beats_random)[:, j].any()]
     j = wins[-1] if wins else F - 1
     c = min((i for i in range(len(pr.criteria)) if i != rnd), key=lambda i: pr.overall[i, j], default=rnd)
-    verdict = ("beats random" if pr.beats_random[c, j] else "worse than random beyond the intervals"
-               if pr.overall_low[c, j] > pr.overall_high[rnd, j] else "not distinguishable from random")  # also without intervals (NaN)
+    verdict = "beats random" if pr.beats_random[c, j] else "not shown to beat random"
     ci = lambda i: f"{nats(pr.overall[i, j])} " + (  # noqa: E731
         f"(95% CI {span(pr.overall_low[i, j], pr.overall_high[i, j], nats)})"
         if np.isfinite(pr.overall_low[i, j]) and np.isfinite(pr.overall_high[i, j]) else "(no interval: too few documents)")
     beats = [f"{names.get(n, n)} at {int(pr.beats_random[i].sum())}" for i, n in enumerate(pr.criteria)
              if i != rnd and pr.beats_random[i].any()]
+    est = pr.versus_random
+    holm = (f" (t test on the seeds, Holm over {est.family}: ≈ {est.expected_false:.2g} false per run)"
+            if est is not None and est.family > 1 else "")
+    if est is not None and not np.isfinite(np.asarray(est.p_value, float)).any():
+        holm = f" (no verdict: {est.why_none})"
     return (f"Pruning (loss change, nats per token; random: {len(pr.random_seed_overall)} seeds): pruning "
             f"{pr.fractions[j]:.1%} of each layer's experts ({pr.experts_pruned[j]} of {pr.num_experts}), the best criterion, "
             f"{names.get(pr.criteria[c], pr.criteria[c])}, costs {ci(c)} against random {ci(rnd)}: {verdict}. "
             + (f"Beats random, of {F} fractions: " + ", ".join(beats) if beats
-               else f"No criterion beats random at any of {F} fractions") + ".")
+               else f"No criterion beats random at any of {F} fractions") + holm + ".")
 
 
 def _pruning_section(r: Mapping[str, Any], page: ReportPage) -> None:
@@ -46,7 +50,8 @@ def _pruning_section(r: Mapping[str, Any], page: ReportPage) -> None:
     page.section("Expert pruning", "Every MoE layer loses the same share of its experts at once (routing renormalized "
                     "over the rest), chosen by each criterion: least router weight mass, least share in the collaboration "
                     "patterns, least used, least loss when ablated alone, or at random (several seeds: the baseline). "
-                    "A criterion beats random when its interval lies below every random seed's. " + " ".join(pr.notes))
+                    "A criterion beats random when its loss change is below what random choices give, tested as one more "
+                    "random draw (t test on the seeds, Holm over criteria and fractions). " + " ".join(pr.notes))
     page.figure("Expert pruning", "pruning", P.pruning_curves(pr.fractions, pr.criteria, pr.overall, pr.overall_low, pr.overall_high),
         pr.table(), caption="Token-weighted over domains, with 95% bands over documents; per-domain numbers in the table.")
 
@@ -62,6 +67,7 @@ def _compute(ctx: Any, results: Mapping[str, Any]) -> Any:
     out = pruning_study(ctx.wrapper, ctx.model_tokens(ctx.options.analysis.pruning_tokens),
                         pruning_scores(stats, results.get("collaboration")), list(stats.moe_layers),
                         fractions=ctx.options.analysis.pruning_fractions, causal=causal, batch_size=16, progress=ctx.progress,
+                        random_seeds=ctx.options.analysis.pruning_random_seeds,
                         resamples=ctx.resamples, seed=ctx.seed)
     if not causal:
         out.notes.append(f"causal criterion left out: it needs {L * E} single-expert ablations (more than {CAUSAL_MAX_PASSES})")
@@ -71,9 +77,10 @@ def _compute(ctx: Any, results: Mapping[str, Any]) -> Any:
 register(AnalysisSpec(
     "pruning", "after", order=90, lead=70, compute=_compute,
     skip=lambda ctx: None if ctx.options.analysis.pruning else "turned off (--no-pruning)",
+    decisions=lambda pr: {"pruning_vs_random": pr.versus_random},
     headline=lambda pr, record: {"pruning_best": {f"{f:g}": b for f, b in zip(pr.fractions, pr.best)}},
     findings=lambda pr, record: [Finding("pruning", _sentence(pr), ("pruning",))],
     report=lambda pr, record, page: _pruning_section(record.results, page),
     wandb_tables=lambda pr, record, decode: {"tables/pruning": pr.table()},
-    notes="pruning by router weight mass, collaboration share, usage or single-expert ablation, against random seeds",
+    notes="pruning by router weight mass, collaboration share, usage or single-expert ablation, against random seeds (t test on the seeds, Holm)",
 ))
