@@ -32,7 +32,8 @@ class MoESpec:
     names from ``model.named_modules()``; ``experts`` may instead be a name relative to the
     router's parent (default ``"experts"``). ``router_output_index`` picks the logits out of a
     router that returns a tuple. ``top_k``/``num_experts`` override what is read from modules
-    and config; ``score_fn`` is "softmax" or "sigmoid".
+    and config; ``score_fn`` is "softmax" or "sigmoid"; ``renormalize`` says whether the chosen experts'
+    weights are scaled to sum to one (read only where the experts module does not receive the weights).
     """
 
     router: str
@@ -41,6 +42,7 @@ class MoESpec:
     top_k: int | None = None
     num_experts: int | None = None
     score_fn: str | None = None
+    renormalize: bool | None = None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "MoESpec":
@@ -64,6 +66,9 @@ class MoELayerInfo:
     experts_weight_arg: int | str | None = None
     shared_experts: int = 0
     shared_paths: list[str] = field(default_factory=list)
+    # where the experts module does not receive the selection (JetMoE, Doge, Llama 4), the weights are rebuilt from
+    # the scores: True when the block scales the chosen experts' weights to sum to one (a softmax over the top-k)
+    renormalize: bool = False
 
 
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer|decoder_layers)\.(\d+)(?:\.|$)")
@@ -202,6 +207,31 @@ def _score_fn(router: nn.Module) -> str:
     return "sigmoid" if uses_sigmoid and not uses_softmax else "softmax"
 
 
+def _renormalizes(router: nn.Module, block: nn.Module | None, config: Any) -> bool:
+    """Whether the block scales the chosen experts' weights to sum to one.
+
+    Said by a ``norm_topk_prob`` the router, its block or the config holds, or by the router's code
+    taking its softmax after its top-k (JetMoE and Doge: a softmax over the k chosen scores, which
+    sums to one). transformers declares no field for the latter: the code is the only statement of it.
+    """
+    if _softmax_after_topk(router):
+        return True
+    for holder in (router, block):
+        flag = getattr(holder, "norm_topk_prob", None)
+        if isinstance(flag, bool):
+            return flag
+    return _config_get(config, "norm_topk_prob") is True
+
+
+def _softmax_after_topk(router: nn.Module) -> bool:
+    try:
+        src = inspect.getsource(type(router).forward)
+    except (OSError, TypeError):
+        return False
+    topk, softmax = src.find("topk("), src.rfind("softmax(")
+    return 0 <= topk < softmax
+
+
 def _shared_experts(named: dict[str, nn.Module], router_name: str, config: Any) -> tuple[int, list[str]]:
     parent = _parent_name(router_name)
     prefix = f"{parent}." if parent else ""
@@ -290,6 +320,10 @@ def _layer_info(named: dict[str, nn.Module], name: str, layer: int, out_index: i
         )
     idx_arg, w_arg = _selection_args(experts) if experts is not None else (None, None)
     n_shared, shared_paths = _shared_experts(named, name, config)
+    renormalize = False
+    if idx_arg is None:  # the weights are rebuilt from the scores: how the block scales them
+        declared = spec.renormalize if spec is not None else None
+        renormalize = declared if declared is not None else _renormalizes(router, named.get(_parent_name(name)), config)
     return MoELayerInfo(
         layer=layer,
         router_path=name,
@@ -303,6 +337,7 @@ def _layer_info(named: dict[str, nn.Module], name: str, layer: int, out_index: i
         experts_weight_arg=w_arg,
         shared_experts=n_shared,
         shared_paths=shared_paths,
+        renormalize=renormalize,
     )
 
 

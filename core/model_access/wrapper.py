@@ -47,6 +47,22 @@ def expert_logits(lg: torch.Tensor, info: MoELayerInfo) -> torch.Tensor:
     return lg.reshape(-1, n_exp)
 
 
+def topk_weights(logits: torch.Tensor, info: MoELayerInfo) -> tuple[torch.Tensor, torch.Tensor]:
+    """The chosen experts and their weights as the block computes them from ``[N, E]`` scores, where it does not hand them over.
+
+    A block that renormalizes takes, for softmax routers, the softmax of the k chosen logits
+    (JetMoE, Doge: computed as they compute it, so equal to the last bit), for sigmoid ones the
+    chosen scores over their sum; otherwise the weights are the full distribution's scores.
+    """
+    logits = logits.float()
+    if info.score_fn == "softmax" and info.renormalize:
+        top, idx = logits.topk(info.top_k, dim=-1)
+        return idx, torch.softmax(top, dim=-1)
+    probs = torch.sigmoid(logits) if info.score_fn == "sigmoid" else torch.softmax(logits, dim=-1)
+    w, idx = probs.topk(info.top_k, dim=-1)
+    return idx, (w / w.sum(dim=-1, keepdim=True) if info.renormalize else w)
+
+
 class PendingRouting:
     """A traced batch whose tensors are on their way to the host; ``wait()`` builds its ``RoutingData``."""
 
@@ -351,9 +367,8 @@ class MoEModelWrapper:
         """What the experts received (read from their input or the router's tuple), else top-k of the scores."""
         if sel is not None:
             idx, w = sel
-        else:  # the router's tuple holds something else (JetMoE: indices sorted by expert): top-k of the scores
-            probs = torch.sigmoid(logits.float()) if info.score_fn == "sigmoid" else torch.softmax(logits.float(), dim=-1)
-            w, idx = probs.topk(info.top_k, dim=-1)
+        else:  # neither the experts nor the router's tuple carry them (JetMoE, Doge): as the block computes them
+            idx, w = topk_weights(logits, info)
         idx = idx.reshape(-1, idx.shape[-1]).long()
         w = w.reshape(-1, w.shape[-1])
         if w.shape != idx.shape:  # some routers hand the experts a dense [N, E] score matrix
