@@ -43,6 +43,17 @@ def _weights_version(module: nn.Module) -> tuple:
 
 
 def wrapper_identity(wrapper: Any) -> dict[str, Any]:
+    """The identity of a loaded wrapper's model and of the routers it traces.
+
+    A wrapper tracing another kind of router than the feed-forward one (JetMoE's attention routers)
+    records it, so its caches are never taken for the feed-forward routing of the same model.
+    """
+    out = _model_identity(wrapper)
+    kind = getattr(wrapper, "router_kind", "feed_forward")
+    return out if kind == "feed_forward" else {**out, "router_kind": kind}
+
+
+def _model_identity(wrapper: Any) -> dict[str, Any]:
     """The identity of a loaded wrapper's model (a wrapper that does not say where it came from: its name).
 
     The wrapper is read by its attributes (``source``, ``revision``, ``dtype_option``, ``device``,

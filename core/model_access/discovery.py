@@ -32,7 +32,8 @@ class MoESpec:
     names from ``model.named_modules()``; ``experts`` may instead be a name relative to the
     router's parent (default ``"experts"``). ``router_output_index`` picks the logits out of a
     router that returns a tuple. ``top_k``/``num_experts`` override what is read from modules
-    and config; ``score_fn`` is "softmax" or "sigmoid".
+    and config; ``score_fn`` is "softmax" or "sigmoid"; ``renormalize`` says whether the chosen experts'
+    weights are scaled to sum to one (read only where the experts module does not receive the weights).
     """
 
     router: str
@@ -41,6 +42,7 @@ class MoESpec:
     top_k: int | None = None
     num_experts: int | None = None
     score_fn: str | None = None
+    renormalize: bool | None = None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "MoESpec":
@@ -64,6 +66,15 @@ class MoELayerInfo:
     experts_weight_arg: int | str | None = None
     shared_experts: int = 0
     shared_paths: list[str] = field(default_factory=list)
+    # which block the router serves: "feed_forward", or "attention" (JetMoE's mixture of attention heads)
+    kind: str = "feed_forward"
+    # where the experts module does not receive the selection (JetMoE, Doge, Llama 4), the weights are rebuilt from
+    # the scores: True when the block scales the chosen experts' weights to sum to one (a softmax over the top-k)
+    renormalize: bool = False
+
+
+# the kinds of router, the feed-forward one first: it is what a wrapper traces unless asked for another
+ROUTER_KINDS = ("feed_forward", "attention")
 
 
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer|decoder_layers)\.(\d+)(?:\.|$)")
@@ -202,6 +213,31 @@ def _score_fn(router: nn.Module) -> str:
     return "sigmoid" if uses_sigmoid and not uses_softmax else "softmax"
 
 
+def _renormalizes(router: nn.Module, block: nn.Module | None, config: Any) -> bool:
+    """Whether the block scales the chosen experts' weights to sum to one.
+
+    Said by a ``norm_topk_prob`` the router, its block or the config holds, or by the router's code
+    taking its softmax after its top-k (JetMoE and Doge: a softmax over the k chosen scores, which
+    sums to one). transformers declares no field for the latter: the code is the only statement of it.
+    """
+    if _softmax_after_topk(router):
+        return True
+    for holder in (router, block):
+        flag = getattr(holder, "norm_topk_prob", None)
+        if isinstance(flag, bool):
+            return flag
+    return _config_get(config, "norm_topk_prob") is True
+
+
+def _softmax_after_topk(router: nn.Module) -> bool:
+    try:
+        src = inspect.getsource(type(router).forward)
+    except (OSError, TypeError):
+        return False
+    topk, softmax = src.find("topk("), src.rfind("softmax(")
+    return 0 <= topk < softmax
+
+
 def _shared_experts(named: dict[str, nn.Module], router_name: str, config: Any) -> tuple[int, list[str]]:
     parent = _parent_name(router_name)
     prefix = f"{parent}." if parent else ""
@@ -216,33 +252,58 @@ def _shared_experts(named: dict[str, nn.Module], router_name: str, config: Any) 
     return int(n_cfg) if isinstance(n_cfg, int) and n_cfg > 0 else len(paths), paths
 
 
-def discover_moe_layers(model: nn.Module, spec: MoESpec | None = None) -> list[MoELayerInfo]:
-    """Every MoE layer of ``model`` (a transformers model or any module), in layer order."""
+def discover_router_kinds(model: nn.Module, spec: MoESpec | None = None) -> dict[str, list[MoELayerInfo]]:
+    """Every MoE layer of ``model`` by kind of router (``ROUTER_KINDS`` order, kinds the model has), each in layer order.
+
+    JetMoE routes both its attention heads and its feed-forward experts: the two are separate
+    routings (other experts, other weights), so they are kept apart, never counted as one layer.
+    """
     named = dict(model.named_modules())
     config = getattr(model, "config", None)
     hidden_size = _config_get(config, "hidden_size", "d_model", "n_embd") if config is not None else None
-    router_names = _router_names(model, named, spec, hidden_size)
-
-    # a layer with routers in both attention and feed-forward (JetMoE's mixture of attention heads) is
-    # studied through its feed-forward router: that is the expert routing the toolkit means
-    router_names.sort(key=lambda r: _is_attention_path(r[0]))
-    layers: list[MoELayerInfo] = []
-    seen_layers: set[int] = set()
+    router_names = _innermost(_router_names(model, named, spec, hidden_size))
+    by_kind: dict[str, list[MoELayerInfo]] = {}
+    seen: set[tuple[str, int]] = set()
     for order, (name, out_index) in enumerate(router_names):
         layer = _layer_index(name)
         layer = order if layer is None else layer
-        if layer in seen_layers:
+        kind = router_kind(name)
+        if (kind, layer) in seen:
             continue
-        layers.append(_layer_info(named, name, layer, out_index, spec, config, hidden_size))
-        seen_layers.add(layer)
-    layers.sort(key=lambda info: info.layer)
-    if not layers:
+        by_kind.setdefault(kind, []).append(_layer_info(named, name, layer, out_index, spec, config, hidden_size, kind))
+        seen.add((kind, layer))
+    if not by_kind:
         name = type(model).__name__
         raise NoRoutersError(
             f"{name} has no MoE routers: it declares no router_logits output and no module looks like a router "
             "with experts. Is this a dense model? For a custom MoE pass moe_spec=MoESpec(router=..., experts=...)."
         )
-    return layers
+    return {kind: sorted(by_kind[kind], key=lambda info: info.layer) for kind in ROUTER_KINDS if kind in by_kind}
+
+
+def discover_moe_layers(model: nn.Module, spec: MoESpec | None = None, kind: str | None = None) -> list[MoELayerInfo]:
+    """The MoE layers of one kind of router (default: the model's first kind, its feed-forward routers), in layer order."""
+    return of_kind(discover_router_kinds(model, spec), kind, type(model).__name__)
+
+
+def of_kind(kinds: dict[str, list[MoELayerInfo]], kind: str | None, model_name: str) -> list[MoELayerInfo]:
+    """The layers of ``kind`` (None: the first kind), refused in one line where the model has no such routers."""
+    if kind is None:
+        return next(iter(kinds.values()))
+    if kind not in kinds:
+        raise NoRoutersError(f"{model_name} has no {kind} routers; its routers are: {', '.join(kinds)}")
+    return kinds[kind]
+
+
+def router_kind(name: str) -> str:
+    """'attention' for a router inside an attention module, else 'feed_forward'."""
+    return "attention" if _is_attention_path(name) else "feed_forward"
+
+
+def _innermost(router_names: list[tuple[str, int]]) -> list[tuple[str, int]]:
+    """Routers without a router inside them: JetMoE's attention passes its gate's logits on, and the gate is the router."""
+    names = [n for n, _ in router_names]
+    return [(n, i) for n, i in router_names if not any(o != n and o.startswith(n + ".") for o in names)]
 
 
 def _router_names(model: nn.Module, named: dict[str, nn.Module], spec: MoESpec | None,
@@ -276,7 +337,7 @@ def _structural_routers(named: dict[str, nn.Module], hidden_size: int | None) ->
 
 
 def _layer_info(named: dict[str, nn.Module], name: str, layer: int, out_index: int, spec: MoESpec | None,
-                config: Any, hidden_size: int | None) -> MoELayerInfo:
+                config: Any, hidden_size: int | None, kind: str) -> MoELayerInfo:
     """The description of the MoE layer routed by module ``name``; refused when its sizes cannot be told."""
     router = named[name]
     experts_path = _find_experts(named, name, spec)
@@ -290,6 +351,10 @@ def _layer_info(named: dict[str, nn.Module], name: str, layer: int, out_index: i
         )
     idx_arg, w_arg = _selection_args(experts) if experts is not None else (None, None)
     n_shared, shared_paths = _shared_experts(named, name, config)
+    renormalize = False
+    if idx_arg is None:  # the weights are rebuilt from the scores: how the block scales them
+        declared = spec.renormalize if spec is not None else None
+        renormalize = declared if declared is not None else _renormalizes(router, named.get(_parent_name(name)), config)
     return MoELayerInfo(
         layer=layer,
         router_path=name,
@@ -303,6 +368,8 @@ def _layer_info(named: dict[str, nn.Module], name: str, layer: int, out_index: i
         experts_weight_arg=w_arg,
         shared_experts=n_shared,
         shared_paths=shared_paths,
+        kind=kind,
+        renormalize=renormalize,
     )
 
 

@@ -17,7 +17,8 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from core.model_access.discovery import MoELayerInfo, MoESpec, NoRoutersError, discover_moe_layers, router_matrix
+from core.model_access.discovery import (ROUTER_KINDS, MoELayerInfo, MoESpec, NoRoutersError, discover_router_kinds, of_kind,
+                                         router_matrix)
 from core.model_access.expert_weights import LayerExperts, expert_matrices
 from core.model_access.host_copy import PendingCopy, start_host_copy
 from core.model_access.interventions import experts_selection, renormalize_without
@@ -45,6 +46,22 @@ def expert_logits(lg: torch.Tensor, info: MoELayerInfo) -> torch.Tensor:
             "pass a MoESpec with num_experts"
         )
     return lg.reshape(-1, n_exp)
+
+
+def topk_weights(logits: torch.Tensor, info: MoELayerInfo) -> tuple[torch.Tensor, torch.Tensor]:
+    """The chosen experts and their weights as the block computes them from ``[N, E]`` scores, where it does not hand them over.
+
+    A block that renormalizes takes, for softmax routers, the softmax of the k chosen logits
+    (JetMoE, Doge: computed as they compute it, so equal to the last bit), for sigmoid ones the
+    chosen scores over their sum; otherwise the weights are the full distribution's scores.
+    """
+    logits = logits.float()
+    if info.score_fn == "softmax" and info.renormalize:
+        top, idx = logits.topk(info.top_k, dim=-1)
+        return idx, torch.softmax(top, dim=-1)
+    probs = torch.sigmoid(logits) if info.score_fn == "sigmoid" else torch.softmax(logits, dim=-1)
+    w, idx = probs.topk(info.top_k, dim=-1)
+    return idx, (w / w.sum(dim=-1, keepdim=True) if info.renormalize else w)
 
 
 class PendingRouting:
@@ -95,6 +112,9 @@ class MoEModelWrapper:
     ablation uses); both give the same ``RoutingData``. ``placement`` spreads a model bigger than one
     device over several, or offloads part of it (accelerate, through transformers); a model already
     dispatched that way may be passed in too. Tracing, weights and ablation work the same on it.
+    ``router_kind`` picks which routers a model with several kinds is studied through
+    (``"feed_forward"``, the default, or ``"attention"``: JetMoE's mixture of attention heads); one
+    wrapper traces one kind, so the layers, experts and weights of a ``RoutingData`` are of one kind.
     """
 
     def __init__(
@@ -109,6 +129,7 @@ class MoEModelWrapper:
         moe_spec: MoESpec | Mapping[str, Any] | None = None,
         engine: str = "hooks",
         placement: Placement | None = None,
+        router_kind: str | None = None,
     ) -> None:
         from nnterp import StandardizedTransformer
 
@@ -116,6 +137,8 @@ class MoEModelWrapper:
             raise ValueError(f"engine must be 'hooks' or 'nnsight', got {engine!r}")
         if remote not in (True, False, "local"):
             raise ValueError(f"remote must be True, False or 'local', got {remote!r}")
+        if router_kind not in (None, *ROUTER_KINDS):
+            raise ValueError(f"router_kind must be one of {', '.join(ROUTER_KINDS)}, got {router_kind!r}")
         self.engine = engine
 
         self.revision = revision
@@ -138,7 +161,7 @@ class MoEModelWrapper:
             drop_scan_hooks(self.hf_model)
         if self.tokenizer is None:
             self.tokenizer = getattr(self.model, "tokenizer", None)
-        self._read_layers(moe_spec)
+        self._read_layers(moe_spec, router_kind)
 
     def _open_hf_model(self, model: str | os.PathLike | nn.Module, revision: str | None, device: str, dtype: Any,
                        trust_remote_code: bool, tokenizer: Any, placement: Placement | None) -> tuple[nn.Module | None, Any]:
@@ -173,9 +196,12 @@ class MoEModelWrapper:
                 st_kwargs["check_renaming"] = False
                 self.model = standardized(hf_model if hf_model is not None else self.model_name, **st_kwargs)
 
-    def _read_layers(self, moe_spec: MoESpec | None) -> None:
-        """Find the MoE layers and set the model-wide facts (layer count, experts, top-k), refusing mixed ones."""
-        self.layers: list[MoELayerInfo] = discover_moe_layers(self.hf_model, moe_spec)
+    def _read_layers(self, moe_spec: MoESpec | None, router_kind: str | None) -> None:
+        """Find the MoE layers of the kind asked for and set the model-wide facts (layer count, experts, top-k), refusing mixed ones."""
+        kinds = discover_router_kinds(self.hf_model, moe_spec)
+        self.router_kinds: dict[str, list[int]] = {kind: [info.layer for info in infos] for kind, infos in kinds.items()}
+        self.layers: list[MoELayerInfo] = of_kind(kinds, router_kind, type(self.hf_model).__name__)
+        self.router_kind: str = self.layers[0].kind
         self._modules = dict(self.hf_model.named_modules())
         cfg = getattr(self.hf_model, "config", None)
         n_layers = getattr(cfg, "num_hidden_layers", None) or getattr(getattr(cfg, "text_config", None), "num_hidden_layers", None)
@@ -220,7 +246,16 @@ class MoEModelWrapper:
             "top_k": self.top_k,
             "shared_experts": self.shared_experts,
             "score_fn": self.score_fn,
+            "router_kind": self.router_kind,
+            "router_kinds": dict(self.router_kinds),
+            "warnings": self.untraced_routers(),
         }
+
+    def untraced_routers(self) -> list[str]:
+        """One line per kind of router the model has that this wrapper does not trace (a run says it: nothing is dropped silently)."""
+        return [f"the model also has {kind.replace('_', '-')} routers (layers {layers}), not traced here: this wrapper "
+                f"traces its {self.router_kind.replace('_', '-')} routers; MoEModelWrapper(..., router_kind={kind!r}) traces those"
+                for kind, layers in self.router_kinds.items() if kind != self.router_kind]
 
     # ---------------------------------------------------------------- inputs
     def _inputs(self, input_ids: Any, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -351,9 +386,8 @@ class MoEModelWrapper:
         """What the experts received (read from their input or the router's tuple), else top-k of the scores."""
         if sel is not None:
             idx, w = sel
-        else:  # the router's tuple holds something else (JetMoE: indices sorted by expert): top-k of the scores
-            probs = torch.sigmoid(logits.float()) if info.score_fn == "sigmoid" else torch.softmax(logits.float(), dim=-1)
-            w, idx = probs.topk(info.top_k, dim=-1)
+        else:  # neither the experts nor the router's tuple carry them (JetMoE, Doge): as the block computes them
+            idx, w = topk_weights(logits, info)
         idx = idx.reshape(-1, idx.shape[-1]).long()
         w = w.reshape(-1, w.shape[-1])
         if w.shape != idx.shape:  # some routers hand the experts a dense [N, E] score matrix

@@ -58,8 +58,9 @@ def findings(record: RunRecord) -> list[Finding]:
 
 
 def warnings_of(record: RunRecord) -> list[str]:
-    """Each analysis's warnings (one line per kind of problem), then one line per analysis that did not run."""
-    out: list[str] = []
+    """The model's warnings (routers it has that were not traced), each analysis's (one line per kind of problem),
+    then one line per analysis that did not run."""
+    out: list[str] = list(record.model.get("warnings", ()))
     for spec, result in record.present():
         if spec.warnings:
             out += spec.warnings(result, record)
