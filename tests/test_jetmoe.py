@@ -104,3 +104,15 @@ def test_a_kind_the_model_lacks_is_refused_in_one_line():
         MoEModelWrapper(olmoe, router_kind="attention")
     with pytest.raises(ValueError, match="router_kind must be one of feed_forward, attention"):
         MoEModelWrapper(olmoe, router_kind="mlp")
+
+
+def test_the_weight_rule_is_part_of_the_identity_where_the_toolkit_computes_the_weights(model: torch.nn.Module):
+    """JetMoE's weights are computed by the toolkit (softmax over the chosen logits): caches written with the old
+    full-softmax weights must not be reused, so the rule is in the identity. It is known before any forward pass only
+    as "the layer renormalizes and its experts are not handed the selection", which Mixtral (its router's tuple carries
+    them) shares: its caches are collected once more. OLMoE (no renormalization) keeps its identity and caches."""
+    from core.collection.loaded_identity import wrapper_identity
+
+    assert wrapper_identity(MoEModelWrapper(model))["weight_rule"] == "renormalized over the chosen experts"
+    olmoe = build_moe_family("olmoe", FAMILIES["olmoe"])
+    assert "weight_rule" not in wrapper_identity(MoEModelWrapper(olmoe))

@@ -47,10 +47,18 @@ def wrapper_identity(wrapper: Any) -> dict[str, Any]:
 
     A wrapper tracing another kind of router than the feed-forward one (JetMoE's attention routers)
     records it, so its caches are never taken for the feed-forward routing of the same model.
+    Layers whose weights the toolkit computes as the block does, renormalized over the chosen experts
+    (JetMoE, Doge: their experts are not handed the weights), record that rule: caches written
+    before it (full-softmax weights) are then collected again, not reused.
     """
     out = _model_identity(wrapper)
     kind = getattr(wrapper, "router_kind", "feed_forward")
-    return out if kind == "feed_forward" else {**out, "router_kind": kind}
+    if kind != "feed_forward":
+        out = {**out, "router_kind": kind}
+    layers = getattr(wrapper, "layers", None) or []
+    if any(getattr(i, "experts_index_arg", 0) is None and getattr(i, "renormalize", False) for i in layers):
+        out = {**out, "weight_rule": "renormalized over the chosen experts"}
+    return out
 
 
 def _model_identity(wrapper: Any) -> dict[str, Any]:
