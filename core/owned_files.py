@@ -68,7 +68,7 @@ def remove_file(folder: str | os.PathLike, name: str | os.PathLike) -> bool:
     inside(folder, path)
     if path.is_dir() and not path.is_symlink():
         raise OwnershipError(f"{path} is a folder, not the file its record names; refused")
-    path.unlink()
+    path.unlink(missing_ok=True)  # (another process may have removed it a moment before)
     return True
 
 

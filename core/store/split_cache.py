@@ -100,8 +100,10 @@ def collect_parts(collector: Any, tokenized: Any, cache_dir: str | Path, header:
     _, mask = token_rows(tokenized)
     plan = plan_shards(mask, batch_size, header["settings"]["shard_tokens"])
     atomic_write_json(cache_dir / PARTS_FILE, {"header": header, "plan": plan})  # the same from every rank
-    if force:
-        discard_cache(cache_dir)
+    if force:  # one rank removes the old cache's files, and no rank writes a part before they are gone
+        if ranks.rank == 0:
+            discard_cache(cache_dir)
+        ranks.barrier()
     else:
         _adopt_shards(cache_dir, header)
     mine = [(a, b) for i, (a, b) in enumerate(plan) if ranks.owns(i) and (force or not _finished(cache_dir, a, b - a))]
