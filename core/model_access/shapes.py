@@ -103,14 +103,14 @@ def write_random_model(cfg: Any, folder: str | os.PathLike, tokenizer: Any, *, s
     from transformers.utils import logging as hf_logging
 
     folder = Path(folder)
+    hint = "choose another --models-dir"
+    check_replaceable(folder, hint)  # a folder holding what the toolkit did not write is refused before any work
     if len(tokenizer) > cfg.vocab_size:
         raise ShapeError(f"the tokenizer has {len(tokenizer)} tokens, more than the model's vocabulary {cfg.vocab_size}")
     for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
         setattr(cfg, key, getattr(tokenizer, key))
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
-    hint = "choose another --models-dir"
-    check_replaceable(folder, hint)  # a folder holding what the toolkit did not write is refused before the write
     tmp = start_scratch(folder.with_name(f".{folder.name}.tmp"))
     try:
         hf_logging.disable_progress_bar()
