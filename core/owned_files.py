@@ -98,7 +98,9 @@ def read_marker(folder: str | os.PathLike) -> dict | None:
         ok = stored == _digest(body) and body.get("kind") in (SCRATCH, SEALED)
         files = body.get("files", [])
         ok = ok and isinstance(files, list) and all(isinstance(f, str) for f in files)
-    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
+        for f in files if ok else ():
+            _relative(f)  # every entry a file inside the folder, checked before anything is removed
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError, OwnershipError):
         ok = False
     if not ok:
         raise OwnershipError(f"{path} is damaged or edited (it fails its checksum): the toolkit cannot tell which files "

@@ -145,6 +145,59 @@ def test_paths_out_of_the_owned_folder_are_refused_links_included(tmp_path):
 
 
 # ================================================================== foreign files
+def _built(folder: Path, files: dict[str, str]) -> Path:
+    """A folder the toolkit builds (scratch), holding ``files``."""
+    from core.owned_files import start_scratch
+
+    start_scratch(folder)
+    for rel, text in files.items():
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        (folder / rel).write_text(text)
+    return folder
+
+
+def test_a_built_folder_replaces_only_an_old_one_all_of_whose_files_it_wrote(tmp_path):
+    from core.owned_files import foreign_files, replace_folder
+
+    canary = CanaryTree(tmp_path, owned=["models/run", "models/.new"])
+    dest = tmp_path / "models" / "run"
+    replace_folder(_built(tmp_path / "models" / ".new", {"a.txt": "old", "sub/b.txt": "old"}), dest)
+    assert foreign_files(dest) == []
+    replace_folder(_built(tmp_path / "models" / ".new", {"a.txt": "new"}), dest)  # all of the old one was the toolkit's
+    assert (dest / "a.txt").read_text() == "new" and not (dest / "sub").exists()
+    (dest / "notes.txt").write_text("the user's")
+    (dest / "empty-folder").mkdir()
+    with pytest.raises(OwnershipError, match="did not write \\('notes.txt', 'empty-folder/'\\)") as e:
+        replace_folder(_built(tmp_path / "models" / ".new", {"a.txt": "newer"}), dest)
+    assert "\n" not in str(e.value) and (dest / "a.txt").read_text() == "new" and (dest / "notes.txt").exists()
+    canary.check()
+
+
+def test_a_folder_without_the_toolkits_record_or_with_an_edited_one_is_never_removed(tmp_path):
+    from core.owned_files import _digest as marker_digest
+    from core.owned_files import replace_folder, seal
+
+    theirs = tmp_path / "models" / "theirs"  # a folder of the user's, with no marker
+    theirs.mkdir(parents=True)
+    (theirs / "config.json").write_text("{}")
+    edited = []
+    for name, recompute in (("by-hand", False), ("hostile", True)):
+        folder = seal(_built(tmp_path / "models" / name, {"a.txt": "x"}))
+        marker = json.loads((folder / MARKER).read_text())
+        marker.pop("sha256")
+        marker["files"].append("../../victim.txt")  # by hand the checksum no longer matches; recomputed, the entry leaves
+        (folder / MARKER).write_text(json.dumps({**marker, "sha256": marker_digest(marker) if recompute else "0" * 64}))
+        edited.append(folder)
+    canary = CanaryTree(tmp_path, owned=["models/.new"])
+    with pytest.raises(OwnershipError, match="has no record"):
+        replace_folder(_built(tmp_path / "models" / ".new", {"a.txt": "x"}), theirs)
+    for folder in edited:
+        with pytest.raises(OwnershipError, match="damaged or edited"):
+            replace_folder(_built(tmp_path / "models" / ".new", {"a.txt": "y"}), folder)
+        assert (folder / "a.txt").read_text() == "x"
+    canary.check()
+
+
 def _copy_model(micro: Micro, models: Path) -> Path:
     run_dir = models / "study-moe-micro"
     shutil.copytree(micro.models / "study-moe-micro", run_dir)
