@@ -168,7 +168,7 @@ def _read_json(path: Path) -> dict:
     try:
         body = json.loads(text)
     except json.JSONDecodeError as e:
-        raise ArrayFileError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}): cut short or edited; "
+        raise ArrayFileError(f"{path} is not valid JSON ({e.msg}: line {e.lineno} column {e.colno}): cut short or edited; "
                              "run the analysis again") from None
     if not isinstance(body, dict):
         raise ArrayFileError(f"{path} holds no metrics (a JSON {type(body).__name__}, not an object)")
