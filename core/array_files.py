@@ -8,6 +8,11 @@ reference in its place; the sections a person quotes (options, headline, finding
 whole in the JSON. The rule is the same at every model size, so a reader's code does not
 depend on the shape. :func:`load_metrics` gives back the whole dict with numpy arrays in place of
 the references; :func:`load_array` reads one array without the rest.
+
+Neither file can be altered without it being noticed: metrics.json carries the SHA-256 of its own
+content (``arrays.json_sha256``, over the JSON with that field left out, keys sorted), and the
+array file carries each array's SHA-256 in its metadata; both are checked on every load, the arrays
+re-hashed as they are read. A file edited, damaged or cut short is one :class:`ArrayFileError` line.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ METRICS_FILE = "metrics.json"
 INDEX_KEY = "arrays"  # metrics.json's top-level entry saying where the arrays are
 INLINE_MAX = 256  # a 1-D array up to this long stays in the JSON (per-layer values read well there)
 INLINE_SECTIONS = ("options", "headline", "findings", "warnings")  # what a person quotes stays whole in the JSON
+JSON_DIGEST = "json_sha256"  # the index's entry holding metrics.json's own checksum
 REF_FIELDS = frozenset({"array_file", "key", "shape", "dtype"})
 SUPPORTED = frozenset({"bool", "uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "int64",
                        "float16", "float32", "float64"})  # what safetensors stores; anything else stays in the JSON
@@ -45,6 +51,7 @@ class ArrayCollector:
 
     def __init__(self) -> None:
         self.arrays: dict[str, np.ndarray] = {}
+        self.sha256: dict[str, str] = {}  # each array's own checksum, re-hashed when it is read
         self._hash = hashlib.blake2b(digest_size=16)
 
     def __call__(self, path: tuple[str, ...], array: np.ndarray) -> dict | None:
@@ -57,6 +64,7 @@ class ArrayCollector:
             key = f"{base}#{n}"
         array = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))  # safetensors copies raw memory
         self.arrays[key] = array
+        self.sha256[key] = array_sha256(array)
         for part in (key, array.dtype.name, repr(array.shape)):
             self._hash.update(part.encode() + b"\0")
         self._hash.update(memoryview(array.reshape(-1)).cast("B") if array.size else b"")
@@ -70,7 +78,22 @@ class ArrayCollector:
     def file_bytes(self) -> bytes:
         from safetensors.numpy import save
 
-        return save(self.arrays, metadata={"digest": self.digest})
+        return save(self.arrays, metadata={"digest": self.digest, "sha256": json.dumps(self.sha256, sort_keys=True)})
+
+
+def array_sha256(array: np.ndarray) -> str:
+    """An array's checksum: its little-endian bytes (as the array file stores them), dtype and shape."""
+    array = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
+    h = hashlib.sha256(f"{array.dtype.name}{list(array.shape)}".encode() + b"\0")
+    h.update(memoryview(array.reshape(-1)).cast("B") if array.size else b"")
+    return h.hexdigest()
+
+
+def _json_sha256(document: dict) -> str:
+    """The checksum metrics.json carries of itself: its content with the checksum left out, keys sorted."""
+    index = {k: v for k, v in document[INDEX_KEY].items() if k != JSON_DIGEST}
+    text = json.dumps({**document, INDEX_KEY: index}, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def write_metrics(path: str | os.PathLike, metrics: Any, *, durable: bool = False) -> Path:
@@ -87,6 +110,8 @@ def write_metrics(path: str | os.PathLike, metrics: Any, *, durable: bool = Fals
     body = {k: to_jsonable(v) if k in INLINE_SECTIONS else to_jsonable(v, sink=sink, path=(str(k),))
             for k, v in metrics.items()}
     index = {"file": ARRAY_FILE, "count": len(sink.arrays), "digest": sink.digest, "how_to_load": HOW_TO_LOAD}
+    document = json.loads(json.dumps({INDEX_KEY: index, **body}, allow_nan=False))  # as a reader will parse it
+    index[JSON_DIGEST] = _json_sha256(document)
     text = json.dumps({INDEX_KEY: index, **body}, indent=1, allow_nan=False) + "\n"
     data = sink.file_bytes()
     atomic_write_bytes(path.parent / ARRAY_FILE, data, durable=durable)
@@ -96,30 +121,77 @@ def write_metrics(path: str | os.PathLike, metrics: Any, *, durable: bool = Fals
 def load_metrics(path: str | os.PathLike) -> dict:
     """metrics.json (``path``: the file or its run folder) with every array reference replaced by its numpy array.
 
-    Raises :class:`ArrayFileError` (one line naming the file and key) where an array cannot be had.
+    Raises :class:`ArrayFileError` (one line naming the file) where the JSON is cut short, edited or
+    damaged, or an array cannot be had or fails its checksum.
     """
     path = _metrics_path(path)
-    body = json.loads(path.read_text())
-    index = body.pop(INDEX_KEY, None) if isinstance(body, dict) else None
+    body = _read_json(path)
+    index = body.pop(INDEX_KEY, None)
     refs = list(_references(body))
     if not refs:
         return body
     file = path.parent / refs[0][2]["array_file"]
     with _open(file) as f:
-        if isinstance(index, dict) and index.get("digest") != (f.metadata() or {}).get("digest"):
+        meta = f.metadata() or {}
+        if isinstance(index, dict) and index.get("digest") != meta.get("digest"):
             raise ArrayFileError(f"{file} does not belong to {path} (their digests differ: one of the two is from "
                                  "another write, or a write stopped between them); run the analysis again")
-        keys = set(f.keys())
+        keys, sums = set(f.keys()), _array_sums(file, meta)
+        legacy = hashlib.blake2b(digest_size=16)  # files written before each array had its checksum
         for parent, name, ref in refs:
-            parent[name] = _read(f, file, keys, ref)
+            parent[name] = array = _read(f, file, keys, ref, sums)
+            if sums is None:
+                for part in (ref["key"], array.dtype.name, repr(array.shape)):
+                    legacy.update(part.encode() + b"\0")
+                legacy.update(memoryview(np.ascontiguousarray(array).reshape(-1)).cast("B") if array.size else b"")
+        if sums is None and legacy.hexdigest() != meta.get("digest"):
+            raise ArrayFileError(f"{file}: the arrays fail their checksum (edited or damaged since they were written); "
+                                 "run the analysis again")
     return body
 
 
 def load_array(run_dir: str | os.PathLike, key: str) -> np.ndarray:
-    """One array of a run (``run_dir``: its folder or its metrics.json) by key, without reading the others."""
+    """One array of a run (``run_dir``: its folder or its metrics.json) by key, without reading the others; checked."""
     file = _metrics_path(run_dir).parent / ARRAY_FILE
     with _open(file) as f:
-        return _read(f, file, set(f.keys()), {"key": key})
+        return _read(f, file, set(f.keys()), {"key": key}, _array_sums(file, f.metadata() or {}))
+
+
+def _read_json(path: Path) -> dict:
+    """metrics.json parsed and checked against its own checksum; one line if it is missing, cut short or edited."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ArrayFileError(f"{path}: no such file") from None
+    except UnicodeDecodeError:
+        raise ArrayFileError(f"{path} is not text (damaged); run the analysis again") from None
+    try:
+        body = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ArrayFileError(f"{path} is not valid JSON ({e.msg}: line {e.lineno} column {e.colno}): cut short or edited; "
+                             "run the analysis again") from None
+    if not isinstance(body, dict):
+        raise ArrayFileError(f"{path} holds no metrics (a JSON {type(body).__name__}, not an object)")
+    index = body.get(INDEX_KEY)
+    stored = index.get(JSON_DIGEST) if isinstance(index, dict) else None
+    if stored is not None and stored != _json_sha256(body):
+        raise ArrayFileError(f"{path} fails its checksum (edited or damaged since it was written); run the analysis again")
+    if isinstance(index, dict):
+        index.pop(JSON_DIGEST, None)
+    return body
+
+
+def _array_sums(file: Path, meta: dict) -> dict[str, str] | None:
+    """Each array's checksum from the array file's metadata; None for a file written before they were kept."""
+    if "sha256" not in meta:
+        return None
+    try:
+        sums = json.loads(meta["sha256"])
+    except ValueError:
+        sums = None
+    if not isinstance(sums, dict):
+        raise ArrayFileError(f"{file}: its checksums are damaged; run the analysis again")
+    return sums
 
 
 def is_reference(value: Any) -> bool:
@@ -157,7 +229,7 @@ def _open(file: Path) -> Iterator[Any]:
         yield f
 
 
-def _read(f: Any, file: Path, keys: set[str], ref: dict) -> np.ndarray:
+def _read(f: Any, file: Path, keys: set[str], ref: dict, sums: dict[str, str] | None) -> np.ndarray:
     key = ref["key"]
     if key not in keys:
         raise ArrayFileError(f"{file}: no array {key!r} in it (the file is from another run, or was replaced)")
@@ -168,6 +240,9 @@ def _read(f: Any, file: Path, keys: set[str], ref: dict) -> np.ndarray:
     if "shape" in ref and (list(array.shape) != list(ref["shape"]) or array.dtype.name != ref["dtype"]):
         raise ArrayFileError(f"{file}: array {key!r} is {array.dtype.name} {list(array.shape)}, "
                              f"metrics.json expects {ref['dtype']} {ref['shape']}")
+    if sums is not None and sums.get(key) != array_sha256(array):
+        raise ArrayFileError(f"{file}: array {key!r} fails its checksum (edited or damaged since it was written); "
+                             "run the analysis again")
     return array
 
 

@@ -2,7 +2,10 @@
 
 A reader (a resumed run, a browser, another process) must only ever see a file's old or new
 content, never half of it, so writes go to a uniquely named temporary file in the same folder,
-are flushed to disk and renamed into place. JSON output is strict (no NaN): non-finite floats
+are flushed to disk and renamed into place. The file gets the permissions any new file gets under
+the process's umask (``0666 & ~umask``), as ``open`` would give it: a temporary file's own 0600 would
+make a shared results folder unreadable to collaborators. A failed write (a full disk) removes its
+temporary file and names the file it was writing. JSON output is strict (no NaN): non-finite floats
 become ``null``, and arrays, tensors, dataclasses and tables become plain values in one place.
 """
 
@@ -37,33 +40,79 @@ def _fsync_dir(path: Path) -> None:
 
 
 def temp_name_prefix(path: Path) -> str:
-    """The prefix of the temporary files :func:`atomic_write_bytes` makes for ``path`` (for clean-up)."""
+    """The prefix of the temporary files :func:`atomic_write_bytes` makes for ``path``."""
     return f".{Path(path).name}."
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, durable: bool = True) -> Path:
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (changing it races other threads)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _open_temp(path: Path, temp: str | None) -> tuple[int, str]:
+    """A new temporary file beside ``path`` (a unique name, or the caller's ``temp`` name), with the umask's permissions."""
+    if temp is not None:
+        tmp = str(path.parent / temp)
+        return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666), tmp
+    fd, tmp = tempfile.mkstemp(prefix=temp_name_prefix(path), suffix=TMP_SUFFIX, dir=path.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~current_umask())
+    except BaseException:
+        os.close(fd)
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return fd, tmp
+
+
+def _write_all(fh: Any, data: bytes, path: Path) -> None:
+    """Write ``data`` for ``path`` to its open temporary file (one place, so a test can make the disk full here)."""
+    fh.write(data)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, durable: bool = True, temp: str | None = None) -> Path:
     """Write ``data`` so that ``path`` holds either its old or its new content, never a mix.
 
     The temporary file has a unique name, so two processes writing the same path never
-    clobber each other's half-written file. ``durable`` fsyncs the file and its folder, so
-    the content survives a power loss once this returns (the cache's commit point needs it).
+    clobber each other's half-written file; ``temp`` names it instead, for a writer that holds
+    the folder alone and records that name first (a routing cache, so a stopped write is its
+    own to clear). ``durable`` fsyncs the file and its folder, so the content survives a power
+    loss once this returns (the cache's commit point needs it). On failure the temporary file
+    is removed and an ``OSError`` names ``path``.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=temp_name_prefix(path), suffix=TMP_SUFFIX, dir=path.parent)
+    fd, tmp = _open_temp(path, temp)
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+            _write_all(fh, data, path)
             if durable:
                 fh.flush()
                 os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as e:
+        Path(tmp).unlink(missing_ok=True)  # the temporary file this call made: the one removal outside core.owned_files
+        if isinstance(e, OSError) and e.errno is not None and e.filename is None:
+            raise OSError(e.errno, e.strerror or os.strerror(e.errno), str(path)) from e
         raise
     if durable:
         _fsync_dir(path.parent)
     return path
+
+
+def probe_writable(folder: str | os.PathLike) -> None:
+    """Raise the ``OSError`` a write into ``folder`` would meet (read-only, no permission), before any work needs it."""
+    folder = Path(folder)
+    fd, tmp = _open_temp(folder / "write-probe", None)
+    os.close(fd)
+    Path(tmp).unlink()
 
 
 def atomic_write_text(path: str | os.PathLike, text: str, *, durable: bool = False) -> Path:

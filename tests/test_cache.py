@@ -121,15 +121,20 @@ def test_incomplete_cache_refused_unless_asked_and_resume_point(tmp_path):
     assert RoutingCache.open(tmp_path, allow_incomplete=True).num_tokens == 9
     with pytest.raises(CacheIncompleteError):
         w.finish()
-    # an uncommitted shard file and a stale .tmp are removed when the writer reopens
-    (tmp_path / "shard-00001.safetensors").write_bytes(b"half written")
+    # files the manifest does not name are never removed or overwritten, whatever their names
+    (tmp_path / "shard-00001.safetensors").write_bytes(b"not the cache's")
     (tmp_path / "shard-00001.safetensors.tmp").write_bytes(b"half")
     w2 = RoutingCacheWriter(tmp_path, header())
     assert w2.next_row == 1
-    assert not (tmp_path / "shard-00001.safetensors").exists()
-    assert not list(tmp_path.glob("*.tmp"))
     with pytest.raises(CacheError, match="duplicated or dropped"):
         w2.write_shard(rd.select(slice(9, None)), 0, 1)
+    with pytest.raises(CacheError, match="shard-00001.safetensors is in the way"):
+        w2.write_shard(rd.select(slice(9, None)), 1, 1)
+    assert (tmp_path / "shard-00001.safetensors").read_bytes() == b"not the cache's"
+    assert (tmp_path / "shard-00001.safetensors.tmp").read_bytes() == b"half"
+    (tmp_path / "shard-00001.safetensors").unlink()
+    w2.write_shard(rd.select(slice(9, None)), 1, 1)
+    assert RoutingCache.open(tmp_path).num_tokens == rd.num_tokens
 
 
 def test_manifest_lists_checksums_and_counts(tmp_path):
@@ -184,23 +189,31 @@ def test_caches_stream_into_analyses_like_loaded_routing(tmp_path):
     (lambda m: m.pop("shards"), "missing or malformed"),
 ])
 def test_a_manifest_whose_numbers_do_not_add_up_is_refused(tmp_path, edit, says):
-    """The report quotes the manifest's token counts: an edited manifest must not reach it."""
+    """The report quotes the manifest's token counts: an edited manifest must not reach it, checksum or not."""
+    from core.store.cache_format import sealed_manifest
+
     write(tmp_path, routing())
     path = tmp_path / "manifest.json"
     manifest = json.loads(path.read_text())
     edit(manifest)
     path.write_text(json.dumps(manifest))
+    with pytest.raises(CacheCorruptError, match="fails its checksum"):
+        RoutingCache.open(tmp_path)
+    manifest.pop("sha256")
+    path.write_text(json.dumps(sealed_manifest(manifest)))  # an edit that also recomputes the checksum
     with pytest.raises(CacheCorruptError, match=says):
         RoutingCache.open(tmp_path)
 
 
 def test_a_shard_entry_edited_together_with_the_total_is_caught_on_read(tmp_path):
+    from core.store.cache_format import sealed_manifest
+
     write(tmp_path, routing())
     path = tmp_path / "manifest.json"
     manifest = json.loads(path.read_text())
     manifest["shards"][0]["num_tokens"] += 5
-    manifest["total_tokens"] += 5  # consistent totals, wrong entry
-    path.write_text(json.dumps(manifest))
+    manifest["total_tokens"] += 5  # consistent totals, wrong entry, and the checksum recomputed
+    path.write_text(json.dumps(sealed_manifest({k: v for k, v in manifest.items() if k != "sha256"})))
     cache = RoutingCache.open(tmp_path)
     with pytest.raises(CacheCorruptError, match="manifest entry says"):
         cache.load_shard(0)

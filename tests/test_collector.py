@@ -69,13 +69,13 @@ def test_killed_while_writing_a_shard_resumes_to_identical_cache(tmp_path, refer
     real = rc.atomic_write_bytes
     count = {"shards": 0}
 
-    def dying_write(path, payload):
+    def dying_write(path, payload, **kw):
         if path.name.startswith("shard-"):
             count["shards"] += 1
             if count["shards"] == 3:  # half the bytes reach the temp file, then the process "dies"
-                Path(str(path) + ".tmp").write_bytes(payload[: len(payload) // 2])
+                (path.parent / rc.shard_temp_name(path.name)).write_bytes(payload[: len(payload) // 2])
                 raise Killed("killed mid-write")
-        real(path, payload)
+        real(path, payload, **kw)
 
     monkeypatch.setattr(rc, "atomic_write_bytes", dying_write)
     with pytest.raises(Killed):
@@ -97,14 +97,14 @@ def test_sigkill_mid_write_resumes_to_identical_cache(tmp_path, reference):
         from core.collection.collector import ActivationCollector
         from tests.fakes import FakeWrapper, make_rows
         real, n = rc.atomic_write_bytes, [0]
-        def write(path, payload):
+        def write(path, payload, **kw):
             if path.name.startswith("shard-"):
                 n[0] += 1
                 if n[0] == 3:
-                    with open(str(path) + ".tmp", "wb") as f:
+                    with open(path.parent / rc.shard_temp_name(path.name), "wb") as f:
                         f.write(payload[: len(payload) // 2]); f.flush()
                     os.kill(os.getpid(), signal.SIGKILL)
-            real(path, payload)
+            real(path, payload, **kw)
         rc.atomic_write_bytes = write
         ActivationCollector(FakeWrapper()).collect(make_rows(), {str(tmp_path)!r}, hidden_layers=[2],
                                                    batch_size=3, shard_tokens=10, progress=False)

@@ -17,6 +17,7 @@ import shutil
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from core.owned_files import remove_file
 from core.safe_io import atomic_write_json
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin")
@@ -230,7 +231,7 @@ class HubCheckpointFiles:
         if data:
             atomic_write_json(self.ledger, data)
         else:
-            self.ledger.unlink(missing_ok=True)
+            remove_file(self.ledger.parent, self.ledger.name)  # the sweep's own ledger, at the name it keeps it
 
     def _ensure_start(self) -> tuple[set[str], dict[str, str]]:
         if self._start is None:

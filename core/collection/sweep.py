@@ -40,9 +40,19 @@ INDEX_FILE = "index.json"
 
 
 # ---------------------------------------------------------------------------- names and digests
+SLUG_MAX = 120  # a longer name keeps its start and gets a digest of the whole: one folder name, never too long
+
+
 def model_slug(model_name: str) -> str:
-    """A directory name for a model id (``allenai/OLMoE-1B-7B-0924`` -> ``allenai__OLMoE-1B-7B-0924``)."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", model_name.replace("/", "__")).strip("_") or "model"
+    """A folder name for a model id (``allenai/OLMoE-1B-7B-0924`` -> ``allenai__OLMoE-1B-7B-0924``).
+
+    Always one name inside the folder it is joined to: no separator, no leading dot (so never
+    ``..``), at most :data:`SLUG_MAX` characters.
+    """
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", model_name.replace("/", "__")).strip("_").lstrip(".") or "model"
+    if len(slug) > SLUG_MAX:
+        slug = f"{slug[:SLUG_MAX - 17]}-{hashlib.sha256(model_name.encode()).hexdigest()[:16]}"
+    return slug
 
 
 def sweep_cache_dir(cache_root: str | os.PathLike, model_name: str, checkpoint: Checkpoint, dataset: str,

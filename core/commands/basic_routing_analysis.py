@@ -14,7 +14,8 @@ from core.pipeline.options import OptionsError, parse_options
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the study from the command line; the exit code is 0, 2 for a one-line error, 130 when interrupted."""
+    """Run the study from the command line; the exit code is 0, 2 for a one-line error, 1 for a full or read-only
+    disk met during the work (one line too), 130 when interrupted."""
     try:
         opts = parse_options(argv)  # before the heavy imports: --help and option errors answer at once
     except OptionsError as e:
@@ -22,7 +23,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from core.collection.checkpoints import CheckpointError
     from core.model_access.discovery import NoRoutersError
+    from core.commands.disk_errors import disk_error_line
     from core.model_access.loading import ModelLoadError
+    from core.owned_files import OwnershipError
     from core.pipeline.launch import stop_ranks
     from core.pipeline.run import BasicRoutingAnalysis
     from core.store.cache_format import CacheError
@@ -30,9 +33,12 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         summary = BasicRoutingAnalysis(options=opts).run()
-    except (OptionsError, ModelLoadError, NoRoutersError, CacheError, CheckpointError, DataError) as e:
+    except (OptionsError, ModelLoadError, NoRoutersError, CacheError, CheckpointError, DataError, OwnershipError) as e:
         print(f"error: {e}", file=sys.stderr)  # what is wrong, in one line, not a stack trace
         return 2
+    except OSError as e:  # a full disk, a folder made read-only during the run: every write is atomic, caches resume
+        print(disk_error_line(e), file=sys.stderr)
+        return 1
     except KeyboardInterrupt:  # every write is atomic: finished shards stay, the next run resumes from them
         print("\ninterrupted: finished cache shards are kept; run the same command again to resume", file=sys.stderr)
         return 130

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import yaml
 
+from core.path_names import BadNameError, check_name
 from core.safe_io import atomic_write_text
 from core.study_moe.config import DEFAULT_CONFIG, TrainConfig
 
@@ -101,6 +103,17 @@ def run_grid(base: TrainConfig, models_dir: Path, results_dir: Path, overwrite: 
     return out_dir
 
 
+def _train(cfg: TrainConfig, args: argparse.Namespace) -> Path | None:
+    """The grid (None: it prints its table) or one run (its folder)."""
+    models_dir = Path(args.models_dir)
+    if args.grid:
+        run_grid(cfg, models_dir, Path(args.results_dir), args.overwrite, progress=not args.no_progress)
+        return None
+    from core.study_moe.training import train
+
+    return train(cfg, models_dir=models_dir, overwrite=args.overwrite, progress=not args.no_progress)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=str(DEFAULT_CONFIG), help="training YAML (default: configs/train_default.yaml)")
@@ -114,21 +127,26 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         overrides = parse_overrides(args.set)
-        if args.run_name:
+        if args.run_name is not None:
             overrides["run_name"] = args.run_name
         cfg = TrainConfig.from_yaml(args.config, **overrides)
+        check_name("--run-name", cfg.run_name)  # before any training: the name becomes a folder
     except (ValueError, FileNotFoundError, TypeError) as exc:
-        p.error(str(exc))
-    models_dir = Path(args.models_dir)
-    if args.grid:
-        run_grid(cfg, models_dir, Path(args.results_dir), args.overwrite, progress=not args.no_progress)
-        return 0
-    from core.study_moe.training import train
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    from core.commands.disk_errors import disk_error_line
+    from core.owned_files import OwnershipError
 
     try:
-        run_dir = train(cfg, models_dir=models_dir, overwrite=args.overwrite, progress=not args.no_progress)
-    except FileExistsError as exc:
-        p.error(str(exc))
+        run_dir = _train(cfg, args)
+    except (FileExistsError, OwnershipError, BadNameError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(disk_error_line(exc, resumes="an earlier run of the same name is kept"), file=sys.stderr)
+        return 1
+    if run_dir is None:
+        return 0
     info = json.loads((run_dir / "run_info.json").read_text())
     print(f"run: {run_dir}")
     print(f"val loss {info['final_val']['loss']:.3f} (unigram baseline {info['unigram_val_loss']:.3f}), "

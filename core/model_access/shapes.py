@@ -9,13 +9,15 @@ studies it like any local folder. Known shapes are built offline; any other Hub 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+
+from core.owned_files import OwnershipError, check_replaceable, remove_scratch, replace_folder, start_scratch
 
 RANDOM_PREFIX = "random:"
 RECORD_NAME = "random_model.json"
@@ -101,29 +103,31 @@ def write_random_model(cfg: Any, folder: str | os.PathLike, tokenizer: Any, *, s
     from transformers.utils import logging as hf_logging
 
     folder = Path(folder)
+    hint = "choose another --models-dir"
+    check_replaceable(folder, hint)  # a folder holding what the toolkit did not write is refused before any work
     if len(tokenizer) > cfg.vocab_size:
         raise ShapeError(f"the tokenizer has {len(tokenizer)} tokens, more than the model's vocabulary {cfg.vocab_size}")
     for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
         setattr(cfg, key, getattr(tokenizer, key))
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
-    tmp = folder.with_name(f".{folder.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    hf_logging.disable_progress_bar()
+    tmp = start_scratch(folder.with_name(f".{folder.name}.tmp"))
     try:
-        model.save_pretrained(tmp)
-    finally:
-        hf_logging.enable_progress_bar()
-    tokenizer.save_pretrained(tmp)
-    info = {"seed": seed, "dtype": str(dtype).removeprefix("torch."), "parameters": sum(p.numel() for p in model.parameters()),
-            "layers": _layer_count(cfg), **(record or {})}
-    (tmp / RECORD_NAME).write_text(json.dumps(info, indent=1))
-    del model
-    if folder.exists():
-        shutil.rmtree(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, folder)
-    return folder
+        hf_logging.disable_progress_bar()
+        try:
+            model.save_pretrained(tmp)
+        finally:
+            hf_logging.enable_progress_bar()
+        tokenizer.save_pretrained(tmp)
+        info = {"seed": seed, "dtype": str(dtype).removeprefix("torch."), "parameters": sum(p.numel() for p in model.parameters()),
+                "layers": _layer_count(cfg), **(record or {})}
+        (tmp / RECORD_NAME).write_text(json.dumps(info, indent=1))
+        del model
+        return replace_folder(tmp, folder, hint)  # the old folder's own files only are replaced (core.owned_files)
+    except BaseException:
+        with contextlib.suppress(OwnershipError):
+            remove_scratch(tmp)
+        raise
 
 
 def ensure_random_model(spec: str, layers: int | None, seed: int, models_dir: str | os.PathLike,

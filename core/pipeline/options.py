@@ -21,7 +21,9 @@ from typing import Any, Union
 
 import yaml
 
+from core.path_names import BadNameError, check_name, check_path_length, check_path_name
 from core.paths import CONFIGS
+from core.safe_io import probe_writable
 
 
 class OptionsError(ValueError):
@@ -337,7 +339,24 @@ def validate(opts: RunOptions) -> None:
         raise OptionsError("no datasets given")
     if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", str(opts.model.device)):
         raise OptionsError(f"device must be cpu, cuda, cuda:N or mps, not {opts.model.device!r}")
+    validate_names(opts)
     _validate_model(opts.model)
+
+
+def validate_names(opts: RunOptions) -> None:
+    """The names that become parts of paths (run, datasets, revisions, model), before any work (``core.path_names``)."""
+    try:
+        if opts.output.run_name is not None:
+            check_name("run-name", opts.output.run_name)
+        for name in opts.data.datasets:
+            check_name("dataset", name)
+        for name in [opts.model.revision] + [c for c in opts.model.checkpoints if c != "auto"]:
+            if name is not None:
+                check_path_name("revision", name)
+        if opts.model.name is not None:
+            check_path_length("model", opts.model.name)
+    except BadNameError as e:
+        raise OptionsError(str(e)) from None
 
 
 def _validate_model(m: ModelOptions) -> None:
@@ -385,8 +404,6 @@ def preflight(opts: RunOptions) -> None:
     for path in folders:
         try:
             path.mkdir(parents=True, exist_ok=True)
-            probe = path / f".write-test-{os.getpid()}"
-            probe.write_bytes(b"")
-            probe.unlink()
+            probe_writable(path)
         except OSError as e:
             raise OptionsError(f"cannot write to {path} ({e.strerror or e}); choose another folder") from None

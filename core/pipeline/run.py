@@ -24,6 +24,28 @@ def _run_name(opts: RunOptions, model_name: str) -> str:
     return opts.output.run_name or (name + ("-micro" if opts.micro and "micro" not in name else ""))
 
 
+def run_folder(opts: RunOptions, model_name: str) -> Path:
+    """``<results-dir>/<run>``, refused in one line unless it lies inside the results folder."""
+    from core.owned_files import inside
+
+    results = Path(opts.output.results_dir)
+    run_dir = results / _run_name(opts, model_name)
+    inside(results, run_dir)
+    return run_dir
+
+
+def check_run_folder(run_dir: Path) -> None:
+    """An existing run folder that cannot be written (read-only) is found before the analyses, not after them."""
+    from core.safe_io import probe_writable
+
+    if run_dir.is_dir():
+        try:
+            probe_writable(run_dir)
+        except OSError as e:
+            raise OptionsError(f"cannot write to {run_dir} ({e.strerror or e}); choose another --run-name or "
+                               "--results-dir") from None
+
+
 class BasicRoutingAnalysis:
     """The seed's experiment object: ``BasicRoutingAnalysis(model_name=..., use_wandb=..., wandb_project=...).run()``.
 
@@ -52,6 +74,8 @@ class BasicRoutingAnalysis:
         t0, clock = time.perf_counter(), StageClock(opts.model.device)
         say = print if opts.output.progress else (lambda *a, **k: None)
         target, wrapper = self._open_model(ranks, clock, say)
+        if ranks.rank == 0:
+            check_run_folder(run_folder(opts, target.name))
         with clock.stage("datasets tokenized"):  # held-out documents only
             tokenized = targets.load_tokenized(opts, wrapper.tokenizer, exclude=targets.training_exclusion(target))
         say(f"[2/4] collecting routing on {', '.join(f'{n} ({t.num_tokens} tokens)' for n, t in tokenized.items())}")
@@ -97,7 +121,7 @@ class BasicRoutingAnalysis:
         from core.safe_io import atomic_write_text
 
         opts = self.options
-        run_dir = Path(opts.output.results_dir) / _run_name(opts, record.model["name"])
+        run_dir = run_folder(opts, record.model["name"])
         run_dir.mkdir(parents=True, exist_ok=True)
         say(f"[4/4] writing {run_dir}")
         with clock.stage("metrics.json"):  # big arrays go to arrays.safetensors beside it (core.array_files)

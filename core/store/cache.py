@@ -3,17 +3,18 @@
 Routing is collected once and analysed many times, so the cache must never lose finished
 work, never mix stale work into new, and be checkable (format: ``core.store.cache_format``).
 
-The manifest is the commit point. A shard is written to a temporary file, fsynced, renamed into
-place, and only then listed in a manifest that is itself replaced atomically. A shard file
-that the manifest does not list (a run killed mid-write) is ignored and overwritten on
-resume. Each listed shard carries its size and SHA-256, so corruption is detected on read.
+The manifest is the commit point. A shard is first named in the manifest as pending, then written
+to a temporary file named after it, fsynced, renamed into place, and only then listed in a manifest
+that is itself replaced atomically. A pending shard (a run killed mid-write) and its temporary file
+are the writer's own by that record, and are removed on resume; a file the manifest does not name is
+never removed or overwritten (``core.owned_files``). Each listed shard carries its size and SHA-256,
+so corruption is detected on read.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -25,10 +26,12 @@ from safetensors.torch import save as st_save
 
 from core.distributed import Ranks, current_ranks
 from core.routing_data import RoutingData
-from core.safe_io import TMP_SUFFIX, atomic_write_bytes, atomic_write_json, temp_name_prefix
+from core.owned_files import remove_file
+from core.safe_io import atomic_write_bytes, atomic_write_json
 from core.store.cache_format import (
     FORMAT_VERSION,
     MANIFEST_NAME,
+    PENDING,
     CacheCorruptError,
     CacheError,
     CacheIncompleteError,
@@ -39,19 +42,20 @@ from core.store.cache_format import (
     encode_shard,
     identity_differences,
     read_manifest,
+    sealed_manifest,
     shard_file_name,
+    shard_temp_name,
     validate_header,
 )
 
 __all__ = [
     "CacheCorruptError", "CacheError", "CacheIncompleteError", "CacheMismatchError", "CacheStream", "RoutingCache",
-    "RoutingCacheWriter",
+    "RoutingCacheWriter", "discard_cache",
 ]
 
 
-SHARD_NAME = re.compile(r"shard-\d{5}\.safetensors(\.tmp)?")  # (.tmp: what older writers left behind)
-SHARD_TEMP = re.compile(r"\.shard-\d{5}\.safetensors\..+" + re.escape(TMP_SUFFIX))
 LOCK_NAME = ".lock"
+RECOLLECT = "collect it again with --recollect (force=True from Python)"
 
 
 _HELD: dict[Path, list] = {}  # cache folder -> [lock file, writers of this process holding it]
@@ -115,7 +119,8 @@ class RoutingCacheWriter:
 
     ``header`` says what is being collected (see ``IDENTITY_KEYS``). Opening a directory
     whose manifest has a different identity raises ``CacheMismatchError`` naming each
-    difference, unless ``force=True``, which discards the old cache. ``verify_existing``
+    difference, unless ``force=True``, which discards the old cache (the files its manifest
+    lists, nothing else: :func:`discard_cache`). ``verify_existing``
     re-checks the checksums of committed shards before resuming.
     """
 
@@ -134,14 +139,14 @@ class RoutingCacheWriter:
         """Read the cache's state under the claim: resume it, refuse it, or start it."""
         header = {"format_version": FORMAT_VERSION, **header}
         if force:
-            (self.dir / MANIFEST_NAME).unlink(missing_ok=True)
+            discard_cache(self.dir)
         old = read_manifest(self.dir)
         if old is not None:
             diffs = identity_differences(old, header)
             if diffs:
                 raise CacheMismatchError(
                     f"cache at {self.dir} was collected differently: " + "; ".join(diffs)
-                    + " — use another cache directory or force=True to overwrite it"
+                    + " — use another cache folder, or --recollect (force=True from Python) to replace it"
                 )
             self.manifest = old
         else:
@@ -153,7 +158,7 @@ class RoutingCacheWriter:
                 "complete": False,
                 "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             }
-        self._clean_uncommitted()
+        self._clear_pending()
         if old is not None:
             self._check_committed(verify_existing)
         # a new cache gets its manifest with its first shard: until then there is nothing to keep
@@ -172,15 +177,12 @@ class RoutingCacheWriter:
     def settings(self) -> dict:
         return self.manifest["settings"]
 
-    def _clean_uncommitted(self) -> None:
-        """Remove partial writes and shard files the manifest never committed (only names this writer makes)."""
-        committed = {s["file"] for s in self.manifest["shards"]}
-        for p in self.dir.iterdir():
-            temp = p.name.endswith(TMP_SUFFIX) and (
-                p.name.startswith(temp_name_prefix(MANIFEST_NAME)) or SHARD_TEMP.fullmatch(p.name) is not None
-            )
-            if temp or (SHARD_NAME.fullmatch(p.name) and p.name not in committed):
-                p.unlink()
+    def _clear_pending(self) -> None:
+        """Remove the shard a stopped writer had named pending, and its temporary file: its own by the manifest's record."""
+        pending = self.manifest.pop(PENDING, None)
+        if pending is not None and pending not in {s["file"] for s in self.manifest["shards"]}:
+            remove_file(self.dir, pending)
+            remove_file(self.dir, shard_temp_name(pending))
 
     def close(self) -> None:
         """Let another writer of this cache go on (also done when the writer is garbage collected)."""
@@ -192,9 +194,7 @@ class RoutingCacheWriter:
         for s in self.manifest["shards"]:
             path = self.dir / s["file"]
             if not path.exists() or path.stat().st_size != s["bytes"]:
-                raise CacheCorruptError(
-                    f"shard {s['file']} of {self.dir} is missing or has the wrong size; collect again with force=True"
-                )
+                raise CacheCorruptError(f"shard {s['file']} of {self.dir} is missing or has the wrong size; {RECOLLECT}")
         if verify:  # checksums only: decoding every shard is not needed to trust it
             RoutingCache(self.dir, self.manifest).verify()
 
@@ -218,8 +218,15 @@ class RoutingCacheWriter:
             raise CacheError(f"routing scored with {data.score_fn!r} but the cache holds {self.manifest['score_fn']!r} routing")
         payload, entry = shard_payload(data, self.settings, first_row, num_rows)
         name = shard_file_name(len(self.manifest["shards"]))
-        atomic_write_bytes(self.dir / name, payload)
+        in_the_way = [n for n in (name, shard_temp_name(name)) if (self.dir / n).exists() or (self.dir / n).is_symlink()]
+        if in_the_way:
+            raise CacheError(f"{self.dir / in_the_way[0]} is in the way of the cache's next shard; its manifest does not name "
+                             "it, so it is not the toolkit's to overwrite: move it away and run again")
+        self.manifest[PENDING] = name  # the record that makes a stopped write the writer's own to clear
+        self._commit()
+        atomic_write_bytes(self.dir / name, payload, temp=shard_temp_name(name))
         entry = {"file": name, **entry}
+        del self.manifest[PENDING]
         self.manifest["shards"].append(entry)
         self.manifest["rows_done"] = first_row + num_rows
         self.manifest["total_tokens"] += data.num_tokens
@@ -242,7 +249,24 @@ class RoutingCacheWriter:
 
     def _commit(self) -> None:
         self.manifest["updated_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        atomic_write_json(self.dir / MANIFEST_NAME, self.manifest)
+        atomic_write_json(self.dir / MANIFEST_NAME, sealed_manifest(self.manifest))
+
+
+def discard_cache(cache_dir: str | os.PathLike) -> None:
+    """Remove a cache by its manifest: the shards it lists, a pending one, then the manifest; never another file.
+
+    A manifest that is damaged or edited names nothing the toolkit can trust, so it is an error
+    (delete the folder by hand); a folder without one holds nothing of a cache.
+    """
+    cache_dir = Path(cache_dir)
+    old = read_manifest(cache_dir)
+    if old is None:
+        return
+    names = [s["file"] for s in old.get("shards", [])] + ([old[PENDING]] if old.get(PENDING) else [])
+    for name in names:
+        remove_file(cache_dir, name)
+        remove_file(cache_dir, shard_temp_name(name))
+    remove_file(cache_dir, MANIFEST_NAME)
 
 
 # ---------------------------------------------------------------------------- reader
@@ -328,14 +352,9 @@ class RoutingCache:
         try:
             payload = path.read_bytes()
         except FileNotFoundError:
-            raise CacheCorruptError(
-                f"shard {s['file']} listed in {self.dir}/{MANIFEST_NAME} is missing; collect again with force=True"
-            ) from None
+            raise CacheCorruptError(f"shard {s['file']} listed in {self.dir}/{MANIFEST_NAME} is missing; {RECOLLECT}") from None
         if len(payload) != s["bytes"] or (verify and hashlib.sha256(payload).hexdigest() != s["sha256"]):
-            raise CacheCorruptError(
-                f"shard {s['file']} of {self.dir} fails its checksum (corrupted on disk); "
-                "delete the cache and collect again (force=True)"
-            )
+            raise CacheCorruptError(f"shard {s['file']} of {self.dir} fails its checksum (corrupted on disk); {RECOLLECT}")
         return payload
 
     def load_shard(self, i: int, *, verify: bool = True, dtype: torch.dtype | None = torch.float32) -> RoutingData:
@@ -346,11 +365,12 @@ class RoutingCache:
         try:
             tensors = st_load(payload)
         except Exception as e:  # a payload that passed its size check but not the parser
-            raise CacheCorruptError(f"shard {self.manifest['shards'][i]['file']} of {self.dir} cannot be parsed: {e}") from e
+            raise CacheCorruptError(f"shard {self.manifest['shards'][i]['file']} of {self.dir} cannot be parsed "
+                                    f"({str(e).splitlines()[0][:200] if str(e) else type(e).__name__}); {RECOLLECT}") from e
         rd = decode_shard(tensors, self.manifest, dtype)
         if rd.num_tokens != int(self.manifest["shards"][i]["num_tokens"]):
             raise CacheCorruptError(f"shard {self.manifest['shards'][i]['file']} of {self.dir} holds {rd.num_tokens} tokens, its "
-                                    f"manifest entry says {self.manifest['shards'][i]['num_tokens']}; delete the cache and collect again")
+                                    f"manifest entry says {self.manifest['shards'][i]['num_tokens']}; {RECOLLECT}")
         return rd
 
     def iter_shards(self, *, verify: bool = True, dtype: torch.dtype | None = torch.float32) -> Iterator[RoutingData]:
@@ -373,10 +393,7 @@ class RoutingCache:
             except CacheCorruptError:
                 bad.append(s["file"])
         if bad:
-            raise CacheCorruptError(
-                f"{len(bad)} shard(s) of {self.dir} are missing or corrupted: {', '.join(bad)}; "
-                "delete the cache and collect again (force=True)"
-            )
+            raise CacheCorruptError(f"{len(bad)} shard(s) of {self.dir} are missing or corrupted: {', '.join(bad)}; {RECOLLECT}")
 
 
 class CacheStream:

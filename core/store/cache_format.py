@@ -6,6 +6,12 @@ Layout of a cache directory::
     shard-00000.safetensors       one group of whole batches (rows), token-major tensors
     shard-00001.safetensors ...
 
+The manifest carries its own SHA-256 (``sha256``, over the rest of it with keys sorted), checked
+whenever it is read, and names only files of its own folder: it is the record of which files are
+the cache's (``core.owned_files``), so a manifest edited by hand is refused, never followed.
+``pending_shard`` names the shard being written before its bytes reach the disk, so a writer
+stopped mid-write leaves nothing it cannot later identify as its own.
+
 Storage modes (``settings.storage``):
 
 * ``"full"``    router logits ``[n, L, E]`` + selected experts ``[n, L, k]`` + their weights.
@@ -19,6 +25,7 @@ optional hidden states (``hidden.<layer>`` ``[n, H]``) in the float dtype.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 from pathlib import Path
@@ -27,9 +34,12 @@ from typing import Any
 import torch
 
 from core.routing_data import TOKEN_FIELDS, RoutingData
+from core.safe_io import to_jsonable
 
 FORMAT_VERSION = 2  # 2: one-byte expert ids (E <= 255) and the smallest integer type for token metadata
 MANIFEST_NAME = "manifest.json"
+MANIFEST_DIGEST = "sha256"  # the manifest's checksum of itself
+PENDING = "pending_shard"  # the shard file a writer is about to write (its record before the bytes exist)
 STORAGE_MODES = ("full", "compact")
 FLOAT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 # Keys of the manifest that say *what* was collected; a resume must match all of them.
@@ -72,18 +82,57 @@ def shard_file_name(index: int) -> str:
     return f"shard-{index:05d}.safetensors"
 
 
+def shard_temp_name(file: str) -> str:
+    """The temporary file a writer writes ``file`` through: named by the record, so a stopped write is known as its own."""
+    return f".{file}.tmp"
+
+
+def manifest_digest(manifest: dict) -> str:
+    """The SHA-256 a manifest carries of itself (every field but the checksum, keys sorted)."""
+    body = {k: v for k, v in manifest.items() if k != MANIFEST_DIGEST}
+    return hashlib.sha256(json.dumps(to_jsonable(body), sort_keys=True, allow_nan=False).encode()).hexdigest()
+
+
+def sealed_manifest(manifest: dict) -> dict:
+    """The manifest as written to disk: with its checksum."""
+    return {**manifest, MANIFEST_DIGEST: manifest_digest(manifest)}
+
+
+def is_own_file(name: Any) -> bool:
+    """Whether a manifest entry names a file of the cache's own folder (a plain name, no path)."""
+    return isinstance(name, str) and bool(name) and "/" not in name and "\\" not in name and name not in (".", "..") \
+        and not name.startswith(".")
+
+
 def read_manifest(cache_dir: Path) -> dict | None:
-    """The manifest of ``cache_dir``, or None when there is none; a damaged one is an error."""
+    """The manifest of ``cache_dir`` (without its checksum), or None when there is none; a damaged or edited one is an error.
+
+    Manifests written before manifests carried a checksum are read as they are; their entries are
+    still refused unless each names a file of the folder.
+    """
     path = Path(cache_dir) / MANIFEST_NAME
     if not path.exists():
         return None
     try:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CacheCorruptError(f"manifest {path} is not valid JSON ({e}); delete the cache and collect again") from e
+        raise CacheCorruptError(f"manifest {path} is not valid JSON ({e}); delete the folder {cache_dir} and collect "
+                                "again") from None
+    if not isinstance(manifest, dict):
+        raise CacheCorruptError(f"manifest {path} is not a JSON object; delete the folder {cache_dir} and collect again")
+    stored = manifest.pop(MANIFEST_DIGEST, None)
+    if stored is not None and stored != manifest_digest(manifest):
+        raise CacheCorruptError(f"manifest {path} fails its checksum (edited or damaged since it was written); delete the "
+                                f"folder {cache_dir} and collect again")
     version = manifest.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise CacheError(f"cache at {cache_dir} has format version {version!r}; this toolkit reads up to {FORMAT_VERSION}")
+    shards = manifest.get("shards", [])
+    names = [s.get("file") if isinstance(s, dict) else s for s in shards] if isinstance(shards, list) else [shards]
+    bad = [n for n in names + ([manifest[PENDING]] if manifest.get(PENDING) is not None else []) if not is_own_file(n)]
+    if bad:
+        raise CacheCorruptError(f"manifest {path} names {str(bad[0])[:80]!r}, which is not a file of its folder (edited by "
+                                f"hand?); refused: delete the folder {cache_dir} and collect again")
     return manifest
 
 
@@ -110,7 +159,8 @@ def check_manifest_numbers(manifest: dict, cache_dir: Path) -> None:
     except (KeyError, TypeError, ValueError) as e:
         bad = [f"a field is missing or malformed ({e})"]
     if bad:
-        raise CacheCorruptError(f"manifest of {cache_dir} does not add up: {'; '.join(bad)}; delete the cache and collect again")
+        raise CacheCorruptError(f"manifest of {cache_dir} does not add up: {'; '.join(bad)}; collect it again with "
+                                "--recollect (force=True from Python)")
 
 
 def describe_differences(have: Any, want: Any, prefix: str) -> list[str]:

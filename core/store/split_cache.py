@@ -9,7 +9,9 @@ and its entry ``part-<first row>.json``, both atomic), with the cache's header i
 After a barrier one rank joins them (:func:`join_parts`): a manifest listing the parts in row
 order. The shards are byte for byte those of one process, so the cache is the same whoever
 wrote it, and a part once written is never traced again, whatever the number of processes of
-the next run (``collect`` of one process finishes a split cache the same way).
+the next run (``collect`` of one process finishes a split cache the same way). Entry files are
+named from the plan's row numbers and removed only through ``core.owned_files``; the file an entry
+names must be one of the folder's.
 """
 
 from __future__ import annotations
@@ -23,10 +25,20 @@ import torch
 from tqdm.auto import tqdm
 
 from core.distributed import Ranks
+from core.owned_files import remove_file
 from core.routing_data import RoutingData
 from core.safe_io import atomic_write_bytes, atomic_write_json
-from core.store.cache import RoutingCache, shard_payload
-from core.store.cache_format import FORMAT_VERSION, MANIFEST_NAME, CacheError, identity_differences, read_manifest
+from core.store.cache import RoutingCache, discard_cache, shard_payload
+from core.store.cache_format import (
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    CacheCorruptError,
+    CacheError,
+    identity_differences,
+    is_own_file,
+    read_manifest,
+    sealed_manifest,
+)
 from core.store.rows import concat_batches, token_rows
 
 PARTS_FILE = "parts.json"
@@ -52,8 +64,12 @@ def part_name(first_row: int) -> str:
     return f"part-{first_row:09d}.safetensors"
 
 
+def _entry_name(first_row: int) -> str:
+    return f"part-{first_row:09d}.json"
+
+
 def _entry_path(cache_dir: Path, first_row: int) -> Path:
-    return cache_dir / f"part-{first_row:09d}.json"
+    return cache_dir / _entry_name(first_row)
 
 
 def has_parts(cache_dir: str | Path) -> bool:
@@ -66,6 +82,9 @@ def _finished(cache_dir: Path, first_row: int, num_rows: int) -> bool:
     if not path.exists():
         return False
     entry = json.loads(path.read_text())
+    if not is_own_file(entry.get("file")):  # a part, or a shard adopted from one process's cache: a file of this folder
+        raise CacheCorruptError(f"{path} names {str(entry.get('file'))[:80]!r}, not a file of its folder; delete the "
+                                "folder and collect again")
     part = cache_dir / entry["file"]
     return entry["num_rows"] == num_rows and part.exists() and part.stat().st_size == entry["bytes"]
 
@@ -81,8 +100,10 @@ def collect_parts(collector: Any, tokenized: Any, cache_dir: str | Path, header:
     _, mask = token_rows(tokenized)
     plan = plan_shards(mask, batch_size, header["settings"]["shard_tokens"])
     atomic_write_json(cache_dir / PARTS_FILE, {"header": header, "plan": plan})  # the same from every rank
-    if force:
-        (cache_dir / MANIFEST_NAME).unlink(missing_ok=True)
+    if force:  # one rank removes the old cache's files, and no rank writes a part before they are gone
+        if ranks.rank == 0:
+            discard_cache(cache_dir)
+        ranks.barrier()
     else:
         _adopt_shards(cache_dir, header)
     mine = [(a, b) for i, (a, b) in enumerate(plan) if ranks.owns(i) and (force or not _finished(cache_dir, a, b - a))]
@@ -119,6 +140,9 @@ def join_parts(cache_dir: str | Path) -> RoutingCache:
         return RoutingCache(cache_dir, done)
     meta = json.loads((cache_dir / PARTS_FILE).read_text())
     header, plan = meta["header"], meta["plan"]
+    if not all(isinstance(r, list) and len(r) == 2 and all(type(x) is int for x in r) for r in plan):
+        raise CacheCorruptError(f"{cache_dir / PARTS_FILE} has a damaged plan (not pairs of row numbers); delete the "
+                                "folder and collect again")
     missing = [f"{a}-{b}" for a, b in plan if not _finished(cache_dir, a, b - a)]
     if missing:
         raise CacheError(f"the split cache at {cache_dir} lacks rows {', '.join(missing[:5])}"
@@ -131,9 +155,9 @@ def join_parts(cache_dir: str | Path) -> RoutingCache:
                 "updated_at": now}
     if header.get("score_fn") is None and score_fns:
         manifest["score_fn"] = score_fns.pop()
-    atomic_write_json(cache_dir / MANIFEST_NAME, manifest)
+    atomic_write_json(cache_dir / MANIFEST_NAME, sealed_manifest(manifest))
     for a, _ in plan:  # the manifest now lists the parts; their entry files have done their job
-        _entry_path(cache_dir, a).unlink(missing_ok=True)
-    (cache_dir / PARTS_FILE).unlink(missing_ok=True)
+        remove_file(cache_dir, _entry_name(a))
+    remove_file(cache_dir, PARTS_FILE)
     return RoutingCache(cache_dir, manifest)
 

@@ -16,16 +16,18 @@ A run lives in ``models/<run_name>/``:
 * ``training_data.json`` — which documents the run read and which it held out for analysis
   (``core.study_moe.training_data``; the main run analyses only documents not read here).
 
-The run is built in a hidden temporary folder and renamed into place when complete, so a
-run folder that exists is a finished run.
+The run is built in a hidden scratch folder and renamed into place when complete, so a run folder
+that exists is a finished run. Its marker (``core.owned_files``) lists the files the run wrote:
+retraining (``--overwrite``, or the embedded model found without its record) replaces only those,
+and a folder holding anything else (a user's notes, a folder from older code, no marker) is
+refused in one line before any training.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
 import random
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,6 +36,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers.utils import logging as hf_logging
 
+from core.owned_files import OwnershipError, check_replaceable, inside, remove_scratch, replace_folder, start_scratch
+from core.path_names import check_name
 from core.safe_io import atomic_write_json, to_jsonable
 from core.study_moe.config import DEFAULT_CONFIG, TrainConfig, checkpoint_steps, learning_rate
 from core.study_moe.corpus import prepare_data
@@ -51,16 +55,6 @@ def _save_pretrained(model, tokenizer, folder: Path) -> None:
     finally:
         hf_logging.enable_progress_bar()
     tokenizer.save_pretrained(folder)
-
-
-def _save_model(model, tokenizer, folder: Path) -> None:
-    """``save_pretrained`` model and tokenizer into ``folder`` via a temp folder + rename."""
-    tmp = folder.with_name(f".{folder.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    _save_pretrained(model, tokenizer, tmp)
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
 
 
 def _logged(value):
@@ -118,7 +112,7 @@ def _evaluate_and_save(step: int, model, tokenizer, val, cfg: TrainConfig, state
             f.write(json.dumps(log_line(state.epoch, step, step * state.tokens_per_step, state.last)) + "\n")
     if step in state.ckpt_steps:
         rev = f"step-{step:06d}"
-        _save_model(model, tokenizer, state.folder / rev)
+        _save_pretrained(model, tokenizer, state.folder / rev)  # a new folder of the run's scratch folder
         state.checkpoints.append({"revision": rev, "step": step, "tokens": step * state.tokens_per_step, "path": rev})
         atomic_write_json(state.folder / "checkpoints.json", state.checkpoints)
 
@@ -149,14 +143,31 @@ def _optimize(model, tokenizer, splits: dict, cfg: TrainConfig, state: _RunState
 
 
 def train(cfg: TrainConfig, models_dir: str | Path = "models", overwrite: bool = False, progress: bool = True) -> Path:
-    """Train one run and return its folder ``models_dir/<run_name>``."""
+    """Train one run and return its folder ``models_dir/<run_name>``.
+
+    Before any training: the run name must be one folder name (``BadNameError``), and an existing
+    run folder is replaced only with ``overwrite`` and only if it holds nothing but what a run of
+    the toolkit wrote (``OwnershipError`` otherwise, one line).
+    """
     models_dir = Path(models_dir)
-    run_dir = models_dir / cfg.run_name
+    run_dir = models_dir / check_name("run name", cfg.run_name)
+    inside(models_dir, run_dir)
     if run_dir.exists() and not overwrite:
         raise FileExistsError(f"run {run_dir} already exists; pass overwrite=True (--overwrite) to retrain it")
-    work = models_dir / f".{cfg.run_name}.tmp"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    hint = "choose another --run-name or --models-dir"
+    check_replaceable(run_dir, hint)
+    work = start_scratch(models_dir / f".{cfg.run_name}.tmp")
+    try:
+        _train_into(cfg, work, progress)
+        return replace_folder(work, run_dir, hint)
+    except BaseException:
+        with contextlib.suppress(OwnershipError):  # sealed by then: the finished run stays where the error says
+            remove_scratch(work)
+        raise
+
+
+def _train_into(cfg: TrainConfig, work: Path, progress: bool) -> None:
+    """The whole training run, written into the scratch folder ``work``."""
     started = time.time()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -193,10 +204,6 @@ def train(cfg: TrainConfig, models_dir: str | Path = "models", overwrite: bool =
         "checkpoints": [c["revision"] for c in state.checkpoints],
     }
     atomic_write_json(work / "run_info.json", info)
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
-    os.replace(work, run_dir)
-    return run_dir
 
 
 def _active_parameters(model: StudyMoeForCausalLM) -> int:
@@ -211,10 +218,16 @@ def ensure_default_model(models_dir: str | Path = "models", config: str | Path =
     """The embedded default run's folder, training it first if it is not there yet.
 
     A run from older code, which did not record its training documents (and read the documents
-    the main run analyses), is retrained: the main run needs to know what is held out.
+    the main run analyses), is retrained: the main run needs to know what is held out. Only a
+    folder all of whose files the toolkit wrote is replaced; any other is refused in one line
+    (``OwnershipError``) before training.
     """
     cfg = TrainConfig.from_yaml(config)
-    run_dir = Path(models_dir) / cfg.run_name
-    if all((run_dir / name).is_file() for name in ("checkpoints.json", "config.json", RECORD_NAME)):
+    run_dir = Path(models_dir) / check_name("run name", cfg.run_name)
+    needed = ("checkpoints.json", "config.json", RECORD_NAME)
+    missing = [name for name in needed if not (run_dir / name).is_file()]
+    if not missing:
         return run_dir
+    check_replaceable(run_dir, f"pass another --models-dir (the embedded model there lacks {', '.join(missing)} and "
+                               "must be retrained)")
     return train(cfg, models_dir=models_dir, overwrite=True, progress=progress)
