@@ -25,7 +25,7 @@ import os
 import shutil
 from pathlib import Path
 
-from core.safe_io import atomic_write_json
+from core.safe_io import atomic_write_json, current_umask
 
 MARKER = ".moe-router-study.json"
 SCRATCH, SEALED = "scratch", "sealed"
@@ -160,12 +160,21 @@ def _parents(files: list[str]) -> set[str]:
 
 
 def seal(folder: str | os.PathLike) -> Path:
-    """Record every file now in a finished scratch folder as the toolkit's: only these are ever removed."""
+    """Record every file now in a finished scratch folder as the toolkit's: only these are ever removed.
+
+    Its files get the umask's permissions here: libraries that wrote some of them (transformers'
+    ``save_pretrained`` makes 0600 safetensors) would otherwise leave a model collaborators cannot read.
+    """
     folder = Path(folder)
     marker = read_marker(folder)
     if marker is None or marker["kind"] != SCRATCH:
         raise OwnershipError(f"{folder} is not a folder this toolkit built (no scratch marker); it cannot be sealed")
-    _write_marker(folder, {"kind": SEALED, "files": _files(folder)})
+    files = _files(folder)
+    mode = 0o666 & ~current_umask()
+    for rel in files:
+        if not (folder / rel).is_symlink():
+            os.chmod(folder / rel, mode)
+    _write_marker(folder, {"kind": SEALED, "files": files})
     return folder
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import core.owned_files as owned_files
 import core.safe_io as safe_io
 from core.array_files import ArrayFileError, load_array, load_metrics, write_metrics
 from core.collection.checkpoints import parse_checkpoint_name
@@ -401,6 +402,20 @@ def test_written_files_get_the_umasks_permissions(tmp_path, umask):
         assert len(files) >= 6
         assert {p.name: oct(p.stat().st_mode & 0o777) for p in files} == {p.name: oct(0o666 & ~umask) for p in files}
         canary.check()
+    finally:
+        os.umask(old)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_a_sealed_folder_gives_files_libraries_wrote_the_umasks_permissions(tmp_path, umask):
+    """transformers' save_pretrained writes 0600 weights; sealing a built model folder gives them the umask's."""
+    old = os.umask(umask)
+    try:
+        folder = owned_files.start_scratch(tmp_path / "model")
+        (folder / "model.safetensors").write_bytes(b"w")
+        os.chmod(folder / "model.safetensors", 0o600)  # as save_pretrained leaves it
+        owned_files.seal(folder)
+        assert oct((folder / "model.safetensors").stat().st_mode & 0o777) == oct(0o666 & ~umask)
     finally:
         os.umask(old)
 
