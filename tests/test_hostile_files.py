@@ -517,3 +517,35 @@ def test_a_corrupt_shard_names_the_flag_and_recollect_keeps_a_users_file(micro, 
     for f in cache_folders(results):
         RoutingCache.open(f).verify()
     canary.check()
+
+
+def test_caches_that_cannot_fit_the_disk_are_refused_before_any_model_loads(micro, tmp_path, capsys, monkeypatch):
+    """A full disk found mid-collection costs the work done so far; the caches' size is known before: say so first."""
+    import shutil as sh
+    from collections import namedtuple
+
+    import core.collection.sweep as sweep
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(sweep.shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 1000, 1000))
+    loaded = []
+    monkeypatch.setattr(sweep, "_collect_plans", lambda *a, **k: loaded.append(1))
+    sh.copytree(micro.models, tmp_path / "models")
+    canary = CanaryTree(tmp_path, owned=["results"])
+    code = basic_routing_analysis.main(LEAN + ["--models-dir", str(tmp_path / "models"),
+                                               "--results-dir", str(tmp_path / "results")])
+    line = one_line_error(capsys, code, 2, "the routing caches still to collect need about")
+    assert "GB free" in line and not loaded
+    canary.check()
+
+
+def test_the_cache_size_estimate_bounds_what_a_shard_holds(tmp_path):
+    from core.store.cache_format import bytes_per_token
+
+    fake = FakeWrapper()
+    rows = make_rows()
+    ActivationCollector(fake, progress=False).collect(rows, tmp_path / "cache", batch_size=3, shard_tokens=10_000)
+    shards = sum(p.stat().st_size for p in (tmp_path / "cache").glob("shard-*.safetensors"))
+    settings = {"storage": "full", "dtype": "float16", "hidden_layers": []}
+    est = bytes_per_token(settings, len(fake.moe_layers), fake.num_experts, fake.top_k) * int(rows.attention_mask.sum())
+    assert shards <= est * 1.1 + 4096 and est <= 3 * shards, (shards, est)  # a bound, not a wild guess (4 KB: headers)

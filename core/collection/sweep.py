@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -262,6 +263,7 @@ def sweep_checkpoints(
     device: str = "cpu",
     keep_checkpoints: bool = False,
     announce: Callable[[list[Checkpoint]], None] | None = None,
+    token_bytes: int | None = None,
 ) -> Sweep:
     """Collect every dataset at every checkpoint; returns the :class:`Sweep` (its index is on disk too).
 
@@ -275,7 +277,9 @@ def sweep_checkpoints(
     and weight digests), ``model_dtype``, the ``device`` type, the data and the settings; ``force``
     collects again into the same identity. A Hub revision the sweep downloaded is freed once
     collected unless ``keep_checkpoints`` (``hub_disk``). ``announce(checkpoints)``: called once,
-    before any model loads, with those that must. Under torchrun each rank collects its share
+    before any model loads, with those that must. ``token_bytes`` (``cache_format.bytes_per_token``):
+    the caches still to collect are checked, before any model loads, to fit the free space of
+    ``cache_root`` (a one-line CacheError otherwise). Under torchrun each rank collects its share
     (``core.distributed``), then opens the others'.
     """
     if not checkpoints or not datasets:
@@ -289,6 +293,8 @@ def sweep_checkpoints(
     collect_kw = {**settings, "hidden_layers": hidden_layers, "ranks": ranks if split else None}
     plans = _plan_checkpoints(checkpoints, datasets, fingerprints, settings, index, cache_root, model_source or model_name,
                               model_dtype, device, force=force, router_weights=router_weights)
+    if token_bytes:
+        check_free_space(cache_root, sum(_tokens(t) for p in plans for _, t, _ in p.todo) * token_bytes)
     if announce is not None:
         announce([p.ckpt for p in plans if p.todo or (router_weights and p.routers is None)])
     _collect_plans(plans, list(datasets), make_wrapper, index, ranks, split, checkpoints, model_source or model_name,
@@ -314,6 +320,24 @@ class _SweepIndex:
     def write(self) -> None:
         """Write the index as it stands now (atomically, with its checksum)."""
         _write_index(self.path, self.model_name, self.entries, self.order, self.last_paths)
+
+
+def _tokens(tokenized: Any) -> int:
+    mask = getattr(tokenized, "attention_mask", None)
+    return int(mask.sum()) if mask is not None else 0
+
+
+def check_free_space(cache_root: str | os.PathLike, need: int, margin: float = 1.1) -> None:
+    """Refuse, before any model loads, caches that cannot fit the disk they go to (their estimate plus 10%)."""
+    if need <= 0:
+        return
+    root = Path(cache_root)
+    probe = next((p for p in (root, *root.parents) if p.exists()), root)
+    free = shutil.disk_usage(probe).free
+    if need * margin > free:
+        raise CacheError(f"the routing caches still to collect need about {need / 1e9:.2f} GB, and {probe} has "
+                         f"{free / 1e9:.2f} GB free; free space, give another --results-dir, or collect fewer tokens "
+                         "(--max-tokens)")
 
 
 def _open_index(cache_root: str | os.PathLike, model_name: str, checkpoints: Sequence[Checkpoint]) -> _SweepIndex:

@@ -36,6 +36,7 @@ from core.model_access.shapes import (
 from core.model_access.wrapper import MoEModelWrapper
 from core.paths import CONFIGS
 from core.pipeline.options import OptionsError, RunOptions
+from core.store.cache_format import bytes_per_token
 from core.store.identity import weights_digest
 from data import DataError, DatasetLoader, TokenizedDataset, tokenize_documents
 
@@ -221,11 +222,17 @@ def collect_all(opts: RunOptions, target: ModelTarget, tokenized: dict[str, Toke
             return final_wrapper
         return open_wrapper(target, ckpt, opts)
 
+    settings = opts.collection.settings()
+    token_bytes = None
+    if final_wrapper is not None:  # the caches' size is known from the model's shape; checked against free space first
+        w = final_wrapper
+        token_bytes = bytes_per_token(settings, len(w.moe_layers), w.num_experts, w.top_k, int(getattr(w, "hidden_size", 0) or 0))
     return sweep_checkpoints(
         target.checkpoints, tokenized, make_wrapper, opts.cache_root, model_name=target.cache_key,
-        **opts.collection.settings(), router_weights=opts.model.remote != "ndif", progress=opts.output.progress,
+        **settings, router_weights=opts.model.remote != "ndif", progress=opts.output.progress,
         model_source=target.source, model_dtype=opts.model.dtype, device=opts.model.device, force=opts.output.recollect,
         keep_checkpoints=opts.model.keep_checkpoints, announce=lambda ckpts: announce_downloads(opts, target, ckpts),
+        token_bytes=token_bytes,
     )
 
 

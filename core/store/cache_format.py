@@ -213,6 +213,14 @@ def _decode_idx(t: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------- encode/decode
+def bytes_per_token(settings: dict, layers: int, experts: int, top_k: int, hidden_size: int = 0) -> int:
+    """What one token costs in a shard, as :func:`encode_shard` stores it (ids at their widest): for free-space checks."""
+    f = torch.empty(0, dtype=FLOAT_DTYPES[settings["dtype"]]).element_size()
+    idx = 1 if experts <= 255 else 2 if experts < 32768 else 8
+    logits = layers * experts * f if settings["storage"] == "full" else 0
+    return logits + layers * top_k * (idx + f) + len(_META_FIELDS) * 8 + len(settings.get("hidden_layers", [])) * hidden_size * f
+
+
 def encode_shard(data: RoutingData, settings: dict) -> dict[str, torch.Tensor]:
     """Turn a RoutingData into the named tensors of one shard, in the cache's storage form."""
     storage, fdtype = settings["storage"], FLOAT_DTYPES[settings["dtype"]]
