@@ -152,3 +152,16 @@ def test_the_command_never_overwrites_a_file_it_did_not_write(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--seeds", "1", "--worlds", "iid", "--out", "-", "--csv", str(mine)])
     assert mine.read_text() == "my notes\n"
+
+
+def test_a_longer_look_at_a_few_cells_runs_only_the_named_analyses_on_fresh_seeds(tmp_path):
+    import pandas as pd
+
+    from core.commands.calibrate import main
+
+    csv = tmp_path / "c.csv"
+    main(["--layers", "10", "--experts", "8", "--top-k", "2", "--docs", "8", "--doc-len", "40", "--worlds", "iid",
+          "--analyses", "routing_consistency", "--seeds", "2", "--first-seed", "30", "--out", "-", "--csv", str(csv),
+          "--no-progress"])
+    long = pd.read_csv(csv, keep_default_na=False)
+    assert set(long.verdict) == {"consistency_same_top1", "consistency_next_in_topk"} and (long.runs == 2).all()

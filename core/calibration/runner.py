@@ -150,18 +150,19 @@ def _task(args: tuple) -> tuple[str, dict[str, Outcome]]:
 
 
 def calibrate(entries: list[tuple[World, tuple[str, ...]]], shape: Shape, seeds: Iterable[int], resamples: int = 200,
-              jobs: int = 1, progress: bool = True) -> pd.DataFrame:
+              jobs: int = 1, progress: bool = True, analyses: Iterable[str] | None = None) -> pd.DataFrame:
     """One row per (world, verdict): false-positive rate where the world is a null for it, else power; and coverage.
 
-    Null worlds run every analysis; a planted world only the analysis that states its target.
-    ``jobs`` > 1 runs draws in that many processes (each draw is independent).
+    Null worlds run every analysis (or those named in ``analyses``: a longer look at a few cells);
+    a planted world only the analysis that states its target. ``jobs`` > 1 runs draws in that many
+    processes (each draw is independent).
     """
     from tqdm.auto import tqdm
 
     seeds = list(seeds)
     tasks = []
     for world, _ in entries:
-        only = None if world.null else [owners(world)[world.target[0]]]
+        only = (None if analyses is None else list(analyses)) if world.null else [owners(world)[world.target[0]]]
         tasks += [(world, shape, seed, resamples, only) for seed in seeds]
     tallies: dict[tuple[str, str], Tally] = {}
     bar = tqdm(total=len(tasks), desc="calibration draws", disable=not progress)

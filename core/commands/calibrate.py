@@ -3,6 +3,7 @@
     uv run exp/calibrate.py                        # issue 27's sizes: 16 x 64, top-8, 40 x 250 tokens, 30 seeds
     uv run exp/calibrate.py --seeds 5 --worlds iid,documents --jobs 2
     uv run exp/calibrate.py --layers 4 --experts 16 --top-k 2 --docs 24 --doc-len 100   # a fast look
+    uv run exp/calibrate.py --worlds topical --analyses routing_consistency --seeds 150 --first-seed 30 --out -
 
 Prints one line per verdict against the bar (per-element false-positive rate <= 7% and <= 10% of
 runs flagging any element in every null world, power >= 80% on every planted effect, coverage
@@ -27,6 +28,9 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--seeds", type=int, default=30, help="draws of every world (default 30)")
+    p.add_argument("--first-seed", type=int, default=0, help="the first draw's seed (a longer look with fresh draws: 30)")
+    p.add_argument("--analyses", default=None,
+                   help="comma-separated registered analyses the null worlds run (default: all), e.g. routing_consistency")
     p.add_argument("--worlds", default=None, help="comma-separated world names (default: every world)")
     p.add_argument("--layers", type=int, default=16)
     p.add_argument("--experts", type=int, default=64)
@@ -83,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     from core.calibration.table import markdown, passes, summary
     from core.calibration.weights import calibrate_routers
     from core.calibration.worlds import Shape
+    from core.pipeline.spec import registered
 
     if min(args.seeds, args.layers, args.experts, args.top_k, args.docs, args.doc_len, args.jobs) < 1 or args.top_k > args.experts:
         _parser().error("every size must be >= 1 and --top-k at most --experts")
@@ -91,11 +96,18 @@ def main(argv: list[str] | None = None) -> int:
     chosen, weight_names, loss_names = _split_worlds(args.worlds)
     _check_outputs(args.out, args.csv)
     shape = Shape(args.layers, args.experts, args.top_k, args.docs, args.doc_len)
-    long = calibrate(chosen, shape, range(args.seeds), args.resamples, args.jobs, progress=not args.no_progress)
+    if args.first_seed < 0:
+        _parser().error("--first-seed must be 0 or more")
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
+    analyses = args.analyses.split(",") if args.analyses else None
+    known = {s.name for s in registered() if s.stage == "pass"}
+    if analyses and (unknown := sorted(set(analyses) - known)):
+        _parser().error(f"unknown analyses {', '.join(unknown)}; registered pass analyses: {', '.join(sorted(known))}")
+    long = calibrate(chosen, shape, seeds, args.resamples, args.jobs, progress=not args.no_progress, analyses=analyses)
     if weight_names:
-        long = pd.concat([long, calibrate_routers(args.experts, range(args.seeds), names=weight_names)], ignore_index=True)
+        long = pd.concat([long, calibrate_routers(args.experts, seeds, names=weight_names)], ignore_index=True)
     if loss_names:
-        long = pd.concat([long, calibrate_losses(range(args.seeds), names=loss_names)], ignore_index=True)
+        long = pd.concat([long, calibrate_losses(seeds, names=loss_names)], ignore_index=True)
     s = summary(long)
     for _, row in s.iterrows():
         print(f"{'ok  ' if passes(row) else 'FAIL'} {row['verdict']}: worst FPR per element {row['worst FPR per element']:.3f}"
@@ -103,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
               f"power {row['power'] or '–'}, coverage {row['coverage (min)']:.3f}")
     command = "uv run exp/calibrate.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     about = (f"{TITLE}\n\n{shape.layers} layers x {shape.experts} experts, top-{shape.top_k}, "
-             f"{shape.docs} documents x {shape.doc_len} tokens unless a world says otherwise, {args.seeds} seeds per world, "
+             f"{shape.docs} documents x {shape.doc_len} tokens unless a world says otherwise, {args.seeds} seeds per world"
+             f"{f' (from seed {args.first_seed})' if args.first_seed else ''}, "
              f"{args.resamples} resamples. Written by `core/commands/calibrate.py`.")
     if str(args.out) != "-":
         args.out.parent.mkdir(parents=True, exist_ok=True)
