@@ -1,0 +1,140 @@
+"""Hostile and careless config values and model inputs (issue 28): a one-line error before any work, or a correct result.
+
+Every command runs inside a :class:`tests.canary.CanaryTree`: an error found before any work must
+leave the tree exactly as it was (nothing owned), and a run may write only its results folder.
+The trained micro model is shared by the module; errors before work take milliseconds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from core.array_files import load_metrics
+from core.commands.basic_routing_analysis import main
+from core.pipeline.options import OptionsError, _base, _item_type, make_options, option_table
+from tests.canary import CanaryTree
+
+REPO = Path(__file__).resolve().parents[1]
+QUICK = ["--micro", "--static", "none", "--no-progress", "--resamples", "0", "--datasets", "gsm8k", "--max-checkpoints", "2"]
+
+
+@pytest.fixture(scope="module")
+def micro_models(tmp_path_factory) -> Path:
+    """A models folder holding the trained embedded micro model (one training for the whole module)."""
+    from core.study_moe.training import ensure_default_model
+
+    models = tmp_path_factory.mktemp("hostile") / "models"
+    ensure_default_model(models, config=REPO / "configs" / "train_micro.yaml", progress=False)
+    return models
+
+
+@pytest.fixture(autouse=True)
+def no_loading_bars():
+    """transformers draws a weight-loading bar on stderr; the tests read stderr for the one error line."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    yield
+    hf_logging.enable_progress_bar()
+
+
+def one_line_error(capsys, argv: list[str]) -> str:
+    """Run the command; it must exit 2 with exactly one line on stderr and no traceback. Returns that line."""
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+def untouched(root: Path) -> CanaryTree:
+    """A canary tree where the command owns nothing: an error before any work must leave it exactly as it was."""
+    return CanaryTree(root, owned=[])
+
+
+def dirs(root: Path, models: Path | None = None) -> list[str]:
+    return ["--results-dir", str(root / "results"), "--models-dir", str(models or root / "models")]
+
+
+# ================================================================== config values
+@pytest.mark.parametrize("yaml_text, says", [
+    ('ablation: "no"', "ablation must be true or false, not 'no'"),
+    ("ablation: 0", "ablation must be true or false, not 0"),
+    ('batch_size: "four"', "batch-size must be a whole number, not 'four'"),
+    ('shard_tokens: "many"', "shard-tokens must be a whole number, not 'many'"),
+    ('resamples: "lots"', "resamples must be a whole number, not 'lots'"),
+    ('seed: "abc"', "seed must be a whole number, not 'abc'"),
+    ("seed: -1", "seed must be 0 or more, not -1"),
+    ("max_tokens: 1.5", "max-tokens must be a whole number, not 1.5"),
+    ("resamples: -5", "resamples must be 0 or more, not -5"),
+    ('pruning_fractions: [0.5, "half"]', "pruning-fractions must be a number, not 'half'"),
+    ("hidden_layers: [-1]", "hidden-layers must be 0 or more, not -1"),
+    ("storage: 3", "storage must be one of full, compact, not '3'"),
+    ("static: [png]", "static must be a name or text, not ['png']"),
+    ("device: yes", "device must be a name or text, not True"),
+    ("model: [a, b]", "model must be a name or text, not ['a', 'b']"),
+    ("datasets: [[gsm8k]]", "datasets must be a name or text, not ['gsm8k']"),
+    ("datasets: {gsm8k: 1}", "datasets must be a list or comma-separated values"),
+    ("datasets: [gsm8k, gsm8k]", "datasets repeat: gsm8k, gsm8k"),
+    ("nosuch_option: 1", "unknown options ['nosuch_option']"),
+    ("analysis: 5", "analysis must hold a mapping of option: value"),
+])
+def test_a_wrong_value_in_a_config_file_is_one_line_before_any_work(tmp_path, capsys, yaml_text, says):
+    cfg = tmp_path / "study.yaml"
+    cfg.write_text("micro: true\n" + yaml_text + "\n")
+    tree = untouched(tmp_path)
+    err = one_line_error(capsys, ["--config", str(cfg), "--no-progress"] + dirs(tmp_path))
+    assert says in err, err
+    tree.check()
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--seed", "abc"], "seed must be a whole number, not 'abc'"),
+    (["--layers", "0", "--model", "random:olmoe-1b-7b"], "layers must be a whole number of at least 1, not 0"),
+    (["--hidden-layers", "1,x"], "hidden-layers must be a whole number, not 'x'"),
+    (["--datasets", "gsm8k,gsm8k"], "datasets repeat"),
+])
+def test_a_wrong_value_on_the_command_line_is_one_line_before_any_work(tmp_path, capsys, flags, says):
+    tree = untouched(tmp_path)
+    assert says in one_line_error(capsys, ["--micro", "--no-progress"] + dirs(tmp_path) + flags)
+    tree.check()
+
+
+def test_every_declared_option_refuses_a_value_of_the_wrong_type():
+    """The check is driven by the declarations: an option is type-checked because it is declared.
+
+    A mapping is no option's type, so every kind (text, number, flag, list) must refuse it by name.
+    """
+    for key in option_table():
+        with pytest.raises(OptionsError, match=f"^{key.replace('_', '-')} must be"):
+            make_options(**{key: {"a": 1}})
+
+
+def test_every_whole_number_option_declares_its_lowest_value_and_is_held_to_it():
+    """A new whole-number option must say its lowest value (``opt(..., low=)``); below it is a one-line error."""
+    for key, (_, f, tp) in option_table().items():
+        base, _ = _base(tp)
+        item = _item_type(tp) if base is list else base
+        if item is not int:
+            continue
+        low = f.metadata.get("low")
+        assert low is not None, f"{key} declares no lowest value"
+        extra = {"model": "random:olmoe-1b-7b"} if key == "layers" else {}
+        with pytest.raises(OptionsError, match=f"^{key.replace('_', '-')} must be .*not {low - 1}$"):
+            make_options(**extra, **{key: [low - 1] if base is list else low - 1})
+
+
+def test_yaml_booleans_are_booleans_and_are_recorded_as_such(tmp_path, capsys, micro_models):
+    """ablation: false in YAML skips the ablation and metrics.json records false (not the string "no")."""
+    cfg = tmp_path / "study.yaml"
+    cfg.write_text("micro: true\nanalysis: {ablation: false, pruning: false, collaboration: false}\n")
+    tree = CanaryTree(tmp_path, owned=["results"])
+    assert main(["--config", str(cfg), "--run-name", "booleans"] + QUICK + dirs(tmp_path, micro_models)) == 0
+    tree.check()
+    metrics = load_metrics(tmp_path / "results" / "booleans")
+    assert metrics["options"]["analysis"]["ablation"] is False and "ablation" in metrics["skipped"]
+    assert "ablation" not in metrics and metrics["options"]["seed"] == 0
+
+
