@@ -7,9 +7,12 @@ The trained micro model is shared by the module; errors before work take millise
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from core.array_files import load_metrics
 from core.commands.basic_routing_analysis import main
@@ -138,3 +141,86 @@ def test_yaml_booleans_are_booleans_and_are_recorded_as_such(tmp_path, capsys, m
     assert "ablation" not in metrics and metrics["options"]["seed"] == 0
 
 
+def test_hidden_layers_beyond_the_model_are_one_line_before_any_data(tmp_path, capsys, micro_models):
+    tree = CanaryTree(tmp_path, owned=["results"])
+    err = one_line_error(capsys, QUICK + dirs(tmp_path, micro_models) + ["--hidden-layers", "0,7"])
+    assert "--hidden-layers 7: the model has 2 decoder layers (0 to 1)" in err, err
+    tree.check()
+    assert not list((tmp_path / "results").glob("*/manifest.json")) and not (tmp_path / "results" / "cache" / "embedded").exists()
+
+
+# ================================================================== model inputs
+def test_a_folder_that_is_no_model_is_one_line_before_any_work(tmp_path, capsys):
+    empty, no_weights, a_file = tmp_path / "empty", tmp_path / "no-weights", tmp_path / "weights.safetensors"
+    empty.mkdir()
+    no_weights.mkdir()
+    (no_weights / "config.json").write_text('{"model_type": "olmoe"}')
+    a_file.write_bytes(b"\x00" * 16)
+    tree = untouched(tmp_path)
+    cases = [(empty, "has no config.json: not a model folder"), (no_weights, "has a config.json but no weights"),
+             (a_file, "is a file, not a model folder"), (tmp_path / "nowhere" / "model", "no such folder")]
+    for folder, says in cases:
+        err = one_line_error(capsys, ["--model", str(folder)] + QUICK + dirs(tmp_path))
+        assert says in err and str(folder) in err, err
+    tree.check()
+
+
+def test_a_random_model_of_an_unknown_shape_is_one_line_before_any_work(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    tree = untouched(tmp_path)
+    err = one_line_error(capsys, ["--model", "random:nobody/no-such-moe"] + QUICK + dirs(tmp_path))
+    assert "--model random:nobody/no-such-moe: no shape for 'nobody/no-such-moe'" in err, err
+    err = one_line_error(capsys, ["--model", "random:olmoe-1b-7b", "--layers", "99"] + QUICK + dirs(tmp_path))
+    assert "layers must be a whole number from 1 to 16" in err, err
+    err = one_line_error(capsys, ["--model", "random:olmoe-1b-7b", "--revision", "main"] + QUICK + dirs(tmp_path))
+    assert "has one set of random weights: it has no revisions" in err, err
+    tree.check()
+    assert not (tmp_path / "models" / "random").exists()
+
+
+class _Payload:
+    """A pickle that would create a file when unpickled: loading must refuse it, never run it."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_pickled_weights_with_code_are_refused_in_one_line(tmp_path, capsys):
+    from transformers import OlmoeConfig, OlmoeForCausalLM
+
+    folder, marker = tmp_path / "pickled", tmp_path / "payload-ran"
+    cfg = OlmoeConfig(vocab_size=64, hidden_size=16, intermediate_size=8, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, pad_token_id=0, eos_token_id=1, bos_token_id=None)
+    cfg.save_pretrained(folder)
+    state = dict(OlmoeForCausalLM(cfg).state_dict(), payload=_Payload(marker))
+    torch.save(state, folder / "pytorch_model.bin")
+    tree = CanaryTree(tmp_path, owned=["results"])
+    err = one_line_error(capsys, ["--model", str(folder)] + QUICK + dirs(tmp_path))
+    assert "refused to open model" in err and "pickled weights" in err, err
+    tree.check()
+    assert not marker.exists(), "the pickle's code ran"
+
+
+def test_an_edited_top_config_of_a_training_run_is_refused_not_ignored(tmp_path, capsys, micro_models):
+    """A run's checkpoints load from their own folders: an edit at the top would be silently ignored, so it is an error."""
+    copy = shutil.copytree(micro_models / "study-moe-micro", tmp_path / "run-copy")
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**config, "num_experts_per_tok": 1}))
+    tree = untouched(tmp_path)
+    err = one_line_error(capsys, ["--model", str(copy)] + QUICK + dirs(tmp_path))
+    assert "differs from the final checkpoint's" in err and "step-000040" in err, err
+    tree.check()
+
+
+@pytest.mark.parametrize("trained", [True, False])
+def test_an_unknown_revision_of_the_embedded_model_is_one_line_before_any_work(tmp_path, capsys, micro_models, trained):
+    """Known from the trained run's checkpoints, or from the training config's plan before training: nothing is trained."""
+    models = micro_models if trained else tmp_path / "models"
+    tree = untouched(tmp_path)
+    err = one_line_error(capsys, ["--revision", "step-000003"] + QUICK + dirs(tmp_path, models))
+    assert "--revision step-000003:" in err and "no checkpoint step-000003" in err and "step-000040" in err, err
+    tree.check()
+    assert trained or not (tmp_path / "models" / "study-moe-micro").exists()
