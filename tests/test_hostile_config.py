@@ -17,6 +17,7 @@ import torch
 from core.array_files import load_metrics
 from core.commands.basic_routing_analysis import main
 from core.pipeline.options import OptionsError, _base, _item_type, make_options, option_table
+from core.store.identity import weights_digest
 from tests.canary import CanaryTree
 
 REPO = Path(__file__).resolve().parents[1]
@@ -215,6 +216,22 @@ def test_an_edited_top_config_of_a_training_run_is_refused_not_ignored(tmp_path,
     tree.check()
 
 
+def test_revision_of_the_embedded_model_analyses_that_checkpoint(tmp_path, capsys, micro_models):
+    """The embedded model has checkpoints: --revision step-000001 loads that one and the report says so."""
+    tree = CanaryTree(tmp_path, owned=["results"])
+    assert main(["--revision", "step-000001", "--run-name", "rev"] + QUICK + dirs(tmp_path, micro_models)) == 0
+    tree.check()
+    run = tmp_path / "results" / "rev"
+    metrics = load_metrics(run)
+    run_dir = micro_models / "study-moe-micro"
+    assert metrics["model"]["final_checkpoint"] == "step-000001"
+    assert [c["name"] for c in metrics["checkpoints"]] == ["step-000000", "step-000001"]
+    assert metrics["model"]["weights_digest"] == weights_digest(run_dir / "step-000001") != weights_digest(run_dir)
+    assert "<th>revision</th><td>step-000001</td>" in (run / "report.html").read_text().replace("\n", "")
+    # the routing is the checkpoint's own: step 1's saturation against itself is 1 (it is the model analysed)
+    assert list(metrics["headline"]["saturation"].values())[-1] == pytest.approx(1.0)
+
+
 @pytest.mark.parametrize("trained", [True, False])
 def test_an_unknown_revision_of_the_embedded_model_is_one_line_before_any_work(tmp_path, capsys, micro_models, trained):
     """Known from the trained run's checkpoints, or from the training config's plan before training: nothing is trained."""
@@ -224,3 +241,26 @@ def test_an_unknown_revision_of_the_embedded_model_is_one_line_before_any_work(t
     assert "--revision step-000003:" in err and "no checkpoint step-000003" in err and "step-000040" in err, err
     tree.check()
     assert trained or not (tmp_path / "models" / "study-moe-micro").exists()
+
+
+def test_revision_on_models_without_revisions_is_one_line_before_any_work(tmp_path, capsys, micro_models):
+    plain = shutil.copytree(micro_models / "study-moe-micro" / "step-000040", tmp_path / "plain")
+    tree = untouched(tmp_path)
+    err = one_line_error(capsys, ["--model", str(plain), "--revision", "step-000001"] + QUICK + dirs(tmp_path))
+    assert "plain model directory with one set of weights and no revisions" in err, err
+    err = one_line_error(capsys, ["--revision", "step-000001", "--checkpoints", "step-000040"] + QUICK
+                         + dirs(tmp_path, micro_models))
+    assert "come after --revision step-000001" in err, err
+    tree.check()
+
+
+# ------------------------------------------------------------------ an empty corpus says what happened
+def _registry_with(name: str, texts: list[str]):
+    """The default registry with ``name``'s documents replaced by ``texts`` (a dataset that gives nothing)."""
+    import dataclasses
+
+    from data.registry import default_registry
+
+    reg = default_registry()
+    reg[name] = dataclasses.replace(reg[name], parse=lambda rows: [(t, {}) for t in texts])
+    return reg

@@ -78,17 +78,14 @@ def resolve_model(opts: RunOptions, embedded_run: Path | None = None) -> ModelTa
     if opts.model.name is None:
         if embedded_run is None or not (embedded_run / "checkpoints.json").is_file():
             raise CheckpointError("the embedded model is not trained yet: run train_embedded_model(options) first")
-        ckpts = _named_or_selected(list_local_checkpoints(embedded_run), opts, f"the embedded model ({embedded_run})")
+        ckpts = _run_checkpoints(embedded_run, opts, f"the embedded model ({embedded_run})")
         return ModelTarget(name=f"embedded/{embedded_run.name}", source=str(embedded_run), revision=None,
                            checkpoints=ckpts, embedded=True, run_dir=embedded_run, weights_digest=weights_digest(embedded_run))
     if is_random_spec(opts.model.name):
         return _random_target(opts)
     local = Path(opts.model.name).expanduser()
     if local.is_dir() and (local / "checkpoints.json").exists():  # a local training run: its revisions are checkpoints
-        if opts.model.revision:
-            raise CheckpointError(f"--revision {opts.model.revision} names a Hub branch; {local} is a local training run: "
-                                  "pick its revisions with --checkpoints")
-        ckpts = _named_or_selected(list_local_checkpoints(local), opts, str(local))
+        ckpts = _run_checkpoints(local, opts, str(local))
         return ModelTarget(name=local.name, source=str(local), revision=None, checkpoints=ckpts, embedded=False, run_dir=local,
                            weights_digest=weights_digest(local))
     if local.is_dir() and (opts.model.revision or opts.model.checkpoints):
@@ -144,6 +141,22 @@ def _check_hub_names(model: str, names: list[str]) -> None:
     if unknown:
         sample = ", ".join(sorted(branches)[:8]) + (" ..." if len(branches) > 8 else "")
         raise CheckpointError(f"{model} has no revision {', '.join(unknown)}; it has {len(branches)}: {sample}")
+
+
+def _run_checkpoints(run_dir: Path, opts: RunOptions, where: str) -> list[Checkpoint]:
+    """A training run's checkpoints to study: ``--revision`` is the one analysed in full (the last), with those before it."""
+    available = list_local_checkpoints(run_dir)
+    revision = opts.model.revision
+    if revision:
+        names = [c.name for c in available]
+        if revision not in names:
+            raise CheckpointError(f"--revision {revision}: no checkpoint {revision} in {where}; it has {', '.join(names)}")
+        later = [n for n in opts.model.checkpoints if n in names[names.index(revision) + 1:]]
+        if later:
+            raise CheckpointError(f"--checkpoints {', '.join(later)} come after --revision {revision}, the model analysed: "
+                                  "name earlier checkpoints, or a later --revision")
+        available = available[:names.index(revision) + 1]
+    return _named_or_selected(available, opts, where)
 
 
 def _named_or_selected(available: list[Checkpoint], opts: RunOptions, where: str) -> list[Checkpoint]:
@@ -247,6 +260,7 @@ def model_card(target: ModelTarget, wrapper: MoEModelWrapper, tokenized: dict[st
     """What the report and metrics.json say of the model: name, revision, weights, shape, checkpoints, the data it saw."""
     from core.study_moe.training_data import training_data_note
 
+    analysed = target.final.path  # a local checkpoint's own weights: the digest says which model was analysed
     return {"name": target.name, **wrapper.describe(), "final_checkpoint": target.final.name,
-            "weights_digest": target.weights_digest, "checkpoints": [c.name for c in target.checkpoints], "embedded": target.embedded,
+            "weights_digest": weights_digest(analysed) if analysed else target.weights_digest, "checkpoints": [c.name for c in target.checkpoints], "embedded": target.embedded,
             "training_data": training_data_note(target.run_dir, tokenized)}
