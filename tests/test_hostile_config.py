@@ -205,6 +205,46 @@ def test_pickled_weights_with_code_are_refused_in_one_line(tmp_path, capsys):
     assert not marker.exists(), "the pickle's code ran"
 
 
+@pytest.fixture
+def study_moe_unknown(monkeypatch):
+    """transformers as a fresh process sees it: the ``study_moe`` type unregistered (training registered it in this one)."""
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    from core.study_moe.model import StudyMoeConfig
+
+    monkeypatch.delitem(CONFIG_MAPPING._extra_content, "study_moe")
+    monkeypatch.delitem(MODEL_FOR_CAUSAL_LM_MAPPING._extra_content, StudyMoeConfig)
+    with pytest.raises(ValueError):  # the precondition holds, or the tests below would pass for nothing
+        AutoConfig.for_model("study_moe")
+
+
+def test_the_toolkits_own_model_opens_from_a_copied_folder(tmp_path, capsys, micro_models, study_moe_unknown):
+    """A copy of the trained micro run elsewhere is a local training run; the model type is known in any folder."""
+    copy = shutil.copytree(micro_models / "study-moe-micro", tmp_path / "elsewhere" / "my-copy")
+    tree = CanaryTree(tmp_path, owned=["results"])
+    assert main(["--model", str(copy), "--run-name", "copy"] + QUICK + dirs(tmp_path)) == 0
+    tree.check()
+    metrics = load_metrics(tmp_path / "results" / "copy")
+    assert metrics["model"]["family"] == "study_moe" and metrics["model"]["final_checkpoint"] == "step-000040"
+    assert [c["name"] for c in metrics["checkpoints"]] == ["step-000000", "step-000040"]
+    assert "held-out" in metrics["model"]["training_data"]  # the copy keeps its record of the documents it read
+
+
+def test_an_edited_config_of_a_copied_checkpoint_is_what_is_analysed(tmp_path, capsys, micro_models, study_moe_unknown):
+    """One checkpoint copied out and its config.json edited (top-1 routing): the run studies the edited model."""
+    folder = shutil.copytree(micro_models / "study-moe-micro" / "step-000040", tmp_path / "edited")
+    config = json.loads((folder / "config.json").read_text())
+    assert config["model_type"] == "study_moe" and config["num_experts_per_tok"] == 2
+    (folder / "config.json").write_text(json.dumps({**config, "num_experts_per_tok": 1}))
+    tree = CanaryTree(tmp_path, owned=["results"])
+    assert main(["--model", str(folder), "--run-name", "edited"] + QUICK + dirs(tmp_path)) == 0
+    tree.check()
+    metrics = load_metrics(tmp_path / "results" / "edited")
+    assert metrics["model"]["family"] == "study_moe" and metrics["model"]["top_k"] == 1
+
+
 def test_an_edited_top_config_of_a_training_run_is_refused_not_ignored(tmp_path, capsys, micro_models):
     """A run's checkpoints load from their own folders: an edit at the top would be silently ignored, so it is an error."""
     copy = shutil.copytree(micro_models / "study-moe-micro", tmp_path / "run-copy")

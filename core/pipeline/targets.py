@@ -178,8 +178,9 @@ def _named_or_selected(available: list[Checkpoint], opts: RunOptions, where: str
 
 def open_wrapper(target: ModelTarget, ckpt: Checkpoint, opts: RunOptions) -> MoEModelWrapper:
     """The model at one checkpoint (a local folder or a Hub revision)."""
-    if target.embedded:
-        import core.study_moe.model  # noqa: F401  registers the toolkit's own model type with transformers' Auto*
+    from core.study_moe.model import register_with_auto
+
+    register_with_auto()  # the toolkit's own model type opens from any folder (a copied run, an edited config)
     placement = None
     if opts.model.device_map:
         placement = Placement(opts.model.device_map, parse_max_memory(opts.model.max_memory), str(Path(opts.model.models_dir) / "offload"))
