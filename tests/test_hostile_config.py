@@ -304,3 +304,42 @@ def _registry_with(name: str, texts: list[str]):
     reg = default_registry()
     reg[name] = dataclasses.replace(reg[name], parse=lambda rows: [(t, {}) for t in texts])
     return reg
+
+
+@pytest.mark.parametrize("texts, says", [
+    (["", "   ", "\n"], "dataset gsm8k (test split, bundled) gave no documents: all 3 of its documents are empty"),
+    ([], "dataset gsm8k (test split, bundled) gave no documents: it holds none"),
+])
+def test_a_dataset_that_gives_no_documents_says_why(tmp_path, capsys, micro_models, monkeypatch, texts, says):
+    import data.dataset_loader as loader_module
+
+    monkeypatch.setattr(loader_module, "default_registry", lambda: _registry_with("gsm8k", texts))
+    tree = CanaryTree(tmp_path, owned=["results"])
+    err = one_line_error(capsys, QUICK + dirs(tmp_path, micro_models))
+    assert says in err and "training corpus" not in err, err
+    tree.check()
+
+
+def test_a_dataset_wholly_in_the_training_corpus_says_so(micro_models):
+    from data import DataError, DatasetLoader, text_digest
+    from core.pipeline.targets import load_tokenized
+
+    everything = DatasetLoader(offline=True).load("gsm8k")
+    opts = make_options(micro=True, datasets=["gsm8k"])
+    with pytest.raises(DataError) as e:
+        load_tokenized(opts, None, exclude={text_digest(d.text) for d in everything})
+    assert str(e.value).startswith(f"dataset gsm8k (test split, bundled) gave no documents to analyse: all {len(everything)} "
+                                   "of its non-empty documents were in the model's training corpus")
+
+
+def test_documents_that_give_no_tokens_say_which_dataset():
+    from tokenizers import Regex, Tokenizer, models, normalizers
+
+    from data import DataError
+    from core.pipeline.targets import load_tokenized
+
+    silent = Tokenizer(models.WordLevel({"[UNK]": 0}, unk_token="[UNK]"))
+    silent.normalizer = normalizers.Replace(Regex(r"[\s\S]"), "")  # every character removed: no token at all
+    opts = make_options(micro=True, datasets=["gsm8k"])
+    with pytest.raises(DataError, match=r"^dataset gsm8k: 12 documents, but the tokenizer produced no tokens"):
+        load_tokenized(opts, silent)

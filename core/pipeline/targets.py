@@ -37,7 +37,7 @@ from core.model_access.wrapper import MoEModelWrapper
 from core.paths import CONFIGS
 from core.pipeline.options import OptionsError, RunOptions
 from core.store.identity import weights_digest
-from data import DataError, DatasetLoader, TokenizedDataset, tokenize_documents
+from data import DataError, DatasetLoader, LoadReport, TokenizedDataset, renumber_documents, tokenize_documents
 
 
 @dataclass
@@ -212,19 +212,35 @@ def load_tokenized(opts: RunOptions, tokenizer: Any, loader: DatasetLoader | Non
     """
     offline = opts.data.offline if opts.data.offline is not None else (True if opts.model.name is None else None)
     loader = loader or DatasetLoader(offline=offline)
-    docs = loader.load_datasets(opts.data.datasets, num_samples_per_dataset=opts.data.num_samples, seed=opts.seed, exclude=exclude)
-    empty = [n for n in opts.data.datasets if not any(d.dataset == n for d in docs)]
-    if exclude and empty:
-        raise DataError(f"every document of {', '.join(empty)} was in the model's training corpus: nothing held out to "
-                        f"analyse (the embedded model holds out documents of wikitext2, gsm8k and humaneval)")
+    parts = []
+    for name in opts.data.datasets:  # one at a time, so that a dataset that gives nothing is told apart from the others
+        part = loader.load(name, None, opts.data.num_samples, opts.seed, exclude)
+        if not part:
+            raise DataError(_why_no_documents(loader.last_report))
+        parts.append(part)
+    docs = renumber_documents(d for part in parts for d in part)
     domains = list(dict.fromkeys(d.domain for d in docs))
     out = {}
     for name in opts.data.datasets:
         mine = [d for d in docs if d.dataset == name]
-        tok = tokenize_documents(mine, tokenizer, max_length=opts.data.max_length, pack=False,
-                                 domain_names=domains, dataset_names=list(opts.data.datasets))
+        try:
+            tok = tokenize_documents(mine, tokenizer, max_length=opts.data.max_length, pack=False,
+                                     domain_names=domains, dataset_names=list(opts.data.datasets))
+        except DataError as e:
+            raise DataError(f"dataset {name}: {len(mine)} documents, but {e}") from None
         out[name] = tok.head_tokens(opts.data.max_tokens)
     return out
+
+
+def _why_no_documents(report: LoadReport) -> str:
+    """What left a dataset without documents: none in its split, all of them empty, or all in the model's training corpus."""
+    where = f"dataset {report.name} ({report.split} split, {report.source})"
+    if report.excluded:  # a document neither empty nor excluded would have been returned
+        return (f"{where} gave no documents to analyse: all {report.excluded} of its non-empty documents were in the "
+                "model's training corpus (the embedded model holds out documents of wikitext2, gsm8k and humaneval)")
+    if report.skipped_empty:
+        return f"{where} gave no documents: all {report.skipped_empty} of its documents are empty"
+    return f"{where} gave no documents: it holds none"
 
 
 def collect_all(opts: RunOptions, target: ModelTarget, tokenized: dict[str, TokenizedDataset],
