@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -45,10 +46,16 @@ def no_loading_bars():
 
 
 def one_line_error(capsys, argv: list[str]) -> str:
-    """Run the command; it must exit 2 with exactly one line on stderr and no traceback. Returns that line."""
+    """Run the command; it must exit 2 with exactly one line on stderr and no traceback. Returns that line.
+
+    Python warnings count as stderr lines too (pytest would otherwise hide them from capsys).
+    """
     capsys.readouterr()
-    assert main(argv) == 2
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(argv) == 2
     err = capsys.readouterr().err.strip()
+    assert not caught, [str(w.message) for w in caught]
     assert err.startswith("error: ") and len(err.splitlines()) == 1 and "Traceback" not in err, err
     return err
 

@@ -10,6 +10,7 @@ run read (its ``training_data.json``) are left out before the datasets are sampl
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Collection
@@ -214,9 +215,13 @@ def load_tokenized(opts: RunOptions, tokenizer: Any, loader: DatasetLoader | Non
     loader = loader or DatasetLoader(offline=offline)
     parts = []
     for name in opts.data.datasets:  # one at a time, so that a dataset that gives nothing is told apart from the others
-        part = loader.load(name, None, opts.data.num_samples, opts.seed, exclude)
-        if not part:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            part = loader.load(name, None, opts.data.num_samples, opts.seed, exclude)
+        if not part:  # the error says why, in one line; "only 0 documents" would be a second
             raise DataError(_why_no_documents(loader.last_report))
+        for w in caught:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         parts.append(part)
     docs = renumber_documents(d for part in parts for d in part)
     domains = list(dict.fromkeys(d.domain for d in docs))
