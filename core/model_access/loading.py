@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -177,10 +178,15 @@ def load_hf(name: str, revision: str | None, dtype: Any, device: str, trust_remo
                 raise
             kwargs.pop("experts_implementation")
             model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+    except pickle.UnpicklingError:  # torch.load(weights_only=True) met something other than tensors: never unpickled
+        raise ModelLoadError(f"refused to open {where}model '{name}': its pickled weights (*.bin) hold objects other than "
+                             "tensors, and unpickling them could run any code; use a safetensors copy from a source you trust") from None
     except (OSError, ValueError) as e:
         local = Path(name).expanduser()
         if local.exists():
-            raise ModelLoadError(f"could not open {where}model '{name}' from disk: {str(e).splitlines()[0]}") from None
+            hint = (" (the toolkit's own model type: import core.study_moe.model first, as the main run does)"
+                    if "study_moe" in str(e) else "")
+            raise ModelLoadError(f"could not open {where}model '{name}' from disk: {str(e).splitlines()[0]}{hint}") from None
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
         why = "the Hub is set offline (HF_HUB_OFFLINE=1) and it is not in the local cache" if offline else str(e).splitlines()[0]
         raise ModelLoadError(

@@ -30,9 +30,10 @@ class OptionsError(ValueError):
     """A config file or flag is wrong; the message says which."""
 
 
-def opt(default: Any, help: str, *, choices: tuple | None = None, key: str | None = None) -> Any:
-    """A field with its help text (and choices); ``key``: its name on the command line and in YAML, if not the field's."""
-    meta = {"help": help, "choices": choices, "key": key}
+def opt(default: Any, help: str, *, choices: tuple | None = None, key: str | None = None, low: int | None = None) -> Any:
+    """A field with its help text (and choices); ``key``: its name on the command line and in YAML, if not the field's;
+    ``low``: the smallest value a number (or each number of a list) may take, checked by :func:`check_ranges`."""
+    meta = {"help": help, "choices": choices, "key": key, "low": low}
     if isinstance(default, list):
         return field(default_factory=lambda d=default: list(d), metadata=meta)
     return field(default=default, metadata=meta)
@@ -50,11 +51,11 @@ class ModelOptions:
     name: str | None = opt(None, "Hub name or local directory (default: the embedded model, trained on the bundled corpus "
                            "the first time); random:NAME builds a model with NAME's dimensions and random weights, offline "
                            "for random:allenai/OLMoE-1B-7B-0924, to measure at scale", key="model")
-    layers: int | None = opt(None, "with --model random:NAME: how many of NAME's decoder layers (default: all)")
+    layers: int | None = opt(None, "with --model random:NAME: how many of NAME's decoder layers (default: all)", low=1)
     revision: str | None = opt(None, "model revision (branch, tag or commit)")
     checkpoints: list[str] = opt([], "comma-separated revisions to study over training, or 'auto' (all of a local run; "
                                  "a log-spaced subset on the Hub)")
-    max_checkpoints: int = opt(8, "at most this many checkpoints with --checkpoints auto")
+    max_checkpoints: int = opt(8, "at most this many checkpoints with --checkpoints auto", low=1)
     keep_checkpoints: bool = opt(False, "keep every Hub checkpoint in the Hugging Face cache after its routing is collected "
                                  "(about 14 GB each for OLMoE); by default each revision the sweep downloaded is deleted once "
                                  "collected, and revisions you had cached before are never deleted")
@@ -76,22 +77,22 @@ class DataOptions:
 
     datasets: list[str] = opt(["wikitext2", "gsm8k", "humaneval"], "comma-separated dataset names (e.g. fineweb,gsm8k,humaneval)")
     offline: bool | None = opt(None, "use only the bundled corpora (default for the embedded model; the Hub for others)")
-    num_samples: int = opt(200, "documents per dataset")
-    max_tokens: int = opt(40_000, "tokens collected per dataset (after tokenization)")
-    max_length: int = opt(128, "tokens per sequence")
+    num_samples: int = opt(200, "documents per dataset", low=1)
+    max_tokens: int = opt(40_000, "tokens collected per dataset (after tokenization)", low=1)
+    max_length: int = opt(128, "tokens per sequence", low=1)
 
 
 @dataclass
 class CollectionOptions:
     """How routing is collected: exactly the settings a routing cache's identity records (other settings, other caches)."""
 
-    batch_size: int = opt(16, "sequences per forward pass")
+    batch_size: int = opt(16, "sequences per forward pass", low=1)
     storage: str = opt("full", "cache router logits and selections (full) or only selections (compact)", choices=("full", "compact"))
-    shard_tokens: int = opt(65_536, "tokens per cache shard (what the analyses hold in memory per checkpoint)")
+    shard_tokens: int = opt(65_536, "tokens per cache shard (what the analyses hold in memory per checkpoint)", low=1)
     logits_dtype: str = opt("float16", "precision of the cached router logits and weights",
                             choices=("float16", "bfloat16", "float32"))
     hidden_layers: list[int] = opt([], "comma-separated model layers whose hidden states are cached with the routing "
-                                   "(for probes; default none)")
+                                   "(for probes; default none)", low=0)
 
     def settings(self) -> dict[str, Any]:
         """The settings as ``core.collection.sweep.sweep_checkpoints`` takes them and a cache's manifest records them."""
@@ -104,13 +105,13 @@ class AnalysisOptions:
     """Which analyses beyond the one pass run, on how many tokens, with how many resamples."""
 
     ablation: bool = opt(True, "the causal ablation of each layer's most- and least-used expert")
-    ablation_tokens: int = opt(4_000, "tokens per dataset for the ablation forward passes")
+    ablation_tokens: int = opt(4_000, "tokens per dataset for the ablation forward passes", low=1)
     pruning: bool = opt(True, "the expert-pruning study (each criterion against random)")
-    pruning_tokens: int = opt(1_500, "tokens per dataset for the pruning forward passes")
+    pruning_tokens: int = opt(1_500, "tokens per dataset for the pruning forward passes", low=1)
     pruning_fractions: list[float] = opt([0.125, 0.25, 0.5], "comma-separated shares of each layer's experts to prune")
-    pruning_random_seeds: int = opt(8, "random choices the pruning criteria are tested against (at least 3)")
+    pruning_random_seeds: int = opt(8, "random choices the pruning criteria are tested against (at least 3)", low=3)
     collaboration: bool = opt(True, "dictionary learning of experts that fire together")
-    resamples: int = opt(200, "bootstrap resamples over documents behind every interval (0: no intervals or nulls)")
+    resamples: int = opt(200, "bootstrap resamples over documents behind every interval (0: no intervals or nulls)", low=0)
 
 
 @dataclass
@@ -140,7 +141,7 @@ class RunOptions:
     collection: CollectionOptions = field(default_factory=CollectionOptions)
     analysis: AnalysisOptions = field(default_factory=AnalysisOptions)
     output: OutputOptions = field(default_factory=OutputOptions)
-    seed: int = opt(0, "seed of the document sample, random models and every resampling")
+    seed: int = opt(0, "seed of the document sample, random models and every resampling", low=0)
     micro: bool = opt(False, "tiny sizes everywhere (smoke test)")
 
     def to_dict(self) -> dict[str, Any]:
@@ -192,6 +193,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             return None
         raise OptionsError(f"{key.replace('_', '-')} needs a value")
     if base is list:
+        if isinstance(value, (bool, dict, set)):
+            raise OptionsError(f"{key.replace('_', '-')} must be a list or comma-separated values, not {value!r}")
         items = value if isinstance(value, (list, tuple)) else [v.strip() for v in str(value).split(",") if v.strip()]
         return [_coerce(key, v, _item_type(tp)) for v in items]
     if base is bool:
@@ -205,6 +208,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             return base(value)
         except (TypeError, ValueError):
             raise OptionsError(f"{key.replace('_', '-')} must be a {'whole ' if base is int else ''}number, not {value!r}") from None
+    if isinstance(value, (bool, list, tuple, dict, set)):  # YAML's yes/no, a list or a mapping where a name belongs
+        raise OptionsError(f"{key.replace('_', '-')} must be a name or text, not {value!r}")
     return str(value)
 
 
@@ -321,22 +326,14 @@ def validate(opts: RunOptions) -> None:
             value, choices = getattr(getattr(opts, stage), f.name), f.metadata.get("choices")
             if choices and value is not None and value not in choices:
                 raise OptionsError(f"{_key(f).replace('_', '-')} must be one of {', '.join(map(str, choices))}, not {value!r}")
-    for name, value in [(n, getattr(opts.data, n)) for n in ("num_samples", "max_tokens", "max_length")] + [
-            (n, getattr(opts.analysis, n)) for n in ("ablation_tokens", "pruning_tokens")] + [
-            ("batch_size", opts.collection.batch_size), ("shard_tokens", opts.collection.shard_tokens),
-            ("max_checkpoints", opts.model.max_checkpoints)]:
-        if value < 1:
-            raise OptionsError(f"{name.replace('_', '-')} must be a whole number of at least 1, not {value!r}")
-    if opts.analysis.resamples < 0:
-        raise OptionsError(f"resamples must be 0 or more, not {opts.analysis.resamples}")
-    if opts.analysis.pruning_random_seeds < 3:
-        raise OptionsError(f"pruning-random-seeds must be at least 3 (the test against random needs them), not "
-                           f"{opts.analysis.pruning_random_seeds}")
+    check_ranges(opts)
     fr = opts.analysis.pruning_fractions
     if not fr or not all(0 < f < 1 for f in fr):
         raise OptionsError(f"pruning-fractions must be shares between 0 and 1, not {fr!r}")
     if not opts.data.datasets:
         raise OptionsError("no datasets given")
+    if len(set(opts.data.datasets)) != len(opts.data.datasets):
+        raise OptionsError(f"datasets repeat: {', '.join(opts.data.datasets)}")
     if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", str(opts.model.device)):
         raise OptionsError(f"device must be cpu, cuda, cuda:N or mps, not {opts.model.device!r}")
     validate_names(opts)
@@ -357,6 +354,19 @@ def validate_names(opts: RunOptions) -> None:
             check_path_length("model", opts.model.name)
     except BadNameError as e:
         raise OptionsError(str(e)) from None
+
+
+def check_ranges(opts: RunOptions) -> None:
+    """Every number (and every number of a list) at least its option's declared ``low``: a new option is checked by declaring it."""
+    for key, (stage, f, _) in option_table().items():
+        low = f.metadata.get("low")
+        value = getattr(opts if stage is None else getattr(opts, stage), f.name)
+        if low is None or value is None:
+            continue
+        for v in value if isinstance(value, list) else [value]:
+            if v < low:
+                need = "0 or more" if low == 0 else f"a whole number of at least {low}"
+                raise OptionsError(f"{key.replace('_', '-')} must be {need}, not {v!r}")
 
 
 def _validate_model(m: ModelOptions) -> None:

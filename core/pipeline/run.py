@@ -64,10 +64,12 @@ class BasicRoutingAnalysis:
         from core.pipeline.context import RunContext
         from core.pipeline.findings import conclude
         from core.pipeline.launch import start_ranks
+        from core.pipeline.model_source import check_model_source
         from core.pipeline.stage_clock import StageClock
         from core.pipeline.suite import run_analyses
 
         opts = self.options
+        check_model_source(opts)  # a folder without weights, an unknown shape or revision: before any file is written
         preflight(opts)  # a missing GPU or an unwritable folder is found now, not after the analyses
         ranks, opts.model.device = start_ranks(opts.model.device)  # under torchrun: this rank's share and device
         opts.output.progress = opts.output.progress and ranks.rank == 0
@@ -95,6 +97,7 @@ class BasicRoutingAnalysis:
         from core.model_access.shapes import is_random_spec
         from core.pipeline import targets
         from core.pipeline.launch import rank_zero_first
+        from core.pipeline.model_source import check_loaded_model
 
         opts = self.options
         embedded_run = None
@@ -112,6 +115,7 @@ class BasicRoutingAnalysis:
             wrapper = targets.open_wrapper(target, target.final, opts)
         if wrapper.tokenizer is None:
             raise OptionsError(f"model {target.name} has no tokenizer to turn the datasets into tokens")
+        check_loaded_model(opts, wrapper)
         return target, wrapper
 
     def _write(self, record: Any, decode: Any, clock: Any, t0: float, say: Any) -> RunSummary:

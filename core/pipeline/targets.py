@@ -10,6 +10,7 @@ run read (its ``training_data.json``) are left out before the datasets are sampl
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Collection
@@ -38,7 +39,7 @@ from core.paths import CONFIGS
 from core.pipeline.options import OptionsError, RunOptions
 from core.store.cache_format import bytes_per_token
 from core.store.identity import weights_digest
-from data import DataError, DatasetLoader, TokenizedDataset, tokenize_documents
+from data import DataError, DatasetLoader, LoadReport, TokenizedDataset, renumber_documents, tokenize_documents
 
 
 @dataclass
@@ -79,17 +80,14 @@ def resolve_model(opts: RunOptions, embedded_run: Path | None = None) -> ModelTa
     if opts.model.name is None:
         if embedded_run is None or not (embedded_run / "checkpoints.json").is_file():
             raise CheckpointError("the embedded model is not trained yet: run train_embedded_model(options) first")
-        ckpts = _named_or_selected(list_local_checkpoints(embedded_run), opts, f"the embedded model ({embedded_run})")
+        ckpts = _run_checkpoints(embedded_run, opts, f"the embedded model ({embedded_run})")
         return ModelTarget(name=f"embedded/{embedded_run.name}", source=str(embedded_run), revision=None,
                            checkpoints=ckpts, embedded=True, run_dir=embedded_run, weights_digest=weights_digest(embedded_run))
     if is_random_spec(opts.model.name):
         return _random_target(opts)
     local = Path(opts.model.name).expanduser()
     if local.is_dir() and (local / "checkpoints.json").exists():  # a local training run: its revisions are checkpoints
-        if opts.model.revision:
-            raise CheckpointError(f"--revision {opts.model.revision} names a Hub branch; {local} is a local training run: "
-                                  "pick its revisions with --checkpoints")
-        ckpts = _named_or_selected(list_local_checkpoints(local), opts, str(local))
+        ckpts = _run_checkpoints(local, opts, str(local))
         return ModelTarget(name=local.name, source=str(local), revision=None, checkpoints=ckpts, embedded=False, run_dir=local,
                            weights_digest=weights_digest(local))
     if local.is_dir() and (opts.model.revision or opts.model.checkpoints):
@@ -147,6 +145,22 @@ def _check_hub_names(model: str, names: list[str]) -> None:
         raise CheckpointError(f"{model} has no revision {', '.join(unknown)}; it has {len(branches)}: {sample}")
 
 
+def _run_checkpoints(run_dir: Path, opts: RunOptions, where: str) -> list[Checkpoint]:
+    """A training run's checkpoints to study: ``--revision`` is the one analysed in full (the last), with those before it."""
+    available = list_local_checkpoints(run_dir)
+    revision = opts.model.revision
+    if revision:
+        names = [c.name for c in available]
+        if revision not in names:
+            raise CheckpointError(f"--revision {revision}: no checkpoint {revision} in {where}; it has {', '.join(names)}")
+        later = [n for n in opts.model.checkpoints if n in names[names.index(revision) + 1:]]
+        if later:
+            raise CheckpointError(f"--checkpoints {', '.join(later)} come after --revision {revision}, the model analysed: "
+                                  "name earlier checkpoints, or a later --revision")
+        available = available[:names.index(revision) + 1]
+    return _named_or_selected(available, opts, where)
+
+
 def _named_or_selected(available: list[Checkpoint], opts: RunOptions, where: str) -> list[Checkpoint]:
     """The checkpoints ``--checkpoints`` names (the final one always included), or a log-spaced subset.
 
@@ -166,8 +180,9 @@ def _named_or_selected(available: list[Checkpoint], opts: RunOptions, where: str
 
 def open_wrapper(target: ModelTarget, ckpt: Checkpoint, opts: RunOptions) -> MoEModelWrapper:
     """The model at one checkpoint (a local folder or a Hub revision)."""
-    if target.embedded:
-        import core.study_moe.model  # noqa: F401  registers the toolkit's own model type with transformers' Auto*
+    from core.study_moe.model import register_with_auto
+
+    register_with_auto()  # the toolkit's own model type opens from any folder (a copied run, an edited config)
     placement = None
     if opts.model.device_map:
         placement = Placement(opts.model.device_map, parse_max_memory(opts.model.max_memory), str(Path(opts.model.models_dir) / "offload"))
@@ -199,19 +214,39 @@ def load_tokenized(opts: RunOptions, tokenizer: Any, loader: DatasetLoader | Non
     """
     offline = opts.data.offline if opts.data.offline is not None else (True if opts.model.name is None else None)
     loader = loader or DatasetLoader(offline=offline)
-    docs = loader.load_datasets(opts.data.datasets, num_samples_per_dataset=opts.data.num_samples, seed=opts.seed, exclude=exclude)
-    empty = [n for n in opts.data.datasets if not any(d.dataset == n for d in docs)]
-    if exclude and empty:
-        raise DataError(f"every document of {', '.join(empty)} was in the model's training corpus: nothing held out to "
-                        f"analyse (the embedded model holds out documents of wikitext2, gsm8k and humaneval)")
+    parts = []
+    for name in opts.data.datasets:  # one at a time, so that a dataset that gives nothing is told apart from the others
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            part = loader.load(name, None, opts.data.num_samples, opts.seed, exclude)
+        if not part:  # the error says why, in one line; "only 0 documents" would be a second
+            raise DataError(_why_no_documents(loader.last_report))
+        for w in caught:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        parts.append(part)
+    docs = renumber_documents(d for part in parts for d in part)
     domains = list(dict.fromkeys(d.domain for d in docs))
     out = {}
     for name in opts.data.datasets:
         mine = [d for d in docs if d.dataset == name]
-        tok = tokenize_documents(mine, tokenizer, max_length=opts.data.max_length, pack=False,
-                                 domain_names=domains, dataset_names=list(opts.data.datasets))
+        try:
+            tok = tokenize_documents(mine, tokenizer, max_length=opts.data.max_length, pack=False,
+                                     domain_names=domains, dataset_names=list(opts.data.datasets))
+        except DataError as e:
+            raise DataError(f"dataset {name}: {len(mine)} documents, but {e}") from None
         out[name] = tok.head_tokens(opts.data.max_tokens)
     return out
+
+
+def _why_no_documents(report: LoadReport) -> str:
+    """What left a dataset without documents: none in its split, all of them empty, or all in the model's training corpus."""
+    where = f"dataset {report.name} ({report.split} split, {report.source})"
+    if report.excluded:  # a document neither empty nor excluded would have been returned
+        return (f"{where} gave no documents to analyse: all {report.excluded} of its non-empty documents were in the "
+                "model's training corpus (the embedded model holds out documents of wikitext2, gsm8k and humaneval)")
+    if report.skipped_empty:
+        return f"{where} gave no documents: all {report.skipped_empty} of its documents are empty"
+    return f"{where} gave no documents: it holds none"
 
 
 def collect_all(opts: RunOptions, target: ModelTarget, tokenized: dict[str, TokenizedDataset],
@@ -254,6 +289,7 @@ def model_card(target: ModelTarget, wrapper: MoEModelWrapper, tokenized: dict[st
     """What the report and metrics.json say of the model: name, revision, weights, shape, checkpoints, the data it saw."""
     from core.study_moe.training_data import training_data_note
 
+    analysed = target.final.path  # a local checkpoint's own weights: the digest says which model was analysed
     return {"name": target.name, **wrapper.describe(), "final_checkpoint": target.final.name,
-            "weights_digest": target.weights_digest, "checkpoints": [c.name for c in target.checkpoints], "embedded": target.embedded,
+            "weights_digest": weights_digest(analysed) if analysed else target.weights_digest, "checkpoints": [c.name for c in target.checkpoints], "embedded": target.embedded,
             "training_data": training_data_note(target.run_dir, tokenized)}

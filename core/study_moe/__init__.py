@@ -4,8 +4,8 @@
 main run analyses held-out documents only and can say what the model saw.
 
 Importing ``core.study_moe.model`` registers the ``study_moe`` model type with transformers'
-``Auto*`` classes, so a saved run opens with ``AutoModelForCausalLM`` (and so with
-``MoEModelWrapper``): code that opens the embedded model imports it first. The generic model
+``Auto*`` classes (``register_with_auto``), so a saved run opens with ``AutoModelForCausalLM``
+(and so with ``MoEModelWrapper``) from any folder: the run calls it before opening any model. The generic model
 access in ``core.model_access`` never imports it. The package itself imports nothing heavy, so
 reading a training config (``core.study_moe.config``) does not load transformers' models.
 """

@@ -139,6 +139,11 @@ def checkpoint_steps(total_steps: int, num_checkpoints: int) -> list[int]:
     return sorted({0} | {max(1, round(total_steps / 2**i)) for i in range(num_checkpoints)})
 
 
+def revision_name(step: int) -> str:
+    """A checkpoint's revision (its folder and its name in ``checkpoints.json``): what ``--revision`` names."""
+    return f"step-{step:06d}"
+
+
 def learning_rate(step: int, cfg: TrainConfig) -> float:
     """Linear warm-up, then cosine decay to ``min_lr_ratio * lr``."""
     if step < cfg.warmup_steps:

@@ -360,6 +360,14 @@ def real_token_mask(attention_mask: torch.Tensor | None, seq_len: int) -> torch.
     return attention_mask[:, -seq_len:].bool()
 
 
-AutoConfig.register(MODEL_TYPE, StudyMoeConfig, exist_ok=True)
-AutoModel.register(StudyMoeConfig, StudyMoeModel, exist_ok=True)
-AutoModelForCausalLM.register(StudyMoeConfig, StudyMoeForCausalLM, exist_ok=True)
+def register_with_auto() -> None:
+    """Make ``study_moe`` a model type transformers' ``Auto*`` classes open from any folder (idempotent).
+
+    Called on import, and again by whoever opens a model by name, since an import runs only once.
+    """
+    AutoConfig.register(MODEL_TYPE, StudyMoeConfig, exist_ok=True)
+    AutoModel.register(StudyMoeConfig, StudyMoeModel, exist_ok=True)
+    AutoModelForCausalLM.register(StudyMoeConfig, StudyMoeForCausalLM, exist_ok=True)
+
+
+register_with_auto()

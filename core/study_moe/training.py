@@ -39,7 +39,7 @@ from transformers.utils import logging as hf_logging
 from core.owned_files import OwnershipError, check_replaceable, inside, remove_scratch, replace_folder, start_scratch
 from core.path_names import check_name
 from core.safe_io import atomic_write_json, to_jsonable
-from core.study_moe.config import DEFAULT_CONFIG, TrainConfig, checkpoint_steps, learning_rate
+from core.study_moe.config import DEFAULT_CONFIG, TrainConfig, checkpoint_steps, learning_rate, revision_name
 from core.study_moe.corpus import prepare_data
 from core.study_moe.evaluation import evaluate_model, generate_sample, unigram_cross_entropy
 from core.study_moe.model import StudyMoeForCausalLM
@@ -111,7 +111,7 @@ def _evaluate_and_save(step: int, model, tokenizer, val, cfg: TrainConfig, state
         with (state.folder / "training_log.txt").open("a") as f:
             f.write(json.dumps(log_line(state.epoch, step, step * state.tokens_per_step, state.last)) + "\n")
     if step in state.ckpt_steps:
-        rev = f"step-{step:06d}"
+        rev = revision_name(step)
         _save_pretrained(model, tokenizer, state.folder / rev)  # a new folder of the run's scratch folder
         state.checkpoints.append({"revision": rev, "step": step, "tokens": step * state.tokens_per_step, "path": rev})
         atomic_write_json(state.folder / "checkpoints.json", state.checkpoints)

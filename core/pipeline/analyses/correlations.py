@@ -31,7 +31,10 @@ def correlation(corr: Any, adj: float | None, far: float | None) -> str:
     ea, ef, pairs = est_of(corr, "adjacent"), est_of(corr, "non_adjacent"), est_of(corr, "layer_link")
     text = ("Cross-layer correlation of expert selection (mean |r|; null: layers shifted within documents; verdicts: "
             "held-out documents, Holm, ≈ 0.05 false per run): adjacent layers ")
-    text += quote(ea, null="") if ea is not None else f3(adj)
+    if ea is not None:
+        text += quote(ea, null="")
+    else:  # undefined where a layer's selection never varies (every token to one expert: top-1 on a collapsed layer)
+        text += f3(adj) if adj is not None else "undefined (a layer's expert selection never varies)"
     if far is not None:
         text += "; non-adjacent " + (quote(ef, null="") if ef is not None else f3(far))
     L = len(corr.moe_layers)
