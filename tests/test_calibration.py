@@ -165,3 +165,16 @@ def test_a_longer_look_at_a_few_cells_runs_only_the_named_analyses_on_fresh_seed
           "--no-progress"])
     long = pd.read_csv(csv, keep_default_na=False)
     assert set(long.verdict) == {"consistency_same_top1", "consistency_next_in_topk"} and (long.runs == 2).all()
+
+
+def test_the_oracle_finds_a_strong_domain_effect_and_not_a_null():
+    """The oracle bounds what any domain verdict could find; it must see 2x with documents alike and rarely a null."""
+    from core.calibration.catalogue import worlds
+    from core.calibration.oracle import oracle_power
+    from core.calibration.worlds import Shape
+
+    shape = Shape(layers=10, experts=8, top_k=2, docs=16, doc_len=200)
+    strong = [w for w, _ in worlds(["domain_2x"])][0]
+    assert oracle_power(strong, shape, range(6))["oracle_power"] >= 0.8
+    null = [w for w, _ in worlds(["documents"])][0]  # documents differ, no domain effect
+    assert oracle_power(null, shape, range(10))["oracle_power"] <= 0.3

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from core.pipeline.options import (STAGES, CollectionOptions, OptionsError, RunOptions, build_parser, load_yaml, make_options,
-                                   option_table, parse_options, to_yaml)
+                                   option_table, parse_options)
 
 REPO = Path(__file__).resolve().parents[1]
 
