@@ -11,7 +11,10 @@ removed a user's files. So every removal in the toolkit goes through this module
   :func:`start_scratch`) everything in it is the toolkit's; once complete, :func:`seal` lists its
   files in the marker with a checksum, and :func:`remove_sealed` removes those files and nothing
   else. :func:`replace_folder` puts a built folder in place of an old one only when the old one
-  holds nothing the toolkit did not write, and :func:`check_replaceable` says so before any work.
+  holds nothing the toolkit did not write, and :func:`check_replaceable` says so before any work;
+* a single output file at a path the user names (``--out FILE``) carries the toolkit's mark
+  (:class:`FileMark`: a first line, or a JSON ``written_by`` key), and :func:`check_output_file`
+  refuses, before any work, to overwrite an existing file without it.
 
 The one removal outside this module is ``core.safe_io`` deleting the temporary file it created
 itself a moment before (a write that failed, a probe of a folder).
@@ -23,6 +26,7 @@ import hashlib
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from core.safe_io import atomic_write_json, current_umask
@@ -237,3 +241,63 @@ def replace_folder(built: str | os.PathLike, dest: str | os.PathLike, hint: str 
     dest.parent.mkdir(parents=True, exist_ok=True)
     os.replace(built, dest)
     return dest
+
+
+# ---------------------------------------------------------------------------- single files with a mark
+WRITTEN_BY = "moe-router-study"
+MARK_READ_BYTES = 1 << 20  # a marked JSON is read whole up to this size; a bigger one is not the toolkit's
+
+
+@dataclass(frozen=True)
+class FileMark:
+    """How a file the toolkit wrote is known: its first line starts with ``first_line``; None: a JSON object whose
+    ``written_by`` is :data:`WRITTEN_BY` (JSON has no comment line)."""
+
+    first_line: str | None = None
+
+    def found_in(self, path: Path) -> bool:
+        """Whether the file at ``path`` carries this mark (an unreadable or undecodable file does not)."""
+        try:
+            with open(path, "rb") as f:
+                head = f.read(MARK_READ_BYTES if self.first_line is None else len(self.first_line.encode()) + 1)
+        except OSError:
+            return False
+        if self.first_line is not None:
+            return head.startswith(self.first_line.encode())
+        try:
+            body = json.loads(head)
+        except (ValueError, UnicodeDecodeError):
+            return False
+        return isinstance(body, dict) and body.get("written_by") == WRITTEN_BY
+
+
+JSON_MARK = FileMark()
+COMMENT_MARK = FileMark(f"<!-- written by {WRITTEN_BY} -->")  # HTML and Markdown: invisible where they are shown
+
+
+def marked_json(body: dict) -> dict:
+    """``body`` with :data:`JSON_MARK` as its first key."""
+    return {"written_by": WRITTEN_BY, **body}
+
+
+def marked_text(text: str) -> str:
+    """An HTML page or Markdown text with :data:`COMMENT_MARK` as its first line."""
+    return f"{COMMENT_MARK.first_line}\n{text}"
+
+
+def check_output_file(path: str | os.PathLike, mark: FileMark, hint: str = "choose another path") -> Path:
+    """Refuse in one line, before any work, an output path holding a file the toolkit did not write (no ``mark``).
+
+    A missing file, or one with the mark (the toolkit's earlier output), may be overwritten; a
+    folder or a link in its place is refused too.
+    """
+    path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        return path
+    if path.is_symlink() or not path.is_file():
+        raise OwnershipError(f"{path} is in the way and is not a file this toolkit wrote; move it away or {hint}")
+    if not mark.found_in(path):
+        what = "a written_by key" if mark.first_line is None else f"the first line {mark.first_line!r}"
+        raise OwnershipError(f"{path} exists and was not written by this toolkit (it lacks {what}), so it is not the "
+                             f"toolkit's to overwrite; move it away or {hint}")
+    return path

@@ -16,6 +16,8 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import fields, is_dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -105,6 +107,31 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, durable: bool = 
     if durable:
         _fsync_dir(path.parent)
     return path
+
+
+@contextmanager
+def atomic_files_for(paths: Sequence[str | os.PathLike]) -> Iterator[list[Path]]:
+    """Temporary files for a writer outside the toolkit that is handed file names (a renderer), one beside each path.
+
+    Each is made here with a unique name (never a file that was already there) and the umask's
+    permissions; when the block ends they are renamed onto ``paths``, and if it fails they are
+    removed: only this call's own files, so nothing found by a name is ever deleted.
+    """
+    paths = [Path(p) for p in paths]
+    temps: list[Path] = []
+    try:
+        for path in paths:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = _open_temp(path, None)
+            os.close(fd)
+            temps.append(Path(tmp))
+        yield temps
+        for tmp, path in zip(temps, paths):
+            os.replace(tmp, path)
+    except BaseException:
+        for tmp in temps:
+            tmp.unlink(missing_ok=True)  # this call's own temporary files (those already renamed are gone)
+        raise
 
 
 def probe_writable(folder: str | os.PathLike) -> None:

@@ -146,12 +146,11 @@ def test_the_command_never_overwrites_a_file_it_did_not_write(tmp_path, capsys):
 
     mine = tmp_path / "notes.md"
     mine.write_text("my notes\n")
-    with pytest.raises(SystemExit):
-        main(["--seeds", "1", "--worlds", "iid", "--out", str(mine)])
-    assert mine.read_text() == "my notes\n" and "was not written by exp/calibrate.py" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["--seeds", "1", "--worlds", "iid", "--out", "-", "--csv", str(mine)])
-    assert mine.read_text() == "my notes\n"
+    assert main(["--seeds", "1", "--worlds", "iid", "--out", str(mine)]) == 2
+    err = capsys.readouterr().err
+    assert mine.read_text() == "my notes\n" and err.count("\n") == 1 and "was not written by this toolkit" in err
+    assert main(["--seeds", "1", "--worlds", "iid", "--out", "-", "--csv", str(mine)]) == 2
+    assert mine.read_text() == "my notes\n" and "choose another --csv" in capsys.readouterr().err
 
 
 def test_a_longer_look_at_a_few_cells_runs_only_the_named_analyses_on_fresh_seeds(tmp_path):

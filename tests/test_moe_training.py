@@ -94,7 +94,7 @@ def test_grid_writes_the_seed_002_table(tmp_path):
 
     base = TrainConfig.from_yaml(MICRO, steps=6, num_checkpoints=2, eval_every=6, run_name="g")
     out = run_grid(base, tmp_path / "models", tmp_path / "results", overwrite=False, progress=False)
-    rows = json.loads((out / "grid_results.json").read_text())
+    rows = json.loads((out / "grid_results.json").read_text())["rows"]
     assert [r["arm"] for r in rows] == [a for a, _ in GRID_ARMS]
     for r in rows:
         assert len(r["layer_entropy"]) == 2 and len(r["layer_utilization_std"]) == 2

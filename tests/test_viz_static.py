@@ -36,3 +36,27 @@ def test_reports_why_when_no_browser(tmp_path, monkeypatch):
 def test_unknown_format_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="not one of png, svg, pdf"):
         export_many({"x": _fig()}, tmp_path, fmt="gif")
+
+
+def test_a_failed_render_removes_only_its_own_temporary_files(tmp_path, monkeypatch):
+    """The temporary images had fixed names (``.x.png.tmp``): a user's file of that name was overwritten, then deleted."""
+    import viz.static_export as static_export
+    from tests.canary import CanaryTree
+
+    users = {"figs/.x.png.tmp": b"a user's file named like the old temporary image\n", "figs/x.png": b"a user's old image\n"}
+    canary = CanaryTree(tmp_path, owned=["figs"], planted=users)
+    seen = []
+
+    def render_then_fail(figs, paths, format, scale):  # noqa: A002 - plotly's keyword
+        for p in paths:
+            p.write_bytes(b"half an image")
+            seen.append(p)
+        raise RuntimeError("the browser went away")
+
+    monkeypatch.setattr(static_export, "_prepare", lambda: None)
+    monkeypatch.setattr(static_export.pio, "write_images", render_then_fail)
+    written, reason = export_many({"x": _fig()}, tmp_path / "figs")
+    assert written == {} and reason == "static export failed: RuntimeError: the browser went away"
+    assert len(seen) == 1 and not seen[0].exists() and seen[0].name != ".x.png.tmp"
+    assert sorted(p.name for p in (tmp_path / "figs").iterdir()) == [".x.png.tmp", "x.png"]
+    canary.check()  # the planted files, though inside figs/, are unchanged

@@ -16,6 +16,8 @@ from pathlib import Path
 import plotly.graph_objects as go
 import plotly.io as pio
 
+from core.safe_io import atomic_files_for
+
 log = logging.getLogger(__name__)
 FORMATS = ("png", "svg", "pdf")
 
@@ -73,19 +75,15 @@ def export_many(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {name: out_dir / f"{name}.{fmt}" for name in figures}
-    # Render into hidden temporary names, then rename: a reader never sees a half-written image.
-    tmps = {name: out_dir / f".{name}.{fmt}.tmp" for name in figures}
+    # Rendered into temporary files made and cleared by core.safe_io, then renamed: a reader never sees a
+    # half-written image, and no file found by a name is ever removed.
     try:
-        pio.write_images(list(figures.values()), list(tmps.values()), format=fmt, scale=scale)
-        for name, tmp in tmps.items():
-            os.replace(tmp, paths[name])
+        with atomic_files_for(list(paths.values())) as tmps:
+            pio.write_images(list(figures.values()), tmps, format=fmt, scale=scale)
     except Exception as exc:  # noqa: BLE001 - kaleido raises many kinds; all mean "no image"
         reason = f"static export failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         log.warning(reason)
         return {}, reason
-    finally:
-        for tmp in tmps.values():
-            tmp.unlink(missing_ok=True)
     return paths, None
 
 

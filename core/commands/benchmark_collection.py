@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 import time
 from contextlib import contextmanager
@@ -297,6 +298,14 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda: torch sees no CUDA device here")
+    from core.owned_files import JSON_MARK, OwnershipError, check_output_file, marked_json
+
+    try:
+        if args.out:  # before any work: never overwrite a file this toolkit did not write
+            check_output_file(args.out, JSON_MARK, "choose another --out")
+    except OwnershipError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
     from core.model_access.wrapper import MoEModelWrapper
     from core.safe_io import atomic_write_json
@@ -331,6 +340,6 @@ def main(argv: list[str] | None = None) -> dict:
               "target": 0.9 if dev.type == "cuda" else 0.95, **summarize(runs, tokens)}
     print_table(result)
     if args.out:
-        atomic_write_json(args.out, result)
+        atomic_write_json(args.out, marked_json(result))
         print(f"wrote {args.out}")
     return result

@@ -34,6 +34,7 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
+from core.owned_files import COMMENT_MARK, JSON_MARK, OwnershipError, check_output_file, marked_json, marked_text
 from core.safe_io import atomic_write_text
 
 IMPLEMENTATIONS = ("ours", "dense", "olmoe")
@@ -174,8 +175,8 @@ def benchmark_config(hidden: int, intermediate: int, experts: int, top_k: int, c
 
 
 def plot(rows: list[dict], path: Path) -> Path:
-    """Write ``benchmark_figure(rows)`` as a self-contained HTML file."""
-    return atomic_write_text(path, benchmark_figure(rows).to_html(include_plotlyjs=True))
+    """Write ``benchmark_figure(rows)`` as a self-contained HTML file, marked as the toolkit's (``core.owned_files``)."""
+    return atomic_write_text(path, marked_text(benchmark_figure(rows).to_html(include_plotlyjs=True)))
 
 
 def benchmark_figure(rows: list[dict]) -> "plotly.graph_objects.Figure":  # noqa: F821
@@ -226,6 +227,15 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if any(k > e for e in args.experts for k in args.top_k):
         p.error("every --top-k must be <= every --experts")
+    out = Path(args.out)
+    try:  # before any work: the two files go into any folder, and never over a file this toolkit did not write
+        if out.exists() and not out.is_dir():
+            raise OwnershipError(f"{out} is a file, not a folder; choose another --out")
+        check_output_file(out / "benchmark.json", JSON_MARK, "choose another --out")
+        check_output_file(out / "benchmark.html", COMMENT_MARK, "choose another --out")
+    except OwnershipError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -240,9 +250,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"fwd+bwd {row['speed_ratio_vs_dense_fwdbwd']:.2f} | vs olmoe fwd {row['speed_ratio_vs_olmoe_fwd']:.2f} "
                       f"fwd+bwd {row['speed_ratio_vs_olmoe_fwdbwd']:.2f} | mem vs dense {row['memory_ratio_vs_dense_fwdbwd']:.2f} "
                       f"vs olmoe {row['memory_ratio_vs_olmoe_fwdbwd']:.2f}", flush=True)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "benchmark.json", json.dumps({"args": vars(args), "rows": rows}, indent=2))
+    atomic_write_text(out / "benchmark.json", json.dumps(marked_json({"args": vars(args), "rows": rows}), indent=2))
     html = plot(rows, out / "benchmark.html")
     print(f"wrote {out / 'benchmark.json'} and {html}")
     return 0

@@ -14,7 +14,6 @@ and the long table to ``--csv``.
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 import sys
 from pathlib import Path
@@ -52,15 +51,12 @@ CSV_HEADER = "world,verdict,role"
 
 
 def _check_outputs(out: Path, csv: Path | None) -> None:
-    """Before any work: never overwrite a file this command did not write (known by its first line)."""
-    for path, first in ((out, TITLE), (csv, CSV_HEADER)):
-        if path is None or str(path) == "-" or not path.exists():
-            continue
-        if path.is_dir():
-            _parser().error(f"{path} is a folder; give a file path")
-        with open(path, errors="replace") as f:
-            if not f.readline().startswith(first):
-                _parser().error(f"{path} exists and was not written by exp/calibrate.py; give another path")
+    """Before any work: never overwrite a file this command did not write (its mark: the first line it writes)."""
+    from core.owned_files import FileMark, check_output_file
+
+    for path, first, flag in ((out, TITLE, "--out"), (csv, CSV_HEADER, "--csv")):
+        if path is not None and str(path) != "-":
+            check_output_file(path, FileMark(first), f"choose another {flag}")
 
 
 def _split_worlds(given: str | None) -> tuple[list, list[str], list[str]]:
@@ -108,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     from core.calibration.weights import calibrate_routers
     from core.calibration.worlds import Shape
     from core.pipeline.spec import registered
+    from core.safe_io import atomic_write_text
 
     if min(args.seeds, args.layers, args.experts, args.top_k, args.docs, args.doc_len, args.jobs) < 1 or args.top_k > args.experts:
         _parser().error("every size must be >= 1 and --top-k at most --experts")
@@ -119,7 +116,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.oracle:
         return _oracle(args, shape)
     chosen, weight_names, loss_names = _split_worlds(args.worlds)
-    _check_outputs(args.out, args.csv)
+    from core.owned_files import OwnershipError
+
+    try:
+        _check_outputs(args.out, args.csv)
+    except OwnershipError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     seeds = range(args.first_seed, args.first_seed + args.seeds)
     analyses = args.analyses.split(",") if args.analyses else None
     known = {s.name for s in registered() if s.stage == "pass"}
@@ -141,14 +144,9 @@ def main(argv: list[str] | None = None) -> int:
              f"{f' (from seed {args.first_seed})' if args.first_seed else ''}, "
              f"{args.resamples} resamples. Written by `core/commands/calibrate.py`.")
     if str(args.out) != "-":
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.out.with_name(args.out.name + f".tmp{os.getpid()}")
         kept = args.out.read_text() if args.out.exists() else ""  # the hand-written reading of the table stays
         kept = kept[kept.index(HAND_WRITTEN):] if HAND_WRITTEN in kept else ""
-        tmp.write_text(markdown(long, command.strip(), about) + kept)
-        os.replace(tmp, args.out)
+        atomic_write_text(args.out, markdown(long, command.strip(), about) + kept)
     if args.csv:
-        tmp = args.csv.with_name(args.csv.name + f".tmp{os.getpid()}")
-        long.to_csv(tmp, index=False)
-        os.replace(tmp, args.csv)
+        atomic_write_text(args.csv, long.to_csv(index=False))
     return 0 if all(passes(r) for _, r in s.iterrows()) else 1

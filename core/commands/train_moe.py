@@ -9,7 +9,8 @@ A run is written to ``<models-dir>/<run_name>/`` (final model, ``step-*`` revisi
 ``checkpoints.json``, ``training_log.txt``, ``run_info.json``; see ``core.study_moe.training``). The
 grid trains one run per arm and writes ``results/<grid_name>/grid_results.md`` and ``.json``:
 test loss, top-3 accuracy, per-layer routing entropy, per-layer utilization standard deviation
-and a sample continuing "Once upon a time".
+and a sample continuing "Once upon a time" (the JSON's rows under ``"rows"``). Both carry the
+toolkit's mark, and an existing file without it is never overwritten (``core.owned_files``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import yaml
 
+from core.owned_files import COMMENT_MARK, JSON_MARK, OwnershipError, check_output_file, marked_json, marked_text
 from core.path_names import BadNameError, check_name
 from core.safe_io import atomic_write_text
 from core.study_moe.config import DEFAULT_CONFIG, TrainConfig
@@ -68,6 +70,9 @@ def run_grid(base: TrainConfig, models_dir: Path, results_dir: Path, overwrite: 
     """Train the four grid arms from ``base`` and write ``grid_results.{md,json}``; returns the results folder."""
     grid_name = f"{base.run_name}-grid"
     out_dir = results_dir / grid_name
+    hint = "choose another --results-dir or --run-name"
+    check_output_file(out_dir / "grid_results.md", COMMENT_MARK, hint)  # before any training
+    check_output_file(out_dir / "grid_results.json", JSON_MARK, hint)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     for arm, changes in GRID_ARMS:
@@ -93,12 +98,12 @@ def run_grid(base: TrainConfig, models_dir: Path, results_dir: Path, overwrite: 
         })
     table = grid_table(rows)
     samples = "\n".join(f"- **{r['arm']}**: {r['sample']!r}" for r in rows)
-    md = (
+    md = marked_text(
         f"# Routing grid ({GRID_EXPERTS} experts, base config `{base.run_name}`)\n\n{table}\n\n"
         f"Generated from \"Once upon a time\":\n\n{samples}\n"
     )
     atomic_write_text(out_dir / "grid_results.md", md)
-    atomic_write_text(out_dir / "grid_results.json", json.dumps(rows, indent=2))
+    atomic_write_text(out_dir / "grid_results.json", json.dumps(marked_json({"rows": rows}), indent=2))
     print(md)
     return out_dir
 
@@ -135,7 +140,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     from core.commands.disk_errors import disk_error_line
-    from core.owned_files import OwnershipError
 
     try:
         run_dir = _train(cfg, args)

@@ -4,15 +4,21 @@ Writes an HTML report with the router affinity heatmap, expert utilization over 
 router entropy, routing accuracy and the training metrics, plus PNG/SVG copies where this
 machine can render them, and warns about expert collapse and under-use.
 
+The report folder is built beside ``--out`` and put in its place whole, with the toolkit's marker
+listing its files (``core.owned_files``): an earlier report is replaced, a folder holding anything
+the toolkit did not write is refused in one line before any work.
+
     uv run exp/visualize_training_log.py --log moe_outputs/training_log.txt --out results/tlog
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
+from core.owned_files import OwnershipError, check_replaceable, remove_scratch, replace_folder, start_scratch
 from viz.training_log import (
     COLLAPSE_SHARE,
     UNDERUSE_OF_UNIFORM,
@@ -62,19 +68,33 @@ def main(argv: list[str] | None = None) -> int:
     if affinity_path is None and (args.log.parent / AFFINITY_NAME).is_file():
         affinity_path = args.log.parent / AFFINITY_NAME
     out_dir = args.out or args.log.parent / "training_log_report"
+    hint = "choose another --out"
     try:
+        check_replaceable(out_dir, hint)  # before any work: only a folder all of whose files the toolkit wrote
         log = read_training_log(args.log)
         affinity = read_affinity_matrix(affinity_path) if affinity_path is not None else None
-    except TrainingLogError as exc:
+        work = start_scratch(out_dir.with_name(f".{out_dir.name}.tmp"))
+    except (TrainingLogError, OwnershipError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    outputs = write_training_log_report(
-        log, out_dir, affinity,
-        static_format=None if args.static == "none" else args.static,
-        entropy_unit=args.entropy_unit,
-        collapse_share=args.collapse_share,
-        underuse_of_uniform=args.underuse,
-    )
+    try:
+        outputs = write_training_log_report(
+            log, work, affinity,
+            static_format=None if args.static == "none" else args.static,
+            entropy_unit=args.entropy_unit,
+            collapse_share=args.collapse_share,
+            underuse_of_uniform=args.underuse,
+        )
+        replace_folder(work, out_dir, hint)
+    except OwnershipError as exc:  # written into while this command ran: the new report is kept where it was built
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except BaseException:
+        with contextlib.suppress(OwnershipError):
+            remove_scratch(work)
+        raise
+    outputs.report = out_dir / outputs.report.relative_to(work)
+    outputs.images = {name: out_dir / path.relative_to(work) for name, path in outputs.images.items()}
     for warning in outputs.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     if outputs.static_note:
