@@ -277,9 +277,8 @@ def sweep_checkpoints(
     and weight digests), ``model_dtype``, the ``device`` type, the data and the settings; ``force``
     collects again into the same identity. A Hub revision the sweep downloaded is freed once
     collected unless ``keep_checkpoints`` (``hub_disk``). ``announce(checkpoints)``: called once,
-    before any model loads, with those that must. ``token_bytes`` (``cache_format.bytes_per_token``):
-    the caches still to collect are checked, before any model loads, to fit the free space of
-    ``cache_root`` (a one-line CacheError otherwise). Under torchrun each rank collects its share
+    before any model loads, with those that must; by then the caches still to collect are checked to
+    fit the disk (``token_bytes`` per token). Under torchrun each rank collects its share
     (``core.distributed``), then opens the others'.
     """
     if not checkpoints or not datasets:
@@ -293,8 +292,7 @@ def sweep_checkpoints(
     collect_kw = {**settings, "hidden_layers": hidden_layers, "ranks": ranks if split else None}
     plans = _plan_checkpoints(checkpoints, datasets, fingerprints, settings, index, cache_root, model_source or model_name,
                               model_dtype, device, force=force, router_weights=router_weights)
-    if token_bytes:
-        check_free_space(cache_root, sum(_tokens(t) for p in plans for _, t, _ in p.todo) * token_bytes)
+    check_free_space(cache_root, sum(_tokens(t) for p in plans for _, t, _ in p.todo) * (token_bytes or 0))
     if announce is not None:
         announce([p.ckpt for p in plans if p.todo or (router_weights and p.routers is None)])
     _collect_plans(plans, list(datasets), make_wrapper, index, ranks, split, checkpoints, model_source or model_name,
