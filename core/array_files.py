@@ -174,7 +174,10 @@ def _read_json(path: Path) -> dict:
         raise ArrayFileError(f"{path} holds no metrics (a JSON {type(body).__name__}, not an object)")
     index = body.get(INDEX_KEY)
     stored = index.get(JSON_DIGEST) if isinstance(index, dict) else None
-    if stored is not None and stored != _json_sha256(body):
+    if stored is None:  # every metrics.json this toolkit writes carries it: one without it cannot be vouched for
+        raise ArrayFileError(f"{path} has no checksum of its own (written before the toolkit kept one, or edited by hand); "
+                             "run the analysis again")
+    if stored != _json_sha256(body):
         raise ArrayFileError(f"{path} fails its checksum (edited or damaged since it was written); run the analysis again")
     if isinstance(index, dict):
         index.pop(JSON_DIGEST, None)

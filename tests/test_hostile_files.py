@@ -375,6 +375,20 @@ def test_an_edited_value_in_metrics_json_fails_on_load(run_copy):
         load_metrics(run_copy)
 
 
+def test_an_edit_that_also_removes_the_checksum_fails_on_load(run_copy):
+    """An edit by hand that deletes the JSON's own checksum is not taken for an older file: it is refused too."""
+    from core.array_files import INDEX_KEY, JSON_DIGEST
+
+    path = run_copy / "metrics.json"
+    metrics = json.loads(path.read_text())
+    del metrics[INDEX_KEY][JSON_DIGEST]
+    metrics["headline"] = {**metrics["headline"], "edited": 1.0}
+    path.write_text(json.dumps(metrics, indent=1))
+    with pytest.raises(ArrayFileError, match="has no checksum of its own") as e:
+        load_metrics(run_copy)
+    assert "\n" not in str(e.value)
+
+
 def test_a_truncated_metrics_json_is_one_line(run_copy):
     path = run_copy / "metrics.json"
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
