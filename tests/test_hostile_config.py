@@ -36,11 +36,11 @@ def micro_models(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def no_loading_bars():
-    """transformers draws a weight-loading bar on stderr; the tests read stderr for the one error line."""
+def loading_bars_on():
+    """transformers' bars start on, as for a user: with --no-progress the command itself must keep its stderr to one line."""
     from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()
+    hf_logging.enable_progress_bar()
     yield
     hf_logging.enable_progress_bar()
 

@@ -31,6 +31,10 @@ def main(argv: list[str] | None = None) -> int:
     from core.store.cache_format import CacheError
     from data import DataError
 
+    if not opts.output.progress:  # --no-progress: transformers' own bars ("Loading weights") stay quiet too
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     try:
         summary = BasicRoutingAnalysis(options=opts).run()
     except (OptionsError, ModelLoadError, NoRoutersError, CacheError, CheckpointError, DataError, OwnershipError) as e:

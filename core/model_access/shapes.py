@@ -113,11 +113,13 @@ def write_random_model(cfg: Any, folder: str | os.PathLike, tokenizer: Any, *, s
     model = AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
     tmp = start_scratch(folder.with_name(f".{folder.name}.tmp"))
     try:
+        was_on = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()
         try:
             model.save_pretrained(tmp)
         finally:
-            hf_logging.enable_progress_bar()
+            if was_on:  # as it was: a run with --no-progress keeps transformers' bars off
+                hf_logging.enable_progress_bar()
         tokenizer.save_pretrained(tmp)
         info = {"seed": seed, "dtype": str(dtype).removeprefix("torch."), "parameters": sum(p.numel() for p in model.parameters()),
                 "layers": _layer_count(cfg), **(record or {})}

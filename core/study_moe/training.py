@@ -49,11 +49,13 @@ from core.study_moe.training_data import RECORD_NAME, build_record, write_record
 # --------------------------------------------------------------------------- saving
 def _save_pretrained(model, tokenizer, folder: Path) -> None:
     """Model and tokenizer into ``folder``, without a "Writing model shards" bar per checkpoint."""
+    was_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
         model.save_pretrained(folder)
     finally:
-        hf_logging.enable_progress_bar()
+        if was_on:  # as it was: a run with --no-progress keeps transformers' bars off
+            hf_logging.enable_progress_bar()
     tokenizer.save_pretrained(folder)
 
 
