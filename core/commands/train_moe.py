@@ -79,9 +79,10 @@ def run_grid(base: TrainConfig, models_dir: Path, results_dir: Path, overwrite: 
         cfg = TrainConfig.from_dict({**vars(base), **changes, "num_experts": GRID_EXPERTS, "run_name": f"{grid_name}-{arm}"})
         run_dir = models_dir / cfg.run_name
         if overwrite or not (run_dir / "run_info.json").is_file():
+            from core.pipeline.training_monitor import study_moe_monitor
             from core.study_moe.training import train
 
-            run_dir = train(cfg, models_dir=models_dir, overwrite=True, progress=progress)
+            run_dir = train(cfg, models_dir=models_dir, overwrite=True, progress=progress, monitor=study_moe_monitor())
         info = json.loads((run_dir / "run_info.json").read_text())
         test = info["test"]
         rows.append({
@@ -114,9 +115,11 @@ def _train(cfg: TrainConfig, args: argparse.Namespace) -> Path | None:
     if args.grid:
         run_grid(cfg, models_dir, Path(args.results_dir), args.overwrite, progress=not args.no_progress)
         return None
+    from core.pipeline.training_monitor import study_moe_monitor
     from core.study_moe.training import train
 
-    return train(cfg, models_dir=models_dir, overwrite=args.overwrite, progress=not args.no_progress)
+    monitor = study_moe_monitor(args.monitor_window) if args.monitor_window > 0 else None
+    return train(cfg, models_dir=models_dir, overwrite=args.overwrite, progress=not args.no_progress, monitor=monitor)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--grid", action="store_true", help="run seed 002's grid: 4 experts x top-1/top-2/random-1/random-2")
     p.add_argument("--overwrite", action="store_true", help="retrain runs that already exist")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--monitor-window", type=int, default=50, metavar="BATCHES",
+                   help="routing monitor: diagnose the last BATCHES training batches at each log line (0: off; default 50)")
     args = p.parse_args(argv)
     try:
         overrides = parse_overrides(args.set)

@@ -70,9 +70,11 @@ def embedded_config(opts: RunOptions) -> Path:
 
 def train_embedded_model(opts: RunOptions) -> Path:
     """The embedded default model's run folder, training it first if it is not there yet."""
+    from core.pipeline.training_monitor import study_moe_monitor
     from core.study_moe.training import ensure_default_model
 
-    return ensure_default_model(opts.model.models_dir, config=embedded_config(opts), progress=opts.output.progress)
+    return ensure_default_model(opts.model.models_dir, config=embedded_config(opts), progress=opts.output.progress,
+                                monitor=study_moe_monitor())
 
 
 def resolve_model(opts: RunOptions, embedded_run: Path | None = None) -> ModelTarget:

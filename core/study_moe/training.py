@@ -11,7 +11,9 @@ A run lives in ``models/<run_name>/``:
 * ``training_log.txt`` — one JSON line per evaluation in seed 000's format (``epoch``,
   ``routing_acc``, ``entropy``, ``utilization``, ``metrics.accuracy``, ``metrics.loss``) plus
   ``step``, ``tokens``, ``layer_entropy``, ``layer_utilization``, ``routing_acc_chance`` and
-  ``dropped_fraction`` (see ``core.study_moe.evaluation`` for the definition of ``routing_acc``);
+  ``dropped_fraction`` (see ``core.study_moe.evaluation`` for the definition of ``routing_acc``),
+  and, when the run has a routing monitor, ``routing_monitor``: its record of the training batches
+  of the window (``core.analysis.routing_monitor``, handed in by the caller: this room imports no analysis);
 * ``run_info.json`` — config, corpus sizes, unigram baseline, final/test metrics, wall time;
 * ``training_data.json`` — which documents the run read and which it held out for analysis
   (``core.study_moe.training_data``; the main run analyses only documents not read here).
@@ -31,6 +33,7 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, Callable, Protocol
 
 import torch
 from tqdm.auto import tqdm
@@ -64,9 +67,9 @@ def _logged(value):
     return to_jsonable(value, digits=6)
 
 
-def log_line(epoch: int, step: int, tokens: int, metrics: dict) -> dict:
-    """One training-log record in seed 000's format (plus per-layer and position keys)."""
-    return {
+def log_line(epoch: int, step: int, tokens: int, metrics: dict, monitor: dict | None = None) -> dict:
+    """One training-log record in seed 000's format (plus per-layer and position keys, and the monitor's record)."""
+    line = {
         "epoch": epoch,
         "routing_acc": _logged(metrics["routing_acc"]),
         "entropy": _logged(metrics["entropy"]),
@@ -79,6 +82,26 @@ def log_line(epoch: int, step: int, tokens: int, metrics: dict) -> dict:
         "routing_acc_chance": _logged(metrics["routing_acc_chance"]),
         "dropped_fraction": _logged(metrics["dropped_fraction"]),
     }
+    if monitor is not None:
+        line["routing_monitor"] = monitor
+    return line
+
+
+# --------------------------------------------------------------------------- routing monitor
+class SelectionMonitor(Protocol):
+    """What the trainer feeds each batch's selected experts to (``core.analysis.routing_monitor.RoutingMonitor``)."""
+
+    def update(self, selected: list[torch.Tensor], token_mask: torch.Tensor | None = None) -> None: ...
+
+    def record(self) -> dict: ...
+
+
+MonitorFactory = Callable[[TrainConfig], SelectionMonitor]
+
+
+def selected_experts(model: StudyMoeForCausalLM) -> list[torch.Tensor]:
+    """Each layer's experts chosen in the last forward ``[B*T, k]``: the actual choice, random routing's included."""
+    return [layer.mlp.gate.last_top_k_index for layer in model.model.layers[: model.config.num_hidden_layers]]
 
 
 # --------------------------------------------------------------------------- training
@@ -93,6 +116,7 @@ class _RunState:
     checkpoints: list[dict] = field(default_factory=list)
     epoch: int = 0
     last: dict = field(default_factory=dict)
+    monitor: Any = None  # a SelectionMonitor, or None
 
 
 def _optimizer(model: StudyMoeForCausalLM, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -111,7 +135,8 @@ def _evaluate_and_save(step: int, model, tokenizer, val, cfg: TrainConfig, state
         state.last = evaluate_model(model, val, batch_size=cfg.batch_size)
         state.epoch += 1
         with (state.folder / "training_log.txt").open("a") as f:
-            f.write(json.dumps(log_line(state.epoch, step, step * state.tokens_per_step, state.last)) + "\n")
+            record = state.monitor.record() if state.monitor is not None else None
+            f.write(json.dumps(log_line(state.epoch, step, step * state.tokens_per_step, state.last, record)) + "\n")
     if step in state.ckpt_steps:
         rev = revision_name(step)
         _save_pretrained(model, tokenizer, state.folder / rev)  # a new folder of the run's scratch folder
@@ -134,6 +159,8 @@ def _optimize(model, tokenizer, splits: dict, cfg: TrainConfig, state: _RunState
         for group in optim.param_groups:
             group["lr"] = learning_rate(step - 1, cfg)
         out = model(input_ids=ids, attention_mask=mask, labels=labels, output_router_logits=True)
+        if state.monitor is not None:
+            state.monitor.update(selected_experts(model), mask)
         optim.zero_grad(set_to_none=True)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -144,8 +171,11 @@ def _optimize(model, tokenizer, splits: dict, cfg: TrainConfig, state: _RunState
     model.eval()
 
 
-def train(cfg: TrainConfig, models_dir: str | Path = "models", overwrite: bool = False, progress: bool = True) -> Path:
+def train(cfg: TrainConfig, models_dir: str | Path = "models", overwrite: bool = False, progress: bool = True,
+          monitor: MonitorFactory | None = None) -> Path:
     """Train one run and return its folder ``models_dir/<run_name>``.
+
+    ``monitor(cfg)``: a routing monitor fed every training batch, its record written to each log line.
 
     Before any training: the run name must be one folder name (``BadNameError``), and an existing
     run folder is replaced only with ``overwrite`` and only if it holds nothing but what a run of
@@ -160,7 +190,7 @@ def train(cfg: TrainConfig, models_dir: str | Path = "models", overwrite: bool =
     check_replaceable(run_dir, hint)
     work = start_scratch(models_dir / f".{cfg.run_name}.tmp")
     try:
-        _train_into(cfg, work, progress)
+        _train_into(cfg, work, progress, monitor)
         return replace_folder(work, run_dir, hint)
     except BaseException:
         with contextlib.suppress(OwnershipError):  # sealed by then: the finished run stays where the error says
@@ -168,7 +198,7 @@ def train(cfg: TrainConfig, models_dir: str | Path = "models", overwrite: bool =
         raise
 
 
-def _train_into(cfg: TrainConfig, work: Path, progress: bool) -> None:
+def _train_into(cfg: TrainConfig, work: Path, progress: bool, monitor: MonitorFactory | None = None) -> None:
     """The whole training run, written into the scratch folder ``work``."""
     started = time.time()
     if cfg.threads:
@@ -186,7 +216,8 @@ def _train_into(cfg: TrainConfig, work: Path, progress: bool) -> None:
     )
     model = StudyMoeForCausalLM(cfg.model_config(tokenizer))
     ckpt_steps = set(checkpoint_steps(cfg.steps, cfg.num_checkpoints))
-    state = _RunState(work, cfg.batch_size * cfg.seq_len, ckpt_steps | set(range(0, cfg.steps + 1, cfg.eval_every)), ckpt_steps)
+    state = _RunState(work, cfg.batch_size * cfg.seq_len, ckpt_steps | set(range(0, cfg.steps + 1, cfg.eval_every)), ckpt_steps,
+                      monitor=monitor(cfg) if monitor is not None else None)
     _optimize(model, tokenizer, splits, cfg, state, progress)
 
     test = evaluate_model(model, splits["test"], batch_size=cfg.batch_size, max_rows=cfg.test_max_rows)
@@ -216,7 +247,8 @@ def _active_parameters(model: StudyMoeForCausalLM) -> int:
     return sum(p.numel() for p in model.parameters()) - idle
 
 
-def ensure_default_model(models_dir: str | Path = "models", config: str | Path = DEFAULT_CONFIG, progress: bool = True) -> Path:
+def ensure_default_model(models_dir: str | Path = "models", config: str | Path = DEFAULT_CONFIG, progress: bool = True,
+                         monitor: MonitorFactory | None = None) -> Path:
     """The embedded default run's folder, training it first if it is not there yet.
 
     A run from older code, which did not record its training documents (and read the documents
@@ -232,4 +264,4 @@ def ensure_default_model(models_dir: str | Path = "models", config: str | Path =
         return run_dir
     check_replaceable(run_dir, f"pass another --models-dir (the embedded model there lacks {', '.join(missing)} and "
                                "must be retrained)")
-    return train(cfg, models_dir=models_dir, overwrite=True, progress=progress)
+    return train(cfg, models_dir=models_dir, overwrite=True, progress=progress, monitor=monitor)
