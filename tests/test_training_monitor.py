@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -17,7 +18,8 @@ from core.pipeline.training_monitor import RoutingMonitorCallback, study_moe_mon
 from core.study_moe.layer import StudyMoeTopKRouter
 from core.study_moe.training import TrainConfig, train
 from tests.tiny_models import VOCAB, build
-from viz.training_log import read_training_log
+from viz.training_log import log_warnings, read_training_log
+from viz.training_log_report import training_log_figures
 
 MICRO = Path(__file__).resolve().parents[1] / "configs" / "train_micro.yaml"
 
@@ -26,8 +28,11 @@ MICRO = Path(__file__).resolve().parents[1] / "configs" / "train_micro.yaml"
 def _train_micro(tmp_path: Path, **overrides) -> list[dict]:
     cfg = TrainConfig.from_yaml(MICRO, num_experts=8, eval_every=20, **overrides)
     run = train(cfg, models_dir=tmp_path, progress=False, monitor=study_moe_monitor(window=20))
-    read_training_log(run / "training_log.txt")  # the seed-000 reader takes the monitor's key
+    _LOGS[cfg.routing] = read_training_log(run / "training_log.txt")  # the seed-000 reader takes the monitor's key
     return [json.loads(line)["routing_monitor"] for line in (run / "training_log.txt").read_text().splitlines()]
+
+
+_LOGS: dict = {}  # the last parsed log per routing mode, for the visualizer's checks
 
 
 def _biased_select(bias: torch.Tensor):
@@ -54,6 +59,12 @@ def test_trainer_calls_a_planted_dead_expert_dead(tmp_path, monkeypatch):
     last = _train_micro(tmp_path, routing="random")[-1]
     assert all(r["dead"] == [3] and r["selected"][3] == 0 for r in last["layers"]), last["layers"]
     assert last["alarms"] == 2
+    log = _LOGS["random"]  # the seed-000 visualizer: a figure of flagged experts over steps, and the alarms
+    figures = {name: df for _, name, _, df in training_log_figures(log)}
+    flagged = figures["routing_monitor"]["layer_0"].to_numpy()
+    assert np.isnan(flagged[0]) and (flagged[1:] == 1.0).all()  # step 0: no batch yet; then expert 3, dead
+    assert [w for w in log_warnings(log) if "routing monitor" in w] == [
+        f"routing monitor at training step 40 (last 20 batches): layer {l} imbalanced, dead experts [3]" for l in (0, 1)]
 
 
 def test_trainer_calls_a_planted_dominant_expert_dominant(tmp_path, monkeypatch):

@@ -2,7 +2,8 @@
 
 One JSON object per line: ``epoch``, ``routing_acc``, ``entropy``, ``utilization`` (share of
 routing per expert) and ``metrics`` (e.g. accuracy, loss). The toolkit's own trainer adds
-``step``, ``tokens``, ``layer_entropy`` and ``layer_utilization``; any other keys are
+``step``, ``tokens``, ``layer_entropy``, ``layer_utilization`` and ``routing_monitor`` (the live
+routing monitor's record, drawn as flagged experts per layer and its alarms); any other keys are
 ignored. A bad line fails with ``TrainingLogError("<path>:<line>: <problem>")``.
 """
 
@@ -43,6 +44,7 @@ class TrainingLog:
     layer_entropy: np.ndarray | None = None  # [T, L]
     layer_utilization: np.ndarray | None = None  # [T, L, E]
     routing_acc_chance: np.ndarray | None = None  # [T], the toolkit trainer's chance level
+    monitor: list[dict | None] | None = None  # [T] the routing monitor's record (core.analysis.routing_monitor)
 
     @property
     def num_experts(self) -> int:
@@ -145,6 +147,11 @@ def _parse_record(rec: dict[str, Any], where: str) -> dict[str, Any]:
         layers, vals = _per_layer(rec["layer_utilization"], "layer_utilization", where)
         vecs = [_vector(v, f"layer_utilization[{l}]", where) for l, v in zip(layers, vals)]
         out["layer_utilization"] = (layers, vecs)
+    if "routing_monitor" in rec:
+        mon = rec["routing_monitor"]
+        if not isinstance(mon, dict) or not isinstance(mon.get("layers"), list):
+            raise TrainingLogError(f"{where}: routing_monitor must be an object with a list of layers")
+        out["monitor"] = mon
     if "layer_entropy" in out and "layer_utilization" in out:
         ent_layers, util_layers = out["layer_entropy"][0], out["layer_utilization"][0]
         if ent_layers != util_layers:
@@ -233,6 +240,8 @@ def read_training_log(path: str | Path) -> TrainingLog:
         log.tokens = np.array([r["tokens"] for r in records])
     if any("routing_acc_chance" in r for r in records):
         log.routing_acc_chance = np.array([r.get("routing_acc_chance", math.nan) for r in records])
+    if any("monitor" in r for r in records):
+        log.monitor = [r.get("monitor") for r in records]
     for key in ("layer_entropy", "layer_utilization"):
         if key in first:
             log.layers = list(first[key][0])
@@ -332,6 +341,32 @@ def utilization_warnings(
     return out
 
 
+def monitor_flagged(log: TrainingLog) -> tuple[list[int], np.ndarray] | None:
+    """The monitor's layers and its flagged experts (dead + dominant) per record ``[T, L]``, NaN where it had none."""
+    if not log.monitor:
+        return None
+    layers = sorted({int(r["layer"]) for m in log.monitor if m for r in m["layers"]})
+    if not layers:
+        return None
+    out = np.full((len(log.monitor), len(layers)), np.nan)
+    for t, m in enumerate(log.monitor):
+        for r in (m or {}).get("layers", []):
+            out[t, layers.index(int(r["layer"]))] = len(r.get("dead", [])) + len(r.get("dominant", []))
+    return layers, out
+
+
+def monitor_warnings(log: TrainingLog) -> list[str]:
+    """The routing monitor's alarms at the last record that has layers: one line per layer not healthy."""
+    records = [(x, m) for x, m in zip(log.x, log.monitor or []) if m and m["layers"]]
+    if not records:
+        return []
+    x, last = records[-1]
+    return [f"routing monitor at {log.x_label} {x:g} (last {last.get('window_batches')} batches): layer {r['layer']} "
+            f"{r['state']}" + (f", dead experts {r['dead']}" if r.get("dead") else "")
+            + (f", dominant experts {r['dominant']}" if r.get("dominant") else "")
+            for r in last["layers"] if r.get("state") != "healthy"]
+
+
 def log_warnings(log: TrainingLog, collapse_share: float = COLLAPSE_SHARE,
                  underuse_of_uniform: float = UNDERUSE_OF_UNIFORM) -> list[str]:
     """All utilization warnings for a log: overall, then per layer when the log has layers."""
@@ -341,4 +376,4 @@ def log_warnings(log: TrainingLog, collapse_share: float = COLLAPSE_SHARE,
         for j, layer in enumerate(log.layers):
             out += utilization_warnings(log.layer_utilization[:, j, :], log.x, log.x_label,
                                         f" in layer {layer}", collapse_share, underuse_of_uniform)
-    return out
+    return out + monitor_warnings(log)

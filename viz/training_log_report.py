@@ -28,6 +28,7 @@ from viz.training_log import (
     UNDERUSE_OF_UNIFORM,
     TrainingLog,
     log_warnings,
+    monitor_flagged,
 )
 
 
@@ -89,6 +90,12 @@ def training_log_figures(
         df = pd.DataFrame(final, index=pd.Index(log.layers, name="layer"),
                           columns=[f"expert_{e}" for e in range(final.shape[1])])
         out.append(("Per layer", "layer_utilization", fig, df))
+    if (flagged := monitor_flagged(log)) is not None:
+        layers, values = flagged
+        fig = layer_metric_over_time(x, values, layers, "dead + dominant experts", "count", x_label=xl,
+                                     title="Routing monitor: experts flagged per layer (window of training batches)")
+        df = frame.assign(**{f"layer_{l}": values[:, j] for j, l in enumerate(layers)})
+        out.append(("Per layer", "routing_monitor", fig, df))
     return out
 
 
