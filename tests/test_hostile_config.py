@@ -350,3 +350,17 @@ def test_documents_that_give_no_tokens_say_which_dataset():
     opts = make_options(micro=True, datasets=["gsm8k"])
     with pytest.raises(DataError, match=r"^dataset gsm8k: 12 documents, but the tokenizer produced no tokens"):
         load_tokenized(opts, silent)
+
+
+def test_a_negative_monitor_window_is_one_line_before_training(tmp_path, capsys):
+    """--monitor-window -5 turned the routing monitor off without a word; it is refused before any training."""
+    from core.commands import train_moe
+    from core.paths import CONFIGS
+
+    tree = CanaryTree(tmp_path, owned=["models"])
+    code = train_moe.main(["--config", str(CONFIGS / "train_micro.yaml"), "--monitor-window", "-5",
+                           "--models-dir", str(tmp_path / "models"), "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err == "error: --monitor-window must be 0 (off) or a number of batches, not -5", err
+    assert not (tmp_path / "models" / "study-moe-micro").exists()
+    tree.check()

@@ -141,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
             overrides["run_name"] = args.run_name
         cfg = TrainConfig.from_yaml(args.config, **overrides)
         check_name("--run-name", cfg.run_name)  # before any training: the name becomes a folder
+        if args.monitor_window < 0:
+            raise ValueError(f"--monitor-window must be 0 (off) or a number of batches, not {args.monitor_window}")
     except (ValueError, FileNotFoundError, TypeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
