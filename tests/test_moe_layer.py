@@ -168,7 +168,7 @@ def test_sparse_dispatch_equals_dense_mixture():
 
 
 def test_sparse_dispatch_computes_only_routed_tokens():
-    experts = StudyMoeExperts(layer_config(num_experts=8, num_experts_per_tok=2))
+    experts = StudyMoeExperts(layer_config(num_experts=8, num_experts_per_tok=2, expert_dispatch="loop"))
     init_experts(experts)
     seen = []
     original = experts.expert_forward

@@ -3,18 +3,21 @@
 For every (expert count, top-k, capacity factor) it measures, in the same run, forward and
 forward+backward tokens per second and peak extra memory of
 
-* ``ours``  — ``StudyMoeSparseBlock`` (router + sparse experts, with the capacity factor);
+* ``ours``  — ``StudyMoeSparseBlock`` (router + sparse experts, with the capacity factor) with
+  the grouped expert dispatch (two ``grouped_mm`` calls per layer, ``core.study_moe.dispatch``);
+* ``loop``  — the same block, same weights, with the reference dispatch (a Python loop over experts);
 * ``dense`` — a gated FFN with the same *active* parameters (intermediate size k * I), i.e.
   the compute one token pays in the MoE, without routing;
 * ``olmoe`` — transformers' ``OlmoeSparseMoeBlock`` (router + ``OlmoeExperts``, eager
   implementation, no capacity limit) with the same E, k, H and I.
 
 Repeats alternate the order of the three so a shared CPU slows them alike; a ratio is the
-median over repeats of ours/other. Peak memory: on CUDA ``max_memory_allocated``; on CPU the
+median over repeats of ours/other; ``speedup_over_loop_<name>`` is the median of loop time / that
+implementation's time, for ours (grouped) and for OLMoE's block. Peak memory: on CUDA ``max_memory_allocated``; on CPU the
 largest running sum of the profiler's allocation events during one call (memory allocated
 above what existed before it). Writes ``benchmark.json`` and ``benchmark.html`` (plotly).
 
-    uv run exp/benchmark_moe.py                      # ~1-2 minutes on 2 CPU cores
+    uv run exp/benchmark_moe.py                      # E in {8, 64}, k in {2, 8}: a few minutes on 1 CPU thread
     uv run exp/benchmark_moe.py --experts 8 --top-k 2 --capacity none 1.0 --repeats 3
 """
 
@@ -37,7 +40,7 @@ from torch import nn
 from core.owned_files import COMMENT_MARK, JSON_MARK, OwnershipError, check_output_file, marked_json, marked_text
 from core.safe_io import atomic_write_text
 
-IMPLEMENTATIONS = ("ours", "dense", "olmoe")
+IMPLEMENTATIONS = ("ours", "loop", "dense", "olmoe")
 
 
 class DenseGatedFFN(nn.Module):
@@ -57,7 +60,7 @@ class DenseGatedFFN(nn.Module):
 
 
 def build_modules(hidden: int, intermediate: int, experts: int, top_k: int, capacity: float | None, seed: int = 0) -> dict[str, nn.Module]:
-    """The three implementations with equal H, I, E and k, randomly initialised."""
+    """The four implementations with equal H, I, E and k, randomly initialised (ours and loop share weights)."""
     from transformers import OlmoeConfig
     from transformers.models.olmoe.modeling_olmoe import OlmoeSparseMoeBlock
 
@@ -65,6 +68,7 @@ def build_modules(hidden: int, intermediate: int, experts: int, top_k: int, capa
     cfg = SimpleNamespace(
         num_experts=experts, num_experts_per_tok=top_k, hidden_size=hidden, intermediate_size=intermediate,
         hidden_act="silu", routing="topk", norm_topk_prob=False, capacity_factor=capacity, router_jitter_noise=0.0,
+        expert_dispatch="grouped",
     )
     from core.study_moe.layer import StudyMoeSparseBlock
 
@@ -76,7 +80,9 @@ def build_modules(hidden: int, intermediate: int, experts: int, top_k: int, capa
         nn.init.normal_(block.gate.weight, std=0.1)
         nn.init.normal_(block.experts.gate_up_proj, std=0.05)
         nn.init.normal_(block.experts.down_proj, std=0.05)
-    return {"ours": ours, "dense": DenseGatedFFN(hidden, top_k * intermediate), "olmoe": olmoe}
+    loop = StudyMoeSparseBlock(SimpleNamespace(**{**vars(cfg), "expert_dispatch": "loop"}))
+    loop.load_state_dict(ours.state_dict())
+    return {"ours": ours, "loop": loop, "dense": DenseGatedFFN(hidden, top_k * intermediate), "olmoe": olmoe}
 
 
 def _sync(device: torch.device) -> None:
@@ -149,7 +155,7 @@ def peak_memory(module: nn.Module, x: torch.Tensor, backward: bool) -> int:
 
 def benchmark_config(hidden: int, intermediate: int, experts: int, top_k: int, capacity: float | None,
                      tokens: int, repeats: int, device: torch.device) -> dict:
-    """Throughput, memory and same-run ratios of the three implementations for one setting."""
+    """Throughput, memory and same-run ratios of the four implementations for one setting."""
     modules = {k: m.to(device) for k, m in build_modules(hidden, intermediate, experts, top_k, capacity).items()}
     x = torch.randn(1, tokens, hidden, device=device)
     for m in modules.values():  # warm-up
@@ -171,6 +177,10 @@ def benchmark_config(hidden: int, intermediate: int, experts: int, top_k: int, c
             ratios = [o / s for s, o in zip(times[("ours", bwd)], times[(other, bwd)])]  # speed ours / speed other
             row[f"speed_ratio_vs_{other}_{tag}"] = statistics.median(ratios)
             row[f"memory_ratio_vs_{other}_{tag}"] = row[f"ours_{tag}_peak_bytes"] / max(1, row[f"{other}_{tag}_peak_bytes"])
+    for name in ("ours", "olmoe"):
+        for bwd, tag in ((False, "fwd"), (True, "fwdbwd")):
+            ratios = [loop / t for loop, t in zip(times[("loop", bwd)], times[(name, bwd)])]
+            row[f"speedup_over_loop_{name}_{tag}"] = statistics.median(ratios)
     return row
 
 
@@ -189,14 +199,14 @@ def benchmark_figure(rows: list[dict]) -> "plotly.graph_objects.Figure":  # noqa
     labels = [f"E={r['experts']} k={r['top_k']} cf={r['capacity_factor']}" for r in rows]
     fig = make_subplots(rows=3, cols=1, shared_xaxes=True, vertical_spacing=0.06,
                         subplot_titles=("forward tokens/s", "forward+backward tokens/s", "forward+backward peak memory (MiB)"))
-    colors = {"ours": "#1f77b4", "dense": "#7f7f7f", "olmoe": "#ff7f0e"}
+    colors = {"ours": "#1f77b4", "loop": "#2ca02c", "dense": "#7f7f7f", "olmoe": "#ff7f0e"}
     for name in IMPLEMENTATIONS:
         for i, key in enumerate((f"{name}_fwd_tok_s", f"{name}_fwdbwd_tok_s", f"{name}_fwdbwd_peak_bytes"), start=1):
             values = [r[key] / (2**20 if "bytes" in key else 1) for r in rows]
             fig.add_trace(go.Bar(name=name, x=labels, y=values, marker_color=colors[name], showlegend=i == 1,
                                  legendgroup=name), row=i, col=1)
     fig.update_layout(barmode="group")
-    finish(fig, "MoE layer vs dense FFN (same active params) vs OLMoE block", "", "", height=900)
+    finish(fig, "MoE layer (grouped, loop) vs dense FFN (same active params) vs OLMoE block", "", "", height=900)
     for row, unit in ((1, "tokens/s"), (2, "tokens/s"), (3, "MiB")):
         fig.update_yaxes(title_text=unit, row=row, col=1)
     fig.update_xaxes(title_text="setting (experts, top-k, capacity factor)", row=3, col=1)
@@ -212,21 +222,33 @@ def _capacity(value: str) -> float | None:
     return cf
 
 
+def summary_line(row: dict) -> str:
+    """One setting's line: ours' throughput, its ratios to dense and OLMoE, and the speed-ups over the loop."""
+    return (f"E={row['experts']:3d} k={row['top_k']} cf={str(row['capacity_factor']):5s}  ours fwd {row['ours_fwd_tok_s']:9.0f} "
+            f"tok/s, fwd+bwd {row['ours_fwdbwd_tok_s']:9.0f} tok/s | over loop: ours fwd "
+            f"{row['speedup_over_loop_ours_fwd']:.2f} fwd+bwd {row['speedup_over_loop_ours_fwdbwd']:.2f}, olmoe fwd "
+            f"{row['speedup_over_loop_olmoe_fwd']:.2f} fwd+bwd {row['speedup_over_loop_olmoe_fwdbwd']:.2f} | speed vs dense "
+            f"fwd {row['speed_ratio_vs_dense_fwd']:.2f} fwd+bwd {row['speed_ratio_vs_dense_fwdbwd']:.2f} | vs olmoe fwd "
+            f"{row['speed_ratio_vs_olmoe_fwd']:.2f} fwd+bwd {row['speed_ratio_vs_olmoe_fwdbwd']:.2f} | mem vs dense "
+            f"{row['memory_ratio_vs_dense_fwdbwd']:.2f} vs olmoe {row['memory_ratio_vs_olmoe_fwdbwd']:.2f}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--experts", type=int, nargs="+", default=[4, 8, 16])
-    p.add_argument("--top-k", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--experts", type=int, nargs="+", default=[8, 64])
+    p.add_argument("--top-k", type=int, nargs="+", default=[2, 8], help="settings with top-k > experts are skipped")
     p.add_argument("--capacity", type=_capacity, nargs="+", default=[None, 1.25], help="capacity factors; 'none' = no limit")
-    p.add_argument("--hidden", type=int, default=128)
-    p.add_argument("--intermediate", type=int, default=256)
+    p.add_argument("--hidden", type=int, default=256, help="default: OLMoE's H=2048, I=1024 scaled by 1/8")
+    p.add_argument("--intermediate", type=int, default=128)
     p.add_argument("--tokens", type=int, default=1024, help="tokens per call")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: stable ratios on a shared CPU; 0 = torch's choice)")
     p.add_argument("--out", default="results/benchmark_moe", help="output folder")
     args = p.parse_args(argv)
-    if any(k > e for e in args.experts for k in args.top_k):
-        p.error("every --top-k must be <= every --experts")
+    settings = [(e, k, cf) for e in args.experts for k in args.top_k if k <= e for cf in args.capacity]
+    if not settings:
+        p.error("no setting has --top-k <= --experts")
     out = Path(args.out)
     try:  # before any work: the two files go into any folder, and never over a file this toolkit did not write
         if out.exists() and not out.is_dir():
@@ -240,16 +262,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = []
-    for e in args.experts:
-        for k in args.top_k:
-            for cf in args.capacity:
-                row = benchmark_config(args.hidden, args.intermediate, e, k, cf, args.tokens, args.repeats, device)
-                rows.append(row)
-                print(f"E={e:3d} k={k} cf={str(cf):5s}  ours fwd {row['ours_fwd_tok_s']:9.0f} tok/s, fwd+bwd "
-                      f"{row['ours_fwdbwd_tok_s']:9.0f} tok/s | speed vs dense fwd {row['speed_ratio_vs_dense_fwd']:.2f} "
-                      f"fwd+bwd {row['speed_ratio_vs_dense_fwdbwd']:.2f} | vs olmoe fwd {row['speed_ratio_vs_olmoe_fwd']:.2f} "
-                      f"fwd+bwd {row['speed_ratio_vs_olmoe_fwdbwd']:.2f} | mem vs dense {row['memory_ratio_vs_dense_fwdbwd']:.2f} "
-                      f"vs olmoe {row['memory_ratio_vs_olmoe_fwdbwd']:.2f}", flush=True)
+    for e, k, cf in settings:
+        rows.append(benchmark_config(args.hidden, args.intermediate, e, k, cf, args.tokens, args.repeats, device))
+        print(summary_line(rows[-1]), flush=True)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "benchmark.json", json.dumps(marked_json({"args": vars(args), "rows": rows}), indent=2))
     html = plot(rows, out / "benchmark.html")

@@ -49,6 +49,7 @@ class TrainConfig:
     router_aux_loss_coef: float = 0.01
     router_z_loss_coef: float = 0.001
     hidden_act: str = "silu"
+    expert_dispatch: str = "grouped"  # "loop" (reference) or "grouped": core.study_moe.dispatch
     # optimisation
     steps: int = 2000
     batch_size: int = 16
@@ -105,6 +106,9 @@ class TrainConfig:
             raise ValueError(f"top_k must be in [1, num_experts={self.num_experts}], got {self.top_k}")
         if self.capacity_factor is not None and self.capacity_factor <= 0:
             raise ValueError(f"capacity_factor must be > 0 or null, got {self.capacity_factor}")
+        from core.study_moe.dispatch import check_dispatch
+
+        check_dispatch(self.expert_dispatch)
 
     def model_config(self, tokenizer) -> StudyMoeConfig:
         """The ``StudyMoeConfig`` of this run, with the tokenizer's special ids."""
@@ -125,6 +129,7 @@ class TrainConfig:
             router_aux_loss_coef=self.router_aux_loss_coef,
             router_z_loss_coef=self.router_z_loss_coef,
             hidden_act=self.hidden_act,
+            expert_dispatch=self.expert_dispatch,
             pad_token_id=tokenizer.pad_token_id,
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,

@@ -37,6 +37,8 @@ from torch import nn
 from torch._subclasses.fake_tensor import is_fake
 from transformers.activations import ACT2FN
 
+from core.study_moe.dispatch import DEFAULT_EXPERT_DISPATCH, check_dispatch, dispatch, sorted_assignments
+
 ROUTING_MODES = ("topk", "random")
 
 
@@ -226,7 +228,9 @@ class StudyMoeExperts(nn.Module):
 
     Assignments are sorted by expert, every expert runs one matmul pair on its contiguous slice,
     and the weighted results are scattered back with ``index_add_``. Assignments with weight 0
-    (capacity drops) or index ``E`` (transformers' "no expert" sentinel) are skipped. Under fake
+    (capacity drops) or index ``E`` (transformers' "no expert" sentinel) are skipped. The config's
+    ``expert_dispatch`` says how the matmuls are issued: ``"loop"`` (one pair per expert, the
+    reference) or ``"grouped"`` (two grouped matmuls for all experts; ``core.study_moe.dispatch``). Under fake
     tensors (nnsight's shape-only scan) there is no routing to dispatch on, so it returns zeros.
     """
 
@@ -238,6 +242,7 @@ class StudyMoeExperts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(self.num_experts, 2 * self.intermediate_dim, self.hidden_dim))
         self.down_proj = nn.Parameter(torch.empty(self.num_experts, self.hidden_dim, self.intermediate_dim))
         self.act_fn = ACT2FN[config.hidden_act]
+        self.expert_dispatch = check_dispatch(getattr(config, "expert_dispatch", DEFAULT_EXPERT_DISPATCH))
 
     def expert_forward(self, expert: int, x: torch.Tensor, gate_up=None, down=None) -> torch.Tensor:
         """One expert's gated FFN on its tokens ``[n, H] -> [n, H]`` (weights may be pre-unbound views)."""
@@ -249,29 +254,8 @@ class StudyMoeExperts(nn.Module):
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         if is_fake(hidden_states):  # shape-only scan (nnsight/nnterp): no data to dispatch on
             return torch.zeros_like(hidden_states)
-        n, k = top_k_index.shape
-        flat_expert = top_k_index.reshape(-1)
-        flat_weight = top_k_weights.reshape(-1)
-        flat_token = torch.arange(n, device=hidden_states.device).repeat_interleave(k)
-        active = (flat_weight != 0) & (flat_expert < self.num_experts)
-        flat_expert, flat_weight, flat_token = flat_expert[active], flat_weight[active], flat_token[active]
-
-        order = torch.argsort(flat_expert, stable=True)
-        token_sorted = flat_token[order]
-        counts = torch.bincount(flat_expert, minlength=self.num_experts).tolist()
-        x = hidden_states.index_select(0, token_sorted)
-        # split/unbind (not slicing/indexing) so the backward pass concatenates gradients
-        # instead of filling a full-size zero tensor per expert
-        gate_up, down = self.gate_up_proj.unbind(0), self.down_proj.unbind(0)
-        outputs = []
-        for expert, chunk in enumerate(torch.split(x, counts)):
-            if chunk.shape[0]:
-                outputs.append(self.expert_forward(expert, chunk, gate_up[expert], down[expert]))
-        final = torch.zeros_like(hidden_states)
-        if outputs:
-            y = torch.cat(outputs) * flat_weight[order, None].to(hidden_states.dtype)
-            final.index_add_(0, token_sorted, y.to(final.dtype))
-        return final
+        assigned = sorted_assignments(top_k_index, top_k_weights, self.num_experts)
+        return dispatch(self.expert_dispatch, self, hidden_states, assigned)
 
 
 class StudyMoeSparseBlock(nn.Module):

@@ -22,6 +22,7 @@ from transformers.models.llama.modeling_llama import LlamaAttention, LlamaRMSNor
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
+from core.study_moe.dispatch import DEFAULT_EXPERT_DISPATCH, check_dispatch
 from core.study_moe.layer import (
     ROUTING_MODES,
     StudyMoeExperts,
@@ -51,7 +52,9 @@ class StudyMoeConfig(PretrainedConfig):
     """Configuration of the toolkit's MoE LM; MoE fields named as in OLMoE / Mixtral configs.
 
     ``routing`` is "topk" or "random"; ``capacity_factor`` None means no token is ever dropped;
-    ``router_jitter_noise`` is the multiplicative input-noise width used in training only.
+    ``router_jitter_noise`` is the multiplicative input-noise width used in training only;
+    ``expert_dispatch`` ("loop" or "grouped", equal to float tolerance) only says how the experts'
+    matmuls are issued (``core.study_moe.dispatch``).
     """
 
     model_type = MODEL_TYPE
@@ -88,9 +91,11 @@ class StudyMoeConfig(PretrainedConfig):
         router_aux_loss_coef: float = 0.01,
         router_z_loss_coef: float = 0.001,
         output_router_logits: bool = False,
+        expert_dispatch: str = DEFAULT_EXPERT_DISPATCH,
         **kwargs,
     ):
         _check_options(routing, num_experts, num_experts_per_tok, capacity_factor, hidden_size, num_attention_heads)
+        self.expert_dispatch = check_dispatch(expert_dispatch)
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
