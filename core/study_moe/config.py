@@ -49,7 +49,7 @@ class TrainConfig:
     router_aux_loss_coef: float = 0.01
     router_z_loss_coef: float = 0.001
     hidden_act: str = "silu"
-    expert_dispatch: str = "grouped"  # "loop" (reference) or "grouped": core.study_moe.dispatch
+    expert_dispatch: str = "loop"  # "loop" (reference, default) or "grouped": core.study_moe.dispatch
     # optimisation
     steps: int = 2000
     batch_size: int = 16
