@@ -170,10 +170,10 @@ def _white_background(fig: go.Figure) -> bool:
 
 
 def test_every_figure_shares_one_background():
-    from core.commands.benchmark_moe import benchmark_figure
+    from core.commands.benchmark_moe import IMPLEMENTATIONS, benchmark_figure
 
     row = {"experts": 4, "top_k": 1, "capacity_factor": None}
-    for name in ("ours", "dense", "olmoe"):
+    for name in IMPLEMENTATIONS:
         row |= {f"{name}_fwd_tok_s": 1.0, f"{name}_fwdbwd_tok_s": 1.0, f"{name}_fwdbwd_peak_bytes": 2**20}
     figures = dict(FIGURES, benchmark_moe=benchmark_figure([row]))
     assert go.Figure().layout.template.layout.plot_bgcolor not in ("white", None)  # plotly's default is not white
