@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -90,21 +91,29 @@ def loss_world_names() -> list[str]:
     return [w.name for w in LOSS_WORLDS + PRUNE_WORLDS]
 
 
-def calibrate_ablation(seeds: range, names: list[str] | None = None) -> pd.DataFrame:
-    """One row per (loss world, ablation verdict): false-positive rate over its changes, or power on the planted one."""
-    spec = next(s for s in registered() if s.name == "ablation")
+def _calibrate(worlds: tuple, analysis: str, key: str, seeds: range, names: list[str] | None, run: Any) -> pd.DataFrame:
+    """One row per world of ``worlds`` (all, or those named): ``run(spec, world, seed, tokens)``'s outcomes, tallied."""
+    spec = next(s for s in registered() if s.name == analysis)
     rows = []
-    for world in LOSS_WORLDS:
+    for world in worlds:
         if names is not None and world.name not in names:
             continue
         tally, tok = Tally(), _tokens(world)
-        for seed in seeds:
-            res = ablation_study(_StandIn(world, seed, tok.input_ids.shape[0]), tok, [{0: [t]} for t in range(TARGETS)],
-                                 batch_size=16, progress=False, seed=seed)
-            tally.runs.append(outcome(decisions_of(spec, res)["ablation_changes"]))
-        r = tally.rates(world.target, "ablation_changes")
-        rows.append({"world": world.name, "verdict": "ablation_changes", "role": "power" if "power" in r else "null", **r})
+        tally.runs.extend(run(spec, world, seed, tok) for seed in seeds)
+        r = tally.rates(world.target, key)
+        rows.append({"world": world.name, "verdict": key, "role": "power" if "power" in r else "null", **r})
     return pd.DataFrame(rows)
+
+
+def _ablation_run(spec: Any, world: LossWorld, seed: int, tok: Any) -> Any:
+    res = ablation_study(_StandIn(world, seed, tok.input_ids.shape[0]), tok, [{0: [t]} for t in range(TARGETS)],
+                         batch_size=16, progress=False, seed=seed)
+    return outcome(decisions_of(spec, res)["ablation_changes"])
+
+
+def calibrate_ablation(seeds: range, names: list[str] | None = None) -> pd.DataFrame:
+    """One row per (loss world, ablation verdict): false-positive rate over its changes, or power on the planted one."""
+    return _calibrate(LOSS_WORLDS, "ablation", "ablation_changes", seeds, names, _ablation_run)
 
 
 @dataclass(frozen=True)
@@ -154,28 +163,22 @@ class _PruneStandIn:
         return torch.from_numpy(loss).float()
 
 
-def calibrate_pruning(seeds: range, names: list[str] | None = None) -> pd.DataFrame:
-    """One row per pruning world: false-positive rate of "beats / worse than random" for criteria that know nothing, or power."""
+def _pruning_run(spec: Any, world: PruneWorld, seed: int, tok: Any) -> Any:
     from core.analysis.pruning import pruning_study
 
-    spec = next(s for s in registered() if s.name == "pruning")
-    rows = []
-    for world in PRUNE_WORLDS:
-        if names is not None and world.name not in names:
-            continue
-        tally, tok = Tally(), _tokens(world)
-        for seed in seeds:
-            model = _PruneStandIn(world, seed, tok.input_ids.shape[0])
-            rng = np.random.default_rng([seed, 7])
-            scores = {c: rng.random((PRUNE_LAYERS, PRUNE_EXPERTS)) for c in PRUNE_CRITERIA}
-            if world.informed is not None:
-                scores["usage"] = np.log(model.cost) + rng.normal(0.0, world.informed, model.cost.shape)
-            res = pruning_study(model, tok, scores, list(range(PRUNE_LAYERS)), causal=False, batch_size=24,
-                                progress=False, seed=seed)
-            o = outcome(decisions_of(spec, res)["pruning_vs_random"])
-            o.truth = np.array([[sum(model.cost[layer, e] for layer, es in res.removed[c][f"{f:.3g}"].items() for e in es)
-                                 for f in res.fractions] for c in res.criteria[:-1]])  # what each choice costs on average
-            tally.runs.append(o)
-        r = tally.rates(world.target, "pruning_vs_random")
-        rows.append({"world": world.name, "verdict": "pruning_vs_random", "role": "power" if "power" in r else "null", **r})
-    return pd.DataFrame(rows)
+    model = _PruneStandIn(world, seed, tok.input_ids.shape[0])
+    rng = np.random.default_rng([seed, 7])
+    scores = {c: rng.random((PRUNE_LAYERS, PRUNE_EXPERTS)) for c in PRUNE_CRITERIA}
+    if world.informed is not None:
+        scores["usage"] = np.log(model.cost) + rng.normal(0.0, world.informed, model.cost.shape)
+    res = pruning_study(model, tok, scores, list(range(PRUNE_LAYERS)), causal=False, batch_size=24,
+                        progress=False, seed=seed)
+    o = outcome(decisions_of(spec, res)["pruning_vs_random"])
+    o.truth = np.array([[sum(model.cost[layer, e] for layer, es in res.removed[c][f"{f:.3g}"].items() for e in es)
+                         for f in res.fractions] for c in res.criteria[:-1]])  # what each choice costs on average
+    return o
+
+
+def calibrate_pruning(seeds: range, names: list[str] | None = None) -> pd.DataFrame:
+    """One row per pruning world: false-positive rate of "beats random" for criteria that know nothing, or power."""
+    return _calibrate(PRUNE_WORLDS, "pruning", "pruning_vs_random", seeds, names, _pruning_run)
