@@ -539,9 +539,10 @@ def test_caches_that_cannot_fit_the_disk_are_refused_before_any_model_loads(micr
     from collections import namedtuple
 
     import core.collection.sweep as sweep
+    import core.store.cache_format as cache_format
 
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(sweep.shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 1000, 1000))
+    monkeypatch.setattr(cache_format.shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 1000, 1000))
     loaded = []
     monkeypatch.setattr(sweep, "_collect_plans", lambda *a, **k: loaded.append(1))
     sh.copytree(micro.models, tmp_path / "models")

@@ -19,7 +19,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -31,7 +30,7 @@ from core.collection.hub_disk import LEDGER_FILE, HubCheckpointFiles, is_hub_rep
 from core.distributed import Ranks, current_ranks
 from core.safe_io import atomic_write_json
 from core.store.cache import RoutingCache
-from core.store.cache_format import FORMAT_VERSION, CacheError, check_storage
+from core.store.cache_format import FORMAT_VERSION, CacheError, check_free_space, check_storage
 from core.store.identity import checkpoint_identity, identity_key
 from core.store.router_weights import save_router_weights, stored_router_weights
 from core.store.split_cache import join_parts
@@ -323,19 +322,6 @@ class _SweepIndex:
 def _tokens(tokenized: Any) -> int:
     mask = getattr(tokenized, "attention_mask", None)
     return int(mask.sum()) if mask is not None else 0
-
-
-def check_free_space(cache_root: str | os.PathLike, need: int, margin: float = 1.1) -> None:
-    """Refuse, before any model loads, caches that cannot fit the disk they go to (their estimate plus 10%)."""
-    if need <= 0:
-        return
-    root = Path(cache_root)
-    probe = next((p for p in (root, *root.parents) if p.exists()), root)
-    free = shutil.disk_usage(probe).free
-    if need * margin > free:
-        raise CacheError(f"the routing caches still to collect need about {need / 1e9:.2f} GB, and {probe} has "
-                         f"{free / 1e9:.2f} GB free; free space, give another --results-dir, or collect fewer tokens "
-                         "(--max-tokens)")
 
 
 def _open_index(cache_root: str | os.PathLike, model_name: str, checkpoints: Sequence[Checkpoint]) -> _SweepIndex:

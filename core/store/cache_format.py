@@ -28,6 +28,8 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -219,6 +221,19 @@ def bytes_per_token(settings: dict, layers: int, experts: int, top_k: int, hidde
     idx = 1 if experts <= 255 else 2 if experts < 32768 else 8
     logits = layers * experts * f if settings["storage"] == "full" else 0
     return logits + layers * top_k * (idx + f) + len(_META_FIELDS) * 8 + len(settings.get("hidden_layers", [])) * hidden_size * f
+
+
+def check_free_space(cache_root: str | os.PathLike, need: int, margin: float = 1.1) -> None:
+    """Refuse caches that cannot fit the disk they go to (their estimate plus 10%)."""
+    if need <= 0:
+        return
+    root = Path(cache_root)
+    probe = next((p for p in (root, *root.parents) if p.exists()), root)
+    free = shutil.disk_usage(probe).free
+    if need * margin > free:
+        raise CacheError(f"the routing caches still to collect need about {need / 1e9:.2f} GB, and {probe} has "
+                         f"{free / 1e9:.2f} GB free; free space, give another --results-dir, or collect fewer tokens "
+                         "(--max-tokens)")
 
 
 def encode_shard(data: RoutingData, settings: dict) -> dict[str, torch.Tensor]:
