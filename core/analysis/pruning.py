@@ -157,16 +157,15 @@ def _collect(res: Any, names: list[str], keys: list[tuple[str, float]], fraction
                          seed_overall, beats, versus, removed, best, notes=notes)  # by name: it once landed in experts_pruned
 
 
-def versus_random(overall: np.ndarray, low: np.ndarray, high: np.ndarray, seeds: np.ndarray,
-                  alternative: str = "less") -> Estimate:
+def versus_random(overall: np.ndarray, low: np.ndarray, high: np.ndarray, seeds: np.ndarray) -> Estimate:
     """Each criterion's overall loss change ``[C, F]`` against the random seeds' ``[S, F]``, as one more of their draws.
 
-    One-sided t prediction test (S - 1 degrees of freedom): ``"less"`` asks whether a criterion
-    beats random, ``"greater"`` whether it is worse; Holm over every (criterion, fraction). No
-    verdict where the criterion has no interval over documents (too few documents).
+    One-sided t prediction test (S - 1 degrees of freedom) of whether a criterion beats random;
+    Holm over every (criterion, fraction). No verdict where the criterion has no interval over
+    documents (too few documents).
     """
     overall, seeds = np.asarray(overall, float), np.asarray(seeds, float)
-    p = null_p_value(overall, seeds[:, None, :].repeat(len(overall), 1), alternative=alternative)
+    p = null_p_value(overall, seeds[:, None, :].repeat(len(overall), 1), alternative="less")
     p = np.where(np.isfinite(low) & np.isfinite(high), p, np.nan)
     null = np.broadcast_to(seeds.mean(0), overall.shape).copy()
     lo, hi = (np.broadcast_to(f(seeds, 0), overall.shape).copy() for f in (np.min, np.max))
