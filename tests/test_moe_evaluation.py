@@ -46,6 +46,7 @@ def test_unigram_cross_entropy_known_value():
 def test_checkpoint_steps_are_geometric_and_dense_early():
     assert checkpoint_steps(600, 7) == [0, 9, 19, 38, 75, 150, 300, 600]
     assert checkpoint_steps(3, 4) == [0, 1, 2, 3]
+    assert checkpoint_steps(1000, 5, spacing=10 ** 0.5) == [0, 10, 32, 100, 316, 1000]
     with pytest.raises(ValueError):
         checkpoint_steps(0, 3)
 
@@ -92,3 +93,36 @@ def test_bpe_tokenizer_roundtrips_and_has_specials():
         train_bpe_tokenizer(texts, vocab_size=100)
     with pytest.raises(ValueError, match="empty corpus"):
         train_bpe_tokenizer([], vocab_size=300)
+
+
+def test_unigram_by_domain_scores_each_domain_on_its_own_targets():
+    from types import SimpleNamespace
+
+    from core.study_moe.evaluation import unigram_by_domain
+
+    ids = torch.tensor([[0, 0, 1, 1], [1, 1, 0, 0]])
+    data = SimpleNamespace(input_ids=ids, attention_mask=torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]]),
+                           domain_ids=torch.tensor([[0, 0, 0, 0], [1, 1, 1, 1]]), domain_names=["a", "b"])
+    train = torch.tensor([0, 0, 1])  # add-one: p = [0.6, 0.4]
+    out = unigram_by_domain(train, data, vocab_size=2)
+    assert out["a"] == pytest.approx(-(math.log(0.6) + math.log(0.4)) / 2)  # targets 0, 1 (the padded one left out)
+    assert out["b"] == pytest.approx(-(math.log(0.4) + 2 * math.log(0.6)) / 3)  # targets 1, 0, 0
+
+
+def test_plateau_needs_both_a_settled_loss_and_every_domain_beating_its_baseline():
+    from core.study_moe.training import plateau, plateau_line
+
+    def ckpt(rev, loss, domains):
+        return {"revision": rev, "val_loss": loss, "val_domain_loss": domains}
+
+    unigram = {"math": 6.0, "code": 5.0}
+    settled = plateau([ckpt("a", 3.05, {}), ckpt("b", 3.0, {"math": 3.0, "code": 3.9})], unigram)
+    assert settled["holds"] and settled["relative_change"] == pytest.approx(0.05 / 3.05)
+    assert settled["domain_ratio"] == pytest.approx({"math": 0.5, "code": 0.78})
+    assert "plateau holds" in plateau_line(settled) and "+1.6%" in plateau_line(settled)
+    still_falling = plateau([ckpt("a", 3.2, {}), ckpt("b", 3.0, {"math": 3.0, "code": 3.0})], unigram)
+    assert not still_falling["holds"] and not still_falling["settled"] and still_falling["beats_unigram"]
+    weak_domain = plateau([ckpt("a", 3.0, {}), ckpt("b", 3.0, {"math": 3.0, "code": 4.5})], unigram)
+    assert not weak_domain["holds"] and weak_domain["settled"] and not weak_domain["beats_unigram"]
+    assert "does NOT hold" in plateau_line(weak_domain)
+    assert not plateau([ckpt("b", 3.0, {})], unigram)["holds"]

@@ -63,6 +63,21 @@ def test_ensure_default_model_reuses_a_finished_run(run_dir):
     assert (run_dir / "run_info.json").stat().st_mtime == before
 
 
+def test_ensure_default_model_retrains_when_the_config_changed(run_dir, tmp_path):
+    import shutil
+
+    models = tmp_path / "models"
+    shutil.copytree(run_dir, models / run_dir.name)  # the finished micro run, as a user's models/ holds it
+    edited = tmp_path / "micro.yaml"
+    edited.write_text(MICRO.read_text().replace("steps: 40", "steps: 30"))
+    again = ensure_default_model(models, config=edited, progress=False)
+    assert json.loads((again / "run_info.json").read_text())["config"]["steps"] == 30
+    assert [c["step"] for c in json.loads((again / "checkpoints.json").read_text())][-1] == 30
+    before = (again / "run_info.json").stat().st_mtime
+    assert ensure_default_model(models, config=edited, progress=False) == again  # the same config: reused
+    assert (again / "run_info.json").stat().st_mtime == before
+
+
 def test_listing_a_missing_run_is_clear(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         list_local_checkpoints(tmp_path / "nope")
@@ -130,3 +145,37 @@ def test_the_seed_decides_the_weights(tmp_path):
     assert a.keys() == b.keys() == c.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert any(not torch.equal(a[k], c[k]) for k in a if a[k].shape == c[k].shape)
+
+
+def test_per_domain_loss_averages_to_the_loss_and_the_plateau_is_recorded(run_dir):
+    info = json.loads((run_dir / "run_info.json").read_text())
+    final = info["final_val"]
+    assert set(final["domain_loss"]) == set(info["domain_names"])
+    ckpts = json.loads((run_dir / "checkpoints.json").read_text())
+    assert ckpts[-1]["val_loss"] == pytest.approx(final["loss"], abs=1e-5)
+    assert all(l < info["unigram_val_loss"] + 1 for l in final["domain_loss"].values())
+    record = info["plateau"]
+    assert record["checkpoints"] == [c["revision"] for c in ckpts[-2:]]
+    assert set(record["domain_unigram"]) == set(info["domain_names"])
+    assert record["holds"] == (abs(record["relative_change"]) <= 0.02 and max(record["domain_ratio"].values()) <= 0.8)
+
+
+def test_train_moe_logs_each_line_to_wandb_with_the_monitor(tmp_path, monkeypatch, capsys):
+    from core.commands.train_moe import main
+    from viz.wandb_logger import read_offline_run
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert main(["--config", str(MICRO), "--models-dir", str(tmp_path / "m"), "--results-dir", str(tmp_path / "r"),
+                 "--no-progress", "--monitor-window", "5", "--wandb"]) == 0
+    assert "plateau" in capsys.readouterr().out
+    runs = list((tmp_path / "r" / "wandb-training").glob("wandb/offline-run-*"))
+    assert len(runs) == 1
+    logged = read_offline_run(runs[0])
+    lines = [json.loads(l) for l in (tmp_path / "m" / "study-moe-micro" / "training_log.txt").read_text().splitlines()]
+    rows = [h for h in logged["history"] if "val/loss" in h]
+    assert [h["_step"] for h in rows] == [l["step"] for l in lines]
+    assert [h["val/loss"] for h in rows] == pytest.approx([l["metrics"]["loss"] for l in lines])
+    assert all("routing_monitor/alarms" in h for h in rows)
+    assert all("routing_monitor/layer_1/dead" in h for h in rows[1:])  # step 0 has seen no training batch yet
+    assert logged["config"]["num_experts"] == 4 and logged["group"] == "train/study-moe-micro"
+    assert "final_val_loss" in logged["summary"] and "plateau/holds" in logged["summary"]

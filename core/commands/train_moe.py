@@ -119,7 +119,19 @@ def _train(cfg: TrainConfig, args: argparse.Namespace) -> Path | None:
     from core.study_moe.training import train
 
     monitor = study_moe_monitor(args.monitor_window) if args.monitor_window > 0 else None
-    return train(cfg, models_dir=models_dir, overwrite=args.overwrite, progress=not args.no_progress, monitor=monitor)
+    if not args.wandb:
+        return train(cfg, models_dir=models_dir, overwrite=args.overwrite, progress=not args.no_progress, monitor=monitor)
+    from core.pipeline.training_wandb import WandbTrainingLog
+
+    sink = WandbTrainingLog(cfg, args.wandb_project, Path(args.results_dir) / "wandb-training")
+    try:
+        run_dir = train(cfg, models_dir=models_dir, overwrite=args.overwrite, progress=not args.no_progress,
+                        monitor=monitor, sinks=(sink,))
+    except BaseException:
+        sink.finish(exit_code=1)
+        raise
+    sink.finish(json.loads((run_dir / "run_info.json").read_text()))
+    return run_dir
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--monitor-window", type=int, default=50, metavar="BATCHES",
                    help="routing monitor: diagnose the last BATCHES training batches at each log line (0: off; default 50)")
+    p.add_argument("--wandb", action="store_true",
+                   help="log every training-log line (losses, routing, the monitor's alarms) to W&B; offline without WANDB_API_KEY")
+    p.add_argument("--wandb-project", default="moe-routing-study", help="W&B project (default: moe-routing-study)")
     args = p.parse_args(argv)
     try:
         overrides = parse_overrides(args.set)
@@ -141,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
             overrides["run_name"] = args.run_name
         cfg = TrainConfig.from_yaml(args.config, **overrides)
         check_name("--run-name", cfg.run_name)  # before any training: the name becomes a folder
+        if args.wandb and args.grid:
+            raise ValueError("--wandb logs one training run; the --grid's four arms are compared in grid_results.md")
         if args.monitor_window < 0:
             raise ValueError(f"--monitor-window must be 0 (off) or a number of batches, not {args.monitor_window}")
     except (ValueError, FileNotFoundError, TypeError) as exc:
@@ -163,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"val loss {info['final_val']['loss']:.3f} (unigram baseline {info['unigram_val_loss']:.3f}), "
           f"test loss {info['test']['loss']:.3f}, {info['train_seconds']:.0f} s")
     print(f"sample: {info['sample']!r}")
+    from core.study_moe.training import plateau_line
+
+    print(plateau_line(info["plateau"]))
     from core.study_moe.training_data import training_data_note
 
     print(f"data: {training_data_note(run_dir)}")

@@ -129,7 +129,7 @@ def _check_embedded_revision(opts: RunOptions) -> None:
     if (run / "checkpoints.json").is_file():
         _check_training_run(run, revision)
         return
-    names = [revision_name(s) for s in checkpoint_steps(cfg.steps, cfg.num_checkpoints)]
+    names = [revision_name(s) for s in checkpoint_steps(cfg.steps, cfg.num_checkpoints, cfg.checkpoint_spacing)]
     if revision not in names:
         raise OptionsError(f"--revision {revision}: the embedded model has no checkpoint {revision}; "
                            f"it has {', '.join(names)}")

@@ -75,7 +75,8 @@ class ModelOptions:
 class DataOptions:
     """Which documents, and how many tokens of them."""
 
-    datasets: list[str] = opt(["wikitext2", "gsm8k", "humaneval"], "comma-separated dataset names (e.g. fineweb,gsm8k,humaneval)")
+    datasets: list[str] = opt(["wikitext2", "gsm8k", "humaneval", "shakespeare"],
+                              "comma-separated dataset names (e.g. fineweb,gsm8k,humaneval)")
     offline: bool | None = opt(None, "use only the bundled corpora (default for the embedded model; the Hub for others)")
     num_samples: int = opt(200, "documents per dataset", low=1)
     max_tokens: int = opt(40_000, "tokens collected per dataset (after tokenization)", low=1)

@@ -10,6 +10,7 @@ run read (its ``training_data.json``) are left out before the datasets are sampl
 
 from __future__ import annotations
 
+import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,8 +74,21 @@ def train_embedded_model(opts: RunOptions) -> Path:
     from core.pipeline.training_monitor import study_moe_monitor
     from core.study_moe.training import ensure_default_model
 
-    return ensure_default_model(opts.model.models_dir, config=embedded_config(opts), progress=opts.output.progress,
-                                monitor=study_moe_monitor())
+    config = embedded_config(opts)
+    if not opts.output.wandb:
+        return ensure_default_model(opts.model.models_dir, config=config, progress=opts.output.progress, monitor=study_moe_monitor())
+    from core.pipeline.training_wandb import WandbTrainingLog
+    from core.study_moe.config import TrainConfig
+
+    sink = WandbTrainingLog(TrainConfig.from_yaml(config), opts.output.wandb_project, Path(opts.output.results_dir) / "wandb-training")
+    try:
+        run_dir = ensure_default_model(opts.model.models_dir, config=config, progress=opts.output.progress,
+                                       monitor=study_moe_monitor(), sinks=(sink,))
+    except BaseException:
+        sink.finish(exit_code=1)
+        raise
+    sink.finish(json.loads((run_dir / "run_info.json").read_text()))  # no W&B run when the model was found, not trained
+    return run_dir
 
 
 def resolve_model(opts: RunOptions, embedded_run: Path | None = None) -> ModelTarget:
@@ -245,7 +259,7 @@ def _why_no_documents(report: LoadReport) -> str:
     where = f"dataset {report.name} ({report.split} split, {report.source})"
     if report.excluded:  # a document neither empty nor excluded would have been returned
         return (f"{where} gave no documents to analyse: all {report.excluded} of its non-empty documents were in the "
-                "model's training corpus (the embedded model holds out documents of wikitext2, gsm8k and humaneval)")
+                "model's training corpus (the embedded model holds out documents of wikitext2, gsm8k, humaneval and shakespeare)")
     if report.skipped_empty:
         return f"{where} gave no documents: all {report.skipped_empty} of its documents are empty"
     return f"{where} gave no documents: it holds none"

@@ -16,8 +16,9 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "train_default.yaml"
 DEFAULT_CORPUS = ("wikitext2:test", "wikitext2:validation", "gsm8k:train", "python_source", "humaneval", "alice", "shakespeare")
 # The last n documents of these splits are never read by training, so the main run, which studies
-# WikiText-2, GSM8K and HumanEval, can analyse text the model has not seen (core.study_moe.training_data).
-DEFAULT_HELD_OUT = {"wikitext2:test": 200, "gsm8k:test": 200, "humaneval:test": 64}
+# WikiText-2 (prose), GSM8K (math), HumanEval (code) and Shakespeare (literature), can analyse text the
+# model has not seen (core.study_moe.training_data).
+DEFAULT_HELD_OUT = {"wikitext2:test": 200, "gsm8k:test": 200, "humaneval:test": 64, "shakespeare:train": 200}
 
 
 @dataclass
@@ -64,6 +65,7 @@ class TrainConfig:
     test_max_rows: int | None = 256  # packed test rows scored at the end (None: all)
     threads: int | None = None  # torch CPU threads (None: torch's default)
     num_checkpoints: int = 7  # geometric checkpoints, plus step 0
+    checkpoint_spacing: float = 2.0  # the ratio of consecutive checkpoints' steps
     sample_tokens: int = 60
 
     @classmethod
@@ -94,6 +96,8 @@ class TrainConfig:
             raise ValueError("val_fraction and test_fraction must be in (0, 1) and sum to less than 1")
         if self.num_checkpoints < 1:
             raise ValueError(f"num_checkpoints must be >= 1, got {self.num_checkpoints}")
+        if not self.checkpoint_spacing > 1:
+            raise ValueError(f"checkpoint_spacing must be > 1, got {self.checkpoint_spacing}")
         if not isinstance(self.held_out, dict) or not all(
             isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 0 for k, v in self.held_out.items()
         ):
@@ -137,11 +141,13 @@ class TrainConfig:
 
 
 # --------------------------------------------------------------------------- schedule
-def checkpoint_steps(total_steps: int, num_checkpoints: int) -> list[int]:
-    """Step 0 plus ``total / 2**i`` for i < num_checkpoints: dense early, sparse late."""
+def checkpoint_steps(total_steps: int, num_checkpoints: int, spacing: float = 2.0) -> list[int]:
+    """Step 0 plus ``total / spacing**i`` for i < num_checkpoints: log-spaced, dense early, sparse late."""
     if total_steps < 1 or num_checkpoints < 1:
         raise ValueError("total_steps and num_checkpoints must be >= 1")
-    return sorted({0} | {max(1, round(total_steps / 2**i)) for i in range(num_checkpoints)})
+    if spacing <= 1:
+        raise ValueError(f"checkpoint spacing must be > 1 (the ratio of consecutive checkpoints' steps), got {spacing}")
+    return sorted({0} | {max(1, round(total_steps / spacing**i)) for i in range(num_checkpoints)})
 
 
 def revision_name(step: int) -> str:

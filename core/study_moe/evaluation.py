@@ -82,6 +82,14 @@ def unigram_cross_entropy(train_ids: torch.Tensor, eval_ids: torch.Tensor, vocab
     return float(-logp[eval_ids.reshape(-1)].mean())
 
 
+def unigram_by_domain(train_ids: torch.Tensor, dataset, vocab_size: int) -> dict[str, float]:
+    """The add-one unigram baseline on each domain's next-token targets of ``dataset`` (a ``TokenizedDataset``)."""
+    target_mask = (dataset.attention_mask[:, 1:] * dataset.attention_mask[:, :-1]).bool()
+    targets, domains = dataset.input_ids[:, 1:][target_mask], dataset.domain_ids[:, 1:][target_mask]
+    return {name: unigram_cross_entropy(train_ids, targets[domains == i], vocab_size)
+            for i, name in enumerate(dataset.domain_names) if bool((domains == i).any())}
+
+
 @torch.no_grad()
 def evaluate_model(model: torch.nn.Module, dataset, batch_size: int = 16, max_rows: int | None = None) -> dict:
     """Loss, accuracies and routing statistics of ``model`` on a ``TokenizedDataset``.
@@ -96,6 +104,8 @@ def evaluate_model(model: torch.nn.Module, dataset, batch_size: int = 16, max_ro
     if rows == 0:
         raise ValueError("cannot evaluate on an empty dataset")
     loss_sum, correct1, correct3, n_targets, dropped, assignments = 0.0, 0, 0, 0, 0, 0
+    domain_sum = torch.zeros(len(dataset.domain_names), dtype=torch.float64)
+    domain_count = torch.zeros(len(dataset.domain_names), dtype=torch.float64)
     layer_logits, layer_index, domains, docs = [], [], [], []
     for start in range(0, rows, batch_size):
         sl = slice(start, min(start + batch_size, rows))
@@ -104,7 +114,11 @@ def evaluate_model(model: torch.nn.Module, dataset, batch_size: int = 16, max_ro
             logits = model(input_ids=ids, attention_mask=mask).logits
         target_mask = (mask[:, 1:] * mask[:, :-1]).bool()
         lg, tgt = logits[:, :-1][target_mask], ids[:, 1:][target_mask]
-        loss_sum += float(F.cross_entropy(lg.float(), tgt, reduction="sum"))
+        token_loss = F.cross_entropy(lg.float(), tgt, reduction="none").double()
+        loss_sum += float(token_loss.sum())
+        target_domain = dataset.domain_ids[sl][:, 1:][target_mask]  # a target's domain is its document's
+        domain_sum.index_add_(0, target_domain, token_loss)
+        domain_count.index_add_(0, target_domain, torch.ones_like(token_loss))
         top3 = lg.topk(3, dim=-1).indices
         correct1 += int((top3[:, 0] == tgt).sum())
         correct3 += int((top3 == tgt[:, None]).any(-1).sum())
@@ -140,6 +154,8 @@ def evaluate_model(model: torch.nn.Module, dataset, batch_size: int = 16, max_ro
         "routing_acc_chance": chance,
         "dropped_fraction": dropped / max(assignments, 1),
         "tokens": n_targets,
+        "domain_loss": {name: float(domain_sum[i] / domain_count[i])
+                        for i, name in enumerate(dataset.domain_names) if domain_count[i] > 0},
     }
 
 

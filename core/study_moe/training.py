@@ -44,7 +44,7 @@ from core.path_names import check_name
 from core.safe_io import atomic_write_json, to_jsonable
 from core.study_moe.config import DEFAULT_CONFIG, TrainConfig, checkpoint_steps, learning_rate, revision_name
 from core.study_moe.corpus import prepare_data
-from core.study_moe.evaluation import evaluate_model, generate_sample, unigram_cross_entropy
+from core.study_moe.evaluation import evaluate_model, generate_sample, unigram_by_domain, unigram_cross_entropy
 from core.study_moe.model import StudyMoeForCausalLM
 from core.study_moe.training_data import RECORD_NAME, build_record, write_record
 
@@ -97,6 +97,9 @@ class SelectionMonitor(Protocol):
 
 
 MonitorFactory = Callable[[TrainConfig], SelectionMonitor]
+LogSink = Callable[[dict], None]
+PLATEAU_CHANGE = 0.02  # the last two checkpoints' held-out losses within 2% of each other ...
+BASELINE_RATIO = 0.8  # ... and every domain's loss at most this share of its unigram baseline
 
 
 def selected_experts(model: StudyMoeForCausalLM) -> list[torch.Tensor]:
@@ -117,6 +120,7 @@ class _RunState:
     epoch: int = 0
     last: dict = field(default_factory=dict)
     monitor: Any = None  # a SelectionMonitor, or None
+    sinks: tuple[LogSink, ...] = ()  # each log line is handed to these too (W&B: core.pipeline.training_wandb)
 
 
 def _optimizer(model: StudyMoeForCausalLM, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -134,13 +138,18 @@ def _evaluate_and_save(step: int, model, tokenizer, val, cfg: TrainConfig, state
     if step in state.eval_steps:
         state.last = evaluate_model(model, val, batch_size=cfg.batch_size)
         state.epoch += 1
+        record = state.monitor.record() if state.monitor is not None else None
+        line = log_line(state.epoch, step, step * state.tokens_per_step, state.last, record)
         with (state.folder / "training_log.txt").open("a") as f:
-            record = state.monitor.record() if state.monitor is not None else None
-            f.write(json.dumps(log_line(state.epoch, step, step * state.tokens_per_step, state.last, record)) + "\n")
+            f.write(json.dumps(line) + "\n")
+        for sink in state.sinks:
+            sink(line)
     if step in state.ckpt_steps:
         rev = revision_name(step)
         _save_pretrained(model, tokenizer, state.folder / rev)  # a new folder of the run's scratch folder
-        state.checkpoints.append({"revision": rev, "step": step, "tokens": step * state.tokens_per_step, "path": rev})
+        state.checkpoints.append({"revision": rev, "step": step, "tokens": step * state.tokens_per_step, "path": rev,
+                                  "val_loss": _logged(state.last["loss"]),
+                                  "val_domain_loss": _logged(state.last["domain_loss"])})
         atomic_write_json(state.folder / "checkpoints.json", state.checkpoints)
 
 
@@ -172,10 +181,11 @@ def _optimize(model, tokenizer, splits: dict, cfg: TrainConfig, state: _RunState
 
 
 def train(cfg: TrainConfig, models_dir: str | Path = "models", overwrite: bool = False, progress: bool = True,
-          monitor: MonitorFactory | None = None) -> Path:
+          monitor: MonitorFactory | None = None, sinks: tuple[LogSink, ...] = ()) -> Path:
     """Train one run and return its folder ``models_dir/<run_name>``.
 
     ``monitor(cfg)``: a routing monitor fed every training batch, its record written to each log line.
+    ``sinks``: called with every log line as it is written (W&B: ``core.pipeline.training_wandb``).
 
     Before any training: the run name must be one folder name (``BadNameError``), and an existing
     run folder is replaced only with ``overwrite`` and only if it holds nothing but what a run of
@@ -190,7 +200,7 @@ def train(cfg: TrainConfig, models_dir: str | Path = "models", overwrite: bool =
     check_replaceable(run_dir, hint)
     work = start_scratch(models_dir / f".{cfg.run_name}.tmp")
     try:
-        _train_into(cfg, work, progress, monitor)
+        _train_into(cfg, work, progress, monitor, sinks)
         return replace_folder(work, run_dir, hint)
     except BaseException:
         with contextlib.suppress(OwnershipError):  # sealed by then: the finished run stays where the error says
@@ -198,7 +208,8 @@ def train(cfg: TrainConfig, models_dir: str | Path = "models", overwrite: bool =
         raise
 
 
-def _train_into(cfg: TrainConfig, work: Path, progress: bool, monitor: MonitorFactory | None = None) -> None:
+def _train_into(cfg: TrainConfig, work: Path, progress: bool, monitor: MonitorFactory | None = None,
+                sinks: tuple[LogSink, ...] = ()) -> None:
     """The whole training run, written into the scratch folder ``work``."""
     started = time.time()
     if cfg.threads:
@@ -209,15 +220,13 @@ def _train_into(cfg: TrainConfig, work: Path, progress: bool, monitor: MonitorFa
     tokenizer, splits, corpus = prepare_data(cfg)
     write_record(work, build_record(cfg, corpus, {k: splits[k].num_tokens for k in ("train", "val", "test")}))
     train_rows, val = splits["train"], splits["val"]
+    train_ids = train_rows.input_ids[train_rows.attention_mask.bool()]
     unigram = unigram_cross_entropy(
-        train_rows.input_ids[train_rows.attention_mask.bool()],
-        val.input_ids[:, 1:][(val.attention_mask[:, 1:] * val.attention_mask[:, :-1]).bool()],
-        len(tokenizer),
-    )
+        train_ids, val.input_ids[:, 1:][(val.attention_mask[:, 1:] * val.attention_mask[:, :-1]).bool()], len(tokenizer))
     model = StudyMoeForCausalLM(cfg.model_config(tokenizer))
-    ckpt_steps = set(checkpoint_steps(cfg.steps, cfg.num_checkpoints))
+    ckpt_steps = set(checkpoint_steps(cfg.steps, cfg.num_checkpoints, cfg.checkpoint_spacing))
     state = _RunState(work, cfg.batch_size * cfg.seq_len, ckpt_steps | set(range(0, cfg.steps + 1, cfg.eval_every)), ckpt_steps,
-                      monitor=monitor(cfg) if monitor is not None else None)
+                      monitor=monitor(cfg) if monitor is not None else None, sinks=tuple(sinks))
     _optimize(model, tokenizer, splits, cfg, state, progress)
 
     test = evaluate_model(model, splits["test"], batch_size=cfg.batch_size, max_rows=cfg.test_max_rows)
@@ -230,6 +239,7 @@ def _train_into(cfg: TrainConfig, work: Path, progress: bool, monitor: MonitorFa
         "corpus_tokens": {k: v.num_tokens for k, v in splits.items()},
         "domain_names": train_rows.domain_names,
         "unigram_val_loss": unigram,
+        "plateau": plateau(state.checkpoints, unigram_by_domain(train_ids, val, len(tokenizer))),
         "final_val": state.last,
         "test": test,
         "sample": sample,
@@ -237,6 +247,38 @@ def _train_into(cfg: TrainConfig, work: Path, progress: bool, monitor: MonitorFa
         "checkpoints": [c["revision"] for c in state.checkpoints],
     }
     atomic_write_json(work / "run_info.json", info)
+
+
+def plateau(checkpoints: list[dict], unigram: dict[str, float]) -> dict:
+    """Whether the run has settled, from its checkpoints' held-out losses.
+
+    It has when the last two checkpoints' validation losses are within ``PLATEAU_CHANGE`` of each
+    other and every domain's loss is at most ``BASELINE_RATIO`` of its add-one unigram baseline
+    (the model must know far more than token frequencies). Both parts are kept, with their numbers.
+    """
+    if len(checkpoints) < 2:
+        return {"holds": False, "reason": "fewer than two checkpoints"}
+    before, last = checkpoints[-2], checkpoints[-1]
+    change = (before["val_loss"] - last["val_loss"]) / before["val_loss"]
+    ratios = {d: last["val_domain_loss"][d] / u for d, u in unigram.items() if d in last["val_domain_loss"]}
+    settled, beats = abs(change) <= PLATEAU_CHANGE, bool(ratios) and max(ratios.values()) <= BASELINE_RATIO
+    return {"holds": bool(settled and beats), "settled": bool(settled), "beats_unigram": bool(beats),
+            "checkpoints": [before["revision"], last["revision"]], "val_loss": [before["val_loss"], last["val_loss"]],
+            "relative_change": change, "max_change": PLATEAU_CHANGE, "domain_loss": last["val_domain_loss"],
+            "domain_unigram": unigram, "domain_ratio": ratios, "max_ratio": BASELINE_RATIO}
+
+
+def plateau_line(record: dict) -> str:
+    """The plateau criterion in one line, printed at the end of training."""
+    if "val_loss" not in record:
+        return f"plateau: not measured ({record.get('reason', 'no record')})"
+    (a, b), (ra, rb) = record["val_loss"], record["checkpoints"]
+    domains = ", ".join(f"{d} {record['domain_loss'][d]:.2f}/{u:.2f}" for d, u in record["domain_unigram"].items()
+                        if d in record["domain_loss"])
+    verdict = "holds" if record["holds"] else "does NOT hold"
+    return (f"plateau {verdict}: held-out loss {a:.3f} at {ra} -> {b:.3f} at {rb} ({100 * record['relative_change']:+.1f}%, "
+            f"limit {100 * record['max_change']:.0f}%); per domain, loss/unigram: {domains} "
+            f"(limit {record['max_ratio']:.2f} of the baseline)")
 
 
 def _active_parameters(model: StudyMoeForCausalLM) -> int:
@@ -247,21 +289,40 @@ def _active_parameters(model: StudyMoeForCausalLM) -> int:
     return sum(p.numel() for p in model.parameters()) - idle
 
 
+def _why_retrain(run_dir: Path, cfg: TrainConfig) -> str | None:
+    """Why the run folder cannot serve as the run ``cfg`` describes (None: it can): files missing, or another config."""
+    needed = ("checkpoints.json", "config.json", "run_info.json", RECORD_NAME)
+    missing = [name for name in needed if not (run_dir / name).is_file()]
+    if missing:
+        return f"lacks {', '.join(missing)}"
+    try:
+        trained = json.loads((run_dir / "run_info.json").read_text()).get("config")
+    except (OSError, ValueError):
+        return "has an unreadable run_info.json"
+    want = json.loads(json.dumps(asdict(cfg)))  # as JSON reads it back: tuples are lists
+    if trained != want:
+        changed = sorted(k for k in want if not isinstance(trained, dict) or trained.get(k, object()) != want[k])
+        return f"was trained with another config ({', '.join(changed[:6]) or 'format'} differ)"
+    return None
+
+
 def ensure_default_model(models_dir: str | Path = "models", config: str | Path = DEFAULT_CONFIG, progress: bool = True,
-                         monitor: MonitorFactory | None = None) -> Path:
+                         monitor: MonitorFactory | None = None, sinks: tuple[LogSink, ...] = ()) -> Path:
     """The embedded default run's folder, training it first if it is not there yet.
 
     A run from older code, which did not record its training documents (and read the documents
-    the main run analyses), is retrained: the main run needs to know what is held out. Only a
+    the main run analyses), is retrained: the main run needs to know what is held out. So is a
+    run trained with another config than ``config`` (the default changed, or the YAML was edited). Only a
     folder all of whose files the toolkit wrote is replaced; any other is refused in one line
     (``OwnershipError``) before training.
     """
     cfg = TrainConfig.from_yaml(config)
     run_dir = Path(models_dir) / check_name("run name", cfg.run_name)
-    needed = ("checkpoints.json", "config.json", RECORD_NAME)
-    missing = [name for name in needed if not (run_dir / name).is_file()]
-    if not missing:
+    stale = _why_retrain(run_dir, cfg)
+    if stale is None:
         return run_dir
-    check_replaceable(run_dir, f"pass another --models-dir (the embedded model there lacks {', '.join(missing)} and "
-                               "must be retrained)")
-    return train(cfg, models_dir=models_dir, overwrite=True, progress=progress, monitor=monitor)
+    check_replaceable(run_dir, f"pass another --models-dir (the embedded model there {stale} and must be retrained)")
+    run_dir = train(cfg, models_dir=models_dir, overwrite=True, progress=progress, monitor=monitor, sinks=sinks)
+    if progress:  # the run's own verdict on whether it trained long enough, where the bars were
+        print(plateau_line(json.loads((run_dir / "run_info.json").read_text())["plateau"]), flush=True)
+    return run_dir
