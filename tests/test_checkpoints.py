@@ -90,6 +90,16 @@ def test_select_checkpoints_log_and_linear():
         select_checkpoints(all_, spacing="cubic")
 
 
+def test_log_selection_of_a_run_saved_at_doubling_steps_spreads_over_it():
+    """Step 0 plus 4, 8, ..., 2000 (the embedded model's revisions): the picks spread in log steps, not
+    spent on the first few (a log range starting at 1 token, measured in linear distance, took 0-62 and 250)."""
+    steps = [0, 4, 8, 16, 31, 62, 125, 250, 500, 1000, 2000]
+    run = [Checkpoint(f"step-{s:06d}", s, s * 2048) for s in steps]
+    picked = [c.step for c in select_checkpoints(run, n=8, spacing="log")]
+    assert picked == [0, 4, 8, 31, 125, 250, 1000, 2000]
+    assert [c.step for c in select_checkpoints(run, n=4, spacing="log")] == [0, 4, 125, 2000]
+
+
 def test_list_local_checkpoints(tmp_path):
     run = tmp_path / "run"
     for d in ("step-000000", "step-000500", "step-000125"):

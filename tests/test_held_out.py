@@ -88,7 +88,7 @@ def test_index_ranges_and_their_description():
 # ------------------------------------------------------------------ the embedded default
 def test_the_main_run_analyses_only_documents_the_default_model_never_read(default_run, tokenizer):
     cfg, corpus, run_dir = default_run
-    opts = make_options()  # the main run's defaults: wikitext2, gsm8k, humaneval on the embedded model
+    opts = make_options()  # the main run's defaults: wikitext2, gsm8k, humaneval, shakespeare on the embedded model
     exclusion = training_exclusion(embedded_target(run_dir))
     analysed = load_tokenized(opts, tokenizer, exclude=exclusion)
     training_texts = {d.text for part in (corpus.train, corpus.val, corpus.test) for d in part}
@@ -98,10 +98,14 @@ def test_the_main_run_analyses_only_documents_the_default_model_never_read(defau
         assert not texts & training_texts, f"{name}: analysed documents the model was trained on"
     # enough held-out text for the default sizes, chosen the same way every time
     counts = {n: len(t.documents) for n, t in analysed.items()}
-    assert counts == {"wikitext2": 200, "gsm8k": 200, "humaneval": 64}
+    assert counts == {"wikitext2": 200, "gsm8k": 200, "humaneval": 64, "shakespeare": 200}
+    # prose, math, code and literature keep their domain labels
+    assert {n: {d.domain for d in t.documents} for n, t in analysed.items()} == {
+        "wikitext2": {"general"}, "gsm8k": {"math"}, "humaneval": {"code"}, "shakespeare": {"stories"}}
     again = load_tokenized(opts, tokenizer, exclude=exclusion)
     assert all([d.text for d in again[n].documents] == [d.text for d in analysed[n].documents] for n in analysed)
     assert {d.meta["index"] for d in analysed["humaneval"].documents} == set(range(100, 164))
+    assert {d.meta["index"] for d in analysed["shakespeare"].documents} == set(range(725, 925))
     note = training_data_note(run_dir, analysed)
     assert "\n" not in note and "held-out documents only" in note
     assert "humaneval test docs 0–99" in note and "humaneval test docs 100–163" in note
@@ -125,6 +129,7 @@ def test_record_lists_every_document_the_default_run_read(default_run):
     by_name = {(s["dataset"], s["split"]): s for s in record["sources"]}
     assert by_name[("wikitext2", "test")]["held_out"] == [[691, 890]]
     assert by_name[("humaneval", "test")]["held_out"] == [[100, 163]]
+    assert by_name[("shakespeare", "train")]["held_out"] == [[725, 924]]
     assert by_name[("gsm8k", "train")]["held_out"] == []
     assert training_digests(run_dir) == frozenset(text_digest(d.text) for d in corpus.train + corpus.val + corpus.test)
 

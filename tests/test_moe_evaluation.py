@@ -126,3 +126,22 @@ def test_plateau_needs_both_a_settled_loss_and_every_domain_beating_its_baseline
     assert not weak_domain["holds"] and weak_domain["settled"] and not weak_domain["beats_unigram"]
     assert "does NOT hold" in plateau_line(weak_domain)
     assert not plateau([ckpt("b", 3.0, {})], unigram)["holds"]
+
+
+def test_the_embedded_default_is_in_olmoes_routing_regime():
+    """Issue 29: 64 experts, top-8 unnormalized, dropless, OLMoE's loss weights, >= 6 layers, >= 8 log-spaced checkpoints."""
+    from core.study_moe.config import DEFAULT_CONFIG
+
+    cfg = TrainConfig.from_yaml(DEFAULT_CONFIG)
+    assert (cfg.num_experts, cfg.top_k, cfg.routing, cfg.capacity_factor) == (64, 8, "topk", None)
+    assert (cfg.router_aux_loss_coef, cfg.router_z_loss_coef) == (0.01, 0.001) and cfg.num_layers >= 6
+    assert cfg.intermediate_size * 2 == cfg.hidden_size and cfg.expert_dispatch == "grouped"
+    from core.study_moe.model import StudyMoeConfig
+
+    assert StudyMoeConfig().norm_topk_prob is False  # the trainer never renormalizes the top-k weights
+    steps = checkpoint_steps(cfg.steps, cfg.num_checkpoints, cfg.checkpoint_spacing)
+    assert len(steps) >= 9 and steps[0] == 0 and steps[-1] == cfg.steps
+    assert steps[1] / cfg.steps < 0.01  # the first after step 0 is well under 1% of training
+    ratios = [b / a for a, b in zip(steps[1:], steps[2:])]
+    assert max(ratios) / min(ratios) < 1.1  # log-spaced
+    assert "shakespeare:train" in cfg.held_out  # literature is held out for analysis too

@@ -125,8 +125,8 @@ def test_every_artifact_exists_and_is_well_formed(micro_run):
     assert metrics["correlation_topk"]["corr"].ndim == 2 and (run_dir / "arrays.safetensors").is_file()
     for name in EXPECTED_ANALYSES:
         assert name in metrics, f"{name} missing from metrics.json"
-    assert metrics["datasets"] == ["wikitext2", "gsm8k", "humaneval"]
-    assert set(metrics["domain_specialization"]["group_names"]) == {"general", "math", "code"}
+    assert metrics["datasets"] == ["wikitext2", "gsm8k", "humaneval", "shakespeare"]
+    assert set(metrics["domain_specialization"]["group_names"]) == {"general", "math", "code", "stories"}
     assert len(metrics["checkpoints"]) >= 3
     assert metrics["headline"]["tokens"] == sum(metrics["tokens"].values())
     assert all(0 < n <= 1500 for n in metrics["tokens"].values())  # micro: at most 1,500 tokens per dataset

@@ -135,15 +135,24 @@ def select_checkpoints(checkpoints: Sequence[Checkpoint], n: int = 8, spacing: s
     use_tokens = all(c.tokens is not None for c in stepped)
     xs = [float(c.tokens if use_tokens else c.step) for c in stepped]
     lo, hi = xs[0], xs[-1]
-    if spacing == "log":
-        lo_l, hi_l = math.log(max(lo, 1.0)), math.log(max(hi, 1.0))
-        targets = [math.exp(lo_l + (hi_l - lo_l) * i / (n - 1)) for i in range(n)]
+    if spacing == "log" and hi > 0:
+        # Log-spaced over the checkpoints past step 0 (kept anyway), nearest in log distance: a
+        # linear distance, or a range starting at 1 token, would spend the picks on the first steps.
+        first = min(x for x in xs if x > 0)
+        m = n - 1 if lo <= 0 else n
+        targets = [math.exp(math.log(first) + (math.log(hi) - math.log(first)) * i / max(m - 1, 1)) for i in range(m)]
+
+        def distance(i: int, t: float) -> float:
+            return abs(math.log(xs[i]) - math.log(t)) if xs[i] > 0 else math.inf
     else:
         targets = [lo + (hi - lo) * i / (n - 1) for i in range(n)]
+
+        def distance(i: int, t: float) -> float:
+            return abs(xs[i] - t)
     picked: list[int] = []
     for t in targets:
         free = [i for i in range(len(xs)) if i not in picked]
-        picked.append(min(free, key=lambda i: (abs(xs[i] - t), i)))
+        picked.append(min(free, key=lambda i: (distance(i, t), i)))
     picked = sorted(set(picked) | {0, len(xs) - 1})
     while len(picked) > n:  # first and last were forced in: drop the interior pick closest to a neighbour
         gaps = [(xs[picked[j + 1]] - xs[picked[j - 1]], j) for j in range(1, len(picked) - 1)]

@@ -90,6 +90,27 @@ def unigram_by_domain(train_ids: torch.Tensor, dataset, vocab_size: int) -> dict
             for i, name in enumerate(dataset.domain_names) if bool((domains == i).any())}
 
 
+def _routing_summary(layer_logits: list[list[torch.Tensor]], layer_index: list[list[torch.Tensor]],
+                     domains: torch.Tensor, docs: torch.Tensor, num_experts: int) -> dict:
+    """Per-layer routing entropy and utilization, and ``routing_acc``, from each batch's per-layer logits and choices."""
+    num_layers = len(layer_logits[0])
+    logits_per_layer = [torch.cat([b[i] for b in layer_logits]) for i in range(num_layers)]
+    index_per_layer = [torch.cat([b[i] for b in layer_index]) for i in range(num_layers)]
+    layer_entropy = [float(routing_entropy(lg).mean()) for lg in logits_per_layer]
+    layer_util = [utilization(ix, num_experts) for ix in index_per_layer]
+    indicators = torch.cat([F.one_hot(ix, num_experts).sum(1).clamp(max=1) for ix in index_per_layer], dim=1)
+    r_acc, chance = routing_accuracy(indicators, domains, docs)
+    return {
+        "entropy": sum(layer_entropy) / len(layer_entropy),
+        "layer_entropy": layer_entropy,
+        "utilization": torch.stack(layer_util).mean(0).tolist(),
+        "layer_utilization": [u.tolist() for u in layer_util],
+        "layer_utilization_std": [float(u.std(unbiased=False)) for u in layer_util],
+        "routing_acc": r_acc,
+        "routing_acc_chance": chance,
+    }
+
+
 @torch.no_grad()
 def evaluate_model(model: torch.nn.Module, dataset, batch_size: int = 16, max_rows: int | None = None) -> dict:
     """Loss, accuracies and routing statistics of ``model`` on a ``TokenizedDataset``.
@@ -132,26 +153,13 @@ def evaluate_model(model: torch.nn.Module, dataset, batch_size: int = 16, max_ro
         docs.append(dataset.doc_ids[sl][mask.bool()])
     model.train(was_training)
 
-    num_layers = len(layer_logits[0])
-    logits_per_layer = [torch.cat([b[i] for b in layer_logits]) for i in range(num_layers)]
-    index_per_layer = [torch.cat([b[i] for b in layer_index]) for i in range(num_layers)]
-    layer_entropy = [float(routing_entropy(lg).mean()) for lg in logits_per_layer]
-    layer_util = [utilization(ix, num_experts) for ix in index_per_layer]
-    indicators = torch.cat([F.one_hot(ix, num_experts).sum(1).clamp(max=1) for ix in index_per_layer], dim=1)
-    r_acc, chance = routing_accuracy(indicators, torch.cat(domains), torch.cat(docs))
     loss = loss_sum / max(n_targets, 1)
     return {
         "loss": loss,
         "perplexity": math.exp(min(loss, 50.0)),
         "accuracy": correct1 / max(n_targets, 1),
         "top3_accuracy": correct3 / max(n_targets, 1),
-        "entropy": sum(layer_entropy) / len(layer_entropy),
-        "layer_entropy": layer_entropy,
-        "utilization": torch.stack(layer_util).mean(0).tolist(),
-        "layer_utilization": [u.tolist() for u in layer_util],
-        "layer_utilization_std": [float(u.std(unbiased=False)) for u in layer_util],
-        "routing_acc": r_acc,
-        "routing_acc_chance": chance,
+        **_routing_summary(layer_logits, layer_index, torch.cat(domains), torch.cat(docs), num_experts),
         "dropped_fraction": dropped / max(assignments, 1),
         "tokens": n_targets,
         "domain_loss": {name: float(domain_sum[i] / domain_count[i])
