@@ -200,7 +200,8 @@ def test_layer_pair_picker_shows_one_pair_at_a_time_and_names_its_experts():
 def test_layer_picker_figures_hold_one_option_per_layer():
     co = np.random.default_rng(0).random((3, 4, 4))
     fig = P.coactivation_by_layer(co, [2, 5, 8])
-    assert len(fig.data) == 3 and [t.visible for t in fig.data] == [True, False, False]
+    # each layer: its heatmap and the hover marks of its blank diagonal
+    assert len(fig.data) == 6 and [t.visible for t in fig.data] == [True, True, False, False, False, False]
     assert [b.label for b in fig.layout.updatemenus[0].buttons] == ["layer 2", "layer 5", "layer 8"]
     fig = P.domain_specialization_by_layer(np.full((2, 2, 4), 0.25), ["a", "b"], [1, 3], baseline=0.25, shown=1)
     assert [t.visible for t in fig.data] == [False, True] and "layer 3" in fig.data[1].hovertemplate
@@ -246,3 +247,81 @@ def test_pattern_figures_draw_a_subset_of_columns_with_their_own_labels():
         P.collaboration_patterns(atoms, pds, layers, E, ["a", "b"], columns=[6, 1, 11])
     with pytest.raises(P.FigureInputError, match="columns names 2"):
         P.collaboration_patterns(atoms, pds, layers, E, ["a", "b"], columns=[1, 6])
+
+
+def test_svd_spectra_leave_out_numerical_zeros_and_write_exponents():
+    # centred router rows have rank E - 1: the last singular value is rounding noise (~1e-16)
+    fig = P.svd_spectra({0: np.array([4.0, 2.0, 0.4, 3e-16]), 1: np.array([1.0, 0.5, 1e-17])},
+                        baseline=np.array([2.0, 1.0, 0.0]))
+    ys = [np.asarray(t.y, dtype=float) for t in fig.data]
+    assert [len(y) for y in ys] == [3, 2, 2]
+    assert min(y.min() for y in ys) >= 1e-6  # the axis spans the real values
+    assert fig.layout.yaxis.type == "log"
+    assert fig.layout.yaxis.exponentformat in ("power", "e", "E")  # not SI prefixes ("100µ") on a ratio
+
+
+def test_alignment_y_title_fits_beside_a_plot_of_its_height():
+    fig = FIGURES["router_expert_alignment"]
+    lines = fig.layout.yaxis.title.text.split("<br>")
+    # about 7 px a character at 14 px: each line must fit the plot's height, or it runs into the title
+    plot_height = fig.layout.height - fig.layout.margin.t - fig.layout.margin.b
+    assert max(len(line) for line in lines) * 7 < plot_height, lines
+    assert fig.layout.margin.l >= 50 + 16 * len(lines)  # room for every line left of the ticks
+
+
+def _colours(trace: go.Heatmap) -> tuple[str, float | None]:
+    """Which of the report's two colour scales a heatmap uses, and where its colours start."""
+    named = {"sequential": go.Heatmap(colorscale="Viridis").colorscale, "diverging": go.Heatmap(colorscale="RdBu_r").colorscale}
+    return next((k for k, v in named.items() if trace.colorscale == v), "other"), trace.zmin
+
+
+@pytest.mark.parametrize("make", [
+    lambda z: P.utilization_heatmap(z, [0, 1]),
+    lambda z: P.router_similarity_heatmap(z[:, :2] @ z[:, :2].T, [0, 1], measure="mean |r|"),
+    lambda z: P.coactivation_heatmap(z[:, :2] @ z[:, :2].T, 0),
+    lambda z: P.coactivation_by_layer([z[:, :2] @ z[:, :2].T], [0]),
+], ids=["utilization", "mean_abs_r", "coactivation", "coactivation_by_layer"])
+def test_never_negative_values_get_a_sequential_scale_from_zero(make):
+    z = np.array([[0.5, 0.2, 0.3], [0.1, 0.6, 0.3]])
+    heat = make(z).data[0]
+    assert _colours(heat) == ("sequential", 0.0), (heat.colorscale, heat.zmin)
+    assert heat.zmid is None
+
+
+def test_signed_similarity_keeps_a_diverging_scale():
+    heat = P.router_similarity_heatmap(np.array([[1.0, -0.4], [-0.4, 1.0]]), [0, 1]).data[0]
+    assert _colours(heat)[0] == "diverging" and heat.zmid == 0.0
+
+
+@pytest.mark.parametrize("make", [
+    lambda m: P.router_similarity_heatmap(m, [0, 1, 2]),
+    lambda m: P.coactivation_heatmap(m, 4),
+    lambda m: P.coactivation_by_layer([m, m], [4, 6]),
+], ids=["router_similarity", "coactivation", "coactivation_by_layer"])
+def test_the_diagonal_is_left_out_of_the_colour_scale_and_hover_says_so(make):
+    m = np.array([[1.0, 0.2, 0.1], [0.2, 1.0, 0.3], [0.1, 0.3, 1.0]])
+    fig = make(m)
+    heat, marks = fig.data[0], fig.data[1]
+    z = np.asarray(heat.z, dtype=float)
+    assert np.isnan(np.diag(z)).all() and np.allclose(z[~np.eye(3, dtype=bool)], m[~np.eye(3, dtype=bool)])
+    assert heat.zmax is None or heat.zmax < 1.0  # the colours span the off-diagonal values
+    assert np.nanmax(z) == pytest.approx(0.3)
+    assert list(marks.x) == list(marks.y) and len(marks.x) == 3  # one hover point per diagonal cell
+    assert "left out of the colour scale" in marks.hovertemplate and np.allclose(marks.customdata, 1.0)
+
+
+def test_saturation_is_drawn_on_a_log_percent_axis_with_intervals_and_chance():
+    sat = np.array([[0.3, 0.4], [0.6, 0.7], [0.9, 0.8], [1.0, 1.0]])
+    null = np.full_like(sat, 0.2)
+    fig = P.saturation_over_checkpoints([0, 10, 100, 1000], sat, [3, 5], low=sat - 0.05, high=sat + 0.05, null=null)
+    assert fig.layout.xaxis.type == "log" and "step 0" in fig.layout.xaxis.title.text
+    lines = [t for t in fig.data if t.mode == "lines+markers"]
+    assert [t.name for t in lines] == ["L3", "L5"]
+    assert np.allclose(lines[0].x, [1.0, 10.0, 100.0])  # % of training; step 0 has no place on a log axis
+    bands = [t for t in fig.data if t.fill == "toself"]
+    assert len(bands) == 2 and np.allclose(bands[1].y, [0.75, 0.85, 1.05, 0.95, 0.75, 0.65])
+    chance = [t for t in fig.data if t.line.dash == "dash"]
+    assert len(chance) == 2 and np.allclose(chance[0].y, 0.2)
+    assert {t.legendgroup for t in fig.data} == {"L3", "L5"}  # a layer's band and chance hide with its line
+    with pytest.raises(P.FigureInputError, match="all three"):
+        P.saturation_over_checkpoints([1, 2], sat[:2], [3, 5], low=sat[:2])

@@ -101,6 +101,55 @@ def finish(
     return fig
 
 
+def wrap_title(text: str, width: int = 36) -> tuple[str, int]:
+    """``text`` broken into lines of at most ``width`` characters (``<br>``), and the number of lines.
+
+    A rotated y-axis title longer than the plot is tall runs past both ends, over the figure's
+    title and off the bottom; Plotly does not wrap it. The caller escapes ``text`` first.
+    """
+    lines: list[str] = []
+    for word in text.split():
+        if lines and len(lines[-1]) + 1 + len(word) <= width:
+            lines[-1] += " " + word
+        else:
+            lines.append(word)
+    return "<br>".join(lines), max(len(lines), 1)
+
+
+def colour_range(z: np.ndarray) -> dict[str, Any]:
+    """Heatmap colour settings for ``z``: sequential from 0 when no value is negative, else diverging about 0.
+
+    Shares, rates and mean |r| are never negative; a diverging scale would spend half its
+    colours (and negative colour-bar ticks) on values that cannot occur.
+    """
+    finite = np.asarray(z, dtype=float)[np.isfinite(z)]
+    if finite.size and finite.min() >= 0:
+        return {"colorscale": SEQUENTIAL, "zmin": 0.0, "zmax": float(finite.max()) or 1.0}
+    return {"colorscale": DIVERGING, "zmid": 0.0}
+
+
+def blank_diagonal(z: np.ndarray) -> np.ndarray:
+    """A copy of the square ``z`` with NaN on its diagonal (left blank, out of the colour range).
+
+    A matrix of a thing against itself has 1 (or its largest value) on the diagonal, which would
+    stretch the colour scale and wash out the off-diagonal values the figure is about.
+    """
+    out = np.array(z, dtype=float)
+    if out.shape[0] > 1:
+        np.fill_diagonal(out, np.nan)
+    return out
+
+
+def diagonal_marks(ids: Sequence[Any], values: np.ndarray, hover: str, visible: bool = True) -> go.Scatter:
+    """Invisible points on a blanked diagonal so hovering there says why it is blank (``hover`` names the cell)."""
+    ids = list(ids)
+    return go.Scatter(
+        x=ids, y=ids, mode="markers", marker={"opacity": 0, "size": 12}, showlegend=False, visible=visible,
+        customdata=compact(np.asarray(values, dtype=float)),
+        hovertemplate=hover + "<br>diagonal: left out of the colour scale (value %{customdata:.4f})<extra></extra>",
+    )
+
+
 def heatmap_height(rows: int, per_row: int = 22, base: int = 220, cap: int = 1400) -> int:
     """Height that keeps heatmap rows readable without making small matrices huge."""
     return int(min(cap, max(380, base + per_row * rows)))

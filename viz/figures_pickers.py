@@ -14,11 +14,13 @@ import plotly.graph_objects as go
 
 from viz._common import (
     DIVERGING,
-    SEQUENTIAL,
     FigureInputError,
     as_array,
+    blank_diagonal,
     check_len,
+    colour_range,
     compact,
+    diagonal_marks,
     esc,
     finish,
     heatmap_height,
@@ -91,7 +93,8 @@ def coactivation_by_layer(
     """Within-layer expert x expert co-activation ``[E', E']`` of one MoE layer at a time.
 
     ``experts[i]`` names the rows and columns of ``matrices[i]`` when they are a subset of
-    the layer's experts (e.g. its most used ones).
+    the layer's experts (e.g. its most used ones). The diagonal (an expert with itself, P = 1)
+    is blank so the colours span the pairs of different experts; hovering there says so.
     """
     layers = [int(v) for v in layers]
     mats = _blocks(matrices, len(layers), "matrices")
@@ -100,10 +103,12 @@ def coactivation_by_layer(
         if z.shape[0] != z.shape[1]:
             raise FigureInputError(f"matrices[{i}]: expected a square matrix, got shape {z.shape}")
         ids = _experts(experts, i, z.shape[0], "experts")
+        off = blank_diagonal(z)
         fig.add_trace(go.Heatmap(
-            z=compact(z), x=ids, y=ids, colorscale=SEQUENTIAL, colorbar={"title": {"text": esc(measure)}},
+            z=compact(off), x=ids, y=ids, **colour_range(off), colorbar={"title": {"text": esc(measure)}},
             hovertemplate=f"layer {layer}<br>expert %{{y}} with expert %{{x}}<br>{esc(measure)} %{{z:.4f}}<extra></extra>",
         ))
+        fig.add_trace(diagonal_marks(ids, np.diag(z), f"layer {layer}<br>expert %{{y}} with itself"))
     fig.update_xaxes(type="category")
     fig.update_yaxes(type="category", autorange="reversed")
     head = title or "Expert co-activation"

@@ -14,11 +14,13 @@ import plotly.graph_objects as go
 
 from viz._common import (
     DIVERGING,
-    SEQUENTIAL,
     FigureInputError,
     as_array,
+    blank_diagonal,
     check_len,
     check_square,
+    colour_range,
+    diagonal_marks,
     esc,
     finish,
     heatmap_height,
@@ -31,23 +33,29 @@ def router_similarity_heatmap(
     title: str | None = None,
     measure: str = "cosine",
 ) -> go.Figure:
-    """Layer-by-layer similarity of router weights; shows which layers route alike."""
+    """Layer-by-layer similarity of router weights; shows which layers route alike.
+
+    The diagonal (a layer with itself) is blank so the colours span the pairs of different
+    layers; never-negative measures (mean |r|) get a sequential scale from 0.
+    """
     sim = as_array(sim, 2, "sim")
     check_square(sim, "sim")
-    layers = check_len(layers, sim.shape[0], "layers", "sim")
+    layers = [int(v) for v in check_len(layers, sim.shape[0], "layers", "sim")]
+    off = blank_diagonal(sim)
     fig = go.Figure(
         go.Heatmap(
-            z=sim,
-            x=[int(v) for v in layers],
-            y=[int(v) for v in layers],
-            colorscale=DIVERGING,
-            zmid=0.0,
+            z=off,
+            x=layers,
+            y=layers,
+            **colour_range(off),
             colorbar={"title": {"text": f"{esc(measure)} similarity"}},
             hovertemplate=(
                 f"layer %{{y}} vs layer %{{x}}<br>{esc(measure)} similarity %{{z:.3f}}<extra></extra>"
             ),
         )
     )
+    if len(layers) > 1:
+        fig.add_trace(diagonal_marks(layers, np.diag(sim), "layer %{y} with itself"))
     fig.update_xaxes(type="category")
     fig.update_yaxes(type="category", autorange="reversed")
     return finish(
@@ -65,7 +73,7 @@ def utilization_heatmap(
     title: str | None = None,
     value_label: str = "share of routed tokens",
 ) -> go.Figure:
-    """Expert load per layer ``[L, E]``; the colour midpoint is the uniform share 1/E."""
+    """Expert load per layer ``[L, E]``: a sequential scale from 0 (a share is never negative); the title gives 1/E."""
     util = as_array(util, 2, "util")
     layers = check_len(layers, util.shape[0], "layers", "util rows")
     num_experts = util.shape[1]
@@ -74,8 +82,7 @@ def utilization_heatmap(
             z=util,
             x=list(range(num_experts)),
             y=[int(v) for v in layers],
-            colorscale=DIVERGING,
-            zmid=1.0 / num_experts if value_label.startswith("share") else None,
+            **colour_range(util),
             colorbar={"title": {"text": esc(value_label)}},
             hovertemplate=(
                 f"layer %{{y}}<br>expert %{{x}}<br>{esc(value_label)} %{{z:.4f}}<extra></extra>"
@@ -86,7 +93,7 @@ def utilization_heatmap(
     fig.update_xaxes(dtick=1 if num_experts <= 32 else None)
     return finish(
         fig,
-        title or "Expert utilization per layer (midpoint = uniform load 1/E)",
+        title or f"Expert utilization per layer (uniform load 1/E = {1 / num_experts:.3g})",
         "expert index",
         "MoE layer (model layer index)",
         height=heatmap_height(len(layers)),
@@ -185,16 +192,17 @@ def coactivation_heatmap(
     title: str | None = None,
     measure: str = "co-activation rate",
 ) -> go.Figure:
-    """How often two experts of one layer are chosen for the same token ``[E, E]``."""
+    """How often two experts of one layer are chosen for the same token ``[E, E]`` (diagonal blank: an expert with itself)."""
     coact = as_array(coact, 2, "coact")
     check_square(coact, "coact")
     experts = list(range(coact.shape[0]))
+    off = blank_diagonal(coact)
     fig = go.Figure(
         go.Heatmap(
-            z=coact,
+            z=off,
             x=experts,
             y=experts,
-            colorscale=SEQUENTIAL,
+            **colour_range(off),
             colorbar={"title": {"text": esc(measure)}},
             hovertemplate=(
                 f"layer {int(layer)}<br>expert %{{y}} with expert %{{x}}<br>"
@@ -202,6 +210,8 @@ def coactivation_heatmap(
             ),
         )
     )
+    if len(experts) > 1:
+        fig.add_trace(diagonal_marks(experts, np.diag(coact), f"layer {int(layer)}<br>expert %{{y}} with itself"))
     dtick = 1 if len(experts) <= 32 else None
     fig.update_xaxes(dtick=dtick)
     fig.update_yaxes(autorange="reversed", dtick=dtick)

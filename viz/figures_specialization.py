@@ -19,6 +19,7 @@ from viz._common import (
     FigureInputError,
     as_array,
     check_len,
+    colour_range,
     compact,
     esc,
     finish,
@@ -43,7 +44,7 @@ class _Colours(NamedTuple):
 def _share_colours(share: np.ndarray, baseline: np.ndarray | float | None) -> _Colours:
     """Colour by share itself, or (with a baseline) by log2(share / baseline) saturated at ±5; a baseline must be positive."""
     if baseline is None:
-        return _Colours(z=share, custom=np.dstack([share, share]), colorscale=SEQUENTIAL, zmid=None, zmin=None, zmax=None,
+        return _Colours(z=share, custom=np.dstack([share, share]), colorscale=SEQUENTIAL, zmid=None, zmin=0.0, zmax=None,
                         value_txt="share %{z:.4f}", bar_title="share of domain's routing")
     base = np.broadcast_to(np.asarray(baseline, dtype=float), (share.shape[1],)).copy()
     if np.any(base <= 0):
@@ -131,7 +132,7 @@ def vocabulary_specialization(
             x=[str(c) for c in cols],
             y=rows,
             text=[[t] * len(cols) for t in toks],
-            colorscale=SEQUENTIAL,
+            **colour_range(scores),
             colorbar={"title": {"text": esc(measure)}},
             hovertemplate=(
                 f"layer {int(layer)}<br>token %{{text}}<br>expert %{{x}}<br>"

@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import plotly.graph_objects as go
+from plotly.colors import qualitative
 
 from viz._common import (
     SEQUENTIAL,
@@ -59,20 +60,89 @@ def _steps_and_matrix(
     return steps_arr, values, layers
 
 
+def _percent_of_training(steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each checkpoint as % of the final step, and which checkpoints a log axis can show (step > 0)."""
+    final = float(steps[-1])
+    if final <= 0:
+        raise FigureInputError(f"steps: the final step must be positive to give % of training, got {final:g}")
+    return steps / final * 100.0, steps > 0
+
+
+def _rgba(color: str, alpha: float) -> str:
+    """A ``#rrggbb`` colour as ``rgba(...)`` with the given opacity (for a band under its line)."""
+    r, g, b = (int(color[i:i + 2], 16) for i in (1, 3, 5))
+    return f"rgba({r},{g},{b},{alpha})"
+
+
+def _saturation_layer(fig: go.Figure, x: np.ndarray, steps: np.ndarray, value: np.ndarray, j: int, layer: int,
+                      measure: str, bounds: tuple[np.ndarray, np.ndarray, np.ndarray] | None) -> None:
+    """Layer ``j``: its 95% interval as a band, its value as a line, its chance as a dashed line (one legend entry)."""
+    color = qualitative.Plotly[j % len(qualitative.Plotly)]
+    group = {"legendgroup": f"L{layer}"}
+    custom = steps[:, None]
+    ci = ""
+    if bounds is not None:
+        low, high, null = (b[:, j] for b in bounds)
+        fig.add_trace(go.Scatter(x=np.concatenate([x, x[::-1]]), y=np.concatenate([high, low[::-1]]), fill="toself",
+                                 fillcolor=_rgba(color, 0.18), line={"width": 0}, hoverinfo="skip", showlegend=False,
+                                 name=f"L{layer} 95% CI", **group))
+        fig.add_trace(go.Scatter(x=x, y=null, mode="lines", line={"color": color, "dash": "dash", "width": 1.5},
+                                 showlegend=False, name=f"L{layer} chance", **group,
+                                 hovertemplate=f"layer {layer}<br>%{{x:.3g}}% of training<br>chance %{{y:.4f}}<extra></extra>"))
+        custom = np.stack([steps, low, high], axis=1)
+        ci = "<br>95% CI %{customdata[1]:.4f}–%{customdata[2]:.4f}"
+    fig.add_trace(go.Scatter(x=x, y=value[:, j], mode="lines+markers", line={"color": color}, name=f"L{layer}",
+                             customdata=custom, **group,
+                             hovertemplate=(f"layer {layer}<br>step %{{customdata[0]:.0f}} (%{{x:.3g}}% of training)<br>"
+                                            f"{esc(measure)} %{{y:.4f}}{ci}<extra></extra>")))
+
+
+def _bounds(low: np.ndarray | None, high: np.ndarray | None, null: np.ndarray | None, shape: tuple[int, ...]
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """``low``, ``high`` and ``null`` as ``[C, L]`` arrays of ``shape``: all three or none."""
+    given = [v is not None for v in (low, high, null)]
+    if not any(given):
+        return None
+    if not all(given):
+        raise FigureInputError("low, high and null: give all three or none")
+    out = tuple(as_array(v, 2, n) for v, n in ((low, "low"), (high, "high"), (null, "null")))
+    for v, n in zip(out, ("low", "high", "null")):
+        if v.shape != shape:
+            raise FigureInputError(f"{n}: shape {v.shape} differs from saturation {shape}")
+    return out
+
+
 def saturation_over_checkpoints(
     steps: Sequence[float],
     saturation: np.ndarray,
     layers: Sequence[int],
+    low: np.ndarray | None = None,
+    high: np.ndarray | None = None,
+    null: np.ndarray | None = None,
     title: str | None = None,
     x_label: str = "training step",
     measure: str = "top-k overlap with final checkpoint",
 ) -> go.Figure:
-    """How close each layer's routing is to its final state at each checkpoint ``[C, L]``."""
+    """How close each layer's routing is to its final state at each checkpoint ``[C, L]``, as OLMoE's Fig. 20.
+
+    The x axis is % of training (step / final step) on a log scale, so early checkpoints, where
+    routing settles, get room; step 0 has no place on it and is left out (said in the axis title).
+    ``low``/``high`` (each layer's 95% interval) draw a band and ``null`` (chance) a dashed line.
+    """
     steps_arr, values, layers = _steps_and_matrix(steps, saturation, layers, "saturation")
-    fig = _per_layer_lines(steps_arr, values, layers, measure, x_label)
+    bounds = _bounds(low, high, null, values.shape)
+    x, keep = _percent_of_training(steps_arr)
+    if bounds is not None:
+        bounds = tuple(b[keep] for b in bounds)
+    fig = go.Figure()
+    for j, layer in enumerate(layers):
+        _saturation_layer(fig, x[keep], steps_arr[keep], values[keep], j, layer, measure, bounds)
+    fig.update_xaxes(type="log", exponentformat="power")
     fig.update_yaxes(range=[0, 1.02])
+    fig.update_layout(legend_title_text="MoE layer")
+    dropped = "; step 0 not on a log axis" if not keep.all() else ""
     return finish(
-        fig, title or "Routing saturation over training", f"{x_label} (checkpoint)",
+        fig, title or "Routing saturation over training (band: 95% CI; dashed: chance)", f"% of training ({x_label} / final {x_label}, log{dropped})",
         f"{measure} (fraction, 0–1)",
     )
 

@@ -11,7 +11,21 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import plotly.graph_objects as go
 
-from viz._common import FigureInputError, as_array, check_len, check_square, esc, finish
+from viz._common import FigureInputError, as_array, check_len, check_square, esc, finish, wrap_title
+
+
+ZERO_RATIO = 1e-6  # singular values below this share of the largest are numerical zeros (centred rows lose a rank)
+
+
+def _spectrum(values: np.ndarray, name: str, normalize: bool) -> np.ndarray:
+    """One spectrum without its numerical zeros (a log axis would run down to ~1e-16 for them), scaled if asked."""
+    sv = as_array(values, 1, name)
+    top = np.nanmax(sv)
+    if top > 0:
+        sv = sv[sv >= ZERO_RATIO * top]
+        if normalize:
+            sv = sv / top
+    return sv
 
 
 def svd_spectra(
@@ -26,15 +40,14 @@ def svd_spectra(
     """Singular values of a weight matrix per layer (one line per layer).
 
     With ``normalize`` each spectrum is divided by its largest value so layers of different
-    scale compare; ``baseline`` (one spectrum) is drawn dashed for reference.
+    scale compare; ``baseline`` (one spectrum) is drawn dashed for reference. Values below
+    ``ZERO_RATIO`` of the largest are left out: they are rounding noise, not structure.
     """
     if not spectra:
         raise FigureInputError("spectra: no layers given")
     fig = go.Figure()
     for layer, values in sorted(spectra.items()):
-        sv = as_array(values, 1, f"spectra[{layer}]")
-        if normalize and sv.max() > 0:
-            sv = sv / sv.max()
+        sv = _spectrum(values, f"spectra[{layer}]", normalize)
         fig.add_trace(
             go.Scatter(
                 x=np.arange(1, sv.size + 1),
@@ -47,9 +60,7 @@ def svd_spectra(
             )
         )
     if baseline is not None:
-        sv = as_array(baseline, 1, "baseline")
-        if normalize and sv.max() > 0:
-            sv = sv / sv.max()
+        sv = _spectrum(baseline, "baseline", normalize)
         fig.add_trace(
             go.Scatter(
                 x=np.arange(1, sv.size + 1),
@@ -63,11 +74,10 @@ def svd_spectra(
             )
         )
     if log_y:
-        fig.update_yaxes(type="log")
+        fig.update_yaxes(type="log", exponentformat="power")
     y_title = "singular value / largest (ratio)" if normalize else "singular value (weight units)"
     return finish(
-        fig, title or f"Singular-value spectra of {matrix} matrices", "index (descending order)",
-        y_title,
+        fig, title or f"Singular-value spectra of {matrix} matrices (numerical zeros left out)", "index (descending order)", y_title,
     )
 
 
@@ -206,12 +216,11 @@ def alignment_vs_baseline(
     for values, label, color in series:
         _per_expert_series(fig, values, label, color, layers, measure, rng)
     fig.update_xaxes(tickmode="array", tickvals=list(x), ticktext=[f"L{v}" for v in layers])
-    return finish(
-        fig,
-        title or f"Router–expert {measure} against its baselines",
-        "MoE layer (model layer index)",
-        y_title or f"{measure} (0 = orthogonal, 1 = same subspace)",
-    )
+    finish(fig, title or "Router–expert alignment against its baselines", "MoE layer (model layer index)", "")
+    wrapped, lines = wrap_title(esc(y_title or f"{measure} (0 = orthogonal, 1 = same subspace)"))
+    fig.update_yaxes(title_text=wrapped)
+    fig.update_layout(height=480, margin_l=50 + 16 * lines)
+    return fig
 
 
 def hungarian_cosine_vs_null(

@@ -38,7 +38,7 @@ def _synthetic_data(rng: np.random.Generator) -> dict:
     nl = len(layers)
     domains = ["math", "code", "web"]
     util = rng.dirichlet(np.ones(num_experts) * 3, nl)
-    sim = np.corrcoef(rng.normal(size=(nl, 16)))
+    sim = np.abs(np.corrcoef(rng.normal(size=(nl, 16))))  # a mean |r| between layers, as the report draws: never negative
     entropy = rng.uniform(1.5, 2.0, nl)
     corr = np.corrcoef(rng.normal(size=(6, 40)))
     coact = rng.random((num_experts, num_experts)) * 0.2
@@ -48,9 +48,10 @@ def _synthetic_data(rng: np.random.Generator) -> dict:
     atoms = rng.normal(size=(5, nl * num_experts))
     pds = rng.random((5, len(domains)))
     delta = rng.normal(0.05, 0.03, (4, len(domains)))
-    spectra = {layer: np.sort(rng.random(16) ** 2)[::-1] for layer in layers}
+    # centred router rows have rank E - 1: their last singular value is a numerical zero
+    spectra = {layer: np.append(np.sort(rng.random(15) ** 2)[::-1], 1e-16) for layer in layers}
     own, other = rng.uniform(0.3, 0.8, (nl, num_experts)), rng.uniform(0.1, 0.4, (nl, num_experts))
-    steps = [0, 1000, 2000, 4000]
+    steps = [0, 100, 1000, 4000]  # log-spaced, as checkpoints are chosen
     sat = np.clip(np.linspace(0.3, 1.0, 4)[:, None] + rng.normal(0, 0.03, (4, nl)), 0, 1)
     drift = rng.uniform(0.0, 0.1, (4, nl))
     lf = pd.Index([f"L{layer}" for layer in layers], name="layer")
@@ -66,7 +67,7 @@ def _routing_figures(data: dict) -> list[tuple[str, str, go.Figure, object]]:
     """The Routing section: similarity, load, entropy, correlation, co-activation and paths."""
     layers, lf, sim, util, coact = data["layers"], data["lf"], data["sim"], data["util"], data["coact"]
     return [
-        ("Routing", "router_similarity", P.router_similarity_heatmap(sim, layers),
+        ("Routing", "router_similarity", P.router_similarity_heatmap(sim, layers, measure="mean |r|"),
          pd.DataFrame(sim, index=lf, columns=lf)),
         ("Routing", "utilization", P.utilization_heatmap(util, layers),
          pd.DataFrame(util, index=lf)),
@@ -115,7 +116,8 @@ def _weights_figures(data: dict, rng: np.random.Generator) -> list[tuple[str, st
         ("Weights", "svd_spectra",
          P.svd_spectra(data["spectra"], baseline=np.sort(rng.random(16))[::-1]), None),
         ("Weights", "router_expert_alignment",
-         P.alignment_vs_baseline(data["own"], data["other"], np.full(nl, 0.12), np.full(nl, 0.02), data["layers"]), None),
+         P.alignment_vs_baseline(data["own"], data["other"], np.full(nl, 0.12), np.full(nl, 0.02), data["layers"],
+                                 measure="share of router-row energy in the expert's input subspace"), None),
         ("Weights", "hungarian_cosine_vs_null",
          P.hungarian_cosine_vs_null(np.array([[1, .3], [.3, 1]]), np.full((2, 2), .12), np.full((2, 2), .08),
                                     np.full((2, 2), .16), [0, 1]), None),
@@ -136,7 +138,8 @@ def _checkpoint_figures(data: dict) -> list[tuple[str, str, go.Figure, object]]:
     """The Checkpoints section: saturation and drift over training steps."""
     steps, sat, layers = data["steps"], data["sat"], data["layers"]
     return [
-        ("Checkpoints", "saturation", P.saturation_over_checkpoints(steps, sat, layers), None),
+        ("Checkpoints", "saturation", P.saturation_over_checkpoints(steps, sat, layers, low=sat - 0.05, high=np.minimum(sat + 0.05, 1),
+                                                                    null=np.full_like(sat, 0.25)), None),
         ("Checkpoints", "drift", P.drift_over_checkpoints(steps, data["drift"], layers), None),
         ("Checkpoints", "saturation_heatmap",
          P.checkpoint_heatmap(sat, steps, layers, "top-k overlap with final"), None),
