@@ -252,3 +252,42 @@ def test_a_change_from_one_document_per_domain_has_no_interval_and_no_verdict():
     assert "(no interval: each domain's tokens are in too few document blocks)" in found["Ablation"]
     assert "95% CI" not in found["Pruning"] and "(no interval: too few documents)" in found["Pruning"]
     assert "No criterion beats random" in found["Pruning"]
+
+
+def _opening_layer(fig) -> int:
+    """The model layer a layer-menu figure shows on opening (its title says 'in layer N')."""
+    return int(fig.layout.title.text.rsplit("layer ", 1)[1].split()[0].rstrip(":"))
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_layer_figures_open_on_the_layer_their_finding_names(shape):
+    from core.pipeline.outputs import build_report
+
+    record = build(*shape, True)
+    record = dataclasses.replace(record, findings=tuple(findings(record)))
+    found = {f.text.split(" ")[0]: f.text for f in record.findings}
+    _, figs = build_report(record)
+    peak = int(found["Domain"].split("peaks at layer ")[1].split(",")[0])
+    assert peak == shape[0] - 1  # the planted layer
+    domain = figs["domain_specialization"]
+    assert _opening_layer(domain) == peak and domain.layout.updatemenus[0].active == [
+        b.label for b in domain.layout.updatemenus[0].buttons].index(f"layer {peak}")
+    opened = [t for t in domain.data if t.visible]
+    assert opened and all(f"layer {peak}" in t.hovertemplate for t in opened)
+    cited = int(found["Vocabulary"].split("above chance at layer ")[1].split(",")[0])
+    assert _opening_layer(figs["vocabulary_specialization"]) == cited
+
+
+def test_the_saturation_figure_draws_each_layers_interval_and_chance():
+    from core.pipeline.outputs import build_report
+
+    record = build(4, 8, 2, True)
+    est = record.results["checkpoint_dynamics"].estimates["saturation"]
+    fig = build_report(record)[1]["saturation"]
+    assert fig.layout.xaxis.type == "log"
+    bands = [t for t in fig.data if t.fill == "toself"]
+    chance = [t for t in fig.data if t.line.dash == "dash"]
+    assert len(bands) == len(chance) == 4
+    kept = np.asarray(record.results["checkpoint_dynamics"].steps) > 0  # step 0 has no place on the log axis
+    assert np.allclose(chance[3].y, np.asarray(est.null)[kept, 3], equal_nan=True)
+    assert np.allclose(bands[0].y[: kept.sum()], np.asarray(est.high)[kept, 0], equal_nan=True)

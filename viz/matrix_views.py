@@ -24,6 +24,12 @@ def spread(n: int, cap: int = MAX_OPTIONS) -> list[int]:
     return sorted({int(round(v)) for v in np.linspace(0, n - 1, max(cap, 2))})
 
 
+def spread_with(n: int, keep: int, cap: int = MAX_OPTIONS) -> list[int]:
+    """:func:`spread` positions that surely include ``keep`` (the layer a finding names, which the figure opens on)."""
+    shown = spread(n, cap)
+    return shown if keep in shown else sorted(set(spread(n, cap - 1)) | {keep})
+
+
 def layer_pairs(layer_scores: np.ndarray, cap: int = MAX_OPTIONS) -> list[tuple[int, int]]:
     """Layer pairs (positions, a < b) worth showing: adjacent pairs, then the strongest others, ``cap`` in all.
 

@@ -52,7 +52,11 @@ def _dynamics_section(r: Mapping[str, Any], page: ReportPage) -> None:
     if dyn is None:
         return
     page.section("Routing over training", "Saturation: share of each token's top-k experts at a checkpoint that match the final checkpoint's.")
-    page.figure("Routing over training", "saturation", P.saturation_over_checkpoints(dyn.steps, dyn.saturation, dyn.moe_layers), dyn.table())
+    per_layer = (getattr(dyn, "estimates", None) or {}).get("saturation")
+    bounds = {} if per_layer is None else {"low": per_layer.low, "high": per_layer.high, "null": per_layer.null}
+    page.figure("Routing over training", "saturation", P.saturation_over_checkpoints(dyn.steps, dyn.saturation, dyn.moe_layers, **bounds),
+                dyn.table(), caption="As OLMoE's Fig. 20: each layer's 95% interval over documents as a band, its chance "
+                                     "(a random token of the same document) dashed; % of training on a log axis.")
     est = (getattr(dyn, "estimates", None) or {}).get("saturation_mean")
     if est is not None:
         page.figure("Routing over training", "saturation_vs_chance", estimate_figure(est, [str(s) for s in dyn.steps],

@@ -20,6 +20,17 @@ from viz._common import token_label
 from viz.run_report import ReportPage, estimate_figure
 
 
+def domain_layer(spec: Any) -> int:
+    """Position of the layer whose routing depends most on the domain: the one the finding names and the figure opens on."""
+    kl = est_of(spec, "layer_score")
+    return int(strongest(kl)) if kl is not None else int(np.argmax(spec.layer_score))
+
+
+def vocabulary_layer(voc: Any) -> int:
+    """Position of the layer where token ids stick to an expert most beyond chance (the last layer without a null)."""
+    return int(strongest(voc.estimate)) if voc.estimate is not None else len(voc.moe_layers) - 1
+
+
 def specialization(spec: Any) -> str:
     """The most domain-specific expert, and the layer whose routing depends most on the domain."""
     top, kl = est_of(spec, "max_ratio"), est_of(spec, "layer_score")
@@ -41,7 +52,7 @@ def specialization(spec: Any) -> str:
             f"{spec.group_names[d]}, share over uniform {ratio}")
     if top is not None and D > 1:
         text += f"; {flagged(top.at(seen), by + 's', 'beyond it', correction=False)}"
-    b = strongest(kl) if kl is not None else int(np.argmax(spec.layer_score))
+    b = domain_layer(spec)
     div = quote(kl.at(b), f3, "") if kl is not None else f3(spec.layer_score[b])
     text += f". KL to all tokens (nats) peaks at layer {spec.moe_layers[b]}, {div}"
     return text + (f"; {flagged(kl, 'layers', 'beyond it', correction=False)}." if kl is not None else ".")
@@ -75,7 +86,7 @@ def vocabulary(voc: Any) -> str:
     est = voc.estimate
     if est is None or not len(voc.token_ids):
         return ""
-    li = strongest(est)
+    li = vocabulary_layer(voc)
     return (f"Vocabulary ({len(voc.token_ids)} ids seen {voc.min_count}+ times; chance: ids shuffled within documents; "
             f"Holm, ≈ 0.05 false per run): an id's share at its top expert is furthest above chance at layer "
             f"{voc.moe_layers[li]}, {quote(est.at(li), pct, '')}; {flagged(est, 'layers', 'beyond it', correction=False)}"
@@ -102,18 +113,21 @@ def _specialization_section(r: Mapping[str, Any], page: ReportPage, decode: Call
             page.figure("Specialization", "domain_divergence", estimate_figure(kl, [str(l) for l in spec.moe_layers],
                 "Divergence of each domain's routing from the overall routing", "KL, nats (token-weighted over domains)"),
                 pd.DataFrame({"layer": spec.moe_layers, "value": kl.value, "low": kl.low, "high": kl.high, "null": kl.null, "p": kl.p_value}))
-        shown = V.spread(len(spec.moe_layers))
+        peak = domain_layer(spec)
+        shown = V.spread_with(len(spec.moe_layers), peak)
         which = "every MoE layer" if len(shown) == len(spec.moe_layers) else f"{len(shown)} of the {len(spec.moe_layers)} MoE layers, evenly spaced"
         page.figure("Specialization", "domain_specialization",
-            P.domain_specialization_by_layer(np.asarray(spec.share)[shown], spec.group_names, [spec.moe_layers[i] for i in shown], spec.baseline),
+            P.domain_specialization_by_layer(np.asarray(spec.share)[shown], spec.group_names, [spec.moe_layers[i] for i in shown], spec.baseline,
+                                             shown=shown.index(peak)),
             pd.DataFrame(np.asarray(spec.share).reshape(-1, spec.num_experts),
                          index=pd.MultiIndex.from_product([spec.moe_layers, spec.group_names], names=["layer", "domain"])),
-            caption=f"Pick a layer in the menu ({which}); the numbers hold every layer.", arrays=["domain_specialization/share"])
+            caption=f"Opens on layer {spec.moe_layers[peak]}, where the divergence peaks; pick another in the menu ({which}); "
+                    "the numbers hold every layer.", arrays=["domain_specialization/share"])
     vocab = r.get("vocabulary_specialization")
     if vocab is not None and len(vocab.token_ids):
         top = np.argsort(-vocab.occurrences)[:30]
         tokens = [token_label(decode(int(t))) if decode else str(int(t)) for t in vocab.token_ids[top]]
-        li = len(vocab.moe_layers) - 1
+        li = vocabulary_layer(vocab)
         onehot = np.zeros((len(top), vocab.num_experts))
         onehot[np.arange(len(top)), vocab.preferred_expert[top, li]] = vocab.concentration[top, li]
         est = vocab.estimate
