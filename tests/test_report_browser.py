@@ -11,7 +11,7 @@ import os
 
 import pytest
 
-from viz.browser_check import check_page, find_chromium
+from viz.browser_check import FIGURE_GEOMETRY_JS, check_page, find_chromium
 from viz.gallery import HOSTILE_TOKEN, gallery_report
 
 if find_chromium() is None:
@@ -50,12 +50,22 @@ PICK_PAIR_JS = """(() => {
 })()"""
 
 
+# Hovering a blanked diagonal cell of the co-activation menu figure (layer 3 is shown on opening).
+HOVER_DIAGONAL_JS = """(() => {
+  const gd = document.getElementById('fig-coactivation_layers');
+  Plotly.Fx.hover(gd, {xval: 2, yval: 2});
+  const t = gd.querySelector('.hovertext');
+  return t ? t.textContent : null;
+})()"""
+
+
 @pytest.fixture(scope="module")
 def loaded(tmp_path_factory):
     report = gallery_report()
     path = report.write(tmp_path_factory.mktemp("browser"))
     check, values = check_page(path, expected_figures=report.num_figures,
-                               evaluate=[HOVER_TOKEN_JS, HOVER_UTIL_JS, PICK_PAIR_JS])
+                               evaluate=[HOVER_TOKEN_JS, HOVER_UTIL_JS, PICK_PAIR_JS, FIGURE_GEOMETRY_JS,
+                                         HOVER_DIAGONAL_JS])
     return report, check, values
 
 
@@ -74,7 +84,7 @@ def test_every_figure_draws(loaded):
 
 
 def test_hover_names_layer_and_expert_and_shows_tokens_as_text(loaded):
-    _, _, (token_hover, util_hover, _) = loaded
+    _, _, (token_hover, util_hover, *_) = loaded
     token = json.loads(token_hover)
     assert HOSTILE_TOKEN in token["text"]  # shown literally, as text
     assert token["after"] == token["before"]  # and no script element was created
@@ -82,7 +92,7 @@ def test_hover_names_layer_and_expert_and_shows_tokens_as_text(loaded):
 
 
 def test_the_layer_pair_menu_swaps_the_matrix_its_axes_and_hover(loaded):
-    _, _, (_, _, picked) = loaded
+    _, _, (_, _, picked, *_) = loaded
     picked = json.loads(picked)
     assert picked["before"] == ["0", "4", "6"]  # only the shown pair's experts label the axis
     assert picked["after"] == ["1", "2", "7"] and "layer 3 vs layer 5" in picked["title"]
@@ -103,3 +113,50 @@ def test_checker_catches_broken_pages(tmp_path):
     assert check.external_requests == ["http://example.invalid/x.js"]
     assert check.dialogs == ["hi"]
     assert check.undrawn == ["never"]
+
+
+def _geometry(loaded) -> dict:
+    return json.loads(loaded[2][3])
+
+
+def _inside(box: dict, outer: dict, slack: float = 1.0) -> bool:
+    return (box["left"] >= outer["left"] - slack and box["right"] <= outer["right"] + slack
+            and box["top"] >= outer["top"] - slack and box["bottom"] <= outer["bottom"] + slack)
+
+
+def _overlap(a: dict, b: dict) -> bool:
+    return a["left"] < b["right"] and b["left"] < a["right"] and a["top"] < b["bottom"] and b["top"] < a["bottom"]
+
+
+def test_titles_are_whole_and_axis_titles_clear_the_figure_title(loaded):
+    """A y-axis title longer than the plot is tall runs off the figure and over its title (the alignment figure did)."""
+    bad = []
+    for fig_id, g in _geometry(loaded).items():
+        if not _inside(g["title"], g["figure"]):
+            bad.append(f"{fig_id}: title cut off")
+        for axis in ("xtitle", "ytitle"):
+            if g[axis] and not _inside(g[axis], g["figure"]):
+                bad.append(f"{fig_id}: {axis} cut off")
+            if g[axis] and _overlap(g[axis], g["title"]):
+                bad.append(f"{fig_id}: {axis} overlaps the title")
+    assert not bad, bad
+
+
+@pytest.mark.parametrize("fig_id", ["utilization", "router_similarity", "coactivation", "coactivation_layers",
+                                    "vocabulary_specialization"])
+def test_colour_bars_of_never_negative_values_have_no_negative_ticks(loaded, fig_id):
+    ticks = _geometry(loaded)[f"fig-{fig_id}"]["colorbar_ticks"]
+    assert ticks and ticks[0] == "0", ticks  # the scale starts at 0
+    assert not [t for t in ticks if t.startswith(("−", "-"))], ticks
+
+
+def test_log_axes_write_powers_not_si_prefixes(loaded):
+    ticks = _geometry(loaded)["fig-svd_spectra"]["yticks"]
+    assert not [t for t in ticks if t and t[-1] in "µμmnpfaz"], ticks  # "100µ", "10f": SI prefixes on a ratio
+    powers = [t for t in ticks if t.startswith("10")]
+    assert powers and min(int(t.replace("\u200b", "").replace("−", "-")[2:]) for t in powers) >= -6, ticks
+
+
+def test_hovering_a_blank_diagonal_cell_says_why(loaded):
+    text = loaded[2][4]
+    assert text and "expert 2 with itself" in text and "left out of the colour scale" in text, text

@@ -35,6 +35,23 @@ _COUNT_JS = """(() => {
 })()"""
 
 
+# What each drawn figure shows, for layout checks: boxes of the figure, its title and axis
+# titles (page pixels), and the tick texts of its y axis and colour bars. Pass it in
+# ``check_page(..., evaluate=[FIGURE_GEOMETRY_JS])``; it returns JSON keyed by figure id.
+FIGURE_GEOMETRY_JS = """(() => {
+  const box = el => { if (!el) return null; const r = el.getBoundingClientRect();
+                      return {left: r.left, top: r.top, right: r.right, bottom: r.bottom}; };
+  const texts = (gd, sel) => Array.from(gd.querySelectorAll(sel)).map(t => t.textContent);
+  const out = {};
+  for (const gd of document.querySelectorAll('.plotly-graph-div')) {
+    out[gd.id] = {figure: box(gd.querySelector('svg.main-svg')), title: box(gd.querySelector('.gtitle')),
+                  xtitle: box(gd.querySelector('.g-xtitle text')), ytitle: box(gd.querySelector('.g-ytitle text')),
+                  yticks: texts(gd, '.ytick text'), xticks: texts(gd, '.xtick text'),
+                  colorbar_ticks: texts(gd, '.colorbar .cbaxis text, .colorbar .ytick text')};
+  }
+  return JSON.stringify(out);
+})()"""
+
 class BrowserUnavailable(RuntimeError):
     """No Chromium/Chrome executable was found on this machine."""
 

@@ -38,6 +38,7 @@ def _synthetic_data(rng: np.random.Generator) -> dict:
     nl = len(layers)
     domains = ["math", "code", "web"]
     util = rng.dirichlet(np.ones(num_experts) * 3, nl)
+    util[0] = np.r_[0.5, np.full(num_experts - 1, 0.5 / (num_experts - 1))]  # a collapsing layer: one expert takes half
     sim = np.abs(np.corrcoef(rng.normal(size=(nl, 16))))  # a mean |r| between layers, as the report draws: never negative
     entropy = rng.uniform(1.5, 2.0, nl)
     corr = np.corrcoef(rng.normal(size=(6, 40)))
