@@ -320,19 +320,7 @@ class MoEModelWrapper:
         scores, chosen, hidden_saved = record(feed, hidden_layers)
         rows_host = attention_mask.reshape(-1).bool().cpu().nonzero().squeeze(1)
         rows = rows_host.to(dev)
-        logits, idx, wts = [], [], []
-        for info, lg, sel in zip(self.layers, scores, chosen):
-            lg = expert_logits(lg, info).to(dev)
-            i, w = self._selection(info, sel, lg)
-            logits.append(lg)
-            idx.append(i.to(dev))
-            wts.append(w.to(dev))
-        small = torch.int16 if self.num_experts < 2**15 else torch.int32
-        tensors = [
-            torch.stack(logits, dim=1).index_select(0, rows),
-            torch.stack(idx, dim=1).index_select(0, rows).to(small),
-            torch.stack(wts, dim=1).index_select(0, rows),
-        ]
+        tensors = [t.index_select(0, rows) for t in self._layer_rows(scores, chosen, dev)]
         tensors += [h.reshape(-1, h.shape[-1]).to(dev).index_select(0, rows) for h in hidden_saved]
         n_rows, n_cols = input_ids.shape
         return PendingRouting(
@@ -381,6 +369,21 @@ class MoEModelWrapper:
                 else:
                     chosen.append(None)
         return scores, chosen, hidden_saved
+
+    def _layer_rows(self, scores: list, chosen: list, dev: torch.device) -> list[torch.Tensor]:
+        """One forward's records as token-major ``[N, L, ...]`` tensors on ``dev``: logits, selected experts (small ints), weights.
+
+        Shared by a teacher-forced trace and each step of a generation, so both give the same fields.
+        """
+        logits, idx, wts = [], [], []
+        for info, lg, sel in zip(self.layers, scores, chosen):
+            lg = expert_logits(lg, info).to(dev)
+            i, w = self._selection(info, sel, lg)
+            logits.append(lg)
+            idx.append(i.to(dev))
+            wts.append(w.to(dev))
+        small = torch.int16 if self.num_experts < 2**15 else torch.int32
+        return [torch.stack(logits, dim=1), torch.stack(idx, dim=1).to(small), torch.stack(wts, dim=1)]
 
     def _selection(self, info: MoELayerInfo, sel: Any, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """What the experts received (read from their input or the router's tuple), else top-k of the scores."""
