@@ -70,6 +70,16 @@ def test_generation_routing_equals_teacher_forced_trace(family):
     _assert_same_routing(gen.routing, w.trace_routing(gen.sequences, gen.attention_mask), name)
 
 
+def test_sampled_generation_is_recorded_too():
+    """Sampling picks other tokens than greedy decoding; the routing is still that of the sequence it wrote."""
+    w = _wrapper("mixtral")
+    torch.manual_seed(1)
+    gen = w.generate_routing(PROMPT, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=True, temperature=2.0)
+    greedy = w.generate_routing(PROMPT, max_new_tokens=NEW, min_new_tokens=NEW)
+    assert not torch.equal(gen.sequences, greedy.sequences)
+    _assert_same_routing(gen.routing, w.trace_routing(gen.sequences), "sampled")
+
+
 @pytest.mark.parametrize("name", ["olmoe", "gpt_oss", "study_moe"])
 def test_left_padded_batch_routes_each_row_as_alone(name):
     """Each row of a left-padded batch is routed as its unpadded sequence, teacher-forced alone, would be."""
@@ -127,7 +137,9 @@ def test_generation_that_is_not_one_token_per_step_is_refused(kwargs, words):
         w.generate_routing(PROMPT, max_new_tokens=2, **kwargs)
 
 
-def test_right_padding_is_refused():
+def test_right_padding_and_no_new_token_are_refused():
     w = _wrapper("olmoe")
     with pytest.raises(ValueError, match="left padding"):
         w.generate_routing(torch.tensor([[5, 6, 0]]), torch.tensor([[1, 1, 0]]), max_new_tokens=2)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        w.generate_routing(PROMPT, max_new_tokens=0)

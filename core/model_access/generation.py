@@ -36,7 +36,9 @@ class GeneratedRouting:
     """What ``generate_routing`` returns: the sequences (prompt + generated) and how every token of them was routed.
 
     ``routing`` has the fields ``trace_routing(sequences, attention_mask)`` gives, rows in the same
-    order (row-major over ``sequences``, padding left out), so analyses take either.
+    order (row-major over ``sequences``, padding left out), so analyses take either. In a batch, a
+    row that ended before the others goes on being fed the pad token, with attention, as
+    ``generate()`` feeds it: those tokens have rows too, as they would in ``trace_routing``.
     """
 
     sequences: torch.Tensor  # long [B, P + G], the prompt (left-padded) then the generated tokens
@@ -135,6 +137,8 @@ def _refuse(wrapper: "MoEModelWrapper", generate_kwargs: Mapping[str, Any]) -> N
 def generate_routing(wrapper: "MoEModelWrapper", inputs: Any, attention_mask: torch.Tensor | None = None,
                      max_new_tokens: int = 16, do_sample: bool = False, **generate_kwargs: Any) -> GeneratedRouting:
     """Generate with the key-value cache and record every step's routing (see the module doc)."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     _refuse(wrapper, generate_kwargs)
     ids, mask = _prompt(wrapper, inputs, attention_mask)
     dev = wrapper._device()
