@@ -95,6 +95,19 @@ class RoutingRecorder:
             self.hidden[j] = args[0] if args else kwargs["hidden_states"]
         return hook
 
+    def take(self) -> tuple[list, list, list]:
+        """The records of the forward that just ran, handed over; the recorder then waits for the next one.
+
+        What lets one recorder live through the many forwards of ``generate()`` (prefill, then one
+        per decoding step) while still refusing a module that runs twice within one forward.
+        """
+        taken = (self.scores, self.chosen, self.hidden)
+        self.scores = [None] * len(self._layers)
+        self.chosen = [None] * len(self._layers)
+        self.hidden = [None] * len(self._hidden_modules)
+        self._calls = {}
+        return taken
+
     def missing(self) -> list[str]:
         """Routers that did not run in the forward (a model path the discovery got wrong)."""
         return [info.router_path for info, s in zip(self._layers, self.scores) if s is None]

@@ -20,6 +20,7 @@ from torch import nn
 from core.model_access.discovery import (ROUTER_KINDS, MoELayerInfo, MoESpec, NoRoutersError, discover_router_kinds, of_kind,
                                          router_matrix)
 from core.model_access.expert_weights import LayerExperts, expert_matrices
+from core.model_access.generation import GeneratedRouting, generate_routing
 from core.model_access.host_copy import PendingCopy, start_host_copy
 from core.model_access.interventions import experts_selection, renormalize_without
 from core.model_access.recorder import RoutingRecorder, router_scores, scores_and_indices
@@ -27,7 +28,7 @@ from core.model_access.loading import (ModelLoadError, Placement, drop_scan_hook
                                        is_dispatched, load_hf, materialized, quiet_nnterp, resolve_dtype)
 from core.routing_data import RoutingData
 
-__all__ = ["ModelLoadError", "MoEModelWrapper"]
+__all__ = ["GeneratedRouting", "ModelLoadError", "MoEModelWrapper"]
 
 
 def expert_logits(lg: torch.Tensor, info: MoELayerInfo) -> torch.Tensor:
@@ -320,19 +321,7 @@ class MoEModelWrapper:
         scores, chosen, hidden_saved = record(feed, hidden_layers)
         rows_host = attention_mask.reshape(-1).bool().cpu().nonzero().squeeze(1)
         rows = rows_host.to(dev)
-        logits, idx, wts = [], [], []
-        for info, lg, sel in zip(self.layers, scores, chosen):
-            lg = expert_logits(lg, info).to(dev)
-            i, w = self._selection(info, sel, lg)
-            logits.append(lg)
-            idx.append(i.to(dev))
-            wts.append(w.to(dev))
-        small = torch.int16 if self.num_experts < 2**15 else torch.int32
-        tensors = [
-            torch.stack(logits, dim=1).index_select(0, rows),
-            torch.stack(idx, dim=1).index_select(0, rows).to(small),
-            torch.stack(wts, dim=1).index_select(0, rows),
-        ]
+        tensors = [t.index_select(0, rows) for t in self._layer_rows(scores, chosen, dev)]
         tensors += [h.reshape(-1, h.shape[-1]).to(dev).index_select(0, rows) for h in hidden_saved]
         n_rows, n_cols = input_ids.shape
         return PendingRouting(
@@ -342,6 +331,24 @@ class MoEModelWrapper:
                  positions=torch.arange(n_cols).expand(n_rows, n_cols).reshape(-1)[rows_host]),
             hidden_layers,
         )
+
+    def generate_routing(
+        self,
+        inputs: Any,
+        attention_mask: torch.Tensor | None = None,
+        max_new_tokens: int = 16,
+        do_sample: bool = False,
+        **generate_kwargs: Any,
+    ) -> GeneratedRouting:
+        """Generate with the key-value cache on, recording each step's routing: how the model routes what it writes.
+
+        ``inputs`` is token ids (``[T]``, ``[B, T]`` left-padded, or a tokenizer's output) or text.
+        Returns the sequences (prompt + generated) and a ``RoutingData`` of every token of them, in
+        the form and row order of ``trace_routing(sequences, attention_mask)``. Beam search and
+        assisted generation are refused (their steps are not one token per final sequence).
+        """
+        return generate_routing(self, inputs, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                **generate_kwargs)
 
     def _record_hooks(self, feed: dict, hidden_layers: list[int]) -> tuple[list, list, list]:
         """One plain forward with PyTorch hooks on the routers (and experts, and asked layers)."""
@@ -381,6 +388,21 @@ class MoEModelWrapper:
                 else:
                     chosen.append(None)
         return scores, chosen, hidden_saved
+
+    def _layer_rows(self, scores: list, chosen: list, dev: torch.device) -> list[torch.Tensor]:
+        """One forward's records as token-major ``[N, L, ...]`` tensors on ``dev``: logits, selected experts (small ints), weights.
+
+        Shared by a teacher-forced trace and each step of a generation, so both give the same fields.
+        """
+        logits, idx, wts = [], [], []
+        for info, lg, sel in zip(self.layers, scores, chosen):
+            lg = expert_logits(lg, info).to(dev)
+            i, w = self._selection(info, sel, lg)
+            logits.append(lg)
+            idx.append(i.to(dev))
+            wts.append(w.to(dev))
+        small = torch.int16 if self.num_experts < 2**15 else torch.int32
+        return [torch.stack(logits, dim=1), torch.stack(idx, dim=1).to(small), torch.stack(wts, dim=1)]
 
     def _selection(self, info: MoELayerInfo, sel: Any, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """What the experts received (read from their input or the router's tuple), else top-k of the scores."""
