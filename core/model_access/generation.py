@@ -12,7 +12,7 @@ decoding step would feed it, and its output is discarded: the routing covers the
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
@@ -21,8 +21,9 @@ from core.model_access.discovery import NoRoutersError
 from core.model_access.recorder import RoutingRecorder
 from core.routing_data import RoutingData
 
-if TYPE_CHECKING:
-    from core.model_access.wrapper import MoEModelWrapper
+# ``wrapper`` below is a ``core.model_access.wrapper.MoEModelWrapper``; not imported, even for typing:
+# the wrapper imports this module, and the library keeps no import cycles (tests/test_import_contracts.py)
+MoEModelWrapper = Any
 
 __all__ = ["GeneratedRouting", "generate_routing"]
 
@@ -103,7 +104,7 @@ class _Steps:
         self.model(**kw)
 
 
-def _prompt(wrapper: "MoEModelWrapper", inputs: Any, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _prompt(wrapper: MoEModelWrapper, inputs: Any, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids and mask of the prompt(s): text is tokenized left-padded; right padding is refused."""
     if isinstance(inputs, str) or (isinstance(inputs, (list, tuple)) and inputs and isinstance(inputs[0], str)):
         tok = wrapper.tokenizer
@@ -122,7 +123,7 @@ def _prompt(wrapper: "MoEModelWrapper", inputs: Any, attention_mask: torch.Tenso
     return ids, mask
 
 
-def _refuse(wrapper: "MoEModelWrapper", generate_kwargs: Mapping[str, Any]) -> None:
+def _refuse(wrapper: MoEModelWrapper, generate_kwargs: Mapping[str, Any]) -> None:
     """One line for each way of generating whose steps are not one row per final sequence."""
     if wrapper.remote or wrapper.hf_model is None:
         raise ValueError("generate_routing records with local hooks; a remote model cannot be traced during generation")
@@ -134,7 +135,7 @@ def _refuse(wrapper: "MoEModelWrapper", generate_kwargs: Mapping[str, Any]) -> N
                              "its steps are not one token per final sequence")
 
 
-def generate_routing(wrapper: "MoEModelWrapper", inputs: Any, attention_mask: torch.Tensor | None = None,
+def generate_routing(wrapper: MoEModelWrapper, inputs: Any, attention_mask: torch.Tensor | None = None,
                      max_new_tokens: int = 16, do_sample: bool = False, **generate_kwargs: Any) -> GeneratedRouting:
     """Generate with the key-value cache and record every step's routing (see the module doc)."""
     if max_new_tokens < 1:
