@@ -30,10 +30,12 @@ class OptionsError(ValueError):
     """A config file or flag is wrong; the message says which."""
 
 
-def opt(default: Any, help: str, *, choices: tuple | None = None, key: str | None = None, low: int | None = None) -> Any:
+def opt(default: Any, help: str, *, choices: tuple | None = None, key: str | None = None, low: int | None = None,
+        repeat: bool = False) -> Any:
     """A field with its help text (and choices); ``key``: its name on the command line and in YAML, if not the field's;
-    ``low``: the smallest value a number (or each number of a list) may take, checked by :func:`check_ranges`."""
-    meta = {"help": help, "choices": choices, "key": key, "low": low}
+    ``low``: the smallest value a number (or each number of a list) may take, checked by :func:`check_ranges`;
+    ``repeat``: a list whose flag may be given several times (the values add up)."""
+    meta = {"help": help, "choices": choices, "key": key, "low": low, "repeat": repeat}
     if isinstance(default, list):
         return field(default_factory=lambda d=default: list(d), metadata=meta)
     return field(default=default, metadata=meta)
@@ -41,6 +43,7 @@ def opt(default: Any, help: str, *, choices: tuple | None = None, key: str | Non
 
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 REMOTES = ("ndif", "local")
+REUSED_ANALYSES = ("ablation", "pruning")  # the analyses that declare reuse_key (tests/test_result_reuse.py checks)
 DTYPES = ("auto", "float32", "fp32", "float16", "fp16", "bfloat16", "bf16")
 
 
@@ -113,6 +116,9 @@ class AnalysisOptions:
     pruning_random_seeds: int = opt(8, "random choices the pruning criteria are tested against (at least 3)", low=3)
     collaboration: bool = opt(True, "dictionary learning of experts that fire together")
     resamples: int = opt(200, "bootstrap resamples over documents behind every interval (0: no intervals or nulls)", low=0)
+    recompute: list[str] = opt([], "compute these analyses again even where a stored result of the same model, tokens, "
+                               "settings and inputs exists (repeatable, or comma-separated)",
+                               choices=(*REUSED_ANALYSES, "all"), repeat=True)
 
 
 @dataclass
@@ -271,7 +277,7 @@ def _add_flag(group: Any, key: str, f: Any, tp: Any) -> None:
     else:  # choices are checked by validate(): a wrong one is a one-line error, like every other wrong value
         choices = f.metadata.get("choices")
         help_text += f" (one of {', '.join(choices)})" if choices else ""
-        group.add_argument(flag, dest=key, default=None, help=help_text,
+        group.add_argument(flag, dest=key, default=None, help=help_text, action="append" if f.metadata.get("repeat") else "store",
                            metavar=key.upper() if base is list or not choices else "{" + ",".join(choices) + "}")
 
 
@@ -280,7 +286,7 @@ def parse_options(argv: list[str] | None = None) -> RunOptions:
     args = vars(build_parser().parse_args(argv))
     config, show = args.pop("config"), args.pop("print_config")
     merged: dict[str, Any] = load_yaml(config) if config else {}
-    merged.update({k: v for k, v in args.items() if v is not None})
+    merged.update({k: ",".join(v) if isinstance(v, list) else v for k, v in args.items() if v is not None})
     opts = make_options(**merged)
     if show:
         print(to_yaml(opts), end="")
@@ -325,8 +331,10 @@ def validate(opts: RunOptions) -> None:
     for stage, cls in STAGES.items():
         for f in fields(cls):
             value, choices = getattr(getattr(opts, stage), f.name), f.metadata.get("choices")
-            if choices and value is not None and value not in choices:
-                raise OptionsError(f"{_key(f).replace('_', '-')} must be one of {', '.join(map(str, choices))}, not {value!r}")
+            values = value if isinstance(value, list) else [value]  # a list's every item (--recompute)
+            wrong = [v for v in values if choices and v is not None and v not in choices]
+            if wrong:
+                raise OptionsError(f"{_key(f).replace('_', '-')} must be one of {', '.join(map(str, choices))}, not {wrong[0]!r}")
     check_ranges(opts)
     fr = opts.analysis.pruning_fractions
     if not fr or not all(0 < f < 1 for f in fr):

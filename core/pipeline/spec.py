@@ -22,6 +22,9 @@ import pandas as pd
 Build = Callable[[Any], Any]  # RunContext -> an Accumulator (stage "pass") or None where it does not apply
 Compute = Callable[[Any, Mapping[str, Any]], Any]  # RunContext, results so far -> result (stage "after")
 Skip = Callable[[Any], "str | None"]  # RunContext -> why the analysis does not run (None: it runs)
+# RunContext, results so far -> everything the result depends on (stage "after"): its stored result is reused when
+# this is the same (core.pipeline.reuse adds nothing; the spec names model, tokens, settings, inputs, code version)
+ReuseKey = Callable[[Any, Mapping[str, Any]], dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,7 @@ class AnalysisSpec:
     build: Build | None = None  # stage "pass"
     compute: Compute | None = None  # stage "after"
     skip: Skip | None = None
+    reuse_key: ReuseKey | None = None  # stage "after": declared, a result of the same key is reused (core.pipeline.reuse)
     all_checkpoints: bool = False
     lead: int = 100  # where its findings go in "What we learned" (ascending)
     headline: Callable[[Any, Any], dict[str, Any]] | None = None  # (result, record) -> headline numbers
@@ -71,6 +75,8 @@ class AnalysisSpec:
             raise ValueError(f"analysis {self.name}: stage must be 'pass' or 'after', not {self.stage!r}")
         if (self.stage == "pass") != (self.build is not None) or (self.stage == "after") != (self.compute is not None):
             raise ValueError(f"analysis {self.name}: a 'pass' analysis needs build, an 'after' one compute")
+        if self.reuse_key is not None and self.stage != "after":
+            raise ValueError(f"analysis {self.name}: only an 'after' analysis declares reuse_key")
 
 
 _REGISTRY: dict[str, AnalysisSpec] = {}
@@ -103,6 +109,11 @@ def decisions_of(spec: AnalysisSpec, result: Any) -> dict[str, Any]:
     """Every verdict of ``spec``'s findings on ``result``: its ``decisions`` hook, else its estimates."""
     hook = spec.decisions or spec.estimates
     return {k: v for k, v in (hook(result) if hook else {}).items() if v is not None}
+
+
+def reusable_names() -> list[str]:
+    """The analyses whose results are stored and reused (what ``--recompute`` may name, besides ``all``)."""
+    return [s.name for s in registered() if s.reuse_key is not None]
 
 
 def registered() -> list[AnalysisSpec]:

@@ -81,6 +81,10 @@ class StageClock:
         """Sub-steps timed inside ``stage`` (the analyses of the one pass), listed under it."""
         self.rows.extend(Stage(name, round(float(s), 3), part_of=stage) for name, s in seconds.items())
 
+    def note_last(self, note: str) -> None:
+        """Say how the last stage ran, in its name (``ablation (reused)``: its stored result was taken, not computed)."""
+        self.rows[-1].name = f"{self.rows[-1].name} ({note})"
+
     def to_list(self) -> list[dict[str, Any]]:
         return [asdict(r) for r in self.rows]
 

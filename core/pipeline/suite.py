@@ -20,6 +20,7 @@ from core.collection.sweep import Sweep
 from core.distributed import Ranks
 from core.pipeline.context import RunContext
 from core.pipeline.record import RunRecord
+from core.pipeline.reuse import compute_or_reuse
 from core.pipeline.shares import share_tokens, sweep_stream
 from core.pipeline.spec import AnalysisSpec, registered
 from core.pipeline.stage_clock import StageClock
@@ -84,10 +85,14 @@ def run_analyses(ctx: RunContext, model: Mapping[str, Any], clock: StageClock | 
 
 def _after_pass(ctx: RunContext, results: dict[str, Any], skipped: dict[str, str], timings: dict[str, float],
                 clock: StageClock) -> None:
-    """Each ``"after"`` analysis in order, as a stage of its own; one that returns None has nothing to say."""
+    """Each ``"after"`` analysis in order, as a stage of its own; one that returns None has nothing to say.
+
+    One that declares ``reuse_key`` takes its stored result when its inputs are unchanged (shown "name (reused)")."""
     for spec in _applicable(ctx, "after", skipped):
         with clock.stage(spec.name):
-            value = spec.compute(ctx, results)
+            value, reused = compute_or_reuse(spec, ctx, results)
+        if reused:
+            clock.note_last("reused")
         if value is not None:
             results[spec.name] = value
             timings[spec.name] = clock.rows[-1].seconds

@@ -10,6 +10,7 @@ import pandas as pd
 
 from core.analysis.ablation import ablation_study, most_and_least_used_experts
 from core.pipeline.findings_text import nats, span
+from core.pipeline.reuse import reuse_identity, value_digest
 from core.pipeline.spec import AnalysisSpec, Finding, register
 from viz import plotting as P
 from viz.run_report import ReportPage
@@ -52,11 +53,27 @@ def _ablation_section(r: Mapping[str, Any], page: ReportPage) -> None:
             caption="95% intervals over documents are in the data table and the findings.")
 
 
-def _compute(ctx: Any, results: Mapping[str, Any]) -> Any:
+VERSION = "1"  # bump by hand when the ablation's computation changes: results stored by the old code are not reused
+BATCH_SIZE = 16
+
+
+def _targets(results: Mapping[str, Any]) -> tuple[list, list[str]]:
+    """The experts ablated (each layer's most- and least-used, from routing_stats) and their labels."""
     stats = results["routing_stats"]
-    targets, labels = most_and_least_used_experts(np.asarray(stats.utilization), list(stats.moe_layers))
-    return ablation_study(ctx.wrapper, ctx.model_tokens(ctx.options.analysis.ablation_tokens), targets, labels=labels, batch_size=16,
-                          progress=ctx.progress, resamples=ctx.resamples, seed=ctx.seed)
+    return most_and_least_used_experts(np.asarray(stats.utilization), list(stats.moe_layers))
+
+
+def _compute(ctx: Any, results: Mapping[str, Any]) -> Any:
+    targets, labels = _targets(results)
+    return ablation_study(ctx.wrapper, ctx.model_tokens(ctx.options.analysis.ablation_tokens), targets, labels=labels,
+                          batch_size=BATCH_SIZE, progress=ctx.progress, resamples=ctx.resamples, seed=ctx.seed)
+
+
+def _reuse_key(ctx: Any, results: Mapping[str, Any]) -> dict[str, Any]:
+    """What the ablation depends on: model, tokens, resamples and seed, the ablated experts, batch size, code version."""
+    targets, labels = _targets(results)
+    return reuse_identity(ctx, ctx.options.analysis.ablation_tokens, code=f"ablation/{VERSION}",
+                          targets=value_digest([targets, labels]), batch_size=BATCH_SIZE)
 
 
 def _table(abl: Any, record: Any, decode: Any) -> dict[str, pd.DataFrame]:
@@ -71,7 +88,7 @@ def _table(abl: Any, record: Any, decode: Any) -> dict[str, pd.DataFrame]:
 
 
 register(AnalysisSpec(
-    "ablation", "after", order=80, lead=60, compute=_compute,
+    "ablation", "after", order=80, lead=60, compute=_compute, reuse_key=_reuse_key,
     skip=lambda ctx: None if ctx.options.analysis.ablation else "turned off (--no-ablation)",
     headline=lambda abl, record: {"ablation_delta_nats": {t: dict(zip(abl.domains, np.round(d, 4).tolist()))
                                                           for t, d in zip(abl.targets, abl.delta)}},

@@ -9,6 +9,7 @@ import numpy as np
 
 from core.analysis.pruning import pruning_scores, pruning_study
 from core.pipeline.findings_text import nats, span
+from core.pipeline.reuse import reuse_identity, value_digest
 from core.pipeline.spec import AnalysisSpec, Finding, register
 from viz import plotting as P
 from viz.run_report import ReportPage
@@ -56,26 +57,44 @@ def _pruning_section(r: Mapping[str, Any], page: ReportPage) -> None:
         pr.table(), caption="Token-weighted over domains, with 95% bands over documents; per-domain numbers in the table.")
 
 
+VERSION = "1"  # bump by hand when the pruning study's computation changes: results stored by the old code are not reused
+BATCH_SIZE = 16
+
+
+def _inputs(results: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], list[int], bool]:
+    """What pruning reads of the run's results: each criterion's scores, the MoE layers, and whether the causal one runs."""
+    stats = results["routing_stats"]
+    L, E = np.asarray(stats.utilization).shape
+    return pruning_scores(stats, results.get("collaboration")), list(stats.moe_layers), L * E <= CAUSAL_MAX_PASSES
+
+
 def _compute(ctx: Any, results: Mapping[str, Any]) -> Any:
     """Prune each fraction of every layer's experts by each criterion, against random (``core.analysis.pruning``).
 
     The causal criterion costs one forward pass per expert: it is left out (and said so) past ``CAUSAL_MAX_PASSES``.
     """
-    stats = results["routing_stats"]
-    L, E = np.asarray(stats.utilization).shape
-    causal = L * E <= CAUSAL_MAX_PASSES
-    out = pruning_study(ctx.wrapper, ctx.model_tokens(ctx.options.analysis.pruning_tokens),
-                        pruning_scores(stats, results.get("collaboration")), list(stats.moe_layers),
-                        fractions=ctx.options.analysis.pruning_fractions, causal=causal, batch_size=16, progress=ctx.progress,
-                        random_seeds=ctx.options.analysis.pruning_random_seeds,
+    scores, layers, causal = _inputs(results)
+    out = pruning_study(ctx.wrapper, ctx.model_tokens(ctx.options.analysis.pruning_tokens), scores, layers,
+                        fractions=ctx.options.analysis.pruning_fractions, causal=causal, batch_size=BATCH_SIZE,
+                        progress=ctx.progress, random_seeds=ctx.options.analysis.pruning_random_seeds,
                         resamples=ctx.resamples, seed=ctx.seed)
+    L, E = np.asarray(results["routing_stats"].utilization).shape
     if not causal:
         out.notes.append(f"causal criterion left out: it needs {L * E} single-expert ablations (more than {CAUSAL_MAX_PASSES})")
     return out
 
 
+def _reuse_key(ctx: Any, results: Mapping[str, Any]) -> dict[str, Any]:
+    """What pruning depends on: model, tokens, resamples and seed, its scores (routing_stats, collaboration), settings, code."""
+    scores, layers, causal = _inputs(results)
+    a = ctx.options.analysis
+    return reuse_identity(ctx, a.pruning_tokens, code=f"pruning/{VERSION}", scores=value_digest([scores, layers]),
+                          causal=causal, fractions=[float(f) for f in a.pruning_fractions],
+                          random_seeds=int(a.pruning_random_seeds), batch_size=BATCH_SIZE)
+
+
 register(AnalysisSpec(
-    "pruning", "after", order=90, lead=70, compute=_compute,
+    "pruning", "after", order=90, lead=70, compute=_compute, reuse_key=_reuse_key,
     skip=lambda ctx: None if ctx.options.analysis.pruning else "turned off (--no-pruning)",
     decisions=lambda pr: {"pruning_vs_random": pr.versus_random},
     headline=lambda pr, record: {"pruning_best": {f"{f:g}": b for f, b in zip(pr.fractions, pr.best)}},
