@@ -60,3 +60,39 @@ def test_a_failed_render_removes_only_its_own_temporary_files(tmp_path, monkeypa
     assert len(seen) == 1 and not seen[0].exists() and seen[0].name != ".x.png.tmp"
     assert sorted(p.name for p in (tmp_path / "figs").iterdir()) == [".x.png.tmp", "x.png"]
     canary.check()  # the planted files, though inside figs/, are unchanged
+
+
+def test_a_rerun_redraws_only_the_images_whose_figure_or_file_changed(tmp_path, monkeypatch):
+    """Issue 31: unchanged figures keep their images (PNG export was 12-18 s of a cached rerun)."""
+    import viz.static_export as static_export
+
+    drawn = []
+
+    def fake_render(figs, paths, format, scale):  # noqa: A002 - plotly's keyword
+        for fig, p in zip(figs, paths):
+            p.write_bytes(f"image of {fig.layout.title.text}".encode())
+            drawn.append(fig.layout.title.text)
+
+    monkeypatch.setattr(static_export, "_prepare", lambda: None)
+    monkeypatch.setattr(static_export.pio, "write_images", fake_render)
+
+    def figs(b_title="b"):
+        return {"a": go.Figure(layout={"title": {"text": "a"}}), "b": go.Figure(layout={"title": {"text": b_title}})}
+
+    assert export_many(figs(), tmp_path)[1] is None and drawn == ["a", "b"]
+    drawn.clear()
+    written, reason = export_many(figs(), tmp_path)
+    assert reason is None and drawn == [] and set(written) == {"a", "b"}  # nothing changed: nothing drawn
+    export_many(figs(b_title="b2"), tmp_path)
+    assert drawn == ["b2"]  # only the changed figure
+    drawn.clear()
+    (tmp_path / "a.png").write_bytes(b"edited by hand")
+    export_many(figs(b_title="b2"), tmp_path)
+    assert drawn == ["a"] and (tmp_path / "a.png").read_bytes() == b"image of a"  # a file not as written is redrawn
+    drawn.clear()
+    export_many(figs(b_title="b2"), tmp_path, fmt="svg")
+    assert drawn == ["a", "b2"]  # another format is another image
+    drawn.clear()
+    (tmp_path / static_export.MANIFEST).write_text("not json")
+    export_many(figs(b_title="b2"), tmp_path)
+    assert drawn == ["a", "b2"]  # an unreadable record: everything is drawn again

@@ -7,6 +7,8 @@ missing the functions return no files and one line saying why, instead of failin
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import sys
@@ -16,7 +18,9 @@ from pathlib import Path
 import plotly.graph_objects as go
 import plotly.io as pio
 
-from core.safe_io import atomic_files_for
+from core.safe_io import atomic_files_for, atomic_write_json
+
+MANIFEST = ".static-images.json"  # name -> what each image was drawn from, so a rerun redraws only what changed
 
 log = logging.getLogger(__name__)
 FORMATS = ("png", "svg", "pdf")
@@ -75,16 +79,47 @@ def export_many(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {name: out_dir / f"{name}.{fmt}" for name in figures}
+    drawn_from = {name: _figure_digest(fig, fmt, scale) for name, fig in figures.items()}
+    known = _read_manifest(out_dir)
+    todo = [name for name in figures if not _still_good(known.get(name), drawn_from[name], paths[name])]
     # Rendered into temporary files made and cleared by core.safe_io, then renamed: a reader never sees a
     # half-written image, and no file found by a name is ever removed.
     try:
-        with atomic_files_for(list(paths.values())) as tmps:
-            pio.write_images(list(figures.values()), tmps, format=fmt, scale=scale)
+        if todo:
+            with atomic_files_for([paths[n] for n in todo]) as tmps:
+                pio.write_images([figures[n] for n in todo], tmps, format=fmt, scale=scale)
     except Exception as exc:  # noqa: BLE001 - kaleido raises many kinds; all mean "no image"
         reason = f"static export failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         log.warning(reason)
         return {}, reason
+    entries = {**known, **{n: {"figure": drawn_from[n], "file": _file_digest(paths[n])} for n in figures}}
+    atomic_write_json(out_dir / MANIFEST, {"format": 1, "images": entries})
     return paths, None
+
+
+def _figure_digest(fig: go.Figure, fmt: str, scale: float) -> str:
+    """What an image is drawn from: the figure's full JSON, the format and the scale."""
+    return hashlib.sha256(f"{fmt}|{scale}|{fig.to_json()}".encode()).hexdigest()
+
+
+def _file_digest(path: Path) -> str | None:
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+
+
+def _read_manifest(out_dir: Path) -> dict[str, dict]:
+    """The images a previous export drew (an unreadable or foreign manifest: none, so all are drawn again)."""
+    try:
+        raw = json.loads((out_dir / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return {}
+    images = raw.get("images") if isinstance(raw, dict) and raw.get("format") == 1 else None
+    return {k: v for k, v in images.items() if isinstance(v, dict)} if isinstance(images, dict) else {}
+
+
+def _still_good(entry: dict | None, figure: str, path: Path) -> bool:
+    """An image is reused only when drawn from the same figure and its file is byte for byte what was written."""
+    return entry is not None and entry.get("figure") == figure and entry.get("file") is not None \
+        and entry.get("file") == _file_digest(path)
 
 
 def export_static(fig: go.Figure, path: str | Path, scale: float = 2.0) -> Path | None:
