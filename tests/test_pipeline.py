@@ -247,9 +247,25 @@ def test_report_draws_in_a_real_browser(micro_run):
     from viz.browser_check import check_page
 
     root, first, _, _, _ = micro_run
-    result, _ = check_page(first.report)
+    result, (text,) = check_page(first.report, evaluate=[ROUTED_TEXT_JS])
     assert result.ok, result
     assert result.figures_total >= 15
+    text = json.loads(text)  # the coloured text: the run's documents decoded, recoloured by the layer menu, hovered
+    assert text["docs"] >= 2 and text["tokens"] > 20 and text["layers"] >= 2
+    assert text["first"] != text["second"] and "expert" in text["tip"] and "layer" in text["tip"]
+
+
+# The micro run's coloured text: documents and tokens drawn, the colours at two layers, one token's hover.
+ROUTED_TEXT_JS = """(() => {
+  const root = document.getElementById('routed-text');
+  const spans = Array.from(root.querySelectorAll('.rt-tok')), sel = root.querySelector('.rt-layer');
+  const colours = () => spans.map(s => getComputedStyle(s).backgroundColor).join(';');
+  const first = colours();
+  sel.value = String(sel.options.length - 1); sel.dispatchEvent(new Event('change'));
+  spans[3].dispatchEvent(new MouseEvent('mouseover', {bubbles: true, clientX: 5, clientY: 5}));
+  return JSON.stringify({docs: root.querySelectorAll('.rt-doc').length, tokens: spans.length, layers: sel.options.length,
+                         first: first, second: colours(), tip: root.querySelector('.rt-tip').textContent});
+})()"""
 
 
 def test_options_from_yaml_with_cli_override(tmp_path):

@@ -61,7 +61,7 @@ def test_numbers_behind_figures_are_downloadable(written):
     report, path, page = written
     data = path.parent / "data"
     links = re.findall(r"href='(data/[^']+)' download", page)
-    assert len(links) == report.num_figures + 1  # + the token table
+    assert len(links) == report.num_figures + 2  # + the token table and the coloured text
     for link in links:
         assert (path.parent / link).is_file(), link
     util = pd.read_csv(data / "utilization.csv", index_col=0)

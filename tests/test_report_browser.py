@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
+
 import pytest
 
 from viz.browser_check import FIGURE_GEOMETRY_JS, check_page, find_chromium
@@ -59,13 +61,35 @@ HOVER_DIAGONAL_JS = """(() => {
 })()"""
 
 
+# Text coloured by routing: the colours at the first layer, after picking the second, the hover of the hostile token,
+# and the colours when one expert's weight is picked instead.
+ROUTED_TEXT_JS = """(() => {
+  const root = document.getElementById('routed-text');
+  const spans = Array.from(root.querySelectorAll('.rt-tok'));
+  const colours = () => spans.map(s => getComputedStyle(s).backgroundColor);
+  const scripts = document.scripts.length, first = colours(), tops = spans.map(s => s.dataset.top);
+  const layer = root.querySelector('.rt-layer');
+  layer.value = '1'; layer.dispatchEvent(new Event('change'));
+  const second = colours();
+  const s = spans.find(x => x.textContent.includes('<script>'));
+  s.dispatchEvent(new MouseEvent('mouseover', {bubbles: true, clientX: 20, clientY: 20}));
+  const tip = root.querySelector('.rt-tip');
+  const mode = root.querySelector('.rt-mode'), exp = root.querySelector('.rt-expert');
+  mode.value = 'weight'; mode.dispatchEvent(new Event('change'));
+  exp.value = '3'; exp.dispatchEvent(new Event('change'));
+  return JSON.stringify({n: spans.length, texts: spans.map(x => x.textContent), first: first, tops: tops, second: second,
+    tip: tip.textContent, tipShown: getComputedStyle(tip).display, children: spans.filter(x => x.children.length).length,
+    scripts: scripts, scriptsAfter: document.scripts.length, weight: colours(), height: root.getBoundingClientRect().height});
+})()"""
+
+
 @pytest.fixture(scope="module")
 def loaded(tmp_path_factory):
     report = gallery_report()
     path = report.write(tmp_path_factory.mktemp("browser"))
     check, values = check_page(path, expected_figures=report.num_figures,
                                evaluate=[HOVER_TOKEN_JS, HOVER_UTIL_JS, PICK_PAIR_JS, FIGURE_GEOMETRY_JS,
-                                         HOVER_DIAGONAL_JS])
+                                         HOVER_DIAGONAL_JS, ROUTED_TEXT_JS])
     return report, check, values
 
 
@@ -160,3 +184,27 @@ def test_log_axes_write_powers_not_si_prefixes(loaded):
 def test_hovering_a_blank_diagonal_cell_says_why(loaded):
     text = loaded[2][4]
     assert text and "expert 2 with itself" in text and "left out of the colour scale" in text, text
+
+
+def test_text_coloured_by_routing_draws_switches_layers_and_hovers(loaded):
+    """The gallery's two documents: token t's top-1 expert at layer i is (t + 3 i) mod 8, so every colour changes."""
+    from viz.gallery import GALLERY_VOCAB, routed_text_sample
+    from viz.routed_text import PALETTE
+
+    got = json.loads(loaded[2][5])
+    sample = routed_text_sample()
+    assert got["n"] == len(sample.token_ids) and got["height"] > 50
+    assert HOSTILE_TOKEN in got["texts"] and "\\n" in got["texts"] and got["children"] == 0  # text, not markup
+    assert got["tops"] == [str(e) for e in sample.experts[:, 0, 0]]
+    rgb = [f"rgb({int(c[1:3], 16)}, {int(c[3:5], 16)}, {int(c[5:7], 16)})" for c in PALETTE]
+    assert got["first"] == [rgb[e] for e in sample.experts[:, 0, 0]]
+    assert got["second"] == [rgb[e] for e in sample.experts[:, 1, 0]] and got["second"] != got["first"]
+    t = GALLERY_VOCAB.index(HOSTILE_TOKEN)
+    row = int(np.nonzero(sample.token_ids == t)[0][0])
+    e1, e2 = sample.experts[row, 1]
+    assert got["tipShown"] == "block" and HOSTILE_TOKEN in got["tip"] and "layer 3" in got["tip"]
+    assert f"expert {e1}  0.625" in got["tip"] and f"expert {e2}  0.375" in got["tip"], got["tip"]
+    assert got["scriptsAfter"] == got["scripts"]
+    has3 = [3 in sample.experts[i, 1] for i in range(len(sample.token_ids))]
+    white = "rgb(255, 255, 255)"
+    assert [c != white for c in got["weight"]] == has3 and any(has3)  # only the tokens expert 3 took are shaded

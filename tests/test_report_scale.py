@@ -16,6 +16,7 @@ import torch
 
 from core.analysis.coactivation import coactivation, routing_paths
 from core.analysis.correlations import CorrelationDifference, CrossLayerCorrelation
+from core.analysis.routed_text import routed_text
 from core.analysis.routing_stats import routing_stats
 from core.analysis.specialization import domain_specialization
 from core.routing_data import RoutingData
@@ -38,6 +39,15 @@ def _routing(L: int, E: int, k: int = 8, n: int = 1200, seed: int = 0) -> Routin
                        topk_weight=torch.softmax(logits, -1).gather(-1, idx), token_ids=torch.randint(0, 500, (n,), generator=g),
                        doc_ids=docs, positions=torch.arange(n) % 40, dataset_ids=docs % 3, domain_ids=docs % 2,
                        dataset_names=DATASETS, domain_names=["general", "math"])
+
+
+def _long_documents(L: int, E: int) -> RoutingData:
+    """Six documents of 200 tokens, two of each of three domains: all kept whole by the coloured text (its worst case)."""
+    rd = _routing(L, E, n=1200, seed=1)
+    rd.doc_ids = torch.arange(1200) // 200
+    rd.domain_ids = rd.dataset_ids = rd.doc_ids % 3
+    rd.domain_names = DATASETS
+    return rd
 
 
 def _matrix(n: int, rng: np.random.Generator) -> np.ndarray:
@@ -79,6 +89,7 @@ def synthetic_results(L: int, E: int, seed: int = 0) -> RunRecord:
         "correlation_topk": topk, "correlation_probs": probs, "correlation_difference": diffs,
         "coactivation": coactivation(rd), "routing_paths": routing_paths(rd),
         "domain_specialization": domain_specialization(rd, by="domain"), "collaboration": _collaboration(L, E, rng),
+        "routed_text": routed_text(_long_documents(L, E)),
     })
 
 
@@ -100,6 +111,9 @@ def test_olmoe_shape_report_is_under_15_mb(olmoe_shape):
     page = path.read_text(encoding="utf-8")
     assert "key <code>correlation_topk/corr</code>" in page and "arrays.safetensors (not written beside" in page  # no main run here
     assert 'id="fig-coactivation"' in page and "coactivation_L" not in page  # one figure, a layer menu
+    text = (path.parent / "data" / "routed_text.json").stat().st_size
+    print(f"coloured text: 6 documents x 200 tokens x 16 layers x k=8, {text / MB:.2f} MB of JSON (indented file)")
+    assert "id='routed-text'" in page and "Documents are cut short" not in page  # all 1,200 tokens, whole
 
 
 def test_deep_wide_report_stays_bounded(tmp_path):
@@ -110,6 +124,7 @@ def test_deep_wide_report_stays_bounded(tmp_path):
     assert size < 15 * MB
     html = path.read_text()
     assert "Only the 2,048 of 15,360 (layer, expert) columns" in html  # the pattern figures say what they left out
+    assert "Documents are cut short" in html  # the coloured text: 1,200 tokens x 60 layers x 8 would pass its bound
 
 
 @pytest.mark.skipif(find_chromium() is None, reason="chromium not installed (apt-get install -y chromium)")

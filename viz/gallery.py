@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -17,6 +18,7 @@ import plotly.graph_objects as go
 
 from viz import plotting as P
 from viz.report import Report
+from viz.routed_text import routed_text_html, routed_text_payload
 
 HOSTILE_TOKEN = "<script>alert(1)</script>"
 
@@ -191,7 +193,26 @@ def gallery_report(seed: int = 0) -> Report:
         report.add_figure(section, fig, name, data=data)
     report.add_table("Examples", pd.DataFrame({"token": [" the", HOSTILE_TOKEN], "count": [10, 1]}),
                      "example_tokens", caption="tokens from the data (escaped)")
+    payload = routed_text_payload(routed_text_sample(), GALLERY_VOCAB.__getitem__)
+    report.add_html("Text coloured by routing", routed_text_html(payload, "routed-text"), "routed_text", data=payload,
+                    caption="each token's top-1 expert at the picked layer (hover for its experts)")
     return report
+
+
+GALLERY_VOCAB = ["def", " f", "(x", "):", "\n", "    return", " x", " +", " 12", HOSTILE_TOKEN, " the", " sum"]
+
+
+def routed_text_sample() -> SimpleNamespace:
+    """Two documents (code, web) of the gallery vocabulary; token t's top-1 expert at layer i is (t + 3 i) mod 8."""
+    layers, k, E = [1, 3, 5, 7], 2, 8
+    ids = np.array([0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 9, 11, 7, 8])
+    t = np.arange(len(ids))
+    top = (t[:, None] + 3 * np.arange(len(layers))) % E
+    experts = np.stack([top, (top + 5) % E], -1)
+    weights = np.broadcast_to(np.array([0.625, 0.375], np.float32), experts.shape)
+    return SimpleNamespace(moe_layers=layers, num_experts=E, top_k=k, doc_domain=["code", "web"], doc_dataset=["humaneval", "wiki"],
+                           doc_id=np.array([0, 3]), doc_start=np.array([0, 9, len(ids)]), token_ids=ids,
+                           positions=np.r_[np.arange(9), np.arange(len(ids) - 9)], experts=experts, weights=weights)
 
 
 def main(argv: list[str] | None = None) -> int:

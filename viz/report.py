@@ -122,11 +122,12 @@ def _full_arrays(keys: tuple[str, ...], present: bool) -> str:
 
 @dataclass
 class _Item:
-    kind: str  # "figure" | "table"
+    kind: str  # "figure" | "table" | "html"
     name: str
     caption: str | None
     fig: go.Figure | None = None
     data: Any = None
+    body: str = ""  # kind "html": markup built by a viz module that escapes every string of the run
     max_rows: int = 50
     arrays: tuple[str, ...] = ()
 
@@ -215,6 +216,13 @@ class Report:
             raise TypeError(f"add_table({name!r}): expected a pandas DataFrame, got {type(df).__name__}")
         self._add(section, _Item("table", name, caption, data=df, max_rows=max_rows))
 
+    def add_html(self, section: str, body: str, name: str, data: Any = None, caption: str | None = None) -> None:
+        """Add an interactive part drawn by its own markup and script (``body``), its numbers (``data``) as JSON.
+
+        ``body`` goes into the page as it is: the viz module that builds it escapes every string of the run.
+        """
+        self._add(section, _Item("html", name, caption, data=data, body=str(body)))
+
     @property
     def num_figures(self) -> int:
         """How many figures the page will draw (the browser test counts them)."""
@@ -240,6 +248,9 @@ class Report:
         if item.kind == "table":
             href = self._write_data(data_dir, item.name, item.data)
             body = _html_table(item.data, item.max_rows)
+        elif item.kind == "html":
+            href = self._write_data(data_dir, item.name, item.data)
+            body = item.body
         else:
             if item.data is None:
                 href = f"data/{item.name}.figure.json"
