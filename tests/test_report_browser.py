@@ -30,12 +30,17 @@ HOVER_TOKEN_JS = """(() => {
                          after: document.scripts.length});
 })()"""
 
-HOVER_UTIL_JS = """(() => {
-  const gd = document.getElementById('fig-utilization');
-  Plotly.Fx.hover(gd, {xval: 2, yval: 1});
+def hover_text_js(figure: str, x: int, y: int) -> str:
+    """The hover text a figure shows at cell (x, y), or null."""
+    return f"""(() => {{
+  const gd = document.getElementById('fig-{figure}');
+  Plotly.Fx.hover(gd, {{xval: {x}, yval: {y}}});
   const t = gd.querySelector('.hovertext');
   return t ? t.textContent : null;
-})()"""
+}})()"""
+
+
+HOVER_UTIL_JS = hover_text_js("utilization", 2, 1)
 
 
 # What a layer-pair menu choice does (the button's own update), then where the axes and hover point.
@@ -53,12 +58,7 @@ PICK_PAIR_JS = """(() => {
 
 
 # Hovering a blanked diagonal cell of the co-activation menu figure (layer 3 is shown on opening).
-HOVER_DIAGONAL_JS = """(() => {
-  const gd = document.getElementById('fig-coactivation_layers');
-  Plotly.Fx.hover(gd, {xval: 2, yval: 2});
-  const t = gd.querySelector('.hovertext');
-  return t ? t.textContent : null;
-})()"""
+HOVER_DIAGONAL_JS = hover_text_js("coactivation_layers", 2, 2)
 
 
 # Text coloured by routing: the colours at the first layer, after picking the second, the hover of the hostile token,
