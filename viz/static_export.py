@@ -81,7 +81,8 @@ def export_many(
     paths = {name: out_dir / f"{name}.{fmt}" for name in figures}
     drawn_from = {name: _figure_digest(fig, fmt, scale) for name, fig in figures.items()}
     known = _read_manifest(out_dir)
-    todo = [name for name in figures if not _still_good(known.get(name), drawn_from[name], paths[name])]
+    on_disk = {name: _file_digest(paths[name]) for name in figures if name in known}  # each file read once
+    todo = [name for name in figures if not _still_good(known.get(name), drawn_from[name], on_disk.get(name))]
     # Rendered into temporary files made and cleared by core.safe_io, then renamed: a reader never sees a
     # half-written image, and no file found by a name is ever removed.
     try:
@@ -92,7 +93,8 @@ def export_many(
         reason = f"static export failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         log.warning(reason)
         return {}, reason
-    entries = {**known, **{n: {"figure": drawn_from[n], "file": _file_digest(paths[n])} for n in figures}}
+    on_disk.update({n: _file_digest(paths[n]) for n in todo})
+    entries = {**known, **{n: {"figure": drawn_from[n], "file": on_disk[n]} for n in figures}}
     atomic_write_json(out_dir / MANIFEST, {"format": 1, "images": entries})
     return paths, None
 
@@ -116,10 +118,9 @@ def _read_manifest(out_dir: Path) -> dict[str, dict]:
     return {k: v for k, v in images.items() if isinstance(v, dict)} if isinstance(images, dict) else {}
 
 
-def _still_good(entry: dict | None, figure: str, path: Path) -> bool:
-    """An image is reused only when drawn from the same figure and its file is byte for byte what was written."""
-    return entry is not None and entry.get("figure") == figure and entry.get("file") is not None \
-        and entry.get("file") == _file_digest(path)
+def _still_good(entry: dict | None, figure: str, file: str | None) -> bool:
+    """An image is reused only when drawn from the same figure and its file (``file``: its digest now) is what was written."""
+    return entry is not None and entry.get("figure") == figure and file is not None and entry.get("file") == file
 
 
 def export_static(fig: go.Figure, path: str | Path, scale: float = 2.0) -> Path | None:
