@@ -124,14 +124,8 @@ def _train(cfg: TrainConfig, args: argparse.Namespace) -> Path | None:
     from core.pipeline.training_wandb import WandbTrainingLog
 
     sink = WandbTrainingLog(cfg, args.wandb_project, Path(args.results_dir) / "wandb-training")
-    try:
-        run_dir = train(cfg, models_dir=models_dir, overwrite=args.overwrite, progress=not args.no_progress,
-                        monitor=monitor, sinks=(sink,))
-    except BaseException:
-        sink.finish(exit_code=1)
-        raise
-    sink.finish(json.loads((run_dir / "run_info.json").read_text()))
-    return run_dir
+    return sink.run(lambda sinks: train(cfg, models_dir=models_dir, overwrite=args.overwrite, progress=not args.no_progress,
+                                        monitor=monitor, sinks=sinks))
 
 
 def main(argv: list[str] | None = None) -> int:

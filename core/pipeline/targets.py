@@ -10,7 +10,6 @@ run read (its ``training_data.json``) are left out before the datasets are sampl
 
 from __future__ import annotations
 
-import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,14 +80,9 @@ def train_embedded_model(opts: RunOptions) -> Path:
     from core.study_moe.config import TrainConfig
 
     sink = WandbTrainingLog(TrainConfig.from_yaml(config), opts.output.wandb_project, Path(opts.output.results_dir) / "wandb-training")
-    try:
-        run_dir = ensure_default_model(opts.model.models_dir, config=config, progress=opts.output.progress,
-                                       monitor=study_moe_monitor(), sinks=(sink,))
-    except BaseException:
-        sink.finish(exit_code=1)
-        raise
-    sink.finish(json.loads((run_dir / "run_info.json").read_text()))  # no W&B run when the model was found, not trained
-    return run_dir
+    # no W&B run when the model was found, not trained: the sink starts one at the first log line
+    return sink.run(lambda sinks: ensure_default_model(opts.model.models_dir, config=config, progress=opts.output.progress,
+                                                       monitor=study_moe_monitor(), sinks=sinks))
 
 
 def resolve_model(opts: RunOptions, embedded_run: Path | None = None) -> ModelTarget:

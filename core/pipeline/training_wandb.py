@@ -6,6 +6,8 @@ nothing of W&B; viz's logger is imported only by the study's layer and the comma
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -49,6 +51,16 @@ class WandbTrainingLog:
             self.logger = WandbLogger(self.project, self.run_dir, name=self.cfg.run_name, config=asdict(self.cfg),
                                       mode=self.mode, tags=("training", "study_moe"), group=f"train/{self.cfg.run_name}")
         self.logger.log_metrics(training_scalars(line), step=line["step"])
+
+    def run(self, train: Callable[[tuple["WandbTrainingLog"]], Path]) -> Path:
+        """``train(sinks)`` with this sink, then the W&B run finished: with the run's summary, or failed on an error."""
+        try:
+            run_dir = train((self,))
+        except BaseException:
+            self.finish(exit_code=1)
+            raise
+        self.finish(json.loads((run_dir / "run_info.json").read_text()))
+        return run_dir
 
     def finish(self, info: dict | None = None, exit_code: int = 0) -> Path | None:
         """End the run, with the final and test losses and the plateau verdict as its summary; its folder (None: no run)."""
