@@ -7,7 +7,8 @@ never appear raw). A small script draws one card when the reader picks a layer a
 co-activation, domain and vocabulary heatmaps, the Sankey's nodes): the figure's hover template
 says which coordinate is the layer and which the expert, so no figure needs to know about cards.
 Every string of the run goes into the page as text (``textContent``), never as markup. At wide
-shapes the data is cut (fewer contexts, a narrower window, fewer tokens) to stay within ``MAX_BYTES``.
+shapes (60 x 256) the data goes into ``data/expert_cards.js`` beside the page instead, loaded by a script tag,
+so report.html keeps its size bound; past ``MAX_BYTES`` it is cut (fewer contexts, a narrower window, fewer tokens).
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ import numpy as np
 from viz._common import token_label
 from viz.expert_cards_js import CSS, JS
 
-MAX_BYTES = 4_000_000  # the cards' JSON in the page: 1,024 cards fit whole; 60 x 256 are cut to fit
+MAX_BYTES = 16_000_000  # the cards' JSON at most (at 60 x 256 with full token lists, cut to fit)
+EMBED_BYTES = 2_000_000  # embedded in the page up to this (OLMoE's 1,024 cards: ~0.5 MB); beyond, a file beside it
+BESIDE_FILE = "expert_cards.js"
 PARTNERS = 5
 # (contexts, window, tokens, partners) tried in turn until the data fits MAX_BYTES
 LEVELS = ((5, 8, 8, 5), (3, 6, 6, 4), (2, 5, 5, 3), (1, 4, 4, 3), (1, 3, 3, 2), (1, 2, 2, 1))
@@ -192,14 +195,24 @@ def script_json(payload: Mapping[str, Any]) -> str:
     return text.replace("&", "\\u0026").replace("<", "\\u003c").replace(">", "\\u003e")
 
 
-def expert_cards_html(payload: Mapping[str, Any], element_id: str = "expert-cards") -> str:
-    """The markup of the cards: a picker, the panel a card is drawn in, the data (escaped JSON) and the script."""
+def expert_cards_html(payload: Mapping[str, Any], element_id: str = "expert-cards",
+                      embed_bytes: int = EMBED_BYTES) -> tuple[str, dict[str, str]]:
+    """The cards' markup (picker, panel, data, script) and the files it loads from ``data/`` (none when embedded).
+
+    Data up to ``embed_bytes`` is embedded in the page as escaped JSON; more (a wide model's) goes into
+    ``data/expert_cards.js`` beside the page, loaded by a script tag (works from disk, offline), so the page stays light.
+    """
     eid = html.escape(element_id, quote=True)
+    blob = script_json(payload)
+    embed = len(blob) <= embed_bytes
+    files = {} if embed else {BESIDE_FILE: f"window.__expertCardsData = {blob};\n"}
+    data = (f"<script type='application/json' class='ec-data'>{blob}</script>" if embed
+            else f"<script src='data/{BESIDE_FILE}'></script>")
     return (f"<div class='expert-cards' id='{eid}'><div class='ec-picker'>"
             "<label>layer <select class='ec-layer'></select></label> "
             "<label>expert <input class='ec-expert' type='number' min='0' value='0' style='width:5em'></label> "
             "<button type='button' class='ec-open'>open card</button> <span class='ec-hint'></span></div>"
             "<aside class='ec-panel' role='dialog' aria-label='expert card' hidden>"
             "<button type='button' class='ec-close' aria-label='close'>×</button><div class='ec-body'></div></aside>"
-            f"<script type='application/json' class='ec-data'>{script_json(payload)}</script></div>"
-            f"<style>{CSS}</style><script>({JS})(document.getElementById({json.dumps(element_id)}));</script>")
+            f"{data}</div><style>{CSS}</style><script>({JS})(document.getElementById({json.dumps(element_id)}));</script>",
+            files)

@@ -15,7 +15,9 @@ text-decoration:underline;padding:0;font:inherit}"""
 
 # Builds the picker, draws a card into the panel on demand, and links every figure whose hover names an expert.
 JS = r"""function (root) {
-  const data = JSON.parse(root.querySelector('.ec-data').textContent);
+  const embedded = root.querySelector('.ec-data'), data = embedded ? JSON.parse(embedded.textContent) : window.__expertCardsData;
+  if (!data) { root.querySelector('.ec-hint').textContent = 'The cards\' data (data/expert_cards.js beside this page) is missing.';
+               return; }
   const E = data.E, W = data.window, CW = 5 + 2 * W + 1, S = data.share;
   const layerSel = root.querySelector('.ec-layer'), expIn = root.querySelector('.ec-expert');
   const panel = root.querySelector('.ec-panel'), body = root.querySelector('.ec-body'), hint = root.querySelector('.ec-hint');
@@ -29,8 +31,8 @@ JS = r"""function (root) {
   expIn.max = E - 1;
   const byCard = rows => { const m = new Map(); (rows || []).forEach(r => { if (!m.has(r[0])) m.set(r[0], []); m.get(r[0]).push(r); }); return m; };
   const ablation = byCard(data.ablation && data.ablation.rows), pruning = byCard(data.pruning && data.pruning.rows);
-  function table(head, rows) {
-    const t = el('table'), tr = el('tr'); head.forEach(h => tr.appendChild(el('th', h))); t.appendChild(tr);
+  function table(head, rows, cls) {
+    const t = el('table', undefined, cls), tr = el('tr'); head.forEach(h => tr.appendChild(el('th', h))); t.appendChild(tr);
     rows.forEach(r => { const row = el('tr'); r.forEach(c => { const td = el('td');
       if (c instanceof Node) td.appendChild(c); else td.textContent = c; row.appendChild(td); }); t.appendChild(row); });
     return t;
@@ -41,7 +43,7 @@ JS = r"""function (root) {
     S.groups.forEach(([kind, name], g) => { if (g === 0) return; const v = S.v[g][c];
       rows.push([kind + ' ' + name, pct(v), ci(S.lo[g][c], S.hi[g][c], pct), v === null ? '–' : (v / uni).toFixed(2) + '×']); });
     section('Share by dataset and domain', 'Share of the group\'s routed slots, 95% interval over documents; × uniform (1/E).');
-    body.appendChild(table(['group', 'share', '95% interval', '× uniform'], rows));
+    body.appendChild(table(['group', 'share', '95% interval', '× uniform'], rows, 'ec-shares'));
   }
   function tokens(c) {
     const r = data.tok[c], rows = [];
@@ -49,7 +51,7 @@ JS = r"""function (root) {
                                                      ci(r[i + 5], r[i + 6], v => num(v, 100)), r[i + 2]]);
     section('Top tokens by lift', 'Lift: the count at this expert over the count the token\'s frequency predicts '
             + '(occurrences × the expert\'s selection rate); tokens seen here ' + data.min_count + '+ times.');
-    body.appendChild(rows.length ? table(['token', 'count', 'expected', 'lift', '95% interval', 'occurrences'], rows)
+    body.appendChild(rows.length ? table(['token', 'count', 'expected', 'lift', '95% interval', 'occurrences'], rows, 'ec-tokens')
                                  : el('p', 'No token was routed here ' + data.min_count + ' or more times.', 'ec-note'));
   }
   function contexts(c) {
@@ -72,7 +74,7 @@ JS = r"""function (root) {
     const r = data.partners[c], rows = [];
     for (let i = 0; i < r.length; i += 3) { const b = el('button', 'expert ' + r[i], 'ec-link'); const j = r[i];
       b.addEventListener('click', () => open(data.layers[li], j)); rows.push([b, num(r[i + 1], 100), r[i + 2]]); }
-    body.appendChild(rows.length ? table(['partner', 'lift', 'tokens together'], rows) : el('p', 'None seen together often enough.', 'ec-note'));
+    body.appendChild(rows.length ? table(['partner', 'lift', 'tokens together'], rows, 'ec-partners') : el('p', 'None seen together often enough.', 'ec-note'));
   }
   function costs(c) {
     section('Ablation and pruning cost', 'Change in next-token loss (nats) when the expert is removed, 95% interval over documents.');
@@ -81,7 +83,7 @@ JS = r"""function (root) {
       d, num(r[3][k], 1e4), ci(r[4][k], r[5][k], v => num(v, 1e4))])));
     pr.forEach(r => rows.push(['pruning by ' + r[1] + ', ' + (100 * r[2]).toFixed(0) + '% of experts', 'all', num(r[3], 1e4),
                                ci(r[4], r[5], v => num(v, 1e4))]));
-    body.appendChild(rows.length ? table(['removed in', 'domain', 'Δ loss', '95% interval'], rows)
+    body.appendChild(rows.length ? table(['removed in', 'domain', 'Δ loss', '95% interval'], rows, 'ec-costs')
                                  : el('p', 'Not measured for this expert in this run.', 'ec-note'));
   }
   function checkpoints(c) {

@@ -128,6 +128,7 @@ class _Item:
     fig: go.Figure | None = None
     data: Any = None
     body: str = ""  # kind "html": markup built by a viz module that escapes every string of the run
+    files: Mapping[str, str] = field(default_factory=dict)  # kind "html": text files written under data/ (scripts it loads)
     max_rows: int = 50
     arrays: tuple[str, ...] = ()
 
@@ -216,12 +217,16 @@ class Report:
             raise TypeError(f"add_table({name!r}): expected a pandas DataFrame, got {type(df).__name__}")
         self._add(section, _Item("table", name, caption, data=df, max_rows=max_rows))
 
-    def add_html(self, section: str, body: str, name: str, data: Any = None, caption: str | None = None) -> None:
+    def add_html(self, section: str, body: str, name: str, data: Any = None, caption: str | None = None,
+                 files: Mapping[str, str] | None = None) -> None:
         """Add an interactive part drawn by its own markup and script (``body``), its numbers (``data``) as JSON.
 
         ``body`` goes into the page as it is: the viz module that builds it escapes every string of the run.
+        ``files``: text files written under ``data/`` before the page (data too big for the page, loaded by a script tag).
         """
-        self._add(section, _Item("html", name, caption, data=data, body=str(body)))
+        for fname in files or {}:
+            _check_name(fname)
+        self._add(section, _Item("html", name, caption, data=data, body=str(body), files=dict(files or {})))
 
     @property
     def num_figures(self) -> int:
@@ -250,6 +255,8 @@ class Report:
             body = _html_table(item.data, item.max_rows)
         elif item.kind == "html":
             href = self._write_data(data_dir, item.name, item.data)
+            for fname, text in item.files.items():
+                atomic_write_text(data_dir / fname, text)
             body = item.body
         else:
             if item.data is None:

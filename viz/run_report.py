@@ -39,9 +39,10 @@ class ReportPage:
     def table(self, section: str, df: pd.DataFrame, name: str, caption: str | None = None) -> None:
         self.report.add_table(section, df, name, caption=caption)
 
-    def html(self, section: str, name: str, body: str, data: Any = None, caption: str | None = None) -> None:
+    def html(self, section: str, name: str, body: str, data: Any = None, caption: str | None = None,
+             files: dict[str, str] | None = None) -> None:
         """An interactive part drawn by its own escaped markup and script (``viz.report.Report.add_html``)."""
-        self.report.add_html(section, body, name, data=data, caption=caption)
+        self.report.add_html(section, body, name, data=data, caption=caption, files=files)
 
 
 def parameter_table(params: dict[str, Any]) -> pd.DataFrame:

@@ -25,11 +25,13 @@ def _section(cards: Any, record: Any, page: ReportPage) -> None:
                           "ablation or pruning cost where measured, and its share over checkpoints. Pick a layer and "
                           "expert, or click an expert's cell in any figure of this page (utilization, co-activation, "
                           "domain or vocabulary specialization, routing paths); #expert-L5-E17 in the address opens one.")
-    cut = (" At this model's width each card keeps fewer contexts and tokens, to keep the page small."
-           if payload["cut"] else "")
-    page.html(SECTION, "expert_cards", expert_cards_html(payload), data=payload,
+    body, files = expert_cards_html(payload)
+    cut = (" At this model's width each card keeps fewer contexts and tokens." if payload["cut"] else "")
+    beside = (" At this model's width the cards' data is in data/expert_cards.js beside this page (keep it there)."
+              if files else "")
+    page.html(SECTION, "expert_cards", body, data=payload, files=files,
               caption=f"Cards are drawn on demand from compact data in the page. Top tokens are ranked among those "
-                      f"routed to the expert at least {cards.min_count} times.{cut}")
+                      f"routed to the expert at least {cards.min_count} times.{cut}{beside}")
 
 
 register(AnalysisSpec(
