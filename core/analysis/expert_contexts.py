@@ -55,7 +55,8 @@ class TopContexts:
             return
         idx, w = buf["idx"][rows], buf["w"][rows]  # [r, L, k]
         r, L, k = idx.shape
-        ok = idx >= 0
+        # only a routing at least as heavy as its column's current last kept one can enter (ties may, by position)
+        ok = (idx >= 0) & (w >= self.weight[np.arange(L)[None, :, None] * self.E + np.maximum(idx, 0), -1])
         row = np.broadcast_to(np.arange(r)[:, None, None], idx.shape)[ok]
         col = (np.broadcast_to(np.arange(L)[None, :, None], idx.shape) * self.E + idx)[ok]
         weight = w[ok]
