@@ -24,7 +24,7 @@ JS = r"""function (root) {
   const el = (tag, text, cls) => { const n = document.createElement(tag); if (text !== undefined) n.textContent = text;
                                    if (cls) n.className = cls; return n; };
   const pct = v => v === null || v === undefined ? '–' : (v / 1000).toFixed(v < 1000 ? 3 : 2) + '%';
-  const num = (v, d) => v === null || v === undefined ? '–' : (v / d).toFixed(2);
+  const num = (v, d, p) => v === null || v === undefined ? '–' : (v / d).toFixed(p === undefined ? 2 : p);
   const ci = (lo, hi, f) => lo === null || hi === null ? 'no interval' : f(lo) + ' – ' + f(hi);
   const label = t => t < 0 ? '' : (data.vocab[String(t)] !== undefined ? data.vocab[String(t)] : String(t));
   data.layers.forEach((l, i) => { const o = el('option', 'layer ' + l); o.value = i; layerSel.appendChild(o); });
@@ -80,9 +80,9 @@ JS = r"""function (root) {
     section('Ablation and pruning cost', 'Change in next-token loss (nats) when the expert is removed, 95% interval over documents.');
     const ab = ablation.get(c) || [], pr = pruning.get(c) || [], rows = [];
     ab.forEach(r => data.ablation.domains.forEach((d, k) => rows.push(['ablation ' + r[1] + (r[2] > 1 ? ' (' + r[2] + ' experts)' : ''),
-      d, num(r[3][k], 1e4), ci(r[4][k], r[5][k], v => num(v, 1e4))])));
-    pr.forEach(r => rows.push(['pruning by ' + r[1] + ', ' + (100 * r[2]).toFixed(0) + '% of experts', 'all', num(r[3], 1e4),
-                               ci(r[4], r[5], v => num(v, 1e4))]));
+      d, num(r[3][k], 1e4, 4), ci(r[4][k], r[5][k], v => num(v, 1e4, 4))])));
+    pr.forEach(r => rows.push(['pruning by ' + r[1] + ', ' + (100 * r[2]).toFixed(0) + '% of experts', 'all', num(r[3], 1e4, 4),
+                               ci(r[4], r[5], v => num(v, 1e4, 4))]));
     body.appendChild(rows.length ? table(['removed in', 'domain', 'Δ loss', '95% interval'], rows, 'ec-costs')
                                  : el('p', 'Not measured for this expert in this run.', 'ec-note'));
   }
