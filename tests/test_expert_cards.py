@@ -120,7 +120,9 @@ def test_sparse_counts_stay_bounded_and_say_what_they_dropped():
             n = 2000
             acc.update(routing(rng.integers(0, E, (n, L, K)), E, token_ids=rng.integers(0, 5000, n),
                                doc_ids=np.arange(n) // 50 + c * 100, positions=np.arange(n) % 50))
-        sizes.append(state_nbytes(acc))
+        assert len(acc.pairs.keys) <= 5000 and acc.pairs.pending_size <= 5000
+        assert len(acc.occurrences.compact().keys) <= 5000 * 32  # one per (token id, document block) at most
+        sizes.append(state_nbytes(acc) - state_nbytes(acc.occurrences))
         assert acc.result().counts_dropped_below > 0
     assert sizes[1] < sizes[0] * 1.5  # 4x the tokens, not 4x the memory
 

@@ -4,7 +4,7 @@ An expert card lists the tokens an expert takes most often relative to their fre
 every (layer, expert, token id) densely would take ``L x E x V`` cells (3 GB at OLMoE's 16 x 64
 with its 50k vocabulary, per document block); the keys that occur are far fewer (at most
 ``tokens x L x k``). :class:`SparseCounts` keeps them as a sorted key array and a count array,
-buffers new keys and folds them in when the buffer grows, and, past ``max_entries``, drops the
+buffers new keys (sorted runs) and folds them in when the buffer outgrows the kept keys, and, past ``max_entries``, drops the
 keys whose group (``key // group``, e.g. one (layer, expert, token) over its blocks) has the
 smallest total, so memory stays bounded whatever the number of tokens. ``dropped_below`` then
 says the largest group total dropped: a count that small may be undercounted.
@@ -33,20 +33,21 @@ class SparseCounts:
     def add(self, keys: np.ndarray, counts: np.ndarray | None = None) -> None:
         """Count ``keys`` (each once, or ``counts`` times)."""
         keys = np.asarray(keys, np.int64).ravel()
-        counts = np.ones(len(keys), np.int64) if counts is None else np.asarray(counts, np.int64).ravel()
+        if counts is None:
+            keys, counts = np.unique(keys, return_counts=True)  # a sorted run: compact merges runs in linear time
+        else:
+            keys, counts = _sorted_sums(keys, np.asarray(counts, np.int64).ravel())
         if len(keys):
-            self.pending.append((keys, counts))
+            self.pending.append((keys, counts.astype(np.int64)))
             self.pending_size += len(keys)
-        if self.pending_size > max(len(self.keys), 1 << 16):
+        if self.pending_size > max(len(self.keys), min(1 << 16, self.max_entries)):
             self.compact()
 
     def compact(self) -> "SparseCounts":
         """Fold the buffered keys in (sorted, unique) and prune past ``max_entries``."""
         if self.pending:
-            keys = np.concatenate([self.keys] + [k for k, _ in self.pending])
-            counts = np.concatenate([self.counts] + [c for _, c in self.pending])
-            self.keys, inverse = np.unique(keys, return_inverse=True)
-            self.counts = np.bincount(inverse, weights=counts, minlength=len(self.keys)).astype(np.int64)
+            self.keys, self.counts = _sorted_sums(np.concatenate([self.keys] + [k for k, _ in self.pending]),
+                                                  np.concatenate([self.counts] + [c for _, c in self.pending]))
             self.pending, self.pending_size = [], 0
         if len(self.keys) > self.max_entries:
             self._prune()
@@ -80,3 +81,13 @@ class SparseCounts:
         at = np.minimum(at, max(len(self.keys) - 1, 0))
         found = (len(self.keys) > 0) & (self.keys[at] == keys) if len(self.keys) else np.zeros(keys.shape, bool)
         return np.where(found, self.counts[at] if len(self.keys) else 0, 0)
+
+
+def _sorted_sums(keys: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Unique keys, sorted, with their summed counts (a stable sort: runs already sorted merge in linear time)."""
+    if not len(keys):
+        return keys.astype(np.int64), counts.astype(np.int64)
+    order = np.argsort(keys, kind="stable")
+    keys, counts = keys[order], counts[order]
+    starts = np.r_[0, np.nonzero(keys[1:] != keys[:-1])[0] + 1]
+    return keys[starts], np.add.reduceat(counts, starts)
