@@ -145,3 +145,9 @@ def test_the_payload_is_compact_escaped_and_cut_to_fit():
     html, files = expert_cards_html(payload, embed_bytes=100)  # too big for the page: a script file beside it
     assert "class='ec-data'" not in html and "<script src='data/expert_cards.js'>" in html
     assert json.loads(files["expert_cards.js"].split(" = ", 1)[1].rstrip(";\n")) == json.loads(script_json(payload))
+
+
+def test_tokens_that_reached_no_expert_give_empty_cards_not_an_error():
+    rd = routing(np.full((6, L, K), -1), E, token_ids=np.arange(6), doc_ids=np.zeros(6, int), positions=np.arange(6))
+    cards = expert_cards(rd)
+    assert (cards.top_tokens == -1).all() and np.isinf(cards.ctx_weight).all() and np.isnan(cards.share).all()

@@ -121,8 +121,8 @@ def test_cards_at_real_shapes_draw_and_open_in_under_a_second(tmp_path, L, E):
     size = path.stat().st_size
     t0 = time.perf_counter()
     check, values = check_page(path, expected_figures=report.num_figures, timeout=60,
-                               evaluate=[_open(L - 1, L - 1, E - 1), _open(0, 0, 0)])
-    last, first = (json.loads(v) for v in values)
+                               evaluate=[_open(L - 1, L - 1, E - 1), _open(0, 0, 0), FIGURE_LINKS_JS])
+    last, first, links = (json.loads(v) for v in values)
     print(f"\n{L} x {E} with cards: {size / MB:.2f} MB, {check.figures_drawn} figures in {time.perf_counter() - t0:.1f} s; "
           f"card opened in {last['ms']:.1f} ms and {first['ms']:.1f} ms")
     assert check.ok, (check.errors, check.undrawn)
@@ -130,6 +130,9 @@ def test_cards_at_real_shapes_draw_and_open_in_under_a_second(tmp_path, L, E):
     assert len(last["partners"]) == 5 and last["groups"] == ["dataset wikitext2", "dataset gsm8k", "dataset humaneval",
                                                                "domain general", "domain math"]
     assert size < 15 * MB
+    print("figures linked to the cards:", sorted(links))
+    assert all(v["linked"] and v["hit"] is not None for v in links.values()), links
+    assert {"fig-utilization", "fig-coactivation", "fig-domain_specialization", "fig-routing_paths"} <= set(links)
 
 
 def test_deep_wide_report_with_cards_stays_under_15_mb(tmp_path):

@@ -199,10 +199,10 @@ class ExpertCardsAccumulator(RoutingAccumulator):
     def _result(self) -> ExpertCards:
         L, E, k = self.layout.num_layers, self.layout.num_experts, self.layout.top_k
         self.contexts.flush()
-        sel = sum(self.by_dataset.sel.values())  # [B, L*E] all tokens
+        sel = sum(self.by_dataset.sel.values(), np.zeros((BLOCKS, L * E), np.int64))  # [B, L*E] all tokens
         every = _share_interval(sel, L, E, self.seed, self.resamples)
-        ds = self.by_dataset.shares(max(len(self.dataset_names), max(self.by_dataset.sel) + 1), self.seed, self.resamples)
-        dm = self.by_domain.shares(max(len(self.domain_names), max(self.by_domain.sel) + 1), self.seed, self.resamples)
+        ds = self.by_dataset.shares(max(len(self.dataset_names), max(self.by_dataset.sel, default=-1) + 1), self.seed, self.resamples)
+        dm = self.by_domain.shares(max(len(self.domain_names), max(self.by_domain.sel, default=-1) + 1), self.seed, self.resamples)
         tokens = _top_tokens(self.pairs, self.occurrences, sel, L * E, self.min_count, self.top_tokens, self.seed,
                              self.resamples)
         c = self.contexts
