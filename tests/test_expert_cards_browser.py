@@ -1,7 +1,8 @@
 """Expert cards in headless Chromium: the planted experts' cards, opened by the picker and by clicking a heatmap cell.
 
-Also: the cards at 4 x 8 and 16 x 64 (every figure draws, a card opens in under a second) and the
-page sizes with cards at 16 x 64 and 60 x 256. Needs Debian's ``chromium``; skipped without it.
+Also: the cards at 4 x 8 and 16 x 64 (every figure draws, a card opens in under a second, every figure naming
+an expert links to the cards); the sizes at 16 x 64 and 60 x 256 are checked in ``tests/test_report_scale.py``.
+Needs Debian's ``chromium``; skipped without it.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from core.analysis.specialization import domain_specialization
 from core.pipeline.outputs import build_report
 from core.pipeline.record import RunRecord
 from tests.test_expert_cards import DIGIT_EXPERT, DIGITS, KEYWORD_EXPERT, KEYWORDS, LAYER, RD, VOCAB
-from tests.test_report_scale import _routing, synthetic_results
+from tests.test_report_scale import synthetic_results
 from viz.browser_check import check_page, find_chromium
 
 MB = 1 << 20
@@ -106,17 +107,10 @@ def test_the_planted_cards_render_their_tokens_and_contexts_and_a_heatmap_click_
     assert {"fig-utilization", "fig-coactivation", "fig-domain_specialization"} <= set(links)
 
 
-def _cards_record(L: int, E: int):
-    rec = synthetic_results(L, E)
-    rd = _routing(L, E, k=min(8, E // 2), n=1200)
-    return RunRecord(**{**{f: getattr(rec, f) for f in ("options", "model", "datasets", "tokens", "checkpoints", "findings")},
-                        "results": {**rec.results, "expert_cards": expert_cards(rd)}})
-
-
 @pytest.mark.parametrize("L,E", [(4, 8), (16, 64)])
 @needs_browser
 def test_cards_at_real_shapes_draw_and_open_in_under_a_second(tmp_path, L, E):
-    report, _ = build_report(_cards_record(L, E), decode=lambda t: f"tok{t}")
+    report, _ = build_report(synthetic_results(L, E), decode=lambda t: f"tok{t}")  # cards included
     path = report.write(tmp_path)
     size = path.stat().st_size
     t0 = time.perf_counter()
@@ -133,18 +127,6 @@ def test_cards_at_real_shapes_draw_and_open_in_under_a_second(tmp_path, L, E):
     print("figures linked to the cards:", sorted(links))
     assert all(v["linked"] and v["hit"] is not None for v in links.values()), links
     assert {"fig-utilization", "fig-coactivation", "fig-domain_specialization", "fig-routing_paths"} <= set(links)
-
-
-def test_deep_wide_report_with_cards_stays_under_15_mb(tmp_path):
-    """60 x 256 (DeepSeek-V3's width, rounded up): the cards are cut to fit, the page stays under 15 MB."""
-    report, _ = build_report(_cards_record(60, 256), decode=lambda t: f"tok{t}")
-    path = report.write(tmp_path)
-    size = path.stat().st_size
-    cards = (tmp_path / "data" / "expert_cards.json").stat().st_size
-    print(f"\n60 x 256 with cards: {size / MB:.2f} MB (the cards' JSON file: {cards / MB:.2f} MB, indented)")
-    beside = (tmp_path / "data" / "expert_cards.js").stat().st_size
-    print(f"the cards' data beside the page: {beside / MB:.2f} MB")
-    assert size < 15 * MB and "data/expert_cards.js beside this page" in path.read_text()
 
 
 @needs_browser

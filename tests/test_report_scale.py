@@ -16,6 +16,7 @@ import torch
 
 from core.analysis.coactivation import coactivation, routing_paths
 from core.analysis.correlations import CorrelationDifference, CrossLayerCorrelation
+from core.analysis.expert_cards import expert_cards
 from core.analysis.routed_text import routed_text
 from core.analysis.routing_stats import routing_stats
 from core.analysis.specialization import domain_specialization
@@ -89,7 +90,7 @@ def synthetic_results(L: int, E: int, seed: int = 0) -> RunRecord:
         "correlation_topk": topk, "correlation_probs": probs, "correlation_difference": diffs,
         "coactivation": coactivation(rd), "routing_paths": routing_paths(rd),
         "domain_specialization": domain_specialization(rd, by="domain"), "collaboration": _collaboration(L, E, rng),
-        "routed_text": routed_text(_long_documents(L, E)),
+        "routed_text": routed_text(_long_documents(L, E)), "expert_cards": expert_cards(rd),
     })
 
 
@@ -125,6 +126,9 @@ def test_deep_wide_report_stays_bounded(tmp_path):
     html = path.read_text()
     assert "Only the 2,048 of 15,360 (layer, expert) columns" in html  # the pattern figures say what they left out
     assert "Documents are cut short" in html  # the coloured text: 1,200 tokens x 60 layers x 8 would pass its bound
+    assert "data/expert_cards.js beside this page" in html  # the 15,360 cards' data: beside the page, not in it
+    cards = (path.parent / "data" / "expert_cards.js").stat().st_size
+    print(f"expert cards: 60 x 256 = 15,360 cards, {cards / MB:.2f} MB of data beside the page")
 
 
 @pytest.mark.skipif(find_chromium() is None, reason="chromium not installed (apt-get install -y chromium)")
