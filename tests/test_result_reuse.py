@@ -18,12 +18,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from core.array_files import load_metrics
 from core.pipeline.analyses import ablation as ablation_spec
 from core.pipeline.analyses import pruning as pruning_spec
 from core.pipeline import suite
 from core.pipeline.pass_reuse import pass_identity
+from core.pipeline.reuse import routers_digest
 from core.pipeline.options import REUSED_ANALYSES, OptionsError, parse_options
 from core.pipeline.result_codec import CodecError, decode, encode
 from core.pipeline.result_store import ARRAY_FILE, RESULT_FILE, STORE_FOLDER, ResultStore
@@ -31,6 +33,7 @@ from core.pipeline.run import BasicRoutingAnalysis
 from core.pipeline.spec import reusable_names
 
 STAGES = ("ablation", "pruning")
+WEIGHT_RESULTS = ("router_similarity", "expert_alignment")  # keyed on the final routers (and the experts' weights)
 PASS_RESULTS = ("routing_stats", "correlation_topk", "domain_specialization", "collaboration", "checkpoint_dynamics")
 
 
@@ -118,6 +121,9 @@ def test_second_run_reuses_both_and_matches_to_the_bit(runner):
     table = (summary.run_dir / "summary.md").read_text()
     assert "| ablation (reused) |" in table and "| pruning (reused) |" in table
     assert "one pass over the caches (reused: no cache read) |" in table
+    for name in WEIGHT_RESULTS:
+        assert f"| {name} (reused) |" in table
+        assert_identical(first[name], second[name], name)
     assert "(reused" not in runner.first[0].stages.markdown()
 
 
@@ -242,10 +248,20 @@ def test_a_cache_whose_shard_is_not_its_recorded_size_is_never_trusted(runner, t
     assert identity(11) is None  # truncated, replaced or grown: read (and its checksums checked), not trusted
 
 
+def test_the_routers_digest_sees_one_changed_weight_and_its_dtype():
+    routers = {0: torch.arange(12, dtype=torch.float32).reshape(3, 4), 1: torch.ones(3, 4)}
+    same = {1: torch.ones(3, 4), 0: torch.arange(12, dtype=torch.float32).reshape(3, 4)}  # another order, the same routers
+    edited = {**routers, 1: routers[1].clone()}
+    edited[1][2, 3] = 1.0000001
+    assert routers_digest(routers) == routers_digest(same)
+    assert routers_digest(edited) != routers_digest(routers)
+    assert routers_digest({**routers, 1: routers[1].to(torch.bfloat16)}) != routers_digest(routers)
+
+
 def test_recompute_option_names_reused_analyses():
     assert sorted(reusable_names()) == sorted(REUSED_ANALYSES)
     opts = parse_options(["--micro", "--recompute", "ablation", "--recompute", "pruning", "--recompute", "pass"])
     assert opts.analysis.recompute == ["ablation", "pruning", "pass"]
     assert parse_options(["--micro", "--recompute", "ablation,all"]).analysis.recompute == ["ablation", "all"]
-    with pytest.raises(OptionsError, match="recompute must be one of pass, ablation, pruning, all, not 'nosuch'"):
+    with pytest.raises(OptionsError, match="recompute must be one of pass, router_similarity, expert_alignment, ablation, pruning, all, not 'nosuch'"):
         parse_options(["--micro", "--recompute", "nosuch"])
