@@ -113,7 +113,9 @@ def micro_run(tmp_path_factory):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(RoutingCache, "_read_checked", counting_read)
-        second = BasicRoutingAnalysis(static="none", **kwargs).run()
+        # the one pass is asked for again (an unchanged rerun would take its stored results and read no shard:
+        # tests/test_result_reuse.py), so that this rerun shows how the pass reads the caches
+        second = BasicRoutingAnalysis(static="none", recompute=["pass"], **kwargs).run()
     return root, first, second, manifests, reads
 
 
@@ -150,7 +152,7 @@ def test_every_artifact_exists_and_is_well_formed(micro_run):
     assert len(data_files) >= 15 and all(f.stat().st_size > 0 for f in data_files)
     summary = (run_dir / "summary.md").read_text()
     assert "report.html" in summary and "Findings" in summary
-    assert "## Stages" in summary and "| collection |" in summary and "| expert_alignment |" in summary  # seconds, peak memory
+    assert "## Stages" in summary and "| collection |" in summary and "| expert_alignment (reused) |" in summary  # seconds, peak memory (the rerun took its stored result)
     assert first.findings and any("Domain specialization" in f for f in first.findings)
     # every headline finding states its interval and its null, and what the model saw is said
     for key in ("Domain specialization", "Cross-layer correlation", "Consecutive tokens", "Router saturation", "Ablation",

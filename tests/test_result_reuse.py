@@ -1,8 +1,11 @@
-"""Stored results of the forward-pass analyses (ablation, pruning): reused on an unchanged rerun, bit for bit, and only then.
+"""Stored results of the one pass and of the forward-pass analyses (ablation, pruning): reused on an unchanged rerun, bit for bit, and only then.
 
-A micro run stores both; a rerun takes them (no forward pass, the same metrics to the bit, the
-stage table says "reused"); another ``ablation_tokens`` recomputes the ablation only;
-``--recompute pruning`` the pruning only; a damaged stored file is recomputed with one line; the
+A micro run stores them all; a rerun takes them (no cache read, no forward pass, the same metrics
+to the bit, the stage table says "reused"); another ``ablation_tokens`` recomputes the ablation
+only; ``--recompute pruning`` the pruning only, ``--recompute pass`` the one pass only; one
+dataset's cache collected again recomputes the pass (every pass analysis reads every dataset) and
+nothing else; a pass analysis whose stored result is gone is computed alone; a cache whose shard is
+not its recorded size is read, never trusted; a damaged stored file is recomputed with one line; the
 stored form gives back every field of a result exactly (arrays by their bytes and dtype).
 """
 
@@ -10,14 +13,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from core.array_files import load_metrics
 from core.pipeline.analyses import ablation as ablation_spec
 from core.pipeline.analyses import pruning as pruning_spec
+from core.pipeline import suite
+from core.pipeline.pass_reuse import pass_identity
+from core.pipeline.reuse import routers_digest
 from core.pipeline.options import REUSED_ANALYSES, OptionsError, parse_options
 from core.pipeline.result_codec import CodecError, decode, encode
 from core.pipeline.result_store import ARRAY_FILE, RESULT_FILE, STORE_FOLDER, ResultStore
@@ -25,6 +33,8 @@ from core.pipeline.run import BasicRoutingAnalysis
 from core.pipeline.spec import reusable_names
 
 STAGES = ("ablation", "pruning")
+WEIGHT_RESULTS = ("router_similarity", "expert_alignment")  # keyed on the final routers (and the experts' weights)
+PASS_RESULTS = ("routing_stats", "correlation_topk", "domain_specialization", "collaboration", "checkpoint_dynamics")
 
 
 def assert_identical(a, b, path: str = "result") -> None:
@@ -58,16 +68,27 @@ class Runner:
         self.kwargs = dict(micro=True, results_dir=str(root / "results"), models_dir=str(root / "models"),
                            progress=False, static="none", run_name="micro")
         self.computed: dict[str, list] = {name: [] for name in STAGES}
+        self.fed: list[list[str]] = []  # the pass analyses each run's one pass fed (none: every result was stored)
 
     def run(self, **options):
-        """One run; returns its summary, its metrics and how many times each study was computed."""
+        """One run; returns its summary, its metrics and how many times each study (and the pass) was computed."""
         before = {k: len(v) for k, v in self.computed.items()}
+        fed_before = len(self.fed)
         with pytest.MonkeyPatch.context() as mp:
             for name, module, fn in [("ablation", ablation_spec, "ablation_study"), ("pruning", pruning_spec, "pruning_study")]:
                 mp.setattr(module, fn, self._counting(name, getattr(module, fn)))
+            mp.setattr(suite, "_one_pass", self._feeding(suite._one_pass))
             summary = BasicRoutingAnalysis(**self.kwargs, **options).run()
         metrics = load_metrics(summary.run_dir)
-        return summary, metrics, {k: len(v) - before[k] for k, v in self.computed.items()}
+        counts = {k: len(v) - before[k] for k, v in self.computed.items()}
+        counts["pass"] = sorted(n for fed in self.fed[fed_before:] for n in fed)
+        return summary, metrics, counts
+
+    def _feeding(self, real):
+        def wrapped(sweep, accs, *args, **kwargs):
+            self.fed.append(list(accs))
+            return real(sweep, accs, *args, **kwargs)
+        return wrapped
 
     def _counting(self, name, real):
         def wrapped(*args, **kwargs):
@@ -91,27 +112,60 @@ def runner(tmp_path_factory):
 def test_second_run_reuses_both_and_matches_to_the_bit(runner):
     _, first, computed_first = runner.first
     summary, second, computed_second = runner.second
-    assert computed_first == {"ablation": 1, "pruning": 1}
-    assert computed_second == {"ablation": 0, "pruning": 0}, "an unchanged rerun recomputed a stored study"
-    for name in STAGES:
+    assert computed_first["ablation"] == 1 and computed_first["pruning"] == 1
+    assert set(PASS_RESULTS) <= set(computed_first["pass"])
+    assert computed_second == {"ablation": 0, "pruning": 0, "pass": []}, "an unchanged rerun recomputed a stored result"
+    for name in STAGES + PASS_RESULTS:
         assert_identical(first[name], second[name], name)
         assert len(runner.entries(name)) == 1
     table = (summary.run_dir / "summary.md").read_text()
     assert "| ablation (reused) |" in table and "| pruning (reused) |" in table
-    assert "| ablation (reused) |" not in runner.first[0].stages.markdown()
+    assert "one pass over the caches (reused: no cache read) |" in table
+    for name in WEIGHT_RESULTS:
+        assert f"| {name} (reused) |" in table
+        assert_identical(first[name], second[name], name)
+    assert "(reused" not in runner.first[0].stages.markdown()
 
 
 def test_another_ablation_size_recomputes_the_ablation_only(runner):
     _, metrics, computed = runner.run(ablation_tokens=200)
-    assert computed == {"ablation": 1, "pruning": 0}
+    assert computed == {"ablation": 1, "pruning": 0, "pass": []}
     assert len(runner.entries("ablation")) == 2 and len(runner.entries("pruning")) == 1
     assert_identical(metrics["pruning"], runner.first[1]["pruning"], "pruning")
 
 
 def test_recompute_pruning_recomputes_it_only_and_gives_the_same(runner):
     _, metrics, computed = runner.run(recompute=["pruning"])
-    assert computed == {"ablation": 0, "pruning": 1}
+    assert computed == {"ablation": 0, "pruning": 1, "pass": []}
     assert_identical(metrics["pruning"], runner.first[1]["pruning"], "pruning")  # recomputed equals the stored one
+
+
+def test_recompute_pass_reads_the_caches_again_and_gives_the_same(runner):
+    _, metrics, computed = runner.run(recompute=["pass"])
+    assert computed["ablation"] == 0 and computed["pruning"] == 0
+    assert computed["pass"] == runner.first[2]["pass"]
+    for name in PASS_RESULTS:
+        assert_identical(metrics[name], runner.first[1][name], name)
+        assert len(runner.entries(name)) == 1  # the same identity: the entry is replaced, not added
+
+
+def test_a_pass_analysis_without_a_stored_result_is_computed_alone(runner):
+    for entry in runner.entries("collaboration"):
+        shutil.rmtree(entry)
+    _, metrics, computed = runner.run()
+    assert computed == {"ablation": 0, "pruning": 0, "pass": ["collaboration"]}
+    assert_identical(metrics["collaboration"], runner.first[1]["collaboration"], "collaboration")
+
+
+def test_one_datasets_cache_collected_again_recomputes_the_pass_only(runner):
+    caches = sorted((runner.root / "results" / "cache").glob("embedded__*/step-*/gsm8k__*"))
+    shutil.rmtree(caches[-1])  # the final checkpoint's cache of one dataset: collected again, a new sealed manifest
+    _, metrics, computed = runner.run()
+    assert computed["pass"] == runner.first[2]["pass"], "a changed cache did not recompute the pass"
+    assert computed["ablation"] == 0 and computed["pruning"] == 0  # the same model and tokens, the same statistics
+    for name in PASS_RESULTS:
+        assert_identical(metrics[name], runner.first[1][name], name)  # collection is deterministic: the same bits
+        assert len(runner.entries(name)) == 2  # stored under the new cache's identity beside the old
 
 
 @pytest.mark.parametrize("damage", ["arrays", "json"])
@@ -128,12 +182,12 @@ def test_a_damaged_stored_result_is_recomputed_with_one_line(runner, capsys, dam
     capsys.readouterr()
     _, metrics, computed = runner.run()
     err = capsys.readouterr().err
-    assert computed == {"ablation": 1, "pruning": 0}
+    assert computed == {"ablation": 1, "pruning": 0, "pass": []}
     lines = [line for line in err.splitlines() if "stored ablation result" in line]
     assert len(lines) == 1 and "checksum" in lines[0] and "recomputing" in lines[0], err
     assert_identical(metrics["ablation"], runner.first[1]["ablation"], "ablation")
     _, _, again = runner.run()  # the recomputed result replaced the damaged one
-    assert again == {"ablation": 0, "pruning": 0}
+    assert again == {"ablation": 0, "pruning": 0, "pass": []}
 
 
 def test_stored_results_round_trip_field_by_field(runner, tmp_path):
@@ -171,10 +225,43 @@ def test_a_folder_with_foreign_files_is_not_overwritten(tmp_path, capsys):
     assert (entry / RESULT_FILE).read_text() == '{"mine": true}\n'  # the user's file is left as it was
 
 
+def test_a_cache_whose_shard_is_not_its_recorded_size_is_never_trusted(runner, tmp_path):
+    class Cache:
+        def __init__(self, folder, size):
+            self.dir = folder
+            self.manifest = {"shards": [{"file": "shard-00000.safetensors", "bytes": size}], "sha256": "abc"}
+
+    class Options:
+        class analysis:
+            recompute = []
+
+    (tmp_path / "shard-00000.safetensors").write_bytes(b"x" * 10)
+    sweep = type("Sweep", (), {"datasets": ["d"], "checkpoints": [type("C", (), {"name": "main", "step": None})()]})
+
+    def identity(size):
+        sweep.caches = {"d": [Cache(tmp_path, size)]}
+        ctx = type("Ctx", (), {"sweep": sweep, "resamples": 0, "seed": 0, "micro": True, "frequent_ids": [1, 2],
+                               "options": Options})()
+        return pass_identity(ctx)
+
+    assert identity(10)["caches"] == [["d", "main", None, "abc"]]
+    assert identity(11) is None  # truncated, replaced or grown: read (and its checksums checked), not trusted
+
+
+def test_the_routers_digest_sees_one_changed_weight_and_its_dtype():
+    routers = {0: torch.arange(12, dtype=torch.float32).reshape(3, 4), 1: torch.ones(3, 4)}
+    same = {1: torch.ones(3, 4), 0: torch.arange(12, dtype=torch.float32).reshape(3, 4)}  # another order, the same routers
+    edited = {**routers, 1: routers[1].clone()}
+    edited[1][2, 3] = 1.0000001
+    assert routers_digest(routers) == routers_digest(same)
+    assert routers_digest(edited) != routers_digest(routers)
+    assert routers_digest({**routers, 1: routers[1].to(torch.bfloat16)}) != routers_digest(routers)
+
+
 def test_recompute_option_names_reused_analyses():
     assert sorted(reusable_names()) == sorted(REUSED_ANALYSES)
-    opts = parse_options(["--micro", "--recompute", "ablation", "--recompute", "pruning"])
-    assert opts.analysis.recompute == ["ablation", "pruning"]
+    opts = parse_options(["--micro", "--recompute", "ablation", "--recompute", "pruning", "--recompute", "pass"])
+    assert opts.analysis.recompute == ["ablation", "pruning", "pass"]
     assert parse_options(["--micro", "--recompute", "ablation,all"]).analysis.recompute == ["ablation", "all"]
-    with pytest.raises(OptionsError, match="recompute must be one of ablation, pruning, all, not 'nosuch'"):
+    with pytest.raises(OptionsError, match="recompute must be one of pass, router_similarity, expert_alignment, ablation, pruning, all, not 'nosuch'"):
         parse_options(["--micro", "--recompute", "nosuch"])

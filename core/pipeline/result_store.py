@@ -1,4 +1,4 @@
-"""Stored results of the analyses that declare reuse (forward passes: ablation, pruning), so a rerun does not redo them.
+"""Stored results of the analyses that declare reuse (the one pass's, forward passes, weights), so a rerun does not redo them.
 
 A result is filed under a digest of its full identity (the spec's ``reuse_key``: model, tokens,
 settings, upstream inputs, code version) in ``<cache root>/analysis_results/<analysis>/<key>/``:
@@ -58,17 +58,19 @@ class ResultStore:
     def entry(self, analysis: str, identity: dict[str, Any]) -> Path:
         return self.root / analysis / reuse_digest(identity)
 
-    def load(self, analysis: str, identity: dict[str, Any]) -> Any | None:
-        """The stored result of this identity, or None (none stored, or one that fails a check: said in one line)."""
+    def load(self, analysis: str, identity: dict[str, Any], missing: Any = None) -> Any:
+        """The stored result of this identity, or ``missing`` (none stored, or one that fails a check: said in one line).
+
+        Pass a sentinel as ``missing`` where a stored result may itself be None."""
         folder = self.entry(analysis, identity)
         if not (folder / RESULT_FILE).exists() and not (folder / ARRAY_FILE).exists():
-            return None
+            return missing
         try:
             return self._read(folder, analysis, identity)
         except (StoredResultError, CodecError, OSError) as e:
             print(f"warning: stored {analysis} result {folder} is not used ({_first_line(e)}); recomputing",
                   file=sys.stderr)
-            return None
+            return missing
 
     def _read(self, folder: Path, analysis: str, identity: dict[str, Any]) -> Any:
         """The result in ``folder`` after every check: its marks, both checksums, its identity."""

@@ -51,6 +51,33 @@ def reuse_identity(ctx: Any, max_tokens: int, **settings: Any) -> dict[str, Any]
             "max_tokens": int(max_tokens), "resamples": ctx.resamples, "seed": ctx.seed, **settings}
 
 
+def routers_digest(routers: Mapping[int, Any]) -> str:
+    """A digest of one checkpoint's router weights (``{layer: tensor}``): each layer's dtype, shape and bytes."""
+    import torch
+
+    h = hashlib.sha256()
+    for layer in sorted(routers):
+        t = routers[layer].detach().cpu().contiguous()
+        h.update(f"{int(layer)}:{t.dtype}:{tuple(t.shape)}:".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def weights_identity(ctx: Any, with_model: bool, **settings: Any) -> dict[str, Any]:
+    """What a weight analysis of the final routers depends on: them, the score function, seed, the code version, its ``settings``.
+
+    ``with_model``: it also reads the loaded model's weights (the experts), so the model's identity is part of it."""
+    from core.pipeline.code_version import code_version
+
+    out = {"routers": routers_digest(ctx.sweep.router_weights[-1]), "score_fn": ctx.score_fn, "seed": ctx.seed,
+           "code": code_version(), **settings}
+    if with_model:
+        from core.collection.loaded_identity import wrapper_identity
+
+        out["model"] = wrapper_identity(ctx.wrapper)
+    return out
+
+
 def recompute_asked(options: Any, name: str) -> bool:
     """Whether ``--recompute`` names this analysis (or ``all``)."""
     asked = set(getattr(options.analysis, "recompute", None) or ())

@@ -112,8 +112,8 @@ def decisions_of(spec: AnalysisSpec, result: Any) -> dict[str, Any]:
 
 
 def reusable_names() -> list[str]:
-    """The analyses whose results are stored and reused (what ``--recompute`` may name, besides ``all``)."""
-    return [s.name for s in registered() if s.reuse_key is not None]
+    """What ``--recompute`` may name besides ``all``: ``pass`` (every pass analysis) and each ``"after"`` one that declares reuse."""
+    return ["pass"] + [s.name for s in registered() if s.reuse_key is not None]
 
 
 def registered() -> list[AnalysisSpec]:

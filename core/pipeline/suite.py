@@ -7,6 +7,8 @@ checkpoints feed those that ask for them (dynamics). ``"after"`` analyses then r
 (weights, forward passes, results derived from others). Memory does not grow with the number
 of tokens (one shard per checkpoint at a time). Under torchrun the one pass is shared: each
 process folds its part of the caches (``core.pipeline.shares``) and rank 0 gets the merge.
+A pass analysis whose caches, settings and code are unchanged takes its stored result
+(``core.pipeline.pass_reuse``); the pass feeds only the others, and none when all are stored.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from core.analysis.streaming import Accumulator, Pick, feed, merge_all, results_
 from core.collection.sweep import Sweep
 from core.distributed import Ranks
 from core.pipeline.context import RunContext
+from core.pipeline.pass_reuse import PassResults
 from core.pipeline.record import RunRecord
 from core.pipeline.reuse import compute_or_reuse
 from core.pipeline.shares import share_tokens, sweep_stream
@@ -64,9 +67,11 @@ def run_analyses(ctx: RunContext, model: Mapping[str, Any], clock: StageClock | 
     accs, skipped = pass_accumulators(ctx)
     timings: dict[str, float] = {}
     with clock.stage(ONE_PASS):
-        found = _one_pass(ctx.sweep, accs, ranks, ctx.progress, timings)
+        found = _pass_results(ctx, accs, ranks, timings)
     if found is None:
         return None
+    if len(found.reused) == len(accs):
+        clock.note_last("reused: no cache read")
     clock.add_parts(ONE_PASS, timings)
     results = {}
     for name, value in found.items():
@@ -96,6 +101,33 @@ def _after_pass(ctx: RunContext, results: dict[str, Any], skipped: dict[str, str
         if value is not None:
             results[spec.name] = value
             timings[spec.name] = clock.rows[-1].seconds
+
+
+class _Found(dict):
+    """The pass's results by analysis, with the names of those taken from the store (``reused``)."""
+
+    reused: tuple[str, ...] = ()
+
+
+def _pass_results(ctx: RunContext, accs: dict[str, Accumulator], ranks: Ranks,
+                  timings: dict[str, float]) -> _Found | None:
+    """Each pass analysis's stored result where its inputs are unchanged; the one pass feeds only the others."""
+    t0 = time.perf_counter()
+    stored = PassResults(ctx, ranks.world_size)
+    found = _Found(stored.load(list(accs)))
+    found.reused = tuple(found)
+    if found.reused:
+        timings["stored results read"] = round(time.perf_counter() - t0, 3)
+    todo = {name: acc for name, acc in accs.items() if name not in found}
+    if todo:
+        fresh = _one_pass(ctx.sweep, todo, ranks, ctx.progress, timings)
+        if fresh is None:
+            return None
+        stored.save(fresh)
+        found.update(fresh)
+    out = _Found({name: found[name] for name in accs})  # in the registry's order, whichever way each was found
+    out.reused = found.reused
+    return out
 
 
 def _one_pass(sweep: Sweep, accs: dict[str, Accumulator], ranks: Ranks, progress: bool,

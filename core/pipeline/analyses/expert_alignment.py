@@ -9,6 +9,7 @@ import numpy as np
 
 from core.analysis.expert_alignment import ExpertAnalyzer
 from core.pipeline.analyses.router_weights import no_weights
+from core.pipeline.reuse import weights_identity
 from core.pipeline.spec import AnalysisSpec, Finding, register
 
 
@@ -26,10 +27,14 @@ def _alignment(align: Any) -> str:
             f"{align.perm_null_high[i]:.3f})" + ("" if sig[i] else ", not distinguishable") + ".")
 
 
+def _permutations(ctx: Any) -> int:
+    return 200 if ctx.micro else 1000
+
+
 def _compute(ctx: Any, results: Mapping[str, Any]) -> Any:
     analyzer = ExpertAnalyzer(ctx.wrapper, device=ctx.wrapper.device, score_fn=ctx.score_fn, progress=ctx.progress)
     return analyzer.analyze_expert_router_alignment(router_weights=ctx.sweep.router_weights[-1],
-                                                    num_permutations=200 if ctx.micro else 1000, seed=ctx.seed)
+                                                    num_permutations=_permutations(ctx), seed=ctx.seed)
 
 
 def _headline(align: Any, record: Any) -> dict[str, Any]:
@@ -43,6 +48,8 @@ def _headline(align: Any, record: Any) -> dict[str, Any]:
 
 register(AnalysisSpec(
     "expert_alignment", "after", order=52, lead=80, compute=_compute, skip=no_weights, headline=_headline,
+    # the experts' weights (the model), the final routers, the permutations, seed and code: a rerun reuses it
+    reuse_key=lambda ctx, results: weights_identity(ctx, True, permutations=_permutations(ctx)),
     findings=lambda align, record: ([Finding("expert_alignment", _alignment(align), ("router_expert_alignment",))]
                                     if hasattr(align, "perm_p_adjusted") else []),
     notes="router rows against their experts' input subspaces (drawn in the weights section)",

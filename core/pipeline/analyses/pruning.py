@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from core.analysis.pruning import pruning_scores, pruning_study
+from core.analysis.pruning import lowest, pruning_scores, pruning_study
 from core.pipeline.findings_text import nats, span
 from core.pipeline.reuse import reuse_identity, value_digest
 from core.pipeline.spec import AnalysisSpec, Finding, register
@@ -88,7 +88,10 @@ def _reuse_key(ctx: Any, results: Mapping[str, Any]) -> dict[str, Any]:
     """What pruning depends on: model, tokens, resamples and seed, its scores (routing_stats, collaboration), settings, code."""
     scores, layers, causal = _inputs(results)
     a = ctx.options.analysis
-    return reuse_identity(ctx, a.pruning_tokens, code=f"pruning/{VERSION}", scores=value_digest([scores, layers]),
+    # the study reads its scores only through the experts each criterion prunes at each fraction: keyed on those,
+    # scores equal but for the last bit (a restored array summed in another order) still find the stored result
+    pruned = [[name, [lowest(s, layers, float(f)) for f in a.pruning_fractions]] for name, s in scores.items()]
+    return reuse_identity(ctx, a.pruning_tokens, code=f"pruning/{VERSION}", pruned=value_digest([pruned, layers]),
                           causal=causal, fractions=[float(f) for f in a.pruning_fractions],
                           random_seeds=int(a.pruning_random_seeds), batch_size=BATCH_SIZE)
 

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from core.analysis.router_weights import RouterAnalyzer
+from core.pipeline.reuse import weights_identity
 from core.pipeline.spec import AnalysisSpec, Finding, register
 from viz import plotting as P
 from viz.run_report import ReportPage, matrix_frame
@@ -79,9 +80,13 @@ def _weights_section(r: Mapping[str, Any], page: ReportPage) -> None:
                           "null_high": al.perm_null_high, "p": al.perm_p, "p_adjusted": al.perm_p_adjusted, "effect": al.effect, "random_subspace_r_over_H": al.mean_random}))
 
 
+def _nulls(ctx: Any) -> int:
+    return 20 if ctx.micro else 100
+
+
 def _similarity(ctx: Any, results: Mapping[str, Any]) -> Any:
     return RouterAnalyzer(score_fn=ctx.score_fn).compute_router_similarity_matrix(
-        ctx.sweep.router_weights[-1], num_null=20 if ctx.micro else 100, seed=ctx.seed)
+        ctx.sweep.router_weights[-1], num_null=_nulls(ctx), seed=ctx.seed)
 
 
 def _findings(sim: Any, record: Any) -> list[Finding]:
@@ -92,6 +97,7 @@ def _findings(sim: Any, record: Any) -> list[Finding]:
 
 register(AnalysisSpec(
     "router_similarity", "after", order=50, lead=85, compute=_similarity, skip=no_weights, findings=_findings,
+    reuse_key=lambda ctx, results: weights_identity(ctx, False, nulls=_nulls(ctx)),  # the final routers alone
     decisions=lambda sim: {"router_pairs_hungarian": _adjacent_flags(sim)},
     report=lambda sim, record, page: _weights_section(record.results, page),
     notes="Hungarian-matched cosine and subspace similarity between layers' routers",
