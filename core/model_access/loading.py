@@ -152,14 +152,27 @@ def lean_loading() -> Iterator[None]:
     saved = os.environ.get("HF_DEACTIVATE_ASYNC_LOAD")
     os.environ["HF_DEACTIVATE_ASYNC_LOAD"] = "1"
     modeling_utils.safe_open = safe_open
+    _mmap_threshold(1 << 20)  # each tensor read and cast is freed back to the system, not kept in the heap
     try:
         yield
     finally:
+        _mmap_threshold(32 << 20)  # where glibc's own adaptive threshold ends up (its maximum on 64-bit)
         modeling_utils.safe_open = original
         if saved is None:
             os.environ.pop("HF_DEACTIVATE_ASYNC_LOAD", None)
         else:
             os.environ["HF_DEACTIVATE_ASYNC_LOAD"] = saved
+
+
+def _mmap_threshold(nbytes: int) -> bool:
+    """glibc: allocations of ``nbytes`` and more get their own mapping, returned to the system when freed."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        return bool(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt(-3, nbytes))  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
 
 
 def release_freed_memory() -> bool:
