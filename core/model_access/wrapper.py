@@ -17,6 +17,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from core.model_access.bypass import NnsightBypass
 from core.model_access.discovery import (ROUTER_KINDS, MoELayerInfo, MoESpec, NoRoutersError, discover_router_kinds, of_kind,
                                          router_matrix)
 from core.model_access.expert_weights import LayerExperts, expert_matrices
@@ -204,6 +205,7 @@ class MoEModelWrapper:
         self.layers: list[MoELayerInfo] = of_kind(kinds, router_kind, type(self.hf_model).__name__)
         self.router_kind: str = self.layers[0].kind
         self._modules = dict(self.hf_model.named_modules())
+        self._bypass = NnsightBypass(list(self._modules.values()))
         cfg = getattr(self.hf_model, "config", None)
         n_layers = getattr(cfg, "num_hidden_layers", None) or getattr(getattr(cfg, "text_config", None), "num_hidden_layers", None)
         self.num_layers: int = int(n_layers) if n_layers else int(getattr(self.model, "num_layers", len(self.layers)))
@@ -271,15 +273,17 @@ class MoEModelWrapper:
         attention_mask = torch.as_tensor(attention_mask).to(input_ids.device)
         if attention_mask.shape != input_ids.shape:
             raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} does not match input_ids {tuple(input_ids.shape)}")
-        if input_ids.dim() != 2 or input_ids.numel() == 0 or not attention_mask.bool().any():
+        if input_ids.dim() != 2 or input_ids.numel() == 0 or not attention_mask.any():
             raise ValueError(f"nothing to trace: input_ids of shape {tuple(input_ids.shape)} with "
                              f"{int(attention_mask.bool().sum())} real tokens (give [batch, tokens] with at least one token)")
         if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
             raise ValueError(f"input_ids must be integer token ids, got {input_ids.dtype}")
         vocab = self._vocab_size()  # padding positions are embedded too, so every id is checked
-        if vocab is not None and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab):
-            raise ValueError(f"token ids must lie in [0, {vocab}) for this model's vocabulary; got ids from "
-                             f"{int(input_ids.min())} to {int(input_ids.max())} (a tokenizer of another model?)")
+        if vocab is not None:
+            lo, hi = (int(v) for v in torch.aminmax(input_ids))
+            if lo < 0 or hi >= vocab:
+                raise ValueError(f"token ids must lie in [0, {vocab}) for this model's vocabulary; got ids from "
+                                 f"{lo} to {hi} (a tokenizer of another model?)")
         return input_ids, attention_mask
 
     def _vocab_size(self) -> int | None:
@@ -313,22 +317,24 @@ class MoEModelWrapper:
         dev = self._device()
         feed = {"input_ids": input_ids.to(dev), "attention_mask": attention_mask.to(dev)}
         hidden_layers = sorted(set(int(h) for h in hidden_layers))
-        blocks = len(self.model.layers)  # the decoder blocks, which some configs count differently
-        bad = [h for h in hidden_layers if not 0 <= h < blocks]
-        if bad:
-            raise ValueError(f"hidden_layers {bad} out of range: the model has {blocks} decoder layers")
+        if hidden_layers:
+            blocks = len(self.model.layers)  # the decoder blocks, which some configs count differently
+            bad = [h for h in hidden_layers if not 0 <= h < blocks]
+            if bad:
+                raise ValueError(f"hidden_layers {bad} out of range: the model has {blocks} decoder layers")
         record = self._record_nnsight if self.remote or self.engine == "nnsight" else self._record_hooks
         scores, chosen, hidden_saved = record(feed, hidden_layers)
-        rows_host = attention_mask.reshape(-1).bool().cpu().nonzero().squeeze(1)
-        rows = rows_host.to(dev)
-        tensors = [t.index_select(0, rows) for t in self._layer_rows(scores, chosen, dev)]
-        tensors += [h.reshape(-1, h.shape[-1]).to(dev).index_select(0, rows) for h in hidden_saved]
-        n_rows, n_cols = input_ids.shape
+        rows_host = attention_mask.reshape(-1).cpu().nonzero().squeeze(1)
+        tensors = self._layer_rows(scores, chosen, dev) + [h.reshape(-1, h.shape[-1]).to(dev) for h in hidden_saved]
+        if rows_host.numel() < attention_mask.numel():  # padding to drop (the stacked rows are already new tensors)
+            rows = rows_host.to(dev)
+            tensors = [t.index_select(0, rows) for t in tensors]
+        else:
+            tensors = [t.clone() if i >= 3 else t for i, t in enumerate(tensors)]  # hidden states: not views of the model's
         return PendingRouting(
             start_host_copy(tensors),
             dict(moe_layers=self.moe_layers, num_experts=self.num_experts, top_k=self.top_k, score_fn=self.score_fn,
-                 token_ids=input_ids.reshape(-1).cpu()[rows_host],
-                 positions=torch.arange(n_cols).expand(n_rows, n_cols).reshape(-1)[rows_host]),
+                 token_ids=input_ids.reshape(-1).cpu()[rows_host], positions=rows_host % input_ids.shape[1]),
             hidden_layers,
         )
 
@@ -353,7 +359,8 @@ class MoEModelWrapper:
     def _record_hooks(self, feed: dict, hidden_layers: list[int]) -> tuple[list, list, list]:
         """One plain forward with PyTorch hooks on the routers (and experts, and asked layers)."""
         hidden_modules = {layer: self.model.layers[layer]._module for layer in hidden_layers}
-        with torch.no_grad(), RoutingRecorder(self._modules, self.layers, hidden_modules) as rec:
+        with torch.no_grad(), self._bypass(), \
+                RoutingRecorder(self._modules, self.layers, hidden_modules) as rec:
             self.hf_model(**feed)
         if rec.missing():
             raise NoRoutersError(f"routers {rec.missing()} did not run in the forward pass; pass a MoESpec naming the right modules")
@@ -401,11 +408,17 @@ class MoEModelWrapper:
             logits.append(lg)
             idx.append(i.to(dev))
             wts.append(w.to(dev))
-        small = torch.int16 if self.num_experts < 2**15 else torch.int32
-        return [torch.stack(logits, dim=1), torch.stack(idx, dim=1).to(small), torch.stack(wts, dim=1)]
+        experts = torch.stack(idx, dim=1)
+        experts = experts.masked_fill(experts >= self.num_experts, -1)  # a padding slot some families use (one expert count: _read_layers)
+        if dev.type != "cpu":  # small ints make the one copy to the host smaller; on the CPU there is no copy
+            experts = experts.to(torch.int16 if self.num_experts < 2**15 else torch.int32)
+        return [torch.stack(logits, dim=1), experts, torch.stack(wts, dim=1)]
 
     def _selection(self, info: MoELayerInfo, sel: Any, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """What the experts received (read from their input or the router's tuple), else top-k of the scores."""
+        """What the experts received (read from their input or the router's tuple), else top-k of the scores.
+
+        Ids of ``num_experts`` and above (a padding slot) are set to -1 by the caller, once for all layers.
+        """
         if sel is not None:
             idx, w = sel
         else:  # neither the experts nor the router's tuple carry them (JetMoE, Doge): as the block computes them
@@ -414,7 +427,7 @@ class MoEModelWrapper:
         w = w.reshape(-1, w.shape[-1])
         if w.shape != idx.shape:  # some routers hand the experts a dense [N, E] score matrix
             w = w.gather(1, idx.clamp(max=w.shape[1] - 1).to(w.device)) if w.shape[1] == info.num_experts else w
-        return idx.masked_fill(idx >= info.num_experts, -1), w
+        return idx, w
 
     def _device(self) -> torch.device:
         """Where inputs go: the input embedding's execution device on a dispatched model, else the weights'."""
