@@ -142,7 +142,10 @@ def lean_loading() -> Iterator[None]:
     """
     import transformers.modeling_utils as modeling_utils
 
-    original = modeling_utils.safe_open
+    original = getattr(modeling_utils, "safe_open", None)
+    if original is None:  # another transformers: load its own way rather than fail
+        yield
+        return
 
     def safe_open(*args: Any, **kwargs: Any) -> Any:
         if kwargs.get("backend") == "mmap":
