@@ -101,11 +101,10 @@ class DatasetDifferenceAccumulator(RoutingAccumulator):
             mine[1] += s
             mine[2] += q
 
-    def _mean_abs_diff(self, a: tuple, b: tuple) -> np.ndarray:
-        """``[L, L]`` mean |r_a - r_b| per layer pair from two groups' summed moments (n, s, q)."""
-        L, E = self.layout.num_layers, self.layout.num_experts
+    def _diff(self, a: tuple, b: tuple) -> np.ndarray:
+        """``[F, F]`` r_a - r_b from two groups' summed moments (n, s, q); NaN where either is undefined."""
         ra, rb = (_corr_from_moments(np.asarray(g[0]), g[1], g[2]) for g in (a, b))
-        return _summarize(ra - rb, L, E)[0]
+        return ra - rb
 
     def _pair(self, a: int, b: int) -> tuple[np.ndarray, np.ndarray, Estimate]:
         """Observed ``[L, L]``, null mean ``[L, L]`` and the Estimate of the overall mean |Δr| of datasets a and b."""
@@ -115,14 +114,19 @@ class DatasetDifferenceAccumulator(RoutingAccumulator):
         q = np.stack([self.mom[d][2][i] for d, i in units])
         in_a = np.array([d == a for d, _ in units])
 
+        L, E = self.layout.num_layers, self.layout.num_experts
+        defined = np.ones((L * E, L * E), bool)
+
         def stat(mask_a: np.ndarray, drop: int = -1) -> np.ndarray:
             keep = np.ones(len(units), bool)
             if drop >= 0:
                 keep[drop] = False
             ga, gb = keep & mask_a, keep & ~mask_a
-            return self._mean_abs_diff((n[ga].sum(), s[ga].sum(0), q[ga].sum(0)), (n[gb].sum(), s[gb].sum(0), q[gb].sum(0)))
+            d = self._diff((n[ga].sum(), s[ga].sum(0), q[ga].sum(0)), (n[gb].sum(), s[gb].sum(0), q[gb].sum(0)))
+            return _summarize(np.where(defined, d, np.nan), L, E)[0]
 
-        value = stat(in_a)
+        defined = np.isfinite(self._diff(*((n[g].sum(), s[g].sum(0), q[g].sum(0)) for g in (in_a, ~in_a))))
+        value = stat(in_a)  # the null and the interval average the same expert pairs (those defined in both datasets)
         loo = np.stack([overall(stat(in_a, u)) for u in range(len(units))])
         rng = layer_rng(self.seed, a, b)
         draws = draws_for_holm(self.permutations, max(len(self.mom) - 1, 1)) if self.permutations else 0

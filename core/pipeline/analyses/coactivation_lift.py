@@ -24,12 +24,13 @@ def lift_finding(res: Any, record: Any = None) -> list[Finding]:
     layers = res.moe_layers
     per_layer = np.asarray(est.distinguishable, bool).reshape(len(layers), -1).any(1)
     text = ("Co-activation (lift: P(i and j both in the top-k) / (P(i) P(j)); null: tokens shuffled within documents, "
-            f"exact; Holm over all {est.family} expert pairs of all layers): ")
+            "exact): ")
     if est.why_none and not np.isfinite(np.asarray(est.low, float)).any():
         text += flagged(est, "expert pairs")
     else:
-        text += f"{int(per_layer.sum())} of {len(layers)} layers have a pair co-selected beyond the null; "
-        text += flagged(est, "pairs", "in all")
+        hits = int(np.asarray(est.distinguishable, bool).sum())
+        text += (f"{int(per_layer.sum())} of {len(layers)} layers have a pair co-selected beyond the null, {hits} of "
+                 f"{est.family} pairs in all (Holm over the pairs of all layers: ≈ {est.expected_false:.2g} false per run)")
         li, i, j = strongest(est)
         text += f"; strongest: layer {layers[li]}, experts {i} and {j}, lift " + quote(est.at((li, i, j)), null="")
     text += f" (uniform top-{res.top_k} routing: {f3(res.uniform_lift)})."

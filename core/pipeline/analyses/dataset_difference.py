@@ -22,13 +22,22 @@ def difference_finding(res: Any, record: Any = None) -> list[Finding]:
     if not pairs:
         return []
     ests = [res.estimates[p] for p in pairs]
-    differ = sum(bool(e.distinguishable) for e in ests)
-    family = max(e.family for e in ests)
+    tested = [e for e in ests if e.p_adjusted is not None and np.isfinite(float(e.p_adjusted))]
+    family = max([e.family for e in tested], default=0)
     text = ("Datasets' cross-layer correlations (mean |Δr| over the expert pairs of different layers; null: document "
             f"blocks dealt between the two datasets{'; Holm over ' + str(family) + ' pairs' if family > 1 else ''}): "
-            f"{differ} of {len(pairs)} dataset pairs differ beyond the null; ")
-    text += "; ".join(f"{p}: {quote(e, null='')}" for p, e in zip(pairs, ests)) + "."
-    return [Finding("dataset_difference", text, ("correlation_diff_null",), ests[int(np.argmax([float(e.value) for e in ests]))])]
+            f"{sum(bool(e.distinguishable) for e in tested)} of {len(tested)} tested dataset pairs differ beyond the null; ")
+    text += "; ".join(f"{p}: {_one(e)}" for p, e in zip(pairs, ests)) + "."
+    return [Finding("dataset_difference", text, ("correlation_diff_null",), ests[int(np.nanargmax([float(e.value) for e in ests]))] if np.isfinite([float(e.value) for e in ests]).any() else None)]
+
+
+def _one(est: Any) -> str:
+    """A pair's quote, or why it has none (a dataset with too few documents, a correlation undefined)."""
+    if not np.isfinite(float(est.value)):
+        return "undefined (a dataset's expert selection never varies)"
+    if est.why_none:
+        return f"{f3(float(est.value))} against {f3(float(est.null))}, no verdict: {est.why_none}"
+    return quote(est, null="")
 
 
 def difference_section(res: Any, record: Any, page: ReportPage) -> None:
