@@ -36,6 +36,8 @@ NULL_WORLDS = (
                   topics=8), ()),
     Planted(World("sticky_documents", "document offsets (sd 0.5) and stickiness 0.3: a null for all but consistency",
                   doc_sd=0.5, stickiness=0.3), CONSISTENCY),
+    Planted(World("two_datasets", "document offsets (sd 0.5), documents dealt in turn to two datasets that route alike",
+                  doc_sd=0.5, datasets=2), ()),
     Planted(World("few_documents_3", "3 documents x 3,000 tokens, document offsets sd 0.5", doc_sd=0.5, docs=3,
                   doc_len=3000), ()),
     Planted(World("few_documents_8", "8 documents x 1,250 tokens, document offsets sd 0.5", doc_sd=0.5, docs=8,

@@ -58,6 +58,7 @@ class World:
     copy_rate: float = 0.0  # layer 4 copies layer 3's choice for this share of tokens
     couple_rate: float = 0.0  # expert 0 at layer 5 brings expert 0 at layer 9 for this share of its tokens
     saturation: float = 0.0  # the early checkpoint already has the final experts for this share of tokens
+    datasets: int = 1  # documents dealt in turn to this many datasets (routing alike in all: a null for |Δr|)
     target: tuple[str, object] | None = None
 
     @property
@@ -183,6 +184,7 @@ def simulate_checkpoints(world: World, base: Shape, seed: int) -> list[RoutingDa
     shape = world.shape(base)
     rng = np.random.default_rng([seed, zlib.crc32(world.name.encode())])
     lab = _labels(world, shape, rng, _fixed(world))
+    lab["dataset"] = lab["doc"] % world.datasets
     logits = _logits(world, shape, lab, rng, _fixed(world))
     out = []
     for c in range(2):
@@ -201,12 +203,14 @@ def simulate_checkpoints(world: World, base: Shape, seed: int) -> list[RoutingDa
 
 
 def _routing(idx: np.ndarray, lab: dict[str, np.ndarray], shape: Shape) -> RoutingData:
-    n = len(idx)
+    n, ds = len(idx), int(lab["dataset"].max(initial=0)) + 1
     return RoutingData(
         moe_layers=list(range(shape.layers)), num_experts=shape.experts, top_k=shape.top_k,
         topk_idx=torch.from_numpy(idx.astype(np.int64)), topk_weight=torch.full(idx.shape, 1.0 / shape.top_k),
         token_ids=torch.from_numpy(lab["tok"].astype(np.int64)), positions=torch.from_numpy(lab["pos"]),
         doc_ids=torch.from_numpy(lab["doc"]), domain_ids=torch.from_numpy(lab["domain"]),
-        dataset_ids=torch.zeros(n, dtype=torch.int64), domain_names=[f"domain{d}" for d in range(shape.domains)],
-        dataset_names=["simulated"], score_fn="softmax",
+        dataset_ids=torch.from_numpy(lab["dataset"].astype(np.int64)),
+        domain_names=[f"domain{d}" for d in range(shape.domains)],
+        dataset_names=["simulated"] if ds == 1 else [f"simulated{i}" for i in range(ds)],
+        score_fn="softmax",
     )
