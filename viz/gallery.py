@@ -18,6 +18,7 @@ import plotly.graph_objects as go
 
 from viz import plotting as P
 from viz.figures_lift import lift_by_layer
+from viz.figures_paper import domain_shares_per_expert, vocabulary_per_expert
 from viz.report import Report
 from viz.routed_text import routed_text_html, routed_text_payload
 
@@ -178,6 +179,11 @@ def _picker_figures(corr: np.ndarray, coact: np.ndarray, share: np.ndarray, doma
         ("Specialization", "domain_specialization_layers",
          P.domain_specialization_by_layer(np.stack([share, share[::-1]]), domains, [3, 5], baseline=1 / num_experts),
          None),
+        ("Specialization", "domain_shares_per_expert",
+         domain_shares_per_expert(np.stack([share, share[::-1]]), domains, [0, 5], 2 / num_experts, shown=1), None),
+        ("Specialization", "vocabulary_per_expert",
+         vocabulary_per_expert(np.full((2, num_experts), 0.6), [[HOSTILE_TOKEN] * num_experts, ["the"] * num_experts],
+                               [0, 5], 2 / num_experts), None),
         ("Routing", "coactivation_lift",
          lift_by_layer([2 * coact + 0.01, coact.T[:4, :4] * 4], [1, 3], [range(8), [0, 2, 5, 6]],
                        [np.ones_like(coact), np.ones((4, 4))], shown=1), None),
