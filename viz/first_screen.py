@@ -54,5 +54,5 @@ def render_lead(lead: Sequence[tuple[str, str | None]], shown: int, figures: Col
                    for text, name in cards)
     items = "".join(f"<li>{esc(text)}{link(name)}</li>" for text, name in rest)
     more = (f"<h3>{'More findings' if cards else 'Findings'}</h3><ul>{items}</ul>" if items else "")
-    return (f"<section id='learned'><h2>What we learned</h2>"
+    return ("<section id='learned'><h2>What we learned</h2>"
             + (f"<div class='lead-grid'>{grid}</div>" if grid else "") + more + "</section>")

@@ -141,7 +141,7 @@ class CoactivationLiftAccumulator(RoutingAccumulator):
 
     def _result(self) -> CoactivationLift:
         self._close(*self.docs.flush())
-        L, E = self.layout.num_layers, self.layout.num_experts
+        E = self.layout.num_experts
         used = self.n > 0
         keep = np.nonzero(used)[0]
         tot = lambda a: a.sum(0, dtype=np.float64)  # noqa: E731

@@ -203,7 +203,7 @@ def simulate_checkpoints(world: World, base: Shape, seed: int) -> list[RoutingDa
 
 
 def _routing(idx: np.ndarray, lab: dict[str, np.ndarray], shape: Shape) -> RoutingData:
-    n, ds = len(idx), int(lab["dataset"].max(initial=0)) + 1
+    ds = int(lab["dataset"].max(initial=0)) + 1
     return RoutingData(
         moe_layers=list(range(shape.layers)), num_experts=shape.experts, top_k=shape.top_k,
         topk_idx=torch.from_numpy(idx.astype(np.int64)), topk_weight=torch.full(idx.shape, 1.0 / shape.top_k),
