@@ -59,6 +59,8 @@ class World:
     couple_rate: float = 0.0  # expert 0 at layer 5 brings expert 0 at layer 9 for this share of its tokens
     saturation: float = 0.0  # the early checkpoint already has the final experts for this share of tokens
     datasets: int = 1  # documents dealt in turn to this many datasets (routing alike in all: a null for |Δr|)
+    team_rate: float = 0.0  # this share of tokens takes experts 0 and 1 together at layer 6 (a within-layer team)
+    dataset_copy_rate: float = 0.0  # in the second dataset only, layer 4 copies layer 3 for this share of tokens
     target: tuple[str, object] | None = None
 
     @property
@@ -164,6 +166,14 @@ def _couple(idx: np.ndarray, rate: float, rng: np.random.Generator, a: tuple[int
     idx[has, b[0], -1] = b[1]
 
 
+def _team(idx: np.ndarray, rate: float, rng: np.random.Generator, layer: int = 6, pair: tuple[int, int] = (0, 1)) -> None:
+    """In place: a share ``rate`` of tokens take both experts of ``pair`` first at ``layer``, keeping k distinct experts."""
+    k = idx.shape[-1]
+    for t in np.nonzero(rng.random(len(idx)) < rate)[0]:
+        rest = [e for e in idx[t, layer] if e not in pair]
+        idx[t, layer] = list(pair) + rest[: k - 2]
+
+
 def _fixed(world: World) -> np.random.Generator:
     """What the world is (its topics' routing and vocabularies): the same in every draw, as one model and one corpus are."""
     return np.random.default_rng(zlib.crc32(world.name.encode()))
@@ -195,6 +205,13 @@ def simulate_checkpoints(world: World, base: Shape, seed: int) -> list[RoutingDa
             _copy_layer(idx, world.copy_rate, rng)
         if world.couple_rate:
             _couple(idx, world.couple_rate, rng)
+        if world.team_rate:
+            _team(idx, world.team_rate, rng)
+        if world.dataset_copy_rate:
+            second = np.nonzero(lab["dataset"] == 1)[0]
+            sub = idx[second]
+            _copy_layer(sub, world.dataset_copy_rate, rng)
+            idx[second] = sub
         out.append(idx)
     if world.saturation:
         keep = rng.random(len(out[0])) < world.saturation
