@@ -50,3 +50,15 @@ def test_chunks_and_overall():
     np.testing.assert_allclose(a.estimates["first - second"].null, b.estimates["first - second"].null)
     m = np.array([[9.0, 1.0, 2.0], [1.0, 9.0, 3.0], [2.0, 3.0, 9.0]])
     assert overall(m) == 2.0 and overall(np.array([[0.5]])) == 0.5
+
+
+def test_a_difference_in_one_layer_pair_is_found_there():
+    """Four layers; the second dataset's layer 2 copies layer 1: diluted in the overall mean, found at its layer pair."""
+    rd = planted(num_docs=80, doc_len=30, num_experts=6, top_k=2, num_layers=4, domain_pref=1.0, seed=3)
+    idx, ds = rd.topk_idx.numpy().copy(), (rd.doc_ids.numpy() % 2).astype(int)
+    copy = (ds == 1) & (np.random.default_rng(3).random(len(ds)) < 0.4)
+    idx[copy, 2] = idx[copy, 1]
+    rd = routing(idx, 6, doc_ids=rd.doc_ids, positions=rd.positions, dataset_ids=ds, dataset_names=["first", "second"])
+    per = dataset_difference(rd, permutations=60).layer_estimates["first - second"]
+    flagged = np.argwhere(np.asarray(per.distinguishable, bool)).tolist()
+    assert flagged == [[1, 2]] and per.family == 6

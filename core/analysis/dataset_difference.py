@@ -36,7 +36,8 @@ class DatasetDifference(ResultMixin):
 
     ``layer_diff[p]`` and ``layer_null[p]`` are ``[L, L]`` (mean |Δr| per layer pair, and its mean
     under the null); ``estimates[p]`` the overall mean |Δr| (cross-layer pairs; within the layer
-    when there is one) with interval and verdict.
+    when there is one) with interval and verdict; ``layer_estimates[p]`` each layer pair's, Holm over
+    the layer pairs (a difference confined to one layer pair is diluted in the overall mean).
     """
 
     moe_layers: list[int]
@@ -45,6 +46,7 @@ class DatasetDifference(ResultMixin):
     layer_diff: dict[str, np.ndarray] = field(default_factory=dict)
     layer_null: dict[str, np.ndarray] = field(default_factory=dict)
     estimates: dict[str, Estimate] = field(default_factory=dict)
+    layer_estimates: dict[str, Estimate] = field(default_factory=dict)  # [L, L] per layer pair (i < j), Holm over them
 
 
 def overall(layer_mean: np.ndarray) -> np.ndarray:
@@ -127,7 +129,8 @@ class DatasetDifferenceAccumulator(RoutingAccumulator):
 
         defined = np.isfinite(self._diff(*((n[g].sum(), s[g].sum(0), q[g].sum(0)) for g in (in_a, ~in_a))))
         value = stat(in_a)  # the null and the interval average the same expert pairs (those defined in both datasets)
-        loo = np.stack([overall(stat(in_a, u)) for u in range(len(units))])
+        loo_pairs = np.stack([stat(in_a, u) for u in range(len(units))])
+        loo = overall(loo_pairs)
         rng = layer_rng(self.seed, a, b)
         draws = draws_for_holm(self.permutations, max(len(self.mom) - 1, 1)) if self.permutations else 0
         null = np.stack([stat(in_a[rng.permutation(len(units))]) for _ in range(draws)]) if draws else np.full((1,) + value.shape, np.nan)
@@ -138,9 +141,16 @@ class DatasetDifferenceAccumulator(RoutingAccumulator):
         short = min(int(in_a.sum()), int((~in_a).sum()))
         why = (f"{short} document blocks in a dataset, under the {MIN_DOCUMENTS} that intervals over documents need"
                if short < MIN_DOCUMENTS else "" if draws else "resampling turned off")
+        L = len(value)
+        i, j = np.triu_indices(L, k=1 if L > 1 else 0)
+        upper = np.full(value.shape, np.nan)
+        upper[i, j] = value[i, j]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
-            return value, np.nanmean(null, 0), no_verdict(est, why) if why else est
+            per = permutation_estimate(upper, jackknife_interval(upper, loo_pairs, bounds=(0.0, 2.0)), null, NULL_NAME,
+                                       len(loo))  # each layer pair, Holm over them (a t prediction test on the draws)
+            return (value, np.nanmean(null, 0), no_verdict(est, why) if why else est,
+                    no_verdict(per, why) if why else per)
 
     def _result(self) -> DatasetDifference:
         ids = sorted(self.mom)
@@ -149,7 +159,7 @@ class DatasetDifferenceAccumulator(RoutingAccumulator):
         for a, b in zip(ids, ids[1:]):
             key = f"{names(a)} - {names(b)}"
             out.pairs.append(key)
-            out.layer_diff[key], out.layer_null[key], out.estimates[key] = self._pair(a, b)
+            out.layer_diff[key], out.layer_null[key], out.estimates[key], out.layer_estimates[key] = self._pair(a, b)
         return _holm_over_pairs(out)
 
 

@@ -27,8 +27,22 @@ def difference_finding(res: Any, record: Any = None) -> list[Finding]:
     text = ("Datasets' cross-layer correlations (mean |Δr| over the expert pairs of different layers; null: document "
             f"blocks dealt between the two datasets{'; Holm over ' + str(family) + ' pairs' if family > 1 else ''}): "
             f"{sum(bool(e.distinguishable) for e in tested)} of {len(tested)} tested dataset pairs differ beyond the null; ")
-    text += "; ".join(f"{p}: {_one(e)}" for p, e in zip(pairs, ests)) + "."
+    text += "; ".join(f"{p}: {_one(e)}{_layer_pairs(res, p)}" for p, e in zip(pairs, ests)) + "."
     return [Finding("dataset_difference", text, ("correlation_diff_null",), ests[int(np.nanargmax([float(e.value) for e in ests]))] if np.isfinite([float(e.value) for e in ests]).any() else None)]
+
+
+def _layer_pairs(res: Any, pair: str) -> str:
+    """", n of M layer pairs differ (Holm), most: layers a–b" where the per-layer-pair verdict exists."""
+    est = (getattr(res, "layer_estimates", None) or {}).get(pair)
+    if est is None or est.why_none or not np.isfinite(np.asarray(est.value, float)).any():
+        return ""
+    d = np.asarray(est.distinguishable, bool)
+    text = f", {int(d.sum())} of {est.family} layer pairs beyond it (Holm)"
+    if d.any():
+        gap = np.where(d, np.asarray(est.value, float) - np.asarray(est.null, float), -np.inf)
+        a, b = np.unravel_index(int(np.argmax(gap)), gap.shape)
+        text += f", most at layers {res.moe_layers[a]}–{res.moe_layers[b]}"
+    return text
 
 
 def _one(est: Any) -> str:
@@ -64,6 +78,8 @@ register(AnalysisSpec(
     "dataset_difference", "pass", order=24, lead=25,
     build=lambda ctx: DatasetDifferenceAccumulator(permutations=100 if ctx.resamples else 0, seed=ctx.seed),
     estimates=lambda res: {f"corr_diff {p}": e for p, e in res.estimates.items()},
+    decisions=lambda res: {**{f"corr_diff {p}": e for p, e in res.estimates.items()},
+                           **{f"corr_diff_layers {p}": e for p, e in getattr(res, "layer_estimates", {}).items()}},
     findings=difference_finding,
     report=difference_section,
     notes="mean |Δr| of consecutive datasets' cross-layer correlations against document blocks dealt between them",
