@@ -83,13 +83,24 @@ ROUTED_TEXT_JS = """(() => {
 })()"""
 
 
+# The first screen: each card's small figure drawn from its full figure, inside its card, and the list below.
+LEAD_THUMBS_JS = """(() => {
+  const box = el => { const r = el.getBoundingClientRect(); return {left: r.left, top: r.top, right: r.right, bottom: r.bottom}; };
+  const cards = Array.from(document.querySelectorAll('#learned .lead-card'));
+  return JSON.stringify({cards: cards.map(c => ({card: box(c), svg: c.querySelector('.lead-thumb svg.main-svg') ?
+      box(c.querySelector('.lead-thumb svg.main-svg')) : null, text: c.querySelector('p').textContent,
+      traces: (c.querySelector('.lead-thumb').data || []).length})),
+    listed: Array.from(document.querySelectorAll('#learned li')).map(li => li.textContent)});
+})()"""
+
+
 @pytest.fixture(scope="module")
 def loaded(tmp_path_factory):
     report = gallery_report()
     path = report.write(tmp_path_factory.mktemp("browser"))
     check, values = check_page(path, expected_figures=report.num_figures,
                                evaluate=[HOVER_TOKEN_JS, HOVER_UTIL_JS, PICK_PAIR_JS, FIGURE_GEOMETRY_JS,
-                                         HOVER_DIAGONAL_JS, ROUTED_TEXT_JS])
+                                         HOVER_DIAGONAL_JS, ROUTED_TEXT_JS, LEAD_THUMBS_JS])
     return report, check, values
 
 
@@ -208,3 +219,21 @@ def test_text_coloured_by_routing_draws_switches_layers_and_hovers(loaded):
     has3 = [3 in sample.experts[i, 1] for i in range(len(sample.token_ids))]
     white = "rgb(255, 255, 255)"
     assert [c != white for c in got["weight"]] == has3 and any(has3)  # only the tokens expert 3 took are shaded
+
+
+def test_first_screen_draws_the_strongest_findings_small_beside_their_text(loaded):
+    """Issue 30: the first screen was ten bullets and no figure. Now: cards with a small figure each, then the list."""
+    got = json.loads(loaded[2][6])
+    assert [c["text"].split(" (")[0].split("→")[0] for c in got["cards"]] == [
+        "A finding drawn small beside its text", "A second one, with the co-activation lift behind it"]
+    for c in got["cards"]:
+        assert c["svg"] is not None and c["traces"] > 0, c  # drawn, from the full figure's traces
+        assert _inside(c["svg"], c["card"]) and c["svg"]["bottom"] - c["svg"]["top"] >= 150, c
+    assert HOSTILE_TOKEN in got["cards"][0]["text"]  # as text
+    assert [t.split("→")[0] for t in got["listed"]] == ["A finding listed below the cards", "A finding with no figure"]
+
+
+def test_lift_colours_are_a_log_scale_about_one(loaded):
+    ticks = _geometry(loaded)["fig-coactivation_lift"]["colorbar_ticks"]
+    assert "1" in ticks and "8" in ticks and "0.125" in ticks, ticks  # lift units, 1 (independence) in the middle
+    assert not [t for t in ticks if t.startswith(("−", "-"))], ticks

@@ -7,6 +7,7 @@ matrices (too big to compute in a test) are random read-only views of the right 
 
 from __future__ import annotations
 
+import json
 import time
 from types import SimpleNamespace
 
@@ -15,13 +16,16 @@ import pytest
 import torch
 
 from core.analysis.coactivation import coactivation, routing_paths
+from core.analysis.coactivation_lift import coactivation_lift
+from core.analysis.dataset_difference import DatasetDifference
+from core.analysis.resampling import Estimate
 from core.analysis.correlations import CorrelationDifference, CrossLayerCorrelation
 from core.analysis.expert_cards import expert_cards
 from core.analysis.routed_text import routed_text
 from core.analysis.routing_stats import routing_stats
 from core.analysis.specialization import domain_specialization
 from core.routing_data import RoutingData
-from viz.browser_check import check_page, find_chromium
+from viz.browser_check import FIGURE_GEOMETRY_JS, check_page, find_chromium
 from core.pipeline.outputs import build_report
 from core.pipeline.record import RunRecord
 from core.pipeline.spec import Finding
@@ -73,6 +77,18 @@ def _collaboration(L: int, E: int, rng: np.random.Generator, K: int = 16) -> Sim
                            params={"activation_threshold": 0.5, "threshold_rule": "relative"})
 
 
+def _dataset_difference(L: int, E: int, rng: np.random.Generator) -> DatasetDifference:
+    """The report's part of a DatasetDifference (its moments are too big to compute at these shapes in a test)."""
+    out = DatasetDifference(list(range(L)), E, [])
+    for a, b in zip(DATASETS, DATASETS[1:]):
+        key = f"{a} - {b}"
+        out.pairs.append(key)
+        out.layer_diff[key], out.layer_null[key] = rng.uniform(0, 0.1, (L, L)), rng.uniform(0, 0.1, (L, L))
+        out.estimates[key] = Estimate(np.asarray(0.1), np.asarray(0.09), np.asarray(0.11), np.asarray(0.1),
+                                      np.asarray(0.08), np.asarray(0.12), "dealt blocks", 8, p_value=np.asarray(0.5))
+    return out
+
+
 def synthetic_results(L: int, E: int, seed: int = 0) -> RunRecord:
     """The record of a run of an L x E model, with the results whose size grows with the shape."""
     rng = np.random.default_rng(seed)
@@ -91,6 +107,9 @@ def synthetic_results(L: int, E: int, seed: int = 0) -> RunRecord:
         "coactivation": coactivation(rd), "routing_paths": routing_paths(rd),
         "domain_specialization": domain_specialization(rd, by="domain"), "collaboration": _collaboration(L, E, rng),
         "routed_text": routed_text(_long_documents(L, E)), "expert_cards": expert_cards(rd),
+        # at 60 x 256 the lift's pair arrays take a minute and 3 GB to compute: drawn at 16 x 64 only
+        **({"coactivation_lift": coactivation_lift(rd)} if L * E <= 1024 else {}),
+        "dataset_difference": _dataset_difference(L, E, rng),
     })
 
 
@@ -135,8 +154,24 @@ def test_deep_wide_report_stays_bounded(tmp_path):
 def test_olmoe_shape_report_draws_in_a_browser(olmoe_shape):
     rep, path = olmoe_shape
     t0 = time.perf_counter()
-    check, _ = check_page(path, expected_figures=rep.num_figures, timeout=50)
+    check, (geometry,) = check_page(path, expected_figures=rep.num_figures, timeout=50, evaluate=[FIGURE_GEOMETRY_JS])
     seconds = time.perf_counter() - t0
     print(f"\n16 x 64 report: opened and drew {check.figures_drawn}/{check.figures_total} figures in {seconds:.1f} s")
     assert check.ok, (check.errors, check.undrawn)
     assert seconds < 50
+    geometry = json.loads(geometry)
+    for fig_id in ("fig-coactivation_lift", "fig-correlation_diff_null"):  # issue 30's views, at OLMoE's shape
+        g = geometry[fig_id]
+        for part in ("title", "xtitle", "ytitle"):
+            assert _inside(g[part], g["figure"]), (fig_id, part, g)
+        assert not _overlap(g["ytitle"], g["title"]) and not _overlap(g["xtitle"], g["title"]), (fig_id, g)
+    assert "1" in geometry["fig-coactivation_lift"]["colorbar_ticks"]
+
+
+def _inside(box: dict, outer: dict) -> bool:
+    return (box["left"] >= outer["left"] - 1 and box["right"] <= outer["right"] + 1
+            and box["top"] >= outer["top"] - 1 and box["bottom"] <= outer["bottom"] + 1)
+
+
+def _overlap(a: dict, b: dict) -> bool:
+    return a["left"] < b["right"] and b["left"] < a["right"] and a["top"] < b["bottom"] and b["top"] < a["bottom"]

@@ -19,13 +19,13 @@ NAMES_LAYER = {
     "domain_specialization", "vocabulary_specialization", "collaboration_patterns",
     "svd_spectra", "router_expert_alignment", "saturation", "drift", "saturation_heatmap",
     "layer_entropy_over_time", "correlation_pairs", "coactivation_layers",
-    "domain_specialization_layers",
+    "domain_specialization_layers", "coactivation_lift", "domain_shares_per_expert", "vocabulary_per_expert",
 }
 NAMES_EXPERT = {
     "utilization", "coactivation", "routing_paths", "domain_specialization",
     "vocabulary_specialization", "collaboration_patterns", "router_expert_alignment",
     "utilization_over_time", "affinity", "correlation_pairs", "coactivation_layers",
-    "domain_specialization_layers",
+    "domain_specialization_layers", "coactivation_lift", "domain_shares_per_expert", "vocabulary_per_expert",
 }
 
 

@@ -17,6 +17,8 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from viz import plotting as P
+from viz.figures_lift import lift_by_layer
+from viz.figures_paper import domain_shares_per_expert, vocabulary_per_expert
 from viz.report import Report
 from viz.routed_text import routed_text_html, routed_text_payload
 
@@ -177,6 +179,14 @@ def _picker_figures(corr: np.ndarray, coact: np.ndarray, share: np.ndarray, doma
         ("Specialization", "domain_specialization_layers",
          P.domain_specialization_by_layer(np.stack([share, share[::-1]]), domains, [3, 5], baseline=1 / num_experts),
          None),
+        ("Specialization", "domain_shares_per_expert",
+         domain_shares_per_expert(np.stack([share, share[::-1]]), domains, [0, 5], 2 / num_experts, shown=1), None),
+        ("Specialization", "vocabulary_per_expert",
+         vocabulary_per_expert(np.full((2, num_experts), 0.6), [[HOSTILE_TOKEN] * num_experts, ["the"] * num_experts],
+                               [0, 5], 2 / num_experts), None),
+        ("Routing", "coactivation_lift",
+         lift_by_layer([2 * coact + 0.01, coact.T[:4, :4] * 4], [1, 3], [range(8), [0, 2, 5, 6]],
+                       [np.ones_like(coact), np.ones((4, 4))], shown=1), None),
     ]
 
 
@@ -191,6 +201,10 @@ def gallery_report(seed: int = 0) -> Report:
     report.add_section("Routing", "Synthetic numbers; shapes and labels are what matter here.")
     for section, name, fig, data in gallery_figures(seed):
         report.add_figure(section, fig, name, data=data)
+    report.lead = [(f"A finding drawn small beside its text ({HOSTILE_TOKEN})", "utilization"),
+                   ("A second one, with the co-activation lift behind it", "coactivation_lift"),
+                   ("A finding listed below the cards", "entropy"), ("A finding with no figure", None)]
+    report.lead_shown = 2
     report.add_table("Examples", pd.DataFrame({"token": [" the", HOSTILE_TOKEN], "count": [10, 1]}),
                      "example_tokens", caption="tokens from the data (escaped)")
     payload = routed_text_payload(routed_text_sample(), GALLERY_VOCAB.__getitem__)

@@ -29,7 +29,9 @@ from viz.figures_training import (
     training_curves,
     utilization_over_time,
 )
+from viz.figures_lift import lift_by_layer
 from viz.figures_nulls import estimate_vs_null, pruning_curves
+from viz.figures_paper import domain_shares_per_expert, vocabulary_per_expert
 from viz.figures_pickers import coactivation_by_layer, correlation_by_layer_pair, domain_specialization_by_layer
 from viz.figures_weights import alignment_vs_baseline, hungarian_cosine_vs_null, svd_spectra
 
@@ -45,6 +47,7 @@ __all__ = [
     "collaboration_patterns",
     "correlation_by_layer_pair",
     "correlation_matrix",
+    "domain_shares_per_expert",
     "domain_specialization_by_layer",
     "domain_specialization_heatmap",
     "drift_over_checkpoints",
@@ -52,6 +55,7 @@ __all__ = [
     "estimate_vs_null",
     "hungarian_cosine_vs_null",
     "layer_metric_over_time",
+    "lift_by_layer",
     "pruning_curves",
     "router_similarity_heatmap",
     "routing_paths_sankey",
@@ -60,5 +64,6 @@ __all__ = [
     "training_curves",
     "utilization_heatmap",
     "utilization_over_time",
+    "vocabulary_per_expert",
     "vocabulary_specialization",
 ]

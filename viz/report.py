@@ -23,6 +23,7 @@ import plotly.offline
 
 from core.array_files import ARRAY_FILE as ARRAYS_FILE  # the run's full matrices, beside report.html and metrics.json
 from core.safe_io import atomic_write_text, to_jsonable
+from viz.first_screen import LEAD_CSS, LEAD_JS, render_lead
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,120}$")
 _PLOTLY_CONFIG = {"displaylogo": False, "responsive": True}
@@ -35,8 +36,6 @@ table{border-collapse:collapse;margin:.5rem 0 1rem;font-size:.9rem}
 th,td{border:1px solid #ddd;padding:.25rem .6rem;text-align:left;vertical-align:top}
 th{background:#f4f6f8}.warnings{background:#fff4e5;border-left:4px solid #f0a020;
 padding:.5rem 1rem;margin:1rem 0}.warnings li{margin:.2rem 0}
-#learned{background:#f1f7ff;border-left:4px solid #3b7dd8;padding:.5rem 1rem}#learned li{margin:.45rem 0}
-#learned a.fig{white-space:nowrap;margin-left:.4rem}
 figure.report-figure{margin:1.5rem 0;border-top:1px solid #eee;padding-top:.5rem}
 figcaption{font-size:.9rem;color:#444}figcaption a{margin-left:.6rem}.full-data a{margin-left:0}
 nav ol{columns:2}section{margin-top:2rem}.table-wrap{overflow-x:auto;max-height:480px}
@@ -163,6 +162,7 @@ class Report:
         self._sections: dict[str, _Section] = {}
         self._names: set[str] = set()
         self.lead: list[tuple[str, str | None]] = []  # the first screen: (finding, name of the figure behind it)
+        self.lead_shown = 0  # how many of the first findings are shown as cards, each with a small copy of its figure
 
     # ----------------------------------------------------------------- building
     def add_warning(self, text: str) -> None:
@@ -282,17 +282,9 @@ class Report:
         )
 
     def _render_lead(self) -> str:
-        """What the run found, first: each finding (with its null and interval) and a link to the figure behind it."""
-        if not self.lead:
-            return ""
+        """What the run found, first: the strongest findings with a small figure each, then the rest, linked."""
         known = {i.name for s in self._sections.values() for i in s.items if i.kind == "figure"}
-        items = "".join(
-            f"<li>{html.escape(text)}"
-            + (f"<a class='fig' href='#item-{html.escape(name)}'>→ figure</a>" if name in known else "")
-            + "</li>"
-            for text, name in self.lead
-        )
-        return f"<section id='learned'><h2>What we learned</h2><ul>{items}</ul></section>"
+        return render_lead(self.lead, self.lead_shown, known)
 
     def render(self, data_dir: Path) -> str:
         """Build the page, writing each item's numbers into ``data_dir`` on the way."""
@@ -308,7 +300,7 @@ class Report:
         parts = [
             "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
             "<meta name='viewport' content='width=device-width, initial-scale=1'>",
-            f"<title>{esc(self.title)}</title><style>{_CSS}</style>{script}</head><body>",
+            f"<title>{esc(self.title)}</title><style>{_CSS}{LEAD_CSS}</style>{script}</head><body>",
             f"<header><h1>{esc(self.title)}</h1><p class='meta'>written {created}</p></header>",
             self._render_lead(),
             "<section id='summary'><h2>Summary</h2>",
@@ -330,7 +322,7 @@ class Report:
             parts.append(_paragraphs(section.text))
             parts.extend(self._render_item(item, data_dir, arrays_present) for item in section.items)
             parts.append("</section>")
-        parts.append("</body></html>")
+        parts.append((LEAD_JS if self.lead_shown else "") + "</body></html>")
         return "\n".join(parts)
 
     def write(self, run_dir: str | Path, filename: str = "report.html") -> Path:

@@ -68,6 +68,7 @@ class VocabularySpecialization(ResultMixin):
     untracked_frequent_ids: int = 0  # ids seen >= min_count times that were not tracked (left out of the mean)
     token_tested: np.ndarray | None = None  # [T'] rows of token_ids seen TOKEN_MIN_COUNT+ times: each tested on its own
     token_expert_p_adjusted: np.ndarray | None = None  # [T', L, E] Holm over every (id, layer, expert) tested
+    expert_counts: np.ndarray | None = None  # [T, L, E] occurrences of each kept id with the expert in its top-k
 
     @property
     def token_flags(self) -> np.ndarray | None:
@@ -222,7 +223,8 @@ class VocabularyAccumulator(RoutingAccumulator):
         pref, conc = dense.argmax(-1), dense.max(-1) / np.clip(occ[:, None], 1, None)
         tracked = np.zeros(len(self.seen), bool)
         tracked[self.ids[self.ids < len(self.seen)]] = True
-        extra = dict(tracked_token_ids=S, untracked_frequent_ids=int(((self.seen >= self.min_count) & ~tracked).sum()))
+        extra = dict(tracked_token_ids=S, untracked_frequent_ids=int(((self.seen >= self.min_count) & ~tracked).sum()),
+                     expert_counts=dense.astype(np.int32))
         if not len(keep):
             nan = np.full(L, np.nan)
             return VocabularySpecialization(layers, E, k, self.min_count, self.ids[keep], occ, pref, conc, nan, nan, k / E,

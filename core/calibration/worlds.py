@@ -58,6 +58,9 @@ class World:
     copy_rate: float = 0.0  # layer 4 copies layer 3's choice for this share of tokens
     couple_rate: float = 0.0  # expert 0 at layer 5 brings expert 0 at layer 9 for this share of its tokens
     saturation: float = 0.0  # the early checkpoint already has the final experts for this share of tokens
+    datasets: int = 1  # documents dealt in turn to this many datasets (routing alike in all: a null for |Δr|)
+    team_rate: float = 0.0  # this share of tokens takes experts 0 and 1 together at layer 6 (a within-layer team)
+    dataset_copy_rate: float = 0.0  # in the second dataset only, layer 4 copies layer 3 for this share of tokens
     target: tuple[str, object] | None = None
 
     @property
@@ -163,6 +166,14 @@ def _couple(idx: np.ndarray, rate: float, rng: np.random.Generator, a: tuple[int
     idx[has, b[0], -1] = b[1]
 
 
+def _team(idx: np.ndarray, rate: float, rng: np.random.Generator, layer: int = 6, pair: tuple[int, int] = (0, 1)) -> None:
+    """In place: a share ``rate`` of tokens take both experts of ``pair`` first at ``layer``, keeping k distinct experts."""
+    k = idx.shape[-1]
+    for t in np.nonzero(rng.random(len(idx)) < rate)[0]:
+        rest = [e for e in idx[t, layer] if e not in pair]
+        idx[t, layer] = list(pair) + rest[: k - 2]
+
+
 def _fixed(world: World) -> np.random.Generator:
     """What the world is (its topics' routing and vocabularies): the same in every draw, as one model and one corpus are."""
     return np.random.default_rng(zlib.crc32(world.name.encode()))
@@ -183,6 +194,7 @@ def simulate_checkpoints(world: World, base: Shape, seed: int) -> list[RoutingDa
     shape = world.shape(base)
     rng = np.random.default_rng([seed, zlib.crc32(world.name.encode())])
     lab = _labels(world, shape, rng, _fixed(world))
+    lab["dataset"] = lab["doc"] % world.datasets
     logits = _logits(world, shape, lab, rng, _fixed(world))
     out = []
     for c in range(2):
@@ -193,6 +205,13 @@ def simulate_checkpoints(world: World, base: Shape, seed: int) -> list[RoutingDa
             _copy_layer(idx, world.copy_rate, rng)
         if world.couple_rate:
             _couple(idx, world.couple_rate, rng)
+        if world.team_rate:
+            _team(idx, world.team_rate, rng)
+        if world.dataset_copy_rate:
+            second = np.nonzero(lab["dataset"] == 1)[0]
+            sub = idx[second]
+            _copy_layer(sub, world.dataset_copy_rate, rng)
+            idx[second] = sub
         out.append(idx)
     if world.saturation:
         keep = rng.random(len(out[0])) < world.saturation
@@ -201,12 +220,14 @@ def simulate_checkpoints(world: World, base: Shape, seed: int) -> list[RoutingDa
 
 
 def _routing(idx: np.ndarray, lab: dict[str, np.ndarray], shape: Shape) -> RoutingData:
-    n = len(idx)
+    ds = int(lab["dataset"].max(initial=0)) + 1
     return RoutingData(
         moe_layers=list(range(shape.layers)), num_experts=shape.experts, top_k=shape.top_k,
         topk_idx=torch.from_numpy(idx.astype(np.int64)), topk_weight=torch.full(idx.shape, 1.0 / shape.top_k),
         token_ids=torch.from_numpy(lab["tok"].astype(np.int64)), positions=torch.from_numpy(lab["pos"]),
         doc_ids=torch.from_numpy(lab["doc"]), domain_ids=torch.from_numpy(lab["domain"]),
-        dataset_ids=torch.zeros(n, dtype=torch.int64), domain_names=[f"domain{d}" for d in range(shape.domains)],
-        dataset_names=["simulated"], score_fn="softmax",
+        dataset_ids=torch.from_numpy(lab["dataset"].astype(np.int64)),
+        domain_names=[f"domain{d}" for d in range(shape.domains)],
+        dataset_names=["simulated"] if ds == 1 else [f"simulated{i}" for i in range(ds)],
+        score_fn="softmax",
     )

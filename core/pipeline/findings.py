@@ -71,3 +71,22 @@ def conclude(record: RunRecord) -> RunRecord:
     """The record with its headline, findings and warnings (a new record: the one passed in is not changed)."""
     return dataclasses.replace(record, headline=headline_numbers(record), findings=tuple(findings(record)),
                                warnings=tuple(warnings_of(record)))
+
+
+def first_screen(found: list[Finding] | tuple[Finding, ...], n: int = 4) -> tuple[list[Finding], int]:
+    """The findings reordered for the report's first screen, and how many lead it with a small figure each.
+
+    The leaders are the first ``n`` (in ``lead`` order) that name a figure and whose estimate
+    stands out from its null somewhere (a verdict, after its correction); the rest follow in order.
+    """
+    def strong(f: Finding) -> bool:
+        est = f.estimate
+        if not f.figure_keys or est is None or getattr(est, "why_none", ""):
+            return False
+        try:
+            return bool(np.asarray(est.distinguishable, bool).any())
+        except (TypeError, ValueError):
+            return False
+
+    top = [f for f in found if strong(f)][:n]
+    return top + [f for f in found if all(f is not t for t in top)], len(top)

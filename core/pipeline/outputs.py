@@ -12,6 +12,7 @@ from typing import Any, Callable
 import pandas as pd
 import plotly.graph_objects as go
 
+from core.pipeline.findings import first_screen
 from core.pipeline.record import RunRecord
 from viz.report import Report
 from viz.run_report import ReportPage
@@ -41,7 +42,8 @@ def build_report(record: RunRecord, decode: Callable[[int], str] | None = None, 
     title = title or f"MoE routing report: {record.model.get('name', 'model')}"
     page = ReportPage(Report(title, summary=report_summary(record) if summary is None else summary,
                              warnings=record.warnings), decode=decode)
-    page.report.lead = ([(f.text, f.figure_keys[0] if f.figure_keys else None) for f in record.findings]
+    ordered, page.report.lead_shown = first_screen(record.findings)
+    page.report.lead = ([(f.text, f.figure_keys[0] if f.figure_keys else None) for f in ordered]
                         or [("No findings: no analysis ran.", None)])
     for spec, result in record.present():
         if spec.report is not None:

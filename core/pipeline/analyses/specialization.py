@@ -13,6 +13,7 @@ from core.analysis.resampling import MIN_DOCUMENTS
 from core.analysis.specialization import DomainSpecializationAccumulator
 from core.analysis.vocabulary import TOKEN_MIN_COUNT, VocabularyAccumulator
 from core.pipeline.findings_text import count_of, est_of, f3, flagged, pct, quote, strongest
+from core.pipeline.paper_views import paper_views
 from core.pipeline.spec import AnalysisSpec, Finding, register
 from viz import matrix_views as V
 from viz import plotting as P
@@ -141,6 +142,7 @@ def _specialization_section(r: Mapping[str, Any], page: ReportPage, decode: Call
     cons = r.get("routing_consistency")
     if cons is not None:
         _consistency(cons, page)
+    paper_views(r, page, decode)
 
 
 def _consistency(cons: Any, page: ReportPage) -> None:
