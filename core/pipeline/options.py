@@ -115,6 +115,8 @@ class AnalysisOptions:
     pruning_fractions: list[float] = opt([0.125, 0.25, 0.5], "comma-separated shares of each layer's experts to prune")
     pruning_random_seeds: int = opt(8, "random choices the pruning criteria are tested against (at least 3)", low=3)
     collaboration: bool = opt(True, "dictionary learning of experts that fire together")
+    generate_tokens: int = opt(24, "tokens the model writes after the start of 2 documents per domain, shown coloured by "
+                               "the routing recorded while it wrote them (0: none; never for a remote model)", low=0)
     resamples: int = opt(200, "bootstrap resamples over documents behind every interval (0: no intervals or nulls)", low=0)
     recompute: list[str] = opt([], "compute these analyses again even where a stored result of the same model, tokens, "
                                "settings and inputs exists (repeatable, or comma-separated)",
