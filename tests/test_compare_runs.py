@@ -92,7 +92,7 @@ def test_the_page_from_summaries_says_how_it_tested(tmp_path, capsys):
     assert [r["verdict"] for r in balance] == ["not told apart", "different", "not told apart"]
     assert all("own 95% intervals" in r["method"] for r in rows)
     page = (out / "report.html").read_text()
-    assert "Findings side by side" in page and "lowest 0.50" in page and "differs at 1 of 3 layers" in page
+    assert "Findings side by side" in page and "lowest 0.50" in page and "b at 1 of 3 layers" in page
     assert main([str(a), str(b), "--out", str(out)]) == 0  # its own earlier page is replaced
 
 
@@ -142,3 +142,12 @@ def test_the_page_draws_in_a_browser(tmp_path):
     assert result.ok, result
     assert result.figures_total >= 4 and result.figures_drawn == result.figures_total
     assert json.loads(traces)[0] == 2  # one line per run on the same axes
+
+
+def test_the_script_has_help():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "exp" / "compare_runs.py"), "--help"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "RUN_DIR" in out.stdout and "--out" in out.stdout, out.stderr

@@ -66,18 +66,21 @@ def _difference_rows(comp: Comparison) -> pd.DataFrame:
 
 
 def _lead(comp: Comparison) -> list[tuple[str, str | None]]:
-    """Per metric and run: how many layers differ from the reference, and the largest difference with its interval."""
+    """One line per tested metric: for each run, at how many layers it differs from the reference and its largest difference."""
     ref, out = comp.runs[0].name, []
     for m in METRICS:
+        parts, methods = [], set()
         for name, d in comp.differences.get(m.key, []):
             ok = np.isfinite(d.diff)
             if not ok.any():
                 continue
             li = int(np.nanargmax(np.where(ok, np.abs(d.diff), -np.inf)))
-            how = "paired over shared documents" if d.units else "from the runs' own intervals"
-            out.append((f"{m.label}: {name} − {ref} differs at {int(np.sum(d.distinguishable & ok))} of {int(ok.sum())} layers "
-                        f"({how}, Holm); largest at layer {comp.runs[0].layers[li]}: {_fmt(d.diff[li])} "
-                        f"(95% CI {_fmt(d.low[li])} to {_fmt(d.high[li])}, {_fmt(d.value_a[li])} → {_fmt(d.value_b[li])}).",
+            methods.add("paired over shared documents" if d.units else "from the runs' own intervals")
+            parts.append(f"{name} at {int(np.sum(d.distinguishable & ok))} of {int(ok.sum())} layers, largest at layer "
+                         f"{comp.runs[0].layers[li]}: {_fmt(d.value_a[li])} → {_fmt(d.value_b[li])} "
+                         f"(Δ {_fmt(d.diff[li])}, 95% CI {_fmt(d.low[li])} to {_fmt(d.high[li])})")
+        if parts:
+            out.append((f"{m.label}, against {ref} ({' / '.join(sorted(methods))}; Holm over layers): " + "; ".join(parts) + ".",
                         f"diff_{m.key}"))
     return out
 
@@ -134,9 +137,9 @@ def comparison_report(comp: Comparison, title: str) -> Report:
                        "other documents, are compared from each run's own 95% intervals taken as normal and independent; "
                        "metrics with no interval in the run are shown, not tested.")
     report.add_table("Runs", _runs_table(comp), "runs", caption="The runs compared.")
+    _metric_figures(report, comp)
     report.add_table("Findings side by side", findings_table(comp.runs), "findings", max_rows=60,
                      caption="Each run's own findings, one row per topic.")
-    _metric_figures(report, comp)
     _training_figures(report, comp)
     diffs = _difference_rows(comp)
     if len(diffs):
