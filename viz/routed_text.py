@@ -71,9 +71,15 @@ def _payload(text: Any, decode: Callable[[int], str] | None, cap: int) -> dict[s
         docs.append({"domain": str(text.doc_domain[d]), "dataset": str(text.doc_dataset[d]), "doc": int(text.doc_id[d]),
                      "tokens": [token_label(s) for s in raw], "br": [i for i, s in enumerate(raw) if "\n" in s],
                      "pos": np.asarray(text.positions)[rows].tolist(), "e": e.ravel().tolist(),
-                     "w": None if w is None else w.ravel().tolist()})
+                     "w": None if w is None else w.ravel().tolist(), **_prompt(text, d)})
     return {"layers": [int(x) for x in text.moe_layers], "E": int(text.num_experts), "k": int(text.top_k),
             "palette": list(PALETTE), "cut": bool((sizes > cap).any()), "docs": docs}
+
+
+def _prompt(text: Any, d: int) -> dict[str, int]:
+    """Where document ``d``'s prompt ends, for generated text (tokens from there on were written by the model)."""
+    lengths = getattr(text, "prompt_length", None)
+    return {} if lengths is None else {"prompt": int(np.asarray(lengths)[d])}
 
 
 def _script_json(payload: dict[str, Any]) -> str:
@@ -99,6 +105,8 @@ _CSS = """.routed-text .rt-docs{font-family:ui-monospace,Menlo,Consolas,monospac
 .routed-text .rt-doc{margin:.6rem 0;padding:.3rem 0;border-top:1px solid #eee}
 .routed-text .rt-head{font-family:system-ui,sans-serif;color:#555;font-size:.85rem}
 .routed-text .rt-tok{padding:1px 0;border-right:1px solid #fff;white-space:pre;cursor:default}
+.routed-text .rt-gen{text-decoration:underline dotted #444;font-style:italic}
+.routed-text .rt-mark{color:#888;font-family:system-ui,sans-serif;padding:0 .2rem}
 .routed-text .rt-tip{position:fixed;display:none;background:#222;color:#fff;padding:.3rem .5rem;
 font-size:.8rem;border-radius:3px;pointer-events:none;white-space:pre;z-index:10}"""
 
@@ -118,11 +126,14 @@ _JS = r"""function (root) {
   data.docs.forEach((d, di) => {
     const div = document.createElement('div'); div.className = 'rt-doc';
     const head = document.createElement('div'); head.className = 'rt-head';
-    head.textContent = d.domain + (d.dataset ? ' · ' + d.dataset : '') + ' · document ' + d.doc;
+    const gen = d.prompt === undefined ? -1 : d.prompt;
+    head.textContent = d.domain + (d.dataset ? ' · ' + d.dataset : '') + ' · document ' + d.doc +
+      (gen >= 0 ? ' · prompt ' + gen + ' tokens, then ' + (d.tokens.length - gen) + ' generated' : '');
     div.appendChild(head);
     const br = new Set(d.br);
     d.tokens.forEach((t, ti) => {
-      const s = document.createElement('span'); s.className = 'rt-tok'; s.textContent = t;
+      if (ti === gen) { const m = document.createElement('span'); m.className = 'rt-mark'; m.textContent = '▸'; div.appendChild(m); }
+      const s = document.createElement('span'); s.className = ti >= gen && gen >= 0 ? 'rt-tok rt-gen' : 'rt-tok'; s.textContent = t;
       s.dataset.doc = di; s.dataset.tok = ti; div.appendChild(s); spans.push(s);
       if (br.has(ti)) div.appendChild(document.createElement('br'));
     });
@@ -151,7 +162,8 @@ _JS = r"""function (root) {
     const d = data.docs[+s.dataset.doc], ti = +s.dataset.tok, l = +layerSel.value, lines = [];
     for (let j = 0; j < k; j++) { const e = d.e[slot(d, ti, l, j)];
       if (e >= 0) lines.push('expert ' + e + (d.w ? '  ' + (d.w[slot(d, ti, l, j)] / 1000).toFixed(3) : '')); }
-    tip.textContent = '"' + d.tokens[ti] + '"  position ' + d.pos[ti] + ', layer ' + data.layers[l] + '\n' + lines.join('\n');
+    const kind = d.prompt === undefined ? '' : (ti >= d.prompt ? ' (generated)' : ' (prompt)');
+    tip.textContent = '"' + d.tokens[ti] + '"' + kind + '  position ' + d.pos[ti] + ', layer ' + data.layers[l] + '\n' + lines.join('\n');
     tip.style.display = 'block'; tip.style.left = (ev.clientX + 12) + 'px'; tip.style.top = (ev.clientY + 12) + 'px';
   }
   layerSel.addEventListener('change', draw); modeSel.addEventListener('change', draw); expSel.addEventListener('change', draw);

@@ -115,6 +115,8 @@ class AnalysisOptions:
     pruning_fractions: list[float] = opt([0.125, 0.25, 0.5], "comma-separated shares of each layer's experts to prune")
     pruning_random_seeds: int = opt(8, "random choices the pruning criteria are tested against (at least 3)", low=3)
     collaboration: bool = opt(True, "dictionary learning of experts that fire together")
+    generate_tokens: int = opt(24, "tokens the model writes after the start of 2 documents per domain, shown coloured by "
+                               "the routing recorded while it wrote them (0: none; never for a remote model)", low=0)
     resamples: int = opt(200, "bootstrap resamples over documents behind every interval (0: no intervals or nulls)", low=0)
     recompute: list[str] = opt([], "compute these analyses again even where a stored result of the same model, tokens, "
                                "settings and inputs exists (repeatable, or comma-separated)",
@@ -322,6 +324,7 @@ def _shrink(opts: RunOptions) -> None:
     d, a, c = opts.data, opts.analysis, opts.collection
     d.num_samples, d.max_tokens, d.max_length = min(d.num_samples, 12), min(d.max_tokens, 1_500), min(d.max_length, 64)
     a.ablation_tokens, a.pruning_tokens = min(a.ablation_tokens, 300), min(a.pruning_tokens, 300)
+    a.generate_tokens = min(a.generate_tokens, 8)
     opts.model.max_checkpoints = min(opts.model.max_checkpoints, 3)
     c.batch_size, c.shard_tokens = min(c.batch_size, 4), min(c.shard_tokens, 128)
 
