@@ -203,6 +203,7 @@ def test_stored_results_round_trip_field_by_field(runner, tmp_path):
 
 def test_codec_keeps_types_and_refuses_what_it_cannot_store():
     value = {1: [0.1, float("nan"), -float("inf")], "t": (np.float32(1.5), np.int64(3), True, None),
+             "np64": [np.float64(0.25), np.float64("nan"), np.float64("-inf")],  # np.float64 is a float too
              "a": np.arange(6, dtype=np.int16).reshape(2, 3), "e": np.zeros((0, 2))}
     arrays: dict = {}
     assert_identical(decode(encode(value, arrays), arrays), value)
@@ -263,5 +264,26 @@ def test_recompute_option_names_reused_analyses():
     opts = parse_options(["--micro", "--recompute", "ablation", "--recompute", "pruning", "--recompute", "pass"])
     assert opts.analysis.recompute == ["ablation", "pruning", "pass"]
     assert parse_options(["--micro", "--recompute", "ablation,all"]).analysis.recompute == ["ablation", "all"]
-    with pytest.raises(OptionsError, match="recompute must be one of pass, router_similarity, expert_alignment, ablation, pruning, all, not 'nosuch'"):
+    with pytest.raises(OptionsError, match="recompute must be one of pass, router_similarity, expert_alignment, ablation, pruning, generated_text, all, not 'nosuch'"):
         parse_options(["--micro", "--recompute", "nosuch"])
+
+
+def test_generated_text_is_reused_only_for_the_same_continuations(runner, monkeypatch):
+    from core.pipeline.analyses import generated_text as generated_spec
+
+    calls: list[int] = []
+    real = generated_spec.generated_text
+
+    def counting(wrapper, text, per_domain, prompt_tokens, new_tokens):
+        calls.append(new_tokens)
+        return real(wrapper, text, per_domain, prompt_tokens, new_tokens)
+
+    monkeypatch.setattr(generated_spec, "generated_text", counting)
+    runner.run()
+    assert calls == [], "an unchanged rerun generated the continuations again"
+    _, _, first = runner.run(generate_tokens=5)
+    assert calls == [5] and first["ablation"] == 0, "another length of continuation must regenerate it, and only it"
+    runner.run(generate_tokens=5)
+    assert calls == [5], "the same length was generated again"
+    runner.run(generate_tokens=5, recompute=["generated_text"])
+    assert calls == [5, 5], "--recompute generated_text did not regenerate it"

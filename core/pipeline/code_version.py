@@ -2,7 +2,7 @@
 
 A stored result (``core.pipeline.result_store``) is reused only under the same digest, so any edit of
 an analysis, of the cache reader, of the one pass or of the result codec, and any other version of
-numpy, scipy, scikit-learn, torch or safetensors, computes it again. Figures (``viz``) are not part
+numpy, scipy, scikit-learn, torch, safetensors or transformers, computes it again. Figures (``viz``) are not part
 of it: a changed figure reuses every result.
 """
 
@@ -14,11 +14,11 @@ from importlib import metadata
 from pathlib import Path
 
 _ROOT = Path(__file__).resolve().parents[2]
-# the analyses, their specs, the cache reader, the stream, the stored form and the identities of stored results
-CODE = ("core/analysis", "core/pipeline/analyses", "core/store", "core/routing_data.py", "core/pipeline/shares.py",
+# the analyses, their specs, the model access the forward-pass analyses run through (ablation, generation), the cache reader, the stream, the stored form and the identities of stored results
+CODE = ("core/analysis", "core/pipeline/analyses", "core/model_access", "core/store", "core/routing_data.py", "core/pipeline/shares.py",
         "core/pipeline/suite.py", "core/pipeline/context.py", "core/pipeline/pass_reuse.py", "core/pipeline/reuse.py",
         "core/pipeline/result_codec.py", "core/pipeline/spec.py")
-LIBRARIES = ("numpy", "scipy", "scikit-learn", "torch", "safetensors")
+LIBRARIES = ("numpy", "scipy", "scikit-learn", "torch", "safetensors", "transformers")
 
 
 @functools.lru_cache(maxsize=1)

@@ -43,7 +43,8 @@ def opt(default: Any, help: str, *, choices: tuple | None = None, key: str | Non
 
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 REMOTES = ("ndif", "local")
-REUSED_ANALYSES = ("pass", "router_similarity", "expert_alignment", "ablation", "pruning")  # the one pass, and the analyses that declare reuse_key (tests/test_result_reuse.py checks)
+REUSED_ANALYSES = ("pass", "router_similarity", "expert_alignment", "ablation", "pruning",
+                   "generated_text")  # the one pass, and the analyses that declare reuse_key (tests/test_result_reuse.py checks)
 DTYPES = ("auto", "float32", "fp32", "float16", "fp16", "bfloat16", "bf16")
 
 

@@ -38,14 +38,14 @@ def encode(obj: Any, arrays: dict[str, np.ndarray]) -> Any:
     """``obj`` as tagged JSON; its arrays are added to ``arrays`` (the safetensors content) under the keys it names."""
     if obj is None or isinstance(obj, (bool, str)):
         return obj
+    if isinstance(obj, np.generic):  # first: np.float64 is also a float, and would come back a plain one
+        return {"scalar": _array_ref(np.asarray(obj), arrays)}
     if isinstance(obj, int):
         return obj
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else {"float": repr(obj)}
     if isinstance(obj, np.ndarray):
         return {"array": _array_ref(obj, arrays)}
-    if isinstance(obj, np.generic):
-        return {"scalar": _array_ref(np.asarray(obj), arrays)}
     if isinstance(obj, (list, tuple)):
         return {"list" if isinstance(obj, list) else "tuple": [encode(v, arrays) for v in obj]}
     if isinstance(obj, dict):
