@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM
 from core.study_moe.evaluation import record_router_outputs
 from core.collection.checkpoints import CheckpointError, list_local_checkpoints
 from core.study_moe.training import TrainConfig, ensure_default_model
+from tests.shared_runs import micro_models_copy
 from viz.training_log import read_training_log
 
 MICRO = Path(__file__).resolve().parents[1] / "configs" / "train_micro.yaml"
@@ -17,7 +18,8 @@ MICRO = Path(__file__).resolve().parents[1] / "configs" / "train_micro.yaml"
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
-    return ensure_default_model(tmp_path_factory.mktemp("models"), config=MICRO, progress=False)
+    """The micro run, trained once per session (tests/shared_runs.py), in a folder of this module's own."""
+    return micro_models_copy(tmp_path_factory, tmp_path_factory.mktemp("models")) / "study-moe-micro"
 
 
 def test_micro_run_lowers_the_loss(run_dir):
