@@ -16,9 +16,10 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 # The files with the longest end-to-end runs, longest first. pytest-xdist hands out whole files in collection order
 # (pyproject: --dist loadfile --no-loadscope-reorder), so these start first and the short files fill the gaps
 # after them; started last, one of them would run alone on one core at the end.
-LONGEST_FIRST = [
-    "test_pipeline.py", "test_olmoe_shape.py", "test_hostile_files.py", "test_hostile_config.py", "test_result_reuse.py",
-    "test_report_scale.py", "test_calibration.py", "test_all_moe_families.py", "test_report_browser.py",
+LONGEST_FIRST = [  # by the --durations profile of 2026-12-06 (README's test command)
+    "test_pipeline.py", "test_olmoe_shape.py", "test_calibration.py", "test_report_scale.py", "test_hostile_files.py",
+    "test_generation_routing.py", "test_findings.py", "test_hostile_config.py", "test_all_moe_families.py",
+    "test_moe_benchmark.py", "test_random_shapes.py", "test_result_reuse.py", "test_analysis_merge.py",
 ]
 
 
