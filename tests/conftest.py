@@ -7,3 +7,23 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# pytest-xdist runs two workers on two cores (pyproject's addopts): one math thread each, not two that fight.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
+
+# The files with the longest end-to-end runs, longest first. pytest-xdist hands out whole files in collection order
+# (pyproject: --dist loadfile --no-loadscope-reorder), so these start first and the short files fill the gaps
+# after them; started last, one of them would run alone on one core at the end.
+LONGEST_FIRST = [  # by the --durations profile of 2026-12-06 (README's test command)
+    "test_pipeline.py", "test_olmoe_shape.py", "test_calibration.py", "test_report_scale.py", "test_hostile_files.py",
+    "test_generation_routing.py", "test_findings.py", "test_hostile_config.py", "test_all_moe_families.py",
+    "test_moe_benchmark.py", "test_random_shapes.py", "test_result_reuse.py", "test_analysis_merge.py",
+]
+
+
+def pytest_collection_modifyitems(items) -> None:
+    """Put the tests of LONGEST_FIRST's files first, in that order; the rest keep their order."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # a stable sort: a file's own order is kept

@@ -123,7 +123,14 @@ def _weights(L: int, E: int, plant: bool, H: int = 32, inner: int = 4):
 
 @lru_cache(maxsize=None)
 def build(L: int, E: int, k: int, plant: bool) -> RunRecord:
-    """A run's results at ``L`` layers x ``E`` experts, from the real analyses where no model is needed."""
+    """A run's results at ``L`` layers x ``E`` experts, built once per session: a test replaces what it changes."""
+    record = _built(L, E, k, plant)
+    return dataclasses.replace(record, results=dict(record.results))
+
+
+@lru_cache(maxsize=None)
+def _built(L: int, E: int, k: int, plant: bool) -> RunRecord:
+    """A run's results at ``L`` layers x ``E`` experts, from the real analyses where no model is needed (seeded)."""
     rd, idx, rng = _routing(L, E, k, plant)
     r = dict(resamples=50, seed=0)
     accs = {"routing_stats": RoutingStatsAccumulator(**r), "correlation_topk": CorrelationAccumulator("topk", **r),

@@ -25,6 +25,7 @@ from core.study_moe.training_data import (
 from data import DataError, DatasetLoader, text_digest
 from core.pipeline.targets import ModelTarget, load_tokenized, training_exclusion
 from core.pipeline.options import make_options
+from tests.shared_runs import micro_models_copy
 
 MICRO = Path(__file__).resolve().parents[1] / "configs" / "train_micro.yaml"
 
@@ -177,7 +178,7 @@ class _StopAfterDataSelection(Exception):
     pass
 
 
-def test_the_main_run_itself_analyses_held_out_documents(tmp_path, monkeypatch):
+def test_the_main_run_itself_analyses_held_out_documents(tmp_path, tmp_path_factory, monkeypatch):
     """The run's own data-selection step (micro embedded model): it passes the model's training documents as the exclusion."""
     import core.pipeline.targets as collection
     from core.pipeline.run import BasicRoutingAnalysis
@@ -190,6 +191,7 @@ def test_the_main_run_itself_analyses_held_out_documents(tmp_path, monkeypatch):
         raise _StopAfterDataSelection
 
     monkeypatch.setattr(collection, "load_tokenized", spy)
+    micro_models_copy(tmp_path_factory, tmp_path / "models")  # the embedded micro model, trained once per session
     with pytest.raises(_StopAfterDataSelection):
         BasicRoutingAnalysis(micro=True, models_dir=str(tmp_path / "models"), results_dir=str(tmp_path / "results"),
                              progress=False).run()

@@ -20,6 +20,7 @@ from core.commands.basic_routing_analysis import main
 from core.pipeline.options import OptionsError, _base, _item_type, make_options, option_table
 from core.store.identity import weights_digest
 from tests.canary import CanaryTree
+from tests.shared_runs import micro_models_copy
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK = ["--micro", "--static", "none", "--no-progress", "--resamples", "0", "--datasets", "gsm8k", "--max-checkpoints", "2"]
@@ -27,12 +28,8 @@ QUICK = ["--micro", "--static", "none", "--no-progress", "--resamples", "0", "--
 
 @pytest.fixture(scope="module")
 def micro_models(tmp_path_factory) -> Path:
-    """A models folder holding the trained embedded micro model (one training for the whole module)."""
-    from core.study_moe.training import ensure_default_model
-
-    models = tmp_path_factory.mktemp("hostile") / "models"
-    ensure_default_model(models, config=REPO / "configs" / "train_micro.yaml", progress=False)
-    return models
+    """A models folder holding the trained embedded micro model (a copy of the session's one training)."""
+    return micro_models_copy(tmp_path_factory, tmp_path_factory.mktemp("hostile") / "models")
 
 
 @pytest.fixture(autouse=True)

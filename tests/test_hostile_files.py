@@ -31,6 +31,7 @@ from core.paths import CONFIGS
 from core.store.cache import RoutingCache
 from core.store.cache_format import sealed_manifest
 from tests.canary import CanaryTree
+from tests.shared_runs import micro_models_copy
 from tests.fakes import FakeWrapper, make_rows
 
 LEAN = ["--micro", "--static", "none", "--no-progress", "--no-ablation", "--no-collaboration", "--no-pruning",
@@ -46,11 +47,8 @@ class Micro:
 
 @pytest.fixture(scope="module")
 def micro(tmp_path_factory) -> Micro:
-    from core.study_moe.training import ensure_default_model
-
     root = tmp_path_factory.mktemp("hostile")
-    models, results = root / "models", root / "results"
-    ensure_default_model(models, config=TRAIN_MICRO, progress=False)
+    models, results = micro_models_copy(tmp_path_factory, root / "models"), root / "results"
     assert basic_routing_analysis.main(LEAN + ["--models-dir", str(models), "--results-dir", str(results),
                                                "--run-name", "base"]) == 0
     return Micro(models, results)

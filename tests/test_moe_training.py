@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM
 from core.study_moe.evaluation import record_router_outputs
 from core.collection.checkpoints import CheckpointError, list_local_checkpoints
 from core.study_moe.training import TrainConfig, ensure_default_model
+from tests.shared_runs import micro_models_copy
 from viz.training_log import read_training_log
 
 MICRO = Path(__file__).resolve().parents[1] / "configs" / "train_micro.yaml"
@@ -17,7 +18,8 @@ MICRO = Path(__file__).resolve().parents[1] / "configs" / "train_micro.yaml"
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
-    return ensure_default_model(tmp_path_factory.mktemp("models"), config=MICRO, progress=False)
+    """The micro run, trained once per session (tests/shared_runs.py), in a folder of this module's own."""
+    return micro_models_copy(tmp_path_factory, tmp_path_factory.mktemp("models")) / "study-moe-micro"
 
 
 def test_micro_run_lowers_the_loss(run_dir):
@@ -69,10 +71,10 @@ def test_ensure_default_model_retrains_when_the_config_changed(run_dir, tmp_path
     models = tmp_path / "models"
     shutil.copytree(run_dir, models / run_dir.name)  # the finished micro run, as a user's models/ holds it
     edited = tmp_path / "micro.yaml"
-    edited.write_text(MICRO.read_text().replace("steps: 40", "steps: 30"))
+    edited.write_text(MICRO.read_text().replace("steps: 40", "steps: 8"))  # any change retrains; 8 steps is quick
     again = ensure_default_model(models, config=edited, progress=False)
-    assert json.loads((again / "run_info.json").read_text())["config"]["steps"] == 30
-    assert [c["step"] for c in json.loads((again / "checkpoints.json").read_text())][-1] == 30
+    assert json.loads((again / "run_info.json").read_text())["config"]["steps"] == 8
+    assert [c["step"] for c in json.loads((again / "checkpoints.json").read_text())][-1] == 8
     before = (again / "run_info.json").stat().st_mtime
     assert ensure_default_model(models, config=edited, progress=False) == again  # the same config: reused
     assert (again / "run_info.json").stat().st_mtime == before
@@ -166,7 +168,8 @@ def test_train_moe_logs_each_line_to_wandb_with_the_monitor(tmp_path, monkeypatc
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     assert main(["--config", str(MICRO), "--models-dir", str(tmp_path / "m"), "--results-dir", str(tmp_path / "r"),
-                 "--no-progress", "--monitor-window", "5", "--wandb"]) == 0
+                 "--no-progress", "--monitor-window", "5", "--wandb",
+                 "--set", "steps=12", "--set", "eval_every=4"]) == 0  # lines at 0, 4, 8, 12: more than 40 steps gave
     assert "plateau" in capsys.readouterr().out
     runs = list((tmp_path / "r" / "wandb-training").glob("wandb/offline-run-*"))
     assert len(runs) == 1

@@ -26,6 +26,7 @@ from core.pipeline.run import BasicRoutingAnalysis
 from core.pipeline.options import OptionsError, parse_options
 from core.pipeline.spec import AnalysisSpec, Finding, register, registered, unregister
 from tests.compare import assert_same
+from tests.shared_runs import micro_models_copy
 
 REPO = Path(__file__).resolve().parents[1]
 EXPECTED_ANALYSES = [
@@ -95,6 +96,7 @@ def _json_metrics(path: Path) -> dict:
 @pytest.fixture(scope="module")
 def micro_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipeline")
+    micro_models_copy(tmp_path_factory, root / "models")  # the embedded micro model, trained once per session
     kwargs = dict(micro=True, results_dir=str(root / "results"), models_dir=str(root / "models"), progress=False, run_name="micro")
     register(TOY_SPEC)  # the toy analysis of this file: it must reach every output (test_a_registered_analysis_...)
     try:

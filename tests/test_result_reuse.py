@@ -31,6 +31,7 @@ from core.pipeline.result_codec import CodecError, decode, encode
 from core.pipeline.result_store import ARRAY_FILE, RESULT_FILE, STORE_FOLDER, ResultStore
 from core.pipeline.run import BasicRoutingAnalysis
 from core.pipeline.spec import reusable_names
+from tests.shared_runs import micro_models_copy
 
 STAGES = ("ablation", "pruning")
 WEIGHT_RESULTS = ("router_similarity", "expert_alignment")  # keyed on the final routers (and the experts' weights)
@@ -104,6 +105,7 @@ class Runner:
 @pytest.fixture(scope="module")
 def runner(tmp_path_factory):
     r = Runner(tmp_path_factory.mktemp("reuse"))
+    micro_models_copy(tmp_path_factory, r.root / "models")  # trained once per session
     r.first = r.run()
     r.second = r.run()
     return r
