@@ -14,6 +14,7 @@ from core.analysis.run_difference import document_counts, paired_difference, sha
 from core.array_files import write_metrics
 from core.commands.compare_runs import main
 from core.pipeline.run_comparison import compare, check_runs
+from tests.canary import CanaryTree
 from tests.fakes import routing
 
 E, K, L, DOCS, LEN = 4, 1, 3, 40, 30
@@ -85,6 +86,7 @@ def test_the_page_from_summaries_says_how_it_tested(tmp_path, capsys):
     a = _run(tmp_path / "results" / "a", [0.9, 0.9, 0.9])
     b = _run(tmp_path / "results" / "b", [0.9, 0.5, 0.9])
     out = tmp_path / "results" / "cmp"
+    canary = CanaryTree(tmp_path, owned=["results/cmp"])  # the page's folder is all it may write
     assert main([str(a), str(b), "--out", str(out)]) == 0
     assert "summaries only" in capsys.readouterr().out
     rows = list(csv.DictReader((out / "data" / "differences.csv").open()))
@@ -94,6 +96,7 @@ def test_the_page_from_summaries_says_how_it_tested(tmp_path, capsys):
     page = (out / "report.html").read_text()
     assert "Findings side by side" in page and "lowest 0.50" in page and "b at 1 of 3 layers" in page
     assert main([str(a), str(b), "--out", str(out)]) == 0  # its own earlier page is replaced
+    canary.check()
 
 
 def test_paired_where_the_runs_share_documents(tmp_path):

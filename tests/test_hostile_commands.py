@@ -44,6 +44,7 @@ COMMANDS = {  # every module of core/commands/: where its canary case is
     "calibrate": HERE,
     "benchmark_memory": HERE + " (writes nothing)",
     "benchmark_alignment": HERE + " (writes nothing)",
+    "compare_runs": "tests/test_compare_runs.py (its page twice inside a canary tree; a foreign --out refused)",
     "disk_errors": None,  # not a command: the one-line message of a disk error, used by the others
 }
 

@@ -147,7 +147,8 @@ def test_every_artifact_exists_and_is_well_formed(micro_run):
     learned = html[html.index("<h2>What we learned</h2>"):html.index("<h2>Summary</h2>")]
     links = re.findall(r"href='#item-([^']+)'", learned)
     assert len(links) >= 8 and all(f"id='item-{name}'" in html for name in links), links
-    assert learned.count("<li>") == len(second.findings)
+    cards = learned.count("<div class='lead-card'>")  # the strongest findings, each with a small figure, then the rest
+    assert 1 <= cards <= 4 and cards + learned.count("<li>") == len(second.findings)
     assert "diagnosis_thresholds" in html and "collaboration_parameters" in html
     assert "<script src=\"http" not in html
     data_files = list((run_dir / "data").iterdir())

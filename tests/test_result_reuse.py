@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -247,8 +248,14 @@ def test_a_cache_whose_shard_is_not_its_recorded_size_is_never_trusted(runner, t
                                "options": Options})()
         return pass_identity(ctx)
 
-    assert identity(10)["caches"] == [["d", "main", None, "abc"]]
+    first = identity(10)["caches"]
+    assert first[0][:3] == ["d", "main", None] and identity(10)["caches"] == first
     assert identity(11) is None  # truncated, replaced or grown: read (and its checksums checked), not trusted
+    shard = tmp_path / "shard-00000.safetensors"
+    before = shard.stat().st_mtime_ns
+    shard.write_bytes(b"y" * 10)  # rewritten at its size: a flipped byte
+    os.utime(shard, ns=(before + 1_000_000, before + 1_000_000))
+    assert identity(10)["caches"] != first, "a shard written since the result was stored was trusted unread"
 
 
 def test_the_routers_digest_sees_one_changed_weight_and_its_dtype():

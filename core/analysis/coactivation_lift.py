@@ -81,9 +81,10 @@ class CoactivationLift(ResultMixin):
 class CoactivationLiftAccumulator(RoutingAccumulator):
     """Joint and single counts per document block, and each finished document's shuffle expectation.
 
-    Memory: ``2 x blocks x L x E x E`` float32 (exact counts to 16M tokens a block); ``blocks`` is 8 to 64,
-    fewer where ``memory_floats`` would be exceeded (16 x 64 experts: 64 blocks, 34 MB; 60 x 256: 8 blocks,
-    250 MB, and the interval's leave-one-out copies besides). ``resamples`` = 0 turns the verdict off.
+    Memory: ``blocks x L x E x E`` joint counts in float32 (exact to 16M tokens a block) and as many shuffle
+    expectations in float64; ``blocks`` is 8 to 64, fewer where ``memory_floats`` (4-byte units) would be
+    exceeded (16 x 64 experts: 64 blocks, 50 MB; 60 x 256: 8 blocks, 377 MB, and the interval's leave-one-out
+    copies besides). ``resamples`` = 0 turns the verdict off.
     """
 
     name = "the co-activation lift analysis"
@@ -95,11 +96,11 @@ class CoactivationLiftAccumulator(RoutingAccumulator):
 
     def _start(self) -> None:
         L, E = self.layout.num_layers, self.layout.num_experts
-        self.blocks = int(min(64, max(8, self.memory // max(1, 2 * L * E * E))))
+        self.blocks = int(min(64, max(8, self.memory // max(1, 3 * L * E * E))))  # joint float32, null float64
         self.n = np.zeros(self.blocks)
         self.counts = np.zeros((self.blocks, L, E))
         self.joint = np.zeros((self.blocks, L, E, E), np.float32)
-        self.null = np.zeros((self.blocks, L, E, E), np.float32)
+        self.null = np.zeros((self.blocks, L, E, E))  # sums of fractions: float64, so shares merge to one process's bits
         self.docs = DocumentRuns()
 
     def _add(self, chunk: RoutingData) -> None:

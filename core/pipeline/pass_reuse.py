@@ -7,7 +7,7 @@ accumulator is built with (resamples, seed, micro, the token ids vocabulary spec
 and on the code that computes it (:func:`core.pipeline.code_version.code_version`). Each pass analysis's result is stored under
 that identity in :class:`core.pipeline.result_store.ResultStore` (verified when read back), so an
 analysis turned on again is computed alone. A cache whose shard files are not all there at their
-recorded sizes is read, never trusted. ``--recompute pass`` (or ``all``) computes the pass again.
+recorded sizes, or written since (its modification time), is read, never trusted. ``--recompute pass`` (or ``all``) computes the pass again.
 """
 
 from __future__ import annotations
@@ -23,14 +23,22 @@ STAGE = "pass"  # what --recompute names to compute the one pass again
 
 
 def _cache_digest(cache: Any) -> str | None:
-    """A cache's sealed manifest checksum, or None where a shard file is missing or not its recorded size."""
+    """A cache's sealed manifest checksum with each shard's size and modification time, or None where a shard file is
+    missing or not its recorded size.
+
+    A shard written since the result was stored (even at its size) changes its time, so the pass reads it, and the
+    read verifies its checksum; hashing every shard on each rerun instead would read the whole cache.
+    """
+    stamps = []
     for s in cache.manifest["shards"]:
         try:
-            if (cache.dir / s["file"]).stat().st_size != int(s["bytes"]):
-                return None
+            st = (cache.dir / s["file"]).stat()
         except OSError:
             return None
-    return cache.manifest.get("sha256") or value_digest(cache.manifest)
+        if st.st_size != int(s["bytes"]):
+            return None
+        stamps.append([s["file"], st.st_size, st.st_mtime_ns])
+    return value_digest([cache.manifest.get("sha256") or value_digest(cache.manifest), stamps])
 
 
 def pass_identity(ctx: Any) -> dict[str, Any] | None:

@@ -17,7 +17,7 @@ SECTION = "Cross-layer correlations"
 
 
 def difference_finding(res: Any, record: Any = None) -> list[Finding]:
-    """One sentence over the dataset pairs: each mean |Δr| with its interval against the null, and how many differ."""
+    """One sentence over the dataset pairs: how many differ, the largest mean |Δr| with its interval against the null, the others' values."""
     pairs = [p for p in res.pairs if p in res.estimates]
     if not pairs:
         return []
@@ -27,8 +27,12 @@ def difference_finding(res: Any, record: Any = None) -> list[Finding]:
     text = ("Datasets' cross-layer correlations (mean |Δr| over the expert pairs of different layers; null: document "
             f"blocks dealt between the two datasets{'; Holm over ' + str(family) + ' pairs' if family > 1 else ''}): "
             f"{sum(bool(e.distinguishable) for e in tested)} of {len(tested)} tested dataset pairs differ beyond the null; ")
-    text += "; ".join(f"{p}: {_one(e)}{_layer_pairs(res, p)}" for p, e in zip(pairs, ests)) + "."
-    return [Finding("dataset_difference", text, ("correlation_diff_null",), ests[int(np.nanargmax([float(e.value) for e in ests]))] if np.isfinite([float(e.value) for e in ests]).any() else None)]
+    values = np.array([float(e.value) for e in ests])
+    top = int(np.nanargmax(values)) if np.isfinite(values).any() else 0
+    text += f"largest {pairs[top]}: {_one(ests[top])}{_layer_pairs(res, pairs[top])}"  # one pair quoted in full: short at any count
+    others = [f"{p} {f3(v)}" if np.isfinite(v) else f"{p} undefined" for i, (p, v) in enumerate(zip(pairs, values)) if i != top]
+    text += (f"; the others: {', '.join(others)}" if others else "") + "."
+    return [Finding("dataset_difference", text, ("correlation_diff_null",), ests[top] if np.isfinite(values).any() else None)]
 
 
 def _layer_pairs(res: Any, pair: str) -> str:
