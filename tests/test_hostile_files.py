@@ -519,7 +519,8 @@ def test_a_corrupt_shard_names_the_flag_and_recollect_keeps_a_users_file(micro, 
     shard.write_bytes(bytes(data))
     (folder / "shard-00099.safetensors").write_bytes(b"the user's, named like a shard")
     model_caches = folder.relative_to(tmp_path).parents[1]  # results/cache/<model>: what the run writes, and its run folder
-    canary = CanaryTree(tmp_path, owned=["results/base", str(model_caches)])
+    # and the stored results of the analyses (results/cache/analysis_results), written once the recollected caches are read
+    canary = CanaryTree(tmp_path, owned=["results/base", str(model_caches), "results/cache/analysis_results"])
     args = LEAN + ["--models-dir", str(micro.models), "--results-dir", str(results), "--run-name", "base"]
     code = basic_routing_analysis.main(args)
     line = one_line_error(capsys, code, 2, "fails its checksum")

@@ -21,7 +21,8 @@ from core.pipeline.run import BasicRoutingAnalysis
 REPO = Path(__file__).resolve().parents[1]
 LAYERS, EXPERTS, TOP_K = 16, 64, 8
 METRICS_MAX, REPORT_MAX = 2_000_000, 15_000_000
-FINDING_MAX, FINDINGS_MAX = 400, 3_000  # characters: each finding, and all of them (one screen)
+FINDING_MAX, FINDINGS_MAX = 400, 3_600  # characters: each finding, and all of them (11 findings at 16 x 64: the first screen
+# shows the strongest 4 as cards with a figure each, the rest as a list below)
 PLANTED_LAYER, PLANTED_EXPERT = 3, 7
 
 

@@ -24,14 +24,14 @@ def difference_finding(res: Any, record: Any = None) -> list[Finding]:
     ests = [res.estimates[p] for p in pairs]
     tested = [e for e in ests if e.p_adjusted is not None and np.isfinite(float(e.p_adjusted))]
     family = max([e.family for e in tested], default=0)
-    text = ("Datasets' cross-layer correlations (mean |Δr| over the expert pairs of different layers; null: document "
-            f"blocks dealt between the two datasets{'; Holm over ' + str(family) + ' pairs' if family > 1 else ''}): "
-            f"{sum(bool(e.distinguishable) for e in tested)} of {len(tested)} tested dataset pairs differ beyond the null; ")
+    text = ("Datasets' cross-layer correlations (mean |Δr| over expert pairs of different layers; null: document "
+            f"blocks dealt between two datasets{'; Holm over ' + str(family) + ' pairs' if family > 1 else ''}): "
+            f"{sum(bool(e.distinguishable) for e in tested)} of {len(tested)} tested pairs differ; ")
     values = np.array([float(e.value) for e in ests])
     top = int(np.nanargmax(values)) if np.isfinite(values).any() else 0
     text += f"largest {pairs[top]}: {_one(ests[top])}{_layer_pairs(res, pairs[top])}"  # one pair quoted in full: short at any count
     others = [f"{p} {f3(v)}" if np.isfinite(v) else f"{p} undefined" for i, (p, v) in enumerate(zip(pairs, values)) if i != top]
-    text += (f"; the others: {', '.join(others)}" if others else "") + "."
+    text += (f"; others: {', '.join(others)}" if others else "") + "."
     return [Finding("dataset_difference", text, ("correlation_diff_null",), ests[top] if np.isfinite(values).any() else None)]
 
 
@@ -41,11 +41,11 @@ def _layer_pairs(res: Any, pair: str) -> str:
     if est is None or est.why_none or not np.isfinite(np.asarray(est.value, float)).any():
         return ""
     d = np.asarray(est.distinguishable, bool)
-    text = f", {int(d.sum())} of {est.family} layer pairs beyond it (Holm)"
+    text = f", {int(d.sum())} of {est.family} layer pairs beyond (Holm)"
     if d.any():
         gap = np.where(d, np.asarray(est.value, float) - np.asarray(est.null, float), -np.inf)
         a, b = np.unravel_index(int(np.argmax(gap)), gap.shape)
-        text += f", most at layers {res.moe_layers[a]}–{res.moe_layers[b]}"
+        text += f", most at {res.moe_layers[a]}–{res.moe_layers[b]}"
     return text
 
 
