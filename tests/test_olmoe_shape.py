@@ -83,14 +83,17 @@ def test_findings_fit_on_one_screen(olmoe_run):
 
 @pytest.mark.skipif(shutil.which("chromium") is None and not os.environ.get("CI"), reason="Debian chromium not installed")
 def test_report_renders_in_a_real_browser(olmoe_run):
-    from viz.browser_check import check_page
+    from tests.geometry import title_problems
+    from viz.browser_check import FIGURE_GEOMETRY_JS, check_page
 
     summary, _ = olmoe_run
     t0 = time.perf_counter()
-    result, _ = check_page(summary.report, timeout=120)
+    result, (geometry,) = check_page(summary.report, timeout=120, evaluate=[FIGURE_GEOMETRY_JS])
     print(f"\nreport rendered {result.figures_drawn}/{result.figures_total} figures in {time.perf_counter() - t0:.1f} s")
     assert result.ok, result
     assert result.figures_total >= 15
+    geometry = json.loads(geometry)
+    assert len(geometry) >= 15 and not title_problems(geometry), title_problems(geometry)
 
 
 def test_a_planted_dominant_expert_is_still_caught(olmoe_run):

@@ -64,7 +64,9 @@ def _weights_section(r: Mapping[str, Any], page: ReportPage) -> None:
             P.hungarian_cosine_vs_null(sim.hungarian_cosine, sim.hungarian_null_mean, sim.hungarian_null_low, sim.hungarian_null_high, sim.layers),
             {"observed": sim.hungarian_cosine, "null_mean": sim.hungarian_null_mean, "p": sim.hungarian_p,
              "p_adjusted": sim.hungarian_p_adjusted})
-    page.figure("Router and expert weights", "router_similarity_subspace", P.router_similarity_heatmap(sim.subspace_similarity, sim.layers, measure="subspace similarity (mean cos² of principal angles)"),
+    page.figure("Router and expert weights", "router_similarity_subspace", P.router_similarity_heatmap(
+        sim.subspace_similarity, sim.layers, title="Router subspace similarity (mean cos² of principal angles)",
+        measure="subspace"),  # the measure's full name in the title: at 16 layers it ran off the figure
         matrix_frame(sim.subspace_similarity, [str(l) for l in sim.layers]))
     sub = r.get("router_subspaces")
     if sub is not None:
