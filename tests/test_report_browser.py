@@ -13,6 +13,7 @@ import numpy as np
 
 import pytest
 
+from tests.geometry import inside, title_problems
 from viz.browser_check import FIGURE_GEOMETRY_JS, check_page, find_chromium
 from viz.gallery import HOSTILE_TOKEN, gallery_report
 
@@ -154,26 +155,9 @@ def _geometry(loaded) -> dict:
     return json.loads(loaded[2][3])
 
 
-def _inside(box: dict, outer: dict, slack: float = 1.0) -> bool:
-    return (box["left"] >= outer["left"] - slack and box["right"] <= outer["right"] + slack
-            and box["top"] >= outer["top"] - slack and box["bottom"] <= outer["bottom"] + slack)
-
-
-def _overlap(a: dict, b: dict) -> bool:
-    return a["left"] < b["right"] and b["left"] < a["right"] and a["top"] < b["bottom"] and b["top"] < a["bottom"]
-
-
 def test_titles_are_whole_and_axis_titles_clear_the_figure_title(loaded):
     """A y-axis title longer than the plot is tall runs off the figure and over its title (the alignment figure did)."""
-    bad = []
-    for fig_id, g in _geometry(loaded).items():
-        if not _inside(g["title"], g["figure"]):
-            bad.append(f"{fig_id}: title cut off")
-        for axis in ("xtitle", "ytitle"):
-            if g[axis] and not _inside(g[axis], g["figure"]):
-                bad.append(f"{fig_id}: {axis} cut off")
-            if g[axis] and _overlap(g[axis], g["title"]):
-                bad.append(f"{fig_id}: {axis} overlaps the title")
+    bad = title_problems(_geometry(loaded))
     assert not bad, bad
 
 
@@ -228,7 +212,7 @@ def test_first_screen_draws_the_strongest_findings_small_beside_their_text(loade
         "A finding drawn small beside its text", "A second one, with the co-activation lift behind it"]
     for c in got["cards"]:
         assert c["svg"] is not None and c["traces"] > 0, c  # drawn, from the full figure's traces
-        assert _inside(c["svg"], c["card"]) and c["svg"]["bottom"] - c["svg"]["top"] >= 150, c
+        assert inside(c["svg"], c["card"]) and c["svg"]["bottom"] - c["svg"]["top"] >= 150, c
     assert HOSTILE_TOKEN in got["cards"][0]["text"]  # as text
     assert [t.split("→")[0] for t in got["listed"]] == ["A finding listed below the cards", "A finding with no figure"]
 
