@@ -22,10 +22,12 @@ itself a moment before (a write that failed, a probe of a folder).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -242,6 +244,25 @@ def replace_folder(built: str | os.PathLike, dest: str | os.PathLike, hint: str 
     os.replace(built, dest)
     return dest
 
+
+
+@contextlib.contextmanager
+def built_in_scratch(dest: str | os.PathLike, hint: str = "choose another name",
+                     scratch: str | os.PathLike | None = None) -> Iterator[Path]:
+    """``with built_in_scratch(dest) as work:`` build into ``work``; once the block ends, ``work`` replaces ``dest``.
+
+    ``work`` is a scratch folder beside ``dest`` (``.NAME.tmp``, or ``scratch``). When the block
+    or the replacement fails, it is removed, unless it was sealed already: then it is complete,
+    and it stays where the error (``replace_folder``'s) says it is kept.
+    """
+    work = start_scratch(scratch if scratch is not None else Path(dest).with_name(f".{Path(dest).name}.tmp"))
+    try:
+        yield work
+        replace_folder(work, dest, hint)
+    except BaseException:
+        with contextlib.suppress(OwnershipError):
+            remove_scratch(work)
+        raise
 
 # ---------------------------------------------------------------------------- single files with a mark
 WRITTEN_BY = "moe-router-study"

@@ -320,13 +320,27 @@ def test_a_rank_whose_peer_stops_says_so_in_one_line(tmp_path, capsys, monkeypat
     assert "Connection closed by peer" in err and "run the same command again" in err
 
 
-@pytest.mark.parametrize("script", ["basic_routing_analysis.py", "train_moe.py", "benchmark_moe.py", "benchmark_collection.py", "caches.py",
-                                    "benchmark_alignment.py", "benchmark_memory.py",
-                                    "visualize_training_log.py"])
-def test_every_script_has_help(script):
-    out = subprocess.run([sys.executable, str(REPO / "exp" / script), "--help"], capture_output=True, text=True, timeout=120)
+SCRIPTS = sorted(p.name for p in (REPO / "exp").glob("*.py") if p.name != "__init__.py")
+
+
+def test_the_main_script_has_help_from_a_fresh_interpreter():
+    """As a person runs it: a new Python, the file's path."""
+    out = subprocess.run([sys.executable, str(REPO / "exp" / "basic_routing_analysis.py"), "--help"], capture_output=True,
+                         text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "usage" in out.stdout.lower()
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_script_has_help(script, capsys, monkeypatch):
+    """Every file in exp/, run as __main__ with --help (in this process: a new interpreter per script cost 2.4 s each)."""
+    import runpy
+
+    monkeypatch.setattr(sys, "argv", [str(REPO / "exp" / script), "--help"])
+    with pytest.raises(SystemExit) as done:
+        runpy.run_path(str(REPO / "exp" / script), run_name="__main__")
+    assert done.value.code in (0, None), capsys.readouterr().err
+    assert "usage" in capsys.readouterr().out.lower()
 
 
 def _tiny_olmoe_folder(root: Path, folder: Path) -> Path:
@@ -469,37 +483,6 @@ ONE_PASS_RESULTS = ("routing_stats", "routing_stats_by_dataset", "correlation_to
                     "dataset_specialization", "vocabulary_specialization", "routing_consistency", "collaboration")
 
 
-def test_torchrun_ranks_share_collection_and_match_one_process(micro_run, tmp_path):
-    """2 CPU processes (gloo): each writes its share of the caches; rank 0's report equals the one-process run's."""
-    root, first, _, _, _ = micro_run
-    results = tmp_path / "results"
-    cmd, env = _torchrun_micro(root, results)
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, out.stderr[-3000:]
-    metrics, alone = (load_metrics(p) for p in (results / "micro" / "metrics.json", first.metrics))
-    headline = to_jsonable(metrics["headline"])
-    assert headline == to_jsonable(alone["headline"])
-    # both processes analysed a share of the tokens, and every analysis of the one pass equals one process's
-    assert metrics["processes"]["world_size"] == 2 and min(metrics["processes"]["tokens_per_process"]) > 0
-    assert sum(metrics["processes"]["tokens_per_process"]) == sum(alone["processes"]["tokens_per_process"])
-    for name in ONE_PASS_RESULTS:
-        assert_same(metrics[name], alone[name], name)
-    manifests = sorted((results / "cache").rglob("manifest.json"))
-    writers = {m: {(s["written_by"]["rank"], s["written_by"]["world_size"]) for s in json.loads(m.read_text())["shards"]}
-               for m in manifests}
-    assert set().union(*writers.values()) == {(0, 2), (1, 2)}  # both ranks wrote, and the manifests say so
-    # a cache lost (its folder gone): one process then collects only that one, and reuses the rest. (Removing only
-    # its manifest leaves shards no record names, which the toolkit refuses to overwrite: tests/test_hostile_files.py)
-    lost = next(m for m, w in writers.items() if w == {(1, 2)})
-    shutil.rmtree(lost.parent)
-    stamps = {m: m.stat().st_mtime_ns for m in manifests if m != lost}
-    again = BasicRoutingAnalysis(micro=True, static="none", progress=False, results_dir=str(results),
-                                 models_dir=str(root / "models"), run_name="again").run()
-    assert all(m.stat().st_mtime_ns == t for m, t in stamps.items())
-    assert {s["written_by"]["world_size"] for s in json.loads(lost.read_text())["shards"]} == {1}
-    assert _json_metrics(again.metrics)["headline"] == headline
-
-
 def test_torchrun_splits_one_cache_over_ranks(micro_run, tmp_path):
     """One checkpoint and one dataset with 2 processes: both trace shards of the one cache, which equals one process's."""
     root, _, _, _, _ = micro_run
@@ -572,15 +555,11 @@ def _rank_pids(parent: int) -> dict[int, int]:
     return out
 
 
-@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the ranks' processes through /proc")
-def test_a_killed_rank_resumes_where_it_stopped(micro_run, tmp_path):
-    """SIGKILL rank 1 after its first shard: torchrun stops the run; the same command finishes only what is missing."""
+def _kill_rank_one_after_its_first_shard(cmd: list[str], env: dict[str, str], results: Path) -> None:
+    """Start the torchrun study and SIGKILL rank 1 as soon as a manifest names a shard it wrote; torchrun then stops."""
     import signal
     import time as _time
 
-    root, first, _, _, _ = micro_run
-    results = tmp_path / "results"
-    cmd, env = _torchrun_micro(root, results)
     run = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = _time.time() + 300
     killed = False
@@ -599,17 +578,55 @@ def test_a_killed_rank_resumes_where_it_stopped(micro_run, tmp_path):
         _time.sleep(0.02)
     err = run.communicate(timeout=300)[1]
     assert killed and run.returncode != 0, err[-2000:]
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the ranks' processes through /proc")
+def test_torchrun_resumes_a_killed_rank_and_its_ranks_share_the_study_of_one_process(micro_run, tmp_path):
+    """2 CPU processes (gloo). SIGKILL rank 1 after its first shard: the same command finishes only what is missing.
+
+    The finished run's ranks each wrote and analysed a share, and rank 0's results equal the one-process run's.
+    (One torchrun run killed and resumed serves both guarantees: two runs cost 20 s each on 2 cores.)
+    """
+    root, first, _, _, _ = micro_run
+    results = tmp_path / "results"
+    cmd, env = _torchrun_micro(root, results)
+    _kill_rank_one_after_its_first_shard(cmd, env, results)
     done = {}
     for m in (results / "cache").rglob("manifest.json"):
         body = json.loads(m.read_text())
         done[m] = (body["complete"], m.stat().st_mtime_ns)
-    first_metrics = _json_metrics(first.metrics)
-    expected = len(first_metrics["checkpoints"]) * len(first_metrics["datasets"])
+    alone = load_metrics(first.metrics)
+    expected = len(alone["checkpoints"]) * len(alone["datasets"])
     assert sum(c for c, _ in done.values()) < expected, "the run finished before rank 1 was killed"
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     for m, (complete, stamp) in done.items():
         if complete:
             assert m.stat().st_mtime_ns == stamp, f"{m} was complete and got rewritten"
-    headline = _json_metrics(results / "micro" / "metrics.json")["headline"]
-    assert headline == first_metrics["headline"]
+    _ranks_share_the_study_of_one_process(results, alone, root)
+
+
+def _ranks_share_the_study_of_one_process(results: Path, alone: dict, root: Path) -> None:
+    """Both ranks collected and analysed a share; every analysis of the one pass equals one process's; a lost cache
+    is collected again by one process, alone."""
+    metrics = load_metrics(results / "micro" / "metrics.json")
+    headline = to_jsonable(metrics["headline"])
+    assert headline == to_jsonable(alone["headline"])
+    assert metrics["processes"]["world_size"] == 2 and min(metrics["processes"]["tokens_per_process"]) > 0
+    assert sum(metrics["processes"]["tokens_per_process"]) == sum(alone["processes"]["tokens_per_process"])
+    for name in ONE_PASS_RESULTS:
+        assert_same(metrics[name], alone[name], name)
+    manifests = sorted((results / "cache").rglob("manifest.json"))
+    writers = {m: {(s["written_by"]["rank"], s["written_by"]["world_size"]) for s in json.loads(m.read_text())["shards"]}
+               for m in manifests}
+    assert set().union(*writers.values()) == {(0, 2), (1, 2)}  # both ranks wrote, and the manifests say so
+    # a cache lost (its folder gone): one process then collects only that one, and reuses the rest. (Removing only
+    # its manifest leaves shards no record names, which the toolkit refuses to overwrite: tests/test_hostile_files.py)
+    lost = next(m for m, w in writers.items() if (1, 2) in w)
+    shutil.rmtree(lost.parent)
+    stamps = {m: m.stat().st_mtime_ns for m in manifests if m != lost}
+    again = BasicRoutingAnalysis(micro=True, static="none", progress=False, results_dir=str(results),
+                                 models_dir=str(root / "models"), run_name="again").run()
+    assert all(m.stat().st_mtime_ns == t for m, t in stamps.items())
+    assert {s["written_by"]["world_size"] for s in json.loads(lost.read_text())["shards"]} == {1}
+    assert _json_metrics(again.metrics)["headline"] == headline

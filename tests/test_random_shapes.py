@@ -53,9 +53,9 @@ def test_random_model_is_written_once_and_opens(tiny_shape, tmp_path):
     record = json.loads((folder / shapes.RECORD_NAME).read_text())
     assert record["seed"] == 3 and record["layers"] == 2 and record["shape_of"] == "test/tiny-olmoe"
     assert not list(tmp_path.rglob(".*.tmp"))  # written through a temporary folder, renamed when complete
-    stamp = (folder / "model.safetensors").stat().st_mtime_ns
+    stamp = (folder / "model.safetensors.index.json").stat().st_mtime_ns
     assert ensure_random_model(tiny_shape, 2, seed=3, models_dir=tmp_path, make_tokenizer=bundled_tokenizer) == folder
-    assert (folder / "model.safetensors").stat().st_mtime_ns == stamp  # found, not rewritten
+    assert (folder / "model.safetensors.index.json").stat().st_mtime_ns == stamp  # found, not rewritten
     w = MoEModelWrapper(str(folder))
     assert w.moe_layers == [0, 1] and w.num_experts == 8 and w.top_k == 2
     ids = w.tokenizer("The tower is 300 metres tall.", return_tensors="pt")["input_ids"]

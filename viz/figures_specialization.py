@@ -181,8 +181,12 @@ def _check_patterns(
 
 def _layer_bands(fig: go.Figure, layers: list[int], num_experts: int) -> None:
     """Lines between layers' expert bands and one tick per layer (at most 16 labelled)."""
-    for i in range(1, len(layers)):
-        fig.add_vline(x=i * num_experts - 0.5, line_color="black", line_width=0.5, row=1, col=1)
+    # one layout update: add_vline re-validates the whole layout per line (59 lines at 60 layers took 6 s)
+    sub = fig.get_subplot(1, 1)
+    xref, yref = sub.xaxis.plotly_name.replace("axis", ""), sub.yaxis.plotly_name.replace("axis", "") + " domain"
+    lines = [{"type": "line", "xref": xref, "yref": yref, "x0": x, "x1": x, "y0": 0, "y1": 1,
+              "line": {"color": "black", "width": 0.5}} for x in (i * num_experts - 0.5 for i in range(1, len(layers)))]
+    fig.update_layout(shapes=list(fig.layout.shapes) + lines)
     step = max(1, len(layers) // 16)
     fig.update_xaxes(
         tickmode="array",

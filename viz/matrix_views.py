@@ -72,11 +72,21 @@ def block(matrix: np.ndarray, num_experts: int, a: int, b: int) -> np.ndarray:
 
 
 def _top_cells(values: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Row and column of the ``n`` largest |values| (NaN last)."""
-    mag = np.nan_to_num(np.abs(values), nan=-1.0).ravel()
-    n = min(n, mag.size)
-    top = np.argpartition(-mag, n - 1)[:n]
-    top = top[np.argsort(-mag[top], kind="stable")]
+    """Row and column of the ``n`` largest |values| (NaN last; ties in index order).
+
+    The n largest row maxima are n cells, so every one of the n largest cells is at least the
+    smallest of them: only cells reaching it are sorted (one layer's slab at 60 x 256 is 3.9M
+    cells; partitioning all of them took 30-40 ms a layer).
+    """
+    mag = np.nan_to_num(np.abs(values), nan=-1.0)
+    flat = mag.ravel()
+    n = min(n, flat.size)
+    if mag.ndim == 2 and mag.shape[0] > n > 0:
+        row_max = mag.max(1)
+        candidates = np.flatnonzero(flat >= np.partition(row_max, row_max.size - n)[row_max.size - n])
+    else:
+        candidates = np.arange(flat.size)
+    top = candidates[np.argsort(-flat[candidates], kind="stable")[:n]]
     return np.unravel_index(top, values.shape)
 
 

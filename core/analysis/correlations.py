@@ -177,8 +177,10 @@ def _summarize(corr: np.ndarray, L: int, E: int) -> tuple[np.ndarray, np.ndarray
 def _corr_from_moments(n: np.ndarray, s: np.ndarray, q: np.ndarray) -> np.ndarray:
     """Pearson correlation from token count, sums and sums of products (leading batch axes allowed)."""
     mean = s / n[..., None]
-    cov = q / n[..., None, None] - mean[..., :, None] * mean[..., None, :]
-    return np.clip(corr_from_cov(cov), -1.0, 1.0)
+    cov = q / n[..., None, None]
+    cov -= mean[..., :, None] * mean[..., None, :]  # in place: each pass over [F, F] counts at 16 x 64 (the null's draws)
+    r = corr_from_cov(cov)
+    return np.clip(r, -1.0, 1.0, out=r)
 
 
 def adjacent_and_far(layer_mean_abs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

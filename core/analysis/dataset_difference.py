@@ -117,14 +117,24 @@ class DatasetDifferenceAccumulator(RoutingAccumulator):
         in_a = np.array([d == a for d, _ in units])
 
         L, E = self.layout.num_layers, self.layout.num_experts
-        defined = np.ones((L * E, L * E), bool)
+        F = L * E
+        defined = np.ones((F, F), bool)
+        q2 = q.reshape(len(units), -1)  # a group's moments are a weighted sum over units: one BLAS pass, no copy of q
+        total = (n.sum(), s.sum(0), q2.sum(0))
+
+        def sums(w: np.ndarray) -> tuple:
+            return w @ n, w @ s, w @ q2
 
         def stat(mask_a: np.ndarray, drop: int = -1) -> np.ndarray:
-            keep = np.ones(len(units), bool)
+            ga = sums(mask_a.astype(np.float64))
             if drop >= 0:
-                keep[drop] = False
-            ga, gb = keep & mask_a, keep & ~mask_a
-            d = self._diff((n[ga].sum(), s[ga].sum(0), q[ga].sum(0)), (n[gb].sum(), s[gb].sum(0), q[gb].sum(0)))
+                keep = np.ones(len(units))
+                keep[drop] = 0.0
+                gb = sums(keep * ~mask_a)
+                ga = sums(keep * mask_a)
+            else:
+                gb = tuple(t - g for t, g in zip(total, ga))
+            d = self._diff(*((g[0], g[1], g[2].reshape(F, F)) for g in (ga, gb)))
             return _summarize(np.where(defined, d, np.nan), L, E)[0]
 
         defined = np.isfinite(self._diff(*((n[g].sum(), s[g].sum(0), q[g].sum(0)) for g in (in_a, ~in_a))))

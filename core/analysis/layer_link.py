@@ -67,6 +67,12 @@ def corr_from_cov(cov: np.ndarray) -> np.ndarray:
     with np.errstate(divide="ignore", invalid="ignore"):
         r = cov / (sd[..., :, None] * sd[..., None, :])
     bad = sd < 1e-12
+    if not bad.any():  # the usual case: no pass over the whole matrix to mark them (it is [F, F], 1M at 16 x 64)
+        return r
+    if r.ndim == 2:
+        r[bad, :] = np.nan
+        r[:, bad] = np.nan
+        return r
     return np.where(bad[..., :, None] | bad[..., None, :], np.nan, r)
 
 

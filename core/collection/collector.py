@@ -21,6 +21,8 @@ OLMoE-1B-7B in full storage (2.6 kB/token) the default 65,536-token shard is ~17
 
 from __future__ import annotations
 
+import contextlib
+
 import functools
 import hashlib
 import os
@@ -229,9 +231,18 @@ class ActivationCollector:
         labels = {n: getattr(tokenized, n, None) for n in _LABEL_FIELDS}
         start_trace = getattr(self.wrapper, "start_trace", None) or _Immediate(self.wrapper).start_trace
         finish = functools.partial(_finish_batch, labels=labels, names=names, storage=storage, float_dtype=float_dtype)
-        in_flight = None
 
         rows = ids.shape[0] if stop_row is None else min(int(stop_row), ids.shape[0])
+        session = getattr(self.wrapper, "tracing_session", None)
+        with session() if session is not None else contextlib.nullcontext():  # nnsight's wrappers set aside once
+            yield from self._trace_rows(ids, mask, rows, batch_size, start_row, hidden_layers, storage, start_trace, finish,
+                                        names)
+
+    def _trace_rows(self, ids: torch.Tensor, mask: torch.Tensor, rows: int, batch_size: int, start_row: int,
+                    hidden_layers: Sequence[int], storage: str, start_trace: Any, finish: Any,
+                    names: tuple) -> Iterator[tuple[int, int, RoutingData]]:
+        """The batches of rows ``[start_row, rows)``, one in flight (see :meth:`trace_batches`)."""
+        in_flight = None
         for start, stop in batch_bounds(rows, batch_size, start_row):
             b_ids, b_mask, width = trimmed_batch(ids, mask, start, stop)
             sel = b_mask.bool()

@@ -16,7 +16,6 @@ toolkit did not write is refused in one line before any work.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 from pathlib import Path
 
@@ -36,7 +35,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from core.owned_files import OwnershipError, check_replaceable, remove_scratch, replace_folder, start_scratch
+    from core.owned_files import OwnershipError, built_in_scratch, check_replaceable
     from core.pipeline.run_comparison import CompareError, check_runs, compare, load_documents
 
     names = [n.strip() for n in args.names.split(",")] if args.names else None
@@ -53,19 +52,14 @@ def main(argv: list[str] | None = None) -> int:
     for run in runs:
         load_documents(run, args.cache_dir)
     comp = compare(runs)
-    work = start_scratch(out.with_name(f".{out.name}.tmp"))
-    try:
-        from core.pipeline.comparison_page import write_page
+    from core.pipeline.comparison_page import write_page
 
-        write_page(comp, work, args.title or f"{len(runs)} runs side by side: " + ", ".join(r.name for r in runs))
-        replace_folder(work, out, hint)
+    try:
+        with built_in_scratch(out, hint) as work:
+            write_page(comp, work, args.title or f"{len(runs)} runs side by side: " + ", ".join(r.name for r in runs))
     except OwnershipError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except BaseException:
-        with contextlib.suppress(OwnershipError):
-            remove_scratch(work)
-        raise
     for name, why in comp.shared.items():
         print(f"{name} vs {runs[0].name}: " + ("paired tests over shared documents" if not why else f"summaries only ({why})"))
     print(f"report: {out / 'report.html'}")

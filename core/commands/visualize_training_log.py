@@ -14,11 +14,10 @@ the toolkit did not write is refused in one line before any work.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 from pathlib import Path
 
-from core.owned_files import OwnershipError, check_replaceable, remove_scratch, replace_folder, start_scratch
+from core.owned_files import OwnershipError, built_in_scratch, check_replaceable
 from viz.training_log import (
     COLLAPSE_SHARE,
     UNDERUSE_OF_UNIFORM,
@@ -73,26 +72,21 @@ def main(argv: list[str] | None = None) -> int:
         check_replaceable(out_dir, hint)  # before any work: only a folder all of whose files the toolkit wrote
         log = read_training_log(args.log)
         affinity = read_affinity_matrix(affinity_path) if affinity_path is not None else None
-        work = start_scratch(out_dir.with_name(f".{out_dir.name}.tmp"))
     except (TrainingLogError, OwnershipError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
-        outputs = write_training_log_report(
-            log, work, affinity,
-            static_format=None if args.static == "none" else args.static,
-            entropy_unit=args.entropy_unit,
-            collapse_share=args.collapse_share,
-            underuse_of_uniform=args.underuse,
-        )
-        replace_folder(work, out_dir, hint)
+        with built_in_scratch(out_dir, hint) as work:
+            outputs = write_training_log_report(
+                log, work, affinity,
+                static_format=None if args.static == "none" else args.static,
+                entropy_unit=args.entropy_unit,
+                collapse_share=args.collapse_share,
+                underuse_of_uniform=args.underuse,
+            )
     except OwnershipError as exc:  # written into while this command ran: the new report is kept where it was built
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except BaseException:
-        with contextlib.suppress(OwnershipError):
-            remove_scratch(work)
-        raise
     outputs.report = out_dir / outputs.report.relative_to(work)
     outputs.images = {name: out_dir / path.relative_to(work) for name, path in outputs.images.items()}
     for warning in outputs.warnings:

@@ -10,7 +10,8 @@ Only nnsight's own pieces are set aside; any other hook or forward wrapper (acce
 Working out what to set aside walks every hook of every module, which costs as much as it
 saves; the plan is kept and reused while no hook was registered anywhere since (PyTorch numbers
 every hook handle from one counter), no module's hooks or forward changed, and nothing that
-ran inside the block left a hook behind.
+ran inside the block left a hook behind. Blocks nest: a collection opens one around all its
+batches, and each batch's own block then costs nothing.
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ class NnsightBypass:
         self._modules = modules
         self._plan: list[_Step] | None = None
         self._stamp = -1  # the hook counter when the plan was last known good
+        self._depth = 0  # inside an open bypass (a collection's whole loop), each batch's own is free
 
     def _current(self) -> list[_Step]:
         plan = self._plan
@@ -79,6 +81,9 @@ class NnsightBypass:
 
     @contextmanager
     def __call__(self) -> Iterator[None]:
+        if self._depth:  # already set aside by an enclosing block: nothing to swap, nothing to put back
+            yield
+            return
         plan = self._plan = self._current()
         self._stamp = -1
         done = 0
@@ -90,7 +95,11 @@ class NnsightBypass:
                 else:
                     s.d["forward"] = s.direct
                 done += 1
-            yield
+            self._depth += 1
+            try:
+                yield
+            finally:
+                self._depth -= 1
         finally:
             for s in plan[:done]:
                 s.d["_forward_pre_hooks"], s.d["_forward_hooks"] = s.pre, s.post

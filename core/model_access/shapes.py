@@ -9,7 +9,6 @@ studies it like any local folder. Known shapes are built offline; any other Hub 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Any, Callable
 
 import torch
 
-from core.owned_files import OwnershipError, check_replaceable, remove_scratch, replace_folder, start_scratch
+from core.owned_files import built_in_scratch, check_replaceable
 
 RANDOM_PREFIX = "random:"
 RECORD_NAME = "random_model.json"
@@ -99,8 +98,7 @@ def write_random_model(cfg: Any, folder: str | os.PathLike, tokenizer: Any, *, s
     dtype). The tokenizer's special ids replace the config's. ``record`` goes into
     ``random_model.json`` with the seed, so the folder says what it is.
     """
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
+    from core.model_access.random_weights import save_random_model
 
     folder = Path(folder)
     hint = "choose another --models-dir"
@@ -110,26 +108,13 @@ def write_random_model(cfg: Any, folder: str | os.PathLike, tokenizer: Any, *, s
     for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
         setattr(cfg, key, getattr(tokenizer, key))
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
-    tmp = start_scratch(folder.with_name(f".{folder.name}.tmp"))
-    try:
-        was_on = hf_logging.is_progress_bar_enabled()
-        hf_logging.disable_progress_bar()
-        try:
-            model.save_pretrained(tmp)
-        finally:
-            if was_on:  # as it was: a run with --no-progress keeps transformers' bars off
-                hf_logging.enable_progress_bar()
+    with built_in_scratch(folder, hint) as tmp:  # the old folder's own files only are replaced (core.owned_files)
+        parameters = save_random_model(cfg, tmp, dtype)  # one layer in memory at a time (core.model_access.random_weights)
         tokenizer.save_pretrained(tmp)
-        info = {"seed": seed, "dtype": str(dtype).removeprefix("torch."), "parameters": sum(p.numel() for p in model.parameters()),
+        info = {"seed": seed, "dtype": str(dtype).removeprefix("torch."), "parameters": parameters,
                 "layers": _layer_count(cfg), **(record or {})}
         (tmp / RECORD_NAME).write_text(json.dumps(info, indent=1))
-        del model
-        return replace_folder(tmp, folder, hint)  # the old folder's own files only are replaced (core.owned_files)
-    except BaseException:
-        with contextlib.suppress(OwnershipError):
-            remove_scratch(tmp)
-        raise
+    return folder
 
 
 def ensure_random_model(spec: str, layers: int | None, seed: int, models_dir: str | os.PathLike,

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from core.owned_files import OwnershipError, marked_json, remove_scratch, replace_folder, start_scratch, WRITTEN_BY
+from core.owned_files import OwnershipError, built_in_scratch, marked_json, WRITTEN_BY
 from core.pipeline.result_codec import CodecError, decode, encode
 from core.safe_io import atomic_write_bytes
 
@@ -107,13 +107,12 @@ class ResultStore:
                                 "arrays_sha256": hashlib.sha256(data).hexdigest(), "value": doc})
             body["sha256"] = _self_sha256(body)
             text = json.dumps(body, indent=1, allow_nan=False) + "\n"
-            start_scratch(built)
-            atomic_write_bytes(built / ARRAY_FILE, data)
-            atomic_write_bytes(built / RESULT_FILE, text.encode("utf-8"))
-            return replace_folder(built, dest, hint="remove it to store this result again")
+            with built_in_scratch(dest, hint="remove it to store this result again", scratch=built):
+                atomic_write_bytes(built / ARRAY_FILE, data)
+                atomic_write_bytes(built / RESULT_FILE, text.encode("utf-8"))
+            return dest
         except (CodecError, OwnershipError, OSError, ValueError) as e:
             print(f"warning: the {analysis} result is not stored for reuse ({_first_line(e)})", file=sys.stderr)
-            _clear(built)
             return None
 
 
@@ -121,14 +120,6 @@ def _array_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     from safetensors.numpy import save
 
     return save(arrays)
-
-
-def _clear(built: Path) -> None:
-    """Remove this call's unfinished scratch folder (only a scratch one: ``core.owned_files`` refuses anything else)."""
-    try:
-        remove_scratch(built)
-    except (OwnershipError, OSError):
-        pass
 
 
 def _first_line(e: BaseException) -> str:

@@ -3,6 +3,11 @@
 Peak host memory is the process's resident high-water mark over the stage alone: Linux lets a
 process reset it (``/proc/self/clear_refs``), and ``VmHWM`` then reads the stage's own peak.
 Elsewhere it is not measured. Peak GPU memory is torch's allocator peak over the stage.
+
+Each stage ends by handing what it freed back to the system (glibc's ``malloc_trim``), so the
+next stage's peak starts from what is still held, not from the heap the last stage left behind.
+(No garbage collection: arrays are freed when their last reference goes, and a full collection
+in a process holding many objects, as a test session does, costs a tenth of a second or more.)
 """
 
 from __future__ import annotations
@@ -54,6 +59,13 @@ def _cuda(device: str) -> Any:
     return torch.cuda if torch.cuda.is_available() else None
 
 
+def _release_freed() -> None:
+    """What the stage freed, back to the system: glibc's freed heap trimmed."""
+    from core.model_access.loading import release_freed_memory
+
+    release_freed_memory()
+
+
 class StageClock:
     """``with clock.stage("collection"): ...`` records a :class:`Stage`; ``rows`` keeps them in order."""
 
@@ -76,6 +88,7 @@ class StageClock:
                 cuda.synchronize(self.device)
             gpu = round(cuda.max_memory_allocated(self.device) / 2**20, 1) if cuda is not None else None
             self.rows.append(Stage(name, round(time.perf_counter() - t0, 3), _host_peak_mb() if host else None, gpu))
+            _release_freed()
 
     def add_parts(self, stage: str, seconds: dict[str, float]) -> None:
         """Sub-steps timed inside ``stage`` (the analyses of the one pass), listed under it."""

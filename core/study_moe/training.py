@@ -27,7 +27,6 @@ refused in one line before any training.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import random
 import time
@@ -39,7 +38,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers.utils import logging as hf_logging
 
-from core.owned_files import OwnershipError, check_replaceable, inside, remove_scratch, replace_folder, start_scratch
+from core.owned_files import built_in_scratch, check_replaceable, inside
 from core.path_names import check_name
 from core.safe_io import atomic_write_json, to_jsonable
 from core.study_moe.config import DEFAULT_CONFIG, TrainConfig, checkpoint_steps, learning_rate, revision_name
@@ -198,14 +197,9 @@ def train(cfg: TrainConfig, models_dir: str | Path = "models", overwrite: bool =
         raise FileExistsError(f"run {run_dir} already exists; pass overwrite=True (--overwrite) to retrain it")
     hint = "choose another --run-name or --models-dir"
     check_replaceable(run_dir, hint)
-    work = start_scratch(models_dir / f".{cfg.run_name}.tmp")
-    try:
+    with built_in_scratch(run_dir, hint, scratch=models_dir / f".{cfg.run_name}.tmp") as work:
         _train_into(cfg, work, progress, monitor, sinks)
-        return replace_folder(work, run_dir, hint)
-    except BaseException:
-        with contextlib.suppress(OwnershipError):  # sealed by then: the finished run stays where the error says
-            remove_scratch(work)
-        raise
+    return run_dir
 
 
 def _train_into(cfg: TrainConfig, work: Path, progress: bool, monitor: MonitorFactory | None = None,
