@@ -119,26 +119,32 @@ class DatasetDifferenceAccumulator(RoutingAccumulator):
         L, E = self.layout.num_layers, self.layout.num_experts
         F = L * E
         defined = np.ones((F, F), bool)
-        q2 = q.reshape(len(units), -1)  # a group's moments are a weighted sum over units: one BLAS pass, no copy of q
-        total = (n.sum(), s.sum(0), q2.sum(0))
+        # A group's moments are a weighted sum over units (one BLAS pass). The observed value is computed in float64;
+        # the leave-one-out and null draws (over 100 of them) in float32: their [F, F] passes are bound by memory, and r
+        # to 1e-6 moves no interval or p a finding quotes. The moments are counts (0/1 features): exact in both.
+        exact = (n, s, q.reshape(len(units), -1))
+        fast = tuple(a.astype(np.float32) for a in exact)
+        totals = {id(m): tuple(a.sum(0) for a in m) for m in (exact, fast)}
 
-        def sums(w: np.ndarray) -> tuple:
-            return w @ n, w @ s, w @ q2
+        def stat(mask_a: np.ndarray, drop: int = -1, moments: tuple = fast) -> np.ndarray:
+            dt = moments[2].dtype
 
-        def stat(mask_a: np.ndarray, drop: int = -1) -> np.ndarray:
-            ga = sums(mask_a.astype(np.float64))
+            def sums(w: np.ndarray) -> tuple:
+                w = w.astype(dt)
+                return tuple(w @ m for m in moments)
+
+            ga = sums(mask_a)
             if drop >= 0:
                 keep = np.ones(len(units))
                 keep[drop] = 0.0
-                gb = sums(keep * ~mask_a)
-                ga = sums(keep * mask_a)
+                gb, ga = sums(keep * ~mask_a), sums(keep * mask_a)
             else:
-                gb = tuple(t - g for t, g in zip(total, ga))
+                gb = tuple(t - g for t, g in zip(totals[id(moments)], ga))
             d = self._diff(*((g[0], g[1], g[2].reshape(F, F)) for g in (ga, gb)))
             return _summarize(np.where(defined, d, np.nan), L, E)[0]
 
         defined = np.isfinite(self._diff(*((n[g].sum(), s[g].sum(0), q[g].sum(0)) for g in (in_a, ~in_a))))
-        value = stat(in_a)  # the null and the interval average the same expert pairs (those defined in both datasets)
+        value = stat(in_a, moments=exact)  # the null and the interval average the same expert pairs (those defined in both datasets)
         loo_pairs = np.stack([stat(in_a, u) for u in range(len(units))])
         loo = overall(loo_pairs)
         rng = layer_rng(self.seed, a, b)
