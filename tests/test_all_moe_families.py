@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from core.model_access.discovery import MoELayerInfo as LayerInfo
-from core.model_access.wrapper import MoEModelWrapper, expert_logits
+from core.model_access.router_outputs import expert_logits
+from core.model_access.wrapper import MoEModelWrapper
 from tests.tiny_models import MOE_SKIPS, VOCAB, build_moe_family, moe_causal_lm_families
 
 FAMILIES = moe_causal_lm_families()

@@ -118,33 +118,27 @@ class DatasetDifferenceAccumulator(RoutingAccumulator):
 
         L, E = self.layout.num_layers, self.layout.num_experts
         F = L * E
-        defined = np.ones((F, F), bool)
         # A group's moments are a weighted sum over units (one BLAS pass). The observed value is computed in float64;
         # the leave-one-out and null draws (over 100 of them) in float32: their [F, F] passes are bound by memory, and r
         # to 1e-6 moves no interval or p a finding quotes. The moments are counts (0/1 features): exact in both.
         exact = (n, s, q.reshape(len(units), -1))
-        fast = tuple(a.astype(np.float32) for a in exact)
-        totals = {id(m): tuple(a.sum(0) for a in m) for m in (exact, fast)}
+        fast = tuple(m.astype(np.float32) for m in exact)
+
+        def diff(w_a: np.ndarray, w_b: np.ndarray, moments: tuple) -> np.ndarray:
+            """r_a - r_b of the groups whose unit weights are w_a and w_b."""
+            ga, gb = (tuple(w.astype(moments[0].dtype) @ m for m in moments) for w in (w_a, w_b))
+            return self._diff(*((g[0], g[1], g[2].reshape(F, F)) for g in (ga, gb)))
 
         def stat(mask_a: np.ndarray, drop: int = -1, moments: tuple = fast) -> np.ndarray:
-            dt = moments[2].dtype
-
-            def sums(w: np.ndarray) -> tuple:
-                w = w.astype(dt)
-                return tuple(w @ m for m in moments)
-
-            ga = sums(mask_a)
+            keep = np.ones(len(units))
             if drop >= 0:
-                keep = np.ones(len(units))
                 keep[drop] = 0.0
-                gb, ga = sums(keep * ~mask_a), sums(keep * mask_a)
-            else:
-                gb = tuple(t - g for t, g in zip(totals[id(moments)], ga))
-            d = self._diff(*((g[0], g[1], g[2].reshape(F, F)) for g in (ga, gb)))
+            d = diff(keep * mask_a, keep * ~mask_a, moments)
             return _summarize(np.where(defined, d, np.nan), L, E)[0]
 
-        defined = np.isfinite(self._diff(*((n[g].sum(), s[g].sum(0), q[g].sum(0)) for g in (in_a, ~in_a))))
-        value = stat(in_a, moments=exact)  # the null and the interval average the same expert pairs (those defined in both datasets)
+        observed = diff(in_a, ~in_a, exact)
+        defined = np.isfinite(observed)  # the null and the interval average the same expert pairs (defined in both datasets)
+        value = _summarize(np.where(defined, observed, np.nan), L, E)[0]
         loo_pairs = np.stack([stat(in_a, u) for u in range(len(units))])
         loo = overall(loo_pairs)
         rng = layer_rng(self.seed, a, b)

@@ -235,34 +235,27 @@ class ActivationCollector:
         rows = ids.shape[0] if stop_row is None else min(int(stop_row), ids.shape[0])
         session = getattr(self.wrapper, "tracing_session", None)
         with session() if session is not None else contextlib.nullcontext():  # nnsight's wrappers set aside once
-            yield from self._trace_rows(ids, mask, rows, batch_size, start_row, hidden_layers, storage, start_trace, finish,
-                                        names)
-
-    def _trace_rows(self, ids: torch.Tensor, mask: torch.Tensor, rows: int, batch_size: int, start_row: int,
-                    hidden_layers: Sequence[int], storage: str, start_trace: Any, finish: Any,
-                    names: tuple) -> Iterator[tuple[int, int, RoutingData]]:
-        """The batches of rows ``[start_row, rows)``, one in flight (see :meth:`trace_batches`)."""
-        in_flight = None
-        for start, stop in batch_bounds(rows, batch_size, start_row):
-            b_ids, b_mask, width = trimmed_batch(ids, mask, start, stop)
-            sel = b_mask.bool()
-            if not sel.any():
+            in_flight = None
+            for start, stop in batch_bounds(rows, batch_size, start_row):
+                b_ids, b_mask, width = trimmed_batch(ids, mask, start, stop)
+                sel = b_mask.bool()
+                if not sel.any():
+                    if in_flight is not None:
+                        yield finish(*in_flight)
+                        in_flight = None
+                    yield start, stop, _empty_routing(self.wrapper, storage, names, hidden_layers)
+                    continue
+                try:
+                    pending = start_trace(b_ids, b_mask, hidden_layers=tuple(hidden_layers))
+                except BaseException:
+                    if in_flight is not None:  # the batch already traced is handed on before the error
+                        yield finish(*in_flight)
+                    raise
                 if in_flight is not None:
                     yield finish(*in_flight)
-                    in_flight = None
-                yield start, stop, _empty_routing(self.wrapper, storage, names, hidden_layers)
-                continue
-            try:
-                pending = start_trace(b_ids, b_mask, hidden_layers=tuple(hidden_layers))
-            except BaseException:
-                if in_flight is not None:  # the batch already traced is handed on before the error
-                    yield finish(*in_flight)
-                raise
+                in_flight = (start, stop, width, b_ids, sel, pending)
             if in_flight is not None:
                 yield finish(*in_flight)
-            in_flight = (start, stop, width, b_ids, sel, pending)
-        if in_flight is not None:
-            yield finish(*in_flight)
 
     # ----------------------------------------------------------------- to disk
     def cache_header(

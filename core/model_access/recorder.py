@@ -14,29 +14,13 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-import torch
 from torch import nn
 
 from core.model_access.discovery import MoELayerInfo
 from core.model_access.interventions import experts_selection
+from core.model_access.router_outputs import router_scores, scores_and_indices
 
-__all__ = ["RoutingRecorder", "router_scores", "scores_and_indices"]
-
-
-def scores_and_indices(out: Any, info: MoELayerInfo) -> bool:
-    """The router returned ``(logits, top-k weights, top-k indices, ...)``: integer indices, k per token."""
-    if not (isinstance(out, (tuple, list)) and len(out) >= 3):
-        return False
-    w, idx = out[1], out[2]
-    return (
-        isinstance(w, torch.Tensor) and isinstance(idx, torch.Tensor) and not idx.is_floating_point()
-        and idx.dim() >= 1 and idx.shape[-1] == info.top_k
-    )
-
-
-def router_scores(out: Any, info: MoELayerInfo) -> Any:
-    """The scores tensor in what a router returned (some return a tuple)."""
-    return out[info.router_output_index] if isinstance(out, (tuple, list)) else out
+__all__ = ["RoutingRecorder"]
 
 
 class RoutingRecorder:

@@ -10,7 +10,6 @@ DeepSeek-V3 adds a correction bias and group-limited selection).
 from __future__ import annotations
 
 import contextlib
-
 import dataclasses
 import os
 from types import SimpleNamespace
@@ -26,46 +25,13 @@ from core.model_access.expert_weights import LayerExperts, expert_matrices
 from core.model_access.generation import GeneratedRouting, generate_routing
 from core.model_access.host_copy import PendingCopy, start_host_copy
 from core.model_access.interventions import experts_selection, renormalize_without
-from core.model_access.recorder import RoutingRecorder, router_scores, scores_and_indices
+from core.model_access.recorder import RoutingRecorder
+from core.model_access.router_outputs import expert_logits, router_scores, scores_and_indices, topk_weights
 from core.model_access.loading import (ModelLoadError, Placement, drop_scan_hooks, has_accelerate_hooks, input_device,
                                        is_dispatched, load_hf, materialized, quiet_nnterp, release_freed_memory, resolve_dtype)
 from core.routing_data import RoutingData
 
 __all__ = ["GeneratedRouting", "ModelLoadError", "MoEModelWrapper"]
-
-
-def expert_logits(lg: torch.Tensor, info: MoELayerInfo) -> torch.Tensor:
-    """One row of ``[N, E]`` logits per token (in the router's precision, on its device), from what the router returned.
-
-    Product-key routers (Doge) return two ``[2, N, sqrt(E)]`` score sets; expert ``i * sqrt(E) + j``
-    scores ``x_i + y_j``, as the family ranks them.
-    """
-    n_exp = info.num_experts
-    keys = round(n_exp**0.5)
-    if lg.dim() == 3 and lg.shape[0] == 2 and keys * keys == n_exp and lg.shape[-1] == keys:
-        lg = (lg[0][:, :, None] + lg[1][:, None, :]).reshape(-1, n_exp)
-    if lg.shape[-1] != n_exp:
-        raise NoRoutersError(
-            f"router {info.router_path} returned {lg.shape[-1]} scores per token, but {n_exp} experts were expected; "
-            "pass a MoESpec with num_experts"
-        )
-    return lg.reshape(-1, n_exp)
-
-
-def topk_weights(logits: torch.Tensor, info: MoELayerInfo) -> tuple[torch.Tensor, torch.Tensor]:
-    """The chosen experts and their weights as the block computes them from ``[N, E]`` scores, where it does not hand them over.
-
-    A block that renormalizes takes, for softmax routers, the softmax of the k chosen logits
-    (JetMoE, Doge: computed as they compute it, so equal to the last bit), for sigmoid ones the
-    chosen scores over their sum; otherwise the weights are the full distribution's scores.
-    """
-    logits = logits.float()
-    if info.score_fn == "softmax" and info.renormalize:
-        top, idx = logits.topk(info.top_k, dim=-1)
-        return idx, torch.softmax(top, dim=-1)
-    probs = torch.sigmoid(logits) if info.score_fn == "sigmoid" else torch.softmax(logits, dim=-1)
-    w, idx = probs.topk(info.top_k, dim=-1)
-    return idx, (w / w.sum(dim=-1, keepdim=True) if info.renormalize else w)
 
 
 class PendingRouting:
@@ -103,7 +69,6 @@ def _read_experts(module: nn.Module, device: str | torch.device) -> dict[str, to
         return {k: None if v is None else v.to(device, torch.float32, copy=copy) for k, v in mats.items()}
 
 
-
 def next_token_losses(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of each next token ``[B, T-1]`` on the host, in float32, one row of the batch at a time.
 
@@ -114,6 +79,7 @@ def next_token_losses(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Te
     rows = [torch.nn.functional.cross_entropy(logits[b, :-1].float(), targets[b], reduction="none").cpu()
             for b in range(logits.shape[0])]
     return torch.stack(rows) if rows else torch.empty(0, max(logits.shape[1] - 1, 0))
+
 
 class MoEModelWrapper:
     """A traced MoE language model: which layers route, and what each router decided.

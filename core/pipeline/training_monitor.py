@@ -24,7 +24,7 @@ from core.analysis.diagnosis import CollapseThresholds
 from core.analysis.routing_monitor import RoutingMonitor, monitor_scalars
 from core.model_access.discovery import MoELayerInfo, MoESpec, discover_moe_layers
 from core.model_access.interventions import experts_selection
-from core.model_access.recorder import router_scores, scores_and_indices
+from core.model_access.router_outputs import router_scores, scores_and_indices
 
 DEFAULT_WINDOW = 50  # training batches the diagnosis is taken over
 
