@@ -123,3 +123,15 @@ def test_ablation_study_reports_per_domain_deltas():
     assert (est.low[1] <= res.delta[1] + 1e-9).all() and (res.delta[1] <= est.high[1] + 1e-9).all()
     targets, labels = most_and_least_used_experts(np.array([[0.5, 0.1, 0.4], [0.2, 0.3, 0.5]]), [1, 2])
     assert targets == [{1: [0]}, {1: [1]}, {2: [2]}, {2: [0]}] and "most used" in labels[0] and "least used" in labels[1]
+
+
+def test_next_token_losses_row_by_row_equal_the_whole_batch_at_once():
+    """The loss one batch row at a time (to hold one row's float32 logits) is bitwise the batched cross-entropy."""
+    from core.model_access.wrapper import next_token_losses
+
+    g = torch.Generator().manual_seed(0)
+    logits, ids = torch.randn(3, 20, 1000, generator=g).bfloat16(), torch.randint(0, 1000, (3, 20), generator=g)
+    whole = torch.nn.functional.cross_entropy(logits.float()[:, :-1].reshape(-1, 1000), ids[:, 1:].reshape(-1),
+                                              reduction="none").reshape(3, 19)
+    assert torch.equal(next_token_losses(logits, ids), whole)
+    assert next_token_losses(logits[:0], ids[:0]).shape == (0, 19)

@@ -325,3 +325,18 @@ def test_saturation_is_drawn_on_a_log_percent_axis_with_intervals_and_chance():
     assert {t.legendgroup for t in fig.data} == {"L3", "L5"}  # a layer's band and chance hide with its line
     with pytest.raises(P.FigureInputError, match="all three"):
         P.saturation_over_checkpoints([1, 2], sat[:2], [3, 5], low=sat[:2])
+
+
+def test_top_cells_equal_a_full_stable_sort_with_and_without_ties():
+    """The strongest cells are searched only where the n-th largest row maximum allows; the answer is a full sort's."""
+    from viz.matrix_views import _top_cells
+
+    rng = np.random.default_rng(0)
+    for shape, n in [((64, 1024), 3), ((8, 8), 10), ((3, 5), 20), ((5, 5), 5), ((40, 300), 7)]:
+        for ties in (False, True):
+            v = rng.normal(size=shape).astype(np.float32)
+            v = np.round(v) if ties else v
+            v.flat[0] = np.nan
+            mag = np.nan_to_num(np.abs(v), nan=-1.0).ravel()
+            full = np.unravel_index(np.argsort(-mag, kind="stable")[:min(n, mag.size)], shape)
+            assert all(np.array_equal(a, b) for a, b in zip(_top_cells(v, n), full)), (shape, n, ties)
