@@ -181,6 +181,24 @@ def test_every_figure_shares_one_background():
     assert not off, f"figures with another background: {off}"
 
 
+def test_the_template_set_without_validation_gives_the_validated_figure():
+    """finish() sets plotly_white as plotly sets its default template; the figure is the one update_layout gives."""
+    from viz._common import finish
+
+    def drawn(fast: bool) -> go.Figure:
+        fig = go.Figure(go.Heatmap(z=[[0.1, 0.9], [0.4, 0.6]]))
+        if fast:
+            return finish(fig, "t", "x", "y")
+        fig.update_layout(title={"text": "t", "x": 0.02, "xanchor": "left"}, template="plotly_white",
+                          margin={"l": 70, "r": 30, "t": 70, "b": 60}, hoverlabel={"namelength": -1})
+        return fig.update_xaxes(title_text="x").update_yaxes(title_text="y")
+
+    fast, validated = drawn(True), drawn(False)
+    assert json.dumps(fast.to_plotly_json(), sort_keys=True) == json.dumps(validated.to_plotly_json(), sort_keys=True)
+    fast.layout.template.layout.paper_bgcolor = "red"  # its own copy: the registered template is not touched
+    assert go.Figure(layout={"template": "plotly_white"}).layout.template.layout.paper_bgcolor == "white"
+
+
 def test_layer_pair_picker_shows_one_pair_at_a_time_and_names_its_experts():
     blocks = [np.full((2, 3), 0.5), np.full((2, 2), -0.25)]
     fig = P.correlation_by_layer_pair(blocks, [(0, 1), (4, 9)], experts_a=[[3, 7], [0, 1]], experts_b=[[1, 2, 5], [2, 6]],

@@ -15,12 +15,23 @@ def _fig() -> go.Figure:
 
 @pytest.mark.skipif(static_export_unavailable() is not None,
                     reason=str(static_export_unavailable()))
-def test_writes_png_and_svg_in_one_session(tmp_path):
-    written, reason = export_many({"a": _fig(), "b": _fig()}, tmp_path, fmt="svg")
+def test_images_are_byte_for_byte_those_of_plotlys_write_images_and_svg_is_written(tmp_path):
+    """PNGs drawn one after another in one page (kaleido's reload between figures skipped): nothing carries over."""
+    import plotly.io as pio
+
+    figs = {"heatmap": _fig(), "lines": go.Figure(go.Scatter(x=[0, 1, 2], y=[2, 0, 1], mode="lines+markers")),
+            "bars": go.Figure(go.Bar(x=["a", "b"], y=[3, 1]), layout={"template": "plotly_white"}),
+            "sankey": go.Figure(go.Sankey(node={"label": ["x", "y", "z"]}, link={"source": [0, 0], "target": [1, 2],
+                                                                                   "value": [2, 1]}))}
+    written, reason = export_many(figs, tmp_path / "one_page", fmt="png")
     assert reason is None
-    assert written["a"].read_text().lstrip().startswith("<svg")
-    png = export_static(_fig(), tmp_path / "c.png")
-    assert png is not None and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    reference = [tmp_path / "plotly" / f"{name}.png" for name in figs]
+    reference[0].parent.mkdir()
+    pio.write_images(list(figs.values()), reference, format="png", scale=2.0)
+    for name, ref in zip(figs, reference):
+        assert written[name].read_bytes() == ref.read_bytes(), name
+    svg = export_static(_fig(), tmp_path / "c.svg")
+    assert svg is not None and svg.read_text().lstrip().startswith("<svg")
 
 
 def test_reports_why_when_no_browser(tmp_path, monkeypatch):
@@ -54,7 +65,7 @@ def test_a_failed_render_removes_only_its_own_temporary_files(tmp_path, monkeypa
         raise RuntimeError("the browser went away")
 
     monkeypatch.setattr(static_export, "_prepare", lambda: None)
-    monkeypatch.setattr(static_export.pio, "write_images", render_then_fail)
+    monkeypatch.setattr(static_export, "_render", render_then_fail)
     written, reason = export_many({"x": _fig()}, tmp_path / "figs")
     assert written == {} and reason == "static export failed: RuntimeError: the browser went away"
     assert len(seen) == 1 and not seen[0].exists() and seen[0].name != ".x.png.tmp"
@@ -74,7 +85,7 @@ def test_a_rerun_redraws_only_the_images_whose_figure_or_file_changed(tmp_path, 
             drawn.append(fig.layout.title.text)
 
     monkeypatch.setattr(static_export, "_prepare", lambda: None)
-    monkeypatch.setattr(static_export.pio, "write_images", fake_render)
+    monkeypatch.setattr(static_export, "_render", fake_render)
 
     def figs(b_title="b"):
         return {"a": go.Figure(layout={"title": {"text": "a"}}), "b": go.Figure(layout={"title": {"text": b_title}})}

@@ -19,6 +19,7 @@ import plotly.graph_objects as go
 # One colour scale per meaning, so the same quantity looks the same in every figure.
 SEQUENTIAL = "Viridis"
 DIVERGING = "RdBu_r"
+TEMPLATE = "plotly_white"  # every figure's
 
 
 class FigureInputError(ValueError):
@@ -86,9 +87,9 @@ def finish(
     width: int | None = None,
 ) -> go.Figure:
     """Apply the shared title, axis titles and template so figures look alike in a report."""
+    _set_template(fig, TEMPLATE)
     fig.update_layout(
         title={"text": esc(title), "x": 0.02, "xanchor": "left"},
-        template="plotly_white",
         margin={"l": 70, "r": 30, "t": 70, "b": 60},
         hoverlabel={"namelength": -1},
     )
@@ -99,6 +100,25 @@ def finish(
     fig.update_xaxes(title_text=esc(x_title))
     fig.update_yaxes(title_text=esc(y_title))
     return fig
+
+
+def _set_template(fig: go.Figure, name: str) -> None:
+    """``fig.layout.template = name``, a template registered with plotly, set as plotly sets its default template.
+
+    Plotly validates an assigned template entry by entry, 10 ms of the 14 ms ``finish`` took a figure
+    (a report draws dozens); its own default template it sets with validation off, being valid
+    already. So is this one; the figure is the same (tests/test_viz_figures.py). Where plotly has
+    no ``_validate`` switch, setting it changes nothing and the template is validated as before.
+    """
+    import plotly.io as pio
+
+    layout = fig.layout
+    validate = getattr(layout, "_validate", True)
+    layout._validate = False
+    try:
+        layout.template = pio.templates[name]
+    finally:
+        layout._validate = validate
 
 
 def wrap_title(text: str, width: int = 36) -> tuple[str, int]:

@@ -235,6 +235,8 @@ class CorrelationAccumulator(RoutingAccumulator):
         order = np.argsort(b, kind="stable")
         xs, bs = x[order], b[order]
         starts = np.r_[DocumentRuns.starts(bs), len(bs)]
+        if self.feature == "topk":  # 0/1: the products and sums are counts, exact in float32 (half float64's time)
+            xs = xs.astype(np.float32)
         for lo, hi in zip(starts[:-1], starts[1:]):
             xb, blk = xs[lo:hi], bs[lo]
             self.n[blk] += len(xb)

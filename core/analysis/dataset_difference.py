@@ -85,7 +85,8 @@ class DatasetDifferenceAccumulator(RoutingAccumulator):
         return self.mom[ds]
 
     def _add(self, chunk: RoutingData) -> None:
-        x = selection_np(chunk).reshape(chunk.num_tokens, -1).astype(np.float64)
+        x = selection_np(chunk).reshape(chunk.num_tokens, -1).astype(np.float32)  # 0/1: its products and sums are
+        # counts, exact in float32 (to 2^24 tokens a chunk) and added to float64 totals; half float64's time
         ds = chunk.dataset_ids.numpy() if chunk.dataset_ids is not None else np.zeros(chunk.num_tokens, np.int64)
         unit = ds * self.blocks + block_of(document_keys(chunk), self.blocks)
         for u in np.unique(unit):
@@ -118,32 +119,22 @@ class DatasetDifferenceAccumulator(RoutingAccumulator):
 
         L, E = self.layout.num_layers, self.layout.num_experts
         F = L * E
-        # A group's moments are a weighted sum over units (one BLAS pass). The observed value is computed in float64;
-        # the leave-one-out and null draws (over 100 of them) in float32: their [F, F] passes are bound by memory, and r
-        # to 1e-6 moves no interval or p a finding quotes. The moments are counts (0/1 features): exact in both.
-        exact = (n, s, q.reshape(len(units), -1))
-        fast = tuple(m.astype(np.float32) for m in exact)
-
-        def diff(w_a: np.ndarray, w_b: np.ndarray, moments: tuple) -> np.ndarray:
-            """r_a - r_b of the groups whose unit weights are w_a and w_b."""
-            ga, gb = (tuple(w.astype(moments[0].dtype) @ m for m in moments) for w in (w_a, w_b))
-            return self._diff(*((g[0], g[1], g[2].reshape(F, F)) for g in (ga, gb)))
-
-        def stat(mask_a: np.ndarray, drop: int = -1, moments: tuple = fast) -> np.ndarray:
-            keep = np.ones(len(units))
-            if drop >= 0:
-                keep[drop] = 0.0
-            d = diff(keep * mask_a, keep * ~mask_a, moments)
-            return _summarize(np.where(defined, d, np.nan), L, E)[0]
-
-        observed = diff(in_a, ~in_a, exact)
+        # The observed value in float64; the leave-one-out and null draws (over 100 of them) in float32, a batch of
+        # them per pass over the units' moments (:func:`_layer_means`): r to 1e-6 moves no interval or p a finding
+        # quotes. The moments are counts (0/1 features): exact in both precisions.
+        ga, gb = (tuple(w.astype(np.float64) @ m for m in (n, s, q.reshape(len(units), -1))) for w in (in_a, ~in_a))
+        observed = self._diff((ga[0], ga[1], ga[2].reshape(F, F)), (gb[0], gb[1], gb[2].reshape(F, F)))
         defined = np.isfinite(observed)  # the null and the interval average the same expert pairs (defined in both datasets)
         value = _summarize(np.where(defined, observed, np.nan), L, E)[0]
-        loo_pairs = np.stack([stat(in_a, u) for u in range(len(units))])
-        loo = overall(loo_pairs)
+        keep = 1.0 - np.eye(len(units))  # row u: every unit but u
         rng = layer_rng(self.seed, a, b)
         draws = draws_for_holm(self.permutations, max(len(self.mom) - 1, 1)) if self.permutations else 0
-        null = np.stack([stat(in_a[rng.permutation(len(units))]) for _ in range(draws)]) if draws else np.full((1,) + value.shape, np.nan)
+        dealt = np.array([in_a[rng.permutation(len(units))] for _ in range(draws)], dtype=float).reshape(draws, len(units))
+        w_a = np.concatenate([keep * in_a, dealt])
+        w_b = np.concatenate([keep * ~in_a, 1.0 - dealt])
+        means = _layer_means(w_a, w_b, (n, s, q), defined & ~np.eye(F, dtype=bool), L, E)
+        loo_pairs, null = means[:len(units)], means[len(units):] if draws else np.full((1,) + value.shape, np.nan)
+        loo = overall(loo_pairs)
         ci = jackknife_interval(overall(value), loo, bounds=(0.0, 2.0))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # no draws: a NaN null
@@ -171,6 +162,58 @@ class DatasetDifferenceAccumulator(RoutingAccumulator):
             out.pairs.append(key)
             out.layer_diff[key], out.layer_null[key], out.estimates[key], out.layer_estimates[key] = self._pair(a, b)
         return _holm_over_pairs(out)
+
+
+def _layer_means(w_a: np.ndarray, w_b: np.ndarray, moments: tuple, pairs: np.ndarray, L: int, E: int) -> np.ndarray:
+    """``[K, L, L]`` mean |r_a - r_b| per layer pair over ``pairs`` (``[F, F]``), for the K groups ``w_a`` and ``w_b``
+    (``[K, units]`` weights of the units' moments ``(n [U], s [U, F], q [U, F, F])``), in float32.
+
+    The groups' moments come a batch at a time from one matrix product (``q`` read once per batch, not twice per
+    group); each group's ``[F, F]`` passes then run on its own slice, which stays in the processor's cache. Where a
+    feature never varies in a group its correlations are undefined and left out of that group's means (as
+    ``np.nanmean`` leaves out the NaN that :func:`core.analysis.layer_link.corr_from_cov` gives them).
+    """
+    U, F = len(moments[0]), L * E
+    n, s, q = moments[0].astype(np.float32), moments[1].astype(np.float32), moments[2].astype(np.float32).reshape(U, -1)
+    weight = pairs.astype(np.float32)
+    counts = _block_sums(weight, L, E)
+    batch = int(max(1, min(8, 8_000_000 // (F * F))))
+    buffers = np.empty((2, batch, F * F), np.float32)  # reused: a fresh 30 MB array per batch costs its page faults
+    out = np.empty((len(w_a), L, L))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for lo in range(0, len(w_a), batch):
+            ga, gb = ([w[lo:lo + batch].astype(np.float32) @ n, w[lo:lo + batch].astype(np.float32) @ s,
+                       np.matmul(w[lo:lo + batch].astype(np.float32), q, out=buf[:len(w[lo:lo + batch])])]
+                      for w, buf in zip((w_a, w_b), buffers))
+            for k in range(len(ga[0])):
+                ra, never_a = _corr_in_place(ga[0][k], ga[1][k], ga[2][k].reshape(F, F))
+                rb, never_b = _corr_in_place(gb[0][k], gb[1][k], gb[2][k].reshape(F, F))
+                d = np.abs(np.subtract(ra, rb, out=ra), out=ra)
+                never, c = never_a | never_b, counts
+                if never.any():  # undefined rows and columns: out of the sums and the counts
+                    d[never, :] = 0.0
+                    d[:, never] = 0.0
+                    c = _block_sums(weight * ~never[:, None] * ~never[None, :], L, E)
+                d *= weight
+                out[lo + k] = _block_sums(d, L, E) / c
+    return out
+
+
+def _corr_in_place(n: np.float32, s: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Pearson r from one group's moments, computed in ``q`` (``[F, F]``), and the features that never vary (their
+    rows and columns of r are not numbers)."""
+    mean = s / n
+    q /= n
+    q -= np.multiply.outer(mean, mean)
+    sd = np.sqrt(np.clip(np.diagonal(q), 0, None))
+    q /= sd[:, None]
+    q /= sd[None, :]
+    return np.clip(q, -1.0, 1.0, out=q), sd < 1e-12
+
+
+def _block_sums(a: np.ndarray, L: int, E: int) -> np.ndarray:
+    """``[L, L]`` sums of the ``E x E`` blocks of ``a`` (``[L E, L E]``)."""
+    return a.reshape(L * E, L, E).sum(-1).reshape(L, E, L).sum(1)
 
 
 def _holm_over_pairs(res: DatasetDifference) -> DatasetDifference:
