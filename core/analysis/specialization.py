@@ -83,6 +83,22 @@ def _spec_stats(counts: np.ndarray, tokens: np.ndarray, k: int) -> dict[str, np.
             "layer_score": layer_score}
 
 
+def _scores(counts: np.ndarray, tokens: np.ndarray, k: int) -> dict[str, np.ndarray]:
+    """The two statistics of :func:`_spec_stats` the nulls and intervals use, ``layer_score`` and ``max_ratio``, with
+    the same operations (the same values, to the bit) and without the shares and ratios of every expert."""
+    E = counts.shape[-1]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        overall = counts.sum(-3, keepdims=True)
+        overall = overall / overall.sum(-1, keepdims=True)
+        du = counts / np.clip(counts.sum(-1, keepdims=True), 1e-300, None)
+        kl = np.where(du > 0, du * np.log(du / overall), 0.0).sum(-1)  # [..., D, L]
+        w = tokens / tokens.sum(-1, keepdims=True)
+        top = (counts.max(axis=(-2, -1)) / tokens) / (k / E)  # dividing by a positive number keeps the largest largest
+    present = tokens > 0
+    return {"max_ratio": np.where(present, top, np.nan),
+            "layer_score": (np.where(present[..., None], kl, 0.0) * w[..., None]).sum(-2)}
+
+
 class DomainSpecializationAccumulator(RoutingAccumulator):
     """Domain (or dataset) x expert assignment counts per document block; tokens with no label (id < 0) are left out.
 
@@ -157,8 +173,12 @@ class DomainSpecializationAccumulator(RoutingAccumulator):
         rng = np.random.default_rng(self.seed)
 
         def stats(lab_weights: np.ndarray) -> dict[str, np.ndarray]:  # [R, C, D] cell weights per group
-            c = np.einsum("rcd,cle->rdle", lab_weights, cell_counts, optimize=True)
-            return _spec_stats(c, np.einsum("rcd,c->rd", lab_weights, cell_tokens), k)
+            parts = [_scores(np.einsum("rcd,cle->rdle", w, cell_counts, optimize=True),
+                             np.einsum("rcd,c->rd", w, cell_tokens), k) for w in np.array_split(lab_weights, chunks(lab_weights))]
+            return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+
+        def chunks(lab_weights: np.ndarray) -> int:  # about 2M counts a chunk: its passes stay in the processor's cache
+            return max(1, int(np.ceil(lab_weights.shape[0] * D * cell_counts[0].size / 2_000_000)))
 
         onehot = np.eye(D)[labels]
         draws = max(self.permutations, int(np.ceil(20 * max(D, cell_counts.shape[1]))))  # a corrected permutation p
