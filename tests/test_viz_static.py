@@ -15,7 +15,7 @@ def _fig() -> go.Figure:
 
 @pytest.mark.skipif(static_export_unavailable() is not None,
                     reason=str(static_export_unavailable()))
-def test_images_are_byte_for_byte_those_of_plotlys_write_images_and_svg_is_written(tmp_path):
+def test_images_are_byte_for_byte_those_of_plotlys_write_images(tmp_path):
     """PNGs drawn one after another in one page (kaleido's reload between figures skipped): nothing carries over."""
     import plotly.io as pio
 
@@ -30,8 +30,6 @@ def test_images_are_byte_for_byte_those_of_plotlys_write_images_and_svg_is_writt
     pio.write_images(list(figs.values()), reference, format="png", scale=2.0)
     for name, ref in zip(figs, reference):
         assert written[name].read_bytes() == ref.read_bytes(), name
-    svg = export_static(_fig(), tmp_path / "c.svg")
-    assert svg is not None and svg.read_text().lstrip().startswith("<svg")
 
 
 def test_reports_why_when_no_browser(tmp_path, monkeypatch):
@@ -42,6 +40,22 @@ def test_reports_why_when_no_browser(tmp_path, monkeypatch):
     written, reason = export_many({"x": _fig()}, tmp_path)
     assert written == {} and "apt-get install -y chromium" in reason
     assert not (tmp_path / "x.png").exists()
+
+
+def test_export_static_takes_the_format_from_the_suffix(tmp_path, monkeypatch):
+    import viz.static_export as static_export
+
+    seen = []
+
+    def fake_render(figs, paths, format, scale):  # noqa: A002 - plotly's keyword
+        seen.append((format, scale))
+        for p in paths:
+            p.write_bytes(b"<svg/>")
+
+    monkeypatch.setattr(static_export, "_prepare", lambda: None)
+    monkeypatch.setattr(static_export, "_render", fake_render)
+    path = export_static(_fig(), tmp_path / "c.svg", scale=3.0)
+    assert path == tmp_path / "c.svg" and path.read_bytes() == b"<svg/>" and seen == [("svg", 3.0)]
 
 
 def test_unknown_format_is_rejected(tmp_path):
