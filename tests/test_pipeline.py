@@ -356,15 +356,19 @@ def _tiny_olmoe_folder(root: Path, folder: Path) -> Path:
     return folder
 
 
-def test_a_hugging_face_moe_from_a_local_directory(micro_run, tmp_path):
-    """The path a researcher takes with OLMoE, on a tiny random OLMoE saved with the embedded tokenizer."""
+def test_a_hugging_face_moe_from_a_local_directory_and_through_a_simulated_ndif_request(micro_run, tmp_path):
+    """The path a researcher takes with OLMoE, on a tiny random OLMoE saved with the embedded tokenizer; with
+    --remote local, collection and ablation go through nnsight's simulation of an NDIF request: the same study."""
     model_dir = _tiny_olmoe_folder(micro_run[0], tmp_path / "tiny-olmoe")
-    summary = BasicRoutingAnalysis(model_name=str(model_dir), micro=True, offline=True, static="none", progress=False,
-                                   results_dir=str(tmp_path / "results")).run()
+    kw = dict(model_name=str(model_dir), micro=True, offline=True, static="none", progress=False, resamples=20)
+    summary = BasicRoutingAnalysis(results_dir=str(tmp_path / "here"), **kw).run()
     metrics = json.loads(summary.metrics.read_text())
     assert metrics["model"]["family"] == "olmoe" and metrics["model"]["moe_layers"] == [0, 1]
     assert "checkpoint_dynamics" in metrics["skipped"] and "ablation" in metrics and "expert_alignment" in metrics
     assert summary.report.exists()
+    sim = BasicRoutingAnalysis(results_dir=str(tmp_path / "sim"), remote="local", **kw).run()
+    a, b = (_json_metrics(s.metrics) for s in (summary, sim))
+    assert a["headline"] == b["headline"] and a["ablation"] == b["ablation"]
 
 
 def test_retrained_local_weights_get_new_caches(tmp_path):
@@ -503,16 +507,6 @@ def test_torchrun_splits_one_cache_over_ranks(micro_run, tmp_path):
     split = _json_metrics(results / "micro" / "metrics.json")
     assert _json_metrics(one.metrics)["headline"] == split["headline"]
     assert split["processes"]["world_size"] == 2
-
-
-def test_remote_local_run_equals_the_local_run(micro_run, tmp_path):
-    """--remote local: collection and ablation through nnsight's simulation of an NDIF request give the same study."""
-    model_dir = _tiny_olmoe_folder(micro_run[0], tmp_path / "tiny-olmoe")
-    kw = dict(model_name=str(model_dir), micro=True, offline=True, static="none", progress=False, resamples=20)
-    here = BasicRoutingAnalysis(results_dir=str(tmp_path / "here"), **kw).run()
-    sim = BasicRoutingAnalysis(results_dir=str(tmp_path / "sim"), remote="local", **kw).run()
-    a, b = (_json_metrics(s.metrics) for s in (here, sim))
-    assert a["headline"] == b["headline"] and a["ablation"] == b["ablation"]
 
 
 def test_remote_ndif_needs_its_key_and_a_hub_name(tmp_path, capsys, monkeypatch):
