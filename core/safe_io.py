@@ -166,6 +166,19 @@ def _takes_sink(cls: type) -> bool:
         return False
 
 
+def _plain_list(a: np.ndarray) -> Any:
+    """A bool, integer or float array as nested lists of Python values, non-finite floats as None: what converting
+    each element of ``a.tolist()`` gives, without a Python call per element (arrays of millions of numbers)."""
+    if a.dtype.kind != "f":
+        return a.tolist()
+    bad = ~np.isfinite(a)
+    if not bad.any():
+        return a.tolist()
+    values = a.astype(object)
+    values[bad] = None
+    return values.tolist()
+
+
 def to_jsonable(obj: Any, *, digits: int | None = None, strict: bool = True, sink: ArraySink | None = None,
                 path: tuple[str, ...] = ()) -> Any:
     """Recursively turn arrays, tensors, numpy scalars, dataclasses and tables into JSON values.
@@ -192,6 +205,8 @@ def to_jsonable(obj: Any, *, digits: int | None = None, strict: bool = True, sin
         if isinstance(o, np.ndarray):
             if offload and (ref := sink(p, o)) is not None:
                 return ref
+            if o.dtype.kind in "biu" or (o.dtype.kind == "f" and digits is None):
+                return _plain_list(o)
             return conv(o.tolist(), p)
         if type(o).__module__.startswith("torch") and hasattr(o, "detach"):  # a tensor, without importing torch
             return conv(o.detach().cpu().numpy(), p)

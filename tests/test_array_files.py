@@ -82,6 +82,18 @@ def test_without_a_sink_nothing_changes():
     assert metrics["table"].estimate.to_dict()["distinguishable"] == metrics["table"].estimate.distinguishable.tolist()
 
 
+def test_an_array_becomes_what_converting_each_element_gives():
+    """Arrays go to lists in one call, not a Python call per element: the same values, non-finite floats as None."""
+    rng = np.random.default_rng(0)
+    arrays = [rng.random((3, 4)), np.array([1.0, np.nan, np.inf, -np.inf, 2.5], np.float32), np.arange(6).reshape(2, 3),
+              np.array([True, False]), np.zeros((0, 3)), rng.random((2, 2, 2)).astype(np.float16), np.array(3.5),
+              np.array(np.nan), np.array([[np.nan]]), np.arange(4, dtype=np.uint8)]
+    for a in arrays:
+        each = to_jsonable(a.tolist()) if a.ndim else to_jsonable(a.item())
+        assert to_jsonable(a) == each and json.dumps(to_jsonable(a)) == json.dumps(each), a
+    assert to_jsonable(np.array([0.123456]), digits=2) == [0.12]
+
+
 def test_a_failed_write_leaves_the_old_files(tmp_path, monkeypatch):
     rng = np.random.default_rng(1)
     write_metrics(tmp_path, _metrics(rng))
