@@ -103,9 +103,10 @@ def export_many(
 def _render(figures: list[go.Figure], files: list[Path], format: str, scale: float) -> None:  # noqa: A002 - plotly's word
     """``plotly.io.write_images`` in one page of one browser session.
 
-    Kaleido reloads its page (plotly.js) after every figure: 0.15 s of the 0.22 s each figure took,
-    12-18 s of a run's PNGs. Its tab is put back without the reload here; the images are byte for byte
-    those of ``write_images`` (tests/test_viz_static.py). A kaleido without that step gets ``write_images``.
+    Kaleido reloads its page (plotly.js) after every figure: 29 figures took 9.6 s, 4.4 s without the
+    reloads (a run's PNGs took 12-18 s). Its tab is put back without the reload here; the images are byte
+    for byte those of ``write_images`` (tests/test_viz_static.py). A kaleido without that step gets
+    ``write_images``.
     """
     import asyncio
     from concurrent.futures import ThreadPoolExecutor
