@@ -182,9 +182,7 @@ def _layer_means(w_a: np.ndarray, w_b: np.ndarray, moments: tuple, pairs: np.nda
     out = np.empty((len(w_a), L, L))
     with np.errstate(divide="ignore", invalid="ignore"):
         for lo in range(0, len(w_a), batch):
-            ga, gb = ([w[lo:lo + batch].astype(np.float32) @ n, w[lo:lo + batch].astype(np.float32) @ s,
-                       np.matmul(w[lo:lo + batch].astype(np.float32), q, out=buf[:len(w[lo:lo + batch])])]
-                      for w, buf in zip((w_a, w_b), buffers))
+            ga, gb = (_group_moments(w[lo:lo + batch].astype(np.float32), (n, s, q), buf) for w, buf in zip((w_a, w_b), buffers))
             for k in range(len(ga[0])):
                 ra, never_a = _corr_in_place(ga[0][k], ga[1][k], ga[2][k].reshape(F, F))
                 rb, never_b = _corr_in_place(gb[0][k], gb[1][k], gb[2][k].reshape(F, F))
@@ -197,6 +195,12 @@ def _layer_means(w_a: np.ndarray, w_b: np.ndarray, moments: tuple, pairs: np.nda
                 d *= weight
                 out[lo + k] = _block_sums(d, L, E) / c
     return out
+
+
+def _group_moments(w: np.ndarray, moments: tuple, out: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(n [B], s [B, F], q [B, F*F])`` of the B groups whose unit weights are ``w``; ``q`` written into ``out``."""
+    n, s, q = moments
+    return w @ n, w @ s, np.matmul(w, q, out=out[:len(w)])
 
 
 def _corr_in_place(n: np.float32, s: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -70,22 +70,12 @@ def _spec_stats(counts: np.ndarray, tokens: np.ndarray, k: int) -> dict[str, np.
     E = counts.shape[-1]
     with np.errstate(divide="ignore", invalid="ignore"):
         share = counts / tokens[..., :, None, None]
-        ratio = share / (k / E)
-        overall = counts.sum(-3, keepdims=True)
-        overall = overall / overall.sum(-1, keepdims=True)
-        du = counts / np.clip(counts.sum(-1, keepdims=True), 1e-300, None)
-        kl = np.where(du > 0, du * np.log(du / overall), 0.0).sum(-1)  # [..., D, L]
-        w = tokens / tokens.sum(-1, keepdims=True)
-    present = tokens > 0
-    max_ratio = np.where(present, np.nanmax(np.nan_to_num(ratio, nan=-np.inf), axis=(-2, -1)), np.nan)
-    layer_score = (np.where(present[..., None], kl, 0.0) * w[..., None]).sum(-2)  # [..., L]
-    return {"share": share, "ratio": ratio, "kl": np.where(present[..., None], kl, np.nan), "max_ratio": max_ratio,
-            "layer_score": layer_score}
+    return {"share": share, "ratio": share / (k / E), **_scores(counts, tokens, k)}
 
 
 def _scores(counts: np.ndarray, tokens: np.ndarray, k: int) -> dict[str, np.ndarray]:
-    """The two statistics of :func:`_spec_stats` the nulls and intervals use, ``layer_score`` and ``max_ratio``, with
-    the same operations (the same values, to the bit) and without the shares and ratios of every expert."""
+    """Each group's divergence per layer ``kl``, ``layer_score`` and ``max_ratio``: all the nulls and intervals use,
+    without the shares and ratios of every expert (``[..., D, L, E]`` each, most of a draw's cost)."""
     E = counts.shape[-1]
     with np.errstate(divide="ignore", invalid="ignore"):
         overall = counts.sum(-3, keepdims=True)
@@ -93,9 +83,9 @@ def _scores(counts: np.ndarray, tokens: np.ndarray, k: int) -> dict[str, np.ndar
         du = counts / np.clip(counts.sum(-1, keepdims=True), 1e-300, None)
         kl = np.where(du > 0, du * np.log(du / overall), 0.0).sum(-1)  # [..., D, L]
         w = tokens / tokens.sum(-1, keepdims=True)
-        top = (counts.max(axis=(-2, -1)) / tokens) / (k / E)  # dividing by a positive number keeps the largest largest
+        top = (counts.max(axis=(-2, -1)) / tokens) / (k / E)  # the largest share over k/E: the top ratio
     present = tokens > 0
-    return {"max_ratio": np.where(present, top, np.nan),
+    return {"kl": np.where(present[..., None], kl, np.nan), "max_ratio": np.where(present, top, np.nan),
             "layer_score": (np.where(present[..., None], kl, 0.0) * w[..., None]).sum(-2)}
 
 

@@ -142,9 +142,11 @@ def peak_memory(module: nn.Module, x: torch.Tensor, backward: bool) -> int:
         return int(torch.cuda.max_memory_allocated(x.device) - base)
     from torch.profiler import ProfilerActivity, profile
 
+    # The collector off, so that no block from before the profile is freed inside it (collecting first took 0.3 s a
+    # call in a process holding many objects, a test's)
     enabled = gc.isenabled()
-    gc.disable()  # so no block from before the profile is freed inside it (a gc.collect() first took 0.3 s a call in a
-    try:  # process holding many objects, a test's)
+    gc.disable()
+    try:
         with _stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             call()
     finally:
