@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import json
 import lzma
+from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -25,6 +26,13 @@ def _read_xz_text(rel: str) -> str:
         raise FileNotFoundError(
             f"bundled corpus file {path} is missing; rebuild it with `python -m data.build_corpora`"
         )
+    st = path.stat()
+    return _decompressed(path, st.st_mtime_ns, st.st_size)
+
+
+@lru_cache(maxsize=16)
+def _decompressed(path: Path, mtime_ns: int, size: int) -> str:
+    """A corpus file's text, decompressed once per process (9 MB for all of them); a changed file is read again."""
     with lzma.open(path, "rt", encoding="utf-8") as f:
         return f.read()
 

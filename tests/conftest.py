@@ -2,6 +2,8 @@
 
 import os
 
+import pytest
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -27,6 +29,21 @@ def pytest_collection_modifyitems(items) -> None:
     """Put the tests of LONGEST_FIRST's files first, in that order; the rest keep their order."""
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # a stable sort: a file's own order is kept
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """One headless Chromium per test process for the page checks (each page in a context of its own: Chromium's
+    start, about a second, is paid once); None where there is no Chromium (those tests are skipped)."""
+    from viz.browser_check import Browser, BrowserUnavailable
+
+    try:
+        shared = Browser()
+    except BrowserUnavailable:
+        yield None
+        return
+    yield shared
+    shared.close()
 
 
 def pytest_collection_finish(session: object) -> None:

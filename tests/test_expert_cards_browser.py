@@ -86,11 +86,11 @@ def _planted_page(tmp_path):
 
 
 @needs_browser
-def test_the_planted_cards_render_their_tokens_and_contexts_and_a_heatmap_click_opens_a_card(tmp_path):
+def test_the_planted_cards_render_their_tokens_and_contexts_and_a_heatmap_click_opens_a_card(tmp_path, browser):
     report, path = _planted_page(tmp_path)
     page = path.read_text()
     assert "<h2>Expert cards</h2>" in page and "<script>alert(1)" not in page
-    check, values = check_page(path, expected_figures=report.num_figures, timeout=60, evaluate=[
+    check, values = check_page(path, expected_figures=report.num_figures, timeout=60, browser=browser, evaluate=[
         _open(LAYER, LAYER, DIGIT_EXPERT), _open(LAYER, LAYER, KEYWORD_EXPERT), CLICK_CELL_JS, FIGURE_LINKS_JS])
     assert check.ok, (check.errors, check.undrawn)
     digit, keyword, click, links = (json.loads(v) for v in values)
@@ -109,12 +109,12 @@ def test_the_planted_cards_render_their_tokens_and_contexts_and_a_heatmap_click_
 
 @pytest.mark.parametrize("L,E", [(4, 8), (16, 64)])
 @needs_browser
-def test_cards_at_real_shapes_draw_and_open_in_under_a_second(tmp_path, L, E):
+def test_cards_at_real_shapes_draw_and_open_in_under_a_second(tmp_path, L, E, browser):
     report, _ = build_report(synthetic_results(L, E), decode=lambda t: f"tok{t}")  # cards included
     path = report.write(tmp_path)
     size = path.stat().st_size
     t0 = time.perf_counter()
-    check, values = check_page(path, expected_figures=report.num_figures, timeout=60,
+    check, values = check_page(path, expected_figures=report.num_figures, timeout=60, browser=browser,
                                evaluate=[_open(L - 1, L - 1, E - 1), _open(0, 0, 0), FIGURE_LINKS_JS])
     last, first, links = (json.loads(v) for v in values)
     print(f"\n{L} x {E} with cards: {size / MB:.2f} MB, {check.figures_drawn} figures in {time.perf_counter() - t0:.1f} s; "
@@ -130,12 +130,13 @@ def test_cards_at_real_shapes_draw_and_open_in_under_a_second(tmp_path, L, E):
 
 
 @needs_browser
-def test_cards_whose_data_lies_beside_the_page_open(tmp_path, monkeypatch):
+def test_cards_whose_data_lies_beside_the_page_open(tmp_path, monkeypatch, browser):
     """A wide model's cards load data/expert_cards.js by a script tag: from disk, offline, the card opens."""
     monkeypatch.setattr("viz.expert_cards.EMBED_BYTES", 100)
     monkeypatch.setattr("viz.expert_cards.expert_cards_html.__defaults__", ("expert-cards", 100))
     report, path = _planted_page(tmp_path)
     assert (tmp_path / "data" / "expert_cards.js").is_file() and "class='ec-data'" not in path.read_text()
-    check, values = check_page(path, expected_figures=report.num_figures, timeout=60, evaluate=[_open(LAYER, LAYER, DIGIT_EXPERT)])
+    check, values = check_page(path, expected_figures=report.num_figures, timeout=60, browser=browser,
+                               evaluate=[_open(LAYER, LAYER, DIGIT_EXPERT)])
     assert check.ok and check.external_requests == [], check.errors
     assert set(json.loads(values[0])["tokens"]) == {w.replace(" ", "␣") for w in DIGITS}

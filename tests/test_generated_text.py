@@ -71,7 +71,7 @@ def test_prompts_of_one_length_share_a_batch_and_route_as_alone(wrapper):
     np.testing.assert_allclose(gen.weights[gen.document(d)], alone.routing.topk_weight.numpy(), atol=1e-5)
 
 
-def test_the_page_marks_generated_tokens_and_colours_them_in_a_browser(wrapper, tmp_path):
+def test_the_page_marks_generated_tokens_and_colours_them_in_a_browser(wrapper, tmp_path, browser):
     from viz.browser_check import BrowserUnavailable, check_page
 
     gen = generated_text(wrapper, _kept(wrapper), per_domain=2, prompt_tokens=PROMPT, new_tokens=NEW)
@@ -80,7 +80,7 @@ def test_the_page_marks_generated_tokens_and_colours_them_in_a_browser(wrapper, 
     report.add_html("Text", routed_text_html(payload, "generated-text"), "generated_text", data=payload)
     page = report.write(tmp_path)
     try:
-        result, (seen,) = check_page(page, evaluate=[GENERATED_JS])
+        result, (seen,) = check_page(page, evaluate=[GENERATED_JS], browser=browser)
     except BrowserUnavailable as e:
         pytest.skip(str(e))
     assert result.ok, result

@@ -86,13 +86,13 @@ def test_findings_fit_on_one_screen(olmoe_run):
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None and not os.environ.get("CI"), reason="Debian chromium not installed")
-def test_report_renders_in_a_real_browser(olmoe_run):
+def test_report_renders_in_a_real_browser(olmoe_run, browser):
     from tests.geometry import title_problems
     from viz.browser_check import FIGURE_GEOMETRY_JS, check_page
 
     summary, _ = olmoe_run
     t0 = time.perf_counter()
-    result, (geometry,) = check_page(summary.report, timeout=120, evaluate=[FIGURE_GEOMETRY_JS])
+    result, (geometry,) = check_page(summary.report, timeout=120, evaluate=[FIGURE_GEOMETRY_JS], browser=browser)
     print(f"\nreport rendered {result.figures_drawn}/{result.figures_total} figures in {time.perf_counter() - t0:.1f} s")
     assert result.ok, result
     assert result.figures_total >= 15

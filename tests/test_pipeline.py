@@ -248,11 +248,11 @@ def test_cached_run_reads_every_shard_exactly_once(micro_run):
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None and not os.environ.get("CI"), reason="Debian chromium not installed")
-def test_report_draws_in_a_real_browser(micro_run):
+def test_report_draws_in_a_real_browser(micro_run, browser):
     from viz.browser_check import check_page
 
     root, first, _, _, _ = micro_run
-    result, (text,) = check_page(first.report, evaluate=[ROUTED_TEXT_JS])
+    result, (text,) = check_page(first.report, evaluate=[ROUTED_TEXT_JS], browser=browser)
     assert result.ok, result
     assert result.figures_total >= 15
     text = json.loads(text)  # the coloured text: the run's documents decoded, recoloured by the layer menu, hovered

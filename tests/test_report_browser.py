@@ -96,10 +96,10 @@ LEAD_THUMBS_JS = """(() => {
 
 
 @pytest.fixture(scope="module")
-def loaded(tmp_path_factory):
+def loaded(tmp_path_factory, browser):
     report = gallery_report()
     path = report.write(tmp_path_factory.mktemp("browser"))
-    check, values = check_page(path, expected_figures=report.num_figures,
+    check, values = check_page(path, expected_figures=report.num_figures, browser=browser,
                                evaluate=[HOVER_TOKEN_JS, HOVER_UTIL_JS, PICK_PAIR_JS, FIGURE_GEOMETRY_JS,
                                          HOVER_DIAGONAL_JS, ROUTED_TEXT_JS, LEAD_THUMBS_JS])
     return report, check, values
@@ -135,19 +135,26 @@ def test_the_layer_pair_menu_swaps_the_matrix_its_axes_and_hover(loaded):
     assert "layer 3 expert 0 vs layer 5 expert 7" in picked["hover"]
 
 
-def test_checker_catches_broken_pages(tmp_path):
+def test_checker_catches_broken_pages(tmp_path, browser):
+    """In the shared browser (one Chromium, a context per page): what one page did is not charged to the next."""
     page = tmp_path / "broken.html"
     page.write_text(
         "<html><head><script src='http://example.invalid/x.js'></script></head><body>"
         "<div class='plotly-graph-div' id='never'></div>"
-        "<script>console.error('boom'); alert('hi'); undefinedFunction();</script></body></html>"
+        "<script>localStorage.setItem('seen', '1'); console.error('boom'); alert('hi'); undefinedFunction();</script>"
+        "</body></html>"
     )
-    check, _ = check_page(page, expected_figures=0, timeout=10)
+    check, _ = check_page(page, expected_figures=0, timeout=10, browser=browser)
     assert not check.ok
     assert any("boom" in e for e in check.errors)
     assert any("undefinedFunction" in e for e in check.errors)
     assert check.external_requests == ["http://example.invalid/x.js"]
     assert check.dialogs == ["hi"]
+    clean = tmp_path / "clean.html"
+    clean.write_text("<html><body><p>fine</p></body></html>")
+    after, (stored,) = check_page(clean, expected_figures=0, timeout=10, browser=browser,
+                                  evaluate=["localStorage.getItem('seen')"])
+    assert after.ok and after.errors == [] and after.dialogs == [] and stored is None
     assert check.undrawn == ["never"]
 
 

@@ -152,10 +152,11 @@ def test_deep_wide_report_stays_bounded(tmp_path):
 
 
 @pytest.mark.skipif(find_chromium() is None, reason="chromium not installed (apt-get install -y chromium)")
-def test_olmoe_shape_report_draws_in_a_browser(olmoe_shape):
+def test_olmoe_shape_report_draws_in_a_browser(olmoe_shape, browser):
     rep, path = olmoe_shape
     t0 = time.perf_counter()
-    check, (geometry,) = check_page(path, expected_figures=rep.num_figures, timeout=50, evaluate=[FIGURE_GEOMETRY_JS])
+    check, (geometry,) = check_page(path, expected_figures=rep.num_figures, timeout=50, evaluate=[FIGURE_GEOMETRY_JS],
+                                  browser=browser)
     seconds = time.perf_counter() - t0
     print(f"\n16 x 64 report: opened and drew {check.figures_drawn}/{check.figures_total} figures in {seconds:.1f} s")
     assert check.ok, (check.errors, check.undrawn)

@@ -174,16 +174,18 @@ class _Pipe:
             if "method" in reply:
                 self._record(reply)
 
-    def wait_event(self, method: str, timeout: float) -> None:
+    def wait_event(self, method: str, timeout: float, session: str | None = None, since: int = 0) -> None:
+        """Until ``method`` arrives (for ``session``, if given), counting the events kept from index ``since``."""
         deadline = time.monotonic() + timeout
-        if any(e.get("method") == method for e in self.events):
+        ours = lambda e: e.get("method") == method and (session is None or e.get("sessionId") == session)  # noqa: E731
+        if any(ours(e) for e in self.events[since:]):
             return
         while True:
             msg = self._pump(deadline)
             if "method" not in msg:
                 continue
             self._record(msg)
-            if msg.get("method") == method:
+            if ours(msg):
                 return
 
     def close(self) -> None:
@@ -218,54 +220,82 @@ def _describe(event: dict[str, Any]) -> str | None:
     return None
 
 
-def check_page(
-    path: str | Path,
-    expected_figures: int | None = None,
-    timeout: float = 60.0,
-    evaluate: list[str] | None = None,
-) -> tuple[PageCheck, list[Any]]:
-    """Load ``path`` headless, wait for the figures to draw, and collect what went wrong.
+class Browser:
+    """One headless Chromium that checks several pages, each in a browser context of its own.
 
-    ``evaluate`` holds extra JavaScript expressions run after drawing; their values come back
-    as the second element (the tests use it to hover over points).
+    A context shares no cookies, storage or cache with another, so each page loads as in a fresh
+    browser; Chromium's start (about a second) is paid once. Use it as a context manager.
     """
-    binary = find_chromium()
-    if binary is None:
-        raise BrowserUnavailable("no chromium found; install it with: apt-get install -y chromium")
-    url = Path(path).resolve().as_uri()
-    with tempfile.TemporaryDirectory(prefix="viz-chromium-") as profile:
-        pipe = _Pipe(binary, profile)
+
+    def __init__(self) -> None:
+        self._binary = find_chromium()
+        if self._binary is None:
+            raise BrowserUnavailable("no chromium found; install it with: apt-get install -y chromium")
+        self._profile = tempfile.TemporaryDirectory(prefix="viz-chromium-")
+        self._pipe = _Pipe(self._binary, self._profile.name)
+
+    def __enter__(self) -> "Browser":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._pipe.close()
+        self._profile.cleanup()
+
+    def check(self, path: str | Path, expected_figures: int | None = None, timeout: float = 60.0,
+              evaluate: list[str] | None = None) -> tuple[PageCheck, list[Any]]:
+        """:func:`check_page` in this browser (started again if it has died since the last page)."""
+        if self._pipe.proc.poll() is not None:
+            self._pipe.close()
+            self._pipe = _Pipe(self._binary, self._profile.name)
+        pipe, since = self._pipe, len(self._pipe.events)
+        context = pipe.call("Target.createBrowserContext")["browserContextId"]
         try:
-            target = pipe.call("Target.createTarget", {"url": "about:blank"})["targetId"]
-            session = pipe.call("Target.attachToTarget", {"targetId": target, "flatten": True})[
-                "sessionId"
-            ]
-            pipe.session = session
-            for domain in ("Runtime", "Log", "Page", "Network"):
-                pipe.call(f"{domain}.enable", session=session)
-            pipe.call("Page.navigate", {"url": url}, session=session)
-            pipe.wait_event("Page.loadEventFired", timeout)
-            deadline = time.monotonic() + timeout
-            while True:
-                res = pipe.call("Runtime.evaluate", {"expression": _COUNT_JS, "returnByValue": True},
-                                session=session)
-                counts = json.loads(res["result"]["value"])
-                target_n = counts["total"] if expected_figures is None else expected_figures
-                if counts["drawn"] >= target_n or time.monotonic() > deadline:
-                    break
-                time.sleep(0.2)
-            values = []
-            for expr in evaluate or []:
-                res = pipe.call("Runtime.evaluate",
-                                {"expression": expr, "returnByValue": True, "awaitPromise": True},
-                                session=session)
-                values.append(res.get("result", {}).get("value"))
-            pipe.call("Runtime.evaluate", {"expression": "0"}, session=session)  # flush events
+            target = pipe.call("Target.createTarget", {"url": "about:blank", "browserContextId": context})["targetId"]
+            session = pipe.call("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
+            counts, values = _load(pipe, session, since, Path(path).resolve().as_uri(), expected_figures, timeout,
+                                   evaluate or [])
         finally:
-            pipe.close()
-    check = PageCheck(figures_total=counts["total"], figures_drawn=counts["drawn"],
-                      undrawn=counts["undrawn"])
-    for event in pipe.events:
+            try:
+                pipe.call("Target.disposeBrowserContext", {"browserContextId": context}, timeout=10)
+            except (TimeoutError, RuntimeError, OSError):
+                pass  # the browser died: the next page starts another
+        events = [e for e in pipe.events[since:] if e.get("sessionId") == session]
+        del pipe.events[since:]
+        return _page_check(counts, events), values
+
+
+def _load(pipe: _Pipe, session: str, since: int, url: str, expected_figures: int | None, timeout: float,
+          evaluate: list[str]) -> tuple[dict[str, Any], list[Any]]:
+    """Open ``url`` in the page of ``session``, wait for its figures to draw, then run ``evaluate``."""
+    pipe.session = session
+    for domain in ("Runtime", "Log", "Page", "Network"):
+        pipe.call(f"{domain}.enable", session=session)
+    pipe.call("Page.navigate", {"url": url}, session=session)
+    pipe.wait_event("Page.loadEventFired", timeout, session=session, since=since)
+    deadline = time.monotonic() + timeout
+    while True:
+        res = pipe.call("Runtime.evaluate", {"expression": _COUNT_JS, "returnByValue": True}, session=session)
+        counts = json.loads(res["result"]["value"])
+        target_n = counts["total"] if expected_figures is None else expected_figures
+        if counts["drawn"] >= target_n or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    values = []
+    for expr in evaluate:
+        res = pipe.call("Runtime.evaluate", {"expression": expr, "returnByValue": True, "awaitPromise": True},
+                        session=session)
+        values.append(res.get("result", {}).get("value"))
+    pipe.call("Runtime.evaluate", {"expression": "0"}, session=session)  # flush events
+    return counts, values
+
+
+def _page_check(counts: dict[str, Any], events: list[dict[str, Any]]) -> PageCheck:
+    """What the page's events and figure counts say."""
+    check = PageCheck(figures_total=counts["total"], figures_drawn=counts["drawn"], undrawn=counts["undrawn"])
+    for event in events:
         line = _describe(event)
         if line:
             check.errors.append(line)
@@ -275,7 +305,26 @@ def check_page(
                 check.external_requests.append(req_url)
         if event.get("method") == "Page.javascriptDialogOpening":
             check.dialogs.append(event["params"].get("message", ""))
-    return check, values
+    return check
+
+
+def check_page(
+    path: str | Path,
+    expected_figures: int | None = None,
+    timeout: float = 60.0,
+    evaluate: list[str] | None = None,
+    browser: Browser | None = None,
+) -> tuple[PageCheck, list[Any]]:
+    """Load ``path`` headless, wait for the figures to draw, and collect what went wrong.
+
+    ``evaluate`` holds extra JavaScript expressions run after drawing; their values come back
+    as the second element (the tests use it to hover over points). ``browser``: a running
+    :class:`Browser` to check the page in (else one is started for this page and closed).
+    """
+    if browser is not None:
+        return browser.check(path, expected_figures, timeout, evaluate)
+    with Browser() as own:
+        return own.check(path, expected_figures, timeout, evaluate)
 
 
 def main(argv: list[str] | None = None) -> int:

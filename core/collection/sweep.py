@@ -40,6 +40,9 @@ INDEX_FILE = "index.json"
 
 
 # ---------------------------------------------------------------------------- names and digests
+# A full garbage collection walks every object Python tracks (0.1-0.3 s once torch and transformers are imported):
+# it frees a loaded model's reference cycles at once, which matters only when the model is big
+COLLECT_MODEL_BYTES = 64 << 20
 SLUG_MAX = 120  # a longer name keeps its start and gets a digest of the whole: one folder name, never too long
 
 
@@ -458,6 +461,14 @@ def _record(entries: dict, last_paths: dict, p: _Pending, ds_name: str, cache: R
     _write_index(idx_path, model_name, entries, order, last_paths)
 
 
+def _weight_bytes(wrapper: Any) -> int:
+    """Bytes the loaded model's parameters hold in memory (none on the meta device, as for a model on NDIF)."""
+    model = getattr(wrapper, "hf_model", None)
+    if not isinstance(model, torch.nn.Module):
+        return 0
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type != "meta")
+
+
 def _collect_checkpoint(p: _Pending, make_wrapper: Callable[[Checkpoint], Any], hub: HubCheckpointFiles | None,
                         repo: str, *, router_weights: bool, batch_size: int, progress: bool, force: bool,
                         collect_kw: dict, on_cache: Callable[[str, RoutingCache], None], free_now: bool = True) -> None:
@@ -482,8 +493,10 @@ def _collect_checkpoint(p: _Pending, make_wrapper: Callable[[Checkpoint], Any], 
         if cache is not None:  # None: this rank wrote its part of a split cache (rank 0 joins them later)
             p.done[ds_name] = cache
             on_cache(ds_name, cache)
+    big = _weight_bytes(wrapper) >= COLLECT_MODEL_BYTES
     del collector, wrapper
-    gc.collect()
+    if big:  # before the next checkpoint loads: the two would otherwise be held at once
+        gc.collect()
     if hub_revision and free_now:
         line = hub.after_collect(p.ckpt.revision)
         if line and progress:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import pickle
@@ -180,13 +181,19 @@ def big_blocks_freed_to_system() -> Iterator[None]:
         _mmap_threshold(32 << 20)  # where glibc's own adaptive threshold ends up (its maximum on 64-bit)
 
 
-def _mmap_threshold(nbytes: int) -> bool:
-    """glibc: allocations of ``nbytes`` and more get their own mapping, returned to the system when freed."""
+@functools.lru_cache(maxsize=1)
+def _libc() -> Any:
+    """The C library, opened once: ``find_library`` runs ``ldconfig`` each time (3 ms; ablation trims once a pass)."""
     import ctypes
     import ctypes.util
 
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+
+
+def _mmap_threshold(nbytes: int) -> bool:
+    """glibc: allocations of ``nbytes`` and more get their own mapping, returned to the system when freed."""
     try:
-        return bool(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt(-3, nbytes))  # M_MMAP_THRESHOLD
+        return bool(_libc().mallopt(-3, nbytes))  # M_MMAP_THRESHOLD
     except (OSError, AttributeError):
         return False
 
@@ -197,12 +204,8 @@ def release_freed_memory() -> bool:
     Loading OLMoE's shape in bf16 and casting to float32 left 5.5 GB of freed buffers in glibc's
     heap (13.5 GB resident for a 7.5 GB model at 4 layers, 8.0 GB after the trim).
     """
-    import ctypes
-    import ctypes.util
-
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.malloc_trim(0))
+        return bool(_libc().malloc_trim(0))
     except (OSError, AttributeError):
         return False
 
