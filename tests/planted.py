@@ -13,32 +13,24 @@ def planted(num_docs: int = 60, doc_len: int = 40, num_experts: int = 8, top_k: 
 
     ``stickiness``: chance that a token copies the previous token's experts (same document).
     ``vocab`` > 0 draws token ids; ``token_pref`` > 0 makes each token id prefer one expert.
+    Each token's k experts are drawn without replacement in proportion to the weights (as
+    ``rng.choice(..., replace=False, p=w)`` draws them) by the Gumbel top-k trick, all at once.
     """
     rng = np.random.default_rng(seed)
-    prefs = []
-    for d in range(2):
-        w = np.ones(num_experts)
-        w[d * (num_experts // 2) : (d + 1) * (num_experts // 2)] = domain_pref
-        prefs.append(w / w.sum())
-    idx, docs, pos, dom, tok = [], [], [], [], []
+    n = num_docs * doc_len
+    docs, pos = np.repeat(np.arange(num_docs), doc_len), np.tile(np.arange(doc_len), num_docs)
+    dom = docs % 2
     fav = rng.integers(0, num_experts, size=max(vocab, 1))
-    for doc in range(num_docs):
-        d = doc % 2
-        prev = None
-        for p in range(doc_len):
-            t = int(rng.integers(0, vocab)) if vocab else 0
-            if prev is not None and rng.random() < stickiness:
-                row = prev
-            else:
-                row = []
-                for _ in range(num_layers):
-                    w = prefs[d].copy()
-                    if token_pref:
-                        w[fav[t]] += token_pref
-                    row.append(rng.choice(num_experts, size=top_k, replace=False, p=w / w.sum()))
-                row = np.stack(row)
-            idx.append(row)
-            prev = row
-            docs.append(doc), pos.append(p), dom.append(d), tok.append(t)
-    return routing(np.stack(idx), num_experts, doc_ids=docs, positions=pos, domain_ids=dom, token_ids=tok,
-                   dataset_ids=np.zeros(len(docs), int), domain_names=["a", "b"], dataset_names=["planted"])
+    tok = rng.integers(0, vocab, size=n) if vocab else np.zeros(n, int)
+    w = np.ones((2, num_experts))
+    for d in range(2):
+        w[d, d * (num_experts // 2): (d + 1) * (num_experts // 2)] = domain_pref
+    w = np.repeat(w[dom][:, None, :], num_layers, 1)  # [n, L, E]
+    if token_pref:
+        w[np.arange(n), :, fav[tok]] += token_pref
+    keys = np.log(w / w.sum(-1, keepdims=True)) + rng.gumbel(size=w.shape)
+    idx = np.argsort(-keys, axis=-1, kind="stable")[..., :top_k]
+    copies = (rng.random(n) < stickiness) & (pos > 0)  # a sticky token takes the row of the last token that was not
+    source = np.maximum.accumulate(np.where(copies, 0, np.arange(n)))
+    return routing(idx[source], num_experts, doc_ids=docs, positions=pos, domain_ids=dom, token_ids=tok,
+                   dataset_ids=np.zeros(n, int), domain_names=["a", "b"], dataset_names=["planted"])

@@ -492,7 +492,8 @@ def test_torchrun_splits_one_cache_over_ranks(micro_run, tmp_path):
     root, _, _, _, _ = micro_run
     results = tmp_path / "results"
     cmd, env = _torchrun_micro(root, results)
-    only = ["--checkpoints", "step-000040", "--datasets", "wikitext2"]
+    # the cache and the one pass are what the ranks share: ablation, pruning and generated text are left out (both runs)
+    only = ["--checkpoints", "step-000040", "--datasets", "wikitext2", "--no-ablation", "--no-pruning", "--generate-tokens", "0"]
     out = subprocess.run(cmd + only, env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     [manifest] = (results / "cache").rglob("manifest.json")
@@ -500,7 +501,8 @@ def test_torchrun_splits_one_cache_over_ranks(micro_run, tmp_path):
     assert {(s["written_by"]["rank"], s["written_by"]["world_size"]) for s in shards} == {(0, 2), (1, 2)}
     alone = tmp_path / "alone"  # one process collects the same cache afresh
     one = BasicRoutingAnalysis(micro=True, static="none", progress=False, results_dir=str(alone), checkpoints=["step-000040"],
-                               datasets=["wikitext2"], models_dir=str(root / "models"), run_name="one").run()
+                               datasets=["wikitext2"], ablation=False, pruning=False, generate_tokens=0,
+                               models_dir=str(root / "models"), run_name="one").run()
     twin = alone / manifest.relative_to(results)
     same = lambda ss: [(s["first_row"], s["num_rows"], s["num_tokens"], s["bytes"], s["sha256"]) for s in ss]  # noqa: E731
     assert same(shards) == same(json.loads(twin.read_text())["shards"])  # byte for byte the shards one process wrote
