@@ -21,11 +21,12 @@ from typing import Literal
 
 import numpy as np
 import torch
-from sklearn.decomposition import DictionaryLearning, MiniBatchDictionaryLearning
+from sklearn.decomposition import MiniBatchDictionaryLearning
 from sklearn.exceptions import ConvergenceWarning
 
 from core.analysis.shuffles import token_uniforms
 from core.analysis.results import ResultMixin
+from core.analysis.sparse_coding import PositiveDictionaryLearning
 from core.analysis.specialization import DomainSpecialization, DomainSpecializationAccumulator
 from core.analysis.streaming import RoutingAccumulator, as_chunks, chunk_seed, fold_one, group_ids, require
 from core.routing_data import RoutingData
@@ -95,9 +96,9 @@ class CollaborationMiner:
     ``n_components`` patterns, ``n_meta_components`` meta-patterns, ``alpha`` sparsity.
     ``activation_threshold``: with ``threshold_rule="relative"`` (default) a fraction of the uniform
     share (1/k of the token's selected weight); with "absolute" a weight, as in seed 003.
-    Uses batch ``DictionaryLearning`` up to ``batch_threshold`` sampled tokens and
-    ``MiniBatchDictionaryLearning`` beyond. Memory stays bounded whatever the number of tokens:
-    a uniform sample of at most ``max_rows`` sampled tokens is kept (see
+    Uses scikit-learn's batch dictionary learning, all rows coded at once (:mod:`core.analysis.sparse_coding`),
+    up to ``batch_threshold`` sampled tokens and ``MiniBatchDictionaryLearning`` beyond. Memory stays bounded
+    whatever the number of tokens: a uniform sample of at most ``max_rows`` sampled tokens is kept (see
     :class:`CollaborationAccumulator`), and the patterns are learned and measured on it.
     Memory: ``max_rows x L x E`` float32 (82 MB at OLMoE's 16 x 64).
     """
@@ -194,11 +195,14 @@ class CollaborationMiner:
             "random_state": self.random_seed,
         }
 
-    def _learner(self, n_components: int, n_rows: int):
-        kw = self._learner_kwargs(n_components, self.alpha)
+    def _learner(self, n_components: int, n_rows: int, alpha: float | None = None):
+        """scikit-learn's batch algorithm with all rows coded at once (:mod:`core.analysis.sparse_coding`) up to
+        ``batch_threshold`` rows, its mini-batch one beyond."""
+        alpha = self.alpha if alpha is None else alpha
         if n_rows <= self.batch_threshold:
-            return DictionaryLearning(**kw)
-        return MiniBatchDictionaryLearning(batch_size=BATCH_ROWS, **kw)
+            return PositiveDictionaryLearning(n_components, alpha=alpha, max_iter=self.max_iter, transform_alpha=alpha,
+                                              random_state=self.random_seed)
+        return MiniBatchDictionaryLearning(batch_size=BATCH_ROWS, **self._learner_kwargs(n_components, alpha))
 
     def fit(self, routing: RoutingData | Iterable[RoutingData]) -> CollaborationResult:
         """Mine co-activation patterns, their hierarchy, domain specificity and top experts per domain."""
@@ -221,7 +225,7 @@ class CollaborationMiner:
         ranking = [int(i) for i in np.argsort(-spec_k, kind="stable")]
         dom_rank = {spec.group_names[d]: [int(i) for i in np.argsort(-share[:, d], kind="stable")] for d in range(D)}
         M = min(self.n_meta_components, K)
-        meta = DictionaryLearning(**self._learner_kwargs(M, self.alpha / 10))
+        meta = self._learner(M, len(atoms), self.alpha / 10)
         meta_codes, bad2 = _fit_transform(meta, atoms)
         if bad1 + bad2:
             notes.append(
@@ -303,7 +307,7 @@ def _fit_transform(estimator, X: np.ndarray) -> tuple[np.ndarray, int]:
     for w in caught:
         if not issubclass(w.category, ConvergenceWarning):
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    return codes, sum(issubclass(w.category, ConvergenceWarning) for w in caught)
+    return codes, sum(issubclass(w.category, ConvergenceWarning) for w in caught) + getattr(estimator, "unconverged_", 0)
 
 
 class CollaborationAccumulator(RoutingAccumulator):
