@@ -12,6 +12,8 @@ is a bug.
 from __future__ import annotations
 
 import inspect
+import json
+from pathlib import Path
 from typing import Any, Callable
 
 import pytest
@@ -22,7 +24,9 @@ from core.model_access.router_outputs import expert_logits
 from core.model_access.wrapper import MoEModelWrapper
 from tests.tiny_models import MOE_SKIPS, VOCAB, build_moe_family, moe_causal_lm_families
 
-FAMILIES = moe_causal_lm_families()
+# The families as the installed transformers enumerates them, saved (tests/moe_families.json): enumerating imports every
+# causal-LM module of transformers (6 s, and their bytecode compiled on a clean clone) at collection, in each worker
+FAMILIES: dict[str, str] = json.loads((Path(__file__).parent / "moe_families.json").read_text())
 
 
 def _batch() -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,6 +49,18 @@ def _reference_logits(model: torch.nn.Module, w: MoEModelWrapper, ids: torch.Ten
 def test_enumeration_finds_the_known_families():
     for name in ("olmoe", "mixtral", "qwen3_moe", "deepseek_v3", "gpt_oss", "jetmoe"):
         assert name in FAMILIES, sorted(FAMILIES)
+
+
+def test_the_saved_families_are_those_of_the_installed_transformers():
+    """Another transformers with other MoE families fails here, saying how to save them again."""
+    import transformers
+
+    live = moe_causal_lm_families()
+    assert live == FAMILIES, (
+        f"transformers {transformers.__version__} has other MoE families (added {sorted(set(live) - set(FAMILIES))}, "
+        f"gone {sorted(set(FAMILIES) - set(live))}); save them: uv run python -c \"import json; from tests.tiny_models "
+        "import moe_causal_lm_families as f; open('tests/moe_families.json', 'w').write(json.dumps(f(), indent=1, "
+        "sort_keys=True) + '\\n')\"")
 
 
 def _distinct(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
