@@ -41,9 +41,9 @@ def positive_lasso_codes(X: np.ndarray, dictionary: np.ndarray, alpha: float, in
     h = codes @ gram
     for _ in range(WARM_SWEEPS):
         _sweep(codes, h, q - alpha, gram)
-    exact = _active_set(codes, q - alpha, gram)
     y2 = np.einsum("ij,ij->i", X, X)
-    with np.errstate(invalid="ignore", over="ignore"):
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):  # a row that goes wrong fails its certificate
+        exact = _active_set(codes, q - alpha, gram)
         ok = np.isfinite(exact).all(1) & (_gap(exact, q, gram, y2, alpha) <= tol * y2)
     codes[ok] = exact[ok]
     if ok.all():
