@@ -45,16 +45,14 @@ def test_ranks_that_found_different_caches_finished_still_agree():
 
 def test_a_checkpoint_is_collected_as_garbage_at_once_only_when_its_weights_are_big():
     """The sweep runs a full garbage collection (0.1-0.3 s) after a checkpoint only where it frees a big model."""
-    import types
-
     import torch
 
-    from core.collection.sweep import COLLECT_MODEL_BYTES, _weight_bytes
+    from core.collection.sweep import COLLECT_MODEL_BYTES
+    from core.model_access.loading import resident_weight_bytes
 
-    small = types.SimpleNamespace(hf_model=torch.nn.Linear(4, 4))
-    assert _weight_bytes(small) == (16 + 4) * 4
+    assert resident_weight_bytes(torch.nn.Linear(4, 4)) == (16 + 4) * 4
     with torch.device("meta"):
-        remote = types.SimpleNamespace(hf_model=torch.nn.Linear(1 << 14, 1 << 14))  # 1 GiB on the meta device: nothing held
-    assert _weight_bytes(remote) == 0 and _weight_bytes(types.SimpleNamespace()) == 0
-    big = types.SimpleNamespace(hf_model=torch.nn.Linear(1 << 12, 1 << 12, bias=False))
-    assert _weight_bytes(big) == (1 << 24) * 4 >= COLLECT_MODEL_BYTES
+        remote = torch.nn.Linear(1 << 14, 1 << 14)  # 1 GiB on the meta device: nothing held
+    assert resident_weight_bytes(remote) == 0 and resident_weight_bytes(None) == 0
+    big = torch.nn.Linear(1 << 12, 1 << 12, bias=False)
+    assert resident_weight_bytes(big) == (1 << 24) * 4 >= COLLECT_MODEL_BYTES

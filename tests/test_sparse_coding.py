@@ -77,3 +77,16 @@ def test_the_learned_dictionary_is_scikit_learns(n, F, K, seed):
     np.testing.assert_allclose(ours.components_, ref.components_, atol=1e-4)
     np.testing.assert_allclose(ours.transform(X), ref_codes, atol=1e-3)
     assert ours.error_[-1] <= ref.error_[-1] * (1 + 1e-6)
+
+
+def test_convergence_warnings_are_counted_and_others_still_shown():
+    from sklearn.exceptions import ConvergenceWarning
+
+    from core.analysis.sparse_coding import counted_convergence_warnings
+
+    with pytest.warns(UserWarning, match="other"):
+        with counted_convergence_warnings() as unconverged:
+            warnings.warn("no", ConvergenceWarning)
+            warnings.warn("no", ConvergenceWarning)
+            warnings.warn("other", UserWarning)
+    assert unconverged == [2]

@@ -14,7 +14,6 @@ each domain are listed against the k/E baseline.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -22,11 +21,10 @@ from typing import Literal
 import numpy as np
 import torch
 from sklearn.decomposition import MiniBatchDictionaryLearning
-from sklearn.exceptions import ConvergenceWarning
 
 from core.analysis.shuffles import token_uniforms
 from core.analysis.results import ResultMixin
-from core.analysis.sparse_coding import PositiveDictionaryLearning
+from core.analysis.sparse_coding import PositiveDictionaryLearning, counted_convergence_warnings
 from core.analysis.specialization import DomainSpecialization, DomainSpecializationAccumulator
 from core.analysis.streaming import RoutingAccumulator, as_chunks, chunk_seed, fold_one, group_ids, require
 from core.routing_data import RoutingData
@@ -300,14 +298,10 @@ def _domain_use(codes: np.ndarray, g: np.ndarray, K: int, D: int) -> tuple[np.nd
 
 
 def _fit_transform(estimator, X: np.ndarray) -> tuple[np.ndarray, int]:
-    """Fit and encode, counting sklearn's convergence warnings instead of printing hundreds of them."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", ConvergenceWarning)
+    """Fit and encode, counting unconverged sparse-coding steps instead of printing hundreds of warnings."""
+    with counted_convergence_warnings() as unconverged:
         codes = estimator.fit(X).transform(X)
-    for w in caught:
-        if not issubclass(w.category, ConvergenceWarning):
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    return codes, sum(issubclass(w.category, ConvergenceWarning) for w in caught) + getattr(estimator, "unconverged_", 0)
+    return codes, unconverged[0] + getattr(estimator, "unconverged_", 0)
 
 
 class CollaborationAccumulator(RoutingAccumulator):

@@ -16,7 +16,9 @@ another local optimum (one of five planted 300 x 8 problems ended 0.3% lower in 
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterator
 
 import numpy as np
 from scipy import linalg
@@ -130,11 +132,25 @@ def _gap(c: np.ndarray, q: np.ndarray, gram: np.ndarray, y2: np.ndarray, alpha: 
 
 def _scikit_learn_codes(X: np.ndarray, D: np.ndarray, alpha: float, init: np.ndarray, max_iter: int) -> tuple[np.ndarray, int]:
     """The rows with no certificate, coded by scikit-learn's per-row lasso; its convergence warnings counted, not shown."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", ConvergenceWarning)
+    with counted_convergence_warnings() as unconverged:
         codes = sparse_encode(X, D, algorithm="lasso_cd", alpha=alpha, init=np.maximum(init, 0.0), max_iter=max_iter,
                               positive=True)
-    return codes, sum(issubclass(w.category, ConvergenceWarning) for w in caught)
+    return codes, unconverged[0]
+
+
+@contextlib.contextmanager
+def counted_convergence_warnings() -> Iterator[list[int]]:
+    """scikit-learn's convergence warnings counted into the one-item list it yields (read it after the block), instead
+    of hundreds printed; any other warning is shown as usual."""
+    count = [0]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        yield count
+    for w in caught:
+        if issubclass(w.category, ConvergenceWarning):
+            count[0] += 1
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
 class PositiveDictionaryLearning:

@@ -461,14 +461,6 @@ def _record(entries: dict, last_paths: dict, p: _Pending, ds_name: str, cache: R
     _write_index(idx_path, model_name, entries, order, last_paths)
 
 
-def _weight_bytes(wrapper: Any) -> int:
-    """Bytes the loaded model's parameters hold in memory (none on the meta device, as for a model on NDIF)."""
-    model = getattr(wrapper, "hf_model", None)
-    if not isinstance(model, torch.nn.Module):
-        return 0
-    return sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type != "meta")
-
-
 def _collect_checkpoint(p: _Pending, make_wrapper: Callable[[Checkpoint], Any], hub: HubCheckpointFiles | None,
                         repo: str, *, router_weights: bool, batch_size: int, progress: bool, force: bool,
                         collect_kw: dict, on_cache: Callable[[str, RoutingCache], None], free_now: bool = True) -> None:
@@ -477,6 +469,7 @@ def _collect_checkpoint(p: _Pending, make_wrapper: Callable[[Checkpoint], Any], 
     ``free_now=False`` when other ranks load this checkpoint too: it is freed after they are all done.
     """
     from core.collection.collector import ActivationCollector
+    from core.model_access.loading import resident_weight_bytes
 
     hub_revision = hub is not None and not p.ckpt.path
     if hub_revision:
@@ -493,7 +486,7 @@ def _collect_checkpoint(p: _Pending, make_wrapper: Callable[[Checkpoint], Any], 
         if cache is not None:  # None: this rank wrote its part of a split cache (rank 0 joins them later)
             p.done[ds_name] = cache
             on_cache(ds_name, cache)
-    big = _weight_bytes(wrapper) >= COLLECT_MODEL_BYTES
+    big = resident_weight_bytes(getattr(wrapper, "hf_model", None)) >= COLLECT_MODEL_BYTES
     del collector, wrapper
     if big:  # before the next checkpoint loads: the two would otherwise be held at once
         gc.collect()

@@ -198,6 +198,13 @@ def _mmap_threshold(nbytes: int) -> bool:
         return False
 
 
+def resident_weight_bytes(model: Any) -> int:
+    """Bytes a model's parameters hold in memory: none on the meta device (a model on NDIF), 0 for no model."""
+    if not isinstance(model, nn.Module):
+        return 0
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type != "meta")
+
+
 def release_freed_memory() -> bool:
     """Hand memory the allocator keeps after loading back to the system (glibc only; elsewhere a no-op).
 
