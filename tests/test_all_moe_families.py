@@ -194,14 +194,21 @@ def test_family_traced_routing_equals_model_outputs(model_type: str):
 
 
 def _check_engines(model_type: str, w: MoEModelWrapper, ids: torch.Tensor, mask: torch.Tensor) -> None:
-    """The nnsight trace (what runs remotely) records exactly what the local hooks record."""
+    """The nnsight trace (what runs remotely) records exactly what the local hooks record, and ablates alike."""
     hidden = (0, len(w.model.layers) - 1)
     by_hooks = w.trace_routing(ids, mask, hidden_layers=hidden)
+    ablatable = [i for i, info in enumerate(w.layers) if info.experts_index_arg is not None]
+    # the first ablatable layer's most selected expert: removing it changes the loss
+    ablate = {w.moe_layers[i]: [int(by_hooks.topk_idx[:, i, 0].mode().values)] for i in ablatable[:1]}
+    loss_hooks = w.forward_loss(ids, mask, ablate=ablate) if ablate else None
     w.engine = "nnsight"
     try:
         by_nnsight = w.trace_routing(ids, mask, hidden_layers=hidden)
+        loss_nnsight = w.forward_loss(ids, mask, ablate=ablate) if ablate else None
     finally:
         w.engine = "hooks"
+    if ablate:
+        assert torch.equal(loss_hooks.nan_to_num(-1.0), loss_nnsight.nan_to_num(-1.0)), f"{model_type}: ablation differs between engines"
     for name in ("router_logits", "topk_idx", "topk_weight", "token_ids", "positions"):
         assert torch.equal(getattr(by_hooks, name), getattr(by_nnsight, name)), f"{model_type}: {name} differs between engines"
     assert by_hooks.hidden.keys() == by_nnsight.hidden.keys() == set(hidden)

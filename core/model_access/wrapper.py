@@ -24,7 +24,7 @@ from core.model_access.discovery import (ROUTER_KINDS, MoELayerInfo, MoESpec, No
 from core.model_access.expert_weights import LayerExperts, expert_matrices
 from core.model_access.generation import GeneratedRouting, generate_routing
 from core.model_access.host_copy import PendingCopy, start_host_copy
-from core.model_access.interventions import experts_selection, renormalize_without
+from core.model_access.interventions import ExpertsAblation, experts_selection, renormalize_without
 from core.model_access.recorder import RoutingRecorder
 from core.model_access.router_outputs import expert_logits, router_scores, scores_and_indices, topk_weights
 from core.model_access.loading import (ModelLoadError, Placement, drop_scan_hooks, has_accelerate_hooks, input_device,
@@ -89,11 +89,11 @@ class MoEModelWrapper:
     ``remote="local"`` runs every trace through nnsight's local simulation of it (the request
     serialized and restored with this toolkit's modules out of reach, as on NDIF's servers).
     ``moe_spec`` names the router and experts modules of a custom model that does not declare
-    them the transformers way. ``engine`` says how routing is recorded locally: PyTorch hooks on
-    the routers (the default; next to free) or an nnsight trace (what runs remotely, and what
-    ablation uses); both give the same ``RoutingData``. ``placement`` spreads a model bigger than one
-    device over several, or offloads part of it (accelerate, through transformers); a model already
-    dispatched that way may be passed in too. Tracing, weights and ablation work the same on it.
+    them the transformers way. ``engine`` says how routing is recorded and experts ablated locally:
+    PyTorch hooks (the default; next to free) or an nnsight trace (what runs remotely); both give
+    the same ``RoutingData`` and losses. ``placement`` spreads a model bigger than one device over
+    several, or offloads part of it (accelerate, through transformers); a model already dispatched
+    that way may be passed in too. Tracing, weights and ablation work the same on it.
     ``router_kind`` picks which routers a model with several kinds is studied through
     (``"feed_forward"``, the default, or ``"attention"``: JetMoE's mixture of attention heads); one
     wrapper traces one kind, so the layers, experts and weights of a ``RoutingData`` are of one kind.
@@ -445,6 +445,16 @@ class MoEModelWrapper:
         return LayerExperts(readers)
 
     # --------------------------------------------------------------- ablation
+    def _ablated_logits(self, feed: dict, plan: list[tuple[MoELayerInfo, list[int]]]) -> torch.Tensor:
+        """The logits of one nnsight trace with ``plan``'s experts removed (what runs remotely, or with engine="nnsight")."""
+        model, remote = self.model, self.remote  # the traced code never touches the wrapper (see _record_nnsight)
+        plan = [(plain_info(info), experts) for info, experts in plan]
+        with torch.no_grad(), model.trace(feed, remote=remote):
+            for info, experts in plan:
+                renormalize_without(*experts_selection(info, *envoy_at(model, info.experts_path).inputs), experts)
+            logits = model.output.logits.save()
+        return logits
+
     def forward_loss(
         self,
         input_ids: Any,
@@ -469,12 +479,12 @@ class MoEModelWrapper:
                 raise ValueError(f"layer {layer}: experts {bad} do not exist (the layer has {self.num_experts})")
         dev = self._device()
         feed = {"input_ids": input_ids.to(dev), "attention_mask": attention_mask.to(dev)}
-        model, remote = self.model, self.remote  # the traced code never touches the wrapper (see _record_nnsight)
-        plan = [(plain_info(by_layer[layer]), experts) for layer, experts in sorted(ablate.items())]
-        with torch.no_grad(), model.trace(feed, remote=remote):
-            for info, experts in plan:
-                renormalize_without(*experts_selection(info, *envoy_at(model, info.experts_path).inputs), experts)
-            logits = model.output.logits.save()
+        plan = [(by_layer[layer], experts) for layer, experts in sorted(ablate.items())]
+        if self.remote or self.engine == "nnsight":
+            logits = self._ablated_logits(feed, plan)
+        else:  # the hooks engine, locally: a plain forward, the same edit made by pre-hooks
+            with torch.no_grad(), self._bypass(), ExpertsAblation(self._modules, plan):
+                logits = self.hf_model(**feed).logits
         loss = next_token_losses(logits, input_ids)
         del logits
         # ablation and pruning call this hundreds of times: without the trim, freed activations stayed in glibc's heap
