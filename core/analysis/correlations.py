@@ -100,6 +100,50 @@ class StreamingCorrelation:
         return np.clip(corr, -1.0, 1.0)
 
 
+class CountMoments:
+    """Token count, sums and sums of products of 0/1 features (top-k indicators), kept as exact counts.
+
+    The same interface as :class:`StreamingCorrelation`. Products of 0/1 values are counts: a
+    float32 product (half float64's time) is exact to 2^24 tokens a chunk, and float64 totals add
+    them exactly in any order, so shares merge to the bit of one pass.
+    """
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.s: np.ndarray | None = None
+        self.q: np.ndarray | None = None
+
+    def update(self, x: np.ndarray) -> "CountMoments":
+        x = np.asarray(x, dtype=np.float32)
+        if x.ndim != 2:
+            raise ValueError(f"features must be [tokens, features], got shape {x.shape}")
+        if x.shape[0] == 0:
+            return self
+        if self.s is None:
+            self.s, self.q = np.zeros(x.shape[1]), np.zeros((x.shape[1], x.shape[1]))
+        elif x.shape[1] != len(self.s):
+            raise ValueError(f"feature count changed from {len(self.s)} to {x.shape[1]}")
+        self.n += x.shape[0]
+        self.s += x.sum(0)
+        self.q += x.T @ x
+        return self
+
+    def merge(self, other: "CountMoments") -> "CountMoments":
+        if other.s is None:
+            return self
+        if self.s is None:
+            self.n, self.s, self.q = other.n, other.s.copy(), other.q.copy()
+            return self
+        self.n, self.s, self.q = self.n + other.n, self.s + other.s, self.q + other.q
+        return self
+
+    def correlation(self) -> np.ndarray:
+        """Correlation matrix; NaN on rows/columns of constant features."""
+        if self.n < 2:
+            raise ValueError("correlation needs at least two tokens")
+        return _corr_from_moments(np.asarray(float(self.n)), self.s, self.q)
+
+
 def _features(rd: RoutingData, feature: Feature) -> np.ndarray:
     if feature == "probs":
         require(rd, "router_logits", why="probability correlations")
@@ -214,21 +258,22 @@ class CorrelationAccumulator(RoutingAccumulator):
         self.feature = feature
         self.name = f"the {feature} correlation analysis"
         self.needs = ("router_logits",) if feature == "probs" else ("topk_idx",)
-        self.acc = StreamingCorrelation()
+        self.acc = CountMoments() if feature == "topk" else StreamingCorrelation()
         self.resamples, self.permutations, self.seed, self.memory = resamples, permutations, seed, memory_floats
 
     def _start(self) -> None:
         F = self.layout.num_layers * self.layout.num_experts
         self.blocks = int(min(64, max(16, self.memory // (F * F)))) if self.resamples else 0
         self.n, self.s, self.q = np.zeros(self.blocks), np.zeros((self.blocks, F)), np.zeros((self.blocks, F, F))
-        self.null = [StreamingCorrelation() for _ in range(self.permutations if self.resamples else 0)]
+        moments = CountMoments if self.feature == "topk" else StreamingCorrelation
+        self.null = [moments() for _ in range(self.permutations if self.resamples else 0)]
         self.pending = WholeDocuments()  # the last document, held back until it ends (for the null)
         self.means = DocumentMeans(self.blocks, F) if self.blocks else None
 
     def _add(self, chunk: RoutingData) -> None:
         x = _features(chunk, self.feature)
-        self.acc.update(x)
         if not self.blocks:
+            self.acc.update(x)
             return
         keys = document_keys(chunk)
         b = block_of(keys, self.blocks)
@@ -242,6 +287,8 @@ class CorrelationAccumulator(RoutingAccumulator):
             self.n[blk] += len(xb)
             self.s[blk] += xb.sum(0)
             self.q[blk] += xb.T @ xb
+        if self.feature != "topk":  # top-k's total is the blocks' counts added up (:meth:`_total`)
+            self.acc.update(x)
         self.means.add(keys, x)
         for docs in self.pending.push(chunk):
             self._add_null(docs)
@@ -275,11 +322,20 @@ class CorrelationAccumulator(RoutingAccumulator):
     def _result(self) -> CrossLayerCorrelation:
         layers, E = list(self.layout.moe_layers), self.layout.num_experts
         self._add_null(self.pending.flush())
-        corr = self.acc.correlation()
+        total = self._total()
+        corr = total.correlation()
         mean, mx = _summarize(corr, len(layers), E)
-        est = self._estimates(mean) if self.blocks and self.acc.n > 2 else {}
+        est = self._estimates(mean) if self.blocks and total.n > 2 else {}
         undefined = int(np.isnan(np.diagonal(corr)).sum())
-        return CrossLayerCorrelation(self.feature, layers, E, self.acc.n, corr, mean, mx, None, undefined, est)
+        return CrossLayerCorrelation(self.feature, layers, E, int(total.n), corr, mean, mx, None, undefined, est)
+
+    def _total(self) -> CountMoments | StreamingCorrelation:
+        """All tokens' moments: for top-k with document blocks, their exact counts added up (never kept twice)."""
+        if self.feature != "topk" or not self.blocks:
+            return self.acc
+        total = CountMoments()
+        total.n, total.s, total.q = int(self.n.sum()), self.s.sum(0), self.q.sum(0)
+        return total
 
     def _estimates(self, mean: np.ndarray) -> dict[str, Estimate]:
         """Mean |r| per layer pair with jackknife intervals over document blocks and the shifted copies as reference;
