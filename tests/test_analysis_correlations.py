@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from core.analysis.correlations import (
+    CountMoments,
     StreamingCorrelation,
     activation_correlations,
     correlation_difference,
@@ -46,6 +47,23 @@ def test_streaming_correlation_matches_numpy():
     for part in np.array_split(x, 7):
         sc.update(part)
     np.testing.assert_allclose(sc.correlation(), np.corrcoef(x, rowvar=False), atol=1e-10)
+
+
+def test_count_moments_match_numpy_and_merge_to_the_bit():
+    """0/1 features: the correlation of exact counts is numpy's, constant features are NaN, and split shares add up
+    to exactly the moments of one pass, in any order."""
+    rng = np.random.default_rng(2)
+    x = (rng.random((700, 9)) < 0.3).astype(np.float32)
+    x[:, 4] = x[:, 0]  # a copy: r = 1
+    x[:, 7], x[:, 8] = 0, 1  # never and always on: undefined
+    whole = CountMoments().update(x)
+    r = whole.correlation()
+    live = [0, 1, 2, 3, 4, 5, 6]
+    np.testing.assert_allclose(r[np.ix_(live, live)], np.corrcoef(x[:, live], rowvar=False), atol=1e-12)
+    assert r[0, 4] == pytest.approx(1.0) and np.isnan(r[7]).all() and np.isnan(r[:, 8]).all()
+    parts = [CountMoments().update(p) for p in np.array_split(x, 5)]
+    merged = parts[3].merge(parts[0]).merge(parts[4]).merge(parts[2]).merge(parts[1])
+    assert merged.n == whole.n and np.array_equal(merged.q, whole.q) and np.array_equal(merged.s, whole.s)
 
 
 def test_planted_cross_layer_correlation_is_recovered():
