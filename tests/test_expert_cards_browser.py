@@ -1,7 +1,8 @@
 """Expert cards in headless Chromium: the planted experts' cards, opened by the picker and by clicking a heatmap cell.
 
-Also: the cards at 4 x 8 and 16 x 64 (every figure draws, a card opens in under a second, every figure naming
-an expert links to the cards); the sizes at 16 x 64 and 60 x 256 are checked in ``tests/test_report_scale.py``.
+Also: the cards at 4 x 8 and 16 x 64 (every figure draws with clear titles, a card opens in under a second, every
+figure naming an expert links to the cards) on ``tests/test_report_scale.py``'s synthetic runs, whose sizes at 16 x 64
+and 60 x 256 are checked there.
 Needs Debian's ``chromium``; skipped without it.
 """
 
@@ -20,7 +21,8 @@ from core.pipeline.outputs import build_report
 from core.pipeline.record import RunRecord
 from tests.test_expert_cards import DIGIT_EXPERT, DIGITS, KEYWORD_EXPERT, KEYWORDS, LAYER, RD, VOCAB
 from tests.test_report_scale import synthetic_results
-from viz.browser_check import check_page, find_chromium
+from tests.geometry import title_problems
+from viz.browser_check import FIGURE_GEOMETRY_JS, check_page, find_chromium
 
 MB = 1 << 20
 needs_browser = pytest.mark.skipif(find_chromium() is None, reason="chromium not installed (apt-get install -y chromium)")
@@ -110,16 +112,23 @@ def test_the_planted_cards_render_their_tokens_and_contexts_and_a_heatmap_click_
 @pytest.mark.parametrize("L,E", [(4, 8), (16, 64)])
 @needs_browser
 def test_cards_at_real_shapes_draw_and_open_in_under_a_second(tmp_path, L, E, browser):
+    """The page of tests/test_report_scale.py's synthetic run, with cards: every figure draws with its titles clear
+    (one page load serves both files' checks at 16 x 64), a card opens fast, and expert figures link to the cards."""
     report, _ = build_report(synthetic_results(L, E), decode=lambda t: f"tok{t}")  # cards included
     path = report.write(tmp_path)
     size = path.stat().st_size
     t0 = time.perf_counter()
     check, values = check_page(path, expected_figures=report.num_figures, timeout=60, browser=browser,
-                               evaluate=[_open(L - 1, L - 1, E - 1), _open(0, 0, 0), FIGURE_LINKS_JS])
-    last, first, links = (json.loads(v) for v in values)
-    print(f"\n{L} x {E} with cards: {size / MB:.2f} MB, {check.figures_drawn} figures in {time.perf_counter() - t0:.1f} s; "
+                               evaluate=[_open(L - 1, L - 1, E - 1), _open(0, 0, 0), FIGURE_LINKS_JS, FIGURE_GEOMETRY_JS])
+    last, first, links, geometry = (json.loads(v) for v in values)
+    seconds = time.perf_counter() - t0
+    print(f"\n{L} x {E} with cards: {size / MB:.2f} MB, {check.figures_drawn} figures in {seconds:.1f} s; "
           f"card opened in {last['ms']:.1f} ms and {first['ms']:.1f} ms")
     assert check.ok, (check.errors, check.undrawn)
+    assert seconds < 50 and not title_problems(geometry), title_problems(geometry)  # every figure of the page
+    if (L, E) == (16, 64):
+        assert {"fig-coactivation_lift", "fig-correlation_diff_null"} <= set(geometry)  # issue 30's views, at OLMoE's shape
+        assert "1" in geometry["fig-coactivation_lift"]["colorbar_ticks"]
     assert last["card"] == f"{L - 1}:{E - 1}" and last["ms"] < 1000 and first["ms"] < 1000 and first["hits"]
     assert len(last["partners"]) == 5 and last["groups"] == ["dataset wikitext2", "dataset gsm8k", "dataset humaneval",
                                                                "domain general", "domain math"]

@@ -2,13 +2,11 @@
 
 Built from synthetic results: the routing analyses run on random routing; the cross-layer
 matrices (too big to compute in a test) are random read-only views of the right shape. The
-16 x 64 page is also opened in headless Chromium, and the time to draw every figure printed.
+16 x 64 page, with its expert cards, is opened in headless Chromium by tests/test_expert_cards_browser.py.
 """
 
 from __future__ import annotations
 
-import json
-import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -25,8 +23,6 @@ from core.analysis.routed_text import routed_text
 from core.analysis.routing_stats import routing_stats
 from core.analysis.specialization import domain_specialization
 from core.routing_data import RoutingData
-from tests.geometry import title_problems
-from viz.browser_check import FIGURE_GEOMETRY_JS, check_page, find_chromium
 from core.pipeline.outputs import build_report
 from core.pipeline.record import RunRecord
 from core.pipeline.spec import Finding
@@ -149,20 +145,3 @@ def test_deep_wide_report_stays_bounded(tmp_path):
     assert "data/expert_cards.js beside this page" in html  # the 15,360 cards' data: beside the page, not in it
     cards = (path.parent / "data" / "expert_cards.js").stat().st_size
     print(f"expert cards: 60 x 256 = 15,360 cards, {cards / MB:.2f} MB of data beside the page")
-
-
-@pytest.mark.skipif(find_chromium() is None, reason="chromium not installed (apt-get install -y chromium)")
-def test_olmoe_shape_report_draws_in_a_browser(olmoe_shape, browser):
-    rep, path = olmoe_shape
-    t0 = time.perf_counter()
-    check, (geometry,) = check_page(path, expected_figures=rep.num_figures, timeout=50, evaluate=[FIGURE_GEOMETRY_JS],
-                                  browser=browser)
-    seconds = time.perf_counter() - t0
-    print(f"\n16 x 64 report: opened and drew {check.figures_drawn}/{check.figures_total} figures in {seconds:.1f} s")
-    assert check.ok, (check.errors, check.undrawn)
-    assert seconds < 50
-    geometry = json.loads(geometry)
-    assert {"fig-coactivation_lift", "fig-correlation_diff_null"} <= set(geometry)  # issue 30's views, at OLMoE's shape
-    assert not title_problems(geometry), title_problems(geometry)  # every figure of the page, as at 4 x 8
-    assert "1" in geometry["fig-coactivation_lift"]["colorbar_ticks"]
-
