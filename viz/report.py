@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
+import plotly.io as pio
 import plotly.offline
 
 from core.array_files import ARRAY_FILE as ARRAYS_FILE  # the run's full matrices, beside report.html and metrics.json
@@ -260,13 +261,16 @@ class Report:
                 atomic_write_text(data_dir / fname, text)
             body = item.body
         else:
+            figure = item.fig.to_dict()  # one copy of the figure serves its JSON file and its page (each made its own)
             if item.data is None:
                 href = f"data/{item.name}.figure.json"
-                atomic_write_text(data_dir / f"{item.name}.figure.json", item.fig.to_json())
+                atomic_write_text(data_dir / f"{item.name}.figure.json", pio.to_json(figure, validate=False))
             else:
                 href = self._write_data(data_dir, item.name, item.data)
             height = item.fig.layout.height or 480
-            body = item.fig.to_html(
+            body = pio.to_html(
+                figure,
+                validate=False,
                 full_html=False,
                 include_plotlyjs=False,
                 div_id=f"fig-{item.name}",
