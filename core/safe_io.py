@@ -221,6 +221,12 @@ def to_jsonable(obj: Any, *, digits: int | None = None, strict: bool = True, sin
         if isinstance(o, dict):
             return {str(k): conv(v, (*p, str(k)) if offload else p) for k, v in o.items()}
         if isinstance(o, (list, tuple, set)):
+            if not offload and digits is None:  # a row of plain numbers (a wide model's tables have thousands)
+                kinds = set(map(type, o))
+                if kinds <= {int, str}:
+                    return list(o)
+                if kinds <= {int, float}:
+                    return [v if type(v) is int or math.isfinite(v) else None for v in o]
             return [conv(v, (*p, str(i)) if offload else p) for i, v in enumerate(o)]
         if not strict:
             return str(o)

@@ -94,6 +94,17 @@ def test_an_array_becomes_what_converting_each_element_gives():
     assert to_jsonable(np.array([0.123456]), digits=2) == [0.12]
 
 
+def test_lists_of_plain_numbers_keep_their_values_and_lose_only_non_finite_ones():
+    """A row of Python numbers takes a fast path: the values a person would write, nothing else changed."""
+    nan, inf = float("nan"), float("inf")
+    assert to_jsonable([1, 2.5, nan, -inf, 3]) == [1, 2.5, None, None, 3]
+    assert to_jsonable((1, "a", 2)) == [1, "a", 2] and to_jsonable({4}) == [4]
+    assert to_jsonable([True, 1.0, nan]) == [True, 1.0, None]  # bools stay bools
+    assert to_jsonable([np.float32(1.5), 2.0, np.int64(3)]) == [1.5, 2.0, 3]  # numpy scalars become numbers
+    assert to_jsonable([0.123456, nan], digits=2) == [0.12, None]
+    assert to_jsonable([[1, nan], [2.5, "x", None]]) == [[1, None], [2.5, "x", None]]
+
+
 def test_a_failed_write_leaves_the_old_files(tmp_path, monkeypatch):
     rng = np.random.default_rng(1)
     write_metrics(tmp_path, _metrics(rng))
