@@ -325,6 +325,7 @@ def _shrink(opts: RunOptions) -> None:
     d, a, c = opts.data, opts.analysis, opts.collection
     d.num_samples, d.max_tokens, d.max_length = min(d.num_samples, 12), min(d.max_tokens, 1_500), min(d.max_length, 64)
     a.ablation_tokens, a.pruning_tokens = min(a.ablation_tokens, 300), min(a.pruning_tokens, 300)
+    a.pruning_random_seeds = min(a.pruning_random_seeds, 3)  # the fewest its test takes: 21 pruned forwards, not 36
     a.generate_tokens = min(a.generate_tokens, 8)
     opts.model.max_checkpoints = min(opts.model.max_checkpoints, 3)
     c.batch_size, c.shard_tokens = min(c.batch_size, 4), min(c.shard_tokens, 128)
