@@ -135,3 +135,21 @@ def test_bad_input_errors():
         routing_stats(rd)
     with pytest.raises(TypeError):
         routing_stats(5)
+
+
+def test_entropy_has_its_known_values_across_its_row_blocks():
+    """Uniform rows give log E, one-hot rows 0, a rounding below 0 counts as 0; rows are summed a block at a time,
+    so a long array (here 3 blocks and a part) must give each row what the row alone gives."""
+    from core.analysis.measures import entropy
+
+    E = 64
+    p = np.random.default_rng(0).dirichlet(np.ones(E), size=(1700, 2))
+    p[0, 0], p[5, 1] = 1.0 / E, np.eye(E)[3]
+    p[7, 0, :2] = [-1e-18, p[7, 0, 0] + p[7, 0, 1]]
+    h = entropy(p)
+    assert h.shape == (1700, 2)
+    assert h[0, 0] == pytest.approx(np.log(E)) and h[5, 1] == 0.0
+    for i, j in [(7, 0), (511, 1), (512, 0), (1699, 1)]:
+        row = np.clip(p[i, j], 0, None)
+        assert h[i, j] == pytest.approx(-np.sum(row[row > 0] * np.log(row[row > 0])), rel=1e-12)
+    assert np.array_equal(entropy(p[1024:]), h[1024:]) and entropy(np.array([0.5, 0.5])) == pytest.approx(np.log(2))

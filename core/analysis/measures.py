@@ -21,11 +21,25 @@ def to_numpy(x: Any) -> np.ndarray:
 
 
 def entropy(p: np.ndarray, axis: int = -1) -> np.ndarray:
-    """Shannon entropy in nats along ``axis`` (0 log 0 = 0)."""
+    """Shannon entropy in nats along ``axis`` (0 log 0 = 0).
+
+    Along the last axis, rows a block at a time: a whole ``[tokens, layers, experts]`` array's two
+    temporary copies (1.5 s at 1,200 tokens x 60 x 256, mostly the kernel zeroing fresh pages) became
+    one small reused buffer (0.1 s); each row's sum is the same, bit for bit.
+    """
     from scipy.special import entr  # -p log p in one pass (8x the masked numpy; equal to 1e-15)
 
-    p = np.maximum(np.asarray(p, dtype=np.float64), 0.0)  # a probability rounded below 0 adds nothing, as 0 does
-    return entr(p).sum(axis=axis)
+    p = np.asarray(p, dtype=np.float64)
+    if axis not in (-1, p.ndim - 1) or p.ndim == 0 or p.size == 0:
+        return entr(np.maximum(p, 0.0)).sum(axis=axis)  # a probability rounded below 0 adds nothing, as 0 does
+    rows = p.reshape(-1, p.shape[-1])
+    out = np.empty(len(rows))
+    step = max(1, (1 << 15) // max(p.shape[-1], 1))
+    buf = np.empty((min(step, len(rows)), p.shape[-1]))
+    for lo in range(0, len(rows), step):
+        block = np.maximum(rows[lo:lo + step], 0.0, out=buf[:len(rows[lo:lo + step])])
+        out[lo:lo + len(block)] = entr(block, out=block).sum(-1)
+    return out.reshape(p.shape[:-1])
 
 
 def check_score_fn(score_fn: str) -> str:
