@@ -129,6 +129,7 @@ class CountMoments:
         return self
 
     def merge(self, other: "CountMoments") -> "CountMoments":
+        """Both sets of tokens' counts (sums of integers: the same in any order)."""
         if other.s is None:
             return self
         if self.s is None:
