@@ -135,3 +135,21 @@ def test_next_token_losses_row_by_row_equal_the_whole_batch_at_once():
                                               reduction="none").reshape(3, 19)
     assert torch.equal(next_token_losses(logits, ids), whole)
     assert next_token_losses(logits[:0], ids[:0]).shape == (0, 19)
+
+
+def test_freed_memory_is_handed_back_after_each_forward_of_a_big_model_only(monkeypatch):
+    """The trim after each loss forward bounds a big model's resident set; a small model's forwards skip it (it cost
+    more than the forward's own page faults). The size is decided at the first call."""
+    import core.model_access.wrapper as wrapper_module
+
+    calls = []
+    monkeypatch.setattr(wrapper_module, "release_freed_memory", lambda: calls.append(1) or True)
+    ids = torch.randint(3, VOCAB, (1, 6), generator=torch.Generator().manual_seed(2))
+    small = MoEModelWrapper(build("olmoe", seed=6))
+    small.forward_loss(ids)
+    assert calls == [] and small._trims is False
+    monkeypatch.setattr(wrapper_module, "TRIM_MODEL_BYTES", 1)  # any model is "big"
+    big = MoEModelWrapper(build("olmoe", seed=6))
+    big.forward_loss(ids)
+    big.forward_loss(ids, ablate={big.moe_layers[0]: [0]})
+    assert calls == [1, 1] and big._trims is True

@@ -27,8 +27,9 @@ from core.model_access.host_copy import PendingCopy, start_host_copy
 from core.model_access.interventions import ExpertsAblation, experts_selection, renormalize_without
 from core.model_access.recorder import RoutingRecorder
 from core.model_access.router_outputs import expert_logits, router_scores, scores_and_indices, topk_weights
-from core.model_access.loading import (ModelLoadError, Placement, drop_scan_hooks, has_accelerate_hooks, input_device,
-                                       is_dispatched, load_hf, materialized, quiet_nnterp, release_freed_memory, resolve_dtype)
+from core.model_access.loading import (TRIM_MODEL_BYTES, ModelLoadError, Placement, drop_scan_hooks, has_accelerate_hooks,
+                                       input_device, is_dispatched, load_hf, materialized, quiet_nnterp, release_freed_memory,
+                                       resident_weight_bytes, resolve_dtype)
 from core.routing_data import RoutingData
 
 __all__ = ["GeneratedRouting", "ModelLoadError", "MoEModelWrapper"]
@@ -122,6 +123,7 @@ class MoEModelWrapper:
         if router_kind not in (None, *ROUTER_KINDS):
             raise ValueError(f"router_kind must be one of {', '.join(ROUTER_KINDS)}, got {router_kind!r}")
         self.engine = engine
+        self._trims: bool | None = None  # forward_loss gives freed memory back: a big model's (decided at its first call)
 
         self.revision = revision
         self.device = str(device)
@@ -489,6 +491,9 @@ class MoEModelWrapper:
         del logits
         # ablation and pruning call this hundreds of times: without the trim, freed activations stayed in glibc's heap
         # and the resident set kept growing (about 0.1 GB a call over 4 calls at OLMoE's 16 layers, bf16)
-        release_freed_memory()
+        if self._trims is None:
+            self._trims = resident_weight_bytes(self.hf_model) >= TRIM_MODEL_BYTES
+        if self._trims:
+            release_freed_memory()
         valid = attention_mask[:, 1:].bool().cpu() & attention_mask[:, :-1].bool().cpu()
         return loss.masked_fill(~valid, float("nan"))
