@@ -1,4 +1,4 @@
-"""Causal checks: ablating experts through nnsight changes the loss only where it should."""
+"""Causal checks: ablating experts (PyTorch pre-hooks locally, nnsight remotely) changes the loss only where it should."""
 
 from __future__ import annotations
 

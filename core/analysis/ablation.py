@@ -1,8 +1,9 @@
 """Causal expert importance: what the loss on each domain costs when experts are removed from routing.
 
 Routing statistics say which experts are used; ablation says which ones matter. Each target
-is a set of experts per layer, removed through nnsight during the forward pass
-(:meth:`MoEModelWrapper.forward_loss`); the loss change is reported per domain of the
+is a set of experts per layer, removed from the selection its experts module receives during the
+forward pass (:meth:`MoEModelWrapper.forward_loss`: PyTorch pre-hooks locally, an nnsight trace
+remotely, the same losses); the loss change is reported per domain of the
 predicted token, so an "expert importance" ranking can be checked against utilization.
 """
 
