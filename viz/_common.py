@@ -61,7 +61,10 @@ def as_array(values: Any, ndim: int, name: str, allow_nan: bool = True) -> np.nd
         raise FigureInputError(f"{name}: is empty (shape {arr.shape})")
     if not allow_nan and not np.all(np.isfinite(arr)):
         raise FigureInputError(f"{name}: contains NaN or infinite values")
-    return arr
+    # C order whatever the caller's layout: numpy sums a strided view in another order than a contiguous copy, so a
+    # layer mean of a result just computed and of the same result read back differed in its last bit, and the figure's
+    # image was drawn again (3 s) on the first rerun
+    return np.ascontiguousarray(arr)
 
 
 def check_len(labels: Sequence[Any], expected: int, name: str, what: str) -> list[Any]:
