@@ -148,7 +148,7 @@ def test_freed_memory_is_handed_back_after_each_forward_of_a_big_model_only(monk
     small = MoEModelWrapper(build("olmoe", seed=6))
     small.forward_loss(ids)
     assert calls == [] and small._trims is False
-    monkeypatch.setattr(wrapper_module, "TRIM_MODEL_BYTES", 1)  # any model is "big"
+    monkeypatch.setattr("core.model_access.loading.BIG_MODEL_BYTES", 1)  # any model is "big"
     big = MoEModelWrapper(build("olmoe", seed=6))
     big.forward_loss(ids)
     big.forward_loss(ids, ablate={big.moe_layers[0]: [0]})

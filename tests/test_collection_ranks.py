@@ -47,12 +47,11 @@ def test_a_checkpoint_is_collected_as_garbage_at_once_only_when_its_weights_are_
     """The sweep runs a full garbage collection (0.1-0.3 s) after a checkpoint only where it frees a big model."""
     import torch
 
-    from core.collection.sweep import COLLECT_MODEL_BYTES
-    from core.model_access.loading import resident_weight_bytes
+    from core.model_access.loading import BIG_MODEL_BYTES, resident_weight_bytes
 
     assert resident_weight_bytes(torch.nn.Linear(4, 4)) == (16 + 4) * 4
     with torch.device("meta"):
         remote = torch.nn.Linear(1 << 14, 1 << 14)  # 1 GiB on the meta device: nothing held
     assert resident_weight_bytes(remote) == 0 and resident_weight_bytes(None) == 0
     big = torch.nn.Linear(1 << 12, 1 << 12, bias=False)
-    assert resident_weight_bytes(big) == (1 << 24) * 4 >= COLLECT_MODEL_BYTES
+    assert resident_weight_bytes(big) == (1 << 24) * 4 >= BIG_MODEL_BYTES

@@ -37,8 +37,9 @@ def entropy(p: np.ndarray, axis: int = -1) -> np.ndarray:
     step = max(1, (1 << 15) // max(p.shape[-1], 1))
     buf = np.empty((min(step, len(rows)), p.shape[-1]))
     for lo in range(0, len(rows), step):
-        block = np.maximum(rows[lo:lo + step], 0.0, out=buf[:len(rows[lo:lo + step])])
-        out[lo:lo + len(block)] = entr(block, out=block).sum(-1)
+        part = rows[lo:lo + step]
+        block = np.maximum(part, 0.0, out=buf[:len(part)])
+        out[lo:lo + len(part)] = entr(block, out=block).sum(-1)
     return out.reshape(p.shape[:-1])
 
 

@@ -40,9 +40,6 @@ INDEX_FILE = "index.json"
 
 
 # ---------------------------------------------------------------------------- names and digests
-# A full garbage collection walks every object Python tracks (0.1-0.3 s once torch and transformers are imported):
-# it frees a loaded model's reference cycles at once, which matters only when the model is big
-COLLECT_MODEL_BYTES = 64 << 20
 SLUG_MAX = 120  # a longer name keeps its start and gets a digest of the whole: one folder name, never too long
 
 
@@ -469,7 +466,7 @@ def _collect_checkpoint(p: _Pending, make_wrapper: Callable[[Checkpoint], Any], 
     ``free_now=False`` when other ranks load this checkpoint too: it is freed after they are all done.
     """
     from core.collection.collector import ActivationCollector
-    from core.model_access.loading import resident_weight_bytes
+    from core.model_access.loading import is_big_model
 
     hub_revision = hub is not None and not p.ckpt.path
     if hub_revision:
@@ -486,9 +483,9 @@ def _collect_checkpoint(p: _Pending, make_wrapper: Callable[[Checkpoint], Any], 
         if cache is not None:  # None: this rank wrote its part of a split cache (rank 0 joins them later)
             p.done[ds_name] = cache
             on_cache(ds_name, cache)
-    big = resident_weight_bytes(getattr(wrapper, "hf_model", None)) >= COLLECT_MODEL_BYTES
+    big = is_big_model(getattr(wrapper, "hf_model", None))
     del collector, wrapper
-    if big:  # before the next checkpoint loads: the two would otherwise be held at once
+    if big:  # a full collection frees its reference cycles before the next checkpoint loads: both are not held at once
         gc.collect()
     if hub_revision and free_now:
         line = hub.after_collect(p.ckpt.revision)

@@ -205,9 +205,15 @@ def resident_weight_bytes(model: Any) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type != "meta")
 
 
-# Handing freed memory back after every forward (ablation and pruning run hundreds) matters when activations are big;
-# for a small model each trim cost more than its forward's own page faults: 1.5 ms on a 4 ms micro forward
-TRIM_MODEL_BYTES = 64 << 20
+# Where freeing memory at once pays: a full garbage collection after a checkpoint (0.1-0.3 s once torch and
+# transformers are imported) and a trim after every loss forward (ablation and pruning run hundreds) matter when the
+# model and its activations are big; for a small model a trim cost more than its forward's page faults (1.5 ms of 4)
+BIG_MODEL_BYTES = 64 << 20
+
+
+def is_big_model(model: Any) -> bool:
+    """Whether ``model``'s resident weights reach :data:`BIG_MODEL_BYTES` (None, or a model on NDIF: no)."""
+    return resident_weight_bytes(model) >= BIG_MODEL_BYTES
 
 
 def release_freed_memory() -> bool:

@@ -27,9 +27,9 @@ from core.model_access.host_copy import PendingCopy, start_host_copy
 from core.model_access.interventions import ExpertsAblation, experts_selection, renormalize_without
 from core.model_access.recorder import RoutingRecorder
 from core.model_access.router_outputs import expert_logits, router_scores, scores_and_indices, topk_weights
-from core.model_access.loading import (TRIM_MODEL_BYTES, ModelLoadError, Placement, drop_scan_hooks, has_accelerate_hooks,
-                                       input_device, is_dispatched, load_hf, materialized, quiet_nnterp, release_freed_memory,
-                                       resident_weight_bytes, resolve_dtype)
+from core.model_access.loading import (ModelLoadError, Placement, drop_scan_hooks, has_accelerate_hooks, input_device,
+                                       is_big_model, is_dispatched, load_hf, materialized, quiet_nnterp, release_freed_memory,
+                                       resolve_dtype)
 from core.routing_data import RoutingData
 
 __all__ = ["GeneratedRouting", "ModelLoadError", "MoEModelWrapper"]
@@ -492,7 +492,7 @@ class MoEModelWrapper:
         # ablation and pruning call this hundreds of times: without the trim, freed activations stayed in glibc's heap
         # and the resident set kept growing (about 0.1 GB a call over 4 calls at OLMoE's 16 layers, bf16)
         if self._trims is None:
-            self._trims = resident_weight_bytes(self.hf_model) >= TRIM_MODEL_BYTES
+            self._trims = is_big_model(self.hf_model)
         if self._trims:
             release_freed_memory()
         valid = attention_mask[:, 1:].bool().cpu() & attention_mask[:, :-1].bool().cpu()
